@@ -1,0 +1,193 @@
+"""Hugging Face ``LlavaForConditionalGeneration`` and ``LlavaNextForConditionalGeneration``.
+
+Visual tokens are the ``image_token_id`` placeholders of ``input_ids`` (never fixed
+offsets). Their grid coordinates come from the vision config (LLaVA-1.5) or, for
+LLaVA-NeXT anyres, from running the model's own ``pack_image_features`` on a tensor of
+coordinates instead of features, so base grid, unpadded crops and ``image_newline``
+tokens line up with the real features by construction.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import InputError, UnsupportedModelError
+from ..registry import ADAPTERS
+from .base import Seams, VisualLayout
+
+SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
+
+
+def mask_format_for(attn_implementation: str) -> str:
+    """Which mask layout a registered attention backend receives (see transformers ``masking_utils``)."""
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        eager_mask,
+        flash_attention_mask,
+        sdpa_mask,
+    )
+
+    fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(attn_implementation)
+    formats = {sdpa_mask: "bool4d", eager_mask: "float4d", flash_attention_mask: "2d"}
+    if fn not in formats:
+        raise UnsupportedModelError(
+            "attn_implementation",
+            f"{attn_implementation!r} is not supported; allowed: eager, sdpa, flash_attention_2/3/4, "
+            "or a registered backend whose mask function is sdpa_mask, eager_mask or flash_attention_mask",
+        )
+    return formats[fn]
+
+
+class LlavaHFAdapter:
+    """HF LLaVA-1.5 and LLaVA-NeXT with Llama / Mistral / Vicuna / Qwen2 text backbones."""
+
+    model_types = ("llava", "llava_next")
+
+    # -- structure ---------------------------------------------------------------------------
+    def check(self, model: nn.Module) -> None:
+        cfg = model.config
+        text = cfg.text_config
+        if text.model_type not in SUPPORTED_TEXT_MODELS:
+            raise UnsupportedModelError(
+                "config.text_config.model_type",
+                f"{text.model_type!r} is not supported; supported text backbones: {', '.join(SUPPORTED_TEXT_MODELS)}",
+            )
+        layer_types = getattr(text, "layer_types", None) or []
+        sliding = any(t != "full_attention" for t in layer_types)
+        if sliding or (getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None)):
+            raise UnsupportedModelError(
+                "config.text_config.sliding_window",
+                "sliding-window attention layers are not supported yet; allowed: full attention in every layer",
+            )
+        if cfg.model_type == "llava_next" and cfg.vision_feature_select_strategy != "default":
+            raise UnsupportedModelError(
+                "config.vision_feature_select_strategy",
+                f"LLaVA-NeXT with {cfg.vision_feature_select_strategy!r} is not supported; allowed: 'default'",
+            )
+        layers = self._language_model(model).layers
+        for i, layer in enumerate(layers):
+            attn = getattr(layer, "self_attn", None)
+            for name in ("q_proj", "k_proj"):
+                if attn is None or not isinstance(getattr(attn, name, None), nn.Module):
+                    raise UnsupportedModelError(
+                        f"decoder layer {i}", f"expected self_attn.{name} (Llama-style attention)"
+                    )
+        mask_format_for(text._attn_implementation)
+
+    @staticmethod
+    def _language_model(model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def seams(self, model: nn.Module) -> Seams:
+        text = model.config.text_config
+        impl = text._attn_implementation
+        return Seams(
+            top=model,
+            decoder_layers=tuple(self._language_model(model).layers),
+            first_full_attention_layer=0,
+            mask_format=mask_format_for(impl),
+            attn_implementation=impl,
+            text_config=text,
+        )
+
+    # -- visual tokens -----------------------------------------------------------------------
+    def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout:
+        cfg = model.config
+        is_visual = input_ids == cfg.image_token_id
+        n_visual = int(is_visual.sum())
+        if n_visual == 0:
+            empty = torch.full_like(input_ids, -1)
+            return VisualLayout(is_visual, empty, empty, empty, empty.clone(), torch.zeros_like(is_visual))
+        if cfg.model_type == "llava_next":
+            coords = self._next_coords(model, kwargs)
+        else:
+            coords = self._llava_coords(cfg, n_visual, input_ids.device)
+        coords_known = coords is not None
+        if coords is None:  # unknown grid: only the token order is known
+            coords = torch.full((n_visual, 4), -1, dtype=torch.long, device=input_ids.device)
+            coords[:, 0] = 0
+        if coords.shape[0] != n_visual:
+            raise InputError(
+                "input_ids",
+                f"{n_visual} image tokens but the images give {coords.shape[0]} features; "
+                "the prompt must hold exactly one placeholder per visual feature",
+            )
+        # coords columns: image (global, in batch order), segment (within image), row, col
+        flat = torch.full((*input_ids.shape, 4), -1, dtype=torch.long, device=input_ids.device)
+        flat[is_visual] = coords.to(input_ids.device)
+        image = flat[..., 0]
+        # images are filled in batch order; renumber per row so row b's first image is 0
+        first = torch.where(is_visual, image, torch.full_like(image, 1 << 30)).min(dim=1, keepdim=True).values
+        image = torch.where(is_visual, image - first, image)
+        n_seg = 2 if cfg.model_type == "llava_next" else 1
+        segment = torch.where(is_visual, image * n_seg + flat[..., 1], flat[..., 1])
+        row, col = flat[..., 2], flat[..., 3]
+        is_newline = is_visual & (col == -2)
+        col = torch.where(is_newline, torch.full_like(col, -1), col)
+        row = torch.where(is_newline, torch.full_like(row, -1), row)
+        return VisualLayout(is_visual, image, segment, row, col, is_newline, coords_known)
+
+    @staticmethod
+    def _llava_coords(cfg, n_visual: int, device) -> torch.Tensor:
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        cls = 1 if cfg.vision_feature_select_strategy == "full" else 0
+        per_image = side * side + cls
+        if n_visual % per_image:
+            raise InputError(
+                "input_ids",
+                f"{n_visual} image tokens is not a multiple of {per_image} tokens per image "
+                f"({side}x{side} patches{' + CLS' if cls else ''})",
+            )
+        k = torch.arange(n_visual, device=device)
+        within = k % per_image - cls
+        coords = torch.stack([k // per_image, torch.zeros_like(k), within // side, within % side], dim=1)
+        coords[within < 0, 2:] = -1  # CLS token
+        return coords
+
+    @staticmethod
+    def _next_coords(model: nn.Module, kwargs: dict) -> torch.Tensor | None:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        image_sizes = kwargs.get("image_sizes")
+        pixel_values = kwargs.get("pixel_values")
+        if image_sizes is None or pixel_values is None:
+            return None
+        cfg = model.config
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        per_image = []
+        for i, size in enumerate(image_sizes):
+            n_patches = image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+            npw = None
+            r = torch.arange(side).view(side, 1).expand(side, side)
+            c = torch.arange(side).view(1, side).expand(side, side)
+            feats = torch.zeros(n_patches, side * side, 4)
+            feats[:, :, 0] = i
+            feats[0, :, 1] = 0
+            feats[0, :, 2] = r.reshape(-1)
+            feats[0, :, 3] = c.reshape(-1)
+            if n_patches > 1:
+                from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+                _, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                for p in range(1, n_patches):
+                    ph, pw = divmod(p - 1, npw)
+                    feats[p, :, 1] = 1
+                    feats[p, :, 2] = (ph * side + r).reshape(-1)
+                    feats[p, :, 3] = (pw * side + c).reshape(-1)
+            per_image.append(feats)
+        newline = torch.tensor([-1.0, 1.0, -1.0, -2.0])  # col == -2 marks image_newline
+        packed, _ = model.model.pack_image_features(
+            per_image, image_sizes, vision_feature_select_strategy="default", image_newline=newline
+        )
+        coords = torch.cat(packed, dim=0).round().long()
+        # the newline token's image index is the image it closes
+        img = coords[:, 0].clone()
+        nl = coords[:, 3] == -2
+        if nl.any():
+            owner = torch.cummax(torch.where(nl, torch.zeros_like(img), img), dim=0).values
+            coords[nl, 0] = owner[nl]
+        return coords
+
+
+ADAPTERS.register("llava", LlavaHFAdapter())
+ADAPTERS.register("llava_next", LlavaHFAdapter())

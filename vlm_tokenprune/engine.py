@@ -1,0 +1,238 @@
+"""The hooks. Closures over a ``PatchHandle``; all per-forward state lives in ``handle._state``.
+
+- top-level pre-hook: find visual tokens, fix each stage's per-row budget, open a
+  ``ForwardState`` (prefill), or attach to the prompt's ``PrefillRecord`` (cached decode).
+- decoder-layer pre-hooks: at a stage's layer gather the hidden states; every later layer
+  gathers its OWN incoming kwargs (mask, position embeddings, position ids); the layer
+  just below a stage runs the criterion and selection on its own input.
+- top-level post-hook (always called): close the state, keep it for ``last_trace()``.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .attention import _gather_rows
+from .errors import InputError
+from .masking import shrink_mask
+from .scoring import ScoringContext
+from .selection import left_packed, topk_per_row
+from .state import ForwardState, PrefillRecord, StageRecord
+
+if TYPE_CHECKING:
+    from .handle import PatchHandle
+
+
+def _cache_of(kwargs: dict) -> Any:
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
+    if handle._state is not None:
+        raise InputError(
+            "forward",
+            "this patched model is already inside a forward (another thread or a re-entrant call); "
+            "a patched model serves one forward at a time",
+        )
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if kwargs.get("labels") is not None:
+        raise InputError(
+            "labels",
+            "a pruning policy returns logits for the kept tokens only, so labels no longer align; "
+            "compute the loss yourself from the kept positions (handle.last_trace()) or unpatch first",
+        )
+    cache = _cache_of(kwargs)
+    if cache is not None:
+        from transformers.cache_utils import DynamicCache
+
+        if not isinstance(cache, DynamicCache) or type(cache).__name__ != "DynamicCache":
+            raise InputError(
+                "cache",
+                f"{type(cache).__name__} is not supported; allowed: DynamicCache "
+                "(generate(..., cache_implementation='dynamic') or the default)",
+            )
+    if input_ids is None:
+        if kwargs.get("inputs_embeds") is not None:
+            raise InputError("input_ids", "are needed to find the visual tokens; inputs_embeds alone is not supported")
+        handle._state = ForwardState("passthrough", PrefillRecord(0))
+        return None
+    B, L = input_ids.shape
+    past = cache.get_seq_length() if cache is not None else 0
+    image_token = handle.image_token_id
+    if past > 0:
+        record = handle._sessions.get(cache)
+        if record is None or bool((input_ids == image_token).any()):
+            if bool((input_ids == image_token).any()):
+                raise InputError(
+                    "input_ids",
+                    "image tokens in a chunk appended to an existing cache cannot be pruned consistently; "
+                    "send the prompt with its images in one prefill",
+                )
+            handle._state = ForwardState("passthrough", PrefillRecord(past))
+            return None
+        st = ForwardState("decode" if record.records else "passthrough", record)
+        st.cache = cache
+        handle._state = st
+        return None
+
+    mask2d = kwargs.get("attention_mask")
+    if mask2d is not None and mask2d.dim() != 2:
+        raise InputError("attention_mask", f"must be a 2-D padding mask [batch, length], got {mask2d.dim()}-D")
+    layout = handle.adapter.visual_layout(handle.model, input_ids, kwargs)
+    n_vis = layout.is_visual.sum(1)
+    record = PrefillRecord(L)
+    if cache is not None:
+        handle._sessions[cache] = record
+    if int(n_vis.max()) == 0:  # text-only input: nothing to prune
+        handle._state = ForwardState("passthrough", record)
+        return None
+    budgets = []
+    counts = n_vis.tolist()
+    prev = counts
+    for i, stage in enumerate(handle.policy.stages):
+        k = [stage.budget.count(n) for n in counts]
+        for b, (kb, pb) in enumerate(zip(k, prev)):
+            if kb > pb:
+                field = f"stages[{i}].tokens" if stage.budget.tokens is not None else f"stages[{i}].keep"
+                raise InputError(field, f"keeps {kb} visual tokens but sample {b} has only {pb} at that point")
+        budgets.append(torch.tensor(k, device=input_ids.device))
+        prev = k
+    st = ForwardState("prefill", record, layout=layout, budgets=budgets)
+    st.valid = mask2d.bool() if mask2d is not None else torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
+    handle._state = st
+    return None
+
+
+def top_post_hook(handle: "PatchHandle", module, args, kwargs, output):
+    st, handle._state = handle._state, None
+    if st is not None:
+        handle._last = st
+    return None
+
+
+def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: dict):
+    st = handle._state
+    if st is None:
+        return None
+    in_kwargs = not args
+    hidden = kwargs["hidden_states"] if in_kwargs else args[0]
+    if st.phase == "passthrough":
+        st.tokens_per_layer.append(hidden.shape[1])
+        return None
+    kwargs = dict(kwargs)
+    if st.phase == "prefill":
+        if j in st.pending:
+            local_idx, ok, rec = st.pending.pop(j)
+            hidden = _gather_rows(hidden, local_idx)
+            st.cur_orig, st.cur_ok = rec.kept, rec.kept_ok
+        if st.cur_orig is not None:
+            _shrink_kwargs(handle, kwargs, st.cur_orig, st.cur_ok, st.prefill.prompt_len, hidden, prefill=True)
+        st.tokens_per_layer.append(hidden.shape[1])
+        stage_i = handle.stage_after.get(j)
+        if stage_i is not None:
+            _run_stage(handle, st, stage_i, module, hidden, kwargs)
+    else:  # cached decode: the prompt's kept set, new tokens appended
+        rec = st.prefill.kept_at(j)
+        if rec is not None:
+            _shrink_kwargs(handle, kwargs, rec.kept, rec.kept_ok, st.prefill.prompt_len, hidden, prefill=False, cache=st.cache)
+        st.tokens_per_layer.append(hidden.shape[1])
+    if in_kwargs:
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+    return (hidden, *args[1:]), kwargs
+
+
+def _shrink_kwargs(handle, kwargs, kept, kept_ok, prompt_len, hidden, prefill, cache=None):
+    fmt = handle.seams.mask_format
+    pe = kwargs.get("position_embeddings")
+    if prefill and pe is not None:
+        kwargs["position_embeddings"] = tuple(_gather_rows(t, kept) for t in pe)
+    if prefill and kwargs.get("position_ids") is not None:
+        # flash-attention reads gapped position ids at batch 1 as packed sequences; RoPE already lives in cos/sin
+        kwargs["position_ids"] = None if fmt == "2d" else _gather_rows(kwargs["position_ids"], kept)
+    mask = kwargs.get("attention_mask")
+    q_len = hidden.shape[1] if not prefill else prompt_len
+    if mask is not None:
+        kv_len = mask.shape[-1]
+    elif prefill:
+        kv_len = prompt_len
+    else:
+        kv_len = cache.get_seq_length(handle.seams.first_full_attention_layer)
+    kwargs["attention_mask"] = shrink_mask(mask, fmt, kept, kept_ok, prompt_len, q_len, kv_len, prefill, hidden.dtype)
+
+
+def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, layer, hidden: torch.Tensor, kwargs: dict) -> None:
+    """Score with ``layer`` (= stage layer - 1) on its input, select, and queue the gather."""
+    t0 = time.perf_counter()
+    stage = handle.policy.stages[i]
+    layout = st.layout
+    B, M = hidden.shape[:2]
+    base = st.cur_orig if st.cur_orig is not None else torch.arange(M, device=hidden.device).expand(B, M)
+    ok = st.cur_ok if st.cur_ok is not None else torch.ones(B, M, dtype=torch.bool, device=hidden.device)
+    seq_valid = torch.gather(st.valid, 1, base) & ok
+    is_vis = torch.gather(layout.is_visual, 1, base) & ok
+    n_vis = is_vis.sum(1)
+    k = st.budgets[i]
+    tokens_before = M
+    if bool((k == n_vis).all()):  # keeps everything: leave the sequence untouched (exactness)
+        vis_orig, vis_ok = _compact(base, is_vis)
+        rec = StageRecord(stage, base, ok, vis_orig, vis_ok, n_vis, n_vis, M, M, time.perf_counter() - t0, noop=True)
+        st.prefill.records.append(rec)
+        return
+    N = int(n_vis.max())
+    vis_idx, vis_ok = _compact(torch.arange(M, device=hidden.device).expand(B, M), is_vis, N)
+    orig_pos = torch.gather(base, 1, vis_idx)
+    g = lambda t: torch.gather(t, 1, orig_pos)  # noqa: E731  (layout tensors are indexed by original position)
+    last_idx = (seq_valid * torch.arange(M, device=hidden.device)).argmax(1)
+    ctx = ScoringContext(
+        layer=layer,
+        hidden=hidden,
+        position_embeddings=kwargs.get("position_embeddings"),
+        seq_valid=seq_valid,
+        last_idx=last_idx,
+        visual_idx=vis_idx,
+        visual_ok=vis_ok,
+        orig_pos=orig_pos,
+        row=g(layout.row),
+        col=g(layout.col),
+        segment=g(layout.segment),
+        is_newline=g(layout.is_newline),
+        coords_known=layout.coords_known,
+        keep=k,
+    )
+    with torch.no_grad():
+        scores = handle.criteria[i].score(ctx, **stage.params)
+    if scores.shape != vis_idx.shape:
+        raise RuntimeError(f"criterion {stage.criterion!r} returned scores of shape {tuple(scores.shape)}, expected {tuple(vis_idx.shape)}")
+    sel, sel_ok = topk_per_row(scores, vis_ok, k)
+    kept_local = torch.gather(vis_idx, 1, sel)
+    keep_mask = torch.zeros(B, M + 1, dtype=torch.bool, device=hidden.device)
+    keep_mask.scatter_(1, kept_local.masked_fill(~sel_ok, M), True)
+    keep_mask = keep_mask[:, :M] | (seq_valid & ~is_vis)
+    local_idx, local_ok = left_packed(keep_mask)
+    kept = torch.gather(base, 1, local_idx)
+    rec = StageRecord(
+        stage=stage,
+        kept=kept,
+        kept_ok=local_ok,
+        kept_visual=torch.gather(base, 1, kept_local),
+        kept_visual_ok=sel_ok,
+        visual_before=n_vis,
+        visual_after=k,
+        tokens_before=tokens_before,
+        tokens_after=local_idx.shape[1],
+        seconds=time.perf_counter() - t0,
+    )
+    st.prefill.records.append(rec)
+    st.pending[stage.layer] = (local_idx, local_ok, rec)
+
+
+def _compact(values: torch.Tensor, mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries of ``values`` [B, M] where ``mask``, packed to the left (ascending), width = max count."""
+    counts = mask.sum(1)
+    width = int(counts.max()) if width is None else width
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    ok = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+    return torch.gather(values, 1, order).masked_fill(~ok, 0), ok

@@ -1,0 +1,69 @@
+"""The criterion interface: ``score(ctx, **params) -> Tensor[B, N]``, higher = keep.
+
+A criterion is a function of tensors. It reads what it needs from the ``ScoringContext``
+(hidden states, visual-token positions, grid coordinates, attention rows computed on
+demand) and never touches the model. Top-k, gather and bookkeeping are written once in
+the engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+
+from ..errors import PolicyError
+from ..registry import CRITERIA
+
+
+@dataclass(frozen=True)
+class Param:
+    """A criterion parameter: its paper default, type, and an optional check."""
+
+    default: Any
+    type: type
+    help: str = ""
+    choices: tuple | None = None
+    check: Callable[[Any], bool] | None = None
+    allowed: str = ""
+
+    def validate(self, value: Any, where: str) -> Any:
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
+            raise PolicyError(where, f"must be of type {self.type.__name__}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise PolicyError(where, f"must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        if self.check is not None and not self.check(value):
+            raise PolicyError(where, f"must be {self.allowed}, got {value!r}")
+        return value
+
+
+class Criterion:
+    """Base class. Subclasses set ``name``, ``paper``, ``arxiv``, ``params`` and implement ``score``."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    arxiv: ClassVar[str | None] = None
+    params: ClassVar[dict[str, Param]] = {}
+
+    def score(self, ctx: "ScoringContext", **params: Any) -> torch.Tensor:  # noqa: F821
+        raise NotImplementedError
+
+    @classmethod
+    def check_params(cls, given: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """Fill defaults and validate; unknown keys name the allowed ones."""
+        out = {}
+        for key, value in given.items():
+            if key not in cls.params:
+                allowed = sorted({"layer", "keep", "tokens", "site", "op"} | set(cls.params))
+                raise PolicyError(f"{where}.{key}", f"unknown key for {cls.name!r}; allowed: {', '.join(allowed)}")
+            out[key] = cls.params[key].validate(value, f"{where}.{key}")
+        for key, p in cls.params.items():
+            out.setdefault(key, p.default)
+        return out
+
+
+def register_criterion(cls: type[Criterion]) -> type[Criterion]:
+    CRITERIA.register(cls.name, cls())
+    return cls

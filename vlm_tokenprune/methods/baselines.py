@@ -1,0 +1,102 @@
+"""Baselines: ``random`` (seeded) and ``uniform`` (an even spatial grid of the budget).
+
+``uniform`` splits each row's budget over its patch grids (largest remainder, in
+proportion to their token counts), then on each grid picks the centres of a
+``gr x gc`` sub-grid with the grid's aspect ratio (``gr * gc >= k``), thinning the extra
+points evenly in raster order. ``image_newline`` and CLS tokens come last.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import InputError
+from ..policy import register_preset
+from ..scoring import ScoringContext
+from .base import Criterion, Param, register_criterion
+
+
+@register_criterion
+class RandomCriterion(Criterion):
+    name = "random"
+    paper = "random visual-token subset (baseline)"
+    params = {"seed": Param(0, int, "seed of the per-forward generator; same input, same subset")}
+
+    def score(self, ctx: ScoringContext, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.rand(ctx.visual_idx.shape, generator=gen).to(ctx.visual_idx.device)
+
+
+def grid_points(rows: int, cols: int, k: int) -> list[tuple[int, int]]:
+    """``k`` cells spread evenly over a ``rows x cols`` grid, in raster order."""
+    if k <= 0:
+        return []
+    if k >= rows * cols:
+        return [(r, c) for r in range(rows) for c in range(cols)]
+    gr = min(rows, max(1, round(math.sqrt(k * rows / cols))))
+    gc = min(cols, math.ceil(k / gr))
+    while gr * gc < k:  # grow the short side until the sub-grid holds k points
+        if gr < rows and (gr / rows <= gc / cols or gc == cols):
+            gr += 1
+        else:
+            gc += 1
+    pts = [(int((a + 0.5) * rows / gr), int((b + 0.5) * cols / gc)) for a in range(gr) for b in range(gc)]
+    n = len(pts)
+    return [pts[int((i + 0.5) * n / k)] for i in range(k)]
+
+
+def split_budget(k: int, sizes: list[int]) -> list[int]:
+    """Split ``k`` over groups of ``sizes`` in proportion (largest remainder; ties to earlier groups)."""
+    total = sum(sizes)
+    raw = [k * s / total for s in sizes]
+    out = [min(s, math.floor(r)) for r, s in zip(raw, sizes)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(raw[i] - math.floor(raw[i])), i))
+    left = k - sum(out)
+    while left > 0:
+        for i in order:
+            if left and out[i] < sizes[i]:
+                out[i] += 1
+                left -= 1
+    return out
+
+
+@register_criterion
+class UniformCriterion(Criterion):
+    name = "uniform"
+    paper = "even spatial grid over each image's patch grid (baseline)"
+
+    def score(self, ctx: ScoringContext) -> torch.Tensor:
+        if not ctx.coords_known:
+            raise InputError("uniform", "needs the patch grid of every image (LLaVA-NeXT: pass image_sizes and pixel_values)")
+        B, N = ctx.visual_idx.shape
+        scores = torch.zeros(B, N)
+        seg, row, col = ctx.segment.cpu(), ctx.row.cpu(), ctx.col.cpu()
+        ok, keep = ctx.visual_ok.cpu(), ctx.keep.cpu()
+        for b in range(B):
+            idx = torch.nonzero(ok[b]).flatten().tolist()
+            segs = sorted({int(seg[b, i]) for i in idx})
+            members = {s: [i for i in idx if int(seg[b, i]) == s] for s in segs}
+            quota = split_budget(int(keep[b]), [len(members[s]) for s in segs])
+            for s, q in zip(segs, quota):
+                spatial = [i for i in members[s] if int(row[b, i]) >= 0 and int(col[b, i]) >= 0]
+                other = [i for i in members[s] if i not in set(spatial)]
+                cell = {(int(row[b, i]), int(col[b, i])): i for i in spatial}
+                picked: list[int] = []
+                if spatial:
+                    r0 = min(r for r, _ in cell)
+                    c0 = min(c for _, c in cell)
+                    rows = max(r for r, _ in cell) - r0 + 1
+                    cols = max(c for _, c in cell) - c0 + 1
+                    want = min(q, len(spatial))
+                    picked = [cell[(r0 + r, c0 + c)] for r, c in grid_points(rows, cols, want) if (r0 + r, c0 + c) in cell]
+                    if len(picked) < want:  # ragged grid: top up with the remaining cells in raster order
+                        rest = [i for i in spatial if i not in set(picked)]
+                        picked += [rest[int((t + 0.5) * len(rest) / (want - len(picked)))] for t in range(want - len(picked))]
+                picked += other[: q - len(picked)]
+                scores[b, picked] = 1.0
+        return scores.to(ctx.visual_idx.device)
+
+
+for _name, _desc in (("random", "seeded random subset"), ("uniform", "even spatial grid of the budget")):
+    register_preset(_name, [{"criterion": _name, "layer": 2, "keep": 0.5}], f"{_desc}; layer 2, keep 0.5 (FastV's setting)")

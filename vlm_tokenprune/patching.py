@@ -1,0 +1,97 @@
+"""``patch(model, policy)``: validate everything, then register hooks."""
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from . import engine
+from .adapters import resolve_adapter
+from .errors import IncompatiblePolicyError, PolicyError, UnsupportedModelError
+from .handle import PatchHandle
+from .policy import Policy
+from .registry import CRITERIA
+
+BACKENDS = ("auto", "torch")
+
+
+def _mark(fn):
+    fn.__vtp__ = True
+    return fn
+
+
+def is_patched(model: nn.Module) -> bool:
+    return any(getattr(h, "__vtp__", False) for h in getattr(model, "_forward_pre_hooks", {}).values())
+
+
+def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = "auto") -> PatchHandle:
+    """Insert the policy's hooks into ``model`` and return a handle that removes them.
+
+    Everything is validated first (policy, model type, layers, cache, backend); a failed
+    ``patch()`` leaves the model untouched.
+
+    Args:
+        model: a Hugging Face ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
+        policy: a policy string (``"fastv:layer=2,keep=0.25"``), dict or ``Policy``.
+        backend: ``"auto"`` or ``"torch"`` (PyTorch reference ops).
+    """
+    pol = Policy.parse(policy)
+    if backend not in BACKENDS:
+        raise PolicyError("backend", f"{backend!r} is not available; allowed: {', '.join(BACKENDS)}")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise UnsupportedModelError("model", "is torch.compile'd; patch the original module, then compile it")
+    adapter = resolve_adapter(model)
+    adapter.check(model)
+    seams = adapter.seams(model)
+    if is_patched(seams.top):
+        raise UnsupportedModelError("model", "is already patched; call unpatch() on the existing handle first")
+    gen_cfg = getattr(model, "generation_config", None)
+    if getattr(gen_cfg, "cache_implementation", None) not in (None, "dynamic"):
+        raise UnsupportedModelError(
+            "generation_config.cache_implementation",
+            f"{gen_cfg.cache_implementation!r} is not supported; allowed: None or 'dynamic' (DynamicCache)",
+        )
+    for i, st in enumerate(pol.stages):
+        if st.layer >= seams.num_layers:
+            raise IncompatiblePolicyError(
+                f"stages[{i}].layer", f"{st.layer} is beyond the model; allowed: 1..{seams.num_layers - 1}"
+            )
+        if st.layer <= seams.first_full_attention_layer:
+            raise IncompatiblePolicyError(
+                f"stages[{i}].layer",
+                f"{st.layer} is at or below the first full-attention layer ({seams.first_full_attention_layer}); "
+                f"allowed: {seams.first_full_attention_layer + 1}..{seams.num_layers - 1}",
+            )
+    criteria = [CRITERIA.get(st.criterion, f"stages[{i}].criterion") for i, st in enumerate(pol.stages)]
+
+    # -- nothing above touched the model; from here on, only hooks kept on the handle --
+    handle = PatchHandle(model, pol, adapter, seams, criteria, backend)
+    top = seams.top
+    handle._add(
+        f"{type(top).__name__}: forward pre-hook (find visual tokens, open per-forward state)",
+        top.register_forward_pre_hook(_mark(functools.partial(engine.top_pre_hook, handle)), with_kwargs=True),
+    )
+    handle._add(
+        f"{type(top).__name__}: forward hook, always called (close per-forward state)",
+        top.register_forward_hook(
+            _mark(functools.partial(engine.top_post_hook, handle)), with_kwargs=True, always_call=True
+        ),
+    )
+    for j, layer in enumerate(seams.decoder_layers):
+        roles = []
+        if j in handle.stage_after:
+            roles.append(f"score stage {handle.stage_after[j]}")
+        if any(st.layer == j for st in pol.stages):
+            roles.append("drop tokens")
+        if any(st.layer <= j for st in pol.stages):
+            roles.append("shrink mask/positions")
+        handle._add(
+            f"decoder layer {j}: forward pre-hook ({', '.join(roles) or 'count tokens'})",
+            layer.register_forward_pre_hook(
+                _mark(functools.partial(engine.layer_pre_hook, handle, j)), with_kwargs=True
+            ),
+        )
+    handle.active = True
+    return handle

@@ -1,0 +1,335 @@
+"""A policy is data: an ordered list of stages, each saying where, what, by which criterion
+and with which budget. Parses from a compact string, a dict, YAML or JSON; ``to_dict()``
+round-trips. Model-free checks happen here; checks against a model in ``patching``.
+
+String grammar::
+
+    policy := stage ("+" stage)*
+    stage  := name [":" key "=" value ("," key "=" value)*]
+
+``name`` is a registered preset (every method registers one carrying its paper
+defaults, e.g. ``"fastv"`` = layer 2, keep 0.5). Keys override the preset: ``layer``,
+``keep`` (fraction of the row's ORIGINAL visual tokens, in (0, 1]), ``tokens`` (a count
+of visual tokens per row), ``site``, ``op`` and the criterion's own parameters.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .errors import PolicyError
+from .registry import CRITERIA, PRESETS
+
+SITES = ("llm",)  # vision-encoder and pre-LLM sites are reserved names, not implemented yet
+RESERVED_SITES = ("vision", "pre_llm")
+OPS = ("prune",)  # merge, skip_layers, prune_heads are reserved names, not implemented yet
+RESERVED_OPS = ("merge", "skip_layers", "prune_heads")
+STAGE_KEYS = ("site", "layer", "op", "criterion", "keep", "tokens")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many visual tokens a row keeps after a stage: exactly one of ``keep`` / ``tokens``.
+
+    ``keep`` is a fraction of the row's original visual-token count; the kept count is
+    ``max(1, floor(keep * n + 0.5))``. ``tokens`` is an absolute count per row.
+    """
+
+    keep: float | None = None
+    tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        check_budget(self.keep, self.tokens, "budget")
+
+    def count(self, n_visual: int) -> int:
+        if n_visual <= 0:
+            return 0
+        if self.tokens is not None:
+            return self.tokens
+        return max(1, math.floor(self.keep * n_visual + 0.5))
+
+    def to_dict(self) -> dict:
+        return {"keep": self.keep} if self.keep is not None else {"tokens": self.tokens}
+
+
+def check_budget(keep: Any, tokens: Any, where: str) -> None:
+    if (keep is None) == (tokens is None):
+        raise PolicyError(where, f"give exactly one of keep (a fraction in (0, 1]) or tokens (a count >= 1), got keep={keep!r}, tokens={tokens!r}")
+    if keep is not None:
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or math.isnan(keep) or not 0 < keep <= 1:
+            raise PolicyError(f"{where}.keep", f"must be a number in (0, 1], got {keep!r}")
+    if tokens is not None:
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise PolicyError(f"{where}.tokens", f"must be an integer >= 1, got {tokens!r}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One reduction step: at ``site``/``layer``, do ``op`` with ``criterion`` under ``budget``.
+
+    ``layer`` (site "llm") is the decoder layer whose INPUT is shortened; criteria score
+    from layer ``layer - 1`` (FastV's convention).
+    """
+
+    criterion: str
+    layer: int
+    budget: Budget
+    params: Mapping[str, Any] = field(default_factory=dict)
+    site: str = "llm"
+    op: str = "prune"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+    def __hash__(self) -> int:
+        return hash((self.criterion, self.layer, self.budget, tuple(sorted(self.params.items())), self.site, self.op))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Stage) and self.to_dict() == other.to_dict()
+
+    def to_dict(self) -> dict:
+        return {
+            "site": self.site,
+            "layer": self.layer,
+            "op": self.op,
+            "criterion": self.criterion,
+            "budget": self.budget.to_dict(),
+            "params": dict(self.params),
+        }
+
+    def describe(self) -> str:
+        b = f"keep={self.budget.keep}" if self.budget.keep is not None else f"tokens={self.budget.tokens}"
+        extra = "".join(f",{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.criterion}:layer={self.layer},{b}{extra}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An ordered tuple of stages. Build with ``Policy.parse`` (str | dict | Policy) or the file readers."""
+
+    stages: tuple[Stage, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if not self.stages:
+            raise PolicyError("stages", "a policy needs at least one stage")
+        for i, st in enumerate(self.stages):
+            _check_stage(st, f"stages[{i}]")
+        llm = [s for s in self.stages if s.site == "llm"]
+        for i in range(1, len(llm)):
+            a, b = llm[i - 1], llm[i]
+            if b.layer <= a.layer:
+                raise PolicyError(
+                    f"stages[{i}].layer",
+                    f"LLM stages must have strictly increasing layers, got {a.layer} then {b.layer}",
+                )
+            if a.budget.keep is not None and b.budget.keep is not None and b.budget.keep > a.budget.keep:
+                raise PolicyError(
+                    f"stages[{i}].keep",
+                    f"keep is a fraction of the original visual tokens and cannot grow across stages: "
+                    f"{a.budget.keep} then {b.budget.keep}",
+                )
+            if a.budget.tokens is not None and b.budget.tokens is not None and b.budget.tokens > a.budget.tokens:
+                raise PolicyError(
+                    f"stages[{i}].tokens",
+                    f"a later stage cannot keep more tokens than an earlier one: {a.budget.tokens} then {b.budget.tokens}",
+                )
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, spec: "str | Mapping | Policy") -> "Policy":
+        if isinstance(spec, Policy):
+            return spec
+        if isinstance(spec, str):
+            return cls.from_string(spec)
+        if isinstance(spec, Mapping):
+            return cls.from_dict(spec)
+        raise PolicyError("policy", f"expected a string, a dict or a Policy, got {type(spec).__name__}")
+
+    @classmethod
+    def from_string(cls, text: str) -> "Policy":
+        text = text.strip()
+        if not text:
+            raise PolicyError("policy", "empty policy string; expected e.g. 'fastv:layer=2,keep=0.5'")
+        stages: list[Stage] = []
+        for i, part in enumerate(text.split("+")):
+            name, _, rest = part.strip().partition(":")
+            overrides: dict[str, Any] = {}
+            for item in filter(None, (x.strip() for x in rest.split(","))):
+                key, eq, value = item.partition("=")
+                if not eq or not key.strip():
+                    raise PolicyError(f"stages[{i}]", f"expected key=value, got {item!r}")
+                overrides[key.strip()] = _parse_value(value.strip())
+            stages.extend(expand_preset(name.strip(), overrides, f"stages[{i}]"))
+        return cls(tuple(stages))
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Policy":
+        if "stages" not in data:
+            raise PolicyError("policy", "a policy dict needs a 'stages' list")
+        unknown = set(data) - {"stages"}
+        if unknown:
+            raise PolicyError("policy", f"unknown keys {sorted(unknown)}; allowed: stages")
+        raw = data["stages"]
+        if not isinstance(raw, (list, tuple)):
+            raise PolicyError("stages", f"must be a list, got {type(raw).__name__}")
+        stages: list[Stage] = []
+        for i, st in enumerate(raw):
+            where = f"stages[{i}]"
+            if not isinstance(st, Mapping):
+                raise PolicyError(where, f"must be a dict, got {type(st).__name__}")
+            st = dict(st)
+            if "preset" in st:
+                stages.extend(expand_preset(st.pop("preset"), st, where))
+                continue
+            budget = st.pop("budget", None)
+            if budget is not None:
+                if not isinstance(budget, Mapping) or set(budget) - {"keep", "tokens"}:
+                    raise PolicyError(f"{where}.budget", f"must be {{'keep': x}} or {{'tokens': n}}, got {budget!r}")
+                st.update(budget)
+            params = st.pop("params", {}) or {}
+            if not isinstance(params, Mapping):
+                raise PolicyError(f"{where}.params", f"must be a dict, got {params!r}")
+            if "criterion" not in st:
+                raise PolicyError(where, "needs 'criterion' (or 'preset')")
+            stages.append(_build_stage({**st, **params}, where))
+        return cls(tuple(stages))
+
+    @classmethod
+    def from_json(cls, source: str) -> "Policy":
+        """From a JSON document or the path of a JSON file."""
+        text = _read_if_path(source)
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise PolicyError("policy", f"invalid JSON: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, source: str) -> "Policy":
+        """From a YAML document or the path of a YAML file (needs PyYAML)."""
+        try:
+            import yaml
+        except ImportError as e:  # pragma: no cover - PyYAML is a dependency
+            raise PolicyError("policy", "reading YAML needs PyYAML (pip install pyyaml)") from e
+        try:
+            data = yaml.safe_load(_read_if_path(source))
+        except yaml.YAMLError as e:
+            raise PolicyError("policy", f"invalid YAML: {e}") from None
+        if not isinstance(data, Mapping):
+            raise PolicyError("policy", "a YAML policy must be a mapping with a 'stages' list")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str) -> "Policy":
+        if str(path).endswith((".yaml", ".yml")):
+            return cls.from_yaml(path)
+        return cls.from_json(path)
+
+    # -- output ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"stages": [s.to_dict() for s in self.stages]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_string(self) -> str:
+        return "+".join(s.describe() for s in self.stages)
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+    @property
+    def keeps_everything(self) -> bool:
+        return all(s.budget.keep == 1 for s in self.stages)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _read_if_path(source: str) -> str:
+    if isinstance(source, os.PathLike) or ("\n" not in str(source) and os.path.isfile(str(source))):
+        with open(source, encoding="utf-8") as f:
+            return f.read()
+    return str(source)
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _build_stage(fields: dict, where: str) -> Stage:
+    name = fields.pop("criterion")
+    crit = CRITERIA.get(name, f"{where}.criterion")
+    site = fields.pop("site", "llm")
+    op = fields.pop("op", "prune")
+    if "layer" not in fields:
+        raise PolicyError(f"{where}.layer", "is required for an LLM stage (decoder layer index >= 1)")
+    layer = fields.pop("layer")
+    keep, tokens = fields.pop("keep", None), fields.pop("tokens", None)
+    if isinstance(keep, int) and not isinstance(keep, bool):
+        keep = float(keep)
+    check_budget(keep, tokens, where)
+    params = crit.check_params(fields, where)
+    return Stage(criterion=name, layer=layer, budget=Budget(keep, tokens), params=params, site=site, op=op)
+
+
+def _check_stage(st: Stage, where: str) -> None:
+    if st.site not in SITES:
+        hint = " (reserved; not implemented yet)" if st.site in RESERVED_SITES else ""
+        raise PolicyError(f"{where}.site", f"{st.site!r}{hint}; allowed: {', '.join(SITES)}")
+    if st.op not in OPS:
+        hint = " (reserved; not implemented yet)" if st.op in RESERVED_OPS else ""
+        raise PolicyError(f"{where}.op", f"{st.op!r}{hint}; allowed: {', '.join(OPS)}")
+    if isinstance(st.layer, bool) or not isinstance(st.layer, int) or st.layer < 1:
+        raise PolicyError(f"{where}.layer", f"must be an integer >= 1 (layer 0 cannot be pruned), got {st.layer!r}")
+    crit = CRITERIA.get(st.criterion, f"{where}.criterion")
+    crit.check_params(dict(st.params), where)
+
+
+def expand_preset(name: str, overrides: Mapping[str, Any], where: str) -> list[Stage]:
+    """Stages of preset ``name`` with ``overrides`` applied (single-stage presets take any key)."""
+    preset = PRESETS.get(name, f"{where}.method")
+    return preset.expand(dict(overrides), where)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named policy fragment carrying a paper's defaults."""
+
+    name: str
+    stages: tuple[Mapping[str, Any], ...]
+    description: str = ""
+    arxiv: str | None = None
+
+    def expand(self, overrides: dict, where: str) -> list[Stage]:
+        if len(self.stages) == 1:
+            base = dict(self.stages[0])
+            if "tokens" in overrides or "keep" in overrides:  # a budget override replaces the preset's budget
+                base.pop("keep", None)
+                base.pop("tokens", None)
+            return [_build_stage({**base, **overrides}, where)]
+        fixed = {"layer", "keep", "tokens", "site", "op", "criterion"}
+        bad = fixed & set(overrides)
+        if bad:
+            raise PolicyError(
+                f"{where}.{sorted(bad)[0]}",
+                f"preset {self.name!r} has {len(self.stages)} stages; only criterion parameters can be overridden "
+                "(write the stages out to change layers or budgets)",
+            )
+        return [_build_stage({**st, **overrides}, f"{where}[{j}]") for j, st in enumerate(self.stages)]
+
+
+def register_preset(name: str, stages: list[dict], description: str = "", arxiv: str | None = None) -> Preset:
+    return PRESETS.register(name, Preset(name, tuple(stages), description, arxiv))

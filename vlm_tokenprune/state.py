@@ -1,0 +1,110 @@
+"""Per-forward state and the trace a handle reports.
+
+One ``ForwardState`` is created by the top-level pre-hook of every forward and reached
+only through the handle; decode steps of a cached ``generate()`` get a fresh state that
+points at the ``PrefillRecord`` of the prompt they continue.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters.base import VisualLayout
+from .policy import Stage
+
+
+@dataclass
+class StageRecord:
+    """What one stage did in a prefill.
+
+    ``kept``/``kept_ok``: ``[B, M]`` original prompt positions of every token kept after the
+    stage (text and visual), left-padded; ``visual_before``/``visual_after``: ``[B]``.
+    """
+
+    stage: Stage
+    kept: torch.Tensor
+    kept_ok: torch.Tensor
+    kept_visual: torch.Tensor  # [B, K] original positions of kept visual tokens (valid where kept_visual_ok)
+    kept_visual_ok: torch.Tensor
+    visual_before: torch.Tensor
+    visual_after: torch.Tensor
+    tokens_before: int
+    tokens_after: int
+    seconds: float
+    noop: bool = False
+
+
+@dataclass
+class PrefillRecord:
+    """What decode steps need from their prompt: its length and the kept set per layer."""
+
+    prompt_len: int
+    records: list[StageRecord] = field(default_factory=list)
+
+    def kept_at(self, layer: int) -> StageRecord | None:
+        """The last stage at or below ``layer`` that changed the sequence."""
+        out = None
+        for r in self.records:
+            if r.stage.layer <= layer and not r.noop:
+                out = r
+        return out
+
+
+@dataclass
+class ForwardState:
+    phase: str  # "prefill" | "decode" | "passthrough"
+    prefill: PrefillRecord
+    layout: VisualLayout | None = None
+    budgets: list[torch.Tensor] = field(default_factory=list)  # per stage, [B] kept visual count
+    # current sequence in prefill, relative to the original prompt
+    cur_orig: torch.Tensor | None = None  # [B, M] original positions (None: identity)
+    cur_ok: torch.Tensor | None = None  # [B, M]
+    pending: dict = field(default_factory=dict)  # layer -> (local idx, ok, StageRecord)
+    tokens_per_layer: list[int] = field(default_factory=list)
+    valid: torch.Tensor | None = None  # [B, L] prompt tokens that are not padding
+    cache: object = None  # the cache a decode step continues
+    thread: int = field(default_factory=threading.get_ident)
+
+
+@dataclass
+class StageTrace:
+    site: str
+    layer: int
+    criterion: str
+    kept_positions: list[list[int]]  # per sample: original positions of kept visual tokens
+    visual_before: list[int]
+    visual_after: list[int]
+    tokens_before: int
+    tokens_after: int
+    seconds: float
+
+
+@dataclass
+class Trace:
+    """What the last forward did: phase, per-stage results, sequence length seen by each layer."""
+
+    phase: str
+    stages: list[StageTrace]
+    tokens_per_layer: list[int]
+
+    @classmethod
+    def from_state(cls, st: ForwardState) -> "Trace":
+        stages = []
+        for r in st.prefill.records:
+            kv = [row[ok].tolist() for row, ok in zip(r.kept_visual.cpu(), r.kept_visual_ok.cpu())]
+            stages.append(
+                StageTrace(
+                    site=r.stage.site,
+                    layer=r.stage.layer,
+                    criterion=r.stage.criterion,
+                    kept_positions=kv,
+                    visual_before=r.visual_before.tolist(),
+                    visual_after=r.visual_after.tolist(),
+                    tokens_before=r.tokens_before,
+                    tokens_after=r.tokens_after,
+                    seconds=r.seconds if st.phase == "prefill" else 0.0,
+                )
+            )
+        return cls(phase=st.phase, stages=stages, tokens_per_layer=list(st.tokens_per_layer))
