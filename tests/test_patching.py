@@ -220,7 +220,8 @@ def test_trace_and_describe(models):
     assert tr.tokens_per_layer[2] == max(n + k for n, k in zip(n_text, [9, 18]))
     assert tr.tokens_per_layer[3] == max(n + 4 for n in n_text)
     assert all(s.seconds >= 0 for s in tr.stages)
-    assert "decoder layer 1: forward pre-hook (score stage 0)" in text and "decoder layer 3" in text
+    assert "decoder layer 2: forward pre-hook (score stage 0 and drop tokens" in text
+    assert "decoder layer 1: self_attn.k_proj forward hook (capture keys for stage 0)" in text
 
 
 def test_random_is_seeded_and_uniform_is_spatially_even(models):

@@ -38,6 +38,16 @@ def _project(attn: nn.Module, which: str, x: torch.Tensor, n_heads: int, head_di
     return out.transpose(1, 2)  # [B, heads, T, d]
 
 
+def _keys(attn, x, keys, idx, n_kv, head_dim):
+    if keys is None:
+        return _project(attn, "k", x if idx is None else _gather_rows(x, idx), n_kv, head_dim)
+    k = keys if idx is None else _gather_rows(keys, idx)
+    k = k.view(*k.shape[:-1], n_kv, head_dim)
+    if getattr(attn, "k_norm", None) is not None:
+        k = attn.k_norm(k)
+    return k.transpose(1, 2)
+
+
 def attention_rows(
     layer: nn.Module,
     hidden: torch.Tensor,
@@ -49,6 +59,7 @@ def attention_rows(
     *,
     rope: bool = True,
     softmax_over: str = "row",
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Post-softmax attention of query rows over chosen keys, per head.
 
@@ -62,6 +73,8 @@ def attention_rows(
         rope: apply RoPE to q and k (FastV) or not (FEATHER).
         softmax_over: ``"row"`` normalises over the whole causal row, exactly like the
             model's attention; ``"keys"`` normalises over the chosen keys only.
+        keys: optional ``[B, L, H_kv * d]`` output of the layer's own ``k_proj`` on ``hidden``
+            (captured while the layer ran), so keys are not projected a second time.
 
     Returns:
         ``[B, H, R, N]`` float32 probabilities; 0 at invalid keys.
@@ -72,16 +85,19 @@ def attention_rows(
     head_dim = attn.head_dim
     n_heads = attn.q_proj.out_features // head_dim
     n_kv = attn.k_proj.out_features // head_dim
-    x = layer.input_layernorm(hidden)
     B, L = hidden.shape[:2]
-
-    q = _project(attn, "q", _gather_rows(x, query_idx), n_heads, head_dim)
+    if keys is None:
+        x = layer.input_layernorm(hidden)
+        q = _project(attn, "q", _gather_rows(x, query_idx), n_heads, head_dim)
+    else:  # only the query rows need the norm
+        x = None
+        q = _project(attn, "q", layer.input_layernorm(_gather_rows(hidden, query_idx)), n_heads, head_dim)
     if softmax_over == "row":
         k_pos = torch.arange(L, device=hidden.device).expand(B, L)
-        k = _project(attn, "k", x, n_kv, head_dim)
+        k = _keys(attn, x, keys, None, n_kv, head_dim)
     else:
         k_pos = key_idx
-        k = _project(attn, "k", _gather_rows(x, key_idx), n_kv, head_dim)
+        k = _keys(attn, x, keys, key_idx, n_kv, head_dim)
     if rope:
         cos, sin = position_embeddings
         q = _rope(q, _gather_rows(cos, query_idx), _gather_rows(sin, query_idx))

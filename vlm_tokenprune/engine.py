@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -106,9 +107,12 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
 
 
 def top_post_hook(handle: "PatchHandle", module, args, kwargs, output):
-    st, handle._state = handle._state, None
-    if st is not None:
-        handle._last = st
+    st = handle._state
+    if st is None or st.thread != threading.get_ident():
+        return None  # this call was refused before it opened a state (or the state is another thread's)
+    handle._state = None
+    st.cache = None  # keep no reference to the caller's KV cache
+    handle._last = st
     return None
 
 
@@ -123,16 +127,18 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
         return None
     kwargs = dict(kwargs)
     if st.phase == "prefill":
-        if j in st.pending:
-            local_idx, ok, rec = st.pending.pop(j)
-            hidden = _gather_rows(hidden, local_idx)
-            st.cur_orig, st.cur_ok = rec.kept, rec.kept_ok
+        stage_i = handle.stage_at.get(j)
+        if stage_i is not None and st.scoring is not None:
+            local_idx, rec = _run_stage(handle, st, stage_i)
+            if local_idx is not None:
+                hidden = _gather_rows(hidden, local_idx)
+                st.cur_orig, st.cur_ok = rec.kept, rec.kept_ok
         if st.cur_orig is not None:
             _shrink_kwargs(handle, kwargs, st.cur_orig, st.cur_ok, st.prefill.prompt_len, hidden, prefill=True)
         st.tokens_per_layer.append(hidden.shape[1])
-        stage_i = handle.stage_after.get(j)
-        if stage_i is not None:
-            _run_stage(handle, st, stage_i, module, hidden, kwargs)
+        if j in handle.stage_after:  # the next stage scores with this layer: keep its input
+            st.scoring = (j, module, hidden, kwargs.get("position_embeddings"))
+            st.keys = None
     else:  # cached decode: the prompt's kept set, new tokens appended
         rec = st.prefill.kept_at(j)
         if rec is not None:
@@ -142,6 +148,14 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
         kwargs["hidden_states"] = hidden
         return args, kwargs
     return (hidden, *args[1:]), kwargs
+
+
+def capture_keys_hook(handle: "PatchHandle", j: int, module, args, output):
+    """Forward hook on a scoring layer's ``k_proj``: keep its output so criteria need not recompute keys."""
+    st = handle._state
+    if st is not None and st.phase == "prefill" and st.scoring is not None and st.scoring[0] == j:
+        st.keys = output
+    return None
 
 
 def _shrink_kwargs(handle, kwargs, kept, kept_ok, prompt_len, hidden, prefill, cache=None):
@@ -163,10 +177,16 @@ def _shrink_kwargs(handle, kwargs, kept, kept_ok, prompt_len, hidden, prefill, c
     kwargs["attention_mask"] = shrink_mask(mask, fmt, kept, kept_ok, prompt_len, q_len, kv_len, prefill, hidden.dtype)
 
 
-def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, layer, hidden: torch.Tensor, kwargs: dict) -> None:
-    """Score with ``layer`` (= stage layer - 1) on its input, select, and queue the gather."""
+def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
+    """Score stage ``i`` from the kept input of layer ``stage.layer - 1``; select.
+
+    Returns ``(local_idx [B, M'] or None, record)``: the positions of the current sequence
+    to keep (None when the stage keeps everything).
+    """
     t0 = time.perf_counter()
     stage = handle.policy.stages[i]
+    _, layer, hidden, position_embeddings = st.scoring
+    keys, st.scoring, st.keys = st.keys, None, None
     layout = st.layout
     B, M = hidden.shape[:2]
     base = st.cur_orig if st.cur_orig is not None else torch.arange(M, device=hidden.device).expand(B, M)
@@ -180,7 +200,7 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, layer, hidden: t
         vis_orig, vis_ok = _compact(base, is_vis)
         rec = StageRecord(stage, base, ok, vis_orig, vis_ok, n_vis, n_vis, M, M, time.perf_counter() - t0, noop=True)
         st.prefill.records.append(rec)
-        return
+        return None, rec
     N = int(n_vis.max())
     vis_idx, vis_ok = _compact(torch.arange(M, device=hidden.device).expand(B, M), is_vis, N)
     orig_pos = torch.gather(base, 1, vis_idx)
@@ -189,7 +209,7 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, layer, hidden: t
     ctx = ScoringContext(
         layer=layer,
         hidden=hidden,
-        position_embeddings=kwargs.get("position_embeddings"),
+        position_embeddings=position_embeddings,
         seq_valid=seq_valid,
         last_idx=last_idx,
         visual_idx=vis_idx,
@@ -201,6 +221,7 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, layer, hidden: t
         is_newline=g(layout.is_newline),
         coords_known=layout.coords_known,
         keep=k,
+        keys=keys,
     )
     with torch.no_grad():
         scores = handle.criteria[i].score(ctx, **stage.params)
@@ -226,7 +247,7 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, layer, hidden: t
         seconds=time.perf_counter() - t0,
     )
     st.prefill.records.append(rec)
-    st.pending[stage.layer] = (local_idx, local_ok, rec)
+    return local_idx, rec
 
 
 def _compact(values: torch.Tensor, mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

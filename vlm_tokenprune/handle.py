@@ -24,6 +24,7 @@ class PatchHandle:
         self.image_token_id = model.config.image_token_id
         # decoder layer j -> index of the stage whose criterion runs on layer j's input (stage.layer == j + 1)
         self.stage_after = {st.layer - 1: i for i, st in enumerate(policy.stages)}
+        self.stage_at = {st.layer: i for i, st in enumerate(policy.stages)}
         self._hooks: list = []
         self._sites: list[str] = []
         self._state: ForwardState | None = None

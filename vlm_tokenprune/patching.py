@@ -81,12 +81,18 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
     )
     for j, layer in enumerate(seams.decoder_layers):
         roles = []
-        if j in handle.stage_after:
-            roles.append(f"score stage {handle.stage_after[j]}")
-        if any(st.layer == j for st in pol.stages):
-            roles.append("drop tokens")
+        if j in handle.stage_at:
+            roles.append(f"score stage {handle.stage_at[j]} and drop tokens")
         if any(st.layer <= j for st in pol.stages):
             roles.append("shrink mask/positions")
+        if j in handle.stage_after:
+            roles.append(f"keep input for stage {handle.stage_after[j]}'s criterion")
+            handle._add(
+                f"decoder layer {j}: self_attn.k_proj forward hook (capture keys for stage {handle.stage_after[j]})",
+                layer.self_attn.k_proj.register_forward_hook(
+                    _mark(functools.partial(engine.capture_keys_hook, handle, j))
+                ),
+            )
         handle._add(
             f"decoder layer {j}: forward pre-hook ({', '.join(roles) or 'count tokens'})",
             layer.register_forward_pre_hook(

@@ -34,6 +34,7 @@ class ScoringContext:
     is_newline: torch.Tensor
     coords_known: bool
     keep: torch.Tensor
+    keys: torch.Tensor | None = None  # [B, L, H_kv*d] the scoring layer's own k_proj output, when captured
 
     def attention(self, query: str | torch.Tensor = "last", *, rope: bool = True, softmax_over: str = "row") -> torch.Tensor:
         """``[B, H, R, N]`` attention of query rows over the visual tokens at the scoring layer.
@@ -45,5 +46,5 @@ class ScoringContext:
             raise ValueError(f"query must be 'last' or a [B, R] tensor, got {query!r}")
         return attention_rows(
             self.layer, self.hidden, self.position_embeddings, q, self.visual_idx, self.visual_ok, self.seq_valid,
-            rope=rope, softmax_over=softmax_over,
+            rope=rope, softmax_over=softmax_over, keys=self.keys,
         )

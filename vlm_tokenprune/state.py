@@ -61,7 +61,8 @@ class ForwardState:
     # current sequence in prefill, relative to the original prompt
     cur_orig: torch.Tensor | None = None  # [B, M] original positions (None: identity)
     cur_ok: torch.Tensor | None = None  # [B, M]
-    pending: dict = field(default_factory=dict)  # layer -> (local idx, ok, StageRecord)
+    scoring: tuple | None = None  # (layer index, layer module, its input hidden, its position embeddings)
+    keys: torch.Tensor | None = None  # that layer's k_proj output, captured while it ran
     tokens_per_layer: list[int] = field(default_factory=list)
     valid: torch.Tensor | None = None  # [B, L] prompt tokens that are not padding
     cache: object = None  # the cache a decode step continues
