@@ -221,7 +221,7 @@ def test_trace_and_describe(models):
     assert tr.tokens_per_layer[3] == max(n + 4 for n in n_text)
     assert all(s.seconds >= 0 for s in tr.stages)
     assert "decoder layer 2: forward pre-hook (score stage 0 and drop tokens" in text
-    assert "decoder layer 1: self_attn.k_proj forward hook (capture keys for stage 0)" in text
+    assert "decoder layer 1: self_attn.k_proj forward hook (capture for stage 0)" in text
 
 
 def test_random_is_seeded_and_uniform_is_spatially_even(models):
@@ -280,3 +280,13 @@ def test_fuzz_budgets_are_honoured(models, rows, layer, budget, method, impl, pa
         return
     assert tr.stages[0].visual_after == expected
     assert [len(k) for k in tr.stages[0].kept_positions] == expected
+
+
+def test_budget_relative_to_current_count(models):
+    model = models["sdpa"]
+    inputs = make_batch(model, ROWS)
+    with vtp.patch(model, "fastv:layer=1,keep=0.5+fastv:layer=2,keep=0.5,of=current") as h:
+        model(**inputs)
+        tr = h.last_trace()
+    assert tr.stages[0].visual_after == [18, 36]
+    assert tr.stages[1].visual_before == [18, 36] and tr.stages[1].visual_after == [9, 18]

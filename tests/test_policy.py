@@ -132,3 +132,15 @@ def test_import_has_no_side_effects():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_budget_reference():
+    p = Policy.parse("fastv:layer=2,keep=0.5+fastv:layer=3,keep=0.6,of=current")
+    assert p.stages[1].budget.of == "current" and Policy.from_dict(p.to_dict()) == p
+    assert p.stages[1].budget.count(100, 50) == 30
+    with pytest.raises(PolicyError) as e:
+        Policy.parse("fastv:tokens=3,of=current")
+    assert e.value.field == "stages[0].of"
+    with pytest.raises(PolicyError) as e:
+        Policy.parse("fastv:keep=0.3,of=all")
+    assert e.value.field == "stages[0].of"

@@ -19,7 +19,7 @@ from .attention import _gather_rows
 from .errors import InputError
 from .masking import shrink_mask
 from .scoring import ScoringContext
-from .selection import left_packed, topk_per_row
+from .selection import left_packed
 from .state import ForwardState, PrefillRecord, StageRecord
 
 if TYPE_CHECKING:
@@ -89,21 +89,22 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
     if int(n_vis.max()) == 0:  # text-only input: nothing to prune
         handle._state = ForwardState("passthrough", record)
         return None
-    budgets = []
-    counts = n_vis.tolist()
-    prev = counts
-    for i, stage in enumerate(handle.policy.stages):
-        k = [stage.budget.count(n) for n in counts]
-        for b, (kb, pb) in enumerate(zip(k, prev)):
-            if kb > pb:
-                field = f"stages[{i}].tokens" if stage.budget.tokens is not None else f"stages[{i}].keep"
-                raise InputError(field, f"keeps {kb} visual tokens but sample {b} has only {pb} at that point")
-        budgets.append(torch.tensor(k, device=input_ids.device))
+    counts, prev = n_vis.tolist(), n_vis.tolist()
+    for i, stage in enumerate(handle.policy.stages):  # fail before any layer runs where we can tell already
+        k = [stage.budget.count(n, p) for n, p in zip(counts, prev)]
+        _check_budget(i, stage, k, prev)
         prev = k
-    st = ForwardState("prefill", record, layout=layout, budgets=budgets)
+    st = ForwardState("prefill", record, layout=layout, n_visual=n_vis)
     st.valid = mask2d.bool() if mask2d is not None else torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
     handle._state = st
     return None
+
+
+def _check_budget(i, stage, k, available) -> None:
+    for b, (kb, nb) in enumerate(zip(k, available)):
+        if kb > nb:
+            field = f"stages[{i}].tokens" if stage.budget.tokens is not None else f"stages[{i}].keep"
+            raise InputError(field, f"keeps {kb} visual tokens but sample {b} has only {nb} at that point")
 
 
 def top_post_hook(handle: "PatchHandle", module, args, kwargs, output):
@@ -112,6 +113,11 @@ def top_post_hook(handle: "PatchHandle", module, args, kwargs, output):
         return None  # this call was refused before it opened a state (or the state is another thread's)
     handle._state = None
     st.cache = None  # keep no reference to the caller's KV cache
+    if st.phase == "prefill" and output is not None:
+        # a cache created inside the model (plain forward with use_cache=True) continues this prompt too
+        cache = output.get("cache") if hasattr(output, "get") else None
+        if cache is not None and cache not in handle._sessions:
+            handle._sessions[cache] = st.prefill
     handle._last = st
     return None
 
@@ -138,7 +144,7 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
         st.tokens_per_layer.append(hidden.shape[1])
         if j in handle.stage_after:  # the next stage scores with this layer: keep its input
             st.scoring = (j, module, hidden, kwargs.get("position_embeddings"))
-            st.keys = None
+            st.captured = {}
     else:  # cached decode: the prompt's kept set, new tokens appended
         rec = st.prefill.kept_at(j)
         if rec is not None:
@@ -150,11 +156,11 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
     return (hidden, *args[1:]), kwargs
 
 
-def capture_keys_hook(handle: "PatchHandle", j: int, module, args, output):
-    """Forward hook on a scoring layer's ``k_proj``: keep its output so criteria need not recompute keys."""
+def capture_hook(handle: "PatchHandle", j: int, what: str, module, args, output):
+    """Forward hook on a scoring layer's ``k_proj`` / ``v_proj``: keep the output so criteria need not recompute it."""
     st = handle._state
     if st is not None and st.phase == "prefill" and st.scoring is not None and st.scoring[0] == j:
-        st.keys = output
+        st.captured[what] = output
     return None
 
 
@@ -186,7 +192,7 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
     t0 = time.perf_counter()
     stage = handle.policy.stages[i]
     _, layer, hidden, position_embeddings = st.scoring
-    keys, st.scoring, st.keys = st.keys, None, None
+    captured, st.scoring, st.captured = st.captured, None, {}
     layout = st.layout
     B, M = hidden.shape[:2]
     base = st.cur_orig if st.cur_orig is not None else torch.arange(M, device=hidden.device).expand(B, M)
@@ -194,7 +200,9 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
     seq_valid = torch.gather(st.valid, 1, base) & ok
     is_vis = torch.gather(layout.is_visual, 1, base) & ok
     n_vis = is_vis.sum(1)
-    k = st.budgets[i]
+    k_list = [stage.budget.count(n, c) for n, c in zip(st.n_visual.tolist(), n_vis.tolist())]
+    _check_budget(i, stage, k_list, n_vis.tolist())
+    k = torch.tensor(k_list, device=hidden.device)
     tokens_before = M
     if bool((k == n_vis).all()):  # keeps everything: leave the sequence untouched (exactness)
         vis_orig, vis_ok = _compact(base, is_vis)
@@ -206,6 +214,9 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
     orig_pos = torch.gather(base, 1, vis_idx)
     g = lambda t: torch.gather(t, 1, orig_pos)  # noqa: E731  (layout tensors are indexed by original position)
     last_idx = (seq_valid * torch.arange(M, device=hidden.device)).argmax(1)
+    # instruction text: real non-visual tokens after the row's first visual token
+    after_first = torch.cumsum(is_vis.long(), 1) > 0
+    text_idx, text_ok = _compact(torch.arange(M, device=hidden.device).expand(B, M), seq_valid & ~is_vis & after_first)
     ctx = ScoringContext(
         layer=layer,
         hidden=hidden,
@@ -221,13 +232,17 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
         is_newline=g(layout.is_newline),
         coords_known=layout.coords_known,
         keep=k,
-        keys=keys,
+        text_idx=text_idx,
+        text_ok=text_ok,
+        keys=captured.get("k"),
+        values=captured.get("v"),
     )
     with torch.no_grad():
         scores = handle.criteria[i].score(ctx, **stage.params)
     if scores.shape != vis_idx.shape:
         raise RuntimeError(f"criterion {stage.criterion!r} returned scores of shape {tuple(scores.shape)}, expected {tuple(vis_idx.shape)}")
-    sel, sel_ok = topk_per_row(scores, vis_ok, k)
+    sel, sel_ok = handle.criteria[i].select(ctx, scores, **stage.params)
+    sel_ok = sel_ok & torch.gather(vis_ok, 1, sel)
     kept_local = torch.gather(vis_idx, 1, sel)
     keep_mask = torch.zeros(B, M + 1, dtype=torch.bool, device=hidden.device)
     keep_mask.scatter_(1, kept_local.masked_fill(~sel_ok, M), True)
@@ -241,7 +256,7 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
         kept_visual=torch.gather(base, 1, kept_local),
         kept_visual_ok=sel_ok,
         visual_before=n_vis,
-        visual_after=k,
+        visual_after=sel_ok.sum(1),
         tokens_before=tokens_before,
         tokens_after=local_idx.shape[1],
         seconds=time.perf_counter() - t0,

@@ -87,12 +87,13 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
             roles.append("shrink mask/positions")
         if j in handle.stage_after:
             roles.append(f"keep input for stage {handle.stage_after[j]}'s criterion")
-            handle._add(
-                f"decoder layer {j}: self_attn.k_proj forward hook (capture keys for stage {handle.stage_after[j]})",
-                layer.self_attn.k_proj.register_forward_hook(
-                    _mark(functools.partial(engine.capture_keys_hook, handle, j))
-                ),
-            )
+            for what in ("k", "v"):
+                handle._add(
+                    f"decoder layer {j}: self_attn.{what}_proj forward hook (capture for stage {handle.stage_after[j]})",
+                    getattr(layer.self_attn, f"{what}_proj").register_forward_hook(
+                        _mark(functools.partial(engine.capture_hook, handle, j, what))
+                    ),
+                )
         handle._add(
             f"decoder layer {j}: forward pre-hook ({', '.join(roles) or 'count tokens'})",
             layer.register_forward_pre_hook(

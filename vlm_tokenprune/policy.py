@@ -28,32 +28,44 @@ SITES = ("llm",)  # vision-encoder and pre-LLM sites are reserved names, not imp
 RESERVED_SITES = ("vision", "pre_llm")
 OPS = ("prune",)  # merge, skip_layers, prune_heads are reserved names, not implemented yet
 RESERVED_OPS = ("merge", "skip_layers", "prune_heads")
-STAGE_KEYS = ("site", "layer", "op", "criterion", "keep", "tokens")
+STAGE_KEYS = ("site", "layer", "op", "criterion", "keep", "tokens", "of")
+BUDGET_REFERENCES = ("original", "current")
 
 
 @dataclass(frozen=True)
 class Budget:
     """How many visual tokens a row keeps after a stage: exactly one of ``keep`` / ``tokens``.
 
-    ``keep`` is a fraction of the row's original visual-token count; the kept count is
-    ``max(1, floor(keep * n + 0.5))``. ``tokens`` is an absolute count per row.
+    ``keep`` is a fraction of the row's visual-token count: the ORIGINAL count by default
+    (``of="original"``), or the count entering this stage (``of="current"``, e.g. FEATHER's
+    second stage); the kept count is ``max(1, floor(keep * n + 0.5))``. ``tokens`` is an
+    absolute count per row.
     """
 
     keep: float | None = None
     tokens: int | None = None
+    of: str = "original"
 
     def __post_init__(self) -> None:
         check_budget(self.keep, self.tokens, "budget")
+        if self.of not in BUDGET_REFERENCES:
+            raise PolicyError("budget.of", f"must be one of {', '.join(BUDGET_REFERENCES)}, got {self.of!r}")
+        if self.of != "original" and self.keep is None:
+            raise PolicyError("budget.of", "only applies to keep (a fraction), not to tokens")
 
-    def count(self, n_visual: int) -> int:
-        if n_visual <= 0:
+    def count(self, n_original: int, n_current: int | None = None) -> int:
+        """Visual tokens a row keeps, given its original and (for ``of="current"``) current counts."""
+        n = n_original if self.of == "original" or n_current is None else n_current
+        if n <= 0:
             return 0
         if self.tokens is not None:
             return self.tokens
-        return max(1, math.floor(self.keep * n_visual + 0.5))
+        return max(1, math.floor(self.keep * n + 0.5))
 
     def to_dict(self) -> dict:
-        return {"keep": self.keep} if self.keep is not None else {"tokens": self.tokens}
+        if self.keep is None:
+            return {"tokens": self.tokens}
+        return {"keep": self.keep} if self.of == "original" else {"keep": self.keep, "of": self.of}
 
 
 def check_budget(keep: Any, tokens: Any, where: str) -> None:
@@ -103,6 +115,7 @@ class Stage:
 
     def describe(self) -> str:
         b = f"keep={self.budget.keep}" if self.budget.keep is not None else f"tokens={self.budget.tokens}"
+        b += "" if self.budget.of == "original" else f",of={self.budget.of}"
         extra = "".join(f",{k}={v}" for k, v in sorted(self.params.items()))
         return f"{self.criterion}:layer={self.layer},{b}{extra}"
 
@@ -127,7 +140,8 @@ class Policy:
                     f"stages[{i}].layer",
                     f"LLM stages must have strictly increasing layers, got {a.layer} then {b.layer}",
                 )
-            if a.budget.keep is not None and b.budget.keep is not None and b.budget.keep > a.budget.keep:
+            both_original = a.budget.of == b.budget.of == "original"
+            if both_original and a.budget.keep is not None and b.budget.keep is not None and b.budget.keep > a.budget.keep:
                 raise PolicyError(
                     f"stages[{i}].keep",
                     f"keep is a fraction of the original visual tokens and cannot grow across stages: "
@@ -188,8 +202,8 @@ class Policy:
                 continue
             budget = st.pop("budget", None)
             if budget is not None:
-                if not isinstance(budget, Mapping) or set(budget) - {"keep", "tokens"}:
-                    raise PolicyError(f"{where}.budget", f"must be {{'keep': x}} or {{'tokens': n}}, got {budget!r}")
+                if not isinstance(budget, Mapping) or set(budget) - {"keep", "tokens", "of"}:
+                    raise PolicyError(f"{where}.budget", f"must be {{'keep': x[, 'of': 'original'|'current']}} or {{'tokens': n}}, got {budget!r}")
                 st.update(budget)
             params = st.pop("params", {}) or {}
             if not isinstance(params, Mapping):
@@ -278,11 +292,16 @@ def _build_stage(fields: dict, where: str) -> Stage:
         raise PolicyError(f"{where}.layer", "is required for an LLM stage (decoder layer index >= 1)")
     layer = fields.pop("layer")
     keep, tokens = fields.pop("keep", None), fields.pop("tokens", None)
+    of = fields.pop("of", "original")
     if isinstance(keep, int) and not isinstance(keep, bool):
         keep = float(keep)
     check_budget(keep, tokens, where)
+    if of not in BUDGET_REFERENCES:
+        raise PolicyError(f"{where}.of", f"must be one of {', '.join(BUDGET_REFERENCES)}, got {of!r}")
+    if of != "original" and keep is None:
+        raise PolicyError(f"{where}.of", "only applies to keep (a fraction), not to tokens")
     params = crit.check_params(fields, where)
-    return Stage(criterion=name, layer=layer, budget=Budget(keep, tokens), params=params, site=site, op=op)
+    return Stage(criterion=name, layer=layer, budget=Budget(keep, tokens, of), params=params, site=site, op=op)
 
 
 def _check_stage(st: Stage, where: str) -> None:
@@ -319,8 +338,9 @@ class Preset:
             if "tokens" in overrides or "keep" in overrides:  # a budget override replaces the preset's budget
                 base.pop("keep", None)
                 base.pop("tokens", None)
+                base.pop("of", None)
             return [_build_stage({**base, **overrides}, where)]
-        fixed = {"layer", "keep", "tokens", "site", "op", "criterion"}
+        fixed = {"layer", "keep", "tokens", "of", "site", "op", "criterion"}
         bad = fixed & set(overrides)
         if bad:
             raise PolicyError(

@@ -34,17 +34,34 @@ class ScoringContext:
     is_newline: torch.Tensor
     coords_known: bool
     keep: torch.Tensor
+    text_idx: torch.Tensor | None = None  # [B, T] instruction tokens: real text after the first visual token
+    text_ok: torch.Tensor | None = None
     keys: torch.Tensor | None = None  # [B, L, H_kv*d] the scoring layer's own k_proj output, when captured
+    values: torch.Tensor | None = None  # [B, L, H_kv*d] its v_proj output
 
-    def attention(self, query: str | torch.Tensor = "last", *, rope: bool = True, softmax_over: str = "row") -> torch.Tensor:
+    def attention(
+        self,
+        query: str | torch.Tensor = "last",
+        *,
+        query_ok: torch.Tensor | None = None,
+        rope: bool = True,
+        softmax_over: str = "row",
+    ) -> torch.Tensor:
         """``[B, H, R, N]`` attention of query rows over the visual tokens at the scoring layer.
 
-        ``query``: ``"last"`` (the last real token of each row) or a ``[B, R]`` tensor of positions.
+        ``query``: ``"last"`` (the last real token of each row), ``"text"`` (the instruction
+        tokens ``text_idx``; padded rows are zero) or a ``[B, R]`` tensor of positions with
+        ``query_ok`` ``[B, R]`` marking real rows.
         """
-        q = self.last_idx[:, None] if isinstance(query, str) and query == "last" else query
-        if isinstance(q, str):
-            raise ValueError(f"query must be 'last' or a [B, R] tensor, got {query!r}")
-        return attention_rows(
-            self.layer, self.hidden, self.position_embeddings, q, self.visual_idx, self.visual_ok, self.seq_valid,
+        if isinstance(query, str):
+            if query == "last":
+                query, query_ok = self.last_idx[:, None], None
+            elif query == "text":
+                query, query_ok = self.text_idx, self.text_ok
+            else:
+                raise ValueError(f"query must be 'last', 'text' or a [B, R] tensor, got {query!r}")
+        probs = attention_rows(
+            self.layer, self.hidden, self.position_embeddings, query, self.visual_idx, self.visual_ok, self.seq_valid,
             rope=rope, softmax_over=softmax_over, keys=self.keys,
         )
+        return probs if query_ok is None else probs * query_ok[:, None, :, None]

@@ -57,12 +57,12 @@ class ForwardState:
     phase: str  # "prefill" | "decode" | "passthrough"
     prefill: PrefillRecord
     layout: VisualLayout | None = None
-    budgets: list[torch.Tensor] = field(default_factory=list)  # per stage, [B] kept visual count
+    n_visual: torch.Tensor | None = None  # [B] visual tokens of each row in the prompt
     # current sequence in prefill, relative to the original prompt
     cur_orig: torch.Tensor | None = None  # [B, M] original positions (None: identity)
     cur_ok: torch.Tensor | None = None  # [B, M]
     scoring: tuple | None = None  # (layer index, layer module, its input hidden, its position embeddings)
-    keys: torch.Tensor | None = None  # that layer's k_proj output, captured while it ran
+    captured: dict = field(default_factory=dict)  # that layer's k_proj / v_proj outputs ("k", "v"), captured while it ran
     tokens_per_layer: list[int] = field(default_factory=list)
     valid: torch.Tensor | None = None  # [B, L] prompt tokens that are not padding
     cache: object = None  # the cache a decode step continues

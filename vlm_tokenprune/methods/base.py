@@ -14,6 +14,7 @@ import torch
 
 from ..errors import PolicyError
 from ..registry import CRITERIA
+from ..selection import topk_per_row
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,16 @@ class Criterion:
     params: ClassVar[dict[str, Param]] = {}
 
     def score(self, ctx: "ScoringContext", **params: Any) -> torch.Tensor:  # noqa: F821
-        raise NotImplementedError
+        """``[B, N]`` scores over ``ctx.visual_idx``; higher = keep."""
+        raise NotImplementedError(f"criterion {self.name!r} must implement score()")
+
+    def select(self, ctx: "ScoringContext", scores: torch.Tensor, **params: Any) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: F821
+        """Which visual tokens to keep: ``(idx [B, K], ok [B, K])`` into ``ctx.visual_idx``, ascending.
+
+        Default: the top ``ctx.keep[b]`` scores of each row (ties to the lower position).
+        Methods whose kept count is not a plain budget (FEATHER's union with a grid) override it.
+        """
+        return topk_per_row(scores, ctx.visual_ok, ctx.keep)
 
     @classmethod
     def check_params(cls, given: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -56,7 +66,7 @@ class Criterion:
         out = {}
         for key, value in given.items():
             if key not in cls.params:
-                allowed = sorted({"layer", "keep", "tokens", "site", "op"} | set(cls.params))
+                allowed = sorted({"layer", "keep", "tokens", "of", "site", "op"} | set(cls.params))
                 raise PolicyError(f"{where}.{key}", f"unknown key for {cls.name!r}; allowed: {', '.join(allowed)}")
             out[key] = cls.params[key].validate(value, f"{where}.{key}")
         for key, p in cls.params.items():

@@ -21,11 +21,12 @@ from .base import Criterion, Param, register_criterion
 class RandomCriterion(Criterion):
     name = "random"
     paper = "random visual-token subset (baseline)"
-    params = {"seed": Param(0, int, "seed of the per-forward generator; same input, same subset")}
+    params = {"seed": Param(0, int, "seed; every row draws from its own generator, so a row's subset does not depend on its batch")}
 
     def score(self, ctx: ScoringContext, seed: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        return torch.rand(ctx.visual_idx.shape, generator=gen).to(ctx.visual_idx.device)
+        B, N = ctx.visual_idx.shape
+        rows = [torch.rand(N, generator=torch.Generator().manual_seed(seed)) for _ in range(B)]
+        return torch.stack(rows).to(ctx.visual_idx.device)
 
 
 def grid_points(rows: int, cols: int, k: int) -> list[tuple[int, int]]:
