@@ -63,17 +63,16 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
     past = cache.get_seq_length() if cache is not None else 0
     image_token = handle.image_token_id
     if past > 0:
+        # a decode step or a chunk appended to a cache; a generated token that happens to equal
+        # image_token_id is text (no pixels come with it), exactly as in the unpatched model
+        if kwargs.get("pixel_values") is not None:
+            raise InputError(
+                "pixel_values",
+                "new images in a chunk appended to an existing cache cannot be pruned consistently; "
+                "send the prompt with its images in one prefill",
+            )
         record = handle._sessions.get(cache)
-        if record is None or bool((input_ids == image_token).any()):
-            if bool((input_ids == image_token).any()):
-                raise InputError(
-                    "input_ids",
-                    "image tokens in a chunk appended to an existing cache cannot be pruned consistently; "
-                    "send the prompt with its images in one prefill",
-                )
-            handle._state = ForwardState("passthrough", PrefillRecord(past))
-            return None
-        st = ForwardState("decode" if record.records else "passthrough", record)
+        st = ForwardState("decode" if record is not None and record.records else "passthrough", record or PrefillRecord(past))
         st.cache = cache
         handle._state = st
         return None
@@ -171,7 +170,7 @@ def _shrink_kwargs(handle, kwargs, kept, kept_ok, prompt_len, hidden, prefill, c
         kwargs["position_embeddings"] = tuple(_gather_rows(t, kept) for t in pe)
     if prefill and kwargs.get("position_ids") is not None:
         # flash-attention reads gapped position ids at batch 1 as packed sequences; RoPE already lives in cos/sin
-        kwargs["position_ids"] = None if fmt == "2d" else _gather_rows(kwargs["position_ids"], kept)
+        kwargs["position_ids"] = None if fmt == "2d" else gather_positions(kwargs["position_ids"], kept)
     mask = kwargs.get("attention_mask")
     q_len = hidden.shape[1] if not prefill else prompt_len
     if mask is not None:
@@ -181,6 +180,13 @@ def _shrink_kwargs(handle, kwargs, kept, kept_ok, prompt_len, hidden, prefill, c
     else:
         kv_len = cache.get_seq_length(handle.seams.first_full_attention_layer)
     kwargs["attention_mask"] = shrink_mask(mask, fmt, kept, kept_ok, prompt_len, q_len, kv_len, prefill, hidden.dtype)
+
+
+def gather_positions(position_ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[..., B or 1, L]`` (``[B, L]``, or Qwen's M-RoPE ``[3, B, L]``) at ``kept`` ``[B, M]``."""
+    lead = position_ids.shape[:-2]
+    pid = position_ids.expand(*lead, kept.shape[0], position_ids.shape[-1])
+    return torch.gather(pid, -1, kept.expand(*lead, *kept.shape))
 
 
 def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):

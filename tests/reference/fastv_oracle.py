@@ -30,10 +30,13 @@ class _Captured(Exception):
 # plumbing
 # ----------------------------------------------------------------------------------------------
 def _check_plain_model(model) -> None:
-    """The oracle must never run library hooks: refuse a model that carries forward hooks."""
+    """The oracle must never run foreign (e.g. pruning) hooks: refuse a model carrying forward hooks
+    other than transformers' own output-capturing ones."""
     for name, mod in model.named_modules():
-        if mod._forward_pre_hooks or mod._forward_hooks:
-            raise RuntimeError(f"the oracle needs an unpatched model; module {name or '<top>'} has forward hooks")
+        for hook in [*mod._forward_pre_hooks.values(), *mod._forward_hooks.values()]:
+            origin = getattr(getattr(hook, "func", hook), "__module__", "") or ""
+            if not origin.startswith("transformers."):
+                raise RuntimeError(f"the oracle needs an unpatched model; module {name or '<top>'} has hook {hook!r}")
 
 
 def _check_single(inputs: dict) -> None:

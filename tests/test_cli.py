@@ -1,0 +1,98 @@
+"""The ``vlm-tokenprune`` CLI, called in-process through ``main([...])``."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vlm_tokenprune.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_methods_lists_presets_and_criteria(capsys):
+    code, out, _ = run(capsys, "methods")
+    assert code == 0
+    for name in ("fastv", "random", "uniform"):
+        assert f"\n{name} " in out
+    assert "2403.06764" in out and "fastv:layer=2,keep=0.5" in out
+    assert "seed=0" in out  # criterion parameters with their defaults
+
+
+def test_explain_prints_stages_tokens_and_ratio(capsys):
+    code, out, _ = run(capsys, "explain", "fastv:layer=2,keep=0.5")
+    assert code == 0
+    assert "stage 0: fastv:layer=2,keep=0.5" in out
+    assert "layers 0-1" in out and ": 640" in out and ": 352" in out
+    assert "ratio    : 0.572" in out  # 57.2 % of baseline on LLaVA-1.5-7B (exact count)
+
+
+def test_explain_json_and_other_geometries(capsys):
+    code, out, _ = run(capsys, "explain", "fastv:layer=2,keep=0.25", "--model-config", "llava-next-7b", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["n_visual"] == 2880 and data["tokens_per_layer"][-1] == 64 + 720
+    assert data["policy"]["stages"][0]["budget"] == {"keep": 0.25}
+    code, out, _ = run(capsys, "explain", "uniform:layer=3,tokens=10", "--model-config", "tiny", "--n-text", "8")
+    assert code == 0 and "layers 3-5" in out and ": 18" in out
+
+
+def test_explain_reads_a_config_json(capsys, tmp_path):
+    from vlm_tokenprune.eval.tiny_models import tiny_llava_config
+
+    path = tmp_path / "config.json"
+    tiny_llava_config().to_json_file(str(path))  # 4 layers, 48px / patch 8 -> 36 visual tokens
+    code, out, _ = run(capsys, "explain", "fastv:layer=2,keep=0.5", "--model-config", str(path), "--n-text", "10")
+    assert code == 0
+    assert "10 text + 36 visual" in out and "layers 2-3: 28" in out
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["explain", "fastv:layer=2,keep=1.5"], "stages[0].keep"),
+        (["explain", "fastv:layer=2,banana=1"], "stages[0].banana"),
+        (["explain", "nosuchmethod"], "stages[0].method"),
+        (["explain", "fastv:layer=32"], "stages[0].layer"),  # beyond Vicuna-7B's 32 layers
+        (["explain", "fastv", "--model-config", "no/such/config.json"], "--model-config"),
+        (["demo", "--policy", "fastv:keep=0"], "stages[0].keep"),
+    ],
+)
+def test_bad_input_exits_2_and_names_the_field(capsys, argv, field):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert field in err and out == ""
+
+
+def test_usage_errors_return_2(capsys):
+    assert main(["explain"]) == 2
+    assert main([]) == 2
+    assert main(["--version"]) == 0
+    capsys.readouterr()
+
+
+def test_demo_runs(capsys):
+    code, out, _ = run(capsys, "demo", "--repeats", "1", "--new-tokens", "2")
+    assert code == 0
+    assert "policy: fastv:layer=2,keep=0.25" in out
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    assert [r[1:] for r in rows] == [["185", "185"]] * 2 + [["185", "77"]] * 4  # 41 text + 36 of 144 visual
+    assert "FLOPs ratio" in out and "(matches)" in out and "latency" in out
+    assert "greedy ids, baseline:" in out and "greedy ids, patched :" in out and "random" in out
+
+
+def test_python_dash_m_entry_point():
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "vlm_tokenprune", "methods"], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "fastv" in proc.stdout
