@@ -78,21 +78,30 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def timed2(fn) -> tuple[float, float]:
+    """(wall seconds, this thread's CPU seconds) of ``fn()``."""
+    w0, c0 = time.perf_counter(), time.thread_time()
+    fn()
+    return time.perf_counter() - w0, time.thread_time() - c0
+
+
 def bench_policy(model, kwargs: dict, policy: str, repeats: int, warmup: int) -> dict:
     pol = Policy.parse(policy)
     base_t: list[float] = []
     pat_t: list[float] = []
+    base_c: list[float] = []
+    pat_c: list[float] = []
     score_t: list[float] = []
     trace = None
 
-    def baseline() -> float:
-        return timed(lambda: model(**kwargs))
+    def baseline() -> tuple[float, float]:
+        return timed2(lambda: model(**kwargs))
 
-    def patched() -> float:
+    def patched() -> tuple[float, float]:
         nonlocal trace
         handle = patch(model, pol)
         try:
-            dt = timed(lambda: model(**kwargs))
+            dt = timed2(lambda: model(**kwargs))
             trace = handle.last_trace()
         finally:
             handle.unpatch()
@@ -107,11 +116,15 @@ def bench_policy(model, kwargs: dict, policy: str, repeats: int, warmup: int) ->
             order = (baseline, patched) if i % 2 == 0 else (patched, baseline)
             for fn in order:
                 gc.collect()
-                (base_t if fn is baseline else pat_t).append(fn())
+                wall, cpu = fn()
+                (base_t if fn is baseline else pat_t).append(wall)
+                (base_c if fn is baseline else pat_c).append(cpu)
     tb, tp = statistics.median(base_t), statistics.median(pat_t)
-    fl = trace_flops(model.config, trace)
+    fl = trace_flops(model.config, trace, policy=pol)
     measured = tp / tb
     paired = statistics.median(p / b for p, b in zip(pat_t, base_t))
+    measured_cpu = statistics.median(pat_c) / statistics.median(base_c)
+    paired_cpu = statistics.median(p / b for p, b in zip(pat_c, base_c))
     return {
         "policy": policy,
         "policy_dict": pol.to_dict(),
@@ -122,8 +135,13 @@ def bench_policy(model, kwargs: dict, policy: str, repeats: int, warmup: int) ->
         "patched_ms": [1e3 * t for t in pat_t],
         "measured_ratio": measured,
         "measured_ratio_paired_median": paired,
+        "baseline_cpu_ms": [1e3 * t for t in base_c],
+        "patched_cpu_ms": [1e3 * t for t in pat_c],
+        "measured_ratio_cpu": measured_cpu,
+        "measured_ratio_cpu_paired_median": paired_cpu,
         "predicted_ratio": fl["ratio"],
         "quotient": fl["ratio"] / measured,
+        "quotient_cpu": fl["ratio"] / measured_cpu,
         "flops": fl["flops"],
         "baseline_flops": fl["baseline_flops"],
         "scoring_flops": fl["scoring_flops"],
@@ -134,7 +152,7 @@ def bench_policy(model, kwargs: dict, policy: str, repeats: int, warmup: int) ->
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=21, help="timed prefills of each kind per policy (>= 15)")
+    p.add_argument("--repeats", type=int, default=25, help="timed prefills of each kind per policy (>= 15)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--layers", type=int, default=GEOMETRY["layers"])
@@ -176,14 +194,16 @@ def main(argv=None) -> int:
               f"{tc.num_attention_heads} heads, MLP {tc.intermediate_size}, vocab {tc.vocab_size}; "
               f"{n_text} text + {n_visual} visual = {n_text + n_visual} tokens, batch 1, sdpa, fp32, "
               f"{args.threads} thread(s); median of {args.repeats} interleaved runs each")
-    cols = ["policy", "base ms", "patched ms", "measured", "predicted", "quotient", "overhead %", "tokens/layer"]
+    cols = ["policy", "base ms", "patched ms", "measured", "measured CPU", "predicted", "quotient", "quotient CPU",
+            "overhead %", "tokens/layer"]
     table = []
     for r in rows:
         tpl = r["tokens_per_layer"]
         table.append([
             r["policy"] + (" (control)" if r["control"] else ""),
             f"{r['baseline_ms_median']:.1f}", f"{r['patched_ms_median']:.1f}",
-            f"{r['measured_ratio']:.3f}", f"{r['predicted_ratio']:.3f}", f"{r['quotient']:.3f}",
+            f"{r['measured_ratio']:.3f}", f"{r['measured_ratio_cpu']:.3f}", f"{r['predicted_ratio']:.3f}",
+            f"{r['quotient']:.3f}", f"{r['quotient_cpu']:.3f}",
             f"{r['overhead_pct_of_baseline']:.2f}", f"{tpl[0]}->{tpl[-1]}",
         ])
     widths = [max(len(str(x)) for x in [c, *(t[i] for t in table)]) for i, c in enumerate(cols)]
@@ -193,9 +213,20 @@ def main(argv=None) -> int:
     print(f"vision tower + projector share of a full baseline forward: {100 * vision_share:.1f} % "
           f"(vision {vis_ms:.1f} ms, LM prefill {lm_ms:.1f} ms, medians of 9); the table times the LM prefill only")
     print("\n".join(md))
-    print("measured = patched/baseline median time; predicted = FLOPs ratio of the run's tokens per layer; "
+    print()
+    print("robustness check: median over iterations of patched_i / baseline_i (adjacent runs; drift cancels)")
+    rob = [[r["policy"], f"{r['measured_ratio_paired_median']:.3f}", f"{r['measured_ratio_cpu_paired_median']:.3f}",
+            f"{r['predicted_ratio'] / r['measured_ratio_paired_median']:.3f}",
+            f"{r['predicted_ratio'] / r['measured_ratio_cpu_paired_median']:.3f}"] for r in rows]
+    rcols = ["policy", "paired wall", "paired CPU", "quotient wall", "quotient CPU"]
+    rw = [max(len(x) for x in [c, *(t[i] for t in rob)]) for i, c in enumerate(rcols)]
+    rline = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, rw)) + " |"  # noqa: E731
+    rob_md = [rline(rcols), "|" + "|".join("-" * (w + 2) for w in rw) + "|", *map(rline, rob)]
+    print("\n".join(rob_md))
+    print("measured = median patched / median baseline wall time; measured CPU = the same with this thread's CPU "
+          "time (insensitive to preemption by other processes); predicted = FLOPs ratio of the run's tokens per layer; "
           "quotient = predicted/measured (1.0 = speed-up as the theory says); "
-          "overhead = scoring+selection time as % of the baseline median")
+          "overhead = scoring+selection wall time as % of the baseline wall median")
 
     result = {
         "benchmark": "prefill_cpu",
@@ -212,12 +243,17 @@ def main(argv=None) -> int:
         "warmup": args.warmup,
         "formula": FORMULA,
         "definitions": {
-            "measured_ratio": "median(patched) / median(baseline) prefill time",
+            "measured_ratio": "median(patched) / median(baseline) prefill wall time (time.perf_counter)",
+            "measured_ratio_cpu": "the same with time.thread_time() (CPU time of the one compute thread)",
+            "measured_ratio_paired_median": "median over iterations of patched_i / baseline_i (wall)",
+            "measured_ratio_cpu_paired_median": "median over iterations of patched_i / baseline_i (CPU time)",
+            "quotient_cpu": "predicted_ratio / measured_ratio_cpu",
             "predicted_ratio": "trace_flops(...)['ratio'] on the patched run's tokens_per_layer",
             "quotient": "predicted_ratio / measured_ratio (1.0 = measured speed-up matches the theory)",
             "overhead_pct_of_baseline": "median sum(trace.stages[i].seconds) / median baseline time * 100",
         },
         "table_markdown": "\n".join(md),
+        "robustness_table_markdown": "\n".join(rob_md),
         "results": rows,
         "wall_seconds": time.time() - t_start,
     }

@@ -1,6 +1,7 @@
 """Decode bookkeeping: manual cache continuation, multi-stage cached decode, serving from threads."""
 from __future__ import annotations
 
+import inspect
 import threading
 
 import pytest
@@ -19,11 +20,12 @@ MULTI = "fastv:layer=1,keep=0.5+random:layer=2,keep=0.3,seed=4+fastv:layer=3,tok
 def _greedy_manual(model, inputs, steps):
     """Greedy decoding by hand: one prefill forward, then cached one-token forwards."""
     out = model(**inputs, use_cache=True)
-    cache, mask = out["cache"], inputs["attention_mask"]
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.17 vs 5.24
+    cache, mask = out[name], inputs["attention_mask"]
     toks = [out.logits[:, -1].argmax(-1)]
     for _ in range(steps - 1):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=toks[-1][:, None], attention_mask=mask, cache=cache)
+        out = model(input_ids=toks[-1][:, None], attention_mask=mask, **{name: cache})
         toks.append(out.logits[:, -1].argmax(-1))
     return torch.stack(toks, 1)
 

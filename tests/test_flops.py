@@ -52,7 +52,9 @@ def test_llava_1_5_7b_fastv_ratio():
     # methods.md section 12: 57.1 % with the 2-matrix MAC formula; the exact 3-matrix one is within 0.5 %
     assert out["ratio"] == pytest.approx(0.571, abs=0.005)
     assert out["baseline_flops"] == pytest.approx(8.50e12, rel=0.002)  # "8.50 TFLOPs (exact)"
-    assert out["scoring_flops"] > 0 and out["scoring_flops"] < 0.01 * out["baseline_flops"]
+    # scoring, separate: q_proj on the last row + one row of logits over the 640 captured keys
+    assert out["scoring_flops"] == 2 * 4096 * 4096 + 2 * 640 * 4096
+    assert out["lower_bound_stages"] == []
     k3 = policy_flops(LLAVA_7B, "fastv:layer=3,keep=0.5", 64, 576)["ratio"]
     assert k3 == pytest.approx(0.585, abs=0.005)
     r75 = policy_flops(LLAVA_7B, "fastv:layer=2,keep=0.25", 64, 576)["ratio"]
@@ -69,6 +71,17 @@ def test_policy_schedule_rules():
         policy_flops(LLAVA_7B, "fastv:layer=32", 64, 576)
     with pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.tokens"):
         policy_flops(LLAVA_7B, "fastv:tokens=600", 64, 576)
+
+
+def test_budget_of_current_and_lower_bounds():
+    out = policy_flops(LLAVA_7B, "fastv:layer=2,keep=0.5+fastv:layer=4,keep=0.5,of=current", 64, 576)
+    assert out["tokens_per_layer"] == [640] * 2 + [352] * 2 + [64 + 144] * 28
+    feather = policy_flops(LLAVA_7B, "feather", 64, 576)  # top 30 % (+ a stride-3 grid), then 9 % of what is left
+    assert feather["tokens_per_layer"][8] == 64 + 173 and feather["tokens_per_layer"][16] == 64 + 16
+    assert feather["lower_bound_stages"] == [0, 1]  # FEATHER's own select may keep more than the budget
+    # softmax over the visual keys only: logits over 576 (then 173) keys
+    assert feather["scoring_flops"] == 2 * (2 * 4096 * 4096) + 2 * 576 * 4096 + 2 * 173 * 4096
+    assert policy_flops(LLAVA_7B, "aim", 64, 576)["scoring_flops"] is None  # no estimate: unknown, not 0
 
 
 def test_geometry_from_configs():
@@ -96,3 +109,18 @@ def test_trace_flops_matches_prediction(policy):
     assert measured["flops"] == predicted["flops"]
     assert measured["ratio"] == pytest.approx(predicted["ratio"])
     assert measured["scoring_flops"] == pytest.approx(predicted["scoring_flops"])
+
+
+def test_trace_flops_counts_what_a_grid_union_really_kept():
+    model = build_tiny_llava()
+    batch = make_batch(model, [[5, "img", 7]])
+    policy = {"stages": [{"criterion": "feather", "layer": 2, "keep": 0.25, "params": {"stride": 3}}]}
+    with patch(model, policy) as h, torch.no_grad():
+        model(**batch, logits_to_keep=1)
+        trace = h.last_trace()
+    predicted = policy_flops(model.config, policy, 13, 36)  # budget: 9 of 36 visual tokens
+    measured = trace_flops(model.config, trace, policy=policy)
+    assert predicted["tokens_per_layer"] == [49, 49, 22, 22]
+    assert measured["tokens_per_layer"][2] == 13 + trace.stages[0].visual_after[0] >= 22
+    assert measured["flops"] >= predicted["flops"]
+    assert measured["scoring_flops"] == pytest.approx(2 * 64 * 64 + 2 * 36 * 64)  # last row over the 36 visual keys

@@ -290,3 +290,26 @@ def test_budget_relative_to_current_count(models):
         tr = h.last_trace()
     assert tr.stages[0].visual_after == [18, 36]
     assert tr.stages[1].visual_before == [18, 36] and tr.stages[1].visual_after == [9, 18]
+
+
+@pytest.mark.parametrize("sizes", [[[20, 36]], [[16, 16]], [[40, 20]], [[20, 36], [30, 16]]])
+def test_llava_next_layout_same_from_pixels_and_from_generate_features(sizes):
+    """generate() hands the model mm_encoder_outputs instead of pixels + image_sizes: same grid either way."""
+    from vlm_tokenprune.adapters import resolve_adapter
+
+    model = build_tiny_llava("sdpa", next=True, image_size=16)
+    inputs = make_batch(model, [[4] + ["img", 2] * len(sizes)], image_sizes=sizes)
+    adapter = resolve_adapter(model)
+    a = adapter.visual_layout(model, inputs["input_ids"], inputs)
+    with torch.no_grad():
+        enc = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                             return_dict=True)
+    b = adapter.visual_layout(model, inputs["input_ids"], {"mm_encoder_outputs": {"image": enc}})
+    assert a.coords_known and b.coords_known
+    for f in ("is_visual", "image", "segment", "row", "col", "is_newline"):
+        assert torch.equal(getattr(a, f), getattr(b, f)), f
+    with vtp.patch(model, "uniform:keep=0.5") as h:
+        model(**inputs)
+        fwd = h.last_trace().stages[0].kept_positions
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert h.last_trace().stages[0].kept_positions == fwd

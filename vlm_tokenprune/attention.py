@@ -4,30 +4,19 @@ SDPA and flash-attention return no attention weights, and a criterion needs only
 rows of them. ``attention_rows`` rebuilds exactly those rows from the layer's
 ``input_layernorm``, ``q_proj``/``k_proj`` (only on the rows and keys needed), optional
 ``q_norm``/``k_norm``, RoPE from the layer's incoming ``(cos, sin)``, ``scaling`` and GQA
-grouping. Memory is O(B * H * R * L), never L x L. Logits and softmax are computed in
-fp32 (scores decide discrete selections, so bf16 rounding must not flip them).
+grouping. Memory is O(B * H * R * L) (O(B * H * R + B * L) for the reduced scores of the
+Triton kernel), never L x L. Logits and softmax are computed in fp32 (scores decide
+discrete selections, so bf16 rounding must not flip them).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, d]; cos/sin: [B, T, d] (already gathered at x's positions)."""
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
-
-
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x: [B, L, ...] -> [B, R, ...] at idx [B, R]."""
-    if x.shape[0] == 1 and idx.shape[0] > 1:
-        x = x.expand(idx.shape[0], *x.shape[1:])
-    return torch.gather(x, 1, idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:]))
+from . import ops
+from .reference_ops import gather_rows as _gather_rows  # noqa: F401  (the engine and criteria import it from here)
+from .reference_ops import rope as _rope  # noqa: F401
+from .reference_ops import rotate_half as _rotate_half  # noqa: F401
 
 
 def _project(attn: nn.Module, which: str, x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -60,8 +49,14 @@ def attention_rows(
     rope: bool = True,
     softmax_over: str = "row",
     keys: torch.Tensor | None = None,
+    reduce: str = "none",
+    query_ok: torch.Tensor | None = None,
+    backend: str = "torch",
 ) -> torch.Tensor:
-    """Post-softmax attention of query rows over chosen keys, per head.
+    """Post-softmax attention of query rows over chosen keys, per head or reduced.
+
+    The projections run here; RoPE, logits, softmax and the reduction run in
+    ``ops.attention_scores`` (PyTorch reference, or the streaming Triton kernel).
 
     Args:
         layer: a Llama-style decoder layer (``input_layernorm``, ``self_attn.{q,k}_proj``).
@@ -75,9 +70,12 @@ def attention_rows(
             model's attention; ``"keys"`` normalises over the chosen keys only.
         keys: optional ``[B, L, H_kv * d]`` output of the layer's own ``k_proj`` on ``hidden``
             (captured while the layer ran), so keys are not projected a second time.
+        reduce: ``"none"`` (per head and row), ``"mean"`` / ``"max"`` over heads and ``query_ok`` rows.
+        query_ok: ``[B, R]`` real query rows for the reduction (None: all).
+        backend: ``"torch"``, ``"triton"`` or ``"auto"`` (``ops``).
 
     Returns:
-        ``[B, H, R, N]`` float32 probabilities; 0 at invalid keys.
+        ``[B, H, R, N]`` (``reduce="none"``) or ``[B, N]`` float32 probabilities; 0 at invalid keys.
     """
     if softmax_over not in ("row", "keys"):
         raise ValueError(f"softmax_over must be 'row' or 'keys', got {softmax_over!r}")
@@ -85,35 +83,20 @@ def attention_rows(
     head_dim = attn.head_dim
     n_heads = attn.q_proj.out_features // head_dim
     n_kv = attn.k_proj.out_features // head_dim
-    B, L = hidden.shape[:2]
     if keys is None:
         x = layer.input_layernorm(hidden)
         q = _project(attn, "q", _gather_rows(x, query_idx), n_heads, head_dim)
     else:  # only the query rows need the norm
         x = None
         q = _project(attn, "q", layer.input_layernorm(_gather_rows(hidden, query_idx)), n_heads, head_dim)
-    if softmax_over == "row":
-        k_pos = torch.arange(L, device=hidden.device).expand(B, L)
+    if softmax_over == "row":  # every key of the row is in the softmax; the visual ones are returned
         k = _keys(attn, x, keys, None, n_kv, head_dim)
-    else:
-        k_pos = key_idx
+        k_idx, k_valid, subset, subset_ok = None, seq_valid, key_idx, key_valid
+    else:  # only the chosen keys are projected: they are the whole softmax
         k = _keys(attn, x, keys, key_idx, n_kv, head_dim)
-    if rope:
-        cos, sin = position_embeddings
-        q = _rope(q, _gather_rows(cos, query_idx), _gather_rows(sin, query_idx))
-        k = _rope(k, _gather_rows(cos, k_pos), _gather_rows(sin, k_pos))
-
-    q = q.float().view(B, n_kv, n_heads // n_kv, q.shape[2], head_dim)
-    k = k.float()[:, :, None]  # [B, H_kv, 1, T, d]: GQA by broadcasting, no repeat
-    logits = (q @ k.transpose(-1, -2)) * attn.scaling  # [B, H_kv, G, R, T]
-    logits = logits.reshape(B, n_heads, query_idx.shape[1], k_pos.shape[1])
-
-    if softmax_over == "row":
-        allowed = seq_valid[:, None, :] & (k_pos[:, None, :] <= query_idx[:, :, None])  # [B, R, L]
-    else:
-        allowed = key_valid[:, None, :] & (k_pos[:, None, :] <= query_idx[:, :, None])
-    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    if softmax_over == "row":
-        probs = torch.gather(probs, 3, key_idx[:, None, None, :].expand(B, n_heads, query_idx.shape[1], -1))
-    return probs * key_valid[:, None, None, :]
+        k_idx, k_valid, subset, subset_ok = key_idx, key_valid, None, None
+    cos, sin = position_embeddings if rope else (None, None)
+    return ops.attention_scores(
+        q, k, query_idx, k_valid, scaling=attn.scaling, k_idx=k_idx, cos=cos, sin=sin, subset=subset,
+        subset_ok=subset_ok, reduce=reduce, row_ok=query_ok, backend=backend,
+    )

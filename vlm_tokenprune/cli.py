@@ -37,10 +37,16 @@ KNOWN_MODELS: dict[str, tuple[dict | None, int, str]] = {
 
 
 # -- output helpers ------------------------------------------------------------------------------
-def _table(rows: list[list[str]], header: list[str]) -> str:
+def _table(rows: list[list[str]], header: list[str], notes: list[str] | None = None) -> str:
+    """Left-aligned columns; ``notes[i]`` (if any) is printed on its own line under row i, indented."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+    lines = [fmt(header), fmt(["-" * w for w in widths])]
+    for i, r in enumerate(rows):
+        lines.append(fmt(r))
+        if notes and notes[i]:
+            lines.append(" " * (widths[0] + 4) + notes[i])
+    return "\n".join(lines)
 
 
 def _runs(tokens: list[int]) -> list[str]:
@@ -60,25 +66,36 @@ def _tflops(x: float) -> str:
 
 
 # -- methods -------------------------------------------------------------------------------------
+def _compact_stage(st: Any) -> str:
+    """``criterion:layer=L,keep=K`` (criterion parameters are listed in the criteria table)."""
+    b = f"keep={st.budget.keep}" if st.budget.keep is not None else f"tokens={st.budget.tokens}"
+    b += "" if st.budget.of == "original" else f",of={st.budget.of}"
+    return f"{st.criterion}:layer={st.layer},{b}"
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from . import CRITERIA, PRESETS, Policy
 
-    rows = []
+    rows, notes = [], []
     for name, preset in PRESETS.items():
         try:
-            stages = " + ".join(s.describe() for s in Policy.parse(name).stages)
+            parts = [_compact_stage(s) for s in Policy.parse(name).stages]
         except VTPError:
-            stages = "; ".join(json.dumps(dict(s), sort_keys=True) for s in preset.stages)
-        rows.append([name, stages, preset.arxiv or "-", preset.description])
+            parts = [json.dumps(dict(s), sort_keys=True) for s in preset.stages]
+        stages = " + ".join(parts if len(parts) <= 3 else [parts[0], "...", parts[-1]])
+        stages += f" ({len(parts)} stages)" if len(parts) > 3 else ""
+        rows.append([name, stages, preset.arxiv or "-"])
+        notes.append(preset.description)
     print("Presets (the first word of a policy string; keys override them: layer, keep, tokens, criterion params)")
-    print(_table(rows, ["name", "stages", "arXiv", "description"]))
+    print(_table(rows, ["name", "stages", "arXiv"], notes))
     print()
-    rows = []
+    rows, notes = [], []
     for name, crit in CRITERIA.items():
         params = ", ".join(f"{k}={p.default!r}" for k, p in crit.params.items()) or "-"
-        rows.append([name, getattr(crit, "paper", "") or "-", getattr(crit, "arxiv", None) or "-", params])
+        rows.append([name, getattr(crit, "arxiv", None) or "-", params])
+        notes.append(getattr(crit, "paper", ""))
     print("Criteria (how a stage scores visual tokens; higher = keep)")
-    print(_table(rows, ["name", "paper", "arXiv", "params (defaults)"]))
+    print(_table(rows, ["name", "arXiv", "params (defaults)"], notes))
     return 0
 
 
@@ -161,6 +178,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print("predicted tokens per decoder layer:")
     for line in _runs(res["tokens_per_layer"]):
         print(f"  {line}")
+    if res["lower_bound_stages"]:
+        which = ", ".join(str(i) for i in res["lower_bound_stages"])
+        print(f"  (stage(s) {which}: the criterion may keep more than its budget, e.g. a grid on top of the top-k; "
+              "the counts from there on are lower bounds and the FLOPs below are optimistic; "
+              "handle.last_trace() gives the real counts)")
     print("theoretical prefill FLOPs (exact Llama count, vlm_tokenprune.eval.flops):")
     print(f"  formula  : {FORMULA}")
     print(f"  baseline : {_tflops(res['baseline_flops'])}")
@@ -225,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with patch(model, pol):
             ids_pat = model.generate(**batch, **gen)[0, L:].tolist()
 
-    measured = trace_flops(model.config, trace)
+    measured = trace_flops(model.config, trace, policy=pol)
     predicted = policy_flops(model.config, pol, n_text, n_visual)
     tb, tp = statistics.median(base_t), statistics.median(pat_t)
     scoring_s = sum(s.seconds for s in trace.stages)

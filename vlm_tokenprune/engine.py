@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .attention import _gather_rows
 from .errors import InputError
 from .masking import shrink_mask
 from .scoring import ScoringContext
@@ -26,8 +25,10 @@ if TYPE_CHECKING:
     from .handle import PatchHandle
 
 
-def _cache_of(kwargs: dict) -> Any:
-    return kwargs.get("cache", kwargs.get("past_key_values"))
+def _cache_of(kwargs: Any) -> Any:
+    """The cache under its 5.x name ``cache``, else the older ``past_key_values`` (read only when absent)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None or "past_key_values" not in kwargs else kwargs.get("past_key_values")
 
 
 def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
@@ -61,16 +62,17 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         return None
     B, L = input_ids.shape
     past = cache.get_seq_length() if cache is not None else 0
-    image_token = handle.image_token_id
     if past > 0:
         # a decode step or a chunk appended to a cache; a generated token that happens to equal
         # image_token_id is text (no pixels come with it), exactly as in the unpatched model
-        if kwargs.get("pixel_values") is not None:
-            raise InputError(
-                "pixel_values",
-                "new images in a chunk appended to an existing cache cannot be pruned consistently; "
-                "send the prompt with its images in one prefill",
-            )
+        for name in getattr(handle.adapter, "pixel_inputs", ("pixel_values",)):
+            value = kwargs.get(name)
+            if value is not None and not (isinstance(value, dict) and not value):  # {}: no precomputed features
+                raise InputError(
+                    name,
+                    "new images or videos in a chunk appended to an existing cache cannot be pruned consistently; "
+                    "send the prompt with its images and videos in one prefill",
+                )
         record = handle._sessions.get(cache)
         st = ForwardState("decode" if record is not None and record.records else "passthrough", record or PrefillRecord(past))
         st.cache = cache
@@ -114,7 +116,8 @@ def top_post_hook(handle: "PatchHandle", module, args, kwargs, output):
     st.cache = None  # keep no reference to the caller's KV cache
     if st.phase == "prefill" and output is not None:
         # a cache created inside the model (plain forward with use_cache=True) continues this prompt too
-        cache = output.get("cache") if hasattr(output, "get") else None
+        # (transformers >= 5.2x names it ``cache``; earlier 5.x ``past_key_values``)
+        cache = _cache_of(output) if hasattr(output, "get") else None
         if cache is not None and cache not in handle._sessions:
             handle._sessions[cache] = st.prefill
     handle._last = st
@@ -133,13 +136,19 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
     kwargs = dict(kwargs)
     if st.phase == "prefill":
         stage_i = handle.stage_at.get(j)
+        gather_hidden = False
         if stage_i is not None and st.scoring is not None:
             local_idx, rec = _run_stage(handle, st, stage_i)
             if local_idx is not None:
-                hidden = _gather_rows(hidden, local_idx)
+                # before the first prune current positions are original ones: hidden states join
+                # the kwargs' gather (same indices, one launch); later stages index the current sequence
+                gather_hidden = st.cur_orig is None
+                if not gather_hidden:
+                    hidden = handle.ops.gather_tokens(local_idx, [hidden])[0]
                 st.cur_orig, st.cur_ok = rec.kept, rec.kept_ok
         if st.cur_orig is not None:
-            _shrink_kwargs(handle, kwargs, st.cur_orig, st.cur_ok, st.prefill.prompt_len, hidden, prefill=True)
+            hidden = _shrink_kwargs(handle, kwargs, st.cur_orig, st.cur_ok, st.prefill.prompt_len, hidden,
+                                    prefill=True, gather_hidden=gather_hidden)
         st.tokens_per_layer.append(hidden.shape[1])
         if j in handle.stage_after:  # the next stage scores with this layer: keep its input
             st.scoring = (j, module, hidden, kwargs.get("position_embeddings"))
@@ -163,15 +172,35 @@ def capture_hook(handle: "PatchHandle", j: int, what: str, module, args, output)
     return None
 
 
-def _shrink_kwargs(handle, kwargs, kept, kept_ok, prompt_len, hidden, prefill, cache=None):
+def _shrink_kwargs(handle, kwargs, kept, kept_ok, prompt_len, hidden, prefill, cache=None, gather_hidden=False):
+    """Gather this layer's incoming kwargs (and, with ``gather_hidden``, ``hidden``) at ``kept``; return hidden.
+
+    In prefill the rotary tables, position ids, a 2-D padding mask of the prompt and the
+    hidden states share the indices and go through ONE ``ops.gather_tokens`` call.
+    """
     fmt = handle.seams.mask_format
-    pe = kwargs.get("position_embeddings")
-    if prefill and pe is not None:
-        kwargs["position_embeddings"] = tuple(_gather_rows(t, kept) for t in pe)
-    if prefill and kwargs.get("position_ids") is not None:
-        # flash-attention reads gapped position ids at batch 1 as packed sequences; RoPE already lives in cos/sin
-        kwargs["position_ids"] = None if fmt == "2d" else gather_positions(kwargs["position_ids"], kept)
     mask = kwargs.get("attention_mask")
+    if prefill:
+        pe = kwargs.get("position_embeddings")
+        pid = kwargs.get("position_ids")
+        # flash-attention reads gapped position ids at batch 1 as packed sequences; RoPE already lives in cos/sin
+        pid_in = None if fmt == "2d" else pid
+        mask2d = mask if fmt == "2d" and mask is not None and mask.shape[-1] == prompt_len else None
+        pe_in = list(pe) if pe is not None else []
+        tensors = [hidden if gather_hidden else None, pid_in, mask2d, *pe_in]
+        out = handle.ops.gather_tokens(
+            kept, tensors, dims=[1, -1, 1, *[1] * len(pe_in)], ok=kept_ok,
+            zero_invalid=[False, False, True, *[False] * len(pe_in)],
+        )
+        if gather_hidden:
+            hidden = out[0]
+        if pe is not None:
+            kwargs["position_embeddings"] = tuple(out[3:])
+        if pid is not None:
+            kwargs["position_ids"] = out[1]
+        if mask2d is not None:  # its kv columns are the kept positions; dropped slots masked (as shrink_mask does)
+            kwargs["attention_mask"] = out[2]
+            return hidden
     q_len = hidden.shape[1] if not prefill else prompt_len
     if mask is not None:
         kv_len = mask.shape[-1]
@@ -180,13 +209,7 @@ def _shrink_kwargs(handle, kwargs, kept, kept_ok, prompt_len, hidden, prefill, c
     else:
         kv_len = cache.get_seq_length(handle.seams.first_full_attention_layer)
     kwargs["attention_mask"] = shrink_mask(mask, fmt, kept, kept_ok, prompt_len, q_len, kv_len, prefill, hidden.dtype)
-
-
-def gather_positions(position_ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Position ids ``[..., B or 1, L]`` (``[B, L]``, or Qwen's M-RoPE ``[3, B, L]``) at ``kept`` ``[B, M]``."""
-    lead = position_ids.shape[:-2]
-    pid = position_ids.expand(*lead, kept.shape[0], position_ids.shape[-1])
-    return torch.gather(pid, -1, kept.expand(*lead, *kept.shape))
+    return hidden
 
 
 def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
@@ -242,6 +265,7 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
         text_ok=text_ok,
         keys=captured.get("k"),
         values=captured.get("v"),
+        ops=handle.ops,
     )
     with torch.no_grad():
         scores = handle.criteria[i].score(ctx, **stage.params)

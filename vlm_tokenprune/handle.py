@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from .errors import InputError
+from .ops import Ops
 from .policy import Policy
 from .state import ForwardState, Trace
 
@@ -21,6 +22,7 @@ class PatchHandle:
         self.seams = seams
         self.criteria = criteria
         self.backend = backend
+        self.ops = Ops(backend)  # the hot ops on this backend; the engine and every ScoringContext use it
         self.image_token_id = model.config.image_token_id
         # decoder layer j -> index of the stage whose criterion runs on layer j's input (stage.layer == j + 1)
         self.stage_after = {st.layer - 1: i for i, st in enumerate(policy.stages)}

@@ -11,10 +11,9 @@ from . import engine
 from .adapters import resolve_adapter
 from .errors import IncompatiblePolicyError, PolicyError, UnsupportedModelError
 from .handle import PatchHandle
+from .ops import BACKENDS, check_backend
 from .policy import Policy
 from .registry import CRITERIA
-
-BACKENDS = ("auto", "torch")
 
 
 def _mark(fn):
@@ -35,7 +34,10 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
     Args:
         model: a Hugging Face ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
         policy: a policy string (``"fastv:layer=2,keep=0.25"``), dict or ``Policy``.
-        backend: ``"auto"`` or ``"torch"`` (PyTorch reference ops).
+        backend: where the hot ops (attention-row scores, top-k, token gathers) run (``ops``):
+            ``"torch"`` (PyTorch reference), ``"triton"`` (Triton kernels: CUDA, or CPU under
+            ``TRITON_INTERPRET=1``; an error here if they cannot run) or ``"auto"`` (Triton on CUDA
+            tensors when it is installed, else PyTorch).
     """
     pol = Policy.parse(policy)
     if backend not in BACKENDS:
@@ -65,6 +67,8 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
                 f"allowed: {seams.first_full_attention_layer + 1}..{seams.num_layers - 1}",
             )
     criteria = [CRITERIA.get(st.criterion, f"stages[{i}].criterion") for i, st in enumerate(pol.stages)]
+    param = next(model.parameters(), None)
+    check_backend(backend, param.device if param is not None else "cpu")
 
     # -- nothing above touched the model; from here on, only hooks kept on the handle --
     handle = PatchHandle(model, pol, adapter, seams, criteria, backend)

@@ -340,6 +340,10 @@ class Preset:
                 base.pop("tokens", None)
                 base.pop("of", None)
             return [_build_stage({**base, **overrides}, where)]
+        if "layer" in overrides and {st.get("criterion") for st in self.stages} == {self.name}:
+            # a multi-stage preset named after its criterion, given a layer: one stage of that criterion
+            # written out (what Stage.describe() prints, so to_string() round-trips), e.g. "aim:layer=2,keep=0.5"
+            return [_build_stage({"criterion": self.stages[0]["criterion"], **overrides}, where)]
         fixed = {"layer", "keep", "tokens", "of", "site", "op", "criterion"}
         bad = fixed & set(overrides)
         if bad:

@@ -1,12 +1,13 @@
 """What a criterion sees: tensors about the current sequence, and attention rows on demand."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .attention import attention_rows
+from .ops import Ops
 
 
 @dataclass
@@ -18,6 +19,7 @@ class ScoringContext:
     current sequence (ascending, padded). ``row``/``col``/``segment``/``is_newline`` ``[B, N]``
     locate each on its patch grid (``coords_known`` False: unknown). ``orig_pos`` ``[B, N]``:
     positions in the original prompt. ``keep`` ``[B]``: how many visual tokens each row keeps.
+    ``ops``: the hot ops on the patch's backend (``ctx.ops.topk(...)``, ``ctx.ops.gather_tokens(...)``).
     """
 
     layer: nn.Module
@@ -38,6 +40,16 @@ class ScoringContext:
     text_ok: torch.Tensor | None = None
     keys: torch.Tensor | None = None  # [B, L, H_kv*d] the scoring layer's own k_proj output, when captured
     values: torch.Tensor | None = None  # [B, L, H_kv*d] its v_proj output
+    ops: Ops = field(default_factory=lambda: Ops("torch"))  # the patch's backend (handle.ops)
+
+    def _queries(self, query, query_ok):
+        if isinstance(query, str):
+            if query == "last":
+                return self.last_idx[:, None], None
+            if query == "text":
+                return self.text_idx, self.text_ok
+            raise ValueError(f"query must be 'last', 'text' or a [B, R] tensor, got {query!r}")
+        return query, query_ok
 
     def attention(
         self,
@@ -53,15 +65,36 @@ class ScoringContext:
         tokens ``text_idx``; padded rows are zero) or a ``[B, R]`` tensor of positions with
         ``query_ok`` ``[B, R]`` marking real rows.
         """
-        if isinstance(query, str):
-            if query == "last":
-                query, query_ok = self.last_idx[:, None], None
-            elif query == "text":
-                query, query_ok = self.text_idx, self.text_ok
-            else:
-                raise ValueError(f"query must be 'last', 'text' or a [B, R] tensor, got {query!r}")
+        query, query_ok = self._queries(query, query_ok)
         probs = attention_rows(
             self.layer, self.hidden, self.position_embeddings, query, self.visual_idx, self.visual_ok, self.seq_valid,
-            rope=rope, softmax_over=softmax_over, keys=self.keys,
+            rope=rope, softmax_over=softmax_over, keys=self.keys, backend=self.ops.backend,
         )
         return probs if query_ok is None else probs * query_ok[:, None, :, None]
+
+    def attention_scores(
+        self,
+        query: str | torch.Tensor = "last",
+        *,
+        query_ok: torch.Tensor | None = None,
+        rope: bool = True,
+        softmax_over: str = "row",
+        reduce: str = "mean",
+    ) -> torch.Tensor:
+        """``[B, N]`` attention the visual tokens receive, reduced over heads and query rows.
+
+        ``reduce``: ``"mean"`` (over heads and the real query rows; equals
+        ``attention(...).mean(dim=1)`` averaged over the real rows) or ``"max"``. Queries as in
+        ``attention``. On the Triton backend the ``[B, H, R, N]`` probabilities are never
+        materialised (memory O(B * H * R + B * N)).
+        """
+        query, query_ok = self._queries(query, query_ok)
+        return attention_rows(
+            self.layer, self.hidden, self.position_embeddings, query, self.visual_idx, self.visual_ok, self.seq_valid,
+            rope=rope, softmax_over=softmax_over, keys=self.keys, reduce=reduce, query_ok=query_ok,
+            backend=self.ops.backend,
+        )
+
+    def topk(self, scores: torch.Tensor, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top ``k[b]`` (default ``keep``) valid visual tokens by ``scores`` ``[B, N]``: ``(idx, ok)`` ascending, ties to the lower index."""
+        return self.ops.topk(scores, self.visual_ok, self.keep if k is None else k)

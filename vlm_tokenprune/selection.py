@@ -3,26 +3,23 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
 
-def topk_per_row(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+def topk_per_row(
+    scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, *, backend: str = "torch"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k[b]`` valid entries of each row, returned in ascending index order.
 
     Args:
         scores: ``[B, N]``, higher = keep. valid: ``[B, N]`` bool. k: ``[B]`` long, ``k[b] <= valid[b].sum()``.
+        backend: ``ops`` backend (``"torch"``: the PyTorch reference; criteria use ``ctx.topk``,
+            which follows the patch's backend).
     Returns:
         ``(idx [B, K], ok [B, K])`` with ``K = max(k)``; row b's first ``k[b]`` entries are its kept
         indices in ascending order, the rest are padding (``ok`` False, index 0).
     """
-    B, N = scores.shape
-    K = int(k.max()) if B else 0
-    if K == 0:
-        return scores.new_zeros((B, 0), dtype=torch.long), torch.zeros((B, 0), dtype=torch.bool, device=scores.device)
-    s = scores.float().masked_fill(~valid, float("-inf"))
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :K]  # stable: ties keep lower index first
-    ok = torch.arange(K, device=scores.device)[None, :] < k[:, None]
-    chosen = torch.where(ok, order, torch.full_like(order, N))
-    chosen = torch.sort(chosen, dim=1).values
-    return torch.where(ok, chosen, torch.zeros_like(chosen)), ok
+    return ops.topk(scores, valid, k, backend=backend)
 
 
 def left_packed(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

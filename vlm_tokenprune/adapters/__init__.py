@@ -3,15 +3,37 @@ from ..errors import UnsupportedModelError
 from ..registry import ADAPTERS
 from .base import Adapter, Seams, VisualLayout
 from . import llava_hf  # noqa: F401  (registers the LLaVA adapters)
+from . import qwen2_vl  # noqa: F401  (registers the Qwen2-VL / Qwen2.5-VL adapters)
+
+# Known model types that are deliberately not supported, and why (no adapter is registered for them).
+KNOWN_UNSUPPORTED = {
+    "gemma3": "Gemma3 uses a different rotary embedding per layer type (local rope on sliding layers, global on "
+              "full ones) and sliding-window layers below the first full-attention layer, so one kept set cannot "
+              "be applied to every layer's positions and cache",
+    "qwen3_vl": "Qwen3-VL adds deepstack visual features to the hidden states after early decoder layers; "
+                "pruning would have to track those injections (only pruning above them would be valid)",
+    "qwen3_vl_moe": "Qwen3-VL-MoE adds deepstack visual features to the hidden states after early decoder layers; "
+                    "pruning would have to track those injections (only pruning above them would be valid)",
+    **{t: "the original LLaVA code base (PyPI llava-torch, haotian-liu/LLaVA) runs on transformers 4.36 (this "
+          "library needs 5.x decoder-layer seams) and its generate() expands images into inputs_embeds before any "
+          "module forward sees input_ids, so visual positions cannot be found from hooks; load the checkpoint as "
+          "an HF LlavaForConditionalGeneration (llava-hf/...) instead" for t in ("llava_llama", "llava_mistral", "llava_mpt")},
+    "internvl": "InternVL is not supported yet (no adapter: its visual-token layout and pixel-shuffle grid "
+                "are not mapped)",
+    "internvl_chat": "InternVL (remote code) is not supported: its modeling code is not part of transformers, "
+                     "so its seams cannot be checked",
+}
 
 
 def resolve_adapter(model) -> Adapter:
     """The registered adapter for ``model.config.model_type``; a clear error when there is none."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ADAPTERS:
+        why = KNOWN_UNSUPPORTED.get(model_type)
         raise UnsupportedModelError(
             "model.config.model_type",
-            f"{model_type!r} is not supported; supported model types: {', '.join(ADAPTERS.names())}",
+            f"{model_type!r} is not supported{': ' + why if why else ''}; "
+            f"supported model types: {', '.join(ADAPTERS.names())}",
         )
     return ADAPTERS.get(model_type)
 

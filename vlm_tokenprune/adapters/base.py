@@ -45,7 +45,8 @@ class VisualLayout:
     All tensors are ``[B, L]`` over the prompt as given to the LLM.
     ``is_visual``: visual token. ``image``: image index within the row (-1: not visual).
     ``segment``: index of the 2-D patch grid the token belongs to within the row (LLaVA-NeXT
-    has a base grid and an anyres grid per image; -1: not visual).
+    has a base grid and an anyres grid per image; Qwen2-VL counts images and videos as items in
+    ``image`` and makes every video frame a grid of its own; -1: not visual).
     ``row``/``col``: position on that grid (-1 for CLS and ``image_newline`` tokens).
     ``is_newline``: LLaVA-NeXT ``image_newline`` token. ``coords_known`` is False when the
     grid could not be derived (e.g. LLaVA-NeXT without ``image_sizes``): spatial criteria
@@ -63,6 +64,9 @@ class VisualLayout:
 
 class Adapter(Protocol):
     model_types: tuple[str, ...]
+    # forward kwargs that carry new pixels (refused in a chunk appended to an existing cache);
+    # the engine assumes ("pixel_values",) when an adapter does not say
+    pixel_inputs: tuple[str, ...]
 
     def check(self, model: nn.Module) -> None:
         """Raise ``UnsupportedModelError`` when this configuration cannot be patched."""

@@ -42,6 +42,7 @@ class LlavaHFAdapter:
     """HF LLaVA-1.5 and LLaVA-NeXT with Llama / Mistral / Vicuna / Qwen2 text backbones."""
 
     model_types = ("llava", "llava_next")
+    pixel_inputs = ("pixel_values",)
 
     # -- structure ---------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
@@ -151,7 +152,7 @@ class LlavaHFAdapter:
         image_sizes = kwargs.get("image_sizes")
         pixel_values = kwargs.get("pixel_values")
         if image_sizes is None or pixel_values is None:
-            return None
+            return LlavaHFAdapter._next_coords_from_features(model, kwargs)
         cfg = model.config
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         per_image = []
@@ -179,7 +180,14 @@ class LlavaHFAdapter:
         packed, _ = model.model.pack_image_features(
             per_image, image_sizes, vision_feature_select_strategy="default", image_newline=newline
         )
-        coords = torch.cat(packed, dim=0).round().long()
+        # unpadding drops border rows/cols of the anyres grid: count rows/cols from the first kept one
+        packed = [p.round().long() for p in packed]
+        for p in packed:
+            hires = (p[:, 1] == 1) & (p[:, 3] >= 0)
+            if hires.any():
+                p[hires, 2] -= p[hires, 2].min()
+                p[hires, 3] -= p[hires, 3].min()
+        coords = torch.cat(packed, dim=0)
         # the newline token's image index is the image it closes
         img = coords[:, 0].clone()
         nl = coords[:, 3] == -2
@@ -188,6 +196,41 @@ class LlavaHFAdapter:
             coords[nl, 0] = owner[nl]
         return coords
 
+
+def _next_coords_from_features(model: nn.Module, kwargs: dict) -> torch.Tensor | None:
+    """Grid coordinates from packed LLaVA-NeXT features (``generate()`` passes ``mm_encoder_outputs``
+    instead of ``pixel_values``/``image_sizes``). The ``image_newline`` rows are the model's own
+    newline vector, so they mark the ends of the unpadded anyres rows; the base grid comes first."""
+    enc = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+    feats = getattr(enc, "pooler_output", None)
+    newline = getattr(model.model, "image_newline", None)
+    if feats is None or newline is None:
+        return None
+    cfg = model.config
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    out = []
+    for i, f in enumerate(feats):
+        is_nl = (f == newline.to(f.device, f.dtype)).all(-1).tolist()
+        n = len(is_nl)
+        c = torch.full((n, 4), -1, dtype=torch.long)
+        c[:, 0] = i
+        base = min(side * side, n)
+        k = torch.arange(base)
+        c[:base, 1], c[:base, 2], c[:base, 3] = 0, k // side, k % side
+        r = col = 0
+        for t in range(base, n):
+            c[t, 1] = 1
+            if is_nl[t]:
+                c[t, 2], c[t, 3] = -1, -2
+                r, col = r + 1, 0
+            else:
+                c[t, 2], c[t, 3] = r, col
+                col += 1
+        out.append(c)
+    return torch.cat(out).to(kwargs["mm_encoder_outputs"]["image"].pooler_output[0].device) if out else None
+
+
+LlavaHFAdapter._next_coords_from_features = staticmethod(_next_coords_from_features)
 
 ADAPTERS.register("llava", LlavaHFAdapter())
 ADAPTERS.register("llava_next", LlavaHFAdapter())

@@ -21,7 +21,14 @@ are untouched by LLM-site policies). Biases (Qwen2's q/k/v) are ignored.
 
 The cost of scoring (extra projections a criterion computes to rank tokens) is reported
 SEPARATELY as ``scoring_flops``, never folded into ``flops``; criteria without an
-estimate in ``SCORING_FLOPS`` report ``None`` (unknown).
+estimate in ``SCORING_FLOPS`` report ``None`` (unknown). The scoring layer's own
+``k_proj``/``v_proj`` outputs are captured by the patch, so they cost nothing extra.
+
+Predictions follow the budget rule of ``Budget.count`` (``keep`` of the original or, with
+``of="current"``, of the current visual tokens; ``tokens`` absolute). A criterion with its
+own ``select`` (FEATHER's union with a grid) may keep MORE than its budget: for those
+stages (``lower_bound_stages``) the predicted counts are lower bounds; ``trace_flops`` on a
+real run gives the exact figures.
 
 All counts are per sequence (one batch row); a batch of ``B`` padded rows costs ``B``
 times the count at the padded length. Ratios do not depend on ``B``.
@@ -33,6 +40,7 @@ from typing import Any, Callable, Mapping
 
 from ..errors import IncompatiblePolicyError, InputError
 from ..policy import Policy
+from ..registry import CRITERIA
 
 FORMULA = "per layer 2*(n*d*(q+2*kv) + n*q*d + 2*n^2*q + 3*n*d*m) FLOPs (= 2*(4nd^2+2n^2d+3ndm) without GQA) + LM head 2*d*V per logit row"
 
@@ -117,16 +125,19 @@ def prefill_flops(text_config: Any, tokens_per_layer: list[int], logits_tokens: 
 
 
 # -- scoring overhead (reported separately) ------------------------------------------------------
-def _fastv_scoring(g: TextGeometry, n_tokens: int, n_visual: int, params: Mapping[str, Any]) -> float:
-    # ``attention_rows(softmax_over="row")``: q_proj on the last row, k_proj on all n_tokens rows
-    # of the scoring layer's input, one row of logits over n_tokens keys.
-    return float(2 * g.hidden_size * g.q_dim + 2 * n_tokens * g.hidden_size * g.kv_dim + 2 * n_tokens * g.q_dim)
+def _last_row_scoring(g: TextGeometry, n_keys: int) -> float:
+    # q_proj on the last row + one row of logits over n_keys captured keys (RoPE, softmax: not counted)
+    return float(2 * g.hidden_size * g.q_dim + 2 * n_keys * g.q_dim)
 
 
 SCORING_FLOPS: dict[str, Callable[[TextGeometry, int, int, Mapping[str, Any]], float]] = {
-    "fastv": _fastv_scoring,
+    "fastv": lambda g, n, v, p: _last_row_scoring(g, n),  # softmax over the whole causal row
+    "feather": lambda g, n, v, p: _last_row_scoring(g, v if p.get("softmax", "keys") == "keys" else n),
     "random": lambda g, n, v, p: 0.0,
     "uniform": lambda g, n, v, p: 0.0,
+    # every non-visual token counted as a text query (an upper bound: only the text after the image is),
+    # plus the cosines of every visual token to the k_key key tokens
+    "efficientvla": lambda g, n, v, p: (n - v) * _last_row_scoring(g, n) + 2.0 * v * p.get("k_key", 4) * g.hidden_size,
 }
 """criterion name -> ``f(geometry, tokens entering the scoring layer, visual tokens, params)``."""
 
@@ -134,7 +145,20 @@ SCORING_FLOPS: dict[str, Callable[[TextGeometry, int, int, Mapping[str, Any]], f
 def scoring_flops(text_config: Any, criterion: str, n_tokens: int, n_visual: int, params: Mapping[str, Any] | None = None) -> float | None:
     """FLOPs one stage spends scoring, or ``None`` when the criterion has no estimate."""
     fn = SCORING_FLOPS.get(criterion)
-    return None if fn is None else fn(TextGeometry.of(text_config), int(n_tokens), int(n_visual), params or {})
+    if fn is None:
+        return None
+    if params is None:  # the criterion's defaults
+        crit = CRITERIA.get(criterion) if criterion in CRITERIA else None
+        params = {k: p.default for k, p in getattr(crit, "params", {}).items()}
+    return fn(TextGeometry.of(text_config), int(n_tokens), int(n_visual), params)
+
+
+def selects_beyond_budget(criterion: str) -> bool:
+    """True when the criterion overrides ``select`` (its kept count may exceed the budget)."""
+    from ..methods.base import Criterion
+
+    crit = CRITERIA.get(criterion) if criterion in CRITERIA else None
+    return crit is not None and type(crit).select is not Criterion.select and not getattr(crit, "keeps_budget_exactly", False)
 
 
 def _sum_or_none(values: list[float | None]) -> float | None:
@@ -153,11 +177,12 @@ def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
     L = g.num_hidden_layers
     visual = [n_visual] * L
     scoring: list[float | None] = []
+    lower: list[int] = []
     cur = n_visual
     for i, st in enumerate(pol.stages):
         if st.layer >= L:
             raise IncompatiblePolicyError(f"stages[{i}].layer", f"{st.layer} is beyond the model; allowed: 1..{L - 1}")
-        k = st.budget.count(n_visual)
+        k = st.budget.count(n_visual, cur)
         if k > cur:
             where = f"stages[{i}].tokens" if st.budget.tokens is not None else f"stages[{i}].keep"
             raise IncompatiblePolicyError(where, f"keeps {k} visual tokens but only {cur} are left at that point")
@@ -165,10 +190,12 @@ def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
             scoring.append(0.0)
         else:
             scoring.append(scoring_flops(g, st.criterion, n_text + cur, cur, st.params))
+            if selects_beyond_budget(st.criterion):
+                lower.append(i)
         for layer in range(st.layer, L):
             visual[layer] = k
         cur = k
-    return [n_text + v for v in visual], scoring
+    return [n_text + v for v in visual], scoring, lower
 
 
 def policy_flops(model_config: Any, policy: Any, n_text: int, n_visual: int, logits_tokens: int = 1) -> dict:
@@ -179,19 +206,26 @@ def policy_flops(model_config: Any, policy: Any, n_text: int, n_visual: int, log
     ``n_text + n_visual``.
 
     Returns:
-        ``{"tokens_per_layer", "flops", "baseline_flops", "ratio", "scoring_flops"}``;
-        ``scoring_flops`` (separate, not in ``flops``) is ``None`` if a criterion has no estimate.
+        ``{"tokens_per_layer", "flops", "baseline_flops", "ratio", "scoring_flops",
+        "lower_bound_stages"}``; ``scoring_flops`` (separate, not in ``flops``) is ``None`` if a
+        criterion has no estimate; ``lower_bound_stages``: stages whose criterion may keep
+        more than its budget (the counts after them are lower bounds).
     """
     g = TextGeometry.of(model_config)
-    tokens, scoring = _schedule(g, Policy.parse(policy), int(n_text), int(n_visual))
-    return _result(g, tokens, [n_text + n_visual] * g.num_hidden_layers, scoring, logits_tokens)
+    pol = Policy.parse(policy)
+    tokens, scoring, lower = _schedule(g, pol, int(n_text), int(n_visual))
+    out = _result(g, tokens, [n_text + n_visual] * g.num_hidden_layers, scoring, logits_tokens)
+    out["lower_bound_stages"] = lower
+    return out
 
 
-def trace_flops(text_config: Any, trace: Any, logits_tokens: int = 1) -> dict:
-    """FLOPs of the prefill a ``handle.last_trace()`` describes (same keys as ``policy_flops``).
+def trace_flops(text_config: Any, trace: Any, logits_tokens: int = 1, policy: Any = None) -> dict:
+    """FLOPs of the prefill a ``handle.last_trace()`` describes (keys as ``policy_flops``, exact counts).
 
     ``trace.tokens_per_layer`` is the sequence length each decoder layer saw; the baseline
-    is every layer at the first layer's length (layer 0 is never pruned).
+    is every layer at the first layer's length (layer 0 is never pruned). ``policy`` (the
+    patched one) supplies criterion parameters for the scoring estimate; without it the
+    criteria's defaults are used.
     """
     g = TextGeometry.of(text_config)
     if trace is None:
@@ -201,12 +235,16 @@ def trace_flops(text_config: Any, trace: Any, logits_tokens: int = 1) -> dict:
     tokens = list(trace.tokens_per_layer)
     if not tokens:
         raise InputError("trace.tokens_per_layer", "is empty")
+    stages = Policy.parse(policy).stages if policy is not None else None
     scoring = []
-    for s in trace.stages:
+    for i, s in enumerate(trace.stages):
         noop = s.tokens_before == s.tokens_after and list(s.visual_before) == list(s.visual_after)
         n_vis = max(s.visual_before) if s.visual_before else 0
-        scoring.append(0.0 if noop else scoring_flops(g, s.criterion, s.tokens_before, n_vis))
-    return _result(g, tokens, [tokens[0]] * len(tokens), scoring, logits_tokens)
+        params = dict(stages[i].params) if stages is not None and i < len(stages) else None
+        scoring.append(0.0 if noop else scoring_flops(g, s.criterion, s.tokens_before, n_vis, params))
+    out = _result(g, tokens, [tokens[0]] * len(tokens), scoring, logits_tokens)
+    out["lower_bound_stages"] = []
+    return out
 
 
 def _result(g: TextGeometry, tokens: list[int], base: list[int], scoring: list, logits_tokens: int) -> dict:

@@ -107,3 +107,129 @@ def make_batch(model, rows: list[list], seed: int = 0, padding: str = "left", im
     inputs["input_ids"] = ids
     inputs["attention_mask"] = mask
     return inputs
+
+
+# ------------------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL
+# ------------------------------------------------------------------------------------------------
+QWEN_VIDEO_TOKEN_ID = 4
+QWEN_VISION_START_ID = 5
+QWEN_VISION_END_ID = 6
+QWEN_FIRST_TEXT_ID = 7  # random text tokens are drawn from [7, vocab): never a special token
+
+
+def tiny_qwen2_vl_config(
+    version: str = "2", *, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+    intermediate: int = 128, vocab: int = 128, mrope_section=(2, 3, 3), patch: int = 4, merge: int = 2,
+    temporal_patch: int = 2, vision_hidden: int = 32, vision_layers: int = 2, tokens_per_second: int = 2,
+    use_sliding_window: bool = False, sliding_window: int = 8, max_window_layers: int = 2,
+):
+    """A tiny ``Qwen2VLConfig`` (``version="2"``) or ``Qwen2_5_VLConfig`` (``"2.5"``).
+
+    ``mrope_section`` must sum to ``hidden // heads // 2`` (the rotary half-dimension). Qwen2.5-VL's
+    vision tower gets one windowed and one full-attention block (window = 2 merged tokens).
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    if version not in ("2", "2.5"):
+        raise ValueError(f"version must be '2' or '2.5', got {version!r}")
+    if sum(mrope_section) * 2 != hidden // heads:
+        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {hidden // heads // 2}")
+    text = dict(
+        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)},
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=2, tie_word_embeddings=False,
+        use_sliding_window=use_sliding_window, sliding_window=sliding_window, max_window_layers=max_window_layers,
+    )
+    common = dict(patch_size=patch, spatial_merge_size=merge, temporal_patch_size=temporal_patch, in_channels=3,
+                  num_heads=4, depth=vision_layers)
+    ids = dict(image_token_id=IMAGE_TOKEN_ID, video_token_id=QWEN_VIDEO_TOKEN_ID,
+               vision_start_token_id=QWEN_VISION_START_ID, vision_end_token_id=QWEN_VISION_END_ID,
+               tie_word_embeddings=False)
+    if version == "2":
+        vision = dict(common, embed_dim=vision_hidden, hidden_size=hidden, mlp_ratio=2)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    vision = dict(common, hidden_size=vision_hidden, out_hidden_size=hidden, intermediate_size=2 * vision_hidden,
+                  window_size=2 * merge * patch, fullatt_block_indexes=[vision_layers - 1],
+                  tokens_per_second=tokens_per_second)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+def build_tiny_qwen2_vl(attn_implementation: str = "sdpa", version: str = "2", seed: int = 0, dtype=torch.float32,
+                        **config_kwargs):
+    """A tiny ``Qwen2VLForConditionalGeneration`` (``version="2"``) or ``Qwen2_5_VLForConditionalGeneration``
+    (``"2.5"``) with seeded random weights, built offline."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    cfg = tiny_qwen2_vl_config(version, **config_kwargs)
+    cls = Qwen2VLForConditionalGeneration if version == "2" else Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls._from_config(cfg, attn_implementation=attn_implementation, dtype=dtype)
+    return model.eval()
+
+
+def make_qwen_batch(model, rows: list[list], seed: int = 0, padding: str = "left", image_grids=None,
+                    video_grids=None, seconds_per_grid=None) -> dict:
+    """Qwen2-VL / 2.5-VL inputs built by hand (the Qwen processor needs torchvision).
+
+    ``rows``: segments per row: an int n = n random text tokens, ``"img"`` = the next image,
+    ``"vid"`` = the next video; each is wrapped in vision start / end tokens like the processor does.
+    ``image_grids``: per image ``(h, w)`` in LLM tokens (after the spatial merge; default 2x3);
+    ``video_grids``: per video ``(t, h, w)`` (t frames after temporal patching; default 2x2x2).
+    Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` and, when present,
+    ``pixel_values`` ``[sum(t*H*W), C*tp*p*p]`` with ``image_grid_thw`` (H = h*merge...),
+    ``pixel_values_videos`` with ``video_grid_thw`` and, for Qwen2.5-VL, ``second_per_grid_ts``.
+    Positions are left to the model (``get_rope_index``).
+    """
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    vc = cfg.vision_config
+    merge = vc.spatial_merge_size
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size * vc.patch_size
+    n_img = sum(seg == "img" for r in rows for seg in r)
+    n_vid = sum(seg == "vid" for r in rows for seg in r)
+    image_grids = [tuple(x) for x in (image_grids or [(2, 3)] * n_img)]
+    video_grids = [tuple(x) for x in (video_grids or [(2, 2, 2)] * n_vid)]
+    if len(image_grids) != n_img or len(video_grids) != n_vid:
+        raise ValueError(f"{n_img} images / {n_vid} videos but {len(image_grids)} image / {len(video_grids)} video grids")
+    inputs: dict = {}
+    if n_img:
+        thw = torch.tensor([[1, h * merge, w * merge] for h, w in image_grids])
+        inputs["pixel_values"] = torch.randn(int(thw.prod(-1).sum()), patch_dim, generator=g)
+        inputs["image_grid_thw"] = thw
+    if n_vid:
+        thw = torch.tensor([[t, h * merge, w * merge] for t, h, w in video_grids])
+        inputs["pixel_values_videos"] = torch.randn(int(thw.prod(-1).sum()), patch_dim, generator=g)
+        inputs["video_grid_thw"] = thw
+        if cfg.model_type == "qwen2_5_vl":
+            sec = seconds_per_grid if seconds_per_grid is not None else [1.0] * n_vid
+            inputs["second_per_grid_ts"] = torch.tensor(sec, dtype=torch.float)
+    seqs, types = [], []
+    imgs, vids = iter(image_grids), iter(video_grids)
+    for r in rows:
+        s, ty = [BOS_ID], [0]
+        for seg in r:
+            if seg in ("img", "vid"):
+                n = (lambda h, w: h * w)(*next(imgs)) if seg == "img" else (lambda t, h, w: t * h * w)(*next(vids))
+                tok, kind = (IMAGE_TOKEN_ID, 1) if seg == "img" else (QWEN_VIDEO_TOKEN_ID, 2)
+                s += [QWEN_VISION_START_ID] + [tok] * n + [QWEN_VISION_END_ID]
+                ty += [0] + [kind] * n + [0]
+            else:
+                s += torch.randint(QWEN_FIRST_TEXT_ID, cfg.text_config.vocab_size, (int(seg),), generator=g).tolist()
+                ty += [0] * int(seg)
+        seqs.append(s)
+        types.append(ty)
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    tt = torch.zeros((len(seqs), L), dtype=torch.int)
+    for b, (s, ty) in enumerate(zip(seqs, types)):
+        sl = slice(L - len(s), L) if padding == "left" else slice(0, len(s))
+        ids[b, sl] = torch.tensor(s)
+        mask[b, sl] = 1
+        tt[b, sl] = torch.tensor(ty, dtype=torch.int)
+    inputs["input_ids"] = ids
+    inputs["attention_mask"] = mask
+    inputs["mm_token_type_ids"] = tt
+    return inputs

@@ -14,7 +14,6 @@ import torch
 
 from ..errors import PolicyError
 from ..registry import CRITERIA
-from ..selection import topk_per_row
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class Criterion:
         Default: the top ``ctx.keep[b]`` scores of each row (ties to the lower position).
         Methods whose kept count is not a plain budget (FEATHER's union with a grid) override it.
         """
-        return topk_per_row(scores, ctx.visual_ok, ctx.keep)
+        return ctx.topk(scores)
 
     @classmethod
     def check_params(cls, given: Mapping[str, Any], where: str) -> dict[str, Any]:

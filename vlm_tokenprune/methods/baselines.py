@@ -72,31 +72,38 @@ class UniformCriterion(Criterion):
             raise InputError("uniform", "needs the patch grid of every image (LLaVA-NeXT: pass image_sizes and pixel_values)")
         B, N = ctx.visual_idx.shape
         scores = torch.zeros(B, N)
-        seg, row, col = ctx.segment.cpu(), ctx.row.cpu(), ctx.col.cpu()
-        ok, keep = ctx.visual_ok.cpu(), ctx.keep.cpu()
+        seg, row, col = ctx.segment.tolist(), ctx.row.tolist(), ctx.col.tolist()
+        ok, keep = ctx.visual_ok.tolist(), ctx.keep.tolist()
         for b in range(B):
-            idx = torch.nonzero(ok[b]).flatten().tolist()
-            segs = sorted({int(seg[b, i]) for i in idx})
-            members = {s: [i for i in idx if int(seg[b, i]) == s] for s in segs}
-            quota = split_budget(int(keep[b]), [len(members[s]) for s in segs])
+            members: dict[int, list[int]] = {}
+            for i in range(N):
+                if ok[b][i]:
+                    members.setdefault(seg[b][i], []).append(i)
+            segs = sorted(members)
+            quota = split_budget(keep[b], [len(members[s]) for s in segs])
+            picked: list[int] = []
             for s, q in zip(segs, quota):
-                spatial = [i for i in members[s] if int(row[b, i]) >= 0 and int(col[b, i]) >= 0]
-                other = [i for i in members[s] if i not in set(spatial)]
-                cell = {(int(row[b, i]), int(col[b, i])): i for i in spatial}
-                picked: list[int] = []
-                if spatial:
-                    r0 = min(r for r, _ in cell)
-                    c0 = min(c for _, c in cell)
-                    rows = max(r for r, _ in cell) - r0 + 1
-                    cols = max(c for _, c in cell) - c0 + 1
-                    want = min(q, len(spatial))
-                    picked = [cell[(r0 + r, c0 + c)] for r, c in grid_points(rows, cols, want) if (r0 + r, c0 + c) in cell]
-                    if len(picked) < want:  # ragged grid: top up with the remaining cells in raster order
-                        rest = [i for i in spatial if i not in set(picked)]
-                        picked += [rest[int((t + 0.5) * len(rest) / (want - len(picked)))] for t in range(want - len(picked))]
-                picked += other[: q - len(picked)]
-                scores[b, picked] = 1.0
+                picked += _spread(members[s], row[b], col[b], q)
+            scores[b, picked] = 1.0
         return scores.to(ctx.visual_idx.device)
+
+
+def _spread(tokens: list[int], row: list[int], col: list[int], q: int) -> list[int]:
+    """``q`` of ``tokens`` (one patch grid) spread evenly; CLS / newline tokens (row or col < 0) last."""
+    cell = {(row[i], col[i]): i for i in tokens if row[i] >= 0 and col[i] >= 0}
+    other = [i for i in tokens if row[i] < 0 or col[i] < 0]
+    want = min(q, len(cell))
+    picked: list[int] = []
+    if cell:
+        r0, c0 = min(r for r, _ in cell), min(c for _, c in cell)
+        rows, cols = max(r for r, _ in cell) - r0 + 1, max(c for _, c in cell) - c0 + 1
+        picked = [cell[(r0 + r, c0 + c)] for r, c in grid_points(rows, cols, want) if (r0 + r, c0 + c) in cell]
+        if len(picked) < want:  # ragged grid: top up with the remaining cells in raster order
+            taken = set(picked)
+            rest = [i for i in cell.values() if i not in taken]
+            need = want - len(picked)
+            picked += [rest[int((t + 0.5) * len(rest) / need)] for t in range(need)]
+    return picked + other[: q - len(picked)]
 
 
 for _name, _desc in (("random", "seeded random subset"), ("uniform", "even spatial grid of the budget")):

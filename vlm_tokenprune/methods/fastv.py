@@ -20,7 +20,7 @@ class FastVCriterion(Criterion):
     arxiv = "2403.06764"
 
     def score(self, ctx: ScoringContext) -> torch.Tensor:
-        return ctx.attention("last", rope=True, softmax_over="row").mean(dim=1)[:, 0]  # [B, N]
+        return ctx.attention_scores("last", rope=True, softmax_over="row", reduce="mean")  # [B, N], heads averaged
 
 
 register_preset(

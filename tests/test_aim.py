@@ -1,0 +1,385 @@
+"""AIM stage B (arXiv 2412.03248) in vlm_tokenprune == an independent oracle (tests/reference/aim_oracle.py).
+
+The oracle runs an eager deep copy layer by layer without a cache, builds each scoring layer's
+full [H, T, T] attention logits by hand (float64), runs the 5-step PageRank on
+softmax(logits / tau), keeps the top-k image tokens and REMOVES the others before the next
+layer (original position ids, plain causal mask). The library rebuilds the rows blockwise from
+the layer's modules inside the real forward / generate under every backend, batched and
+left-padded, one stage per layer of the schedule.
+
+The tiny model's random attention is nearly uniform (logits ~ 0.03), so PageRank on it reduces
+to the causal prior "earlier tokens collect more mass" and keeps the first k image tokens:
+a test there could not tell a wrong importance from "keep the earliest". The tests therefore
+sharpen its attention (q_proj x 16, logits of order 1-10, like a trained model's); the
+discriminating test shows the selections are then content-dependent.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+import vlm_tokenprune as vtp
+from conftest import BACKENDS
+from reference import aim_oracle as oracle
+from vlm_tokenprune.errors import PolicyError
+from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
+from vlm_tokenprune.methods.aim import aim_schedule, pagerank_importance
+
+torch.set_num_threads(1)
+
+ATOL = 1e-5
+REL_MARGIN = 1e-4  # the k-th and (k+1)-th importance differ by this much, relatively
+SHARPEN = 16.0
+SINGLE = [[5, "img", 7]]
+TWO_IMAGES = [[3, "img", 4, "img", 2]]
+BATCHES = {
+    "1img+2img": [[5, "img", 7], [2, "img", 3, "img", 4]],
+    "2img+1img+text": [[1, "img", "img", 5], [20, "img", 1], [12]],
+}
+
+
+def sharpen(model, factor: float = SHARPEN):
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(factor)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(attn: str, next: bool = False, sharp: bool = True):
+    """One model per (backend, family), shared by the tests; never mutated (patches are always undone)."""
+    m = build_tiny_llava(attn, next=True, image_size=16) if next else build_tiny_llava(attn)
+    return sharpen(m) if sharp else m
+
+
+def k_of(budget, n_visual: int) -> int:
+    """Kept count of a budget ('keep', x) / ('tokens', n) under the documented rule."""
+    key, value = budget
+    if n_visual == 0:
+        return 0
+    return int(value) if key == "tokens" else max(1, math.floor(float(value) * n_visual + 0.5))
+
+
+def n_image_tokens(inputs, b: int = 0) -> int:
+    return int((inputs["input_ids"][b] == IMAGE_TOKEN_ID).sum())
+
+
+def schedule(pol: vtp.Policy) -> list[tuple[int, tuple]]:
+    out = []
+    for st in pol.stages:
+        b = st.budget
+        out.append((st.layer, ("keep", b.keep) if b.keep is not None else ("tokens", b.tokens)))
+    return out
+
+
+def oracle_stages(pol: vtp.Policy, n_visual: int) -> list[tuple[int, int]]:
+    return [(layer, k_of(budget, n_visual)) for layer, budget in schedule(pol)]
+
+
+def assert_well_separated(res: dict, stages) -> None:
+    for (layer, k), score in zip(stages, res["scores"]):
+        v = sorted(score.values(), reverse=True)
+        if 0 < k < len(v):
+            assert (v[k - 1] - v[k]) / v[k - 1] > REL_MARGIN, f"ill-conditioned cut at layer {layer}: {v[k - 1]} vs {v[k]}"
+
+
+def patched_prefill(model, inputs, pol):
+    with vtp.patch(model, pol) as h, torch.no_grad():
+        out = model(**inputs)
+        trace = h.last_trace()
+    return out.logits, trace
+
+
+def check_vs_oracle(model, inputs, pol) -> None:
+    pol = vtp.Policy.parse(pol)
+    stages = oracle_stages(pol, n_image_tokens(inputs))
+    p = pol.stages[0].params
+    res = oracle.aim_run(model, inputs, stages, tau=p["tau"], iters=p["iters"], d=p["damping"])
+    assert_well_separated(res, stages)
+    logits, trace = patched_prefill(model, inputs, pol)
+    assert [st.kept_positions[0] for st in trace.stages] == res["kept"]
+    assert [st.visual_after[0] for st in trace.stages] == [k for _, k in stages]  # budgets, exactly
+    assert [len(s) for s in res["kept"]] == [k for _, k in stages]
+    n_text = int((inputs["input_ids"][0] != IMAGE_TOKEN_ID).sum())
+    assert logits.shape == res["logits"].shape == (1, n_text + stages[-1][1], model.config.text_config.vocab_size)
+    torch.testing.assert_close(logits, res["logits"], atol=ATOL, rtol=0)
+
+
+def one(layer: int, budget: str, **params) -> str:
+    return f"aim:layer={layer},{budget}" + "".join(f",{k}={v}" for k, v in params.items())
+
+
+# ------------------------------------------------------------------------------------------------
+# the oracle itself, and the blockwise importance against it
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layer", [0, 1, 2, 3])
+def test_oracle_logits_are_the_models_attention(layer):
+    """softmax(oracle logits) == the eager model's own attention probabilities."""
+    model = tiny("eager")
+    inputs = make_batch(model, SINGLE)
+    eager = oracle.eager_copy(model)
+    embeds = oracle.prompt_embeds(model, inputs)
+    pos = list(range(embeds.shape[1]))
+    with torch.no_grad():
+        hidden = oracle.run_layers(eager, embeds, pos, range(layer))
+        want = eager(**inputs, output_attentions=True).attentions[layer][0]
+    got = torch.softmax(oracle.attention_logits(eager, layer, hidden, pos), dim=-1)
+    torch.testing.assert_close(got.float(), want, atol=1e-6, rtol=0)
+
+
+def test_oracle_pagerank_is_the_official_update():
+    """The oracle's loops == the official vectorised update (dist @ M, RMS over heads), damping too."""
+    g = torch.Generator().manual_seed(0)
+    H, N = 3, 7
+    logits = torch.randn(1, H, N, N, generator=g, dtype=torch.float64) * 3
+    logits = logits.masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf"))
+    for d in (0.0, 0.15):
+        M = torch.softmax(logits / 0.1, dim=-1)
+        dist = torch.ones(1, H, 1, N, dtype=torch.float64) / N
+        for _ in range(5):
+            dist = (dist @ M) * (1 - d) + d / N
+        want = dist.pow(2).mean(dim=1).sqrt().view(N)
+        torch.testing.assert_close(torch.tensor(oracle.pagerank(logits[0], 0.1, 5, d), dtype=torch.float64), want)
+
+
+@pytest.mark.parametrize("block_rows", [1, 5, None])
+def test_blockwise_importance_equals_oracle_values_with_padding(block_rows):
+    """Library importance (any block size, with left-padding slots of garbage) == oracle values."""
+    model = tiny("eager")
+    inputs = make_batch(model, SINGLE)
+    eager = oracle.eager_copy(model)
+    lm = eager.model.language_model
+    embeds = oracle.prompt_embeds(model, inputs)
+    T = embeds.shape[1]
+    with torch.no_grad():
+        hidden = oracle.run_layers(eager, embeds, list(range(T)), range(1))
+        want = torch.tensor(oracle.pagerank(oracle.attention_logits(eager, 1, hidden, list(range(T))), 0.2, 4, 0.1))
+        pad = 3
+        h = torch.cat([torch.randn(1, pad, hidden.shape[2]) * 5, hidden], dim=1)
+        pos = torch.cat([torch.zeros(pad, dtype=torch.long), torch.arange(T)])[None]
+        pe = lm.rotary_emb(h, pos)
+        valid = torch.cat([torch.zeros(1, pad, dtype=torch.bool), torch.ones(1, T, dtype=torch.bool)], dim=1)
+        got = pagerank_importance(lm.layers[1], h, pe, valid, tau=0.2, iters=4, damping=0.1, block_rows=block_rows)
+    assert torch.all(got[0, :pad] == 0)
+    torch.testing.assert_close(got[0, pad:].double(), want.double(), rtol=1e-4, atol=0)
+
+
+def test_oracle_is_discriminating():
+    """Equality with the oracle is not vacuous: on the sharpened model the kept sets depend on the layer
+    and on tau and are not the earliest tokens (on the plain tiny model they are), the schedule's
+    dropping changes later selections and the logits, and cached / cache-free generation differ."""
+    model = tiny("eager")
+    inputs = make_batch(model, SINGLE)
+    img = oracle.image_positions(model, inputs["input_ids"])
+    keeps = {layer: oracle.aim_run(model, inputs, [(layer, 9)])["kept"][0] for layer in (1, 2, 3)}
+    assert len({tuple(v) for v in keeps.values()}) == 3
+    assert all(v != img[:9] for v in keeps.values())
+    assert oracle.aim_run(model, inputs, [(2, 9)], tau=1.0)["kept"][0] != keeps[2]
+    plain = tiny("eager", sharp=False)
+    assert oracle.aim_run(plain, inputs, [(2, 9)])["kept"][0] == img[:9]
+    # a second stage scores on the shortened sequence: not the same as scoring everything
+    two = oracle.aim_run(model, inputs, [(1, 24), (3, 9)])
+    assert two["kept"][1] != keeps[3]
+    with torch.no_grad():
+        full = model(**inputs).logits
+    assert (two["logits"][0, -1] - full[0, -1]).abs().max() > 1e-3
+    _, trace = patched_prefill(model, inputs, one(2, "tokens=9"))
+    assert trace.stages[0].kept_positions[0] != keeps[1]
+    stages = oracle_stages(aim_schedule(0, 3, 4), len(img))
+    eos = model.generation_config.eos_token_id
+    assert oracle.aim_generate(model, inputs, stages, 8, False, eos) != oracle.aim_generate(model, inputs, stages, 8, True, eos)
+
+
+# ------------------------------------------------------------------------------------------------
+# prefill: one stage, and schedules (one stage per layer)
+# ------------------------------------------------------------------------------------------------
+SINGLE_STAGE = [one(1, "tokens=9"), one(2, "keep=0.25"), one(3, "tokens=1"), one(2, "tokens=30"),
+                one(2, "keep=0.5", tau=0.5, iters=3, damping=0.1)]
+SCHEDULES = {"0->3": (0, 3), "1->3": (1, 3), "0->2": (0, 2)}
+
+
+@pytest.mark.parametrize("pol", SINGLE_STAGE)
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_single_stage_prefill_matches_oracle(attn, pol):
+    model = tiny(attn)
+    check_vs_oracle(model, make_batch(model, SINGLE), pol)
+
+
+@pytest.mark.parametrize("sched", sorted(SCHEDULES))
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_schedule_prefill_matches_oracle(attn, sched):
+    l1, l2 = SCHEDULES[sched]
+    model = tiny(attn)
+    inputs = make_batch(model, SINGLE)
+    pol = aim_schedule(l1, l2, 4)
+    check_vs_oracle(model, inputs, pol)
+    _, trace = patched_prefill(model, inputs, pol)
+    n_text = int((inputs["input_ids"][0] != IMAGE_TOKEN_ID).sum())
+    expect = [36] * (l1 + 1) + [n for _, n in oracle_stages(pol, 36)] + [1] * (3 - l2)
+    assert trace.tokens_per_layer == [n_text + n for n in expect]
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_two_images_and_anyres_match_oracle(attn):
+    model = tiny(attn)
+    check_vs_oracle(model, make_batch(model, TWO_IMAGES, seed=1), aim_schedule(0, 3, 4))
+    nxt = tiny(attn, next=True)
+    inputs = make_batch(nxt, [[4, "img", 3]], image_sizes=[[20, 36]])
+    assert n_image_tokens(inputs) > 8
+    check_vs_oracle(nxt, inputs, aim_schedule(1, 3, 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# batches with left padding == rows alone
+# ------------------------------------------------------------------------------------------------
+def row_alone(inputs: dict, rows: list, b: int) -> dict:
+    first = sum(seg == "img" for r in rows[:b] for seg in r)
+    n_img = sum(seg == "img" for seg in rows[b])
+    real = inputs["attention_mask"][b].bool()
+    ids = inputs["input_ids"][b][real][None]
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if n_img:
+        out["pixel_values"] = inputs["pixel_values"][first: first + n_img]
+    return out
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("batch", sorted(BATCHES))
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_padded_batch_schedule_matches_rows_alone(attn, batch, padding):
+    """Padding slots are neither PageRank keys nor mass holders (pi_0 = 0 there), so a padded row scores
+    as it does alone; right padding puts padded queries after real keys (causally visible to them)."""
+    rows = BATCHES[batch]
+    model = tiny(attn)
+    inputs = make_batch(model, rows, seed=2, padding=padding)
+    pol = aim_schedule(0, 3, 4)
+    logits, trace = patched_prefill(model, inputs, pol)
+    L = inputs["input_ids"].shape[1]
+    lengths = []
+    for b in range(len(rows)):
+        alone = row_alone(inputs, rows, b)
+        pad = L - alone["input_ids"].shape[1] if padding == "left" else 0
+        stages = oracle_stages(pol, n_image_tokens(alone))
+        if stages[0][1] == 0:  # text-only row: untouched
+            kept, want = [[]] * len(stages), model(**alone).logits[0].detach()
+        else:
+            res = oracle.aim_run(model, alone, stages)
+            assert_well_separated(res, stages)
+            kept, want = res["kept"], res["logits"][0]
+        assert [st.kept_positions[b] for st in trace.stages] == [[p + pad for p in s] for s in kept], f"row {b}"
+        assert [st.visual_after[b] for st in trace.stages] == [k for _, k in stages]
+        lengths.append(want.shape[0])
+        torch.testing.assert_close(logits[b, -want.shape[0]:], want, atol=ATOL, rtol=0, msg=f"row {b}")
+    assert logits.shape[1] == max(lengths)
+
+
+# ------------------------------------------------------------------------------------------------
+# generate
+# ------------------------------------------------------------------------------------------------
+def new_tokens(ids: torch.Tensor, prompt_len: int, eos, pad) -> list[int]:
+    out = []
+    for t in ids[prompt_len:].tolist():
+        out.append(t)
+        if t == eos:
+            break
+    assert all(t == pad for t in ids[prompt_len + len(out):].tolist())
+    return out
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_generate_matches_oracle(attn, use_cache):
+    """Cached: the prompt's kept sets (one per stage) serve every step. Cache-free: re-chosen each step."""
+    model = tiny(attn)
+    inputs = make_batch(model, SINGLE)
+    L = inputs["input_ids"].shape[1]
+    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
+    pol = aim_schedule(0, 3, 4)
+    kw = {} if use_cache else {"use_cache": False}
+    with vtp.patch(model, pol), torch.no_grad():
+        g = model.generate(**inputs, max_new_tokens=8, do_sample=False, **kw)
+    want = oracle.aim_generate(model, inputs, oracle_stages(pol, 36), 8, rescore=not use_cache, eos_token_id=eos)
+    assert new_tokens(g[0], L, eos, pad) == want
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_left_padded_batch_cached_generate_matches_rows_alone(attn):
+    rows = BATCHES["1img+2img"]
+    model = tiny(attn)
+    inputs = make_batch(model, rows, seed=2)
+    L = inputs["input_ids"].shape[1]
+    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
+    pol = aim_schedule(1, 3, 4)
+    with vtp.patch(model, pol), torch.no_grad():
+        g = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    for b in range(len(rows)):
+        alone = row_alone(inputs, rows, b)
+        stages = oracle_stages(pol, n_image_tokens(alone))
+        assert new_tokens(g[b], L, eos, pad) == oracle.aim_generate(model, alone, stages, 8, False, eos), f"row {b}"
+
+
+# ------------------------------------------------------------------------------------------------
+# the schedule and the preset
+# ------------------------------------------------------------------------------------------------
+def test_schedule_is_linear_and_ends_at_one_token():
+    pol = aim_schedule(13, 21, 32)
+    assert [s.layer for s in pol.stages] == list(range(14, 22))
+    assert [s.budget.keep for s in pol.stages[:-1]] == [(21 - l) / 8 for l in range(14, 21)]
+    assert pol.stages[-1].budget.tokens == 1 and pol.stages[-1].budget.keep is None
+    assert all(s.criterion == "aim" and dict(s.params) == {"tau": 0.1, "iters": 5, "damping": 0.0} for s in pol.stages)
+    assert vtp.Policy.parse("aim") == pol  # the preset: Vicuna-7B defaults
+    assert vtp.PRESETS.get("aim").arxiv == "2412.03248"
+    assert all(s.params["tau"] == 0.2 for s in vtp.Policy.parse("aim:tau=0.2").stages)
+    assert aim_schedule(0, 3, 4, iters=3).stages[0].params["iters"] == 3
+    # the official Qwen2 scheduler (retain_rate of scoring layer l applies from layer l + 1)
+    retain = [max(0, 1.0 - (l - 14 + 1) * 0.125) if l >= 14 else 1.0 for l in range(28)]
+    qwen = aim_schedule(14, 22, 28)
+    want = [(l + 1, r) for l, r in enumerate(retain) if r < 1.0]
+    want = want[: [r for _, r in want].index(0.0) + 1]  # ends where the rate first reaches 0 (here: 1 token)
+    assert want[-1] == (22, 0.0)
+    assert [(s.layer, s.budget.keep if s.budget.keep is not None else 0.0) for s in qwen.stages] == want
+
+
+def test_schedule_policies_round_trip():
+    pol = aim_schedule(0, 3, 4, tau=0.2)
+    assert vtp.Policy.from_dict(pol.to_dict()) == pol
+    assert vtp.Policy.parse(pol.to_string()) == pol
+    assert vtp.Policy.parse(one(2, "keep=0.5")).stages[0].layer == 2
+
+
+@pytest.mark.parametrize("args, field", [
+    ((3, 3, 4), "aim_schedule.l1"),
+    ((-1, 3, 4), "aim_schedule.l1"),
+    ((0, 4, 4), "aim_schedule.l2"),
+    ((0, 2.5, 4), "aim_schedule.l2"),
+])
+def test_schedule_errors_name_the_argument(args, field):
+    with pytest.raises(PolicyError) as e:
+        aim_schedule(*args)
+    assert e.value.field == field
+
+
+def test_bad_params_and_multi_stage_overrides_are_named():
+    for spec, field in [("aim:tau=0", "stages[0][0].tau"), ("aim:iters=0", "stages[0][0].iters"),
+                        ("aim:damping=1.0", "stages[0][0].damping")]:
+        with pytest.raises(PolicyError) as e:
+            vtp.Policy.parse(spec)
+        assert e.value.field == field
+    with pytest.raises(PolicyError):
+        vtp.Policy.parse("aim:keep=0.5")  # the preset's budgets are a schedule: write stages to change them
+    model = tiny("sdpa")
+    with pytest.raises(vtp.IncompatiblePolicyError):
+        vtp.patch(model, "aim")  # layers 14..21 do not exist in a 4-layer model
+
+
+def test_explain_counts_the_preset_schedule():
+    from vlm_tokenprune.eval.flops import TextGeometry, policy_flops
+
+    vicuna = TextGeometry(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000)
+    out = policy_flops(vicuna, "aim", 64, 576)
+    want = [576] * 14 + [math.floor(576 * (21 - l) / 8 + 0.5) for l in range(14, 21)] + [1] * 11
+    assert out["tokens_per_layer"] == [64 + v for v in want]
+    assert out["lower_bound_stages"] == []  # plain top-k: the budgets are exact

@@ -1,0 +1,211 @@
+"""Hugging Face ``Qwen2VLForConditionalGeneration`` and ``Qwen2_5_VLForConditionalGeneration``.
+
+Visual tokens are the ``image_token_id`` and ``video_token_id`` placeholders of ``input_ids``.
+Their grid coordinates come from ``image_grid_thw`` / ``video_grid_thw`` (one ``[t, h, w]``
+row per image / video over the whole batch, in prompt order, in vision-patch units): after
+the ``spatial_merge_size`` x ``spatial_merge_size`` merge each item is a ``t x h' x w'`` block
+of LLM tokens in raster order (t slowest, then row, then column), exactly the order the
+model's ``get_rope_index`` assigns M-RoPE positions in and ``masked_scatter`` fills features
+in. Images and videos are matched to placeholders by count, so several of each per prompt,
+different sizes (dynamic resolution) and batches work. ``generate()`` (transformers 5.x) encodes
+the pixels before prefill and passes ``mm_encoder_outputs`` and ``[4, B, L]`` position ids
+instead of pixels and grids: then the per-item token counts come from the encoder outputs and
+each frame's ``h x w`` from the item's own height / width position ids (``start + row``,
+``start + col``), which give the same layout.
+
+Layout (``VisualLayout``): ``image`` is the index of the visual item (image or video) within
+the row, in prompt order; every frame of an item is its own ``segment`` (an image has one,
+a video has t), with ``row``/``col`` on the merged grid.
+
+Positions: the engine gathers each layer's own incoming ``(cos, sin)`` (built by the model
+from the 3-D M-RoPE ids ``[3, B, L]``) and ``position_ids`` (the text positions, when the
+model passes them) at the kept tokens, so every kept token keeps its original 3-D position.
+Layer 0 is never pruned, so the cache length the model reads (and ``rope_deltas``) make decode
+continue at the original next position.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import InputError, UnsupportedModelError
+from ..registry import ADAPTERS
+from .base import Seams, VisualLayout
+from .llava_hf import mask_format_for
+
+
+class Qwen2VLAdapter:
+    """HF Qwen2-VL and Qwen2.5-VL (full-attention text layers, M-RoPE)."""
+
+    model_types = ("qwen2_vl", "qwen2_5_vl")
+    # inputs that carry new pixels or precomputed visual features: refused in a chunk appended to a cache
+    pixel_inputs = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+
+    # -- structure ---------------------------------------------------------------------------
+    def check(self, model: nn.Module) -> None:
+        cfg = model.config
+        text = cfg.text_config
+        layer_types = list(getattr(text, "layer_types", None) or [])
+        sliding = [i for i, t in enumerate(layer_types) if t != "full_attention"]
+        if sliding or getattr(text, "use_sliding_window", False):
+            raise UnsupportedModelError(
+                "config.text_config.use_sliding_window",
+                f"{cfg.model_type}: sliding-window layers {sliding} are not supported (their window and their "
+                "sliding cache count cached tokens, which pruning changes, and flash-attention applies the window "
+                "over kept slots); allowed: use_sliding_window=False (as in the released Qwen2-VL / Qwen2.5-VL checkpoints)",
+            )
+        lm = self._language_model(model)
+        for i, layer in enumerate(lm.layers):
+            attn = getattr(layer, "self_attn", None)
+            for name in ("q_proj", "k_proj"):
+                if attn is None or not isinstance(getattr(attn, name, None), nn.Module):
+                    raise UnsupportedModelError(
+                        f"decoder layer {i}", f"expected self_attn.{name} (Qwen2-VL-style attention)"
+                    )
+            if not isinstance(getattr(layer, "input_layernorm", None), nn.Module):
+                raise UnsupportedModelError(f"decoder layer {i}", "expected input_layernorm (pre-norm decoder layer)")
+        mask_format_for(text._attn_implementation)
+
+    @staticmethod
+    def _language_model(model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def seams(self, model: nn.Module) -> Seams:
+        text = model.config.text_config
+        impl = text._attn_implementation
+        return Seams(
+            top=model,
+            decoder_layers=tuple(self._language_model(model).layers),
+            first_full_attention_layer=0,
+            mask_format=mask_format_for(impl),
+            attn_implementation=impl,
+            text_config=text,
+        )
+
+    # -- visual tokens -----------------------------------------------------------------------
+    def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout:
+        cfg = model.config
+        device = input_ids.device
+        kinds = (("image", cfg.image_token_id), ("video", cfg.video_token_id))
+        ids = input_ids.cpu()
+        B, L = ids.shape
+        is_visual = torch.zeros_like(ids, dtype=torch.bool)
+        for _, tok in kinds:
+            is_visual |= ids == tok
+        item = torch.full((B, L), -1, dtype=torch.long)
+        segment, row, col = item.clone(), item.clone(), item.clone()
+        coords_known = True
+        if bool(is_visual.any()):
+            pos3 = self._positions(kwargs, B, L)
+            items: list[list[tuple[int, int, torch.Tensor]]] = [[] for _ in range(B)]  # per row: (first, frames, positions)
+            for kind, tok in kinds:
+                mask = ids == tok
+                n_tokens = int(mask.sum())
+                if n_tokens == 0:
+                    continue
+                shapes = self._item_shapes(cfg, kind, kwargs, n_tokens)
+                if shapes is None:
+                    coords_known = False
+                    continue
+                # features fill the placeholders in batch order, row by row, left to right (masked_scatter)
+                j = 0
+                for b in range(B):
+                    pos = torch.nonzero(mask[b]).flatten()
+                    i = 0
+                    while i < len(pos):
+                        n, hw = shapes[j]
+                        if i + n > len(pos):
+                            raise InputError(
+                                "input_ids",
+                                f"{kind} {j} needs {n} placeholder tokens but row {b} holds only {len(pos) - i} more; "
+                                f"every {kind} must lie within one row",
+                            )
+                        p = pos[i:i + n]
+                        if hw is None and pos3 is not None:
+                            hw = self._grid_from_positions(pos3[1:, b, p])
+                        if hw is None:
+                            coords_known = False
+                            hw = (1, n)
+                        h, w = hw
+                        r = torch.arange(n)
+                        row[b, p] = (r % (h * w)) // w
+                        col[b, p] = r % w
+                        segment[b, p] = r // (h * w)  # frame within the item; offset per row below
+                        items[b].append((int(p[0]), n // (h * w), p))
+                        i += n
+                        j += 1
+            # number items and segments per row in prompt order (images and videos together)
+            for b in range(B):
+                seg_base = 0
+                for n_item, (_, frames, p) in enumerate(sorted(items[b], key=lambda x: x[0])):
+                    item[b, p] = n_item
+                    segment[b, p] += seg_base
+                    seg_base += frames
+            if not coords_known:  # some grid is unknown: only the token order is
+                item = torch.where(is_visual, torch.zeros_like(item), item)
+                segment = torch.where(is_visual, torch.zeros_like(segment), segment)
+                row = torch.full_like(row, -1)
+                col = torch.full_like(col, -1)
+        return VisualLayout(
+            is_visual.to(device), item.to(device), segment.to(device), row.to(device), col.to(device),
+            torch.zeros_like(is_visual, device=device), coords_known,
+        )
+
+    @staticmethod
+    def _item_shapes(cfg, kind: str, kwargs: dict, n_tokens: int) -> list[tuple[int, tuple[int, int] | None]] | None:
+        """Per image / video of the batch, in order: (LLM tokens, (h, w) of one frame or None when unknown).
+
+        From ``{kind}_grid_thw`` when given (plain forwards); else from the token counts of precomputed
+        ``mm_encoder_outputs[kind]`` (what ``generate()`` passes instead of pixels and grids: it pops them),
+        with the grid read from the 3-D positions later. None: not even the counts are known.
+        """
+        merge = cfg.vision_config.spatial_merge_size
+        grid = kwargs.get(f"{kind}_grid_thw")
+        if grid is not None:
+            grid = torch.as_tensor(grid).cpu().long().reshape(-1, 3)
+            if bool((grid[:, 1:] % merge != 0).any()):
+                raise InputError(f"{kind}_grid_thw", f"h and w must be multiples of spatial_merge_size={merge}")
+            shapes = [(t * (h // merge) * (w // merge), (h // merge, w // merge)) for t, h, w in grid.tolist()]
+            source = f"{kind}_grid_thw gives {{}} (t*h*w/{merge * merge} per {kind})"
+        else:
+            enc = (kwargs.get("mm_encoder_outputs") or {}).get(kind)
+            feats = getattr(enc, "pooler_output", None)
+            if not isinstance(feats, (tuple, list)):
+                return None
+            shapes = [(int(f.shape[0]), None) for f in feats]
+            source = f"mm_encoder_outputs[{kind!r}] holds {{}} features"
+        total = sum(n for n, _ in shapes)
+        if total != n_tokens:
+            raise InputError(
+                "input_ids",
+                f"{n_tokens} {kind} placeholder tokens but {source.format(total)}; "
+                "the prompt must hold exactly one placeholder per feature",
+            )
+        return shapes
+
+    @staticmethod
+    def _positions(kwargs: dict, B: int, L: int) -> torch.Tensor | None:
+        """The M-RoPE ids ``[3, B, L]`` (temporal, height, width) the caller passed, if any (generate passes
+        ``[4, B, L]``: text positions first)."""
+        pos = kwargs.get("position_ids")
+        if pos is None or pos.dim() != 3 or pos.shape[0] not in (3, 4) or pos.shape[-1] != L:
+            return None
+        return pos[-3:].expand(3, B, L).cpu()
+
+    @staticmethod
+    def _grid_from_positions(hw_pos: torch.Tensor) -> tuple[int, int] | None:
+        """(h, w) of one frame from an item's height / width position ids ``[2, n]`` (``get_rope_index`` gives
+        them as ``start + row`` / ``start + col`` in raster order); None when they are not such a grid."""
+        ph, pw = hw_pos[0] - hw_pos[0].min(), hw_pos[1] - hw_pos[1].min()
+        h, w = int(ph.max()) + 1, int(pw.max()) + 1
+        n = hw_pos.shape[1]
+        if n % (h * w):
+            return None
+        r = torch.arange(n)
+        if not (torch.equal(ph, (r % (h * w)) // w) and torch.equal(pw, r % w)):
+            return None
+        return h, w
+
+
+ADAPTERS.register("qwen2_vl", Qwen2VLAdapter())
+ADAPTERS.register("qwen2_5_vl", Qwen2VLAdapter())

@@ -1,0 +1,133 @@
+"""FEATHER: "Feather the Throttle: Revisiting Visual Token Pruning for Vision-Language Model
+Acceleration" (ICCV 2025), arXiv 2412.13180.
+
+FastV's last-token criterion, computed WITHOUT RoPE (RoPE's long-term decay makes FastV keep
+the bottom of the image), with the softmax over the visual keys only, heads averaged, plus
+a uniform spatial grid so every region of the image stays represented:
+
+* stage 1 (paper: drop before layer 8, scored from layer 7's q/k projections): keep the
+  top ``keep`` tokens by the criterion UNION every ``stride``-th row and column of each
+  image's patch grid (``stride=3``: ``grid[::3, ::3]``); the kept count is variable,
+  between the budget and the budget + the grid size;
+* stage 2 (layer 16): the criterion alone, keeping ``(1-R)^2`` of the tokens entering the
+  stage (``keep=(1-R)**2, of="current"``, as the official code does).
+
+Defaults (the released script ``eval_feather.sh``): R = 0.7, layers [8, 16], stride 3, no
+RoPE, softmax over the visual keys. Preset ``feather`` = those two stages.
+
+Criterion parameters (for the paper's ablations):
+
+* ``rope`` (False): apply RoPE to q and k before scoring (True = FastV's ranking);
+* ``softmax`` ("keys"): normalise over the visual keys only, or over the whole causal
+  ``"row"`` like the model's own attention;
+* ``stride`` (3): the uniform grid's step in rows and columns; 0 = no grid (criterion only).
+
+Choices, beyond the official code (batch 1, one square image):
+
+* Budget rounding: the official code keeps ``int(V * (1-R))`` (floor); here the kept count
+  follows the library-wide budget rule ``max(1, floor(keep * n + 0.5))`` (round half up),
+  so a budget means the same for every method and float representation cannot cost a
+  token (``int(100 * 0.29) == 28``). The two differ by at most one token (V = 576,
+  R = 0.7: 173 here, 172 officially); pass ``tokens=`` to pin an exact count.
+* The grid is laid, per patch grid, over the rows and columns present in that grid:
+  each LLaVA-1.5 image; for LLaVA-NeXT the base grid and the unpadded anyres grid of each
+  image (``ctx.segment``), anchored at the smallest row and column present in that grid (for
+  an unpadded anyres grid: its first real row / column, not the padded canvas's). Non-square
+  grids work the same way.
+  ``image_newline`` and CLS tokens are never grid cells (they can still be kept by the
+  criterion). When an earlier stage already pruned, the grid is laid over the surviving
+  cells.
+* Several images in a row share one budget and one softmax (over all visual tokens of the
+  row), as every criterion here does.
+* Overrides of the two-stage preset apply to both stages (``feather:rope=true``); stage 2
+  has ``stride=0``, so to change stage 1's stride write the stages out, e.g.
+  ``{"stages": [{"criterion": "feather", "layer": 8, "keep": 0.3, "params": {"stride": 2}},
+  {"criterion": "feather", "layer": 16, "keep": 0.09, "of": "current", "params": {"stride": 0}}]}``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+from ..policy import register_preset
+from ..scoring import ScoringContext
+from ..selection import topk_per_row
+from .base import Criterion, Param, register_criterion
+
+
+def stride_grid(ctx: ScoringContext, stride: int) -> torch.Tensor:
+    """``[B, N]`` bool: visual tokens on the ``stride`` grid of their own patch grid (segment).
+
+    A token at ``(row, col)`` of segment ``s`` is on the grid when ``(row - r0) % stride == 0``
+    and ``(col - c0) % stride == 0``, with ``(r0, c0)`` the smallest row / column present in
+    ``s``. Tokens without grid coordinates (``image_newline``, CLS: row or col < 0) never are.
+    """
+    ok = ctx.visual_ok
+    spatial = ok & (ctx.row >= 0) & (ctx.col >= 0) & ~ctx.is_newline
+    B, N = ok.shape
+    big = torch.iinfo(torch.long).max
+    seg = ctx.segment.masked_fill(~spatial, 0).clamp(min=0)
+    n_seg = int(seg.max()) + 1 if N else 1
+    # per (row, segment): min row / col over its spatial tokens
+    r0 = torch.full((B, n_seg), big, dtype=torch.long, device=ok.device)
+    c0 = torch.full((B, n_seg), big, dtype=torch.long, device=ok.device)
+    r0.scatter_reduce_(1, seg, ctx.row.masked_fill(~spatial, big), reduce="amin")
+    c0.scatter_reduce_(1, seg, ctx.col.masked_fill(~spatial, big), reduce="amin")
+    dr = ctx.row - torch.gather(r0, 1, seg)
+    dc = ctx.col - torch.gather(c0, 1, seg)
+    return spatial & (dr % stride == 0) & (dc % stride == 0)
+
+
+def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices where ``mask`` [B, N] holds, ascending, padded to the longest row: ``(idx, ok)``."""
+    counts = mask.sum(1)
+    K = int(counts.max()) if mask.shape[0] else 0
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :K]
+    ok = torch.arange(K, device=mask.device)[None, :] < counts[:, None]
+    return order.masked_fill(~ok, 0), ok
+
+
+@register_criterion
+class FeatherCriterion(Criterion):
+    name = "feather"
+    paper = "Feather the Throttle: Revisiting Visual Token Pruning for VLM Acceleration (FEATHER)"
+    arxiv = "2412.13180"
+    params = {
+        "rope": Param(False, bool, "apply RoPE to q/k before scoring (FEATHER: no; FastV: yes)"),
+        "softmax": Param("keys", str,
+                         "softmax over the visual keys only ('keys', FEATHER) or the whole causal row ('row', FastV)",
+                         choices=("keys", "row")),
+        "stride": Param(3, int, "uniform grid step kept in addition to the top-k (0 = no grid)",
+                        check=lambda v: v >= 0, allowed="an integer >= 0"),
+    }
+
+    def score(self, ctx: ScoringContext, rope: bool, softmax: str, stride: int) -> torch.Tensor:
+        return ctx.attention("last", rope=rope, softmax_over=softmax).mean(dim=1)[:, 0]  # [B, N]
+
+    def select(self, ctx: ScoringContext, scores: torch.Tensor, rope: bool, softmax: str, stride: int):
+        idx, ok = topk_per_row(scores, ctx.visual_ok, ctx.keep)
+        if stride == 0:
+            return idx, ok
+        if not ctx.coords_known:
+            raise InputError(
+                "feather.stride",
+                f"{stride} needs the patch grid of every image (LLaVA-NeXT: pass image_sizes and pixel_values); "
+                "allowed without it: stride=0",
+            )
+        B, N = scores.shape
+        keep = torch.zeros(B, N + 1, dtype=torch.bool, device=scores.device)
+        keep.scatter_(1, idx.masked_fill(~ok, N), True)
+        keep = keep[:, :N] | stride_grid(ctx, stride)
+        return _pack(keep & ctx.visual_ok)
+
+
+register_preset(
+    "feather",
+    [
+        {"criterion": "feather", "layer": 8, "keep": 0.3, "stride": 3},
+        {"criterion": "feather", "layer": 16, "keep": 0.09, "of": "current", "stride": 0},
+    ],
+    "no-RoPE last-token attention over the visual keys; layer 8: top 30% + stride-3 grid, "
+    "layer 16: top 9% of what is left (R=0.7)",
+    "2412.13180",
+)
