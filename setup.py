@@ -20,7 +20,7 @@ setup(
         "eval": ["lmms-eval==0.7.3", "filelock<4", "pillow", "matplotlib"],
         # triton so CI runs the kernel tests (CPU, TRITON_INTERPRET=1); a 286 MB wheel, ~25 s to install.
         # Wheels are Linux-only: elsewhere the kernel tests skip with a reason.
-        "test": ["pytest>=8", "hypothesis>=6", "triton==3.9.0; platform_system == 'Linux'"],
+        "test": ["pytest>=8", "hypothesis>=6", "accelerate>=1.0", "triton==3.9.0; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["vlm-tokenprune=vlm_tokenprune.cli:main"]},
 )

@@ -1,0 +1,114 @@
+"""Serving-style robustness: no state growth, other dtypes, beam search / sampling, compiled models."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import vlm_tokenprune as vtp
+from vlm_tokenprune import UnsupportedModelError
+from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
+
+ROWS = [[5, "img", 7], [3, "img", 2, "img", 4]]
+
+
+def test_no_state_growth_over_many_forwards_and_generates():
+    model = build_tiny_llava("sdpa")
+    inputs = make_batch(model, ROWS)
+    with vtp.patch(model, "fastv:keep=0.25+random:layer=3,keep=0.1") as h, torch.no_grad():
+        for _ in range(200):
+            model(**inputs)
+        for _ in range(20):
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        gc.collect()
+        assert h._state is None
+        assert len(h._sessions) == 0  # every generate's cache is gone, and with it its record
+        assert h._last.cache is None  # the last trace holds no KV cache
+        tr = h.last_trace()
+    assert tr.phase == "decode" and len(tr.stages) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    model = build_tiny_llava("sdpa", dtype=dtype)
+    inputs = make_batch(model, ROWS)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vtp.patch(model, "fastv:keep=1"):
+            assert torch.equal(model(**inputs).logits, ref)
+        with vtp.patch(model, "fastv:keep=0.25") as h:
+            out = model(**inputs).logits
+            gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert h.last_trace().stages[0].visual_after == [9, 18]
+    assert gen.shape == (2, inputs["input_ids"].shape[1] + 4)
+
+
+def test_beam_search_and_seeded_sampling():
+    model = build_tiny_llava("sdpa")
+    inputs = make_batch(model, ROWS)
+    kw = dict(max_new_tokens=4, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        ref = model.generate(**inputs, **kw)
+        with vtp.patch(model, "fastv:keep=1"):
+            assert torch.equal(model.generate(**inputs, **kw), ref)
+        with vtp.patch(model, "fastv:keep=0.25"):
+            beams = model.generate(**inputs, **kw)
+            torch.manual_seed(0)
+            s1 = model.generate(**inputs, max_new_tokens=4, do_sample=True)
+            torch.manual_seed(0)
+            s2 = model.generate(**inputs, max_new_tokens=4, do_sample=True)
+    assert beams.shape[0] == 2 and torch.equal(s1, s2)
+
+
+def test_compiled_model_is_refused():
+    model = build_tiny_llava("sdpa")
+    compiled = torch.compile(model)
+    with pytest.raises(UnsupportedModelError) as e:
+        vtp.patch(compiled, "fastv")
+    assert e.value.field == "model" and "compile" in str(e.value)
+
+
+def test_coexists_with_accelerate_offload_hooks():
+    accelerate = pytest.importorskip("accelerate")
+    model = build_tiny_llava("sdpa")
+    inputs = make_batch(model, ROWS)
+    with torch.no_grad():
+        with vtp.patch(model, "fastv:keep=0.25"):
+            ref = model(**inputs).logits
+            ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    # offload every weight to CPU RAM with accelerate's module hooks (weights live off-module between calls)
+    accelerate.cpu_offload(model, execution_device="cpu")
+    offloaded = {n for n, m in model.named_modules() if hasattr(m, "_hf_hook")}
+    assert offloaded
+    with torch.no_grad():
+        h = vtp.patch(model, "fastv:keep=0.25")
+        out = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        h.unpatch()
+    assert torch.allclose(out, ref, atol=1e-6) and torch.equal(gen, ref_gen)
+    assert {n for n, m in model.named_modules() if hasattr(m, "_hf_hook")} == offloaded  # accelerate's hooks intact
+
+
+def test_more_bad_inputs_are_named():
+    from vlm_tokenprune import InputError
+    from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID
+
+    model = build_tiny_llava("sdpa")
+    inputs = make_batch(model, ROWS[:1])
+    with vtp.patch(model, "fastv"):
+        bad = dict(inputs, input_ids=inputs["input_ids"].clone())
+        bad["input_ids"][0, 3] = IMAGE_TOKEN_ID  # one placeholder too many
+        with pytest.raises(InputError) as e:
+            model(**bad)
+        assert e.value.field == "input_ids"
+        L = inputs["attention_mask"].shape[1]
+        with pytest.raises(InputError) as e:
+            model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], attention_mask=torch.ones(1, 1, L, L))
+        assert e.value.field == "attention_mask"
+        out = model(**inputs, use_cache=True)
+        with pytest.raises(InputError) as e:  # new images on top of an existing cache
+            model(input_ids=inputs["input_ids"][:, -3:], pixel_values=inputs["pixel_values"], cache=out["cache"])
+        assert e.value.field == "pixel_values"
