@@ -1,9 +1,11 @@
 """Triton kernels == their PyTorch references (``reference_ops``), run on CPU by the Triton interpreter.
 
 The kernels are imported with ``TRITON_INTERPRET=1`` (triton decides interpreter vs compiler
-when a kernel is decorated, i.e. at its module's import); the variable is restored right after,
-and the kernel modules are dropped from ``sys.modules`` when this module's tests end, so
-nothing here changes how other test modules run. The interpreter is ~1000x slower than
+when a kernel is decorated, i.e. at its module's import; torch has usually imported triton
+itself long before, which is why the kernels avoid triton's own ``@jit`` library functions,
+see ``kernels/_reduce.py``); the variable is restored right after, and the kernel modules
+are dropped from ``sys.modules`` when this module's tests end, so nothing here changes how
+other test modules run. The interpreter is ~1000x slower than
 torch: every shape is tiny and odd (N not a power of two, several streaming blocks).
 """
 from __future__ import annotations

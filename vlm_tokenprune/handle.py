@@ -25,8 +25,11 @@ class PatchHandle:
         self.ops = Ops(backend)  # the hot ops on this backend; the engine and every ScoringContext use it
         self.image_token_id = model.config.image_token_id
         # decoder layer j -> index of the stage whose criterion runs on layer j's input (stage.layer == j + 1)
-        self.stage_after = {st.layer - 1: i for i, st in enumerate(policy.stages)}
-        self.stage_at = {st.layer: i for i, st in enumerate(policy.stages)}
+        # (prune stages only: visual_drop needs no criterion); stage_at: every token stage (prune, visual_drop)
+        self.stage_after = {st.layer - 1: i for i, st in enumerate(policy.stages) if st.op == "prune"}
+        self.stage_at = {st.layer: i for i, st in enumerate(policy.stages) if st.changes_tokens}
+        self.structural = None  # structural.plan.StructuralPlan when the policy has structural ops
+        self._restore: list = []  # undo records of instance-level changes (structural.hooks), applied in reverse
         self._hooks: list = []
         self._sites: list[str] = []
         self._state: ForwardState | None = None
@@ -46,6 +49,8 @@ class PatchHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        while self._restore:  # modules and instance attributes swapped by structural ops, newest first
+            self._restore.pop().undo()
         self._sessions = weakref.WeakKeyDictionary()
         self.active = False
 
@@ -66,7 +71,14 @@ class PatchHandle:
                  f"model: {type(self.model).__name__} ({self.model.config.model_type}), "
                  f"attention: {self.seams.attn_implementation} (mask {self.seams.mask_format})"]
         for i, st in enumerate(self.policy.stages):
-            lines.append(f"stage {i}: {st.describe()}  (scores on layer {st.layer - 1}'s input, drops before layer {st.layer})")
+            if st.op == "prune":
+                lines.append(f"stage {i}: {st.describe()}  (scores on layer {st.layer - 1}'s input, drops before layer {st.layer})")
+            elif st.op == "visual_drop":
+                lines.append(f"stage {i}: {st.describe()}  (every visual token removed before layer {st.layer}; real savings)")
+            else:
+                lines.append(f"stage {i}: {st.describe()}")
+        if self.structural is not None:
+            lines += [f"  {line}" for line in self.structural.describe()]
         lines += [f"hook: {s}" for s in self._sites] if self.active else []
         return "\n".join(lines)
 

@@ -56,6 +56,8 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
             f"{gen_cfg.cache_implementation!r} is not supported; allowed: None or 'dynamic' (DynamicCache)",
         )
     for i, st in enumerate(pol.stages):
+        if not st.changes_tokens:
+            continue
         if st.layer >= seams.num_layers:
             raise IncompatiblePolicyError(
                 f"stages[{i}].layer", f"{st.layer} is beyond the model; allowed: 1..{seams.num_layers - 1}"
@@ -66,12 +68,20 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
                 f"{st.layer} is at or below the first full-attention layer ({seams.first_full_attention_layer}); "
                 f"allowed: {seams.first_full_attention_layer + 1}..{seams.num_layers - 1}",
             )
-    criteria = [CRITERIA.get(st.criterion, f"stages[{i}].criterion") for i, st in enumerate(pol.stages)]
+    criteria = [CRITERIA.get(st.criterion, f"stages[{i}].criterion") if st.op == "prune" else None
+                for i, st in enumerate(pol.stages)]
+    from .structural.hooks import install_hooks, install_modules
+    from .structural.plan import resolve
+
+    plan = resolve(model, pol, seams)  # structural stages: layers, heads, calibration files, mask format
     param = next(model.parameters(), None)
     check_backend(backend, param.device if param is not None else "cpu")
 
     # -- nothing above touched the model; from here on, only hooks kept on the handle --
     handle = PatchHandle(model, pol, adapter, seams, criteria, backend)
+    handle.structural = plan
+    if plan is not None:  # sliced projections first, so criteria capture/recompute with what really runs
+        install_modules(handle, plan)
     top = seams.top
     handle._add(
         f"{type(top).__name__}: forward pre-hook (find visual tokens, open per-forward state)",
@@ -87,7 +97,7 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
         roles = []
         if j in handle.stage_at:
             roles.append(f"score stage {handle.stage_at[j]} and drop tokens")
-        if any(st.layer <= j for st in pol.stages):
+        if any(st.changes_tokens and st.layer <= j for st in pol.stages):
             roles.append("shrink mask/positions")
         if j in handle.stage_after:
             roles.append(f"keep input for stage {handle.stage_after[j]}'s criterion")
@@ -104,5 +114,7 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
                 _mark(functools.partial(engine.layer_pre_hook, handle, j)), with_kwargs=True
             ),
         )
+    if plan is not None:  # after the engine's layer pre-hooks: they see the kwargs already shrunk by token stages
+        install_hooks(handle, plan)
     handle.active = True
     return handle
