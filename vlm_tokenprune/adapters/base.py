@@ -13,6 +13,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
+
 
 @dataclass(frozen=True)
 class Seams:
@@ -74,3 +76,48 @@ class Adapter(Protocol):
     def seams(self, model: nn.Module) -> Seams: ...
 
     def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout: ...
+
+
+def mask_format_for(attn_implementation: str) -> str:
+    """Which mask layout a registered attention backend receives (see transformers ``masking_utils``)."""
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        eager_mask,
+        flash_attention_mask,
+        sdpa_mask,
+    )
+
+    fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(attn_implementation)
+    formats = {sdpa_mask: "bool4d", eager_mask: "float4d", flash_attention_mask: "2d"}
+    if fn not in formats:
+        raise UnsupportedModelError(
+            "attn_implementation",
+            f"{attn_implementation!r} is not supported; allowed: eager, sdpa, flash_attention_2/3/4, "
+            "or a registered backend whose mask function is sdpa_mask, eager_mask or flash_attention_mask",
+        )
+    return formats[fn]
+
+
+def check_decoder_layers(layers, style: str) -> None:
+    """Every decoder layer is pre-norm with ``input_layernorm`` and ``self_attn.{q,k,v}_proj`` (what scoring reads)."""
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            if attn is None or not isinstance(getattr(attn, name, None), nn.Module):
+                raise UnsupportedModelError(f"decoder layer {i}", f"expected self_attn.{name} ({style}-style attention)")
+        if not isinstance(getattr(layer, "input_layernorm", None), nn.Module):
+            raise UnsupportedModelError(f"decoder layer {i}", "expected input_layernorm (pre-norm decoder layer)")
+
+
+def hf_seams(model: nn.Module, language_model: nn.Module) -> Seams:
+    """Seams of an HF ``...ForConditionalGeneration`` whose text model has full attention in every layer."""
+    text = model.config.text_config
+    impl = text._attn_implementation
+    return Seams(
+        top=model,
+        decoder_layers=tuple(language_model.layers),
+        first_full_attention_layer=0,
+        mask_format=mask_format_for(impl),
+        attn_implementation=impl,
+        text_config=text,
+    )

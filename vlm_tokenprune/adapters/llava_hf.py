@@ -13,29 +13,9 @@ from torch import nn
 
 from ..errors import InputError, UnsupportedModelError
 from ..registry import ADAPTERS
-from .base import Seams, VisualLayout
+from .base import Seams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for
 
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
-
-
-def mask_format_for(attn_implementation: str) -> str:
-    """Which mask layout a registered attention backend receives (see transformers ``masking_utils``)."""
-    from transformers.masking_utils import (
-        ALL_MASK_ATTENTION_FUNCTIONS,
-        eager_mask,
-        flash_attention_mask,
-        sdpa_mask,
-    )
-
-    fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(attn_implementation)
-    formats = {sdpa_mask: "bool4d", eager_mask: "float4d", flash_attention_mask: "2d"}
-    if fn not in formats:
-        raise UnsupportedModelError(
-            "attn_implementation",
-            f"{attn_implementation!r} is not supported; allowed: eager, sdpa, flash_attention_2/3/4, "
-            "or a registered backend whose mask function is sdpa_mask, eager_mask or flash_attention_mask",
-        )
-    return formats[fn]
 
 
 class LlavaHFAdapter:
@@ -65,14 +45,7 @@ class LlavaHFAdapter:
                 "config.vision_feature_select_strategy",
                 f"LLaVA-NeXT with {cfg.vision_feature_select_strategy!r} is not supported; allowed: 'default'",
             )
-        layers = self._language_model(model).layers
-        for i, layer in enumerate(layers):
-            attn = getattr(layer, "self_attn", None)
-            for name in ("q_proj", "k_proj"):
-                if attn is None or not isinstance(getattr(attn, name, None), nn.Module):
-                    raise UnsupportedModelError(
-                        f"decoder layer {i}", f"expected self_attn.{name} (Llama-style attention)"
-                    )
+        check_decoder_layers(self._language_model(model).layers, "Llama")
         mask_format_for(text._attn_implementation)
 
     @staticmethod
@@ -80,16 +53,7 @@ class LlavaHFAdapter:
         return model.model.language_model
 
     def seams(self, model: nn.Module) -> Seams:
-        text = model.config.text_config
-        impl = text._attn_implementation
-        return Seams(
-            top=model,
-            decoder_layers=tuple(self._language_model(model).layers),
-            first_full_attention_layer=0,
-            mask_format=mask_format_for(impl),
-            attn_implementation=impl,
-            text_config=text,
-        )
+        return hf_seams(model, self._language_model(model))
 
     # -- visual tokens -----------------------------------------------------------------------
     def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout:

@@ -30,8 +30,7 @@ from torch import nn
 
 from ..errors import InputError, UnsupportedModelError
 from ..registry import ADAPTERS
-from .base import Seams, VisualLayout
-from .llava_hf import mask_format_for
+from .base import Seams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for
 
 
 class Qwen2VLAdapter:
@@ -54,16 +53,7 @@ class Qwen2VLAdapter:
                 "sliding cache count cached tokens, which pruning changes, and flash-attention applies the window "
                 "over kept slots); allowed: use_sliding_window=False (as in the released Qwen2-VL / Qwen2.5-VL checkpoints)",
             )
-        lm = self._language_model(model)
-        for i, layer in enumerate(lm.layers):
-            attn = getattr(layer, "self_attn", None)
-            for name in ("q_proj", "k_proj"):
-                if attn is None or not isinstance(getattr(attn, name, None), nn.Module):
-                    raise UnsupportedModelError(
-                        f"decoder layer {i}", f"expected self_attn.{name} (Qwen2-VL-style attention)"
-                    )
-            if not isinstance(getattr(layer, "input_layernorm", None), nn.Module):
-                raise UnsupportedModelError(f"decoder layer {i}", "expected input_layernorm (pre-norm decoder layer)")
+        check_decoder_layers(self._language_model(model).layers, "Qwen2-VL")
         mask_format_for(text._attn_implementation)
 
     @staticmethod
@@ -71,16 +61,7 @@ class Qwen2VLAdapter:
         return model.model.language_model
 
     def seams(self, model: nn.Module) -> Seams:
-        text = model.config.text_config
-        impl = text._attn_implementation
-        return Seams(
-            top=model,
-            decoder_layers=tuple(self._language_model(model).layers),
-            first_full_attention_layer=0,
-            mask_format=mask_format_for(impl),
-            attn_implementation=impl,
-            text_config=text,
-        )
+        return hf_seams(model, self._language_model(model))
 
     # -- visual tokens -----------------------------------------------------------------------
     def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout:
