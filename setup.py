@@ -14,13 +14,25 @@ setup(
         "torch>=2.4",
         "transformers>=5.17,<6",
         "pyyaml>=6",
+        # the shipped tiny VLM's demo, benchmark and pictures: synthetic images (numpy + PIL), progress bars
+        "numpy",
+        "pillow",
+        "tqdm",
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "eval": ["lmms-eval==0.7.3", "filelock<4", "pillow", "matplotlib"],
+        # lmms-eval plugin + benchmark plots. lmms-eval needs torchvision: on a CPU-only torch install it with
+        # the pins in README ("lmms-eval plugin") and uninstall PyPI's CUDA-linked torchvision afterwards.
+        "eval": ["lmms-eval==0.7.3", "filelock<4", "datasets", "matplotlib"],
         # triton so CI runs the kernel tests (CPU, TRITON_INTERPRET=1); a 286 MB wheel, ~25 s to install.
         # Wheels are Linux-only: elsewhere the kernel tests skip with a reason.
-        "test": ["pytest>=8", "hypothesis>=6", "accelerate>=1.0", "triton==3.9.0; platform_system == 'Linux'"],
+        "test": ["pytest>=8", "hypothesis>=6", "accelerate>=1.0", "matplotlib", "triton==3.9.0; platform_system == 'Linux'"],
     },
-    entry_points={"console_scripts": ["vlm-tokenprune=vlm_tokenprune.cli:main"]},
+    # the shipped tiny VLM and the lmms-eval task folder travel with the package
+    package_data={"vlm_tokenprune": ["assets/tiny_vlm/*", "integrations/lmms_tasks/*.yaml", "integrations/lmms_tasks/*.py"]},
+    include_package_data=True,
+    entry_points={
+        "console_scripts": ["vlm-tokenprune=vlm_tokenprune.cli:main"],
+        "lmms_eval.models": ["vlm_tokenprune=vlm_tokenprune.integrations.lmms_eval:manifest"],
+    },
 )

@@ -43,7 +43,7 @@ def test_explain_json_and_other_geometries(capsys):
     assert data["n_visual"] == 2880 and data["tokens_per_layer"][-1] == 64 + 720
     assert data["policy"]["stages"][0]["budget"] == {"keep": 0.25}
     code, out, _ = run(capsys, "explain", "uniform:layer=3,tokens=10", "--model-config", "tiny", "--n-text", "8")
-    assert code == 0 and "layers 3-5" in out and ": 18" in out
+    assert code == 0 and "layers 0-2: 152" in out and "layer  3  : 18" in out  # the shipped tiny VLM: 4 layers, 144 visual
 
 
 def test_explain_reads_a_config_json(capsys, tmp_path):
@@ -80,14 +80,18 @@ def test_usage_errors_return_2(capsys):
     capsys.readouterr()
 
 
-def test_demo_runs(capsys):
-    code, out, _ = run(capsys, "demo", "--repeats", "1", "--new-tokens", "2")
+def test_demo_runs_the_shipped_tiny_vlm(capsys):
+    code, out, _ = run(capsys, "demo", "--n", "5", "--repeats", "2")
     assert code == 0
-    assert "policy: fastv:layer=2,keep=0.25" in out
-    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
-    assert [r[1:] for r in rows] == [["185", "185"]] * 2 + [["185", "77"]] * 4  # 41 text + 36 of 144 visual
-    assert "FLOPs ratio" in out and "(matches)" in out and "latency" in out
-    assert "greedy ids, baseline:" in out and "greedy ids, patched :" in out and "random" in out
+    assert "shipped trained tiny LLaVA" in out and "policy: fastv:layer=2,keep=0.25" in out
+    assert "what digit is written ?" in out  # the bundled questions (synthetic test split) are printed
+    assert "accuracy: baseline" in out and ", pruned " in out
+    layers = out.split("tokens per decoder layer")[1].split("\n\n")[0].splitlines()[3:]
+    rows = [line.split() for line in layers]
+    base = int(rows[0][1])
+    assert [int(r[1]) for r in rows] == [base] * 4  # 4 layers; question 0: text + 144 visual tokens
+    assert [int(r[2]) for r in rows] == [base] * 2 + [base - 144 + 36] * 2  # 36 of 144 kept from layer 2
+    assert "theoretical prefill FLOPs ratio: 0." in out and "latency" in out and "ratio" in out
 
 
 def test_python_dash_m_entry_point():

@@ -16,6 +16,7 @@ from .errors import (
     UnsupportedModelError,
     VTPError,
 )
+from .calibrate import calibrate
 from .handle import PatchHandle
 from .patching import patch
 from .policy import Budget, Policy, Stage
@@ -28,7 +29,7 @@ def list_methods() -> list[str]:
 
 
 __all__ = [
-    "patch", "PatchHandle", "Policy", "Stage", "Budget", "list_methods",
+    "patch", "calibrate", "PatchHandle", "Policy", "Stage", "Budget", "list_methods",
     "VTPError", "PolicyError", "UnknownNameError", "IncompatiblePolicyError", "UnsupportedModelError", "InputError",
     "CRITERIA", "PRESETS", "ADAPTERS", "__version__",
 ]

@@ -1,8 +1,11 @@
-"""``vlm-tokenprune``: list methods, explain a policy's cost, run an offline demo.
+"""``vlm-tokenprune``: list methods, explain a policy's cost, run the shipped tiny VLM, benchmark, profile, draw.
 
     vlm-tokenprune methods
     vlm-tokenprune explain "fastv:layer=2,keep=0.5" [--model-config llava-1.5-7b | path/to/config.json]
-    vlm-tokenprune demo [--policy "fastv:layer=2,keep=0.25"] [--seed 0]
+    vlm-tokenprune demo [--policy "fastv:layer=2,keep=0.25"] [--n 10]
+    vlm-tokenprune bench --policy fastv [--policy uniform ...] [--budgets 0.5,0.25,0.11] [--n 500] [--out DIR]
+    vlm-tokenprune profile --model {tiny,llava-1.5-7b,llava-next-7b,qwen2-vl-7b,PATH} --policy P [--iters 20] [--json F]
+    vlm-tokenprune viz [--image IMG --question Q] --policy P --out kept.png
 
 Exit status: 0 on success, 2 for a bad policy, option or config (the message names the field).
 """
@@ -13,18 +16,11 @@ import json
 import os
 import statistics
 import sys
-import time
 from typing import Any, Sequence
 
 from .errors import VTPError
 
 PROG = "vlm-tokenprune"
-
-# The tiny random-weight LLaVA that ``demo`` builds (and ``explain --model-config tiny`` describes):
-# 6 Llama layers of width 128, a 1-layer CLIP tower, 96x96 images in 8x8 patches -> 144 visual tokens.
-DEMO_MODEL = dict(layers=6, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=256,
-                  image_size=96, patch=8, vision_hidden=32, vision_layers=1)
-DEMO_ROW = [16, "img", 24]  # 1 BOS + 16 text + 144 visual + 24 text = 185 tokens
 
 _VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=32, vocab_size=32000)
@@ -32,7 +28,7 @@ _VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=3
 KNOWN_MODELS: dict[str, tuple[dict | None, int, str]] = {
     "llava-1.5-7b": (_VICUNA_7B, 576, "LLaVA-1.5-7B: Vicuna-7B LLM, CLIP ViT-L/14-336 -> 24x24 = 576 visual tokens"),
     "llava-next-7b": (_VICUNA_7B, 2880, "LLaVA-NeXT-7B: Vicuna-7B LLM, anyres up to 5 x 576 = 2880 visual tokens"),
-    "tiny": (None, 144, "the tiny random-weight LLaVA of `vlm-tokenprune demo` (144 visual tokens)"),
+    "tiny": (None, 144, "the shipped trained tiny LLaVA of `vlm-tokenprune demo` (vlm_tokenprune/assets/tiny_vlm)"),
 }
 
 
@@ -120,10 +116,13 @@ def _load_model_config(spec: str) -> tuple[Any, int | None, str]:
 
     if spec in KNOWN_MODELS:
         numbers, n_visual, desc = KNOWN_MODELS[spec]
-        if numbers is None:  # tiny: build the config (no weights)
-            from .eval.tiny_models import tiny_llava_config
+        if numbers is None:  # tiny: the shipped model's config (no weights loaded)
+            from transformers import AutoConfig
 
-            numbers = tiny_llava_config(**DEMO_MODEL)
+            from .eval.tiny_vlm import ASSET_DIR
+
+            numbers = AutoConfig.from_pretrained(ASSET_DIR)
+            n_visual = _n_visual_from_config(numbers) or n_visual
         return numbers, n_visual, desc
     if not os.path.isfile(spec):
         raise InputError("--model-config", f"{spec!r} is neither a known model ({', '.join(KNOWN_MODELS)}) nor a config.json file")
@@ -160,13 +159,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if n_visual < 1 or args.n_text < 0:
         raise InputError("--n-visual/--n-text", f"need n_visual >= 1 and n_text >= 0, got {n_visual}, {args.n_text}")
     g = TextGeometry.of(cfg)
+    structural = [st for st in pol.stages if st.criterion is None]
     res = policy_flops(g, pol, args.n_text, n_visual)
+    if structural:  # layer skips, head pruning, FFN cuts...: what this implementation really computes
+        from .eval.flops import structural_flops
+
+        res.update({k: v for k, v in structural_flops(g, pol, args.n_text, n_visual).items()
+                    if k in ("flops", "ratio", "nominal_flops", "nominal_ratio", "mask_only", "partial")})
     if args.json:
         print(json.dumps({"policy": pol.to_dict(), "model": args.model_config, "n_text": args.n_text,
                           "n_visual": n_visual, "formula": FORMULA, **res}, indent=2))
         return 0
     print(f"policy: {pol.to_string()}")
     for i, st in enumerate(pol.stages):
+        if st.criterion is None:
+            print(f"  stage {i}: {st.describe()}  (site {st.site}, op {st.op})")
+            continue
         crit = CRITERIA.get(st.criterion)
         ref = f"  [{crit.paper}{', arXiv ' + crit.arxiv if crit.arxiv else ''}]" if crit.paper else ""
         print(f"  stage {i}: {st.describe()}  (site {st.site}, op {st.op}; scores on layer {st.layer - 1}'s input, "
@@ -188,6 +196,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(f"  baseline : {_tflops(res['baseline_flops'])}")
     print(f"  policy   : {_tflops(res['flops'])}")
     print(f"  ratio    : {res['ratio']:.4f} of baseline ({100 * res['ratio']:.1f} %, {1 / res['ratio']:.2f}x fewer)")
+    if structural:
+        print(f"  nominal  : {res['nominal_ratio']:.4f} of baseline (what the operations' semantics allow)")
+        for key, what in (("mask_only", "simulated with masks, no saving"), ("partial", "savings only partly realised")):
+            if res.get(key):
+                print(f"  {what}: {', '.join(map(str, res[key]))}")
     sc = res["scoring_flops"]
     if sc is None:
         print("  scoring  : unknown (no estimate for a criterion); not included above")
@@ -201,78 +214,141 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch
 
     from . import Policy, patch
-    from .eval.flops import policy_flops, trace_flops
-    from .eval.tiny_models import build_tiny_llava, make_batch
+    from .errors import InputError
+    from .eval import profiler
+    from .eval.bench import accuracy, evaluate_policy
+    from .eval.synthetic import make_split
+    from .eval.tiny_vlm import ASSET_DIR, load_tiny_vlm
 
-    torch.set_num_threads(args.threads)
     pol = Policy.parse(args.policy)
-    model = build_tiny_llava(seed=args.seed, **DEMO_MODEL)
-    batch = make_batch(model, [DEMO_ROW], seed=args.seed)
-    n_visual = int((batch["input_ids"] == model.config.image_token_id).sum())
-    n_text = batch["input_ids"].shape[1] - n_visual
-    patch(model, pol).unpatch()  # validate against the model before timing anything
+    if args.n < 1 or args.repeats < 1 or args.batch_size < 1:
+        raise InputError("--n/--repeats/--batch-size", f"must be >= 1, got {args.n}, {args.repeats}, {args.batch_size}")
+    torch.set_num_threads(args.threads)
+    model, processor = load_tiny_vlm()
+    patch(model, pol).unpatch()  # validate against the model before doing anything
+    examples = make_split("test", args.n)
+    base = evaluate_policy(model, processor, examples, None, batch_size=args.batch_size)
+    pruned = evaluate_policy(model, processor, examples, pol, batch_size=args.batch_size)
 
-    # baseline tokens per layer: count with plain pre-hooks on one untimed forward
-    seen: list[int] = []
-    layers = model.model.language_model.layers
-    hooks = [layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1])) for layer in layers]
-    with torch.no_grad():
-        model(**batch, logits_to_keep=1)
-    for h in hooks:
-        h.remove()
+    # measured LM prefill of the first question, interleaved with the unpatched model
+    inputs = profiler.to_device(profiler.tiny_inputs(processor, 1), model)
+    lm_inputs = profiler.encode_images(model, inputs)
+    t = profiler.interleaved(model, pol, {"prefill": lambda: model(**lm_inputs, logits_to_keep=1)},
+                             iters=args.repeats, warmup=1, device=model.device)
+    tb, tp = statistics.median(t["prefill"]["baseline"]), statistics.median(t["prefill"]["patched"])
+    scoring_s = statistics.median(t["stage_seconds"])
 
-    def run(patched: bool) -> tuple[float, Any]:
-        handle = patch(model, pol) if patched else None
-        try:
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                model(**batch, logits_to_keep=1)
-                dt = time.perf_counter() - t0
-            return dt, handle.last_trace() if handle else None
-        finally:
-            if handle is not None:
-                handle.unpatch()
-
-    base_t, pat_t, trace = [], [], None
-    run(False), run(True)  # warm-up
-    for i in range(args.repeats):  # interleaved, order alternating to cancel drift
-        for patched in ((False, True) if i % 2 == 0 else (True, False)):
-            dt, tr = run(patched)
-            (pat_t if patched else base_t).append(dt)
-            trace = tr or trace
-    with torch.no_grad():
-        gen = dict(max_new_tokens=args.new_tokens, do_sample=False)
-        L = batch["input_ids"].shape[1]
-        ids_base = model.generate(**batch, **gen)[0, L:].tolist()
-        with patch(model, pol):
-            ids_pat = model.generate(**batch, **gen)[0, L:].tolist()
-
-    measured = trace_flops(model.config, trace, policy=pol)
-    predicted = policy_flops(model.config, pol, n_text, n_visual)
-    tb, tp = statistics.median(base_t), statistics.median(pat_t)
-    scoring_s = sum(s.seconds for s in trace.stages)
-    tc = model.config.text_config
-    print(f"demo model: tiny random-weight LLaVA (seed {args.seed}): {tc.num_hidden_layers} Llama layers, hidden "
-          f"{tc.hidden_size}, {tc.num_attention_heads} heads / {tc.num_key_value_heads} kv, MLP {tc.intermediate_size}; "
-          f"CLIP tower {DEMO_MODEL['image_size']}px / patch {DEMO_MODEL['patch']}")
-    print(f"prompt: {n_text} text + {n_visual} visual = {n_text + n_visual} tokens, batch 1, "
-          f"attention {tc._attn_implementation}, {args.threads} torch thread(s)")
+    tc, vc = model.config.text_config, model.config.vision_config
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"demo model: the shipped trained tiny LLaVA ({ASSET_DIR}), {n_params / 1e6:.2f} M parameters: "
+          f"CLIP-style tower {vc.num_hidden_layers} x {vc.hidden_size} ({vc.image_size} px, patch {vc.patch_size} -> "
+          f"{(vc.image_size // vc.patch_size) ** 2} visual tokens), Llama {tc.num_hidden_layers} x {tc.hidden_size}; "
+          f"{args.threads} torch thread(s)")
     print(f"policy: {pol.to_string()}")
     print()
-    print(_table([[str(j), str(a), str(b)] for j, (a, b) in enumerate(zip(seen, trace.tokens_per_layer))],
-                 ["layer", "baseline tokens", "patched tokens"]))
+    print(f"{len(examples)} questions from the synthetic test split (greedy answers):")
+    rows = [[str(i), e["qtype"], e["question"], e["answer"], b, p]
+            for i, (e, b, p) in enumerate(zip(examples, base["predictions"], pruned["predictions"]))]
+    print(_table(rows, ["#", "type", "question", "answer", "baseline", "pruned"]))
+    acc_b, acc_p = accuracy(examples, base["predictions"]), accuracy(examples, pruned["predictions"])
+    n_ok = lambda preds: sum(p == e["answer"] for p, e in zip(preds, examples))  # noqa: E731
+    print(f"accuracy: baseline {acc_b['all']:.2f} ({n_ok(base['predictions'])}/{len(examples)}), "
+          f"pruned {acc_p['all']:.2f} ({n_ok(pruned['predictions'])}/{len(examples)})")
     print()
-    agree = "matches" if measured["flops"] == predicted["flops"] else f"differs from the prediction {predicted['ratio']:.3f}"
-    print(f"theoretical prefill FLOPs ratio (this run's tokens per layer): {measured['ratio']:.3f} ({agree})")
-    print(f"measured prefill latency (whole forward, vision tower included): baseline {1e3 * tb:.2f} ms, patched {1e3 * tp:.2f} ms (median of {args.repeats}, "
-          f"interleaved); ratio {tp / tb:.3f}")
+    print("tokens per decoder layer (question 0; the mean over all questions in brackets):")
+    print(_table([[str(j), str(a), f"{b} ({m:.1f})"] for j, (a, b, m) in
+                  enumerate(zip(base["tokens_per_example"][0], pruned["tokens_per_example"][0], pruned["tokens_per_layer"]))],
+                 ["layer", "baseline", "pruned"]))
+    print()
+    print(f"theoretical prefill FLOPs ratio: {pruned['flops_ratio']:.3f} (eval/flops.py on each question's own "
+          f"tokens per layer, summed over the {len(examples)} questions)")
+    print(f"measured LM prefill latency (question 0, image features precomputed): baseline {1e3 * tb:.2f} ms, "
+          f"pruned {1e3 * tp:.2f} ms (median of {args.repeats}, interleaved); ratio {tp / tb:.3f}")
     print(f"scoring + selection: {1e3 * scoring_s:.2f} ms ({100 * scoring_s / tb:.1f} % of the baseline prefill)")
-    print("  (a model this small is dominated by per-call overhead; see benchmarks/prefill.py for a larger geometry)")
+    print("  (a model this small is dominated by per-call overhead; `vlm-tokenprune profile` and "
+          "benchmarks/prefill.py time larger geometries)")
+    return 0
+
+
+# -- bench / profile / viz -------------------------------------------------------------------------
+def _budgets(text: str | None) -> list[float] | None:
+    from .errors import InputError
+
+    if not text:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError("--budgets", f"{text!r}; expected keep fractions joined with commas, e.g. 0.5,0.25,0.11") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .eval.bench import markdown_table, run_bench, write_outputs
+
+    torch.set_num_threads(args.threads)
+    result = run_bench(args.policy, _budgets(args.budgets), n=args.n, batch_size=args.batch_size, model_path=args.model,
+                       timing_iters=args.timing_iters, backend=args.backend, progress=not args.no_progress)
+    paths = write_outputs(result, args.out)
+    print(markdown_table(result))
     print()
-    print(f"greedy ids, baseline: {ids_base}")
-    print(f"greedy ids, patched : {ids_pat}")
-    print("note: the weights are random, so these ids are not text and their agreement means little; "
-          "a trained tiny model comes later.")
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
+    from .eval import profiler
+
+    torch.set_num_threads(args.threads)
+    report = profiler.profile(
+        args.model, args.policy or ["fastv:layer=2,keep=0.25"], iters=args.iters, warmup=args.warmup, layers=args.layers,
+        vision_layers=args.vision_layers, dtype=args.dtype, attn_implementation=args.attn, device=args.device,
+        batch=args.batch, n_text=args.n_text, seed=args.seed, backend=args.backend, ttft=not args.no_ttft,
+        json_path=args.json,
+    )
+    print(profiler.format_report(report))
+    if args.json:
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    import torch
+
+    from .errors import InputError
+    from .eval import profiler
+    from .eval.visualize import kept_tokens_figure
+
+    torch.set_num_threads(args.threads)
+    if (args.image is None) != (args.question is None):
+        raise InputError("--image/--question", "give both, or neither (then a synthetic test-split question is used)")
+    if args.image is None:
+        from .eval.synthetic import make_split
+
+        ex = make_split("test", args.example + 1)[args.example]
+        image, question = ex["image"], ex["question"]
+        print(f"synthetic test example {args.example}: {question!r} (answer {ex['answer']!r})")
+    else:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            image = Image.open(args.image).convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise InputError("--image", f"cannot read {args.image}: {e}") from None
+        question = args.question
+    if args.model == "tiny":
+        from .eval.tiny_vlm import load_tiny_vlm
+
+        model, processor = load_tiny_vlm()
+    else:
+        if not os.path.isdir(args.model):
+            raise InputError("--model", f"{args.model!r} is neither 'tiny' nor a local checkpoint folder")
+        model, processor = profiler.load_vlm(args.model, dtype=args.dtype)
+    fig = kept_tokens_figure(model, processor, image=image, question=question, policy=args.policy, out=args.out)
+    print(f"wrote {args.out} ({fig.size[0]}x{fig.size[1]} px)")
     return 0
 
 
@@ -296,13 +372,59 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the prediction as JSON")
     e.set_defaults(func=cmd_explain)
 
-    d = sub.add_parser("demo", help="run a tiny random-weight LLaVA with and without a policy, side by side (offline)")
+    d = sub.add_parser("demo", help="answer a few synthetic questions with the shipped tiny VLM, with and without a policy (offline)")
     d.add_argument("--policy", default="fastv:layer=2,keep=0.25")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n", type=int, default=10, help="questions from the synthetic test split (default 10, types balanced)")
+    d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--repeats", type=int, default=7, help="timed prefills of each kind (default 7)")
-    d.add_argument("--new-tokens", type=int, default=8, help="greedy tokens to generate (default 8)")
     d.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="offline benchmark on the shipped tiny VLM: accuracy, tokens, FLOPs, prefill ratio")
+    b.add_argument("--policy", action="append", required=True, help="a policy (repeat for several)")
+    b.add_argument("--budgets", default=None, help="keep fractions, e.g. 0.5,0.25,0.11 (multi-stage: see README)")
+    b.add_argument("--n", type=int, default=500, help="test-split examples (default 500)")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--out", default="vtp_bench", help="output folder for bench.json / .md / .png (default ./vtp_bench)")
+    b.add_argument("--model", default=None, help="a checkpoint folder in the tiny VLM's format (default: the shipped one)")
+    b.add_argument("--timing-iters", type=int, default=5, help="interleaved prefills timed per policy (0: none)")
+    b.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+    from .eval.profiler import MODEL_CHOICES
+
+    pr = sub.add_parser("profile", help="prefill latency, TTFT, peak memory, tokens and FLOPs of policies vs the baseline")
+    pr.add_argument("--model", default="tiny", metavar="{" + ",".join(MODEL_CHOICES) + "}|PATH",
+                    help="the shipped tiny VLM, a known geometry (random weights from its config) or a local checkpoint")
+    pr.add_argument("--policy", action="append", help="a policy (repeat for several; default fastv:layer=2,keep=0.25)")
+    pr.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16")
+    pr.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
+    pr.add_argument("--iters", type=int, default=20, help="timed prefills per policy and kind (default 20)")
+    pr.add_argument("--warmup", type=int, default=2)
+    pr.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (to fit a CPU)")
+    pr.add_argument("--vision-layers", type=int, default=None, help="vision tower depth of a built geometry")
+    pr.add_argument("--batch", type=int, default=1)
+    pr.add_argument("--n-text", type=int, default=64, help="text tokens of the built prompt (default 64)")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--no-ttft", action="store_true", help="skip the generate(max_new_tokens=1) timings")
+    pr.add_argument("--json", default=None, help="write the report as JSON")
+    pr.add_argument("--threads", type=int, default=1)
+    pr.set_defaults(func=cmd_profile)
+
+    v = sub.add_parser("viz", help="draw each stage's kept visual tokens on the image (one panel per stage)")
+    v.add_argument("--policy", required=True)
+    v.add_argument("--out", default="kept.png")
+    v.add_argument("--image", default=None, help="an image file (default: a synthetic test-split image)")
+    v.add_argument("--question", default=None)
+    v.add_argument("--example", type=int, default=1, help="synthetic test example used without --image (default 1)")
+    v.add_argument("--model", default="tiny", help="tiny (the shipped VLM) or a local checkpoint folder")
+    v.add_argument("--dtype", default="auto")
+    v.add_argument("--threads", type=int, default=1)
+    v.set_defaults(func=cmd_viz)
     return p
 
 

@@ -74,7 +74,9 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
                     "send the prompt with its images and videos in one prefill",
                 )
         record = handle._sessions.get(cache)
-        st = ForwardState("decode" if record is not None and record.records else "passthrough", record or PrefillRecord(past))
+        # structural ops also act while decoding (masks over the prompt's visual keys)
+        live = record is not None and (record.records or (handle.structural is not None and record.is_visual is not None))
+        st = ForwardState("decode" if live else "passthrough", record or PrefillRecord(past))
         st.cache = cache
         handle._state = st
         return None
@@ -84,7 +86,7 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         raise InputError("attention_mask", f"must be a 2-D padding mask [batch, length], got {mask2d.dim()}-D")
     layout = handle.adapter.visual_layout(handle.model, input_ids, kwargs)
     n_vis = layout.is_visual.sum(1)
-    record = PrefillRecord(L)
+    record = PrefillRecord(L, is_visual=layout.is_visual)
     if cache is not None:
         handle._sessions[cache] = record
     if int(n_vis.max()) == 0:  # text-only input: nothing to prune
@@ -92,6 +94,11 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         return None
     counts, prev = n_vis.tolist(), n_vis.tolist()
     for i, stage in enumerate(handle.policy.stages):  # fail before any layer runs where we can tell already
+        if stage.op == "visual_drop":
+            prev = [0] * len(prev)
+            continue
+        if stage.op != "prune":
+            continue
         k = [stage.budget.count(n, p) for n, p in zip(counts, prev)]
         _check_budget(i, stage, k, prev)
         prev = k
@@ -137,8 +144,9 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
     if st.phase == "prefill":
         stage_i = handle.stage_at.get(j)
         gather_hidden = False
-        if stage_i is not None and st.scoring is not None:
-            local_idx, rec = _run_stage(handle, st, stage_i)
+        drop = stage_i is not None and handle.policy.stages[stage_i].op == "visual_drop"
+        if stage_i is not None and (st.scoring is not None or drop):
+            local_idx, rec = _run_drop(handle, st, stage_i, hidden) if drop else _run_stage(handle, st, stage_i)
             if local_idx is not None:
                 # before the first prune current positions are original ones: hidden states join
                 # the kwargs' gather (same indices, one launch); later stages index the current sequence
@@ -290,6 +298,35 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
         tokens_before=tokens_before,
         tokens_after=local_idx.shape[1],
         seconds=time.perf_counter() - t0,
+    )
+    st.prefill.records.append(rec)
+    return local_idx, rec
+
+
+def _run_drop(handle: "PatchHandle", st: ForwardState, i: int, hidden: torch.Tensor):
+    """``visual_drop`` stage ``i``: every visual token leaves the sequence (no criterion, no budget).
+
+    Returns ``(local_idx [B, M'] or None, record)`` like ``_run_stage``; ``None`` when no row
+    has a visual token left (the sequence is untouched).
+    """
+    t0 = time.perf_counter()
+    stage = handle.policy.stages[i]
+    B, M = hidden.shape[:2]
+    base = st.cur_orig if st.cur_orig is not None else torch.arange(M, device=hidden.device).expand(B, M)
+    ok = st.cur_ok if st.cur_ok is not None else torch.ones(B, M, dtype=torch.bool, device=hidden.device)
+    seq_valid = torch.gather(st.valid, 1, base) & ok
+    is_vis = torch.gather(st.layout.is_visual, 1, base) & ok
+    n_vis = is_vis.sum(1)
+    none = torch.zeros(B, 0, dtype=torch.long, device=hidden.device)
+    if int(n_vis.max()) == 0:
+        rec = StageRecord(stage, base, ok, none, none.bool(), n_vis, n_vis, M, M, time.perf_counter() - t0, noop=True)
+        st.prefill.records.append(rec)
+        return None, rec
+    local_idx, local_ok = left_packed(seq_valid & ~is_vis)
+    rec = StageRecord(
+        stage=stage, kept=torch.gather(base, 1, local_idx), kept_ok=local_ok, kept_visual=none,
+        kept_visual_ok=none.bool(), visual_before=n_vis, visual_after=torch.zeros_like(n_vis),
+        tokens_before=M, tokens_after=local_idx.shape[1], seconds=time.perf_counter() - t0,
     )
     st.prefill.records.append(rec)
     return local_idx, rec

@@ -29,6 +29,7 @@ class PatchHandle:
         self.stage_after = {st.layer - 1: i for i, st in enumerate(policy.stages) if st.op == "prune"}
         self.stage_at = {st.layer: i for i, st in enumerate(policy.stages) if st.changes_tokens}
         self.structural = None  # structural.plan.StructuralPlan when the policy has structural ops
+        self.structural_attention = False  # True: skip_visual / neighbor layers run query-subset attention (real savings)
         self._restore: list = []  # undo records of instance-level changes (structural.hooks), applied in reverse
         self._hooks: list = []
         self._sites: list[str] = []
@@ -78,7 +79,7 @@ class PatchHandle:
             else:
                 lines.append(f"stage {i}: {st.describe()}")
         if self.structural is not None:
-            lines += [f"  {line}" for line in self.structural.describe()]
+            lines += [f"  {line}" for line in self.structural.describe(self.structural_attention)]
         lines += [f"hook: {s}" for s in self._sites] if self.active else []
         return "\n".join(lines)
 

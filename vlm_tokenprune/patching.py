@@ -70,7 +70,6 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
             )
     criteria = [CRITERIA.get(st.criterion, f"stages[{i}].criterion") if st.op == "prune" else None
                 for i, st in enumerate(pol.stages)]
-    from .structural.hooks import install_hooks, install_modules
     from .structural.plan import resolve
 
     plan = resolve(model, pol, seams)  # structural stages: layers, heads, calibration files, mask format
@@ -80,6 +79,18 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
     # -- nothing above touched the model; from here on, only hooks kept on the handle --
     handle = PatchHandle(model, pol, adapter, seams, criteria, backend)
     handle.structural = plan
+    try:
+        _install(handle, model, pol, seams, plan)
+    except BaseException:
+        handle.unpatch()  # whatever was installed goes again: a failed patch() leaves the model untouched
+        raise
+    handle.active = True
+    return handle
+
+
+def _install(handle: PatchHandle, model: nn.Module, pol: Policy, seams: Any, plan: Any) -> None:
+    from .structural.hooks import install_attention, install_hooks, install_modules
+
     if plan is not None:  # sliced projections first, so criteria capture/recompute with what really runs
         install_modules(handle, plan)
     top = seams.top
@@ -116,5 +127,4 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
         )
     if plan is not None:  # after the engine's layer pre-hooks: they see the kwargs already shrunk by token stages
         install_hooks(handle, plan)
-    handle.active = True
-    return handle
+        handle.structural_attention = install_attention(handle, plan)

@@ -11,6 +11,11 @@ String grammar::
 defaults, e.g. ``"fastv"`` = layer 2, keep 0.5). Keys override the preset: ``layer``,
 ``keep`` (fraction of the row's ORIGINAL visual tokens, in (0, 1]), ``tokens`` (a count
 of visual tokens per row), ``site``, ``op`` and the criterion's own parameters.
+
+Structural stages (``vlm_tokenprune.structural.spec``) are written with the op as the name
+and take their own parameters, no criterion or budget: ``skip_layers:layers=5;9,scope=visual``,
+``prune_heads:heads=2/0;3/1``, ``ffn_cut:ratio=2``, ``neighbor_attention:window=5``,
+``visual_drop:layer=6`` (lists are joined with ``;``).
 """
 from __future__ import annotations
 
@@ -23,11 +28,12 @@ from typing import Any, Mapping
 
 from .errors import PolicyError
 from .registry import CRITERIA, PRESETS
+from .structural.spec import STRUCTURAL_OPS, TOKEN_OPS, check_structural, params_to_dict, params_to_string
 
 SITES = ("llm",)  # vision-encoder and pre-LLM sites are reserved names, not implemented yet
 RESERVED_SITES = ("vision", "pre_llm")
-OPS = ("prune",)  # merge, skip_layers, prune_heads are reserved names, not implemented yet
-RESERVED_OPS = ("merge", "skip_layers", "prune_heads")
+OPS = ("prune",) + STRUCTURAL_OPS  # merge is a reserved name, not implemented yet
+RESERVED_OPS = ("merge",)
 STAGE_KEYS = ("site", "layer", "op", "criterion", "keep", "tokens", "of")
 BUDGET_REFERENCES = ("original", "current")
 
@@ -84,12 +90,14 @@ class Stage:
     """One reduction step: at ``site``/``layer``, do ``op`` with ``criterion`` under ``budget``.
 
     ``layer`` (site "llm") is the decoder layer whose INPUT is shortened; criteria score
-    from layer ``layer - 1`` (FastV's convention).
+    from layer ``layer - 1`` (FastV's convention). Structural ops (``op`` in
+    ``structural.spec.STRUCTURAL_OPS``) have ``criterion=None`` and ``budget=None``; their
+    layers live in ``params`` (``layer`` is set only for ``visual_drop``).
     """
 
-    criterion: str
-    layer: int
-    budget: Budget
+    criterion: str | None
+    layer: int | None
+    budget: Budget | None
     params: Mapping[str, Any] = field(default_factory=dict)
     site: str = "llm"
     op: str = "prune"
@@ -103,7 +111,21 @@ class Stage:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Stage) and self.to_dict() == other.to_dict()
 
+    @property
+    def structural(self) -> bool:
+        return self.op != "prune"
+
+    @property
+    def changes_tokens(self) -> bool:
+        """Token-set ops (``prune``, ``visual_drop``): ordered by layer, run by the engine."""
+        return self.op in TOKEN_OPS
+
     def to_dict(self) -> dict:
+        if self.structural:
+            out = {"site": self.site, "op": self.op, "params": params_to_dict(self.op, self.params)}
+            if self.layer is not None:
+                out["layer"] = self.layer
+            return out
         return {
             "site": self.site,
             "layer": self.layer,
@@ -114,6 +136,10 @@ class Stage:
         }
 
     def describe(self) -> str:
+        if self.structural:
+            head = [f"layer={self.layer}"] if self.layer is not None else []
+            rest = params_to_string(self.op, self.params)
+            return f"{self.op}:{','.join(head + ([rest] if rest else []))}" if head or rest else self.op
         b = f"keep={self.budget.keep}" if self.budget.keep is not None else f"tokens={self.budget.tokens}"
         b += "" if self.budget.of == "original" else f",of={self.budget.of}"
         extra = "".join(f",{k}={v}" for k, v in sorted(self.params.items()))
@@ -132,14 +158,23 @@ class Policy:
             raise PolicyError("stages", "a policy needs at least one stage")
         for i, st in enumerate(self.stages):
             _check_stage(st, f"stages[{i}]")
-        llm = [s for s in self.stages if s.site == "llm"]
-        for i in range(1, len(llm)):
-            a, b = llm[i - 1], llm[i]
+        ops = [s.op for s in self.stages if s.structural and s.op != "visual_drop"]
+        for op in set(ops):
+            if ops.count(op) > 1:
+                raise PolicyError(f"stages[{len(self.stages) - 1}].op", f"{op} appears twice; give one stage per structural op")
+        llm = [(i, s) for i, s in enumerate(self.stages) if s.site == "llm" and s.changes_tokens]
+        for (_, a), (i, b) in zip(llm, llm[1:]):
             if b.layer <= a.layer:
                 raise PolicyError(
                     f"stages[{i}].layer",
-                    f"LLM stages must have strictly increasing layers, got {a.layer} then {b.layer}",
+                    f"token stages (prune, visual_drop) must have strictly increasing layers, got {a.layer} then {b.layer}",
                 )
+            if a.op == "visual_drop":
+                raise PolicyError(
+                    f"stages[{i}].op", f"no token stage can follow visual_drop (layer {a.layer}): no visual token is left"
+                )
+            if a.budget is None or b.budget is None:
+                continue
             both_original = a.budget.of == b.budget.of == "original"
             if both_original and a.budget.keep is not None and b.budget.keep is not None and b.budget.keep > a.budget.keep:
                 raise PolicyError(
@@ -172,13 +207,17 @@ class Policy:
         stages: list[Stage] = []
         for i, part in enumerate(text.split("+")):
             name, _, rest = part.strip().partition(":")
+            name = name.strip()
             overrides: dict[str, Any] = {}
             for item in filter(None, (x.strip() for x in rest.split(","))):
                 key, eq, value = item.partition("=")
                 if not eq or not key.strip():
                     raise PolicyError(f"stages[{i}]", f"expected key=value, got {item!r}")
                 overrides[key.strip()] = _parse_value(value.strip())
-            stages.extend(expand_preset(name.strip(), overrides, f"stages[{i}]"))
+            if name in STRUCTURAL_OPS and name not in PRESETS:
+                stages.append(_build_stage({"op": name, **overrides}, f"stages[{i}]"))
+                continue
+            stages.extend(expand_preset(name, overrides, f"stages[{i}]"))
         return cls(tuple(stages))
 
     @classmethod
@@ -208,6 +247,13 @@ class Policy:
             params = st.pop("params", {}) or {}
             if not isinstance(params, Mapping):
                 raise PolicyError(f"{where}.params", f"must be a dict, got {params!r}")
+            if st.get("op", "prune") != "prune":
+                if budget is not None or st.get("criterion") is not None:
+                    raise PolicyError(f"{where}.{'budget' if budget is not None else 'criterion'}",
+                                      f"a structural op ({st['op']}) takes no criterion or budget")
+                st.pop("criterion", None)
+                stages.append(_build_stage({**st, **params}, where))
+                continue
             if "criterion" not in st:
                 raise PolicyError(where, "needs 'criterion' (or 'preset')")
             stages.append(_build_stage({**st, **params}, where))
@@ -258,7 +304,15 @@ class Policy:
 
     @property
     def keeps_everything(self) -> bool:
-        return all(s.budget.keep == 1 for s in self.stages)
+        return all(s.budget is not None and s.budget.keep == 1 for s in self.stages)
+
+    @property
+    def token_stages(self) -> tuple[Stage, ...]:
+        return tuple(s for s in self.stages if s.changes_tokens)
+
+    @property
+    def structural_stages(self) -> tuple[Stage, ...]:
+        return tuple(s for s in self.stages if s.structural)
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -283,7 +337,29 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+def _build_structural(fields: dict, where: str) -> Stage:
+    op = fields.pop("op")
+    if op not in STRUCTURAL_OPS:
+        hint = " (reserved; not implemented yet)" if op in RESERVED_OPS else ""
+        raise PolicyError(f"{where}.op", f"{op!r}{hint}; allowed: {', '.join(OPS)}")
+    site = fields.pop("site", "llm")
+    for bad in ("criterion", "keep", "tokens"):
+        if fields.get(bad) is not None:
+            raise PolicyError(f"{where}.{bad}", f"a structural op ({op}) takes no criterion or budget")
+        fields.pop(bad, None)
+    layer = fields.pop("layer", None)
+    if op == "visual_drop":
+        if layer is None:
+            raise PolicyError(f"{where}.layer", "is required for visual_drop (the first decoder layer without visual tokens, >= 1)")
+    elif layer is not None:
+        raise PolicyError(f"{where}.layer", f"{op} takes its layers in 'layers' (a list joined with ';'), not 'layer'")
+    params = check_structural(op, fields, where)
+    return Stage(criterion=None, layer=layer, budget=None, params=params, site=site, op=op)
+
+
 def _build_stage(fields: dict, where: str) -> Stage:
+    if fields.get("op", "prune") != "prune":
+        return _build_structural(fields, where)
     name = fields.pop("criterion")
     crit = CRITERIA.get(name, f"{where}.criterion")
     site = fields.pop("site", "llm")
@@ -311,6 +387,15 @@ def _check_stage(st: Stage, where: str) -> None:
     if st.op not in OPS:
         hint = " (reserved; not implemented yet)" if st.op in RESERVED_OPS else ""
         raise PolicyError(f"{where}.op", f"{st.op!r}{hint}; allowed: {', '.join(OPS)}")
+    if st.structural:
+        if st.criterion is not None or st.budget is not None:
+            raise PolicyError(f"{where}.criterion", f"a structural op ({st.op}) takes no criterion or budget")
+        if st.op == "visual_drop" and (isinstance(st.layer, bool) or not isinstance(st.layer, int) or st.layer < 1):
+            raise PolicyError(f"{where}.layer", f"must be an integer >= 1 (layer 0 cannot be pruned), got {st.layer!r}")
+        if st.op != "visual_drop" and st.layer is not None:
+            raise PolicyError(f"{where}.layer", f"{st.op} takes its layers in params['layers'], not layer")
+        check_structural(st.op, dict(st.params), where)
+        return
     if isinstance(st.layer, bool) or not isinstance(st.layer, int) or st.layer < 1:
         raise PolicyError(f"{where}.layer", f"must be an integer >= 1 (layer 0 cannot be pruned), got {st.layer!r}")
     crit = CRITERIA.get(st.criterion, f"{where}.criterion")

@@ -42,6 +42,7 @@ class PrefillRecord:
 
     prompt_len: int
     records: list[StageRecord] = field(default_factory=list)
+    is_visual: torch.Tensor | None = None  # [B, L] visual tokens of the prompt (structural ops read it while decoding)
 
     def kept_at(self, layer: int) -> StageRecord | None:
         """The last stage at or below ``layer`` that changed the sequence."""
@@ -66,6 +67,7 @@ class ForwardState:
     tokens_per_layer: list[int] = field(default_factory=list)
     valid: torch.Tensor | None = None  # [B, L] prompt tokens that are not padding
     cache: object = None  # the cache a decode step continues
+    structural: dict = field(default_factory=dict)  # the running layer's visual rows etc. (``structural.hooks``)
     thread: int = field(default_factory=threading.get_ident)
 
 
@@ -99,7 +101,7 @@ class Trace:
                 StageTrace(
                     site=r.stage.site,
                     layer=r.stage.layer,
-                    criterion=r.stage.criterion,
+                    criterion=r.stage.criterion if r.stage.criterion is not None else r.stage.op,
                     kept_positions=kv,
                     visual_before=r.visual_before.tolist(),
                     visual_after=r.visual_after.tolist(),

@@ -134,6 +134,7 @@ SCORING_FLOPS: dict[str, Callable[[TextGeometry, int, int, Mapping[str, Any]], f
     "fastv": lambda g, n, v, p: _last_row_scoring(g, n),  # softmax over the whole causal row
     "feather": lambda g, n, v, p: _last_row_scoring(g, v if p.get("softmax", "keys") == "keys" else n),
     "random": lambda g, n, v, p: 0.0,
+    "visual_drop": lambda g, n, v, p: 0.0,  # no criterion: every visual token goes
     "uniform": lambda g, n, v, p: 0.0,
     # every non-visual token counted as a text query (an upper bound: only the text after the image is),
     # plus the cosines of every visual token to the k_key key tokens
@@ -180,8 +181,16 @@ def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
     lower: list[int] = []
     cur = n_visual
     for i, st in enumerate(pol.stages):
+        if not st.changes_tokens:  # structural ops: ``structural_flops``
+            continue
         if st.layer >= L:
             raise IncompatiblePolicyError(f"stages[{i}].layer", f"{st.layer} is beyond the model; allowed: 1..{L - 1}")
+        if st.op == "visual_drop":
+            scoring.append(0.0)
+            for layer in range(st.layer, L):
+                visual[layer] = 0
+            cur = 0
+            continue
         k = st.budget.count(n_visual, cur)
         if k > cur:
             where = f"stages[{i}].tokens" if st.budget.tokens is not None else f"stages[{i}].keep"
@@ -256,4 +265,114 @@ def _result(g: TextGeometry, tokens: list[int], base: list[int], scoring: list, 
         "baseline_flops": baseline,
         "ratio": flops / baseline,
         "scoring_flops": _sum_or_none(scoring),
+    }
+
+
+# -- structural ops ------------------------------------------------------------------------------
+def structural_layer_flops(g: TextGeometry, t: int, v: int, ops: Mapping[str, Any], nominal: bool,
+                           subset_attention: bool = True, grid_width: int | None = None) -> float:
+    """FLOPs of one decoder layer seeing ``t`` text and ``v`` visual tokens under structural ``ops``.
+
+    ``ops`` (for this layer): ``skip_all``, ``skip_visual`` (bools), ``heads_all`` / ``heads_visual``
+    (pruned head tuples), ``ffn`` (visual MLP width), ``neighbor`` (window).
+
+    ``nominal=False`` counts what this implementation computes: ``prune_heads(scope=visual)`` is
+    mask-only (costs as much as the plain layer); with ``subset_attention`` (eager / sdpa)
+    ``skip_visual`` computes no visual query and ``neighbor`` lets each visual query attend
+    ``t + min((2*(w//2)+1) * W, v)`` keys (whole grid rows of width ``W = grid_width``, default
+    ``round(sqrt(v))``: one square grid); without it (2-D-mask backends) ``skip_visual`` still runs
+    the visual attention rows. ``nominal=True`` counts what the op's semantics allow (visual
+    queries skipped, pruned heads skipped for visual queries and for text x visual pairs, visual
+    queries attending ``t + min(w^2, v)`` keys).
+    Same conventions as ``layer_flops`` (full n x n attention, multiply-add = 2 FLOPs).
+    """
+    if ops.get("skip_all"):
+        return 0.0
+    d, m, h = g.hidden_size, g.intermediate_size, g.head_dim
+    H, Hkv = g.num_attention_heads, g.num_key_value_heads
+    n = t + v
+    heads = H
+    kv_heads = Hkv
+    pruned_all = tuple(ops.get("heads_all", ()))
+    if pruned_all:
+        grp = H // Hkv
+        kept = [x for x in range(H) if x not in pruned_all]
+        per = [sum(1 for x in kept if x // grp == k) for k in range(Hkv)]
+        counts = {c for c in per if c}
+        heads = len(kept)
+        kv_heads = sum(1 for c in per if c) if len(counts) == 1 else heads
+    skip_v = bool(ops.get("skip_visual"))
+    pv = len(ops.get("heads_visual", ())) if nominal else 0
+    w = ops.get("neighbor") if (nominal or subset_attention) else None
+    if w is None:
+        vis_keys = v
+    elif nominal:
+        vis_keys = min(w * w, v)
+    else:
+        width = grid_width if grid_width is not None else max(1, round(v ** 0.5))
+        vis_keys = min((2 * (w // 2) + 1) * width, v)
+    q_rows_vis = 0 if (skip_v and (nominal or subset_attention)) else v  # visual query rows in the attention
+    # projections: q and o per head and row (skip_visual: text rows only); k, v for every row
+    q_flops = d * h * (heads * t + (heads - pv) * (0 if skip_v else v))
+    o_rows_vis = 0 if skip_v else v
+    o_flops = d * h * (heads * t + (heads - pv) * o_rows_vis)
+    kv_flops = 2 * n * d * kv_heads * h
+    # attention (QK^T + AV): text queries see all n keys (pruned-visual heads: only the t text keys)
+    att_text = 2 * t * h * ((heads - pv) * n + pv * t)
+    att_vis = 2 * q_rows_vis * h * (heads - pv) * (t + vis_keys) if q_rows_vis else 0
+    mlp_vis = 0 if skip_v else 3 * v * d * ops.get("ffn", m)
+    mlp = 3 * t * d * m + mlp_vis
+    return float(2 * (q_flops + o_flops + kv_flops + mlp) + 2 * (att_text + att_vis))
+
+
+def structural_flops(model_config: Any, policy: Any, n_text: int, n_visual: int, plan: Any = None,
+                     logits_tokens: int = 1, subset_attention: bool = True, grid_width: int | None = None) -> dict:
+    """Predicted prefill FLOPs of a policy with structural ops (token stages included).
+
+    ``plan``: the handle's ``StructuralPlan`` (``handle.structural``); without it the plan is built
+    from the policy alone (then calibration-file stages are refused: pass the handle's plan).
+    ``subset_attention``: ``handle.structural_attention`` (False on 2-D-mask backends such as flash);
+    ``grid_width``: tokens per patch-grid row (default ``round(sqrt(n_visual))``).
+
+    Returns ``{"flops", "nominal_flops", "baseline_flops", "ratio", "nominal_ratio",
+    "tokens_per_layer", "mask_only", "partial"}``: ``flops`` is what this implementation computes,
+    ``nominal_flops`` what the operations' semantics allow; ``mask_only`` / ``partial`` list the ops
+    whose savings are simulated with masks / only partly realised (see ``structural.plan.SAVINGS``).
+    """
+    from ..structural.plan import StructuralPlan, static_plan
+
+    g = TextGeometry.of(model_config)
+    pol = Policy.parse(policy)
+    tokens, _, _ = _schedule(g, pol, int(n_text), int(n_visual))
+    if plan is None:
+        plan = static_plan(pol, g.num_hidden_layers, g.num_attention_heads, g.intermediate_size)
+    if plan is None:
+        plan = StructuralPlan(g.num_hidden_layers, g.num_attention_heads)
+    totals = {False: 0.0, True: 0.0}
+    for j, n in enumerate(tokens):
+        v = n - int(n_text)
+        ops = {"skip_all": j in plan.skip_all, "skip_visual": j in plan.skip_visual,
+               "heads_all": plan.heads_all.get(j, ()), "heads_visual": plan.heads_visual.get(j, ())}
+        if j in plan.ffn:
+            ops["ffn"] = plan.ffn[j]
+        if j in plan.neighbor:
+            ops["neighbor"] = plan.neighbor[j]
+        for nominal in (False, True):
+            totals[nominal] += structural_layer_flops(g, int(n_text), v, ops, nominal, subset_attention,
+                                                      grid_width if grid_width is not None else (round(int(n_visual) ** 0.5) or 1))
+    head = lm_head_flops(g, logits_tokens)
+    base = prefill_flops(g, [int(n_text) + int(n_visual)] * g.num_hidden_layers, logits_tokens)
+    mask_only = ["prune_heads(scope=visual)"] if plan.heads_visual else []
+    if plan.neighbor and not subset_attention:
+        mask_only.append("neighbor_attention")
+    partial = ["skip_layers(scope=visual)"] if plan.skip_visual and not subset_attention else []
+    return {
+        "tokens_per_layer": tokens,
+        "flops": totals[False] + head,
+        "nominal_flops": totals[True] + head,
+        "baseline_flops": base,
+        "ratio": (totals[False] + head) / base,
+        "nominal_ratio": (totals[True] + head) / base,
+        "mask_only": mask_only,
+        "partial": partial,
     }

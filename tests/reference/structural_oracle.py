@@ -1,0 +1,161 @@
+"""Independent masked eager reference of the structural operations (YOPO arXiv 2410.06169,
+EfficientVLA arXiv 2506.10100 layer skipping), written from the issue text, sharing no code
+with ``vlm_tokenprune``.
+
+Like the official YOPO code it SIMULATES everything with full-length masks: nothing is
+removed, every layer runs every row, and the effect of each operation is written as a mask or
+a zeroing on the full [B, H, T, T] eager attention of a plain Llama layer (weights read from the
+Hugging Face modules, RMSNorm modules reused):
+
+* skip all: the layer's output is its input;
+* skip visual: the layer runs on every row; visual rows then take their input back;
+* prune heads (all): the pruned heads' outputs are zeroed for every query before o_proj;
+* prune heads (visual): in pruned heads no query attends visual keys, and visual queries'
+  outputs of those heads are zeroed;
+* FFN cut: for visual rows, intermediate channels >= m' of the SwiGLU are zeroed;
+* neighbour attention: a visual query attends a visual key only if both are on the same patch
+  grid within |drow|, |dcol| <= w // 2;
+* removed tokens (visual_drop, token pruning): from their layer on they are masked as keys
+  (their own rows are never read).
+
+Inputs of layer 0 (embeddings with image features, RoPE tables) are captured from the unpatched
+model; decoding is a cache-free greedy loop that recomputes the whole sequence every step.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture(model, inputs: dict) -> dict:
+    """What the unpatched model feeds its first decoder layer: hidden states, RoPE tables, positions."""
+    lm = model.model.language_model
+    box = {}
+
+    def grab(module, args, kwargs):
+        box["h"] = (kwargs.get("hidden_states") if not args else args[0]).detach().clone()
+        box["pos"] = kwargs["position_ids"].detach().clone()
+        raise _Stop
+
+    h = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    B, T = inputs["input_ids"].shape
+    pos = box["pos"].expand(B, T).clone()
+    return {"h": box["h"], "pos": pos}
+
+
+def _rotate_half(x):
+    a, b = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-b, a), dim=-1)
+
+
+def _layer(layer, h, cos, sin, allowed, visual, op_heads_all, op_heads_vis, ffn_m, skip_visual):
+    attn = layer.self_attn
+    d = attn.head_dim
+    B, T, D = h.shape
+    x = layer.input_layernorm(h)
+    q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(B, T, -1, d).transpose(1, 2)
+    k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(B, T, -1, d).transpose(1, 2)
+    v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(B, T, -1, d).transpose(1, 2)
+    H, Hkv = q.shape[1], k.shape[1]
+    c, s = cos[:, None], sin[:, None]
+    q, k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+    k = k[:, [hh * Hkv // H for hh in range(H)]]
+    v = v[:, [hh * Hkv // H for hh in range(H)]]
+    logits = (q.double() @ k.double().transpose(-1, -2)) * d ** -0.5  # [B, H, T, T]
+    allowed = allowed.expand(B, H, T, T).clone()
+    for hh in op_heads_vis:
+        allowed[:, hh] &= ~visual[:, None, :]
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    out = (probs @ v.double()).to(h.dtype)  # [B, H, T, d]
+    for hh in op_heads_all:
+        out[:, hh] = 0
+    for hh in op_heads_vis:
+        out[:, hh] = out[:, hh].masked_fill(visual[:, :, None], 0.0)
+    out = out.transpose(1, 2).reshape(B, T, H * d)
+    h2 = h + F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
+    mlp = layer.mlp
+    y = layer.post_attention_layernorm(h2)
+    mid = F.silu(F.linear(y, mlp.gate_proj.weight, mlp.gate_proj.bias)) * F.linear(y, mlp.up_proj.weight, mlp.up_proj.bias)
+    if ffn_m is not None:
+        cut = torch.zeros(mid.shape[-1], dtype=torch.bool)
+        cut[ffn_m:] = True
+        mid = mid.masked_fill(visual[:, :, None] & cut, 0.0)
+    h3 = h2 + F.linear(mid, mlp.down_proj.weight, mlp.down_proj.bias)
+    if skip_visual:
+        h3 = torch.where(visual[:, :, None], h, h3)
+    return h3
+
+
+def forward(model, h0, pos, valid, visual, grid=None, ops=None, removed=None) -> torch.Tensor:
+    """Logits ``[B, T, V]`` of the masked reference.
+
+    Args:
+        h0: ``[B, T, D]`` layer-0 input; ``pos`` ``[B, T]`` position ids; ``valid`` ``[B, T]`` real tokens;
+        visual: ``[B, T]`` visual tokens; grid: ``(row, col, segment)`` each ``[B, T]`` (neighbour op);
+        ops: ``{"skip_all": set, "skip_visual": set, "heads_all": {l: heads}, "heads_visual": {l: heads},
+        "ffn": {l: m'}, "neighbor": {l: w}}``; removed: ``{layer: [B, T] bool}`` tokens gone from that layer on.
+    """
+    ops = ops or {}
+    lm = model.model.language_model
+    B, T = valid.shape
+    cos, sin = lm.rotary_emb(h0, pos)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    h = h0
+    gone = torch.zeros(B, T, dtype=torch.bool)
+    eye = torch.eye(T, dtype=torch.bool)
+    for j, layer in enumerate(lm.layers):
+        if removed and j in removed:
+            gone = gone | removed[j]
+        if j in ops.get("skip_all", ()):
+            continue
+        keys = valid & ~gone
+        allowed = causal[None] & keys[:, None, :]
+        if j in ops.get("neighbor", {}):
+            w = ops["neighbor"][j] // 2
+            row, col, seg = grid
+            g = visual & (row >= 0)
+            far = ((row[:, :, None] - row[:, None, :]).abs() > w) | ((col[:, :, None] - col[:, None, :]).abs() > w) \
+                | (seg[:, :, None] != seg[:, None, :])
+            allowed = allowed & ~(g[:, :, None] & g[:, None, :] & far)
+        allowed = (allowed | eye[None])[:, None]  # [B, 1, T, T]; every row keeps itself (padding rows)
+        allowed = allowed & (causal[None, None])
+        h = _layer(layer, h, cos, sin, allowed, visual & ~gone, ops.get("heads_all", {}).get(j, ()),
+                   ops.get("heads_visual", {}).get(j, ()), ops.get("ffn", {}).get(j), j in ops.get("skip_visual", ()))
+    return model.lm_head(lm.norm(h))
+
+
+def greedy(model, inputs, steps, visual, grid=None, ops=None, removed=None) -> torch.Tensor:
+    """``[B, steps]`` greedy tokens, recomputing the whole sequence every step (no cache)."""
+    cap = capture(model, inputs)
+    h, pos = cap["h"], cap["pos"]
+    valid = inputs["attention_mask"].bool()
+    emb = model.get_input_embeddings()
+    B = h.shape[0]
+    out = []
+    vis = visual
+    rem = dict(removed or {})
+    g = grid
+    for t in range(steps):
+        with torch.no_grad():
+            logits = forward(model, h, pos, valid, vis, g, ops, rem)
+        tok = logits[:, -1].argmax(-1)
+        out.append(tok)
+        h = torch.cat([h, emb(tok)[:, None]], 1)
+        pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], 1)
+        vis = torch.cat([vis, torch.zeros(B, 1, dtype=torch.bool)], 1)
+        rem = {k: torch.cat([v, torch.zeros(B, 1, dtype=torch.bool)], 1) for k, v in rem.items()}
+        if g is not None:
+            g = tuple(torch.cat([x, torch.full((B, 1), -1)], 1) for x in g)
+    return torch.stack(out, 1)

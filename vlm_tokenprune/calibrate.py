@@ -1,0 +1,190 @@
+"""Offline calibration for structural policies: ``calibrate(model, batches, what=...)``.
+
+``what="heads"`` (YOPO, arXiv 2410.06169, "inactive visual head pruning"): per sample, layer
+and head, ``ratio = sum of attention to visual keys / sum of attention to text keys`` over every
+real query row of the prompt (post-softmax, RoPE, causal, padding masked; rebuilt from each
+layer's own projections by ``attention.attention_rows``, so any attention backend works).
+A policy then keeps a head when the majority of samples vote for it: ``ratio > threshold``,
+or ``top_n`` (the n heads with the most votes per layer, ties by mean ratio); layers below
+``keep_first`` (2) keep every head.
+
+``what="layers"`` (EfficientVLA, arXiv 2506.10100, section "LLM layer pruning"): importance
+``I(l) = 1 - mean_samples mean_positions cos(x_l, x_{l+1})`` with ``x_l`` the hidden states
+entering decoder layer l and ``x_{l+1}`` leaving it (real tokens only); a policy skips the
+least important layers (non-contiguous).
+
+The artifact is a small JSON file carrying the text model's geometry and its hash; a policy
+references it by path (``prune_heads:calibration=p.json,top_n=8``,
+``efficientvla_layers:calibration=p.json``) and loading it on another model is an
+``IncompatiblePolicyError`` naming the differing config field.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .errors import IncompatiblePolicyError, InputError, PolicyError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+FORMAT = "vlm_tokenprune.calibration/1"
+WHAT = ("heads", "layers")
+_GEOMETRY = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "vocab_size")
+
+
+def model_geometry(model: nn.Module) -> dict:
+    """The text model's shape fields the artifact is bound to."""
+    cfg = getattr(model.config, "text_config", None) or model.config
+    out = {k: getattr(cfg, k, None) for k in _GEOMETRY}
+    if out["head_dim"] is None and out["hidden_size"] and out["num_attention_heads"]:
+        out["head_dim"] = out["hidden_size"] // out["num_attention_heads"]
+    return out
+
+
+def config_hash(geometry: Mapping) -> str:
+    return hashlib.sha256(json.dumps(dict(geometry), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], what: str = "heads", path: str | None = None,
+              progress: bool = True) -> dict:
+    """Run ``model`` (unpatched) on ``batches`` (dicts of model inputs) and record ``what``.
+
+    Returns the artifact dict; writes it as JSON to ``path`` when given. Shapes:
+    ``heads``: ``ratios`` [samples][layers][heads]; ``layers``: ``importance`` [layers] and
+    ``per_sample`` [samples][layers]. One sample = one batch row with visual tokens (heads) / any row (layers).
+    """
+    from tqdm.auto import tqdm
+
+    from .adapters import resolve_adapter
+    from .attention import attention_rows
+    from .patching import is_patched
+
+    if what not in WHAT:
+        raise PolicyError("what", f"{what!r}; allowed: {', '.join(WHAT)}")
+    adapter = resolve_adapter(model)
+    adapter.check(model)
+    seams = adapter.seams(model)
+    if is_patched(seams.top):
+        raise UnsupportedModelError("model", "is patched; calibrate the original model (unpatch first)")
+    layers = seams.decoder_layers
+    captured: dict = {}
+
+    def pre(j, module, args, kwargs):
+        captured[j] = [kwargs["hidden_states"] if not args else args[0], kwargs.get("position_embeddings"), None]
+
+    def post(j, module, args, kwargs, out):
+        captured[j][2] = out[0] if isinstance(out, tuple) else out
+
+    hooks = []
+    per_sample: list = []
+    try:
+        for j, layer in enumerate(layers):
+            hooks.append(layer.register_forward_pre_hook(lambda m, a, k, j=j: pre(j, m, a, k), with_kwargs=True))
+            if what == "layers":
+                hooks.append(layer.register_forward_hook(lambda m, a, k, o, j=j: post(j, m, a, k, o), with_kwargs=True))
+        for batch in tqdm(list(batches), desc=f"calibrate {what}", disable=not progress):
+            batch = dict(batch)
+            captured.clear()
+            input_ids = batch["input_ids"]
+            B, L = input_ids.shape
+            valid = batch.get("attention_mask")
+            valid = valid.bool() if valid is not None else torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
+            with torch.no_grad():
+                model(**batch, use_cache=False)
+                if what == "layers":
+                    rows = torch.zeros(B, len(layers))
+                    for j in range(len(layers)):
+                        x, _, y = captured[j]
+                        cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # [B, L]
+                        rows[:, j] = 1 - (cos * valid).sum(1) / valid.sum(1)
+                    per_sample += rows.tolist()
+                    continue
+                is_vis = adapter.visual_layout(model, input_ids, batch).is_visual & valid
+                text = valid & ~is_vis
+                idx = torch.arange(L, device=input_ids.device).expand(B, L)
+                ratios = []
+                for j, layer in enumerate(layers):
+                    hidden, pe, _ = captured[j]
+                    probs = attention_rows(layer, hidden, pe, idx, idx, valid, valid, reduce="none")  # [B, H, L, L]
+                    probs = probs * valid[:, None, :, None]
+                    to_vis = (probs * is_vis[:, None, None, :]).sum((2, 3))
+                    to_text = (probs * text[:, None, None, :]).sum((2, 3))
+                    ratios.append(to_vis / to_text.clamp_min(1e-12))  # [B, H]
+                r = torch.stack(ratios, 1)  # [B, layers, H]
+                per_sample += [r[b].tolist() for b in range(B) if bool(is_vis[b].any())]
+    finally:
+        for h in hooks:
+            h.remove()
+    if not per_sample:
+        raise InputError("batches", "gave no sample" + (" with visual tokens" if what == "heads" else ""))
+    geo = model_geometry(model)
+    art = {"format": FORMAT, "what": what, "config": geo, "config_hash": config_hash(geo), "samples": len(per_sample)}
+    if what == "heads":
+        art["ratios"] = per_sample
+    else:
+        art["per_sample"] = per_sample
+        art["importance"] = torch.tensor(per_sample).mean(0).tolist()
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(art, f)
+        log.info("calibration (%s, %d samples) written to %s", what, len(per_sample), path)
+    return art
+
+
+def load_artifact(path: str, model: nn.Module, what: str, where: str) -> dict:
+    """Read a calibration file and check it belongs to ``model`` and holds ``what``."""
+    if not os.path.isfile(path):
+        raise PolicyError(where, f"{path!r} is not a file (write one with vlm_tokenprune.calibrate(..., path=...))")
+    try:
+        with open(path, encoding="utf-8") as f:
+            art = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PolicyError(where, f"cannot read {path!r}: {e}") from None
+    if not isinstance(art, dict) or art.get("format") != FORMAT:
+        raise PolicyError(where, f"{path!r} is not a {FORMAT} file")
+    if art.get("what") != what:
+        raise IncompatiblePolicyError(f"{where}.what", f"{path!r} holds {art.get('what')!r} calibration; this op needs {what!r}")
+    geo = model_geometry(model)
+    if art.get("config_hash") != config_hash(geo):
+        theirs = art.get("config") or {}
+        diff = [k for k in _GEOMETRY if theirs.get(k) != geo.get(k)]
+        detail = ", ".join(f"text_config.{k}: {theirs.get(k)!r} in the file, {geo.get(k)!r} in the model" for k in diff)
+        raise IncompatiblePolicyError(
+            f"{where}.config_hash",
+            f"{path!r} was calibrated on another model (config_hash {art.get('config_hash')} != {config_hash(geo)}"
+            + (f"; {detail}" if detail else "") + ")",
+        )
+    return art
+
+
+def select_layers(art: dict, n_drop: int, protect: int = 0, where: str = "layers_kept") -> tuple[int, ...]:
+    """The ``n_drop`` least important layers (importance ascending), never layers ``<= protect``."""
+    imp = art["importance"]
+    order = sorted((i for i in range(len(imp)) if i > protect), key=lambda i: (imp[i], i))
+    if n_drop > len(order):
+        raise IncompatiblePolicyError(where, f"would skip {n_drop} layers; at most {len(order)} can be skipped "
+                                      f"(layers <= {protect} always run)")
+    return tuple(sorted(order[:n_drop]))
+
+
+def select_heads(art: dict, threshold: float | None = None, top_n: int | None = None, keep_first: int = 2) -> tuple:
+    """Pruned ``(layer, head)`` pairs: heads without a majority of samples voting to keep them."""
+    r = torch.tensor(art["ratios"], dtype=torch.float64)  # [S, layers, H]
+    S, n_layers, H = r.shape
+    if threshold is not None:
+        keep = (r > threshold).sum(0) * 2 >= S  # majority vote
+    else:
+        n = min(top_n, H)
+        votes = torch.zeros(S, n_layers, H)
+        votes.scatter_(2, r.topk(n, dim=2).indices, 1.0)
+        rank = votes.sum(0) * 1e6 + r.mean(0) / (r.mean(0).max() + 1e-12)  # votes first, then mean ratio
+        keep = torch.zeros(n_layers, H, dtype=torch.bool)
+        keep.scatter_(1, rank.topk(n, dim=1).indices, True)
+    keep[:keep_first] = True
+    return tuple((int(layer), int(h)) for layer, h in (~keep).nonzero().tolist())

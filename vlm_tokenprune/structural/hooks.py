@@ -1,0 +1,450 @@
+"""Installing a ``StructuralPlan``: forward pre-hooks on the decoder layers and INSTANCE-level
+wrappers, every one recorded on the handle and undone exactly by ``unpatch()``.
+
+Instance-level changes (never the class): a layer's / MLP's / ``q_proj``'s / ``o_proj``'s
+``forward`` instance attribute (deleted again on unpatch), sliced copies of ``q/k/v/o_proj`` put
+in place of the originals (the originals, untouched, are put back), the attention module's
+``num_key_value_groups`` and the text config's ``_attn_implementation_internal`` (old values
+restored). For ``skip_visual`` / ``neighbor`` layers a NEW attention name is registered with
+transformers (query-subset attention delegating to the model's own backend) and unregistered on
+unpatch; no existing registry entry is changed.
+
+Per forward, the structural pre-hook of layer j (registered after the engine's, so it sees the
+kwargs already shrunk by token stages) stores the layer's visual rows ``[B, M]`` in
+``state.structural``; the wrappers of that layer read them. While decoding (new tokens are
+text) only the masks change (visual KEYS of the prompt, from ``PrefillRecord.is_visual``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .plan import StructuralPlan
+
+if TYPE_CHECKING:
+    from ..handle import PatchHandle
+
+
+class _Undo:
+    """One instance-level change and how to revert it exactly."""
+
+    def __init__(self, obj: Any, name: str, new: Any):
+        self.obj, self.name = obj, name
+        self.had = name in vars(obj) or name in getattr(obj, "_modules", {})
+        self.old = getattr(obj, name) if self.had else None
+        setattr(obj, name, new)
+
+    def undo(self) -> None:
+        if self.had:
+            setattr(self.obj, self.name, self.old)
+        else:
+            delattr(self.obj, self.name)
+
+
+def _swap(handle: "PatchHandle", obj: Any, name: str, new: Any) -> None:
+    handle._restore.append(_Undo(obj, name, new))
+
+
+def _mark(fn):
+    fn.__vtp__ = True
+    return fn
+
+
+# -- per-forward visual rows ---------------------------------------------------------------------
+def _visual_rows(handle: "PatchHandle", j: int) -> torch.Tensor | None:
+    info = handle._state.structural if handle._state is not None else None
+    if not info or info.get("layer") != j:
+        return None
+    return info.get("vis")
+
+
+def _current(st, name: str) -> torch.Tensor:
+    """A layout tensor [B, L] gathered at the current prefill sequence [B, M]."""
+    t = getattr(st.layout, name)
+    return t if st.cur_orig is None else torch.gather(t, 1, st.cur_orig)
+
+
+# -- installation --------------------------------------------------------------------------------
+def install_modules(handle: "PatchHandle", plan: StructuralPlan) -> None:
+    """Swap in the sliced attention projections (before the engine hooks k/v_proj for criteria)."""
+    layers = handle.seams.decoder_layers
+    for j, pruned in sorted(plan.heads_all.items()):
+        attn = layers[j].self_attn
+        q, k, v, o, groups = _sliced_attention(attn, set(pruned))
+        for name, mod in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o)):
+            _swap(handle, attn, name, mod)
+        _swap(handle, attn, "num_key_value_groups", groups)
+        handle._add(f"decoder layer {j}: self_attn.q/k/v/o_proj replaced by copies sliced to {q.out_features // attn.head_dim} "
+                    f"heads (pruned {list(pruned)}; originals restored on unpatch)", _NoHook())
+
+
+class _Call:
+    """An undo that is a call (unregistering a name we registered)."""
+
+    def __init__(self, fn):
+        self.undo = fn
+
+
+class _NoHook:
+    """A site listed by describe() whose undo lives in ``handle._restore``."""
+
+    def remove(self) -> None:
+        return None
+
+
+def install_attention(handle: "PatchHandle", plan: StructuralPlan) -> bool:
+    """Query-subset attention for ``skip_visual`` and ``neighbor`` layers (4-D mask backends only).
+
+    Registers a NEW attention name (and the original backend's mask function under it) and
+    points only this model's text config at it; both are undone on unpatch. The function calls
+    the original backend: text queries in one call; visual queries (neighbour layers) in chunks
+    of one patch-grid row with only the keys the chunk may attend (text keys and the w rows
+    above); ``skip_visual`` layers compute no visual query at all. Other layers and decode steps
+    go straight to the original backend.
+    """
+    if handle.seams.mask_format == "2d" or not (plan.skip_visual or plan.neighbor):
+        return False
+    import sys
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    text = handle.seams.text_config
+    orig = text._attn_implementation
+    name = f"vtp_structural_{id(handle):x}"
+    bases = {}
+    for j, layer in enumerate(handle.seams.decoder_layers):
+        eager = getattr(sys.modules[type(layer.self_attn).__module__], "eager_attention_forward", None)
+        bases[j] = ALL_ATTENTION_FUNCTIONS.get_interface(orig, eager) if orig != "eager" else eager
+        if bases[j] is None:
+            return False  # no backend function to delegate to: keep the mask path
+    fmt = handle.seams.mask_format
+    AttentionInterface.register(name, functools.partial(_attention, handle, plan, bases, fmt))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[orig])
+
+    def unregister() -> None:
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
+
+    handle._restore.append(_Call(unregister))
+    _swap(handle, text, "_attn_implementation_internal", name)
+    handle._add(f"attention backend {name!r} registered for this model's text config (wraps {orig!r}: query-subset "
+                f"attention on layers {sorted(set(plan.skip_visual) | set(plan.neighbor))}; unregistered on unpatch)", _NoHook())
+    return True
+
+
+def install_hooks(handle: "PatchHandle", plan: StructuralPlan) -> None:
+    layers = handle.seams.decoder_layers
+    watched = set(plan.skip_visual) | set(plan.heads_visual) | set(plan.ffn) | set(plan.neighbor)
+    for j, layer in enumerate(layers):
+        if j in plan.skip_all:
+            _swap(handle, layer, "forward", _skip_all_forward)
+            handle._add(f"decoder layer {j}: forward replaced (instance) by a pass-through (skip_layers scope=all)", _NoHook())
+            continue
+        if j in watched:
+            handle._add(
+                f"decoder layer {j}: forward pre-hook (structural: visual rows"
+                + (", per-head mask" if j in plan.heads_visual else "") + (", neighbour mask" if j in plan.neighbor else "") + ")",
+                layer.register_forward_pre_hook(_mark(functools.partial(_layer_pre_hook, handle, plan, j)), with_kwargs=True),
+            )
+        if j in plan.skip_visual:
+            qp = layer.self_attn.q_proj
+            _swap(handle, qp, "forward", functools.partial(_text_rows_forward, handle, j, qp, qp.forward))
+            handle._add(f"decoder layer {j}: self_attn.q_proj forward wrapped (instance; text rows only, visual queries zero)", _NoHook())
+        if j in plan.skip_visual or j in plan.heads_visual:
+            o = layer.self_attn.o_proj
+            _swap(handle, o, "forward", functools.partial(_o_proj_forward, handle, plan, j, o, o.forward))
+            handle._add(f"decoder layer {j}: self_attn.o_proj forward wrapped (instance; "
+                        + ("text rows only" if j in plan.skip_visual else "pruned heads zeroed for visual rows") + ")", _NoHook())
+        if j in plan.skip_visual or j in plan.ffn:
+            mlp = layer.mlp
+            _swap(handle, mlp, "forward", functools.partial(_mlp_forward, handle, plan, j, mlp, mlp.forward))
+            handle._add(f"decoder layer {j}: mlp forward wrapped (instance; "
+                        + ("text rows only" if j in plan.skip_visual else f"visual rows use {plan.ffn[j]} channels") + ")", _NoHook())
+        if j in plan.skip_visual:
+            _swap(handle, layer, "forward", functools.partial(_skip_visual_forward, handle, j, layer.forward))
+            handle._add(f"decoder layer {j}: forward wrapped (instance; visual rows pass through, skip_layers scope=visual)", _NoHook())
+
+
+# -- the wrappers --------------------------------------------------------------------------------
+def _skip_all_forward(*args, **kwargs):
+    """A skipped decoder layer: its input is its output; its KV cache is never written."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _skip_visual_forward(handle, j, orig, *args, **kwargs):
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    vis = _visual_rows(handle, j)
+    out = orig(*args, **kwargs)
+    if vis is None or not bool(vis.any()):
+        return out
+    return torch.where(vis[..., None], hidden, out)
+
+
+def _text_rows_forward(handle, j: int, lin: nn.Linear, orig, x: torch.Tensor) -> torch.Tensor:
+    """A projection computed on the text rows only; visual rows get zeros (their results are discarded)."""
+    vis = _visual_rows(handle, j)
+    if vis is None or vis.shape != x.shape[:2] or not bool(vis.any()):
+        return orig(x)
+    text = ~vis
+    out = x.new_zeros(*x.shape[:-1], lin.out_features)
+    out[text] = orig(x[text])
+    return out
+
+
+def _o_proj_forward(handle, plan: StructuralPlan, j: int, o_proj: nn.Linear, orig, x: torch.Tensor) -> torch.Tensor:
+    """``x``: ``[B, M, H * d]`` attention output before o_proj."""
+    vis = _visual_rows(handle, j)
+    if vis is None or vis.shape != x.shape[:2] or not bool(vis.any()):
+        return orig(x)
+    if j in plan.skip_visual:  # visual rows are discarded by the layer wrapper: compute text rows only
+        return _text_rows_forward(handle, j, o_proj, orig, x)
+    pruned = plan.heads_visual[j]
+    d = x.shape[-1] // plan.num_heads
+    head_off = torch.zeros(plan.num_heads, dtype=torch.bool, device=x.device)
+    head_off[list(pruned)] = True
+    cols = head_off.repeat_interleave(d)  # [H * d]
+    return orig(x.masked_fill(vis[..., None] & cols, 0.0))
+
+
+def _mlp_forward(handle, plan: StructuralPlan, j: int, mlp: nn.Module, orig, x: torch.Tensor) -> torch.Tensor:
+    """``x``: ``[B, M, D]``. Text rows: the full MLP; visual rows: nothing (skip_visual) or the cut MLP."""
+    vis = _visual_rows(handle, j)
+    if vis is None or vis.shape != x.shape[:2] or not bool(vis.any()):
+        return orig(x)
+    out = torch.empty_like(x) if j not in plan.skip_visual else x.new_zeros(x.shape)
+    text = ~vis
+    if bool(text.any()):
+        out[text] = orig(x[text])
+    if j in plan.skip_visual:
+        return out
+    m = plan.ffn[j]
+    xv = x[vis]  # [n_visual, D]
+    g, u, dn = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+    gb = g.bias[:m] if g.bias is not None else None
+    ub = u.bias[:m] if u.bias is not None else None
+    h = mlp.act_fn(F.linear(xv, g.weight[:m], gb)) * F.linear(xv, u.weight[:m], ub)
+    out[vis] = F.linear(h, dn.weight[:, :m], dn.bias)
+    return out
+
+
+# -- masks -----------------------------------------------------------------------------------------
+def _layer_pre_hook(handle, plan: StructuralPlan, j: int, module, args: tuple, kwargs: dict):
+    st = handle._state
+    if st is None:
+        return None
+    memo = st.structural.get("memo", [])  # masks built by earlier layers of this forward, reused when identical
+    st.structural = {"memo": memo, "memo_chunks": st.structural.get("memo_chunks", [])}
+    if st.phase == "passthrough":
+        return None
+    hidden = kwargs["hidden_states"] if not args else args[0]
+    B, Q = hidden.shape[:2]
+    if st.phase == "prefill":
+        ok = st.cur_ok if st.cur_ok is not None else torch.ones(B, Q, dtype=torch.bool, device=hidden.device)
+        vis = _current(st, "is_visual") & ok
+        st.structural.update(layer=j, vis=vis)
+        if j in plan.neighbor:
+            if not st.layout.coords_known:
+                from ..errors import InputError
+
+                raise InputError("image_sizes", "the patch grid of these visual tokens is unknown (LLaVA-NeXT needs image_sizes "
+                                 "or encoder outputs); neighbor_attention cannot place its window")
+            st.structural["chunk"] = _current(st, "segment") * (1 << 20) + _current(st, "row")
+        key_vis = vis
+    else:
+        if st.prefill.is_visual is None:
+            return None
+        key_vis = None  # computed below once the key length is known
+        vis = None
+    if j not in plan.heads_visual and (j not in plan.neighbor or st.phase != "prefill"):
+        return None
+    if st.phase != "prefill" and not bool(st.prefill.is_visual.any()):
+        return None
+    kwargs = dict(kwargs)
+    mask = kwargs.get("attention_mask")
+    fmt = handle.seams.mask_format
+    # layers between two token stages get the same incoming mask and sequence: build each mask once
+    what = (st.phase, plan.neighbor.get(j) if st.phase == "prefill" else None, plan.heads_visual.get(j))
+    cur_set = st.cur_orig if st.phase == "prefill" else st.prefill.kept_at(j)  # the sequence / cached keys of layer j
+    for m_in, cur, w, out in memo:
+        if m_in is mask and cur is cur_set and w == what:
+            kwargs["attention_mask"] = out
+            return args, kwargs
+    if mask is not None:
+        kv = mask.shape[-1]
+        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        allowed = allowed.expand(B, *allowed.shape[1:])
+    else:
+        if st.phase == "prefill":
+            kv = Q
+        else:
+            kv = st.cache.get_seq_length(j) + Q
+        q_pos = torch.arange(kv - Q, kv, device=hidden.device)
+        allowed = (torch.arange(kv, device=hidden.device)[None, :] <= q_pos[:, None])[None, None].expand(B, 1, Q, kv)
+    if key_vis is None:  # decode: the cached keys are the prompt's kept tokens, then text
+        rec = st.prefill.kept_at(j)
+        pv = st.prefill.is_visual
+        pv = pv if rec is None else torch.gather(pv, 1, rec.kept) & rec.kept_ok
+        key_vis = torch.cat([pv, torch.zeros(B, kv - pv.shape[1], dtype=torch.bool, device=pv.device)], 1)[:, :kv]
+    if j in plan.neighbor and st.phase == "prefill":
+        w = plan.neighbor[j] // 2
+        row, col, seg = _current(st, "row"), _current(st, "col"), _current(st, "segment")
+        grid = vis & (row >= 0)  # CLS / image_newline tokens are not on the grid: unrestricted
+        far = ((row[:, :, None] - row[:, None, :]).abs() > w) | ((col[:, :, None] - col[:, None, :]).abs() > w) \
+            | (seg[:, :, None] != seg[:, None, :])
+        cut = grid[:, :, None] & grid[:, None, :] & far  # [B, Q, K]
+        allowed = allowed & ~cut[:, None]
+    if j in plan.heads_visual:
+        H = plan.num_heads
+        head_off = torch.zeros(H, dtype=torch.bool, device=hidden.device)
+        head_off[list(plan.heads_visual[j])] = True
+        allowed = allowed.expand(B, H, Q, kv) & ~(head_off[None, :, None, None] & key_vis[:, None, None, :])
+        if vis is not None:  # a visual query of a pruned head keeps its own key (its output is zeroed anyway): no empty row
+            diag = torch.eye(Q, kv, dtype=torch.bool, device=hidden.device)
+            allowed = allowed | (head_off[None, :, None, None] & vis[:, None, :, None] & diag)
+    if fmt == "float4d":
+        dtype = mask.dtype if mask is not None else hidden.dtype
+        new = torch.zeros(allowed.shape, dtype=dtype, device=hidden.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    else:
+        new = allowed.contiguous()
+    memo.append((mask, cur_set, what, new))  # holding the tensors keeps their identities unique
+    kwargs["attention_mask"] = new
+    return args, kwargs
+
+
+# -- query-subset attention -------------------------------------------------------------------------
+def _attention(handle, plan: StructuralPlan, bases: dict, fmt: str, module, query, key, value, attention_mask, **kwargs):
+    """The original backend on subsets of the queries (see ``install_attention``); ``[B, Q, H, d]`` out."""
+    j = module.layer_idx
+    base = bases[j]
+    st = handle._state
+    info = st.structural if st is not None else None
+    if not info or info.get("layer") != j or st.phase != "prefill" or (j not in plan.skip_visual and j not in plan.neighbor):
+        return base(module, query, key, value, attention_mask, **kwargs)
+    vis = info["vis"]
+    B, H, M, d = query.shape
+    KV = key.shape[2]
+    if vis.shape != (B, M) or not bool(vis.any()):
+        return base(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is None:
+        allowed = torch.ones(M, KV, dtype=torch.bool, device=query.device).tril(KV - M)[None, None]
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask[..., :KV]
+    else:
+        allowed = attention_mask[..., :KV] > torch.finfo(attention_mask.dtype).min / 2
+    allowed = allowed.expand(B, allowed.shape[1], M, KV)
+
+    def as_mask(a):
+        if fmt == "float4d":
+            return torch.zeros(a.shape, dtype=query.dtype, device=query.device).masked_fill(~a, torch.finfo(query.dtype).min)
+        return a
+
+    out = query.new_zeros(B, M, H, d)
+    text = ~vis
+    counts = text.sum(1)
+    T = int(counts.max())
+    order = torch.sort((~text).to(torch.uint8), dim=1, stable=True).indices[:, :T]  # text rows first, in order
+    ok = torch.arange(T, device=query.device)[None, :] < counts[:, None]
+    q_t = torch.gather(query, 2, order[:, None, :, None].expand(B, H, T, d))
+    m_t = torch.gather(allowed, 2, order[:, None, :, None].expand(B, allowed.shape[1], T, KV))
+    m_t = m_t | ~ok[:, None, :, None]  # filler rows attend everything (discarded): no empty row
+    o_t = base(module, q_t, key, value, as_mask(m_t), **kwargs)[0]  # [B, T, H, d]
+    bi = torch.arange(B, device=query.device)[:, None].expand(B, T)[ok]
+    out[bi, order[ok]] = o_t[ok].to(out.dtype)
+    if j in plan.skip_visual:  # visual rows pass the layer through: their attention output is never used
+        return out, None
+    # visual queries: one chunk per patch-grid row, each with the keys it may attend; all chunks of
+    # the batch padded to the largest and sent in ONE backend call (batch = chunks)
+    plans = info["memo_chunks"]
+    hit = next((c for m, c in plans if m is attention_mask), None) if attention_mask is not None else None
+    if hit is None:
+        hit = _chunk_plan(info["chunk"], vis, allowed, as_mask)
+        if attention_mask is not None:
+            plans.append((attention_mask, hit))
+    bidx, qidx, kidx, qok, m_c = hit
+    N, Qm = qidx.shape
+    q_c = query[bidx, :, qidx].permute(0, 2, 1, 3)  # [N, H, Qm, d]
+    k_c = key[bidx, :, kidx].permute(0, 2, 1, 3)  # [N, Hkv, Km, d]
+    v_c = value[bidx, :, kidx].permute(0, 2, 1, 3)
+    o = base(module, q_c.contiguous(), k_c.contiguous(), v_c.contiguous(), m_c, **kwargs)[0]
+    out[bidx.expand(N, Qm)[qok], qidx[qok]] = o[qok].to(out.dtype)
+    return out, None
+
+
+def _chunk_plan(chunk: torch.Tensor, vis: torch.Tensor, allowed: torch.Tensor, as_mask) -> tuple:
+    """Visual query chunks (one grid row each) and their keys: ``(bidx [N, 1], qidx [N, Qm], kidx [N, Km],
+    qok [N, Qm], mask [N, h, Qm, Km])`` in the backend's mask format."""
+    bs, qs, ks = [], [], []
+    B = vis.shape[0]
+    for b in range(B):
+        rows = vis[b].nonzero()[:, 0]
+        ids = chunk[b, rows]
+        for c in torch.unique(ids):
+            qi = rows[ids == c]
+            bs.append(b)
+            qs.append(qi)
+            ks.append(allowed[b, :, qi].any(1).any(0).nonzero()[:, 0])
+    N, Qm, Km = len(qs), max(len(x) for x in qs), max(len(x) for x in ks)
+    dev = vis.device
+    qidx = torch.zeros(N, Qm, dtype=torch.long, device=dev)
+    kidx = torch.zeros(N, Km, dtype=torch.long, device=dev)
+    qok = torch.zeros(N, Qm, dtype=torch.bool, device=dev)
+    kok = torch.zeros(N, Km, dtype=torch.bool, device=dev)
+    for i, (qi, ki) in enumerate(zip(qs, ks)):
+        qidx[i, : len(qi)], qok[i, : len(qi)] = qi, True
+        kidx[i, : len(ki)], kok[i, : len(ki)] = ki, True
+    bidx = torch.tensor(bs, device=dev)[:, None]
+    m_c = allowed[bidx[:, :, None], :, qidx[:, :, None], kidx[:, None, :]].permute(0, 3, 1, 2)  # [N, h, Qm, Km]
+    m_c = (m_c & kok[:, None, None, :]) | ~qok[:, None, :, None]  # padded keys masked; padded query rows discarded
+    return bidx, qidx, kidx, qok, as_mask(m_c.contiguous())
+
+
+# -- head slicing --------------------------------------------------------------------------------
+def _linear(src: nn.Linear, rows: list[int] | None = None, cols: list[int] | None = None) -> nn.Linear:
+    w = src.weight.detach()
+    if rows is not None:
+        w = w[rows]
+    if cols is not None:
+        w = w[:, cols]
+    b = src.bias.detach() if src.bias is not None else None
+    if b is not None and rows is not None:
+        b = b[rows]
+    out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)
+    out.weight = nn.Parameter(w.contiguous().clone(), requires_grad=False)
+    if b is not None:
+        out.bias = nn.Parameter(b.contiguous().clone(), requires_grad=False)
+    return out.train(src.training)
+
+
+def _sliced_attention(attn: nn.Module, pruned: set[int]):
+    """Copies of q/k/v/o_proj keeping only the heads not in ``pruned``, and the new GQA group size.
+
+    When every KV group keeps the same number c of query heads, the groups with none left are
+    dropped from k/v_proj and the group size is c (exact, fewer FLOPs everywhere). Otherwise
+    each kept query head gets its own copy of its KV head (group size 1): exact, but k/v_proj
+    then produce one KV head per kept query head.
+    """
+    d = attn.head_dim
+    H = attn.q_proj.out_features // d
+    Hkv = attn.k_proj.out_features // d
+    g = H // Hkv
+    kept = [h for h in range(H) if h not in pruned]
+    per = {kv: [h for h in kept if h // g == kv] for kv in range(Hkv)}
+    counts = {len(v) for v in per.values() if v}
+    if len(counts) == 1:
+        kv_heads = [kv for kv, v in per.items() if v]
+        groups = counts.pop()
+    else:
+        kv_heads = [h // g for h in kept]
+        groups = 1
+    rows = lambda heads: [h * d + i for h in heads for i in range(d)]  # noqa: E731
+    q = _linear(attn.q_proj, rows=rows(kept))
+    k = _linear(attn.k_proj, rows=rows(kv_heads))
+    v = _linear(attn.v_proj, rows=rows(kv_heads))
+    o = _linear(attn.o_proj, cols=rows(kept))
+    return q, k, v, o, groups

@@ -1,0 +1,203 @@
+"""Resolve a policy's structural stages against one model: concrete layers and heads, checked
+before any hook exists (``patch()`` calls ``resolve`` first; a failure leaves the model untouched).
+
+``StructuralPlan`` is what the hooks install, layer by layer:
+
+- ``skip_all``: decoder layers that do not run at all (hidden states pass through; their KV
+  cache stays empty). Layer ``<= first_full_attention_layer`` is refused: the cache length
+  (``DynamicCache.get_seq_length()``) and the masks are read there.
+- ``skip_visual``: layers where visual hidden states pass through unchanged; text tokens run the
+  layer and attend the visual tokens' keys/values computed at this layer from their incoming
+  hidden states (and cached: decoded tokens see them too).
+- ``heads_all``: ``{layer: pruned heads}`` removed for every token by slicing q/k/v/o_proj.
+- ``heads_visual``: ``{layer: pruned heads}`` (YOPO): no query attends visual keys in them and
+  visual queries get zero output from them.
+- ``ffn``: ``{layer: m_visual}``: visual tokens use the first ``m_visual`` MLP channels.
+- ``neighbor``: ``{layer: w}``: visual->visual attention within a w x w window of the patch grid.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..errors import IncompatiblePolicyError, UnsupportedModelError
+from ..policy import Policy
+
+# what each op really saves with this implementation (reported by describe() and eval.flops)
+SAVINGS = {
+    "skip_all": "real: the layer does not run",
+    "skip_visual": "real: visual rows skip q_proj, attention, o_proj and the MLP (text queries in a query-subset attention call)",
+    "skip_visual_2d": "partial: visual rows skip q_proj, o_proj and the MLP; with a 2-D-mask backend (flash) their attention rows still run (zero queries)",
+    "heads_all": "real: q/k/v/o_proj sliced to the kept heads",
+    "heads_visual": "mask-only: per-head attention mask + zeroed head outputs of visual rows (no compute saved)",
+    "ffn": "real: visual rows run two matmuls on the sliced first m/ratio channels",
+    "neighbor": "real: visual queries attend in chunks of one grid row, each with only its allowed keys (text + the w//2 rows above)",
+}
+
+
+@dataclass(frozen=True)
+class StructuralPlan:
+    num_layers: int
+    num_heads: int
+    skip_all: tuple[int, ...] = ()
+    skip_visual: tuple[int, ...] = ()
+    heads_all: dict = field(default_factory=dict)  # layer -> tuple of pruned heads
+    heads_visual: dict = field(default_factory=dict)
+    ffn: dict = field(default_factory=dict)  # layer -> visual MLP width
+    neighbor: dict = field(default_factory=dict)  # layer -> window
+
+    @property
+    def needs_4d_mask(self) -> bool:
+        return bool(self.heads_visual or self.neighbor)
+
+    def describe(self, subset_attention: bool = True) -> list[str]:
+        """One line per op, with what it really saves (``subset_attention``: the query-subset backend is installed)."""
+        out = []
+        if self.skip_all:
+            out.append(f"skip layers {list(self.skip_all)} for all tokens [{SAVINGS['skip_all']}]")
+        if self.skip_visual:
+            key = "skip_visual" if subset_attention else "skip_visual_2d"
+            out.append(f"skip layers {list(self.skip_visual)} for visual tokens [{SAVINGS[key]}]")
+        for name, d in (("heads_all", self.heads_all), ("heads_visual", self.heads_visual)):
+            if d:
+                n = sum(len(v) for v in d.values())
+                what = "all tokens" if name == "heads_all" else "visual computation"
+                out.append(f"prune {n} heads over {len(d)} layers for {what} [{SAVINGS[name]}]: "
+                           + "; ".join(f"{layer}:{list(h)}" for layer, h in sorted(d.items())))
+        if self.ffn:
+            widths = sorted(set(self.ffn.values()))
+            out.append(f"visual FFN cut to {widths} channels on {len(self.ffn)} layers [{SAVINGS['ffn']}]")
+        if self.neighbor:
+            out.append(f"neighbour visual attention, window {sorted(set(self.neighbor.values()))} on {len(self.neighbor)} layers "
+                       f"[{SAVINGS['neighbor']}]")
+        return out
+
+
+def _layers(spec: Any, n: int, where: str) -> tuple[int, ...]:
+    if spec == "all":
+        return tuple(range(n))
+    bad = [x for x in spec if x >= n]
+    if bad:
+        raise IncompatiblePolicyError(where, f"layer {bad[0]} is beyond the model; allowed: 0..{n - 1}")
+    return tuple(spec)
+
+
+def _check_linear(m: Any, where: str) -> None:
+    if type(m) is not nn.Linear:
+        raise UnsupportedModelError(where, f"is {type(m).__name__}; structural ops need plain torch.nn.Linear projections")
+
+
+def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | None:
+    """The concrete plan of ``policy``'s structural stages on ``model`` (None: no structural stage)."""
+    from ..calibrate import load_artifact, select_heads, select_layers
+
+    stages = [(i, s) for i, s in enumerate(policy.stages) if s.structural and s.op != "visual_drop"]
+    if not stages:
+        return None
+    n = seams.num_layers
+    attn0 = seams.decoder_layers[0].self_attn
+    n_heads = attn0.q_proj.out_features // attn0.head_dim
+    kw: dict = {"num_layers": n, "num_heads": n_heads}
+    for i, st in stages:
+        where = f"stages[{i}]"
+        p = dict(st.params)
+        if st.op == "skip_layers":
+            if "calibration" in p:
+                art = load_artifact(p["calibration"], model, "layers", f"{where}.calibration")
+                kept = max(1, min(n, round(p["layers_kept"] * n / p["of"])))
+                layers = select_layers(art, n - kept, protect=seams.first_full_attention_layer, where=f"{where}.layers_kept")
+            else:
+                layers = _layers(p["layers"], n, f"{where}.layers")
+            if p["scope"] == "all":
+                low = [x for x in layers if x <= seams.first_full_attention_layer]
+                if low:
+                    raise IncompatiblePolicyError(
+                        f"{where}.layers",
+                        f"layer {low[0]} cannot be skipped for all tokens (the KV cache length and the masks are read at "
+                        f"layer {seams.first_full_attention_layer}); allowed: {seams.first_full_attention_layer + 1}..{n - 1}",
+                    )
+                kw["skip_all"] = tuple(layers)
+            else:
+                kw["skip_visual"] = tuple(layers)
+        elif st.op == "prune_heads":
+            if "calibration" in p:
+                art = load_artifact(p["calibration"], model, "heads", f"{where}.calibration")
+                pairs = select_heads(art, threshold=p.get("threshold"), top_n=p.get("top_n"), keep_first=p["keep_first"])
+            else:
+                pairs = p["heads"]
+            per: dict = {}
+            for layer, h in pairs:
+                if layer >= n:
+                    raise IncompatiblePolicyError(f"{where}.heads", f"layer {layer} is beyond the model; allowed: 0..{n - 1}")
+                if h >= n_heads:
+                    raise IncompatiblePolicyError(f"{where}.heads", f"head {h} (layer {layer}) is beyond the model; allowed: 0..{n_heads - 1}")
+                per.setdefault(layer, []).append(h)
+            per = {k: tuple(sorted(v)) for k, v in per.items()}
+            for layer in per:
+                attn = seams.decoder_layers[layer].self_attn
+                for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                    _check_linear(getattr(attn, name, None), f"decoder layer {layer}.self_attn.{name}")
+            if p["scope"] == "all":
+                full = [k for k, v in per.items() if len(v) == n_heads]
+                if full:
+                    raise IncompatiblePolicyError(f"{where}.heads", f"prunes every head of layer {full[0]}; keep at least one "
+                                                  "(or skip the layer with skip_layers)")
+                kw["heads_all"] = per
+            else:
+                kw["heads_visual"] = per
+        elif st.op == "ffn_cut":
+            out = {}
+            for layer in _layers(p["layers"], n, f"{where}.layers"):
+                mlp = getattr(seams.decoder_layers[layer], "mlp", None)
+                for name in ("gate_proj", "up_proj", "down_proj"):
+                    _check_linear(getattr(mlp, name, None), f"decoder layer {layer}.mlp.{name}")
+                m = mlp.gate_proj.out_features
+                out[layer] = max(1, int(m // p["ratio"]))
+            kw["ffn"] = out
+        elif st.op == "neighbor_attention":
+            kw["neighbor"] = {layer: p["window"] for layer in _layers(p["layers"], n, f"{where}.layers")}
+    plan = StructuralPlan(**kw)
+    if plan.needs_4d_mask and seams.mask_format == "2d":
+        raise UnsupportedModelError(
+            "attn_implementation",
+            f"{seams.attn_implementation!r} takes 2-D padding masks; prune_heads(scope=visual) and neighbor_attention "
+            "need a 4-D mask; allowed: eager, sdpa",
+        )
+    if plan.skip_all:  # the other ops have nothing to do on a layer that does not run
+        drop = set(plan.skip_all)
+        plan = StructuralPlan(
+            n, n_heads, plan.skip_all, tuple(x for x in plan.skip_visual if x not in drop),
+            {k: v for k, v in plan.heads_all.items() if k not in drop},
+            {k: v for k, v in plan.heads_visual.items() if k not in drop},
+            {k: v for k, v in plan.ffn.items() if k not in drop},
+            {k: v for k, v in plan.neighbor.items() if k not in drop},
+        )
+    return plan
+
+
+def static_plan(policy: Policy, num_layers: int, num_heads: int, intermediate_size: int) -> StructuralPlan | None:
+    """A plan from the policy alone (no model, no calibration file): for FLOPs predictions."""
+    from ..errors import PolicyError
+
+    kw: dict = {}
+    for i, st in enumerate(policy.stages):
+        if not st.structural or st.op == "visual_drop":
+            continue
+        p = dict(st.params)
+        if "calibration" in p:
+            raise PolicyError(f"stages[{i}].calibration", "needs the model; pass plan=handle.structural")
+        if st.op == "skip_layers":
+            kw["skip_all" if p["scope"] == "all" else "skip_visual"] = _layers(p["layers"], num_layers, f"stages[{i}].layers")
+        elif st.op == "prune_heads":
+            per: dict = {}
+            for layer, h in p["heads"]:
+                per.setdefault(layer, []).append(h)
+            kw["heads_all" if p["scope"] == "all" else "heads_visual"] = {k: tuple(v) for k, v in per.items()}
+        elif st.op == "ffn_cut":
+            width = max(1, int(intermediate_size // p["ratio"]))
+            kw["ffn"] = {j: width for j in _layers(p["layers"], num_layers, f"stages[{i}].layers")}
+        elif st.op == "neighbor_attention":
+            kw["neighbor"] = {j: p["window"] for j in _layers(p["layers"], num_layers, f"stages[{i}].layers")}
+    return StructuralPlan(num_layers, num_heads, **kw) if kw else None
