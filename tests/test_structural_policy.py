@@ -72,7 +72,7 @@ def test_dict_errors():
     assert e.value.field == "stages[0].criterion"
     with pytest.raises(PolicyError) as e:
         Policy.from_dict({"stages": [{"op": "merge", "params": {}}]})
-    assert e.value.field == "stages[0].op" and "reserved" in str(e.value)
+    assert e.value.field == "stages[0]" and "criterion" in str(e.value)  # merge is a criterion op (pre_llm)
 
 
 # -- FLOPs ---------------------------------------------------------------------------------------

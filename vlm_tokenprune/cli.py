@@ -66,7 +66,8 @@ def _compact_stage(st: Any) -> str:
     """``criterion:layer=L,keep=K`` (criterion parameters are listed in the criteria table)."""
     b = f"keep={st.budget.keep}" if st.budget.keep is not None else f"tokens={st.budget.tokens}"
     b += "" if st.budget.of == "original" else f",of={st.budget.of}"
-    return f"{st.criterion}:layer={st.layer},{b}"
+    where = "site=pre_llm" if st.site == "pre_llm" else f"layer={st.layer}"
+    return f"{st.criterion}:{where},{b}"
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -177,6 +178,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
             continue
         crit = CRITERIA.get(st.criterion)
         ref = f"  [{crit.paper}{', arXiv ' + crit.arxiv if crit.arxiv else ''}]" if crit.paper else ""
+        if st.site == "pre_llm":
+            print(f"  stage {i}: {st.describe()}  (site {st.site}, op {st.op}; reduces the language model's input, "
+                  f"before layer 0){ref}")
+            continue
         print(f"  stage {i}: {st.describe()}  (site {st.site}, op {st.op}; scores on layer {st.layer - 1}'s input, "
               f"drops before layer {st.layer}){ref}")
     print(f"model: {args.model_config}: {desc}")

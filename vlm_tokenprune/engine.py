@@ -19,7 +19,7 @@ from .errors import InputError
 from .masking import shrink_mask
 from .scoring import ScoringContext
 from .selection import left_packed
-from .state import ForwardState, PrefillRecord, StageRecord
+from .state import ForwardState, PrefillRecord, PreLLMRecord, StageRecord
 
 if TYPE_CHECKING:
     from .handle import PatchHandle
@@ -141,6 +141,9 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
         st.tokens_per_layer.append(hidden.shape[1])
         return None
     kwargs = dict(kwargs)
+    if st.prefill.pre_llm is not None and handle.seams.mask_format == "2d":
+        # flash-attention reads gapped position ids at batch 1 as packed sequences; RoPE already lives in cos/sin
+        kwargs["position_ids"] = None
     if st.phase == "prefill":
         stage_i = handle.stage_at.get(j)
         gather_hidden = False
@@ -339,3 +342,126 @@ def _compact(values: torch.Tensor, mask: torch.Tensor, width: int | None = None)
     order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
     ok = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
     return torch.gather(values, 1, order).masked_fill(~ok, 0), ok
+
+
+# -- pre-LLM stages --------------------------------------------------------------------------------
+def lm_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
+    """Forward pre-hook on the language model: a pre_llm stage shortens its input.
+
+    Prefill: the criterion reduces ``inputs_embeds`` (prune: keep indices; merge: a chain of
+    ``Reduction``s); the same reductions give the position ids (original ones with gaps, or
+    repacked), the 2-D padding mask and the source map. The language model then builds its
+    own causal mask and rotary tables for the shorter sequence, and every layer caches only
+    the kept tokens. Decode: the 2-D mask's prompt columns are gathered at the kept
+    positions, and position ids continue the chosen convention.
+    """
+    st = handle._state
+    if st is None or st.phase == "passthrough" or (st.prefill.pre_llm is None and st.phase != "prefill"):
+        return None
+    kwargs = dict(kwargs)
+    if st.phase == "prefill":
+        _pre_llm_prefill(handle, st, kwargs)
+    else:
+        _pre_llm_decode(st, kwargs)
+    return args, kwargs
+
+
+def _pre_llm_prefill(handle: "PatchHandle", st: ForwardState, kwargs: dict) -> None:
+    from .reduction import Reduction
+
+    t0 = time.perf_counter()
+    i = next(i for i, s in enumerate(handle.policy.stages) if s.site == "pre_llm")
+    stage = handle.policy.stages[i]
+    hidden = kwargs.get("inputs_embeds")
+    if hidden is None:
+        raise InputError("inputs_embeds", "a pre_llm stage needs the language model to receive inputs_embeds")
+    B, L = hidden.shape[:2]
+    dev = hidden.device
+    layout = st.layout
+    valid = st.valid
+    is_vis = layout.is_visual & valid
+    n_vis = is_vis.sum(1)
+    k_list = [stage.budget.count(n) for n in n_vis.tolist()]
+    _check_budget(i, stage, k_list, n_vis.tolist())
+    if all(k == n for k, n in zip(k_list, n_vis.tolist())):  # keeps everything: the input is untouched
+        ar = torch.arange(L, device=dev).expand(B, L)
+        vis_orig, vis_ok = _compact(ar, is_vis)
+        st.prefill.records.append(StageRecord(stage, ar, valid, vis_orig, vis_ok, n_vis, n_vis, L, L,
+                                              time.perf_counter() - t0, noop=True))
+        return
+    ar = torch.arange(L, device=dev).expand(B, L)
+    vis_idx, vis_ok = _compact(ar, is_vis, int(n_vis.max()))
+    g = lambda t: torch.gather(t, 1, vis_idx)  # noqa: E731
+    ctx = ScoringContext(
+        layer=None, hidden=hidden, position_embeddings=None, seq_valid=valid,
+        last_idx=(valid * torch.arange(L, device=dev)).argmax(1), visual_idx=vis_idx, visual_ok=vis_ok,
+        orig_pos=vis_idx, row=g(layout.row), col=g(layout.col), segment=g(layout.segment),
+        is_newline=g(layout.is_newline), coords_known=layout.coords_known,
+        keep=torch.tensor(k_list, device=dev), ops=handle.ops,
+    )
+    crit = handle.criteria[i]
+    params = {k: v for k, v in stage.params.items() if k != "positions"}
+    with torch.no_grad():
+        if stage.op == "merge":
+            chain = crit.merge(ctx, **params)
+        else:
+            scores = crit.score(ctx, **params)
+            sel, sel_ok = crit.select(ctx, scores, **params)
+            sel_ok = sel_ok & torch.gather(vis_ok, 1, sel)
+            keep = torch.zeros(B, L + 1, dtype=torch.bool, device=dev)
+            keep.scatter_(1, torch.gather(vis_idx, 1, sel).masked_fill(~sel_ok, L), True)
+            chain = [Reduction.prune(keep[:, :L] | (valid & ~layout.is_visual))]
+    # apply the chain to hidden states, sizes, positions (the representative's original one) and the source map
+    size = torch.ones(B, L, dtype=hidden.dtype, device=dev)
+    kept, ok = ar, valid
+    owner = torch.where(valid, ar, -1)
+    for r in chain:
+        hidden = r.fuse(hidden, size)
+        size = r.add(size)
+        kept, ok = r.take(kept), r.ok
+        owner = r.route(owner)
+    into = torch.where(owner >= 0, torch.gather(kept, 1, owner.clamp(min=0)), -1)
+
+    pid = kwargs.get("position_ids")
+    base = (pid if pid is not None else torch.arange(L, device=dev)[None]).expand(B, L)
+    new_pid = torch.gather(base, 1, kept)
+    shift = torch.zeros(B, dtype=torch.long, device=dev)  # gaps: later positions continue the original ones
+    if stage.params["positions"] == "repack":  # contiguous from the row's first real token
+        first = torch.gather(base, 1, valid.long().argmax(1, keepdim=True))
+        new_pid = (first + torch.cumsum(ok.long(), 1) - 1).clamp(min=0).masked_fill(~ok, 0)
+        shift = base[:, -1] - new_pid[:, -1]  # the next position follows the last kept one
+    mask2d = kwargs.get("attention_mask")
+    if mask2d is not None:
+        kwargs["attention_mask"] = torch.gather(mask2d, 1, kept) * ok.to(mask2d.dtype)
+    elif not bool(ok.all()):
+        kwargs["attention_mask"] = ok.long()
+    kwargs["inputs_embeds"] = hidden
+    kwargs["position_ids"] = new_pid
+    kept_vis = ok & torch.gather(layout.is_visual, 1, kept)
+    vis_orig, vis_ok2 = _compact(kept, kept_vis)
+    st.prefill.pre_llm = PreLLMRecord(kept, ok, shift)
+    st.prefill.records.append(StageRecord(
+        stage=stage, kept=kept, kept_ok=ok, kept_visual=vis_orig, kept_visual_ok=vis_ok2, visual_before=n_vis,
+        visual_after=kept_vis.sum(1), tokens_before=L, tokens_after=kept.shape[1],
+        seconds=time.perf_counter() - t0, merged_into=into,
+    ))
+
+
+def _pre_llm_decode(st: ForwardState, kwargs: dict) -> None:
+    """Tokens after a reduced prompt: gather the 2-D mask's prompt columns; continue the position ids."""
+    rec, L = st.prefill.pre_llm, st.prefill.prompt_len
+    B, Mp = rec.kept.shape
+    q = kwargs["inputs_embeds"].shape[1]
+    cache = _cache_of(kwargs)
+    past = cache.get_seq_length() if cache is not None else Mp
+    mask2d = kwargs.get("attention_mask")
+    if mask2d is not None:
+        head = torch.gather(mask2d[:, :L], 1, rec.kept) * rec.kept_ok.to(mask2d.dtype)
+        kwargs["attention_mask"] = torch.cat([head, mask2d[:, L:]], dim=1)
+    elif not bool(rec.kept_ok.all()):
+        tail = torch.ones(B, past - Mp + q, dtype=torch.long, device=rec.kept.device)
+        kwargs["attention_mask"] = torch.cat([rec.kept_ok.long(), tail], dim=1)
+    pid = kwargs.get("position_ids")
+    if pid is None:  # what the unpatched model would use: its cache would hold the whole prompt
+        pid = (past - Mp + L + torch.arange(q, device=rec.kept.device))[None].expand(B, q)
+    kwargs["position_ids"] = pid - rec.shift[:, None]

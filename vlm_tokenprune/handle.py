@@ -26,7 +26,7 @@ class PatchHandle:
         self.image_token_id = model.config.image_token_id
         # decoder layer j -> index of the stage whose criterion runs on layer j's input (stage.layer == j + 1)
         # (prune stages only: visual_drop needs no criterion); stage_at: every token stage (prune, visual_drop)
-        self.stage_after = {st.layer - 1: i for i, st in enumerate(policy.stages) if st.op == "prune"}
+        self.stage_after = {st.layer - 1: i for i, st in enumerate(policy.stages) if st.op == "prune" and st.site == "llm"}
         self.stage_at = {st.layer: i for i, st in enumerate(policy.stages) if st.changes_tokens}
         self.structural = None  # structural.plan.StructuralPlan when the policy has structural ops
         self.structural_attention = False  # True: skip_visual / neighbor layers run query-subset attention (real savings)
@@ -72,7 +72,10 @@ class PatchHandle:
                  f"model: {type(self.model).__name__} ({self.model.config.model_type}), "
                  f"attention: {self.seams.attn_implementation} (mask {self.seams.mask_format})"]
         for i, st in enumerate(self.policy.stages):
-            if st.op == "prune":
+            if st.site == "pre_llm":
+                lines.append(f"stage {i}: {st.describe()}  ({st.op} at the language model's input, before layer 0; "
+                             f"positions {st.params['positions']})")
+            elif st.op == "prune":
                 lines.append(f"stage {i}: {st.describe()}  (scores on layer {st.layer - 1}'s input, drops before layer {st.layer})")
             elif st.op == "visual_drop":
                 lines.append(f"stage {i}: {st.describe()}  (every visual token removed before layer {st.layer}; real savings)")

@@ -68,7 +68,13 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
                 f"{st.layer} is at or below the first full-attention layer ({seams.first_full_attention_layer}); "
                 f"allowed: {seams.first_full_attention_layer + 1}..{seams.num_layers - 1}",
             )
-    criteria = [CRITERIA.get(st.criterion, f"stages[{i}].criterion") if st.op == "prune" else None
+    for i, st in enumerate(pol.stages):
+        if st.site == "pre_llm" and (seams.language_model is None or not getattr(adapter, "supports_pre_llm", False)):
+            raise IncompatiblePolicyError(
+                f"stages[{i}].site",
+                f"pre_llm is not supported for {model.config.model_type!r} yet; allowed models: llava, llava_next",
+            )
+    criteria = [CRITERIA.get(st.criterion, f"stages[{i}].criterion") if not st.structural else None
                 for i, st in enumerate(pol.stages)]
     from .structural.plan import resolve
 
@@ -104,6 +110,12 @@ def _install(handle: PatchHandle, model: nn.Module, pol: Policy, seams: Any, pla
             _mark(functools.partial(engine.top_post_hook, handle)), with_kwargs=True, always_call=True
         ),
     )
+    if any(st.site == "pre_llm" for st in pol.stages):
+        lm = seams.language_model
+        handle._add(
+            f"{type(lm).__name__}: forward pre-hook (pre_llm stage: reduce inputs_embeds, position ids, 2-D mask)",
+            lm.register_forward_pre_hook(_mark(functools.partial(engine.lm_pre_hook, handle)), with_kwargs=True),
+        )
     for j, layer in enumerate(seams.decoder_layers):
         roles = []
         if j in handle.stage_at:

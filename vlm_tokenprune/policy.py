@@ -30,10 +30,13 @@ from .errors import PolicyError
 from .registry import CRITERIA, PRESETS
 from .structural.spec import STRUCTURAL_OPS, TOKEN_OPS, check_structural, params_to_dict, params_to_string
 
-SITES = ("llm",)  # vision-encoder and pre-LLM sites are reserved names, not implemented yet
-RESERVED_SITES = ("vision", "pre_llm")
-OPS = ("prune",) + STRUCTURAL_OPS  # merge is a reserved name, not implemented yet
-RESERVED_OPS = ("merge",)
+SITES = ("llm", "pre_llm")  # the vision-encoder site is a reserved name, not implemented yet
+RESERVED_SITES = ("vision",)
+TOKEN_CRITERION_OPS = ("prune", "merge")  # ops run by a criterion (merge: pre_llm only)
+OPS = TOKEN_CRITERION_OPS + STRUCTURAL_OPS
+RESERVED_OPS: tuple[str, ...] = ()
+# pre-LLM stages: position ids of the reduced sequence (see README "Pre-LLM stages")
+POSITIONS = ("gaps", "repack")
 STAGE_KEYS = ("site", "layer", "op", "criterion", "keep", "tokens", "of")
 BUDGET_REFERENCES = ("original", "current")
 
@@ -90,7 +93,9 @@ class Stage:
     """One reduction step: at ``site``/``layer``, do ``op`` with ``criterion`` under ``budget``.
 
     ``layer`` (site "llm") is the decoder layer whose INPUT is shortened; criteria score
-    from layer ``layer - 1`` (FastV's convention). Structural ops (``op`` in
+    from layer ``layer - 1`` (FastV's convention). Site ``"pre_llm"`` stages have ``layer=None``:
+    they shorten the language model's input (after the projector, before layer 0) and carry
+    ``params["positions"]`` (``"gaps"``, the default, or ``"repack"``). Structural ops (``op`` in
     ``structural.spec.STRUCTURAL_OPS``) have ``criterion=None`` and ``budget=None``; their
     layers live in ``params`` (``layer`` is set only for ``visual_drop``).
     """
@@ -113,12 +118,12 @@ class Stage:
 
     @property
     def structural(self) -> bool:
-        return self.op != "prune"
+        return self.op not in TOKEN_CRITERION_OPS
 
     @property
     def changes_tokens(self) -> bool:
-        """Token-set ops (``prune``, ``visual_drop``): ordered by layer, run by the engine."""
-        return self.op in TOKEN_OPS
+        """LLM-site token-set ops (``prune``, ``visual_drop``): ordered by layer, run by the engine's layer hooks."""
+        return self.site == "llm" and self.op in TOKEN_OPS
 
     def to_dict(self) -> dict:
         if self.structural:
@@ -143,7 +148,8 @@ class Stage:
         b = f"keep={self.budget.keep}" if self.budget.keep is not None else f"tokens={self.budget.tokens}"
         b += "" if self.budget.of == "original" else f",of={self.budget.of}"
         extra = "".join(f",{k}={v}" for k, v in sorted(self.params.items()))
-        return f"{self.criterion}:layer={self.layer},{b}{extra}"
+        where = "site=pre_llm" if self.site == "pre_llm" else f"layer={self.layer}"  # op follows from the criterion
+        return f"{self.criterion}:{where},{b}{extra}"
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,14 @@ class Policy:
         for op in set(ops):
             if ops.count(op) > 1:
                 raise PolicyError(f"stages[{len(self.stages) - 1}].op", f"{op} appears twice; give one stage per structural op")
-        llm = [(i, s) for i, s in enumerate(self.stages) if s.site == "llm" and s.changes_tokens]
+        pre = [i for i, s in enumerate(self.stages) if s.site == "pre_llm"]
+        if pre and len(self.stages) > 1:
+            i = next(i for i in range(len(self.stages)) if i != pre[0])
+            raise PolicyError(
+                f"stages[{i}].site",
+                "a pre_llm stage cannot be combined with other stages yet; allowed: one pre_llm stage alone",
+            )
+        llm = [(i, s) for i, s in enumerate(self.stages) if s.changes_tokens]
         for (_, a), (i, b) in zip(llm, llm[1:]):
             if b.layer <= a.layer:
                 raise PolicyError(
@@ -247,7 +260,7 @@ class Policy:
             params = st.pop("params", {}) or {}
             if not isinstance(params, Mapping):
                 raise PolicyError(f"{where}.params", f"must be a dict, got {params!r}")
-            if st.get("op", "prune") != "prune":
+            if st.get("op", "prune") not in TOKEN_CRITERION_OPS:
                 if budget is not None or st.get("criterion") is not None:
                     raise PolicyError(f"{where}.{'budget' if budget is not None else 'criterion'}",
                                       f"a structural op ({st['op']}) takes no criterion or budget")
@@ -358,15 +371,22 @@ def _build_structural(fields: dict, where: str) -> Stage:
 
 
 def _build_stage(fields: dict, where: str) -> Stage:
-    if fields.get("op", "prune") != "prune":
+    if fields.get("op", "prune") not in TOKEN_CRITERION_OPS:
         return _build_structural(fields, where)
     name = fields.pop("criterion")
     crit = CRITERIA.get(name, f"{where}.criterion")
     site = fields.pop("site", "llm")
-    op = fields.pop("op", "prune")
-    if "layer" not in fields:
+    if site in SITES and site not in crit.sites:
+        raise PolicyError(f"{where}.site", f"criterion {name!r} does not run at site {site!r}; allowed: {', '.join(crit.sites)}")
+    op = fields.pop("op", crit.op)
+    if site == "pre_llm":
+        layer = fields.pop("layer", None)
+        if layer is not None:
+            raise PolicyError(f"{where}.layer", "a pre_llm stage takes no layer (it reduces the language model's input)")
+    elif "layer" not in fields:
         raise PolicyError(f"{where}.layer", "is required for an LLM stage (decoder layer index >= 1)")
-    layer = fields.pop("layer")
+    else:
+        layer = fields.pop("layer")
     keep, tokens = fields.pop("keep", None), fields.pop("tokens", None)
     of = fields.pop("of", "original")
     if isinstance(keep, int) and not isinstance(keep, bool):
@@ -376,8 +396,19 @@ def _build_stage(fields: dict, where: str) -> Stage:
         raise PolicyError(f"{where}.of", f"must be one of {', '.join(BUDGET_REFERENCES)}, got {of!r}")
     if of != "original" and keep is None:
         raise PolicyError(f"{where}.of", "only applies to keep (a fraction), not to tokens")
-    params = crit.check_params(fields, where)
+    params = _criterion_params(crit, fields, site, where)
     return Stage(criterion=name, layer=layer, budget=Budget(keep, tokens, of), params=params, site=site, op=op)
+
+
+def _criterion_params(crit: Any, given: Mapping[str, Any], site: str, where: str) -> dict:
+    """The criterion's parameters, plus ``positions`` on a pre_llm stage."""
+    given = dict(given)
+    if site != "pre_llm":
+        return crit.check_params(given, where)
+    positions = given.pop("positions", POSITIONS[0])
+    if positions not in POSITIONS:
+        raise PolicyError(f"{where}.positions", f"must be one of {', '.join(POSITIONS)}, got {positions!r}")
+    return {**crit.check_params(given, where), "positions": positions}
 
 
 def _check_stage(st: Stage, where: str) -> None:
@@ -396,10 +427,17 @@ def _check_stage(st: Stage, where: str) -> None:
             raise PolicyError(f"{where}.layer", f"{st.op} takes its layers in params['layers'], not layer")
         check_structural(st.op, dict(st.params), where)
         return
-    if isinstance(st.layer, bool) or not isinstance(st.layer, int) or st.layer < 1:
-        raise PolicyError(f"{where}.layer", f"must be an integer >= 1 (layer 0 cannot be pruned), got {st.layer!r}")
     crit = CRITERIA.get(st.criterion, f"{where}.criterion")
-    crit.check_params(dict(st.params), where)
+    if st.site not in crit.sites:
+        raise PolicyError(f"{where}.site", f"criterion {st.criterion!r} does not run at site {st.site!r}; allowed: {', '.join(crit.sites)}")
+    if st.op != crit.op:
+        raise PolicyError(f"{where}.op", f"criterion {st.criterion!r} is a {crit.op} criterion; allowed: {crit.op}")
+    if st.site == "pre_llm":
+        if st.layer is not None:
+            raise PolicyError(f"{where}.layer", "a pre_llm stage takes no layer (it reduces the language model's input)")
+    elif isinstance(st.layer, bool) or not isinstance(st.layer, int) or st.layer < 1:
+        raise PolicyError(f"{where}.layer", f"must be an integer >= 1 (layer 0 cannot be pruned), got {st.layer!r}")
+    _criterion_params(crit, st.params, st.site, where)
 
 
 def expand_preset(name: str, overrides: Mapping[str, Any], where: str) -> list[Stage]:
@@ -420,6 +458,8 @@ class Preset:
     def expand(self, overrides: dict, where: str) -> list[Stage]:
         if len(self.stages) == 1:
             base = dict(self.stages[0])
+            if overrides.get("site") == "pre_llm":  # a pre_llm stage has no layer (an LLM preset's layer goes)
+                base.pop("layer", None)
             if "tokens" in overrides or "keep" in overrides:  # a budget override replaces the preset's budget
                 base.pop("keep", None)
                 base.pop("tokens", None)

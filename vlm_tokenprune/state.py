@@ -34,6 +34,23 @@ class StageRecord:
     tokens_after: int
     seconds: float
     noop: bool = False
+    # pre_llm stages: [B, L] original position of the kept token each original prompt token was merged
+    # into (itself when kept as is, -1 when dropped); None for LLM stages
+    merged_into: torch.Tensor | None = None
+
+
+@dataclass
+class PreLLMRecord:
+    """What decode steps need from a pre-LLM reduction (every layer caches only the kept tokens).
+
+    ``kept``/``kept_ok`` ``[B, M']``: original prompt position each kept slot takes its position and
+    mask from; ``shift`` ``[B]``: original minus new position id of the last prompt token
+    (0 with ``positions="gaps"``), subtracted from later position ids.
+    """
+
+    kept: torch.Tensor
+    kept_ok: torch.Tensor
+    shift: torch.Tensor
 
 
 @dataclass
@@ -43,12 +60,13 @@ class PrefillRecord:
     prompt_len: int
     records: list[StageRecord] = field(default_factory=list)
     is_visual: torch.Tensor | None = None  # [B, L] visual tokens of the prompt (structural ops read it while decoding)
+    pre_llm: PreLLMRecord | None = None  # set when a pre_llm stage shortened the language model's input
 
     def kept_at(self, layer: int) -> StageRecord | None:
         """The last stage at or below ``layer`` that changed the sequence."""
         out = None
         for r in self.records:
-            if r.stage.layer <= layer and not r.noop:
+            if r.stage.site == "llm" and r.stage.layer <= layer and not r.noop:
                 out = r
         return out
 
@@ -82,6 +100,9 @@ class StageTrace:
     tokens_before: int
     tokens_after: int
     seconds: float
+    # pre_llm stages: per sample, per kept visual token (as in kept_positions), the original positions
+    # of the prompt tokens it stands for (itself, plus any merged into it); None for LLM stages
+    sources: list[list[list[int]]] | None = None
 
 
 @dataclass
@@ -97,10 +118,14 @@ class Trace:
         stages = []
         for r in st.prefill.records:
             kv = [row[ok].tolist() for row, ok in zip(r.kept_visual.cpu(), r.kept_visual_ok.cpu())]
+            sources = None
+            if r.merged_into is not None:
+                into = r.merged_into.cpu()
+                sources = [[(into[b] == p).nonzero().flatten().tolist() for p in row] for b, row in enumerate(kv)]
             stages.append(
                 StageTrace(
                     site=r.stage.site,
-                    layer=r.stage.layer,
+                    layer=r.stage.layer if r.stage.layer is not None else 0,  # pre_llm: shortens layer 0's input
                     criterion=r.stage.criterion if r.stage.criterion is not None else r.stage.op,
                     kept_positions=kv,
                     visual_before=r.visual_before.tolist(),
@@ -108,6 +133,7 @@ class Trace:
                     tokens_before=r.tokens_before,
                     tokens_after=r.tokens_after,
                     seconds=r.seconds if st.phase == "prefill" else 0.0,
+                    sources=sources,
                 )
             )
         return cls(phase=st.phase, stages=stages, tokens_per_layer=list(st.tokens_per_layer))

@@ -34,6 +34,7 @@ class Seams:
     mask_format: str
     attn_implementation: str
     text_config: Any
+    language_model: nn.Module | None = None  # its input is where pre_llm stages act (None: not supported)
 
     @property
     def num_layers(self) -> int:
@@ -69,6 +70,8 @@ class Adapter(Protocol):
     # forward kwargs that carry new pixels (refused in a chunk appended to an existing cache);
     # the engine assumes ("pixel_values",) when an adapter does not say
     pixel_inputs: tuple[str, ...]
+    # True when pre_llm stages may reduce the language model's input (1-D position ids); absent = False
+    supports_pre_llm: bool
 
     def check(self, model: nn.Module) -> None:
         """Raise ``UnsupportedModelError`` when this configuration cannot be patched."""
@@ -120,4 +123,5 @@ def hf_seams(model: nn.Module, language_model: nn.Module) -> Seams:
         mask_format=mask_format_for(impl),
         attn_implementation=impl,
         text_config=text,
+        language_model=language_model,
     )

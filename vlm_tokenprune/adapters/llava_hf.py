@@ -23,6 +23,7 @@ class LlavaHFAdapter:
 
     model_types = ("llava", "llava_next")
     pixel_inputs = ("pixel_values",)
+    supports_pre_llm = True  # 1-D position ids: pre_llm stages reduce the language model's input
 
     # -- structure ---------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:

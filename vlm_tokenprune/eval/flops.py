@@ -181,6 +181,13 @@ def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
     lower: list[int] = []
     cur = n_visual
     for i, st in enumerate(pol.stages):
+        if st.site == "pre_llm":  # shortens the language model's input: every layer sees k visual tokens
+            k = st.budget.count(n_visual, cur)
+            params = {key: v for key, v in st.params.items() if key != "positions"}
+            scoring.append(0.0 if k == cur else scoring_flops(g, st.criterion, n_text + cur, cur, params))
+            visual = [k] * L
+            cur = k
+            continue
         if not st.changes_tokens:  # structural ops: ``structural_flops``
             continue
         if st.layer >= L:
@@ -250,8 +257,12 @@ def trace_flops(text_config: Any, trace: Any, logits_tokens: int = 1, policy: An
         noop = s.tokens_before == s.tokens_after and list(s.visual_before) == list(s.visual_after)
         n_vis = max(s.visual_before) if s.visual_before else 0
         params = dict(stages[i].params) if stages is not None and i < len(stages) else None
+        if params is not None:
+            params.pop("positions", None)  # a pre_llm stage's, not the criterion's
         scoring.append(0.0 if noop else scoring_flops(g, s.criterion, s.tokens_before, n_vis, params))
-    out = _result(g, tokens, [tokens[0]] * len(tokens), scoring, logits_tokens)
+    pre = [s for s in trace.stages if s.site == "pre_llm"]  # layer 0 saw the reduced input: baseline = its length before
+    full = pre[0].tokens_before if pre else tokens[0]
+    out = _result(g, tokens, [full] * len(tokens), scoring, logits_tokens)
     out["lower_bound_stages"] = []
     return out
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 128
+IMAGE_SIZE = 96
 GRID = 4
 CELL = IMAGE_SIZE // GRID
 MIN_OBJECTS, MAX_OBJECTS = 3, 6
@@ -41,7 +41,7 @@ COLS = ("left", "midleft", "midright", "right")
 DIGITS = tuple(str(i) for i in range(10))
 QTYPES = ("color", "location", "exists", "count", "read")
 BACKGROUND = (245, 245, 240)
-DIGIT_SCALE = 4  # 5x7 font -> 20x28 px
+DIGIT_SCALE = 3  # 5x7 font -> 15x21 px
 
 SPLIT_SEED_BASE = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000}
 SPLIT_SEED_SPAN = 1_000_000_000
@@ -84,7 +84,7 @@ def make_scene(seed: int) -> dict:
     combos = rng.permutation(len(COLORS) * len(SHAPES))[:n]
     objects = {}
     for c, k in zip(cells[:n], combos):
-        size = int(rng.integers(20, 27))
+        size = int(rng.integers(15, 21))
         slack = CELL - size - 2
         dx, dy = (int(v) for v in rng.integers(0, slack + 1, size=2))
         objects[int(c)] = (COLORS[k // len(SHAPES)], SHAPES[k % len(SHAPES)], size, dx + 1, dy + 1)

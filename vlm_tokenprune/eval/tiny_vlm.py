@@ -22,9 +22,9 @@ SPECIALS = ("<pad>", "<s>", "</s>", "<image>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, IMAGE_TOKEN_ID, UNK_ID = range(5)
 VOCAB_SIZE = 64  # padded text vocabulary (all ids, specials included, are below it)
 
-IMAGE_SIZE = 128
+IMAGE_SIZE = 96
 PATCH = 8
-GRID_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 256 visual tokens
+GRID_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 12 x 12 = 144 visual tokens
 
 
 def build_vocab() -> dict[str, int]:
@@ -56,12 +56,12 @@ def build_tokenizer():
 
 
 def build_image_processor():
-    """PIL-backend CLIP image processor (no torchvision needed): 128x128 RGB, rescale + CLIP mean/std."""
+    """PIL-backend CLIP image processor (no torchvision needed): 96x96 RGB, rescale + CLIP mean/std."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     return CLIPImageProcessorPil(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        do_resize=True, do_center_crop=False, resample=2,  # bilinear (a no-op at the native 128 px)
+        do_resize=True, do_center_crop=False, resample=2,  # bilinear (a no-op at the native 96 px)
     )
 
 
@@ -74,8 +74,8 @@ def build_processor():
     )
 
 
-def tiny_vlm_config(*, text_hidden: int = 192, text_layers: int = 4, text_heads: int = 6, text_kv_heads: int = 2,
-                    text_intermediate: int = 512, vision_hidden: int = 128, vision_layers: int = 4,
+def tiny_vlm_config(*, text_hidden: int = 128, text_layers: int = 4, text_heads: int = 4, text_kv_heads: int = 2,
+                    text_intermediate: int = 384, vision_hidden: int = 128, vision_layers: int = 4,
                     vision_heads: int = 4, vision_intermediate: int = 512):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 

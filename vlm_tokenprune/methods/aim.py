@@ -1,7 +1,7 @@
 """AIM, stage B (progressive PageRank pruning inside the LLM): "AIM: Adaptive Inference of
 Multi-Modal LLMs via Token Merging and Pruning" (Zhong et al., ICCV 2025), arXiv 2412.03248.
 
-Stage A of the paper (ToMe-style merging before the LLM) is a merge op and is not here.
+Stage A of the paper (ToMe-style merging before the LLM) is the pre-LLM merge ``aim_merge`` (``methods.aim_merge``).
 
 Importance (official ``get_importance``, LaVi-Lab/AIM ``modeling_qwen2.py``), per row, in the
 scoring layer (a stage at layer K scores with layer K-1, whose attention the official code

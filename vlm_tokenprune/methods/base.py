@@ -46,6 +46,8 @@ class Criterion:
     paper: ClassVar[str] = ""
     arxiv: ClassVar[str | None] = None
     params: ClassVar[dict[str, Param]] = {}
+    sites: ClassVar[tuple[str, ...]] = ("llm",)  # where it runs: "llm" (decoder layers) and/or "pre_llm"
+    op: ClassVar[str] = "prune"  # "prune": score + select; "merge": ``merge(ctx, **params)`` (pre_llm)
 
     def score(self, ctx: "ScoringContext", **params: Any) -> torch.Tensor:  # noqa: F821
         """``[B, N]`` scores over ``ctx.visual_idx``; higher = keep."""

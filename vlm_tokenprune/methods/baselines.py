@@ -21,6 +21,7 @@ from .base import Criterion, Param, register_criterion
 class RandomCriterion(Criterion):
     name = "random"
     paper = "random visual-token subset (baseline)"
+    sites = ("llm", "pre_llm")
     params = {"seed": Param(0, int, "seed; every row draws from its own generator, so a row's subset does not depend on its batch")}
 
     def score(self, ctx: ScoringContext, seed: int) -> torch.Tensor:
@@ -66,6 +67,7 @@ def split_budget(k: int, sizes: list[int]) -> list[int]:
 class UniformCriterion(Criterion):
     name = "uniform"
     paper = "even spatial grid over each image's patch grid (baseline)"
+    sites = ("llm", "pre_llm")
 
     def score(self, ctx: ScoringContext) -> torch.Tensor:
         if not ctx.coords_known:

@@ -1,0 +1,164 @@
+"""Independent reference for pre-LLM reduction and AIM stage A (Zhong et al., arXiv 2412.03248), one row at a time.
+
+Written from the paper, sharing no code with ``vlm_tokenprune``: plain Python loops over tokens,
+torch only for vector arithmetic, and the Hugging Face model's own modules.
+
+AIM stage A, as specified here, on the projected visual features of each image:
+  * per iteration, split the image's current tokens alternately into A (even) and B (odd);
+    each A token picks the B token of highest cosine similarity (first on ties);
+  * the r most similar A tokens (r = min(n // 2, n - k), stable rank) are fused into their B
+    token: plain mean of the B token and its A tokens (``mean``), or the average weighted by
+    how many original tokens each stands for (``size``); sizes add;
+  * order: ``spatial`` keeps survivors in their original order; ``paper`` emits
+    [unmerged A in rank order, B in order];
+  * iterate until the image holds k tokens; a row's budget max(1, floor(keep * n + 0.5)) is
+    split over its images in proportion (largest remainder, earlier image first), >= 1 each.
+A pre-LLM prune keeps a given set. The row then runs through the language model with
+position ids = the surviving tokens' original ones (``gaps``) or 0..n-1 (``repack``);
+decoding continues at the original length (gaps) or the kept length (repack), no KV cache.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def row_embeds(model, inputs: dict, b: int):
+    """(embeds [n, D], ids [n]) of row ``b``'s real tokens: text embeddings, image features in the slots."""
+    cfg = model.config
+    ids_all, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+        feats = getattr(feats, "pooler_output", feats)
+        per_image = [f for f in feats]
+        n_before = sum(int((ids_all[r] == cfg.image_token_id).sum()) for r in range(b))
+        flat = torch.cat([f.reshape(-1, f.shape[-1]) for f in per_image])
+        ids = ids_all[b][mask[b].bool()]
+        emb = model.get_input_embeddings()(ids).clone()
+        j = n_before
+        for i in range(len(ids)):
+            if int(ids[i]) == cfg.image_token_id:
+                emb[i] = flat[j]
+                j += 1
+    return emb, ids
+
+
+def images_of(ids, image_token_id: int, per_image: int) -> list[list[int]]:
+    """Positions of each image's tokens (consecutive runs cut into blocks of ``per_image``)."""
+    pos = [i for i in range(len(ids)) if int(ids[i]) == image_token_id]
+    return [pos[i:i + per_image] for i in range(0, len(pos), per_image)]
+
+
+def split(k: int, sizes: list[int]) -> list[int]:
+    total = sum(sizes)
+    raw = [k * s / total for s in sizes]
+    out = [min(s, math.floor(r)) for r, s in zip(raw, sizes)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(raw[i] - math.floor(raw[i])), i))
+    left = k - sum(out)
+    while left > 0:
+        for i in order:
+            if left and out[i] < sizes[i]:
+                out[i] += 1
+                left -= 1
+    return [max(1, q) for q in out]
+
+
+def _cos(u, v) -> float:
+    return float((u / u.norm()) @ (v / v.norm()))
+
+
+def aim_merge_image(tokens: list[dict], k: int, mode: str, order: str) -> list[dict]:
+    """tokens: dicts {x, size, pos (representative original position), src (original positions)}."""
+    while len(tokens) > k:
+        n = len(tokens)
+        r = min(n // 2, n - k)
+        if r <= 0:
+            break
+        A, Bt = tokens[0::2], tokens[1::2]
+        best = []
+        for a in A:
+            bj, bs = 0, -float("inf")
+            for j, bt in enumerate(Bt):
+                s = _cos(a["x"].float(), bt["x"].float())
+                if s > bs:
+                    bj, bs = j, s
+            best.append((bs, bj))
+        rank = sorted(range(len(A)), key=lambda i: -best[i][0])  # stable: ties to the lower index
+        merged_into = {i: best[i][1] for i in rank[:r]}
+        unmerged = rank[r:]
+        newB = []
+        for j, bt in enumerate(Bt):
+            group = [bt] + [A[i] for i in sorted(merged_into) if merged_into[i] == j]
+            if mode == "mean":
+                x = sum(t["x"] for t in group) / len(group)
+            else:
+                x = sum(t["x"] * t["size"] for t in group) / sum(t["size"] for t in group)
+            newB.append({"x": x, "size": sum(t["size"] for t in group), "pos": bt["pos"],
+                         "src": sorted(s for t in group for s in t["src"])})
+        keepA = [A[i] for i in unmerged]
+        tokens = keepA + newB if order == "paper" else sorted(keepA + newB, key=lambda t: t["pos"])
+    return tokens
+
+
+def reduce_row(model, inputs: dict, b: int, keep: float, *, merge: dict | None = None, kept: list[int] | None = None):
+    """Row ``b`` reduced: ``merge={'mode':..., 'order':...}`` (AIM) or ``kept`` (original positions, prune).
+
+    Returns (embeds [n', D], original positions [n'], sources {original position: [sources]} of visual tokens).
+    Positions are indices into the row's real (unpadded) tokens.
+    """
+    emb, ids = row_embeds(model, inputs, b)
+    cfg = model.config
+    per_image = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    images = images_of(ids, cfg.image_token_id, per_image)
+    vis = {p for im in images for p in im}
+    out = []  # (x, pos, src)
+    if kept is not None:
+        for i in range(len(ids)):
+            if i not in vis or i in kept:
+                out.append({"x": emb[i], "pos": i, "src": [i]})
+    else:
+        n = len(vis)
+        k_row = max(1, math.floor(keep * n + 0.5))
+        quota = split(k_row, [len(im) for im in images]) if images else []
+        merged = {}
+        for im, q in zip(images, quota):
+            toks = [{"x": emb[p], "size": 1.0, "pos": p, "src": [p]} for p in im]
+            merged[im[0]] = aim_merge_image(toks, q, merge["mode"], merge["order"])
+        for i in range(len(ids)):
+            if i in merged:
+                out += merged[i]
+            elif i not in vis:
+                out.append({"x": emb[i], "pos": i, "src": [i]})
+    x = torch.stack([t["x"] for t in out])
+    pos = [t["pos"] for t in out]
+    sources = {t["pos"]: t["src"] for t in out if t["pos"] in vis}
+    return x, pos, sources
+
+
+def _logits(model, x, pos):
+    with torch.no_grad():
+        h = model.model.language_model(inputs_embeds=x[None], position_ids=torch.tensor(pos)[None]).last_hidden_state
+        return model.lm_head(h)[0]
+
+
+def row_logits(model, x, pos, positions: str):
+    """Logits [n', V] of the reduced row."""
+    p = pos if positions == "gaps" else list(range(len(pos)))
+    return _logits(model, x, p)
+
+
+def greedy(model, x, pos, positions: str, n_orig: int, steps: int) -> list[int]:
+    """Greedy tokens after the reduced row, each step a fresh forward (no cache)."""
+    p = list(pos) if positions == "gaps" else list(range(len(pos)))
+    nxt = n_orig if positions == "gaps" else len(pos)
+    out = []
+    for _ in range(steps):
+        tok = int(_logits(model, x, p)[-1].argmax())
+        out.append(tok)
+        with torch.no_grad():
+            e = model.get_input_embeddings()(torch.tensor([tok]))
+        x = torch.cat([x, e])
+        p.append(nxt)
+        nxt += 1
+    return out
