@@ -71,10 +71,11 @@ def plan(num_layers: int) -> tuple[list[tuple[str, str, str]], list[tuple[str, s
             continue
         if any(st.budget is None for st in pol.stages):
             skipped.append((name, "structural (no token budget to sweep): " + PRESETS.get(name).description))
-        elif len(pol.stages) > 1 or any(st.layer >= num_layers for st in pol.stages):
+        elif len(pol.stages) > 1 or any(st.layer is not None and st.layer >= num_layers for st in pol.stages):
             skipped.append((name, f"multi-stage or deeper than {num_layers} layers, and no tiny-depth mapping in TINY_DEPTH"))
         else:
-            runs.append((name, name, "as registered (layer %d)" % pol.stages[0].layer))
+            where = "pre-LLM" if pol.stages[0].layer is None else "layer %d" % pol.stages[0].layer
+            runs.append((name, name, f"as registered ({where})"))
     return runs, skipped
 
 

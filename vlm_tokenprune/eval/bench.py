@@ -184,10 +184,11 @@ def evaluate_policy(model, processor, examples: Sequence[dict], policy: Any = No
         rec.remove()
         if handle is not None:
             handle.unpatch()
+    plan = getattr(handle, "structural", None) if handle is not None else None
 
     L = model.config.text_config.num_hidden_layers
     tokens, flops, base, scoring, kept_visual, kept_idx = [], [], [], [], [], []
-    n_stages = len(pol.stages) if pol is not None else 0
+    n_stages = len(pol.token_stages) if pol is not None else 0  # structural stages keep no tokens to report
     row_sums = [[0.0, 0] for _ in range(n_stages)]
     for r in rec.records:
         for b, (length, n_vis) in enumerate(zip(r["lengths"], r["n_visual"])):
@@ -202,6 +203,12 @@ def evaluate_policy(model, processor, examples: Sequence[dict], policy: Any = No
                 tr = row_trace(r["trace"], b, length, n_vis, L)
                 t = tr.tokens_per_layer
                 fl = trace_flops(model.config, tr, policy=pol)
+                if pol.structural_stages:  # layer skips, head/FFN cuts...: what the implementation computes
+                    from .flops import structural_flops
+
+                    sf = structural_flops(model.config, pol, length - n_vis, n_vis, plan=plan,
+                                          subset_attention=bool(getattr(handle, "structural_attention", True)))
+                    fl = {**fl, "flops": sf["flops"], "baseline_flops": sf["baseline_flops"]}
                 flops.append(fl["flops"])
                 base.append(fl["baseline_flops"])
                 scoring.append(fl["scoring_flops"])
@@ -306,7 +313,7 @@ def run_bench(policies: Sequence[Any], budgets: Sequence[float] | None = None, *
                 "accuracy": accuracy(examples, ev["predictions"]),
                 "tokens_per_layer": ev["tokens_per_layer"],
                 "kept_visual_per_stage": [statistics.fmean(k[i] for k in ev["kept_visual_per_example"])
-                                          for i in range(len(pol.stages))] if pol is not None else [],
+                                          for i in range(len(pol.token_stages))] if pol is not None else [],
                 "flops": {"ratio": ev["flops_ratio"], "per_example": ev["flops_per_example"],
                           "baseline_per_example": ev["baseline_flops_per_example"],
                           "scoring_per_example": ev["scoring_flops_per_example"]},
