@@ -112,3 +112,39 @@ def test_more_bad_inputs_are_named():
         with pytest.raises(InputError) as e:  # new images on top of an existing cache
             model(input_ids=inputs["input_ids"][:, -3:], pixel_values=inputs["pixel_values"], cache=out["cache"])
         assert e.value.field == "pixel_values"
+
+
+def test_long_cached_decoding_equals_cache_free_oracle():
+    """200 cached greedy steps equal the independent cache-free FastV oracle (kept set fixed at the prompt)."""
+    from reference import fastv_oracle as oracle
+
+    model = build_tiny_llava("sdpa")
+    model.generation_config.eos_token_id = None  # run all 200 steps
+    inputs = make_batch(model, ROWS[:1])
+    L = inputs["input_ids"].shape[1]
+    with torch.no_grad(), vtp.patch(model, "fastv:layer=2,tokens=9"):
+        g = model.generate(**inputs, max_new_tokens=200, do_sample=False, min_new_tokens=200)
+    want = oracle.fastv_generate(model, inputs, 2, 9, 200, rescore=False)
+    assert g[0, L:].tolist() == want
+
+
+def test_memory_does_not_grow_over_many_calls():
+    """RSS after 1,000 patched forwards and 100 generate() calls stays within a small slack of the warm value."""
+    import resource
+
+    model = build_tiny_llava("sdpa")
+    inputs = make_batch(model, ROWS)
+    with vtp.patch(model, "fastv:keep=0.25+random:layer=3,keep=0.1"), torch.no_grad():
+        for _ in range(50):  # warm up allocator pools
+            model(**inputs)
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        gc.collect()
+        warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        for _ in range(1000):
+            model(**inputs)
+        for _ in range(100):
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        gc.collect()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"RSS growth {(peak - warm) / 1024:.2f} MiB")
+    assert peak - warm < 8 * 1024, f"peak RSS grew by {(peak - warm) / 1024:.1f} MiB"
