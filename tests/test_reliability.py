@@ -148,3 +148,20 @@ def test_memory_does_not_grow_over_many_calls():
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"RSS growth {(peak - warm) / 1024:.2f} MiB")
     assert peak - warm < 8 * 1024, f"peak RSS grew by {(peak - warm) / 1024:.1f} MiB"
+
+
+def test_long_cached_decoding_multi_stage_equals_cache_free_oracle():
+    """200 cached greedy steps of a two-stage FEATHER policy equal the independent cache-free FEATHER oracle."""
+    from reference import feather_oracle as oracle
+
+    model = build_tiny_llava("sdpa")
+    model.generation_config.eos_token_id = None
+    inputs = make_batch(model, ROWS[:1])
+    L = inputs["input_ids"].shape[1]
+    stages = [dict(layer=1, k=12, rope=False, softmax="keys", stride=3),
+              dict(layer=3, k=4, rope=False, softmax="keys", stride=0)]
+    policy = "feather:layer=1,tokens=12,stride=3+feather:layer=3,tokens=4,stride=0"
+    with torch.no_grad(), vtp.patch(model, policy):
+        g = model.generate(**inputs, max_new_tokens=200, do_sample=False, min_new_tokens=200)
+    want = oracle.feather_generate(model, inputs, stages, 200, rescore=False)
+    assert g[0, L:].tolist() == want
