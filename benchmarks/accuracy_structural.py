@@ -37,7 +37,7 @@ def main() -> int:
         # YOPO-style (arXiv 2410.06169): half the heads for visual computation (layers 0-1 keep all), half the
         # visual FFN, 5x5 neighbour attention, no visual tokens from the last layer on
         f"prune_heads:calibration={heads},top_n=2,scope=visual+ffn_cut:ratio=2+neighbor_attention:window=5+visual_drop:layer=3",
-        f"ffn_cut:ratio=2+neighbor_attention:window=5+visual_drop:layer=2",
+        "ffn_cut:ratio=2+neighbor_attention:window=5+visual_drop:layer=2",
         # EfficientVLA layer pruning (arXiv 2506.10100): keep 22 of 32 layers, scaled: 3 of 4
         f"efficientvla_layers:calibration={layers},layers_kept=22,of=32",
         "fastv:layer=2,keep=0.25",

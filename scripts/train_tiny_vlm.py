@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import json
 import math
 import os
 import sys

@@ -27,6 +27,7 @@ from reference import aim_oracle as oracle
 from vlm_tokenprune.errors import PolicyError
 from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
 from vlm_tokenprune.methods.aim import aim_schedule, pagerank_importance
+from helpers import n_image_tokens, new_tokens
 
 torch.set_num_threads(1)
 
@@ -61,10 +62,6 @@ def k_of(budget, n_visual: int) -> int:
     if n_visual == 0:
         return 0
     return int(value) if key == "tokens" else max(1, math.floor(float(value) * n_visual + 0.5))
-
-
-def n_image_tokens(inputs, b: int = 0) -> int:
-    return int((inputs["input_ids"][b] == IMAGE_TOKEN_ID).sum())
 
 
 def schedule(pol: vtp.Policy) -> list[tuple[int, tuple]]:
@@ -279,16 +276,6 @@ def test_padded_batch_schedule_matches_rows_alone(attn, batch, padding):
 # ------------------------------------------------------------------------------------------------
 # generate
 # ------------------------------------------------------------------------------------------------
-def new_tokens(ids: torch.Tensor, prompt_len: int, eos, pad) -> list[int]:
-    out = []
-    for t in ids[prompt_len:].tolist():
-        out.append(t)
-        if t == eos:
-            break
-    assert all(t == pad for t in ids[prompt_len + len(out):].tolist())
-    return out
-
-
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("attn", BACKENDS)
 def test_generate_matches_oracle(attn, use_cache):

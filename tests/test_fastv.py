@@ -17,6 +17,7 @@ import vlm_tokenprune as vtp
 from conftest import BACKENDS
 from reference import fastv_oracle as oracle
 from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
+from helpers import n_image_tokens, patched_prefill
 
 torch.set_num_threads(1)
 
@@ -45,22 +46,11 @@ def k_of(budget: str, n_visual: int) -> int:
     return max(1, math.floor(float(value) * n_visual + 0.5))
 
 
-def n_image_tokens(inputs, b: int = 0) -> int:
-    return int((inputs["input_ids"][b] == IMAGE_TOKEN_ID).sum())
-
-
 def assert_well_separated(model, inputs, layer: int, k: int) -> None:
     """The k-th and (k+1)-th oracle scores differ clearly, so equal selections are not luck of rounding."""
     s = sorted(oracle.fastv_scores(model, inputs, layer).values(), reverse=True)
     if 0 < k < len(s):
         assert s[k - 1] - s[k] > 1e-7, f"ill-conditioned case: scores {s[k - 1]} vs {s[k]}"
-
-
-def patched_prefill(model, inputs, policy: str):
-    with vtp.patch(model, policy) as h, torch.no_grad():
-        out = model(**inputs)
-        trace = h.last_trace()
-    return out.logits, trace
 
 
 def check_single_vs_oracle(model, inputs, layer: int, budget: str) -> None:

@@ -20,8 +20,9 @@ from conftest import BACKENDS
 from reference import fastv_oracle
 from reference import feather_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, InputError
-from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
 from vlm_tokenprune.methods.feather import FeatherCriterion, stride_grid
+from helpers import n_image_tokens, new_tokens
 
 torch.set_num_threads(1)
 
@@ -90,10 +91,6 @@ def to_oracle(specs, n_visual: int) -> list[dict]:
             k = k_rule(s["keep"], n_visual)
         out.append(dict(layer=s["layer"], k=k, rope=s["rope"], softmax=s["softmax"], stride=s["stride"]))
     return out
-
-
-def n_image_tokens(inputs, b: int = 0) -> int:
-    return int((inputs["input_ids"][b] == IMAGE_TOKEN_ID).sum())
 
 
 def assert_well_separated(run: dict) -> None:
@@ -407,16 +404,6 @@ def test_left_padded_llava_next_batch_prefill_matches_rows_alone(attn):
 # ------------------------------------------------------------------------------------------------
 # generate
 # ------------------------------------------------------------------------------------------------
-def new_tokens(ids: torch.Tensor, prompt_len: int, eos, pad) -> list[int]:
-    out = []
-    for t in ids[prompt_len:].tolist():
-        out.append(t)
-        if t == eos:
-            break
-    assert all(t == pad for t in ids[prompt_len + len(out):].tolist())
-    return out
-
-
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("attn", BACKENDS)
 def test_generate_matches_oracle(attn, use_cache):

@@ -18,9 +18,10 @@ import vlm_tokenprune as vtp
 from conftest import BACKENDS
 from reference import fastv_oracle
 from reference import flowcut_llm_oracle as oracle
-from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
 from vlm_tokenprune.methods.flowcut_llm import FlowCutLLMCriterion
 from vlm_tokenprune.scoring import ScoringContext
+from helpers import n_image_tokens, new_tokens, patched_prefill
 
 torch.set_num_threads(1)
 
@@ -48,21 +49,10 @@ def k_of(budget: str, n: int) -> int:
     return int(value) if key == "tokens" else max(1, math.floor(float(value) * n + 0.5))
 
 
-def n_image_tokens(inputs, b: int = 0) -> int:
-    return int((inputs["input_ids"][b] == IMAGE_TOKEN_ID).sum())
-
-
 def assert_well_separated(model, inputs, prune_layer: int, k: int) -> None:
     s = sorted(oracle.flowcut_terms(model, inputs, prune_layer)["score"].values(), reverse=True)
     if 0 < k < len(s):
         assert s[k - 1] - s[k] > MARGIN, f"ill-conditioned case: scores {s[k - 1]} vs {s[k]}"
-
-
-def patched_prefill(model, inputs, policy):
-    with vtp.patch(model, policy) as h, torch.no_grad():
-        out = model(**inputs)
-        trace = h.last_trace()
-    return out.logits, trace
 
 
 def check_vs_oracle(model, inputs, layer: int, budget: str) -> list[int]:
@@ -277,16 +267,6 @@ def test_left_padded_llava_next_batch_prefill_matches_rows_alone(attn):
 # ------------------------------------------------------------------------------------------------
 # generate
 # ------------------------------------------------------------------------------------------------
-def new_tokens(ids: torch.Tensor, prompt_len: int, eos, pad) -> list[int]:
-    out = []
-    for t in ids[prompt_len:].tolist():
-        out.append(t)
-        if t == eos:
-            break
-    assert all(t == pad for t in ids[prompt_len + len(out):].tolist())
-    return out
-
-
 GEN_SEED = 5
 
 

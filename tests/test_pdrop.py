@@ -19,7 +19,8 @@ from conftest import BACKENDS
 from reference import fastv_oracle
 from reference import feather_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError
-from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
+from helpers import n_image_tokens, patched_prefill
 
 torch.set_num_threads(1)
 
@@ -45,22 +46,11 @@ def oracle_stages(schedule, n_visual: int) -> list[dict]:
     return [dict(layer=layer, k=k_rule(keep, n_visual), rope=True, softmax="row", stride=0) for layer, keep in schedule]
 
 
-def n_image_tokens(inputs, b: int = 0) -> int:
-    return int((inputs["input_ids"][b] == IMAGE_TOKEN_ID).sum())
-
-
 def assert_well_separated(run: dict) -> None:
     for i, st in enumerate(run["stages"]):
         s = sorted(st["scores"].values(), reverse=True)
         if 0 < st["k"] < len(s):
             assert s[st["k"] - 1] - s[st["k"]] > MARGIN, f"stage {i}: ill-conditioned case"
-
-
-def patched_prefill(model, inputs, policy):
-    with vtp.patch(model, policy) as h, torch.no_grad():
-        out = model(**inputs)
-        trace = h.last_trace()
-    return out.logits, trace
 
 
 def row_alone(inputs: dict, rows: list, b: int) -> dict:

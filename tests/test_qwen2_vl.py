@@ -80,13 +80,6 @@ def assert_well_separated(model, inputs, layer: int, k: int) -> None:
         assert s[k - 1] - s[k] > 1e-7, f"ill-conditioned case: scores {s[k - 1]} vs {s[k]}"
 
 
-def patched_prefill(model, inputs, policy: str):
-    with vtp.patch(model, policy) as h, torch.no_grad():
-        out = model(**inputs)
-        trace = h.last_trace()
-    return out.logits, trace
-
-
 def row_alone(inputs: dict, rows: list, b: int) -> dict:
     """Row b of a padded batch as its own unpadded batch of one, with its images and videos only."""
     def take(kind: str, grid_key: str, pix_key: str):
@@ -108,16 +101,6 @@ def row_alone(inputs: dict, rows: list, b: int) -> dict:
            "mm_token_type_ids": inputs["mm_token_type_ids"][b][real][None]}
     out.update(take("img", "image_grid_thw", "pixel_values"))
     out.update(take("vid", "video_grid_thw", "pixel_values_videos"))
-    return out
-
-
-def new_tokens(ids: torch.Tensor, prompt_len: int, eos, pad) -> list[int]:
-    out = []
-    for t in ids[prompt_len:].tolist():
-        out.append(t)
-        if t == eos:
-            break
-    assert all(t == pad for t in ids[prompt_len + len(out):].tolist())
     return out
 
 
@@ -532,6 +515,7 @@ def test_known_unsupported_model_types_say_why(model_type, reason):
 # ------------------------------------------------------------------------------------------------
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as hs  # noqa: E402
+from helpers import new_tokens, patched_prefill
 
 _segments = hs.one_of(hs.integers(1, 4), hs.just("img"), hs.just("vid"))
 

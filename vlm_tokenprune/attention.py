@@ -14,12 +14,11 @@ import torch
 from torch import nn
 
 from . import ops
-from .reference_ops import gather_rows as _gather_rows  # noqa: F401  (the engine and criteria import it from here)
-from .reference_ops import rope as _rope  # noqa: F401
-from .reference_ops import rotate_half as _rotate_half  # noqa: F401
+from .reference_ops import gather_rows
 
 
-def _project(attn: nn.Module, which: str, x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+def project_heads(attn: nn.Module, which: str, x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """``x`` [B, T, D] through the layer's own ``{which}_proj`` (and ``{which}_norm``) -> [B, heads, T, d]."""
     out = getattr(attn, f"{which}_proj")(x).view(*x.shape[:-1], n_heads, head_dim)
     norm = getattr(attn, f"{which}_norm", None)
     if norm is not None:
@@ -27,10 +26,11 @@ def _project(attn: nn.Module, which: str, x: torch.Tensor, n_heads: int, head_di
     return out.transpose(1, 2)  # [B, heads, T, d]
 
 
-def _keys(attn, x, keys, idx, n_kv, head_dim):
+def project_keys(attn, x, keys, idx, n_kv, head_dim):
+    """Keys [B, H_kv, T, d] before RoPE: from the captured ``k_proj`` output ``keys`` when given, else projected."""
     if keys is None:
-        return _project(attn, "k", x if idx is None else _gather_rows(x, idx), n_kv, head_dim)
-    k = keys if idx is None else _gather_rows(keys, idx)
+        return project_heads(attn, "k", x if idx is None else gather_rows(x, idx), n_kv, head_dim)
+    k = keys if idx is None else gather_rows(keys, idx)
     k = k.view(*k.shape[:-1], n_kv, head_dim)
     if getattr(attn, "k_norm", None) is not None:
         k = attn.k_norm(k)
@@ -85,15 +85,15 @@ def attention_rows(
     n_kv = attn.k_proj.out_features // head_dim
     if keys is None:
         x = layer.input_layernorm(hidden)
-        q = _project(attn, "q", _gather_rows(x, query_idx), n_heads, head_dim)
+        q = project_heads(attn, "q", gather_rows(x, query_idx), n_heads, head_dim)
     else:  # only the query rows need the norm
         x = None
-        q = _project(attn, "q", layer.input_layernorm(_gather_rows(hidden, query_idx)), n_heads, head_dim)
+        q = project_heads(attn, "q", layer.input_layernorm(gather_rows(hidden, query_idx)), n_heads, head_dim)
     if softmax_over == "row":  # every key of the row is in the softmax; the visual ones are returned
-        k = _keys(attn, x, keys, None, n_kv, head_dim)
+        k = project_keys(attn, x, keys, None, n_kv, head_dim)
         k_idx, k_valid, subset, subset_ok = None, seq_valid, key_idx, key_valid
     else:  # only the chosen keys are projected: they are the whole softmax
-        k = _keys(attn, x, keys, key_idx, n_kv, head_dim)
+        k = project_keys(attn, x, keys, key_idx, n_kv, head_dim)
         k_idx, k_valid, subset, subset_ok = key_idx, key_valid, None, None
     cos, sin = position_embeddings if rope else (None, None)
     return ops.attention_scores(

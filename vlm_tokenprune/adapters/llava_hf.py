@@ -117,7 +117,7 @@ class LlavaHFAdapter:
         image_sizes = kwargs.get("image_sizes")
         pixel_values = kwargs.get("pixel_values")
         if image_sizes is None or pixel_values is None:
-            return LlavaHFAdapter._next_coords_from_features(model, kwargs)
+            return _next_coords_from_features(model, kwargs)
         cfg = model.config
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         per_image = []
@@ -194,8 +194,6 @@ def _next_coords_from_features(model: nn.Module, kwargs: dict) -> torch.Tensor |
         out.append(c)
     return torch.cat(out).to(kwargs["mm_encoder_outputs"]["image"].pooler_output[0].device) if out else None
 
-
-LlavaHFAdapter._next_coords_from_features = staticmethod(_next_coords_from_features)
 
 ADAPTERS.register("llava", LlavaHFAdapter())
 ADAPTERS.register("llava_next", LlavaHFAdapter())

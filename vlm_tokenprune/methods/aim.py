@@ -56,7 +56,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention import _keys, _project, _rope
+from ..attention import project_heads, project_keys
+from ..reference_ops import rope
 from ..errors import InputError, PolicyError
 from ..policy import Policy, register_preset
 from ..scoring import ScoringContext
@@ -95,12 +96,12 @@ def pagerank_importance(
     n_kv = attn.k_proj.out_features // d
     B, L = hidden.shape[:2]
     x = layer.input_layernorm(hidden)
-    q = _project(attn, "q", x, n_heads, d)  # [B, H, L, d]
-    k = _keys(attn, x, keys, None, n_kv, d)  # [B, H_kv, L, d]
+    q = project_heads(attn, "q", x, n_heads, d)  # [B, H, L, d]
+    k = project_keys(attn, x, keys, None, n_kv, d)  # [B, H_kv, L, d]
     if position_embeddings is None:
         raise InputError("aim", "needs the rotary position embeddings (cos, sin) the decoder layer receives")
     cos, sin = position_embeddings
-    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    q, k = rope(q, cos, sin), rope(k, cos, sin)
     q = q.float().view(B, n_kv, n_heads // n_kv, L, d)
     k = k.float()[:, :, None]  # GQA by broadcasting
     valid = seq_valid.bool()

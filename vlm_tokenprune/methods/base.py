@@ -8,12 +8,15 @@ the engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 import torch
 
 from ..errors import PolicyError
 from ..registry import CRITERIA
+
+if TYPE_CHECKING:
+    from ..scoring import ScoringContext
 
 
 @dataclass(frozen=True)
@@ -49,11 +52,11 @@ class Criterion:
     sites: ClassVar[tuple[str, ...]] = ("llm",)  # where it runs: "llm" (decoder layers) and/or "pre_llm"
     op: ClassVar[str] = "prune"  # "prune": score + select; "merge": ``merge(ctx, **params)`` (pre_llm)
 
-    def score(self, ctx: "ScoringContext", **params: Any) -> torch.Tensor:  # noqa: F821
+    def score(self, ctx: "ScoringContext", **params: Any) -> torch.Tensor:
         """``[B, N]`` scores over ``ctx.visual_idx``; higher = keep."""
         raise NotImplementedError(f"criterion {self.name!r} must implement score()")
 
-    def select(self, ctx: "ScoringContext", scores: torch.Tensor, **params: Any) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: F821
+    def select(self, ctx: "ScoringContext", scores: torch.Tensor, **params: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Which visual tokens to keep: ``(idx [B, K], ok [B, K])`` into ``ctx.visual_idx``, ascending.
 
         Default: the top ``ctx.keep[b]`` scores of each row (ties to the lower position).

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import _gather_rows
+from ..reference_ops import gather_rows
 from ..policy import register_preset
 from ..scoring import ScoringContext
 from .base import Criterion, register_criterion
@@ -49,9 +49,9 @@ from .base import Criterion, register_criterion
 def _values(ctx: ScoringContext, idx: torch.Tensor) -> torch.Tensor:
     """``[B, R, H_kv*d]`` the scoring layer's values at positions ``idx`` [B, R]."""
     if ctx.values is not None:
-        return _gather_rows(ctx.values, idx)
+        return gather_rows(ctx.values, idx)
     layer = ctx.layer  # not captured (e.g. v_proj not called as a module): project just these rows
-    return layer.self_attn.v_proj(layer.input_layernorm(_gather_rows(ctx.hidden, idx)))
+    return layer.self_attn.v_proj(layer.input_layernorm(gather_rows(ctx.hidden, idx)))
 
 
 @register_criterion
