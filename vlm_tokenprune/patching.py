@@ -76,6 +76,8 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
             )
     criteria = [CRITERIA.get(st.criterion, f"stages[{i}].criterion") if not st.structural else None
                 for i, st in enumerate(pol.stages)]
+    criteria = [c.bind(model, st.params, f"stages[{i}]") if c is not None else None  # learned weights load here
+                for i, (c, st) in enumerate(zip(criteria, pol.stages))]
     from .structural.plan import resolve
 
     plan = resolve(model, pol, seams)  # structural stages: layers, heads, calibration files, mask format

@@ -56,6 +56,14 @@ class Criterion:
         """``[B, N]`` scores over ``ctx.visual_idx``; higher = keep."""
         raise NotImplementedError(f"criterion {self.name!r} must implement score()")
 
+    def bind(self, model: torch.nn.Module, params: Mapping[str, Any], where: str) -> "Criterion":
+        """Called by ``patch()`` before any hook exists: check the criterion fits ``model`` and load
+        what it needs (a learned selector's weight file). Returns the object whose ``score`` /
+        ``select`` the handle will call (default: ``self``, criteria are stateless). Raise a
+        ``VTPError`` naming ``where`` (``"stages[i]"``) on a mismatch; never touch ``model``.
+        """
+        return self
+
     def select(self, ctx: "ScoringContext", scores: torch.Tensor, **params: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Which visual tokens to keep: ``(idx [B, K], ok [B, K])`` into ``ctx.visual_idx``, ascending.
 

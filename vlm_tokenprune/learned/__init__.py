@@ -1,0 +1,1 @@
+"""Learned token selectors (ATP-LLaVA, CoViPAL): their weight files and modules."""
