@@ -12,6 +12,7 @@ import torch
 
 import vlm_tokenprune as vtp
 from conftest import BACKENDS, FLASH
+from helpers import cache_kwargs
 from reference import pre_llm_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, PolicyError
 from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
@@ -121,7 +122,7 @@ def test_plain_decode_step_without_position_ids():
     for positions in ("gaps", "repack"):
         with vtp.patch(model, f"aim_merge:keep=0.25,positions={positions}"), torch.no_grad():
             pre = model(**inputs, use_cache=True)
-            step = model(input_ids=nxt, cache=pre.cache).logits[0, -1]
+            step = model(input_ids=nxt, **cache_kwargs(pre)).logits[0, -1]
         x, pos, _ = oracle.reduce_row(model, inputs, 0, 0.25, merge={"mode": "mean", "order": "spatial"})
         with torch.no_grad():
             e = model.get_input_embeddings()(nxt[0])
@@ -162,7 +163,9 @@ def test_keep_everything_is_exact():
     ("aim_merge:mode=max", "stages[0].mode"),
     ("aim_merge:order=random", "stages[0].order"),
     ("aim_merge:site=llm,layer=2", "stages[0].site"),
-    ("aim_merge+fastv", "stages[1].site"),
+    ("aim_merge+fastv", "stages[1].keep"),  # fastv keeps 0.5 of the original after aim_merge kept 0.125
+    ("fastv+aim_merge", "stages[1].site"),  # a pre_llm stage comes before the LLM stages
+    ("aim_merge+uniform:site=pre_llm,keep=0.1", "stages[1].site"),  # one pre_llm stage
     ("fastv:positions=gaps", "stages[0].positions"),
     ("uniform:site=pre_llm,op=merge", "stages[0].op"),
 ])
@@ -182,12 +185,14 @@ def test_round_trip_and_dict():
     assert d["params"] == {"mode": "mean", "order": "spatial", "positions": "repack"}
 
 
-def test_pre_llm_refused_on_qwen2_vl():
+def test_repack_refused_on_qwen2_vl():
     from vlm_tokenprune.eval.tiny_models import build_tiny_qwen2_vl
 
+    model = build_tiny_qwen2_vl()
     with pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(build_tiny_qwen2_vl(), "aim_merge")
-    assert e.value.field == "stages[0].site"
+        vtp.patch(model, "aim_merge")  # AIM's preset repacks; M-RoPE has no contiguous renumbering
+    assert e.value.field == "stages[0].positions" and "allowed: gaps" in str(e.value)
+    assert not any(m._forward_pre_hooks for m in model.modules())
 
 
 def test_reduction_algebra():

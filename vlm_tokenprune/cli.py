@@ -6,6 +6,7 @@
     vlm-tokenprune bench --policy fastv [--policy uniform ...] [--budgets 0.5,0.25,0.11] [--n 500] [--out DIR]
     vlm-tokenprune profile --model {tiny,llava-1.5-7b,llava-next-7b,qwen2-vl-7b,PATH} --policy P [--iters 20] [--json F]
     vlm-tokenprune viz [--image IMG --question Q] --policy P --out kept.png
+    vlm-tokenprune train {covipal,...} [trainer options]   (learned selectors; `train NAME --help`)
 
 Exit status: 0 on success, 2 for a bad policy, option or config (the message names the field).
 """
@@ -28,7 +29,7 @@ _VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=3
 KNOWN_MODELS: dict[str, tuple[dict | None, int, str]] = {
     "llava-1.5-7b": (_VICUNA_7B, 576, "LLaVA-1.5-7B: Vicuna-7B LLM, CLIP ViT-L/14-336 -> 24x24 = 576 visual tokens"),
     "llava-next-7b": (_VICUNA_7B, 2880, "LLaVA-NeXT-7B: Vicuna-7B LLM, anyres up to 5 x 576 = 2880 visual tokens"),
-    "tiny": (None, 144, "the shipped trained tiny LLaVA of `vlm-tokenprune demo` (vlm_tokenprune/assets/tiny_vlm)"),
+    "tiny": (None, 256, "the shipped trained tiny LLaVA of `vlm-tokenprune demo` (vlm_tokenprune/assets/tiny_vlm)"),
 }
 
 
@@ -64,9 +65,14 @@ def _tflops(x: float) -> str:
 # -- methods -------------------------------------------------------------------------------------
 def _compact_stage(st: Any) -> str:
     """``criterion:layer=L,keep=K`` (criterion parameters are listed in the criteria table)."""
+    if st.structural:  # an op with its parameters (a calibration file by its name)
+        text, cal = st.describe(), st.params.get("calibration")
+        return text.replace(cal, cal.replace("\\", "/").rsplit("/", 1)[-1]) if cal else text
     b = f"keep={st.budget.keep}" if st.budget.keep is not None else f"tokens={st.budget.tokens}"
     b += "" if st.budget.of == "original" else f",of={st.budget.of}"
     where = "site=pre_llm" if st.site == "pre_llm" else f"layer={st.layer}"
+    if st.site == "vision":
+        where = "site=vision" + ("" if st.layer is None else f",layer={st.layer}")
     return f"{st.criterion}:{where},{b}"
 
 
@@ -182,8 +188,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
             print(f"  stage {i}: {st.describe()}  (site {st.site}, op {st.op}; reduces the language model's input, "
                   f"before layer 0){ref}")
             continue
+        if st.site == "vision":
+            print(f"  stage {i}: {st.describe()}  (site {st.site}, op {st.op}; between vision-encoder layers, budget "
+                  f"per crop; the LLM sees the kept tokens from layer 0){ref}")
+            continue
+        after = ("; among the tokens the pre_llm stage left, keep counted of the original visual tokens"
+                 if any(s.site == "pre_llm" for s in pol.stages[:i]) else "")
         print(f"  stage {i}: {st.describe()}  (site {st.site}, op {st.op}; scores on layer {st.layer - 1}'s input, "
-              f"drops before layer {st.layer}){ref}")
+              f"drops before layer {st.layer}{after}){ref}")
     print(f"model: {args.model_config}: {desc}")
     print(f"  text geometry: d={g.hidden_size}, m={g.intermediate_size}, {g.num_hidden_layers} layers, "
           f"{g.num_attention_heads} heads / {g.num_key_value_heads} kv heads x {g.head_dim}, vocab {g.vocab_size}")
@@ -312,7 +324,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         args.model, args.policy or ["fastv:layer=2,keep=0.25"], iters=args.iters, warmup=args.warmup, layers=args.layers,
         vision_layers=args.vision_layers, dtype=args.dtype, attn_implementation=args.attn, device=args.device,
         batch=args.batch, n_text=args.n_text, seed=args.seed, backend=args.backend, ttft=not args.no_ttft,
-        json_path=args.json,
+        parts=not args.no_parts, json_path=args.json,
     )
     print(profiler.format_report(report))
     if args.json:
@@ -355,6 +367,26 @@ def cmd_viz(args: argparse.Namespace) -> int:
     fig = kept_tokens_figure(model, processor, image=image, question=question, policy=args.policy, out=args.out)
     print(f"wrote {args.out} ({fig.size[0]}x{fig.size[1]} px)")
     return 0
+
+
+def trainers() -> list[str]:
+    """Names of the trainer modules in ``vlm_tokenprune.train`` (each has ``main(argv)``)."""
+    import pkgutil
+
+    from . import train
+
+    return sorted(m.name for m in pkgutil.iter_modules(train.__path__) if m.name != "common" and not m.name.startswith("_"))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import importlib
+
+    from .errors import InputError
+
+    names = trainers()
+    if args.name not in names:
+        raise InputError("train", f"unknown trainer {args.name!r}; allowed: {', '.join(names)}")
+    return importlib.import_module(f"{__package__}.train.{args.name}").main(list(args.args))
 
 
 # -- entry point ---------------------------------------------------------------------------------
@@ -416,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--no-ttft", action="store_true", help="skip the generate(max_new_tokens=1) timings")
+    pr.add_argument("--no-parts", action="store_true",
+                    help="skip the forward-from-pixels timings split into vision tower (+ projector) and language model")
     pr.add_argument("--json", default=None, help="write the report as JSON")
     pr.add_argument("--threads", type=int, default=1)
     pr.set_defaults(func=cmd_profile)
@@ -430,6 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", default="auto")
     v.add_argument("--threads", type=int, default=1)
     v.set_defaults(func=cmd_viz)
+
+    t = sub.add_parser("train", help="train a learned selector (covipal, ...): `train NAME --help` lists its options")
+    t.add_argument("name", help="the trainer: vlm_tokenprune.train.NAME (e.g. covipal)")
+    t.add_argument("args", nargs=argparse.REMAINDER, help="the trainer's own options")
+    t.set_defaults(func=cmd_train)
     return p
 
 

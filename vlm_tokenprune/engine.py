@@ -19,6 +19,7 @@ from .errors import InputError
 from .masking import shrink_mask
 from .scoring import ScoringContext
 from .selection import left_packed
+from .adapters.base import VisualLayout
 from .state import ForwardState, PrefillRecord, PreLLMRecord, StageRecord
 
 if TYPE_CHECKING:
@@ -55,12 +56,16 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
                 f"{type(cache).__name__} is not supported; allowed: DynamicCache "
                 "(generate(..., cache_implementation='dynamic') or the default)",
             )
-    if input_ids is None:
-        if kwargs.get("inputs_embeds") is not None:
+    embeds = kwargs.get("inputs_embeds")
+    # adapters whose model splices image features into inputs_embeds itself (the original LLaVA code base)
+    # locate visual tokens from that splice, not from input_ids (``Adapter.layout_from_embeds``)
+    from_embeds = input_ids is None and embeds is not None and getattr(handle.adapter, "layout_from_embeds", False)
+    if input_ids is None and not from_embeds:
+        if embeds is not None:
             raise InputError("input_ids", "are needed to find the visual tokens; inputs_embeds alone is not supported")
         handle._state = ForwardState("passthrough", PrefillRecord(0))
         return None
-    B, L = input_ids.shape
+    B, L = (embeds if from_embeds else input_ids).shape[:2]
     past = cache.get_seq_length() if cache is not None else 0
     if past > 0:
         # a decode step or a chunk appended to a cache; a generated token that happens to equal
@@ -97,13 +102,14 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         if stage.op == "visual_drop":
             prev = [0] * len(prev)
             continue
-        if stage.op != "prune":
+        if stage.op not in ("prune", "merge") or stage.site == "vision":  # vision budgets count patches per crop
             continue
         k = [stage.budget.count(n, p) for n, p in zip(counts, prev)]
         _check_budget(i, stage, k, prev)
         prev = k
     st = ForwardState("prefill", record, layout=layout, n_visual=n_vis)
-    st.valid = mask2d.bool() if mask2d is not None else torch.ones(B, L, dtype=torch.bool, device=input_ids.device)
+    dev = layout.is_visual.device
+    st.valid = mask2d.bool() if mask2d is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
     handle._state = st
     return None
 
@@ -162,7 +168,11 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
                                     prefill=True, gather_hidden=gather_hidden)
         st.tokens_per_layer.append(hidden.shape[1])
         if j in handle.stage_after:  # the next stage scores with this layer: keep its input
-            st.scoring = (j, module, hidden, kwargs.get("position_embeddings"))
+            pe = kwargs.get("position_embeddings")
+            if pe is None and hasattr(handle.adapter, "position_embeddings"):
+                # layers that build their rotary tables inside attention (transformers 4.3x): the adapter's (cos, sin)
+                pe = handle.adapter.position_embeddings(module, kwargs, hidden)
+            st.scoring = (j, module, hidden, pe)
             st.captured = {}
     else:  # cached decode: the prompt's kept set, new tokens appended
         rec = st.prefill.kept_at(j)
@@ -245,8 +255,9 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
     k = torch.tensor(k_list, device=hidden.device)
     tokens_before = M
     if bool((k == n_vis).all()):  # keeps everything: leave the sequence untouched (exactness)
-        vis_orig, vis_ok = _compact(base, is_vis)
-        rec = StageRecord(stage, base, ok, vis_orig, vis_ok, n_vis, n_vis, M, M, time.perf_counter() - t0, noop=True)
+        vis_orig, vis_ok = _compact(_to_original(st, base), is_vis)
+        rec = StageRecord(stage, base, ok, vis_orig, vis_ok, n_vis, n_vis, M, M, time.perf_counter() - t0, noop=True,
+                          merged_into=_sources_after(st, vis_orig, vis_ok))
         st.prefill.records.append(rec)
         return None, rec
     N = int(n_vis.max())
@@ -290,12 +301,14 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
     keep_mask = keep_mask[:, :M] | (seq_valid & ~is_vis)
     local_idx, local_ok = left_packed(keep_mask)
     kept = torch.gather(base, 1, local_idx)
+    kept_visual = _to_original(st, torch.gather(base, 1, kept_local))  # the trace speaks original positions
     rec = StageRecord(
         stage=stage,
         kept=kept,
         kept_ok=local_ok,
-        kept_visual=torch.gather(base, 1, kept_local),
+        kept_visual=kept_visual,
         kept_visual_ok=sel_ok,
+        merged_into=_sources_after(st, kept_visual, sel_ok),
         visual_before=n_vis,
         visual_after=sel_ok.sum(1),
         tokens_before=tokens_before,
@@ -348,12 +361,13 @@ def _compact(values: torch.Tensor, mask: torch.Tensor, width: int | None = None)
 def lm_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
     """Forward pre-hook on the language model: a pre_llm stage shortens its input.
 
-    Prefill: the criterion reduces ``inputs_embeds`` (prune: keep indices; merge: a chain of
-    ``Reduction``s); the same reductions give the position ids (original ones with gaps, or
-    repacked), the 2-D padding mask and the source map. The language model then builds its
-    own causal mask and rotary tables for the shorter sequence, and every layer caches only
-    the kept tokens. Decode: the 2-D mask's prompt columns are gathered at the kept
-    positions, and position ids continue the chosen convention.
+    Prefill: the criterion gives a chain of ``Reduction``s (prune: keep indices; merge: fused
+    groups), applied by ``apply_reduction`` to ``inputs_embeds``, the position ids (1-D, or
+    M-RoPE ``[3, B, L]``), the 2-D padding mask and the source map; the forward state is then
+    rebased on the reduced sequence, so later LLM stages and structural ops work on it as on a
+    prompt. The language model builds its own causal mask and rotary tables for the shorter
+    sequence, and every layer caches only the kept tokens. Decode: the 2-D mask's prompt
+    columns are gathered at the kept positions, and position ids continue the chosen convention.
     """
     st = handle._state
     if st is None or st.phase == "passthrough" or (st.prefill.pre_llm is None and st.phase != "prefill"):
@@ -367,35 +381,38 @@ def lm_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
 
 
 def _pre_llm_prefill(handle: "PatchHandle", st: ForwardState, kwargs: dict) -> None:
+    """Run the policy's pre_llm stage on the language model's input ``kwargs`` (in place)."""
     from .reduction import Reduction
 
     t0 = time.perf_counter()
-    i = next(i for i, s in enumerate(handle.policy.stages) if s.site == "pre_llm")
+    i = next(i for i, s in enumerate(handle.policy.stages) if s.site in ("pre_llm", "vision"))
     stage = handle.policy.stages[i]
+    if stage.site == "vision":  # the vision tower already reduced: drop its empty slots (vlm_tokenprune.vision)
+        from .vision.hooks import lm_prefill
+
+        return lm_prefill(handle, st, kwargs, stage, t0)
     hidden = kwargs.get("inputs_embeds")
     if hidden is None:
         raise InputError("inputs_embeds", "a pre_llm stage needs the language model to receive inputs_embeds")
     B, L = hidden.shape[:2]
     dev = hidden.device
-    layout = st.layout
-    valid = st.valid
+    layout, valid = st.layout, st.valid
     is_vis = layout.is_visual & valid
     n_vis = is_vis.sum(1)
-    k_list = [stage.budget.count(n) for n in n_vis.tolist()]
+    k_list = [stage.budget.count(n, c) for n, c in zip(st.n_visual.tolist(), n_vis.tolist())]
     _check_budget(i, stage, k_list, n_vis.tolist())
+    ar = torch.arange(L, device=dev).expand(B, L)
     if all(k == n for k, n in zip(k_list, n_vis.tolist())):  # keeps everything: the input is untouched
-        ar = torch.arange(L, device=dev).expand(B, L)
-        vis_orig, vis_ok = _compact(ar, is_vis)
-        st.prefill.records.append(StageRecord(stage, ar, valid, vis_orig, vis_ok, n_vis, n_vis, L, L,
+        vis_orig, vis_ok = _compact(_to_original(st, ar), is_vis)
+        st.prefill.records.append(StageRecord(stage, _to_original(st, ar), valid, vis_orig, vis_ok, n_vis, n_vis, L, L,
                                               time.perf_counter() - t0, noop=True))
         return
-    ar = torch.arange(L, device=dev).expand(B, L)
     vis_idx, vis_ok = _compact(ar, is_vis, int(n_vis.max()))
     g = lambda t: torch.gather(t, 1, vis_idx)  # noqa: E731
     ctx = ScoringContext(
         layer=None, hidden=hidden, position_embeddings=None, seq_valid=valid,
         last_idx=(valid * torch.arange(L, device=dev)).argmax(1), visual_idx=vis_idx, visual_ok=vis_ok,
-        orig_pos=vis_idx, row=g(layout.row), col=g(layout.col), segment=g(layout.segment),
+        orig_pos=_to_original(st, vis_idx), row=g(layout.row), col=g(layout.col), segment=g(layout.segment),
         is_newline=g(layout.is_newline), coords_known=layout.coords_known,
         keep=torch.tensor(k_list, device=dev), ops=handle.ops,
     )
@@ -411,47 +428,112 @@ def _pre_llm_prefill(handle: "PatchHandle", st: ForwardState, kwargs: dict) -> N
             keep = torch.zeros(B, L + 1, dtype=torch.bool, device=dev)
             keep.scatter_(1, torch.gather(vis_idx, 1, sel).masked_fill(~sel_ok, L), True)
             chain = [Reduction.prune(keep[:, :L] | (valid & ~layout.is_visual))]
-    # apply the chain to hidden states, sizes, positions (the representative's original one) and the source map
-    size = torch.ones(B, L, dtype=hidden.dtype, device=dev)
-    kept, ok = ar, valid
-    owner = torch.where(valid, ar, -1)
+    apply_reduction(handle, st, kwargs, chain, stage=stage, positions=stage.params["positions"], t0=t0)
+
+
+def apply_reduction(handle: "PatchHandle", st: ForwardState, kwargs: dict, chain: list, *, stage: Any,
+                    positions: str, t0: float) -> None:
+    """Apply ``chain`` (``Reduction``s over the language model's current input, in order) to ``kwargs``.
+
+    The one place where the language model's input is shortened before layer 0 (any site that
+    reduces visual tokens before the LLM hands its kept indices / merge assignment here as
+    ``Reduction.prune(keep)`` / ``Reduction.from_targets(target)``): hidden states (mean or
+    size-weighted mean, sizes carried across calls), position ids (``gaps``: the representative's
+    own, 1-D or M-RoPE ``[3, B, L]``; ``repack``: 1-D, contiguous from the row's first real
+    token), the 2-D padding mask, the source map and a ``StageRecord``; then the forward state
+    is rebased on the reduced sequence (layout, valid tokens, prompt length) so later LLM stages,
+    structural ops and decoding treat it as the prompt. Several calls in one prefill compose.
+    """
+    hidden = kwargs["inputs_embeds"]
+    B, M = hidden.shape[:2]
+    dev = hidden.device
+    pre = st.prefill.pre_llm
+    valid, layout = st.valid, st.layout
+    n_before = (layout.is_visual & valid).sum(1)
+    L0 = pre.prompt_len if pre is not None else M  # the original prompt's length
+    size = pre.size if pre is not None else torch.ones(B, M, dtype=hidden.dtype, device=dev)
+    cur_orig = pre.kept if pre is not None else torch.arange(M, device=dev).expand(B, M)
+    owner = pre.owner if pre is not None else torch.where(valid, torch.arange(M, device=dev).expand(B, M), -1)
+    rep, ok = torch.arange(M, device=dev).expand(B, M), valid
     for r in chain:
         hidden = r.fuse(hidden, size)
         size = r.add(size)
-        kept, ok = r.take(kept), r.ok
+        rep, ok = r.take(rep), r.ok
         owner = r.route(owner)
+    kept = torch.gather(cur_orig, 1, rep)  # original position of each slot's representative
     into = torch.where(owner >= 0, torch.gather(kept, 1, owner.clamp(min=0)), -1)
 
     pid = kwargs.get("position_ids")
-    base = (pid if pid is not None else torch.arange(L, device=dev)[None]).expand(B, L)
-    new_pid = torch.gather(base, 1, kept)
-    shift = torch.zeros(B, dtype=torch.long, device=dev)  # gaps: later positions continue the original ones
-    if stage.params["positions"] == "repack":  # contiguous from the row's first real token
-        first = torch.gather(base, 1, valid.long().argmax(1, keepdim=True))
-        new_pid = (first + torch.cumsum(ok.long(), 1) - 1).clamp(min=0).masked_fill(~ok, 0)
-        shift = base[:, -1] - new_pid[:, -1]  # the next position follows the last kept one
+    shift = pre.shift if pre is not None else torch.zeros(B, dtype=torch.long, device=dev)
+    next_pos = pre.next_pos if pre is not None else None
+    if pid is not None and pid.dim() == 3:  # M-RoPE [3, B, M] (generate: [4, B, M], text positions first)
+        pos3 = pid[-3:].expand(3, B, M)
+        if next_pos is None:  # the unpatched model continues after the prompt's largest position (rope_deltas)
+            next_pos = pos3.masked_fill(~valid[None], torch.iinfo(pos3.dtype).min).amax(dim=(0, 2)) + 1
+        if positions != "gaps":
+            raise InputError(f"{_stage_field(handle, stage)}.positions",
+                             f"{positions!r} is not defined for M-RoPE (3-D) positions; allowed: gaps")
+        # the text row goes: it only marks packed sequences, which gapped positions would fake
+        new_pid = torch.gather(pos3, 2, rep[None].expand(3, B, -1)).masked_fill(~ok[None], 0)
+    else:
+        base = (pid if pid is not None else torch.arange(M, device=dev)[None]).expand(B, M)
+        new_pid = torch.gather(base, 1, rep)
+        if positions == "repack":  # contiguous from the row's first real token
+            first = torch.gather(base, 1, valid.long().argmax(1, keepdim=True))
+            new_pid = (first + torch.cumsum(ok.long(), 1) - 1).clamp(min=0).masked_fill(~ok, 0)
+            shift = shift + base[:, -1] - new_pid[:, -1]  # the next position follows the last kept one
     mask2d = kwargs.get("attention_mask")
-    if mask2d is not None:
-        kwargs["attention_mask"] = torch.gather(mask2d, 1, kept) * ok.to(mask2d.dtype)
-    elif not bool(ok.all()):
-        kwargs["attention_mask"] = ok.long()
+    # always a 2-D mask: without one, gapped position ids would read as packed sequences
+    kwargs["attention_mask"] = (torch.gather(mask2d, 1, rep) * ok.to(mask2d.dtype)) if mask2d is not None else ok.long()
     kwargs["inputs_embeds"] = hidden
     kwargs["position_ids"] = new_pid
-    kept_vis = ok & torch.gather(layout.is_visual, 1, kept)
-    vis_orig, vis_ok2 = _compact(kept, kept_vis)
-    st.prefill.pre_llm = PreLLMRecord(kept, ok, shift)
+    st.prefill.pre_llm = PreLLMRecord(kept, ok, shift, prompt_len=L0, owner=owner, merged_into=into, size=size,
+                                      next_pos=next_pos)
+    # rebase: from here on the reduced sequence is the prompt the layers see
+    take = lambda t: torch.gather(t, 1, rep)  # noqa: E731
+    st.layout = VisualLayout(take(layout.is_visual) & ok, take(layout.image), take(layout.segment), take(layout.row),
+                             take(layout.col), take(layout.is_newline) & ok, layout.coords_known)
+    st.valid = ok
+    st.prefill.is_visual = st.layout.is_visual
+    st.prefill.prompt_len = rep.shape[1]
+    vis_orig, vis_ok = _compact(kept, st.layout.is_visual)
     st.prefill.records.append(StageRecord(
-        stage=stage, kept=kept, kept_ok=ok, kept_visual=vis_orig, kept_visual_ok=vis_ok2, visual_before=n_vis,
-        visual_after=kept_vis.sum(1), tokens_before=L, tokens_after=kept.shape[1],
+        stage=stage, kept=kept, kept_ok=ok, kept_visual=vis_orig, kept_visual_ok=vis_ok, visual_before=n_before,
+        visual_after=st.layout.is_visual.sum(1), tokens_before=M, tokens_after=rep.shape[1],
         seconds=time.perf_counter() - t0, merged_into=into,
     ))
 
 
+def _stage_field(handle: "PatchHandle", stage: Any) -> str:
+    return next((f"stages[{i}]" for i, s in enumerate(handle.policy.stages) if s is stage), "stage")
+
+
+def _to_original(st: ForwardState, idx: torch.Tensor) -> torch.Tensor:
+    """Positions in the language model's input [B, K] -> original prompt positions (identity unless reduced)."""
+    pre = st.prefill.pre_llm
+    return idx if pre is None else torch.gather(pre.kept, 1, idx)
+
+
+def _sources_after(st: ForwardState, kept_visual: torch.Tensor, kept_ok: torch.Tensor) -> torch.Tensor | None:
+    """For an LLM stage after a pre-LLM reduction: the source map restricted to the visual tokens it kept
+    (``[B, L]``: representative original position of each original token, -1 when gone); None otherwise."""
+    pre = st.prefill.pre_llm
+    if pre is None:
+        return None
+    into = pre.merged_into
+    B, L = into.shape
+    alive = torch.zeros(B, L + 1, dtype=torch.bool, device=into.device)
+    alive.scatter_(1, kept_visual.masked_fill(~kept_ok, L), True)
+    return torch.where((into >= 0) & torch.gather(alive[:, :L], 1, into.clamp(min=0)), into, -1)
+
+
 def _pre_llm_decode(st: ForwardState, kwargs: dict) -> None:
     """Tokens after a reduced prompt: gather the 2-D mask's prompt columns; continue the position ids."""
-    rec, L = st.prefill.pre_llm, st.prefill.prompt_len
+    rec = st.prefill.pre_llm
+    L = rec.prompt_len
     B, Mp = rec.kept.shape
-    q = kwargs["inputs_embeds"].shape[1]
+    x = kwargs.get("inputs_embeds")
+    q = (x if x is not None else kwargs["input_ids"]).shape[1]  # the original LLaVA decodes from input_ids
     cache = _cache_of(kwargs)
     past = cache.get_seq_length() if cache is not None else Mp
     mask2d = kwargs.get("attention_mask")
@@ -461,7 +543,11 @@ def _pre_llm_decode(st: ForwardState, kwargs: dict) -> None:
     elif not bool(rec.kept_ok.all()):
         tail = torch.ones(B, past - Mp + q, dtype=torch.long, device=rec.kept.device)
         kwargs["attention_mask"] = torch.cat([rec.kept_ok.long(), tail], dim=1)
+    steps = past - Mp + torch.arange(q, device=rec.kept.device)
+    if rec.next_pos is not None:  # M-RoPE: every axis continues after the prompt's largest position
+        kwargs["position_ids"] = (rec.next_pos[:, None] + steps[None]).expand(3, B, q)
+        return
     pid = kwargs.get("position_ids")
     if pid is None:  # what the unpatched model would use: its cache would hold the whole prompt
-        pid = (past - Mp + L + torch.arange(q, device=rec.kept.device))[None].expand(B, q)
+        pid = (L + steps)[None].expand(B, q)
     kwargs["position_ids"] = pid - rec.shift[:, None]

@@ -23,12 +23,15 @@ class PatchHandle:
         self.criteria = criteria
         self.backend = backend
         self.ops = Ops(backend)  # the hot ops on this backend; the engine and every ScoringContext use it
-        self.image_token_id = model.config.image_token_id
+        self.image_token_id = getattr(model.config, "image_token_id", None)  # None: the original LLaVA (spliced features)
         # decoder layer j -> index of the stage whose criterion runs on layer j's input (stage.layer == j + 1)
         # (prune stages only: visual_drop needs no criterion); stage_at: every token stage (prune, visual_drop)
         self.stage_after = {st.layer - 1: i for i, st in enumerate(policy.stages) if st.op == "prune" and st.site == "llm"}
         self.stage_at = {st.layer: i for i, st in enumerate(policy.stages) if st.changes_tokens}
         self.structural = None  # structural.plan.StructuralPlan when the policy has structural ops
+        self.vision_seams = None  # adapters.base.VisionSeams when the policy has a vision-site stage
+        self._vision_run = None  # vision.state.VisionRun of the tower call in progress
+        self._vision_out = None  # vision.state.VisionOutcome of the last tower call, until the LLM input takes it
         self.structural_attention = False  # True: skip_visual / neighbor layers run query-subset attention (real savings)
         self._restore: list = []  # undo records of instance-level changes (structural.hooks), applied in reverse
         self._hooks: list = []
@@ -72,11 +75,17 @@ class PatchHandle:
                  f"model: {type(self.model).__name__} ({self.model.config.model_type}), "
                  f"attention: {self.seams.attn_implementation} (mask {self.seams.mask_format})"]
         for i, st in enumerate(self.policy.stages):
-            if st.site == "pre_llm":
+            if st.site == "vision":
+                lines.append(f"stage {i}: {st.describe()}  ({st.op} between vision-encoder layers; empty slots dropped "
+                             f"at the language model's input, positions {st.params['positions']})")
+            elif st.site == "pre_llm":
                 lines.append(f"stage {i}: {st.describe()}  ({st.op} at the language model's input, before layer 0; "
                              f"positions {st.params['positions']})")
             elif st.op == "prune":
-                lines.append(f"stage {i}: {st.describe()}  (scores on layer {st.layer - 1}'s input, drops before layer {st.layer})")
+                after = ("; among the tokens the pre_llm stage left, keep counted of the original visual tokens"
+                         if any(s.site == "pre_llm" for s in self.policy.stages[:i]) else "")
+                lines.append(f"stage {i}: {st.describe()}  (scores on layer {st.layer - 1}'s input, drops before "
+                             f"layer {st.layer}{after})")
             elif st.op == "visual_drop":
                 lines.append(f"stage {i}: {st.describe()}  (every visual token removed before layer {st.layer}; real savings)")
             else:

@@ -32,7 +32,7 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
     ``patch()`` leaves the model untouched.
 
     Args:
-        model: a Hugging Face ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
+        model: a Hugging Face LLaVA, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL ``...ForConditionalGeneration``.
         policy: a policy string (``"fastv:layer=2,keep=0.25"``), dict or ``Policy``.
         backend: where the hot ops (attention-row scores, top-k, token gathers) run (``ops``):
             ``"torch"`` (PyTorch reference), ``"triton"`` (Triton kernels: CUDA, or CPU under
@@ -69,10 +69,26 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
                 f"allowed: {seams.first_full_attention_layer + 1}..{seams.num_layers - 1}",
             )
     for i, st in enumerate(pol.stages):
-        if st.site == "pre_llm" and (seams.language_model is None or not getattr(adapter, "supports_pre_llm", False)):
+        if st.site != "pre_llm":
+            continue
+        if seams.language_model is None or not getattr(adapter, "supports_pre_llm", False):
             raise IncompatiblePolicyError(
                 f"stages[{i}].site",
-                f"pre_llm is not supported for {model.config.model_type!r} yet; allowed models: llava, llava_next",
+                f"pre_llm is not supported for {model.config.model_type!r} yet; "
+                "allowed models: llava, llava_next, qwen2_vl, qwen2_5_vl",
+            )
+        allowed = getattr(adapter, "pre_llm_positions", ("gaps", "repack"))
+        if st.params.get("positions") not in allowed:
+            raise IncompatiblePolicyError(
+                f"stages[{i}].positions",
+                f"{st.params.get('positions')!r} is not defined for {model.config.model_type!r} "
+                f"({getattr(adapter, 'pre_llm_positions_why', '')}); allowed: {', '.join(allowed)}",
+            )
+    for i, st in enumerate(pol.stages):
+        if st.structural and st.op != "visual_drop" and not getattr(adapter, "supports_structural", True):
+            raise IncompatiblePolicyError(
+                f"stages[{i}].op",
+                f"{st.op!r} is not supported for {model.config.model_type!r}; allowed: token stages (prune, merge, visual_drop)",
             )
     criteria = [CRITERIA.get(st.criterion, f"stages[{i}].criterion") if not st.structural else None
                 for i, st in enumerate(pol.stages)]
@@ -81,12 +97,17 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
     from .structural.plan import resolve
 
     plan = resolve(model, pol, seams)  # structural stages: layers, heads, calibration files, mask format
+    _check_sliced_weights_in_memory(pol, plan, seams)
+    from .vision.hooks import check as check_vision
+
+    vision_seams = check_vision(model, adapter, pol, criteria, seams)  # None without a vision stage
     param = next(model.parameters(), None)
     check_backend(backend, param.device if param is not None else "cpu")
 
     # -- nothing above touched the model; from here on, only hooks kept on the handle --
     handle = PatchHandle(model, pol, adapter, seams, criteria, backend)
     handle.structural = plan
+    handle.vision_seams = vision_seams
     try:
         _install(handle, model, pol, seams, plan)
     except BaseException:
@@ -94,6 +115,33 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
         raise
     handle.active = True
     return handle
+
+
+def _check_sliced_weights_in_memory(pol: Policy, plan: Any, seams: Any) -> None:
+    """``ffn_cut`` and ``prune_heads(scope=all)`` read projection weights outside the modules' own forward.
+
+    accelerate's offloading (``device_map`` with ``"cpu"`` / ``"disk"`` entries, ``max_memory``,
+    ``cpu_offload``) keeps those weights on the meta device between calls and loads them in its
+    ``AlignDevicesHook`` only while that module runs, so they cannot be sliced: refuse here. Every
+    other op calls the modules themselves and works with offloaded layers.
+    """
+    if plan is None:
+        return
+    reads = [("ffn_cut", None, j, seams.decoder_layers[j].mlp, ("gate_proj", "up_proj", "down_proj"), "mlp")
+             for j in sorted(plan.ffn)]
+    reads += [("prune_heads", "all", j, seams.decoder_layers[j].self_attn, ("q_proj", "k_proj", "v_proj", "o_proj"),
+               "self_attn") for j in sorted(plan.heads_all)]
+    for op, scope, j, parent, names, prefix in reads:
+        for name in names:
+            if any(p.is_meta for p in getattr(parent, name).parameters(recurse=False)):
+                i = next(i for i, s in enumerate(pol.stages) if s.op == op and (scope is None or s.params.get("scope") == scope))
+                raise UnsupportedModelError(
+                    f"stages[{i}].op",
+                    f"{op}{'(scope=all)' if scope else ''} slices the weights of decoder layer {j}.{prefix}.{name}, which "
+                    "are offloaded (meta device between calls, e.g. accelerate device_map with 'cpu'/'disk' offload); "
+                    "allowed: keep those layers' weights in memory (a device_map without offload for them) or use an op "
+                    "that calls the modules (token stages, skip_layers, prune_heads scope=visual, neighbor_attention)",
+                )
 
 
 def _install(handle: PatchHandle, model: nn.Module, pol: Policy, seams: Any, plan: Any) -> None:
@@ -112,10 +160,10 @@ def _install(handle: PatchHandle, model: nn.Module, pol: Policy, seams: Any, pla
             _mark(functools.partial(engine.top_post_hook, handle)), with_kwargs=True, always_call=True
         ),
     )
-    if any(st.site == "pre_llm" for st in pol.stages):
+    if any(st.site in ("pre_llm", "vision") for st in pol.stages):
         lm = seams.language_model
         handle._add(
-            f"{type(lm).__name__}: forward pre-hook (pre_llm stage: reduce inputs_embeds, position ids, 2-D mask)",
+            f"{type(lm).__name__}: forward pre-hook (pre_llm / vision stage: reduce inputs_embeds, position ids, 2-D mask)",
             lm.register_forward_pre_hook(_mark(functools.partial(engine.lm_pre_hook, handle)), with_kwargs=True),
         )
     for j, layer in enumerate(seams.decoder_layers):
@@ -139,6 +187,12 @@ def _install(handle: PatchHandle, model: nn.Module, pol: Policy, seams: Any, pla
                 _mark(functools.partial(engine.layer_pre_hook, handle, j)), with_kwargs=True
             ),
         )
+    if handle.vision_seams is not None:  # vision-site stage: hooks on the vision tower (vlm_tokenprune.vision)
+        from .vision.hooks import install as install_vision
+
+        install_vision(handle, handle.vision_seams)
     if plan is not None:  # after the engine's layer pre-hooks: they see the kwargs already shrunk by token stages
         install_hooks(handle, plan)
         handle.structural_attention = install_attention(handle, plan)
+    if hasattr(handle.adapter, "install"):  # the adapter's own seams (e.g. the original LLaVA's splice recorder)
+        handle.adapter.install(handle, model)

@@ -30,8 +30,8 @@ from .errors import PolicyError
 from .registry import CRITERIA, PRESETS
 from .structural.spec import STRUCTURAL_OPS, TOKEN_OPS, check_structural, params_to_dict, params_to_string
 
-SITES = ("llm", "pre_llm")  # the vision-encoder site is a reserved name, not implemented yet
-RESERVED_SITES = ("vision",)
+SITES = ("llm", "pre_llm", "vision")  # vision: between vision-encoder layers (``vlm_tokenprune.vision``)
+RESERVED_SITES: tuple[str, ...] = ()
 TOKEN_CRITERION_OPS = ("prune", "merge")  # ops run by a criterion (merge: pre_llm only)
 OPS = TOKEN_CRITERION_OPS + STRUCTURAL_OPS
 RESERVED_OPS: tuple[str, ...] = ()
@@ -95,7 +95,10 @@ class Stage:
     ``layer`` (site "llm") is the decoder layer whose INPUT is shortened; criteria score
     from layer ``layer - 1`` (FastV's convention). Site ``"pre_llm"`` stages have ``layer=None``:
     they shorten the language model's input (after the projector, before layer 0) and carry
-    ``params["positions"]`` (``"gaps"``, the default, or ``"repack"``). Structural ops (``op`` in
+    ``params["positions"]`` (``"gaps"``, the default, or ``"repack"``). Site ``"vision"`` stages act between
+    vision-encoder layers (``vlm_tokenprune.vision``); their budget counts patches per crop, their
+    optional ``layer`` is the first encoder layer the method acts at, and ``positions`` applies to the
+    language model's input, where the tower's dropped / fused tokens leave the sequence. Structural ops (``op`` in
     ``structural.spec.STRUCTURAL_OPS``) have ``criterion=None`` and ``budget=None``; their
     layers live in ``params`` (``layer`` is set only for ``visual_drop``).
     """
@@ -149,6 +152,8 @@ class Stage:
         b += "" if self.budget.of == "original" else f",of={self.budget.of}"
         extra = "".join(f",{k}={v}" for k, v in sorted(self.params.items()))
         where = "site=pre_llm" if self.site == "pre_llm" else f"layer={self.layer}"  # op follows from the criterion
+        if self.site == "vision":
+            where = "site=vision" + ("" if self.layer is None else f",layer={self.layer}")
         return f"{self.criterion}:{where},{b}{extra}"
 
 
@@ -168,15 +173,31 @@ class Policy:
         for op in set(ops):
             if ops.count(op) > 1:
                 raise PolicyError(f"stages[{len(self.stages) - 1}].op", f"{op} appears twice; give one stage per structural op")
+        vis = [i for i, s in enumerate(self.stages) if s.site == "vision"]
+        if len(vis) > 1:
+            raise PolicyError(f"stages[{vis[1]}].site", "a policy takes one vision stage; allowed: at most one")
+        if vis and vis[0] != 0:
+            raise PolicyError(f"stages[{vis[0]}].site", "a vision stage acts before the language model; allowed: list "
+                              "it first")
+        if vis and any(s.site == "pre_llm" for s in self.stages):
+            raise PolicyError(f"stages[{vis[0]}].site", "a vision stage and a pre_llm stage both reduce the language "
+                              "model's input; allowed: one of them")
         pre = [i for i, s in enumerate(self.stages) if s.site == "pre_llm"]
-        if pre and len(self.stages) > 1:
-            i = next(i for i in range(len(self.stages)) if i != pre[0])
+        if len(pre) > 1:
+            raise PolicyError(f"stages[{pre[1]}].site", "a policy takes one pre_llm stage; allowed: at most one")
+        first_llm = next((i for i, s in enumerate(self.stages) if s.changes_tokens), None)
+        if pre and first_llm is not None and first_llm < pre[0]:
             raise PolicyError(
-                f"stages[{i}].site",
-                "a pre_llm stage cannot be combined with other stages yet; allowed: one pre_llm stage alone",
+                f"stages[{pre[0]}].site",
+                "a pre_llm stage reduces the language model's input before layer 0; allowed: list it before every "
+                f"LLM token stage (stage {first_llm} is one)",
             )
-        llm = [(i, s) for i, s in enumerate(self.stages) if s.changes_tokens]
+        # budgets never grow: the pre_llm stage (before layer 0) then the LLM token stages by layer
+        llm = [(i, s) for i, s in enumerate(self.stages) if s.changes_tokens or s.site == "pre_llm"]
         for (_, a), (i, b) in zip(llm, llm[1:]):
+            if a.site == "pre_llm":
+                _check_budgets_shrink(a, b, i)
+                continue
             if b.layer <= a.layer:
                 raise PolicyError(
                     f"stages[{i}].layer",
@@ -186,20 +207,7 @@ class Policy:
                 raise PolicyError(
                     f"stages[{i}].op", f"no token stage can follow visual_drop (layer {a.layer}): no visual token is left"
                 )
-            if a.budget is None or b.budget is None:
-                continue
-            both_original = a.budget.of == b.budget.of == "original"
-            if both_original and a.budget.keep is not None and b.budget.keep is not None and b.budget.keep > a.budget.keep:
-                raise PolicyError(
-                    f"stages[{i}].keep",
-                    f"keep is a fraction of the original visual tokens and cannot grow across stages: "
-                    f"{a.budget.keep} then {b.budget.keep}",
-                )
-            if a.budget.tokens is not None and b.budget.tokens is not None and b.budget.tokens > a.budget.tokens:
-                raise PolicyError(
-                    f"stages[{i}].tokens",
-                    f"a later stage cannot keep more tokens than an earlier one: {a.budget.tokens} then {b.budget.tokens}",
-                )
+            _check_budgets_shrink(a, b, i)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -329,6 +337,24 @@ class Policy:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def _check_budgets_shrink(a: Stage, b: Stage, i: int) -> None:
+    """Stage ``b`` (index ``i``) runs after token stage ``a``: its budget cannot exceed ``a``'s."""
+    if a.budget is None or b.budget is None:
+        return
+    both_original = a.budget.of == b.budget.of == "original"
+    if both_original and a.budget.keep is not None and b.budget.keep is not None and b.budget.keep > a.budget.keep:
+        raise PolicyError(
+            f"stages[{i}].keep",
+            f"keep is a fraction of the original visual tokens and cannot grow across stages: "
+            f"{a.budget.keep} then {b.budget.keep} (of=current: a fraction of what is left)",
+        )
+    if a.budget.tokens is not None and b.budget.tokens is not None and b.budget.tokens > a.budget.tokens:
+        raise PolicyError(
+            f"stages[{i}].tokens",
+            f"a later stage cannot keep more tokens than an earlier one: {a.budget.tokens} then {b.budget.tokens}",
+        )
+
+
 def _read_if_path(source: str) -> str:
     if isinstance(source, os.PathLike) or ("\n" not in str(source) and os.path.isfile(str(source))):
         with open(source, encoding="utf-8") as f:
@@ -383,6 +409,8 @@ def _build_stage(fields: dict, where: str) -> Stage:
         layer = fields.pop("layer", None)
         if layer is not None:
             raise PolicyError(f"{where}.layer", "a pre_llm stage takes no layer (it reduces the language model's input)")
+    elif site == "vision":  # optional: the first vision-encoder layer the method acts at (its own default)
+        layer = fields.pop("layer", getattr(crit, "default_layer", None))
     elif "layer" not in fields:
         raise PolicyError(f"{where}.layer", "is required for an LLM stage (decoder layer index >= 1)")
     else:
@@ -401,9 +429,9 @@ def _build_stage(fields: dict, where: str) -> Stage:
 
 
 def _criterion_params(crit: Any, given: Mapping[str, Any], site: str, where: str) -> dict:
-    """The criterion's parameters, plus ``positions`` on a pre_llm stage."""
+    """The criterion's parameters, plus ``positions`` on a pre_llm or vision stage."""
     given = dict(given)
-    if site != "pre_llm":
+    if site not in ("pre_llm", "vision"):
         return crit.check_params(given, where)
     positions = given.pop("positions", POSITIONS[0])
     if positions not in POSITIONS:
@@ -435,6 +463,12 @@ def _check_stage(st: Stage, where: str) -> None:
     if st.site == "pre_llm":
         if st.layer is not None:
             raise PolicyError(f"{where}.layer", "a pre_llm stage takes no layer (it reduces the language model's input)")
+    elif st.site == "vision":
+        if st.layer is not None and not getattr(crit, "takes_layer", False):
+            raise PolicyError(f"{where}.layer", f"criterion {st.criterion!r} takes no layer (its schedule follows the "
+                              "vision feature layer)")
+        if st.layer is not None and (isinstance(st.layer, bool) or not isinstance(st.layer, int) or st.layer < 0):
+            raise PolicyError(f"{where}.layer", f"must be a vision-encoder layer index >= 0, got {st.layer!r}")
     elif isinstance(st.layer, bool) or not isinstance(st.layer, int) or st.layer < 1:
         raise PolicyError(f"{where}.layer", f"must be an integer >= 1 (layer 0 cannot be pruned), got {st.layer!r}")
     _criterion_params(crit, st.params, st.site, where)

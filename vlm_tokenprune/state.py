@@ -34,8 +34,8 @@ class StageRecord:
     tokens_after: int
     seconds: float
     noop: bool = False
-    # pre_llm stages: [B, L] original position of the kept token each original prompt token was merged
-    # into (itself when kept as is, -1 when dropped); None for LLM stages
+    # pre_llm stages (and LLM stages after one): [B, L] original position of the kept token each original
+    # prompt token was merged into (itself when kept as is, -1 when dropped); None for LLM stages otherwise
     merged_into: torch.Tensor | None = None
 
 
@@ -45,19 +45,28 @@ class PreLLMRecord:
 
     ``kept``/``kept_ok`` ``[B, M']``: original prompt position each kept slot takes its position and
     mask from; ``shift`` ``[B]``: original minus new position id of the last prompt token
-    (0 with ``positions="gaps"``), subtracted from later position ids.
+    (0 with ``positions="gaps"``), subtracted from later position ids. ``prompt_len``: the
+    original prompt's length; ``owner`` ``[B, L]``: slot each original token lives in (-1: gone);
+    ``merged_into`` ``[B, L]``: its representative's original position (-1: gone); ``size``
+    ``[B, M']``: original tokens per slot; ``next_pos`` ``[B]`` (M-RoPE only): the position every
+    axis of the first token after the prompt takes (the unpatched model's, via ``rope_deltas``).
     """
 
     kept: torch.Tensor
     kept_ok: torch.Tensor
     shift: torch.Tensor
+    prompt_len: int = 0
+    owner: torch.Tensor | None = None
+    merged_into: torch.Tensor | None = None
+    size: torch.Tensor | None = None
+    next_pos: torch.Tensor | None = None
 
 
 @dataclass
 class PrefillRecord:
     """What decode steps need from their prompt: its length and the kept set per layer."""
 
-    prompt_len: int
+    prompt_len: int  # the prompt the decoder layers see (after a pre-LLM reduction: the reduced one)
     records: list[StageRecord] = field(default_factory=list)
     is_visual: torch.Tensor | None = None  # [B, L] visual tokens of the prompt (structural ops read it while decoding)
     pre_llm: PreLLMRecord | None = None  # set when a pre_llm stage shortened the language model's input
@@ -86,6 +95,7 @@ class ForwardState:
     valid: torch.Tensor | None = None  # [B, L] prompt tokens that are not padding
     cache: object = None  # the cache a decode step continues
     structural: dict = field(default_factory=dict)  # the running layer's visual rows etc. (``structural.hooks``)
+    vision: object = None  # vision.state.VisionOutcome of a vision-site stage (its tower call)
     thread: int = field(default_factory=threading.get_ident)
 
 
@@ -100,9 +110,11 @@ class StageTrace:
     tokens_before: int
     tokens_after: int
     seconds: float
-    # pre_llm stages: per sample, per kept visual token (as in kept_positions), the original positions
-    # of the prompt tokens it stands for (itself, plus any merged into it); None for LLM stages
+    # pre_llm stages (and LLM stages after one): per sample, per kept visual token (as in kept_positions),
+    # the original positions of the prompt tokens it stands for (itself, plus any merged into it); else None
     sources: list[list[list[int]]] | None = None
+    # vision stages: sequence length entering each vision-encoder layer (CLS included); else None
+    vision_tokens_per_layer: list[int] | None = None
 
 
 @dataclass
@@ -125,7 +137,8 @@ class Trace:
             stages.append(
                 StageTrace(
                     site=r.stage.site,
-                    layer=r.stage.layer if r.stage.layer is not None else 0,  # pre_llm: shortens layer 0's input
+                    # pre_llm / vision: shortens layer 0's input
+                    layer=r.stage.layer if r.stage.layer is not None and r.stage.site == "llm" else 0,
                     criterion=r.stage.criterion if r.stage.criterion is not None else r.stage.op,
                     kept_positions=kv,
                     visual_before=r.visual_before.tolist(),
@@ -134,6 +147,8 @@ class Trace:
                     tokens_after=r.tokens_after,
                     seconds=r.seconds if st.phase == "prefill" else 0.0,
                     sources=sources,
+                    vision_tokens_per_layer=(list(st.vision.tokens_per_layer)
+                                             if r.stage.site == "vision" and st.vision is not None else None),
                 )
             )
         return cls(phase=st.phase, stages=stages, tokens_per_layer=list(st.tokens_per_layer))

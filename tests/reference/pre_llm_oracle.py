@@ -16,6 +16,10 @@ AIM stage A, as specified here, on the projected visual features of each image:
 A pre-LLM prune keeps a given set. The row then runs through the language model with
 position ids = the surviving tokens' original ones (``gaps``) or 0..n-1 (``repack``);
 decoding continues at the original length (gaps) or the kept length (repack), no KV cache.
+
+Qwen2-VL / Qwen2.5-VL (``qwen_*``): every image and every video frame is a patch grid; kept tokens
+keep their 3-D M-RoPE positions (temporal, height, width) as the unpatched model assigns them, and
+decoding continues on every axis at the unreduced prompt's largest position + 1.
 """
 from __future__ import annotations
 
@@ -160,5 +164,94 @@ def greedy(model, x, pos, positions: str, n_orig: int, steps: int) -> list[int]:
             e = model.get_input_embeddings()(torch.tensor([tok]))
         x = torch.cat([x, e])
         p.append(nxt)
+        nxt += 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL: 3-D M-RoPE positions (temporal, height, width)
+# ----------------------------------------------------------------------------------------------
+def qwen_groups(model, inputs: dict) -> list[list[int]]:
+    """Positions of each patch grid of a single unpadded row: every image is one grid, every video frame one.
+
+    Runs of image / video placeholders are the items in prompt order; the k-th image run takes the k-th
+    ``image_grid_thw`` row, the k-th video run the k-th ``video_grid_thw`` row, each ``[t, H, W]`` in vision
+    patches (``h = H / merge`` x ``w = W / merge`` LLM tokens per frame).
+    """
+    cfg = model.config
+    merge = cfg.vision_config.spatial_merge_size
+    ids = inputs["input_ids"][0].tolist()
+    grids = {cfg.image_token_id: list(inputs.get("image_grid_thw", torch.zeros(0, 3)).tolist()),
+             cfg.video_token_id: list(inputs.get("video_grid_thw", torch.zeros(0, 3)).tolist())}
+    groups, i = [], 0
+    while i < len(ids):
+        if ids[i] not in grids:
+            i += 1
+            continue
+        t, H, W = grids[ids[i]].pop(0)
+        frame = (H // merge) * (W // merge)
+        for f in range(int(t)):
+            groups.append(list(range(i + f * frame, i + (f + 1) * frame)))
+        i += int(t) * frame
+    return groups
+
+
+def qwen_reduce(model, inputs: dict, keep: float, *, merge: dict | None = None, kept: list[int] | None = None):
+    """A single unpadded Qwen row reduced (AIM merge per patch grid, or a given ``kept`` set).
+
+    Returns (embeds [n', D], 3-D positions [3, n'] (each token's representative's own: gaps), original
+    positions [n'], sources {original position: [sources]}, next position after the unreduced prompt).
+    """
+    from .fastv_qwen_oracle import prompt_inputs
+
+    emb, pos3 = prompt_inputs(model, inputs)
+    emb = emb[0]
+    groups = qwen_groups(model, inputs)
+    vis = {p for g in groups for p in g}
+    out = []
+    if kept is not None:
+        out = [{"x": emb[i], "pos": i, "src": [i]} for i in range(emb.shape[0]) if i not in vis or i in kept]
+    else:
+        k_row = max(1, math.floor(keep * len(vis) + 0.5))
+        quota = split(k_row, [len(g) for g in groups])
+        merged = {}
+        for g, q in zip(groups, quota):
+            toks = [{"x": emb[p], "size": 1.0, "pos": p, "src": [p]} for p in g]
+            merged[g[0]] = aim_merge_image(toks, q, merge["mode"], merge["order"])
+        for i in range(emb.shape[0]):
+            if i in merged:
+                out += merged[i]
+            elif i not in vis:
+                out.append({"x": emb[i], "pos": i, "src": [i]})
+    x = torch.stack([t["x"] for t in out])
+    pos = [t["pos"] for t in out]
+    sources = {t["pos"]: t["src"] for t in out if t["pos"] in vis}
+    return x, pos3[:, pos], pos, sources, int(pos3.max()) + 1
+
+
+def qwen_logits(model, x: torch.Tensor, pos3: torch.Tensor) -> torch.Tensor:
+    """Logits [n', V] of the reduced row on an eager copy; M-RoPE rebuilt from ``pos3`` by the FastV-Qwen oracle."""
+    from .fastv_qwen_oracle import eager_copy, run_layers
+
+    eager = eager_copy(model)
+    lm = eager.model.language_model
+    with torch.no_grad():
+        h = run_layers(model, eager, x[None], pos3, range(len(lm.layers)))
+        return eager.lm_head(lm.norm(h))[0]
+
+
+def qwen_greedy(model, x: torch.Tensor, pos3: torch.Tensor, nxt: int, steps: int, suppress=()) -> list[int]:
+    """Greedy tokens after the reduced row; the first sits at ``nxt`` on every axis (the unreduced prompt's
+    next position), each later one + 1; no cache. ``suppress``: ids never generated."""
+    out = []
+    for _ in range(steps):
+        last = qwen_logits(model, x, pos3)[-1].clone()
+        last[list(suppress)] = float("-inf")
+        tok = int(last.argmax())
+        out.append(tok)
+        with torch.no_grad():
+            e = model.get_input_embeddings()(torch.tensor([tok]))
+        x = torch.cat([x, e])
+        pos3 = torch.cat([pos3, torch.full((3, 1), nxt, dtype=pos3.dtype)], dim=1)
         nxt += 1
     return out

@@ -22,6 +22,12 @@ from the 3-D M-RoPE ids ``[3, B, L]``) and ``position_ids`` (the text positions,
 model passes them) at the kept tokens, so every kept token keeps its original 3-D position.
 Layer 0 is never pruned, so the cache length the model reads (and ``rope_deltas``) make decode
 continue at the original next position.
+
+Pre-LLM stages (``supports_pre_llm``): the engine gathers ``inputs_embeds`` and the 3-D M-RoPE ids
+at the kept tokens (a merged token takes its destination's position), so kept tokens keep their
+original positions (``positions=gaps``, the only convention defined here); decoding continues on
+every axis after the prompt's largest position, the unpatched model's next position
+(``rope_deltas``), whatever the cache length.
 """
 from __future__ import annotations
 
@@ -39,6 +45,13 @@ class Qwen2VLAdapter:
     model_types = ("qwen2_vl", "qwen2_5_vl")
     # inputs that carry new pixels or precomputed visual features: refused in a chunk appended to a cache
     pixel_inputs = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+    # pre_llm stages reduce inputs_embeds and the M-RoPE ids [3, B, L]: each kept token keeps its 3-D position
+    supports_pre_llm = True
+    pre_llm_positions = ("gaps",)
+    pre_llm_positions_why = (
+        "M-RoPE positions are 3-D (temporal, height, width): an image spans max(h, w) positions, not one per token, "
+        "so there is no contiguous renumbering; write positions=gaps"
+    )
 
     # -- structure ---------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:

@@ -13,13 +13,17 @@ placeholders (random pixels) for built or local models; synthetic test-split que
 Protocol (per policy, on one model): warm-up, then ``iters`` iterations, each running one baseline and
 one patched call, order alternating every iteration (drift cancels); ``patch()`` / ``unpatch()`` stay
 outside the timer; one ``gc.collect()`` before the loop and the cyclic collector off during it (as
-``timeit`` does). Two things are timed, each interleaved that way:
+``timeit`` does). Three things are timed, each interleaved that way:
 
 - ``prefill``: the language-model prefill. Image features are computed once and passed as
   ``mm_encoder_outputs`` (what ``generate()`` does), so a call runs the embedding, the feature scatter,
   every decoder layer and the LM head on the last token (``logits_to_keep=1``). The patch's own work
   (layout, scoring, selection, gathers) is inside the timer. FLOPs refer to this call.
 - ``ttft``: time to first token, ``generate(max_new_tokens=1)`` from pixels (vision tower included).
+- ``forward`` (``parts=True``): one forward from pixels, split by forward hooks (``PartsCall``) into
+  ``vision`` (vision tower + projector), ``llm`` (the language model, a pre-LLM reduction included)
+  and ``other`` (embedding, feature scatter, patch bookkeeping, LM head), each with its ratio vs the
+  baseline: vision-site methods shrink ``vision``, LLM-site ones ``llm``.
 
 Timers: CUDA events (after a synchronize) on GPU, ``time.perf_counter`` on CPU. Peak memory:
 ``torch.cuda.max_memory_allocated`` on GPU; on CPU the process's peak resident set size (Linux
@@ -57,6 +61,15 @@ KNOWN_GEOMETRIES: dict[str, dict] = {
         family="llava_next", text=_VICUNA_7B, vision=_CLIP_L_336, image_size=(672, 672),
         pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
         description="LLaVA-NeXT-7B geometry (Vicuna-7B), one 672x672 image: 576 base + 2304 anyres + 48 newline tokens",
+    ),
+    "llava-small": dict(
+        family="llava",
+        text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=32064),
+        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                    image_size=224, patch_size=14, projection_dim=512),
+        description="a small LLaVA-1.5-shaped geometry for CPU profiling: Llama 6 x 512, CLIP ViT 6 x 384 at "
+                    "224/14 -> 16x16 = 256 visual tokens",
     ),
     "qwen2-vl-7b": dict(
         family="qwen2_vl",
@@ -416,7 +429,8 @@ def interleaved(model, policy, calls: dict[str, Callable[[], Any]], *, iters: in
     interleaved: per iteration and call, one baseline and one patched run, order alternating.
 
     Returns ``{name: {"baseline": [s...], "patched": [s...]}, "trace": last prefill trace of the
-    first call, "stage_seconds": [per patched run of the first call: sum of trace stage seconds]}``.
+    first call, "stage_seconds": [per patched run of the first call: sum of trace stage seconds]}``;
+    a ``PartsCall`` also gives ``"baseline_parts"`` / ``"patched_parts"``: ``{part: [s...]}``.
     """
     from .. import patch
 
@@ -427,15 +441,26 @@ def interleaved(model, policy, calls: dict[str, Callable[[], Any]], *, iters: in
     stage_seconds: list[float] = []
     trace = None
 
+    def timed(fn, patched):
+        if isinstance(fn, LMPrefillCall):
+            fn.prepare(pol if patched else None)  # outside the timer: image features from the (patched) tower
+        if not isinstance(fn, PartsCall):
+            return timer(fn), None
+        fn.install()  # after patch(): its pre-hooks run first and its hooks last, around the patch's own
+        try:
+            return timer(fn), fn.parts()
+        finally:
+            fn.remove()
+
     def run(name, patched, record):
         nonlocal trace
         fn = calls[name]
         if not patched:
-            dt = timer(fn)
+            dt, parts = timed(fn, False)
         else:
             handle = patch(model, pol, backend=backend)
             try:
-                dt = timer(fn)
+                dt, parts = timed(fn, True)
                 if name == first:
                     tr = handle.last_trace()
                     if record:
@@ -444,7 +469,10 @@ def interleaved(model, policy, calls: dict[str, Callable[[], Any]], *, iters: in
             finally:
                 handle.unpatch()
         if record:
-            out[name]["patched" if patched else "baseline"].append(dt)
+            kind = "patched" if patched else "baseline"
+            out[name][kind].append(dt)
+            for part, seconds in (parts or {}).items():
+                out[name].setdefault(f"{kind}_parts", {}).setdefault(part, []).append(seconds)
 
     gc.collect()  # once: a full collection costs ~0.1-0.3 s with transformers loaded; none inside the loop
     was_enabled = gc.isenabled()
@@ -533,14 +561,115 @@ class _small_mmap_threshold:
             self.libc.mallopt(self.M_TRIM_THRESHOLD, 64 * 1024 * 1024)
 
 
+class LMPrefillCall:
+    """The language-model prefill: ``model(**lm_inputs, logits_to_keep=1)`` on precomputed image features.
+
+    ``prepare()`` (outside the timer) encodes the pixels again when the model is patched with a
+    vision-site stage (its features and kept slots come from the patched tower, as in ``generate()``);
+    otherwise the features computed once by the unpatched tower are reused.
+    """
+
+    def __init__(self, model, inputs: dict, lm_inputs: dict):
+        self.model, self.inputs, self.base, self.lm_inputs = model, inputs, lm_inputs, lm_inputs
+
+    def prepare(self, policy: "Policy | None") -> None:
+        """``policy``: the one the model is patched with now (None: unpatched)."""
+        vision = policy is not None and any(s.site == "vision" for s in policy.stages)
+        self.lm_inputs = encode_images(self.model, self.inputs) if vision else self.base
+
+    def __call__(self):
+        return self.model(**self.lm_inputs, logits_to_keep=1)
+
+
+# -- vision tower vs language model -------------------------------------------------------------
+def part_modules(model) -> dict[str, tuple[Any, Any]]:
+    """``{part: (first module, last module)}``: ``vision`` = the vision tower up to the projector (LLaVA,
+    LLaVA-NeXT: ``vision_tower`` .. ``multi_modal_projector``; Qwen2-VL: ``visual``, its merger included),
+    ``llm`` = the language model (decoder layers and final norm; not the LM head)."""
+    inner = getattr(model, "model", model)
+    parts = {}
+    tower = getattr(inner, "vision_tower", None)
+    tower = tower if tower is not None else getattr(inner, "visual", None)
+    if tower is not None:
+        proj = getattr(inner, "multi_modal_projector", None)
+        parts["vision"] = (tower, proj if proj is not None else tower)
+    lm = getattr(inner, "language_model", None)
+    if lm is not None:
+        parts["llm"] = (lm, lm)
+    return parts
+
+
+class PartsCall:
+    """A zero-argument call whose parts are timed by forward hooks: each part from its first module's
+    forward pre-hook (prepended: before any other pre-hook, e.g. a pre-LLM reduction) to its last
+    module's forward hook (registered last), summed over the invocations in one call (Qwen2-VL encodes
+    images and videos separately); ``other`` = the whole call minus the parts. CUDA events on GPU (read
+    after the call's synchronize), ``perf_counter`` on CPU. ``install()`` / ``remove()`` around each call
+    (outside the timer), after ``patch()`` so the patch's own hooks lie inside the spans.
+    """
+
+    def __init__(self, model, fn: Callable[[], Any], device):
+        self.model, self.fn = model, fn
+        self.cuda = resolve_device(device).type == "cuda"
+        self.modules = part_modules(model)
+        self._hooks: list = []
+        self._open: dict = {}
+        self._spans: dict[str, list] = {}
+
+    def _now(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def install(self) -> None:
+        self._open, self._spans = {}, {name: [] for name in self.modules}
+        for name, (first, last) in self.modules.items():
+            def start(module, args, name=name):
+                self._open.setdefault(name, self._now())  # nested / repeated entries: the outermost start
+
+            def stop(module, args, output, name=name):
+                if name in self._open:
+                    self._spans[name].append((self._open.pop(name), self._now()))
+
+            self._hooks.append(first.register_forward_pre_hook(start, prepend=True))
+            self._hooks.append(last.register_forward_hook(stop))
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __call__(self):
+        self._t0 = self._now()
+        out = self.fn()
+        self._t1 = self._now()
+        return out
+
+    def parts(self) -> dict[str, float]:
+        """Seconds per part of the last call, and ``other``."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            span = lambda a, b: a.elapsed_time(b) / 1e3  # noqa: E731
+        else:
+            span = lambda a, b: b - a  # noqa: E731
+        out = {name: sum(span(a, b) for a, b in spans) for name, spans in self._spans.items()}
+        out["other"] = max(0.0, span(self._t0, self._t1) - sum(out.values()))
+        return out
+
+
 # -- the profile ---------------------------------------------------------------------------------
 def profile(model: "str | Any" = "tiny", policies: Sequence[Any] = ("fastv:layer=2,keep=0.25",), *, inputs: dict | None = None,
             iters: int = 20, warmup: int = 2, layers: int | None = None, vision_layers: int | None = None, dtype=None,
             attn_implementation: str = "sdpa", device=None, batch: int = 1, n_text: int = 64, seed: int = 0,
-            backend: str = "auto", ttft: bool = True, json_path: "str | os.PathLike | None" = None) -> dict:
+            backend: str = "auto", ttft: bool = True, parts: bool = True,
+            json_path: "str | os.PathLike | None" = None) -> dict:
     """Profile ``policies`` against the unpatched model (see the module docstring); returns the report dict.
 
     ``model``: a spec for :func:`load_model` or an already built model (then pass ``inputs``).
+    ``parts``: also time one forward from pixels split into vision tower (+ projector), language
+    model and the rest (``PartsCall``), with per-part ratios vs the baseline.
     """
     from .. import patch
     from ..errors import InputError
@@ -572,16 +701,19 @@ def profile(model: "str | Any" = "tiny", policies: Sequence[Any] = ("fastv:layer
     vis_ids = {tok, getattr(model.config, "video_token_id", None)} - {None}
     n_visual = int(sum((ids[0] == t).sum() for t in vis_ids))
     prompt_len = int(inputs["attention_mask"][0].sum()) if "attention_mask" in inputs else ids.shape[1]
-    calls: dict[str, Callable[[], Any]] = {"prefill": lambda: model(**lm_inputs, logits_to_keep=1)}
+    calls: dict[str, Callable[[], Any]] = {"prefill": LMPrefillCall(model, inputs, lm_inputs)}
     if ttft:
         gen = dict(max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=model.config.text_config.pad_token_id)
         calls["ttft"] = lambda: model.generate(**inputs, **gen)
+    if parts:
+        calls["forward"] = PartsCall(model, lambda: model(**inputs, logits_to_keep=1), device)
     tc = model.config.text_config
 
     def prefill_memory(patched_policy):
         h = patch(model, patched_policy, backend=backend) if patched_policy is not None else None
         try:
             with torch.no_grad():
+                calls["prefill"].prepare(patched_policy)
                 return peak_memory(calls["prefill"], device)
         finally:
             if h is not None:
@@ -615,6 +747,13 @@ def profile(model: "str | Any" = "tiny", policies: Sequence[Any] = ("fastv:layer
         if ttft:
             tb, tp = summary(r["ttft"]["baseline"]), summary(r["ttft"]["patched"])
             row.update(baseline_ttft_ms=tb, ttft_ms=tp, ttft_ratio=tp["median"] / tb["median"])
+        if parts:
+            fb, fp = summary(r["forward"]["baseline"]), summary(r["forward"]["patched"])
+            row.update(baseline_forward_ms=fb, forward_ms=fp, forward_ratio=fp["median"] / fb["median"], parts={})
+            for part, base_s in r["forward"]["baseline_parts"].items():
+                pb, pp = summary(base_s), summary(r["forward"]["patched_parts"][part])
+                row["parts"][part] = {"baseline_ms": pb, "patched_ms": pp,
+                                      "ratio": pp["median"] / pb["median"] if pb["median"] > 0 else None}
         rows.append(row)
 
     _, timer_name = make_timer(device)
@@ -626,6 +765,10 @@ def profile(model: "str | Any" = "tiny", policies: Sequence[Any] = ("fastv:layer
         "protocol": {"iters": iters, "warmup": warmup, "timer": timer_name, "interleaved": True,
                      "prefill": "LM prefill, image features precomputed (mm_encoder_outputs), logits_to_keep=1",
                      "ttft": "generate(max_new_tokens=1) from pixels" if ttft else None,
+                     "forward": ("one forward from pixels (logits_to_keep=1), split by forward hooks: vision = vision "
+                                 "tower pre-hook .. projector hook, llm = language-model pre-hook .. hook (pre-LLM "
+                                 "reduction included, LM head not), other = the rest (embedding, feature scatter, "
+                                 "patch bookkeeping, LM head)") if parts else None,
                      "memory": memory_method(device), "backend": backend},
         "environment": environment(device),
         "policies": rows,
@@ -675,4 +818,29 @@ def format_report(report: dict) -> str:
     lines += ["", "measured = median patched / median baseline LM prefill; predicted = FLOPs ratio (eval/flops.py, "
               "this run's tokens per layer); quotient = predicted / measured (1.0: as fast as the FLOPs say); "
               "overhead = scoring + selection (trace stage seconds) as % of the baseline prefill"]
+    if any("parts" in r for r in report["policies"]):
+        lines += ["", *format_parts(report)]
     return "\n".join(lines)
+
+
+def format_parts(report: dict) -> list[str]:
+    """Lines of the per-part table (one forward from pixels): median ms baseline -> patched (ratio)."""
+    names = [n for n in ("vision", "llm", "other") if any(n in r.get("parts", {}) for r in report["policies"])]
+    header = ["policy", "forward ms (ratio)", *[f"{n} ms (ratio)" for n in names]]
+    rows = []
+    for r in report["policies"]:
+        if "parts" not in r:
+            continue
+        cells = [r["policy"], f"{r['baseline_forward_ms']['median']:.2f} -> {r['forward_ms']['median']:.2f} "
+                              f"({r['forward_ratio']:.3f})"]
+        for n in names:
+            p = r["parts"].get(n)
+            cells.append("-" if p is None else f"{p['baseline_ms']['median']:.2f} -> {p['patched_ms']['median']:.2f} "
+                                               f"({'n/a' if p['ratio'] is None else format(p['ratio'], '.3f')})")
+        rows.append(cells)
+    widths = [max(len(str(x[i])) for x in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return ["parts of one forward from pixels (median ms, baseline -> patched, ratio):", fmt(header),
+            fmt(["-" * w for w in widths]), *map(fmt, rows),
+            "vision = vision tower + projector; llm = language model (pre-LLM reduction included); "
+            "other = embedding, feature scatter, patch bookkeeping, LM head"]
