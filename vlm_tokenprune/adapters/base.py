@@ -41,6 +41,31 @@ class Seams:
         return len(self.decoder_layers)
 
 
+@dataclass(frozen=True)
+class VisionSeams:
+    """The vision tower as vision-site stages see it (``vlm_tokenprune.vision``).
+
+    ``tower``: the encoder module called once per batch of images (crops); ``layers``: its
+    encoder layers in call order (each ``layer(hidden, attention_mask, ...)``, pre-norm,
+    ``layer_norm1`` and ``self_attn.{q,k,v}_proj``); ``feature_layer``: index of the encoder
+    layer whose OUTPUT the VLM reads (``vision_feature_layer=-2`` of 24 layers -> 22);
+    ``select_strategy``: ``"default"`` (CLS dropped before the projector) or ``"full"``;
+    ``n_patches``: patch tokens per crop (CLS excluded); ``projector``: the module that maps
+    the selected features to the LLM width (its output is widened back to the full layout);
+    ``pack_owner``: the object whose ``pack_image_features`` reorders crops (LLaVA-NeXT), else None;
+    ``attn_implementation``: the tower's attention backend.
+    """
+
+    tower: nn.Module
+    layers: tuple[nn.Module, ...]
+    feature_layer: int
+    select_strategy: str
+    n_patches: int
+    projector: nn.Module
+    attn_implementation: str
+    pack_owner: Any = None
+
+
 @dataclass
 class VisualLayout:
     """Where the visual tokens of a batch sit.
@@ -72,6 +97,14 @@ class Adapter(Protocol):
     pixel_inputs: tuple[str, ...]
     # True when pre_llm stages may reduce the language model's input (1-D position ids); absent = False
     supports_pre_llm: bool
+
+    # Optional seams (absent = the transformers 5.x HF behaviour), used by the original LLaVA adapter:
+    #   layout_from_embeds: bool  the top module may get inputs_embeds without input_ids; visual_layout(model,
+    #       None, kwargs) then locates the visual tokens (the model spliced its image features itself)
+    #   position_embeddings(layer, kwargs, hidden) -> (cos, sin) [B, L, d]: for decoder layers that get no
+    #       ``position_embeddings`` kwarg (their attention builds rotary tables itself), what criteria use
+    #   install(handle, model): extra hooks / instance-level wrappers, kept on the handle (undone by unpatch)
+    #   supports_structural: bool  False refuses structural ops other than visual_drop
 
     def check(self, model: nn.Module) -> None:
         """Raise ``UnsupportedModelError`` when this configuration cannot be patched."""

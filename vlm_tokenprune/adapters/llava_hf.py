@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import InputError, UnsupportedModelError
+from ..errors import IncompatiblePolicyError, InputError, UnsupportedModelError
 from ..registry import ADAPTERS
-from .base import Seams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for
+from .base import Seams, VisionSeams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for
 
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 
@@ -55,6 +55,29 @@ class LlavaHFAdapter:
 
     def seams(self, model: nn.Module) -> Seams:
         return hf_seams(model, self._language_model(model))
+
+    def vision_seams(self, model: nn.Module, where: str = "site") -> VisionSeams:
+        """The CLIP tower for vision-site stages; ``IncompatiblePolicyError`` naming ``where`` otherwise."""
+        cfg = model.config
+        tower = model.model.vision_tower
+        vc = cfg.vision_config
+        if vc.model_type != "clip_vision_model":
+            raise IncompatiblePolicyError(
+                where, f"vision-site stages need a CLIP vision tower (CLS token, q/k/v projections), got {vc.model_type!r}; "
+                "allowed: clip_vision_model")
+        layer = cfg.vision_feature_layer
+        n = vc.num_hidden_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer <= n or layer in (0, -n - 1):
+            raise IncompatiblePolicyError(
+                where, f"config.vision_feature_layer={layer!r} is not supported at site vision; allowed: one integer "
+                f"layer in 1..{n} or -{n}..-1")
+        feature = n + layer if layer < 0 else layer - 1  # hidden_states[i] is the output of encoder layer i - 1
+        return VisionSeams(
+            tower=tower, layers=tuple(getattr(tower, "vision_model", tower).encoder.layers), feature_layer=feature,
+            select_strategy=cfg.vision_feature_select_strategy, n_patches=(vc.image_size // vc.patch_size) ** 2,
+            projector=model.model.multi_modal_projector, attn_implementation=vc._attn_implementation,
+            pack_owner=model.model if cfg.model_type == "llava_next" else None,
+        )
 
     # -- visual tokens -----------------------------------------------------------------------
     def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout:

@@ -181,7 +181,8 @@ def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
     lower: list[int] = []
     cur = n_visual
     for i, st in enumerate(pol.stages):
-        if st.site == "pre_llm":  # shortens the language model's input: every layer sees k visual tokens
+        # shortens the language model's input: every layer sees k visual tokens (vision: n_visual = one crop's patches)
+        if st.site in ("pre_llm", "vision"):
             k = st.budget.count(n_visual, cur)
             params = {key: v for key, v in st.params.items() if key != "positions"}
             scoring.append(0.0 if k == cur else scoring_flops(g, st.criterion, n_text + cur, cur, params))
@@ -260,7 +261,7 @@ def trace_flops(text_config: Any, trace: Any, logits_tokens: int = 1, policy: An
         if params is not None:
             params.pop("positions", None)  # a pre_llm stage's, not the criterion's
         scoring.append(0.0 if noop else scoring_flops(g, s.criterion, s.tokens_before, n_vis, params))
-    pre = [s for s in trace.stages if s.site == "pre_llm"]  # layer 0 saw the reduced input: baseline = its length before
+    pre = [s for s in trace.stages if s.site in ("pre_llm", "vision")]  # layer 0 saw the reduced input: baseline = its length before
     full = pre[0].tokens_before if pre else tokens[0]
     out = _result(g, tokens, [full] * len(tokens), scoring, logits_tokens)
     out["lower_bound_stages"] = []
@@ -285,10 +286,12 @@ def structural_layer_flops(g: TextGeometry, t: int, v: int, ops: Mapping[str, An
     """FLOPs of one decoder layer seeing ``t`` text and ``v`` visual tokens under structural ``ops``.
 
     ``ops`` (for this layer): ``skip_all``, ``skip_visual`` (bools), ``heads_all`` / ``heads_visual``
-    (pruned head tuples), ``ffn`` (visual MLP width), ``neighbor`` (window).
+    (pruned head tuples), ``kv_text_only`` (KV heads whose visual rows skip k/v_proj: all their
+    query heads pruned for visual tokens), ``ffn`` (visual MLP width), ``neighbor`` (window).
 
     ``nominal=False`` counts what this implementation computes: ``prune_heads(scope=visual)`` is
-    mask-only (costs as much as the plain layer); with ``subset_attention`` (eager / sdpa)
+    real on every backend (visual rows skip the pruned heads' q/o columns, pruned heads attend
+    text x text); with ``subset_attention`` (eager / sdpa)
     ``skip_visual`` computes no visual query and ``neighbor`` lets each visual query attend
     ``t + min((2*(w//2)+1) * W, v)`` keys (whole grid rows of width ``W = grid_width``, default
     ``round(sqrt(v))``: one square grid); without it (2-D-mask backends) ``skip_visual`` still runs
@@ -313,7 +316,8 @@ def structural_layer_flops(g: TextGeometry, t: int, v: int, ops: Mapping[str, An
         heads = len(kept)
         kv_heads = sum(1 for c in per if c) if len(counts) == 1 else heads
     skip_v = bool(ops.get("skip_visual"))
-    pv = len(ops.get("heads_visual", ())) if nominal else 0
+    pv = len(ops.get("heads_visual", ()))
+    kv_skip = int(ops.get("kv_text_only", 0))
     w = ops.get("neighbor") if (nominal or subset_attention) else None
     if w is None:
         vis_keys = v
@@ -327,7 +331,7 @@ def structural_layer_flops(g: TextGeometry, t: int, v: int, ops: Mapping[str, An
     q_flops = d * h * (heads * t + (heads - pv) * (0 if skip_v else v))
     o_rows_vis = 0 if skip_v else v
     o_flops = d * h * (heads * t + (heads - pv) * o_rows_vis)
-    kv_flops = 2 * n * d * kv_heads * h
+    kv_flops = 2 * d * h * (n * kv_heads - v * kv_skip)
     # attention (QK^T + AV): text queries see all n keys (pruned-visual heads: only the t text keys)
     att_text = 2 * t * h * ((heads - pv) * n + pv * t)
     att_vis = 2 * q_rows_vis * h * (heads - pv) * (t + vis_keys) if q_rows_vis else 0
@@ -350,7 +354,7 @@ def structural_flops(model_config: Any, policy: Any, n_text: int, n_visual: int,
     ``nominal_flops`` what the operations' semantics allow; ``mask_only`` / ``partial`` list the ops
     whose savings are simulated with masks / only partly realised (see ``structural.plan.SAVINGS``).
     """
-    from ..structural.plan import StructuralPlan, static_plan
+    from ..structural.plan import StructuralPlan, capture_layers, static_plan, text_only_kv_heads
 
     g = TextGeometry.of(model_config)
     pol = Policy.parse(policy)
@@ -368,14 +372,14 @@ def structural_flops(model_config: Any, policy: Any, n_text: int, n_visual: int,
             ops["ffn"] = plan.ffn[j]
         if j in plan.neighbor:
             ops["neighbor"] = plan.neighbor[j]
-        for nominal in (False, True):
+        gone = len(text_only_kv_heads(plan.heads_visual.get(j, ()), g.num_attention_heads, g.num_key_value_heads))
+        for nominal in (False, True):  # the implementation keeps k/v_proj whole where a criterion captures the keys
+            ops["kv_text_only"] = gone if nominal or j not in capture_layers(pol) else 0
             totals[nominal] += structural_layer_flops(g, int(n_text), v, ops, nominal, subset_attention,
                                                       grid_width if grid_width is not None else (round(int(n_visual) ** 0.5) or 1))
     head = lm_head_flops(g, logits_tokens)
     base = prefill_flops(g, [int(n_text) + int(n_visual)] * g.num_hidden_layers, logits_tokens)
-    mask_only = ["prune_heads(scope=visual)"] if plan.heads_visual else []
-    if plan.neighbor and not subset_attention:
-        mask_only.append("neighbor_attention")
+    mask_only = ["neighbor_attention"] if plan.neighbor and not subset_attention else []
     partial = ["skip_layers(scope=visual)"] if plan.skip_visual and not subset_attention else []
     return {
         "tokens_per_layer": tokens,

@@ -10,7 +10,9 @@ kept ORIGINAL prompt positions; the adapter's ``VisualLayout`` maps a position t
 Qwen2-VL: the whole image; LLaVA-NeXT: the base, whole-image grid) over the image as the model sees it
 (for 4-D ``pixel_values``, e.g. LLaVA-1.5: the processor's resized / cropped pixels, de-normalised;
 otherwise the input image). Dropped cells are dimmed; kept cells keep their pixels and get an outline.
-Pillow only (no matplotlib).
+Merging stages (``aim_merge``, ``mctf``; ``trace.stages[i].sources``): every cell of a merged group (two or
+more original patches standing for one kept token) is tinted with the group's own colour, its kept
+token's cell outlined. Pillow only (no matplotlib).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ..policy import Policy
 
 KEPT_OUTLINE = (230, 30, 30)
 DIM = 0.25  # brightness of dropped cells
+TINT = 0.55  # weight of a merged group's colour over its cells' pixels
 
 
 @dataclass
@@ -35,6 +38,8 @@ class StagePanel:
     kept_cells: list[tuple[int, int]]  # (row, col) of kept visual tokens on that grid
     visual_before: int  # visual tokens of the prompt row entering the stage (all grids)
     visual_after: int
+    # merging stages: the cells each kept token stands for, one list per group of >= 2 cells on this grid
+    groups: list[list[tuple[int, int]]] | None = None
 
 
 def kept_tokens(model, processor, image, question: str, policy: Any, *, backend: str = "auto",
@@ -61,10 +66,17 @@ def kept_tokens(model, processor, image, question: str, policy: Any, *, backend:
     grid = (int(layout.row[0][first_grid].max()) + 1, int(layout.col[0][first_grid].max()) + 1)
     panels = []
     for i, s in enumerate(trace.stages):
+        def cell(p: int) -> tuple[int, int]:
+            return int(layout.row[0, p]), int(layout.col[0, p])
+
         kept = [p for p in s.kept_positions[0] if bool(first_grid[p])]
-        cells = [(int(layout.row[0, p]), int(layout.col[0, p])) for p in kept]
-        title = f"stage {i}: {s.criterion} before layer {s.layer}: {s.visual_after[0]}/{s.visual_before[0]} kept"
-        panels.append(StagePanel(title, grid, cells, s.visual_before[0], s.visual_after[0]))
+        groups = None
+        if s.sources is not None:
+            on_grid = ([cell(p) for p in src if bool(first_grid[p])] for src in s.sources[0])
+            groups = [g for g in on_grid if len(g) >= 2]
+        where = f"before layer {s.layer}" if s.site == "llm" else f"at {s.site}"
+        title = f"stage {i}: {s.criterion} {where}: {s.visual_after[0]}/{s.visual_before[0]} kept"
+        panels.append(StagePanel(title, grid, [cell(p) for p in kept], s.visual_before[0], s.visual_after[0], groups))
     return _model_view(processor, inputs, image), panels
 
 
@@ -104,16 +116,35 @@ def render_panels(image, panels: list[StagePanel], *, panel_size: int = 288, mar
         md = ImageDraw.Draw(mask)
         boxes = []
         for r, c in panel.kept_cells:
-            box = (round(c * pw / cols), round(r * ph / rows), round((c + 1) * pw / cols) - 1, round((r + 1) * ph / rows) - 1)
+            box = _box(r, c, rows, cols, pw, ph)
             md.rectangle(box, fill=255)
             boxes.append(box)
         tile = Image.composite(base, dark, mask)
+        for g, group in enumerate(panel.groups or ()):
+            gmask = Image.new("L", (pw, ph), 0)
+            gd = ImageDraw.Draw(gmask)
+            for r, c in group:
+                gd.rectangle(_box(r, c, rows, cols, pw, ph), fill=255)
+            tinted = Image.blend(base, Image.new("RGB", (pw, ph), group_colour(g)), TINT)
+            tile = Image.composite(tinted, tile, gmask)
         td = ImageDraw.Draw(tile)
         for box in boxes:
             td.rectangle(box, outline=KEPT_OUTLINE)
         canvas.paste(tile, (x0, title_height))
         draw.text((x0, 4), _fit(panel.title, panel_size, draw, font), fill=(0, 0, 0), font=font)
     return canvas
+
+
+def _box(r: int, c: int, rows: int, cols: int, pw: int, ph: int) -> tuple[int, int, int, int]:
+    return round(c * pw / cols), round(r * ph / rows), round((c + 1) * pw / cols) - 1, round((r + 1) * ph / rows) - 1
+
+
+def group_colour(g: int) -> tuple[int, int, int]:
+    """A distinct, saturated colour for merged group ``g`` (golden-ratio hue steps)."""
+    import colorsys
+
+    h = (g * 0.618033988749895) % 1.0
+    return tuple(round(255 * v) for v in colorsys.hsv_to_rgb(h, 0.85, 0.95))
 
 
 def _fit(text: str, width: int, draw, font) -> str:

@@ -1,0 +1,134 @@
+"""FlowCut, vision-encoder part: "FlowCut: Rethinking Redundancy via Information Flow for Efficient
+Vision-Language Models" (Tong et al., NeurIPS 2025), arXiv 2505.19536.
+
+Inside the CLIP tower, after every encoder layer ``idx`` while a crop holds more than its target
+``K + 1`` tokens (K patches + CLS), from that layer's own attention (q/k/v projections captured
+while it ran, under whatever attention backend the tower uses; scores in fp32):
+
+    a_j    = mean_h softmax_j'(q_CLS . k_j' * scale)[j]         CLS attention, patches j
+    sem_j  = mean_h softmax_j'(v_CLS . v_j')[j]                 value similarity to CLS (no scale)
+    dens_j = || mean_h v_j ||_1
+    S_j    = (a_j / sum a + sem_j / sum sem) * dens_j;   S_cum = 0.5 S_cum + 0.5 S  (S at the first layer)
+
+With ``F`` the feature layer (the encoder layer whose output LLaVA reads; 22 of 24 for
+``vision_feature_layer=-2``) and ``rpl = F - idx - 1`` the remaining pruning layers, tokens are
+pruned after layers with even ``rpl >= 0`` (idx = 1, 3, ..., 21 for LLaVA-1.5): with
+``p = a / sum a`` over the N current patches, ``r_H = H(p) / log N``,
+
+    P = round((N - K) / sqrt(rpl) * (1 - r_H^2)),   kept = max(T - P, K + 1)   (rpl = 0: kept = K + 1)
+
+keeping CLS and the top ``kept - 1`` patches by ``S_cum`` (ties to the lower index) in their order.
+Encoder layers after the last pruning (the feature layer included) run on the kept tokens only.
+
+Batches: the tower encodes every crop of every image of the batch at once, and FlowCut's count
+is per layer, COMMON to all crops: ``P`` is the maximum over the crops (the official code's
+choice), so no attention mask is needed and an image's count can depend on the other images of
+the batch (the kept SET of each crop is its own top-k). The budget (``keep`` / ``tokens``) counts
+patches per crop: LLaVA-1.5 ``tokens=128`` is the paper's 128; on LLaVA-NeXT the paper keeps
+``target / 2`` per crop in the tower, i.e. ``tokens=64`` for its 128 (its second, LLM stage is
+``flowcut_llm``). Presets: ``flowcut_vit`` keeps 128 of 576 (``keep=2/9``), ``flowcut_vit_192`` /
+``flowcut_vit_64`` keep 192 / 64 of 576; as fractions they scale to any tower (36 patches -> 8);
+``flowcut_next`` is the paper's LLaVA-NeXT pipeline for 320 tokens (160 of 576 per crop, then
+``flowcut_llm`` at layer 2 to 320 / 2880 of the original visual tokens).
+Positions default to ``repack`` (LLaVA's contiguous re-numbering in the official code). On LLaVA-NeXT
+the kept patches then go through the model's own unpadding and ``image_newline`` packing: kept tokens
+in the padded border of an anyres grid leave with it (the LLM may see fewer than K per crop) and the
+newline tokens stay.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import IncompatiblePolicyError
+from ..policy import register_preset
+from ..vision.base import VisionCriterion
+from .base import register_criterion
+
+
+def flow_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float):
+    """``(a, score)`` ``[n, T-1]`` over the patches from one layer's q/k/v ``[n, T, D]`` (token 0 = CLS)."""
+    n, T, D = q.shape
+    d = D // heads
+    qc = q[:, 0].float().view(n, heads, d)
+    kk = k.float().view(n, T, heads, d)
+    vv = v.float().view(n, T, heads, d)
+    a = torch.softmax(torch.einsum("nhd,nthd->nht", qc, kk) * scale, dim=-1).mean(1)[:, 1:]
+    sem = torch.softmax(torch.einsum("nhd,nthd->nht", vv[:, 0], vv), dim=-1).mean(1)[:, 1:]
+    dens = vv.mean(2)[:, 1:].abs().sum(-1)
+    return a, (a / a.sum(-1, keepdim=True) + sem / sem.sum(-1, keepdim=True)) * dens
+
+
+def adaptive_prune_count(a: torch.Tensor, rpl: int, keep_patches: int) -> int:
+    """``P``: how many tokens to drop at a pruning layer (entropy of the CLS attention; max over crops)."""
+    N = a.shape[-1]
+    p = a / a.sum(-1, keepdim=True)
+    ratio = -(p * p.log()).sum(-1) / math.log(N)
+    r = (N - keep_patches) / math.sqrt(rpl) * (1 - ratio**2)
+    return int(torch.round(r.max()))
+
+
+@register_criterion
+class FlowCutViT(VisionCriterion):
+    name = "flowcut_vit"
+    paper = "FlowCut (vision-encoder part): CLS-attention + value-similarity flow, cumulative, entropy-adaptive"
+    arxiv = "2505.19536"
+
+    def check_vision(self, seams, stage, where: str) -> None:
+        if stage.layer is not None:
+            raise IncompatiblePolicyError(
+                f"{where}.layer", f"FlowCut's schedule follows the feature layer ({seams.feature_layer}); "
+                "allowed: no layer")
+        if seams.feature_layer < 1:
+            raise IncompatiblePolicyError(
+                f"{where}.site", "FlowCut prunes after encoder layers below the feature layer; this tower reads "
+                "layer 0; allowed: vision_feature_layer reading layer 1 or later")
+        if seams.select_strategy not in ("default", "full"):
+            raise IncompatiblePolicyError(f"{where}.site", f"vision_feature_select_strategy "
+                                          f"{seams.select_strategy!r}; allowed: default, full")
+
+    def capture_layers(self, seams, stage) -> tuple[int, ...]:
+        return tuple(range(seams.feature_layer))
+
+    def before_layer(self, run, j: int, layer, hidden: torch.Tensor, seams) -> torch.Tensor:
+        target = run.keep_patches + 1
+        T = hidden.shape[1]
+        if j == 0 or T <= target:
+            return hidden
+        idx = j - 1  # the layer that just ran; its q/k/v were captured
+        (jq, q), (_, k), (_, v) = run.captured["q"], run.captured["k"], run.captured["v"]
+        if jq != idx:
+            raise RuntimeError(f"flowcut_vit: expected layer {idx}'s projections, got layer {jq}'s")
+        attn = seams.layers[idx].self_attn
+        a, score = flow_scores(q, k, v, attn.num_heads, attn.scale)
+        cum = run.scratch.get("cum")
+        cum = score if cum is None else 0.5 * cum + 0.5 * score
+        run.scratch["cum"] = cum
+        rpl = seams.feature_layer - idx - 1
+        if rpl < 0 or rpl % 2:
+            return hidden
+        drop = adaptive_prune_count(a, rpl, run.keep_patches) if rpl else T
+        kept = max(T - drop, target)
+        top = torch.sort(cum, dim=1, descending=True, stable=True).indices[:, : kept - 1].sort(dim=1).values
+        run.scratch["cum"] = torch.gather(cum, 1, top)
+        n = hidden.shape[0]
+        sel = torch.cat([torch.zeros(n, 1, dtype=torch.long, device=top.device), top + 1], dim=1)
+        to = torch.full((n, T), -1, dtype=torch.long, device=sel.device)
+        to.scatter_(1, sel, torch.arange(kept, device=sel.device).expand(n, kept))
+        run.reassign(to, torch.gather(run.ident, 1, sel), torch.gather(run.size, 1, sel))
+        return torch.gather(hidden, 1, sel.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+# LLaVA-NeXT, the paper's two stages for a target of 320 tokens (its 2880 = 5 crops x 576): target / 2 = 160
+# patches per crop in the tower, then ``flowcut_llm`` after decoder layer 1 to 320 / 2880 of the original tokens
+register_preset("flowcut_next", [
+    {"criterion": "flowcut_vit", "site": "vision", "keep": 160 / 576, "positions": "repack"},
+    {"criterion": "flowcut_llm", "layer": 2, "keep": 320 / 2880},
+], "FlowCut on LLaVA-NeXT: 160 of 576 patches per crop in the CLIP tower, then flowcut_llm at layer 2 to 320 of 2880",
+    "2505.19536")
+
+_DOC = "FlowCut in the CLIP tower: prune every 2 layers up to the feature layer, entropy-adaptive, to {} of 576 patches"
+for _name, _n in (("flowcut_vit", 128), ("flowcut_vit_192", 192), ("flowcut_vit_64", 64)):
+    register_preset(_name, [{"criterion": "flowcut_vit", "site": "vision", "keep": _n / 576, "positions": "repack"}],
+                    _DOC.format(_n), "2505.19536")

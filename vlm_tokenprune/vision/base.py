@@ -1,0 +1,44 @@
+"""The interface of a vision-site criterion (a method acting between vision-encoder layers).
+
+A ``VisionCriterion`` is registered like any criterion (``register_criterion``) with
+``sites = ("vision",)``. ``patch()`` calls ``check_vision`` before any hook exists; each
+tower call then calls ``before_layer`` in the forward pre-hook of every encoder layer up to
+the feature layer, with that layer's incoming hidden states; it returns them, possibly
+shorter, and updates the ``VisionRun`` (``run.reassign``). Layers whose q/k/v projections a
+criterion reads are named by ``capture_layers`` (their outputs land in ``run.captured``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..methods.base import Criterion
+
+if TYPE_CHECKING:
+    from ..adapters.base import VisionSeams
+    from .state import VisionRun
+
+
+class VisionCriterion(Criterion):
+    sites: ClassVar[tuple[str, ...]] = ("vision",)
+    # "layer" of a vision stage: the first encoder layer the method acts at (None: fixed by the method)
+    takes_layer: ClassVar[bool] = False
+    default_layer: ClassVar[int | None] = None
+
+    def check_vision(self, seams: "VisionSeams", stage: Any, where: str) -> None:
+        """Raise ``IncompatiblePolicyError`` naming ``where.<field>`` when the stage cannot run on this tower."""
+
+    def capture_layers(self, seams: "VisionSeams", stage: Any) -> tuple[int, ...]:
+        """Encoder layers whose q/k/v projection outputs the criterion reads (default: none)."""
+        return ()
+
+    def uses_bias(self, stage: Any) -> bool:
+        """True when the criterion may set ``run.bias`` (an additive attention mask for later layers)."""
+        return False
+
+    def before_layer(self, run: "VisionRun", j: int, layer: nn.Module, hidden: torch.Tensor,
+                     seams: "VisionSeams") -> torch.Tensor:
+        """Encoder layer ``j`` is about to run on ``hidden`` ``[n, T, D]``; return its (possibly reduced) input."""
+        raise NotImplementedError(f"vision criterion {self.name!r} must implement before_layer()")

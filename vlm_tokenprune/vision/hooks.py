@@ -1,0 +1,260 @@
+"""Hooks of a vision-site stage, and its hand-over to the language model's input.
+
+- tower forward pre-hook: open a ``VisionRun`` for this batch of crops (kept on the handle: in
+  ``generate()`` the tower runs before the prefill forward, outside any ``ForwardState``).
+- encoder-layer forward pre-hooks: up to the feature layer the criterion may shorten the layer's
+  input (``before_layer``); every layer receives the run's additive attention bias, if any,
+  as its ``attention_mask`` (the tower's own attention backend runs; nothing is forced to eager).
+- q/k/v projection forward hooks on the layers a criterion scores from: keep their outputs.
+- projector forward hook: widen the reduced features back to the full layout (each surviving
+  token at its original patch slot, empty slots zero), so HF's ``masked_scatter`` sees one
+  feature per placeholder; the run becomes a ``VisionOutcome`` on the handle.
+- LLaVA-NeXT: an instance-level wrapper of ``pack_image_features`` (undone by ``unpatch()``)
+  packs (crop, slot) indices like the features, mapping every placeholder to its crop slot.
+- ``lm_reduction``: called by the pre-LLM path (``engine._pre_llm_prefill``) with the outcome;
+  returns the ``Reduction`` that drops the empty slots (a fused token keeps its destination's
+  slot; its sources are the patches fused into it). The outcome of the LAST tower call serves every
+  prefill until the next tower call (``generate(use_cache=False)`` re-runs the prefill on features
+  computed once); its feature count must match the prompt's image tokens.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import IncompatiblePolicyError, InputError
+from ..reduction import Reduction
+from .state import VisionOutcome, VisionRun
+
+if TYPE_CHECKING:
+    from ..adapters.base import VisionSeams
+    from ..handle import PatchHandle
+    from ..state import ForwardState
+
+
+def _mark(fn):
+    fn.__vtp__ = True
+    return fn
+
+
+def vision_stage_index(policy: Any) -> int | None:
+    return next((i for i, s in enumerate(policy.stages) if s.site == "vision"), None)
+
+
+def check(model, adapter, policy, criteria, seams) -> "VisionSeams | None":
+    """Patch-time validation of the (single) vision stage; returns the tower's seams (None: no vision stage)."""
+    i = vision_stage_index(policy)
+    if i is None:
+        return None
+    where = f"stages[{i}]"
+    if not hasattr(adapter, "vision_seams"):
+        raise IncompatiblePolicyError(
+            f"{where}.site", f"site vision is not supported for {model.config.model_type!r} yet; allowed models: llava, llava_next")
+    if not getattr(adapter, "supports_pre_llm", False) or seams.language_model is None:
+        raise IncompatiblePolicyError(
+            f"{where}.site", f"site vision needs the pre-LLM path, which {model.config.model_type!r} does not support")
+    vs = adapter.vision_seams(model, f"{where}.site")
+    stage = policy.stages[i]
+    crit = criteria[i]
+    if stage.budget.tokens is not None and stage.budget.tokens > vs.n_patches:
+        raise IncompatiblePolicyError(
+            f"{where}.tokens", f"{stage.budget.tokens} is more than the {vs.n_patches} patch tokens per crop; "
+            f"allowed: 1..{vs.n_patches}")
+    if stage.layer is not None and not 0 <= stage.layer <= vs.feature_layer:
+        raise IncompatiblePolicyError(
+            f"{where}.layer", f"{stage.layer} is not a vision encoder layer at or below the feature layer; "
+            f"allowed: 0..{vs.feature_layer}")
+    crit.check_vision(vs, stage, where)
+    return vs
+
+
+def install(handle: "PatchHandle", vs: "VisionSeams") -> None:
+    """Register the vision hooks of the policy's vision stage on the handle (after ``check``)."""
+    i = vision_stage_index(handle.policy)
+    stage, crit = handle.policy.stages[i], handle.criteria[i]
+    handle._add(f"{type(vs.tower).__name__}: forward pre-hook (open vision stage {i})",
+                vs.tower.register_forward_pre_hook(_mark(functools.partial(_tower_pre, handle, vs, i)), with_kwargs=True))
+    for j, layer in enumerate(vs.layers):
+        role = f"vision stage {i}: {stage.criterion} may reduce the input" if j <= vs.feature_layer else "pass the attention bias"
+        handle._add(f"vision encoder layer {j}: forward pre-hook ({role})",
+                    layer.register_forward_pre_hook(_mark(functools.partial(_layer_pre, handle, vs, j)), with_kwargs=True))
+    for j in crit.capture_layers(vs, stage):
+        for what in ("q", "k", "v"):
+            handle._add(f"vision encoder layer {j}: self_attn.{what}_proj forward hook (capture for vision stage {i})",
+                        getattr(vs.layers[j].self_attn, f"{what}_proj").register_forward_hook(
+                            _mark(functools.partial(_capture, handle, j, what))))
+    handle._add(f"{type(vs.projector).__name__}: forward hook (widen reduced features to the full layout)",
+                vs.projector.register_forward_hook(_mark(functools.partial(_projector_post, handle, vs))))
+    if vs.pack_owner is not None:
+        from ..structural.hooks import _NoHook, _swap
+
+        original = vs.pack_owner.pack_image_features
+        _swap(handle, vs.pack_owner, "pack_image_features", functools.partial(_pack, handle, original))
+        handle._add(f"{type(vs.pack_owner).__name__}.pack_image_features: instance wrapper (maps placeholders "
+                    "to crop slots; undone by unpatch)", _NoHook())
+
+
+# -- hooks ------------------------------------------------------------------------------------------
+def _tower_pre(handle: "PatchHandle", vs: "VisionSeams", i: int, module, args: tuple, kwargs: dict):
+    pixels = kwargs.get("pixel_values", args[0] if args else None)
+    if pixels is None:
+        return None
+    st = handle.policy.stages[i]
+    handle._vision_run = VisionRun.open(i, st, handle.criteria[i], pixels.shape[0], vs.n_patches, pixels.device)
+    handle._vision_out = None
+    return None
+
+
+def _layer_pre(handle: "PatchHandle", vs: "VisionSeams", j: int, module, args: tuple, kwargs: dict):
+    run = handle._vision_run
+    if run is None:
+        return None
+    in_kwargs = not args
+    hidden = kwargs["hidden_states"] if in_kwargs else args[0]
+    new = hidden
+    if j <= vs.feature_layer:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            new = run.criterion.before_layer(run, j, module, hidden, vs)
+        run.seconds += time.perf_counter() - t0
+    run.tokens_per_layer.append(new.shape[1])
+    if new is hidden and run.bias is None:
+        return None
+    args, kwargs = list(args), dict(kwargs)
+    if in_kwargs:
+        kwargs["hidden_states"] = new
+    else:
+        args[0] = new
+    if run.bias is not None:
+        mask_in_args = len(args) > 1
+        mask = args[1] if mask_in_args else kwargs.get("attention_mask")
+        if mask is not None:
+            raise InputError("attention_mask", "the vision tower received an attention mask; a vision-site stage that "
+                             "biases attention (MCTF proportional attention) allows none")
+        bias = run.bias.to(new.dtype)
+        if mask_in_args:
+            args[1] = bias
+        else:
+            kwargs["attention_mask"] = bias
+    return tuple(args), kwargs
+
+
+def _capture(handle: "PatchHandle", j: int, what: str, module, args, output):
+    run = handle._vision_run
+    if run is not None:
+        run.captured[what] = (j, output)
+    return None
+
+
+def _projector_post(handle: "PatchHandle", vs: "VisionSeams", module, args, output):
+    run, handle._vision_run = handle._vision_run, None
+    if run is None:
+        return None
+    offset = 1 if vs.select_strategy == "default" else 0
+    handle._vision_out = VisionOutcome(run.stage_index, run.ident, run.owner, offset, list(run.tokens_per_layer),
+                                       run.seconds)
+    if not run.changed:
+        return None
+    n, T = run.ident.shape
+    if output.shape[:2] != (n, T - offset):
+        raise RuntimeError(f"projector output {tuple(output.shape)} does not match the reduced tower ({n} crops x {T - offset})")
+    width = run.owner.shape[1] - offset
+    slot = (run.ident[:, offset:] - offset).to(output.device)
+    full = output.new_zeros(n, width, output.shape[-1])
+    return full.scatter(1, slot[..., None].expand(-1, -1, output.shape[-1]), output)
+
+
+def _pack(handle: "PatchHandle", original, image_features, image_sizes, vision_feature_select_strategy,
+          image_newline=None):
+    out = original(image_features, image_sizes, vision_feature_select_strategy, image_newline=image_newline)
+    o = handle._vision_out
+    if o is not None and o.slots is None:
+        ids, start = [], 0
+        for f in image_features:  # [crops of this image, slots, D]
+            c = torch.arange(start, start + f.shape[0], dtype=torch.float32)[:, None].expand(-1, f.shape[1])
+            s = torch.arange(f.shape[1], dtype=torch.float32)[None, :].expand(f.shape[0], -1)
+            ids.append(torch.stack([c, s], dim=-1))
+            start += f.shape[0]
+        newline = torch.tensor([-1.0, -1.0]) if image_newline is not None else None
+        packed, _ = original(ids, image_sizes, vision_feature_select_strategy, image_newline=newline)
+        o.slots = torch.cat(list(packed)).round().long().to(o.owner.device)
+    return out
+
+
+# -- hand-over to the language model ------------------------------------------------------------------
+class SlotReduction(Reduction):
+    """A reduction whose slots already hold their final feature: the tower fused each group into its
+    destination's placeholder, so ``fuse`` takes the representative's row (bit for bit) while sizes
+    and the source map still collect every placeholder of the group."""
+
+    def fuse(self, x: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+        return self.take(x)
+
+
+def lm_prefill(handle: "PatchHandle", st: "ForwardState", kwargs: dict, stage: Any, t0: float) -> None:
+    """The vision stage's part of the pre-LLM path: drop the empty slots of the language model's input
+    through ``engine.apply_reduction`` (positions, mask, source map, rebased state); a no-op record
+    when the tower kept every token (the input is untouched)."""
+    from ..engine import _compact, apply_reduction
+    from ..state import StageRecord
+
+    hidden = kwargs.get("inputs_embeds")
+    if hidden is None:
+        raise InputError("inputs_embeds", "a vision stage needs the language model to receive inputs_embeds")
+    chain = lm_reduction(handle, st, hidden)
+    t0 -= st.vision.seconds  # the stage's time includes the scoring inside the tower
+    if chain:
+        apply_reduction(handle, st, kwargs, chain, stage=stage, positions=stage.params["positions"], t0=t0)
+        return
+    B, L = hidden.shape[:2]
+    ar = torch.arange(L, device=hidden.device).expand(B, L)
+    is_vis = st.layout.is_visual & st.valid
+    n_vis = is_vis.sum(1)
+    vis, vis_ok = _compact(ar, is_vis)
+    st.prefill.records.append(StageRecord(stage, ar, st.valid, vis, vis_ok, n_vis, n_vis, L, L,
+                                          time.perf_counter() - t0, noop=True))
+
+
+def lm_reduction(handle: "PatchHandle", st: "ForwardState", hidden: torch.Tensor) -> list[Reduction]:
+    """The reduction of the language model's input ``hidden`` ``[B, L, D]`` that drops the tower's empty slots.
+
+    ``[]`` when the tower kept every token. Otherwise one ``SlotReduction``: every placeholder
+    whose crop slot holds a surviving token stays (a fused token sits at its destination's
+    placeholder), the others are sent to the placeholder of the token they were fused into
+    (their sources), or dropped (pruned, or fused into a token whose slot LLaVA-NeXT's
+    unpadding removed); text and ``image_newline`` tokens stay.
+    """
+    out = handle._vision_out  # kept: generate(use_cache=False) re-runs the prefill on the same features
+    if out is None:
+        raise InputError(
+            "pixel_values", "the prompt has image tokens but the patched vision tower did not run for them "
+            "(image features computed before patch()?); pass pixel_values to the patched model")
+    st.vision = out
+    layout, valid = st.layout, st.valid
+    B, L = hidden.shape[:2]
+    dev = hidden.device
+    slots = out.feature_slots().to(dev)
+    flat = layout.is_visual.flatten().nonzero().flatten()
+    if flat.numel() != slots.shape[0]:
+        raise InputError("input_ids", f"{flat.numel()} image tokens but the last vision-tower run gave "
+                         f"{slots.shape[0]} features; run the patched model on the pixels of this prompt")
+    if not out.changed:
+        return []
+    ident, owner = out.ident.to(dev), out.owner.to(dev)
+    n, T0 = owner.shape
+    width = T0 - out.offset
+    crop, slot = slots[:, 0], slots[:, 1]
+    feat = slot >= 0  # False: an image_newline (kept as is)
+    lpos = torch.full((n, width), -1, dtype=torch.long, device=dev)
+    lpos[crop[feat], slot[feat]] = flat[feat]
+    cur = owner[crop.clamp(min=0), (slot + out.offset).clamp(min=0)]
+    rep = torch.where(cur >= 0, ident[crop.clamp(min=0), cur.clamp(min=0)] - out.offset, -1)
+    rep_flat = torch.where(rep >= 0, lpos[crop.clamp(min=0), rep.clamp(min=0)], -1)
+    vis_target = torch.where(feat, rep_flat, flat)
+    target = torch.where(valid & ~layout.is_visual, torch.arange(L, device=dev).expand(B, L), -1).flatten()
+    row_start = (flat // L) * L
+    target[flat] = torch.where(vis_target >= 0, vis_target - row_start, -1)
+    return [SlotReduction.from_targets(target.view(B, L))]

@@ -1,0 +1,98 @@
+"""Bookkeeping of one vision-tower call: which original token every current token is.
+
+The tower encodes a batch of ``n`` crops (LLaVA-1.5: one per image; LLaVA-NeXT: the base
+image and its anyres crops), each ``T0 = 1 + N`` tokens (CLS, then N patches). Every crop
+keeps the same token count after each layer (a common count per layer, see the methods), so
+no attention mask is needed inside the tower.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class VisionRun:
+    """State of one tower call (opened by the tower's pre-hook, closed by the projector hook).
+
+    ``ident`` ``[n, T]``: original token index (0 = CLS, 1 + p = patch p) of each current token;
+    a fused token keeps its destination's index. ``owner`` ``[n, T0]``: current index of the token
+    each original token lives in (-1: dropped). ``size`` ``[n, T]``: original tokens per current
+    token (merges). ``bias`` ``[n, 1, T, T]``: additive attention bias the following encoder layers
+    receive (MCTF's proportional attention ``log size``), None when none. ``captured``: the q/k/v
+    projections of the last layer that ran (criteria that score from a layer's attention).
+    """
+
+    stage_index: int
+    stage: Any
+    criterion: Any
+    params: dict
+    keep_patches: int  # patch tokens each crop keeps (CLS not counted)
+    ident: torch.Tensor
+    owner: torch.Tensor
+    size: torch.Tensor
+    bias: torch.Tensor | None = None
+    captured: dict = field(default_factory=dict)
+    scratch: dict = field(default_factory=dict)
+    tokens_per_layer: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def open(cls, stage_index: int, stage: Any, criterion: Any, n: int, n_patches: int, device) -> "VisionRun":
+        T0 = n_patches + 1
+        ar = torch.arange(T0, device=device).expand(n, T0)
+        keep = stage.budget.count(n_patches)
+        return cls(stage_index, stage, criterion, dict(stage.params), keep, ar.clone(), ar.clone(),
+                   torch.ones(n, T0, device=device))
+
+    @property
+    def length(self) -> int:
+        return self.ident.shape[1]
+
+    @property
+    def changed(self) -> bool:
+        return self.length != self.owner.shape[1]
+
+    def reassign(self, to: torch.Tensor, ident: torch.Tensor, size: torch.Tensor) -> None:
+        """Current token ``i`` moves to slot ``to[c, i]`` of the new sequence (-1: dropped);
+        ``ident`` / ``size`` ``[n, T']`` describe the new sequence."""
+        self.owner = torch.where(self.owner >= 0, torch.gather(to, 1, self.owner.clamp(min=0)), -1)
+        self.ident, self.size = ident, size
+
+
+@dataclass
+class VisionOutcome:
+    """What the language model's input pre-hook needs from a finished tower call.
+
+    ``ident`` ``[n, T]`` and ``owner`` ``[n, T0]`` as in ``VisionRun`` at the feature layer;
+    ``offset``: 1 when the projector saw the patches only (``select_strategy="default"``), 0 when
+    it saw CLS too; ``slots`` ``[F, 2]``: for each image feature in placeholder order, its crop
+    and feature slot (``-1, -1``: an ``image_newline``), set by the LLaVA-NeXT packing wrapper
+    (None: crop-major order, LLaVA-1.5).
+    """
+
+    stage_index: int
+    ident: torch.Tensor
+    owner: torch.Tensor
+    offset: int
+    tokens_per_layer: list[int]
+    seconds: float
+    slots: torch.Tensor | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.ident.shape[1] != self.owner.shape[1]
+
+    def feature_slots(self) -> torch.Tensor:
+        """``[F, 2]`` (crop, slot) of every image feature in placeholder order."""
+        if self.slots is not None:
+            return self.slots
+        n, T0 = self.owner.shape
+        width = T0 - self.offset
+        crop = torch.arange(n, device=self.owner.device).repeat_interleave(width)
+        slot = torch.arange(width, device=self.owner.device).repeat(n)
+        return torch.stack([crop, slot], dim=1)
