@@ -25,6 +25,8 @@ CASES = {
     # layer 1: uneven KV groups (per-head KV copies); layer 2: a whole KV group gone
     "prune_heads:heads=1/0;2/2;2/3,scope=all": {"heads_all": {1: (0,), 2: (2, 3)}},
     "prune_heads:heads=1/0;2/3,scope=visual": {"heads_visual": {1: (0,), 2: (3,)}},
+    # layer 2: KV group 1 fully pruned (k/v_proj of visual rows sliced); layer 3: every head pruned for visual rows
+    "prune_heads:heads=2/2;2/3;3/0;3/1;3/2;3/3,scope=visual": {"heads_visual": {2: (2, 3), 3: (0, 1, 2, 3)}},
     "ffn_cut": {"ffn": {j: 64 for j in ALL}},
     "ffn_cut:ratio=3,layers=0;2": {"ffn": {0: 42, 2: 42}},
     "neighbor_attention:window=3": {"neighbor": {j: 3 for j in ALL}},
@@ -72,7 +74,8 @@ def test_matches_masked_oracle(models, impl, policy):
 
 
 @pytest.mark.parametrize("policy", ["skip_layers:layers=2", "prune_heads:heads=1/0;2/2;2/3,scope=all", "ffn_cut",
-                                    "skip_layers:layers=1;3,scope=visual"])
+                                    "skip_layers:layers=1;3,scope=visual", "prune_heads:heads=1/0;2/3,scope=visual",
+                                    "prune_heads:heads=2/2;2/3;3/0;3/1;3/2;3/3,scope=visual"])
 def test_flash_standin(models, policy):
     model = models[FLASH]
     inputs, vis, valid, grid = _setup(model)
@@ -84,7 +87,7 @@ def test_flash_standin(models, policy):
     assert torch.equal(gen, O.greedy(model, inputs, STEPS, vis, grid, CASES[policy]))
 
 
-@pytest.mark.parametrize("policy", ["neighbor_attention", "prune_heads:heads=1/0"])
+@pytest.mark.parametrize("policy", ["neighbor_attention", "prune_heads:heads=1/0+neighbor_attention:layers=2"])
 def test_mask_ops_refuse_2d_masks(models, policy):
     with pytest.raises(UnsupportedModelError) as e:
         vtp.patch(models[FLASH], policy)
@@ -281,3 +284,81 @@ def test_failed_install_rolls_back(models, monkeypatch):
     assert after[1] == before[1] and after[4] == before[4] and after[5] == before[5]
     assert all(after[0][n] is m for n, m in before[0].items()) and set(after[0]) == set(before[0])
     assert all("forward" not in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_visual_head_pruning_really_slices(models, impl, monkeypatch):
+    """YOPO heads, compute path: visual rows get no query in pruned heads, no key/value in a fully
+    pruned KV group, and o_proj reads no pruned-head column of theirs; the pruned heads' text
+    queries attend the text keys only (one backend call of T text rows x T text keys)."""
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = models[impl]
+    inputs, vis, valid, grid = _setup(model)
+    attn = model.model.language_model.layers[2].self_attn
+    calls = []
+    if impl == "sdpa":
+        fn = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa",
+                            lambda mod, q, k, v, m, **kw: calls.append((q.shape, k.shape)) or fn(mod, q, k, v, m, **kw))
+    else:
+        mod_llama = sys.modules[type(attn).__module__]
+        fn = mod_llama.eager_attention_forward
+        monkeypatch.setattr(mod_llama, "eager_attention_forward",
+                            lambda mod, q, k, v, m, **kw: calls.append((q.shape, k.shape)) or fn(mod, q, k, v, m, **kw))
+    seen = {}
+    hooks = [getattr(attn, n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (a[0], o)))
+             for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    try:
+        with torch.no_grad(), vtp.patch(model, "prune_heads:heads=2/2;2/3,scope=visual") as h:
+            assert h.structural_attention and "real: visual rows skip the pruned heads" in h.describe()
+            model(**inputs)
+    finally:
+        for x in hooks:
+            x.remove()
+    d = attn.head_dim
+    assert seen["q_proj"][1][vis][:, 2 * d:].abs().max() == 0 and seen["q_proj"][1][vis][:, :2 * d].abs().max() > 0
+    for n in ("k_proj", "v_proj"):  # KV head 1 = query heads 2, 3: text rows only
+        assert seen[n][1][vis][:, d:].abs().max() == 0 and seen[n][1][~vis][:, d:].abs().max() > 0
+    assert seen["o_proj"][0][vis][:, 2 * d:].abs().max() == 0  # attention output of pruned heads for visual rows
+    B, L = vis.shape
+    n_text = int((~vis).sum(1).max())
+    calls = [c for c in calls if c[0][0] == B and c[0][-1] == d]  # the language model's (not the vision tower's)
+    assert len(calls) == 5  # layers 0, 1, 3: one call; layer 2: kept heads over everything + pruned heads text x text
+    assert (torch.Size([B, 2, L, d]), torch.Size([B, 2, L, d])) in calls
+    assert (torch.Size([B, 2, n_text, d]), torch.Size([B, 2, n_text, d])) in calls
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_yopo_composition_matches_oracle(models, impl):
+    """The four YOPO parts together (as the yopo presets compose them): neighbour window, visual FFN cut,
+    visual heads (compute path, with neighbour chunks for the kept heads), visual tokens dropped at layer 3."""
+    model = models[impl]
+    inputs, vis, valid, grid = _setup(model)
+    cap = O.capture(model, inputs)
+    policy = "neighbor_attention:window=3+ffn_cut+prune_heads:heads=1/1;2/2;2/3,scope=visual+visual_drop:layer=3"
+    logits, gen, trace = _run(model, policy, inputs)
+    ops = {"neighbor": {j: 3 for j in ALL}, "ffn": {j: 64 for j in ALL}, "heads_visual": {1: (1,), 2: (2, 3)}}
+    with torch.no_grad():
+        exp = O.forward(model, cap["h"], cap["pos"], valid, vis, grid, ops, {3: vis})
+        plain = O.forward(model, cap["h"], cap["pos"], valid, vis, grid, {k: v for k, v in ops.items() if k != "heads_visual"},
+                          {3: vis})
+    torch.testing.assert_close(logits[:, -1], exp[:, -1], atol=2e-5, rtol=1e-4)
+    assert (exp - plain)[:, -1].abs().max() > 1e-3  # the heads part matters here
+    assert torch.equal(gen, O.greedy(model, inputs, STEPS, vis, grid, ops, {3: vis}))
+
+
+def test_criteria_read_unsliced_keys(models):
+    """A token stage's criterion reads layer K-1's keys: there k/v_proj stay whole even when a KV group's heads
+    are all pruned for visual rows, so the kept set is the one without head pruning (layer K-1's own head
+    pruning acts on its output, after the criterion's inputs)."""
+    model = models["sdpa"]
+    inputs, *_ = _setup(model)
+    kept = []
+    for policy in ("fastv:layer=3,keep=0.5", "fastv:layer=3,keep=0.5+prune_heads:heads=2/2;2/3,scope=visual"):
+        with torch.no_grad(), vtp.patch(model, policy) as h:
+            model(**inputs)
+            kept.append(h.last_trace().stages[0].kept_positions)
+    assert kept[0] == kept[1]

@@ -68,6 +68,10 @@ def test_selection_rules():
     assert select_heads(art, threshold=0.15, keep_first=3) == ()
     # top_n=1: votes, ties broken by mean ratio
     assert select_heads(art, top_n=1, keep_first=1) == ((1, 1), (1, 2), (2, 0), (2, 1))
+    # kept=0.5 of the 6 heads in layers >= 1, ranked by the majority-vote score (here the max of 2 samples):
+    # 0.9 (1/0), 0.4 (2/2), then 0.3 twice: 1/2 wins on mean ratio (0.25 vs 0.2)
+    assert select_heads(art, kept=0.5, keep_first=1) == ((1, 1), (2, 0), (2, 1))
+    assert select_heads(art, kept=2 / 6, keep_first=1) == select_heads(art, threshold=0.35, keep_first=1)  # one global tau
     assert select_layers({"importance": [0.9, 0.1, 0.5, 0.05]}, 2) == (1, 3)
     assert select_layers({"importance": [0.0, 0.1, 0.5, 0.05]}, 1) == (3,)  # never layer 0
     with pytest.raises(IncompatiblePolicyError):
@@ -93,7 +97,7 @@ def test_policies_from_artifacts(model, batches, tmp_path):
             assert set(handle.structural.heads_visual) == {2, 3}
             assert all(len(v) == 2 for v in handle.structural.heads_visual.values())
             model(**inputs)
-        assert "mask-only" in handle.describe()
+        assert "real: visual rows skip the pruned heads" in handle.describe()
     # a heads file where a layers file is expected
     with pytest.raises(IncompatiblePolicyError) as e:
         vtp.patch(model, f"efficientvla_layers:calibration={h}")
@@ -109,3 +113,34 @@ def test_artifact_from_another_model_is_refused(model, batches, tmp_path):
     assert e.value.field == "stages[0].calibration.config_hash"
     assert "num_hidden_layers" in str(e.value)
     assert not vtp.patching.is_patched(other)
+
+
+def test_yopo_presets_on_the_shipped_tiny_vlm():
+    from vlm_tokenprune.eval.tiny_vlm import load_tiny_vlm
+    from vlm_tokenprune.methods.yopo import TINY_VLM_HEADS
+
+    tiny, _ = load_tiny_vlm("sdpa")
+    pol = Policy.parse("yopo_25:drop=3")
+    assert [s.op for s in pol.stages] == ["neighbor_attention", "ffn_cut", "prune_heads", "visual_drop"]
+    assert Policy.parse(pol.to_string()) == pol and Policy.from_dict(pol.to_dict()) == pol
+    assert Policy.parse("yopo") == Policy.parse("yopo_25") != Policy.parse("yopo_12")
+    assert Policy.parse("yopo_12:top_n=1,window=3").stages[2].params.get("kept") is None
+    art = json.load(open(TINY_VLM_HEADS))
+    with vtp.patch(tiny, pol) as h:
+        plan = h.structural
+        pruned = tuple((layer, x) for layer, hs in sorted(plan.heads_visual.items()) for x in hs)
+        assert pruned == select_heads(art, kept=0.25, keep_first=2) and len(pruned) == 6  # 2 of 8 heads kept in layers 2-3
+        assert plan.neighbor == {j: 5 for j in range(4)} and set(plan.ffn) == set(range(4))
+        assert h.structural_attention and "mask-only" not in h.describe()
+    # another model: the shipped file is refused by its config hash, naming calibration and how to make one
+    other = build_tiny_llava("sdpa")
+    with pytest.raises(IncompatiblePolicyError) as e:
+        vtp.patch(other, "yopo_25:drop=3")
+    assert e.value.field == "stages[2].calibration.config_hash" and "vlm_tokenprune.calibrate(model" in str(e.value)
+    assert not vtp.patching.is_patched(other)
+    with pytest.raises(IncompatiblePolicyError) as e:  # the 7B drop layer (12) is beyond the tiny model
+        vtp.patch(tiny, "yopo")
+    assert e.value.field == "stages[3].layer"
+    with pytest.raises(vtp.PolicyError) as e:
+        Policy.parse("yopo:layer=3")
+    assert e.value.field == "stages[0].layer" and "drop" in str(e.value)

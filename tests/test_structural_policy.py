@@ -16,6 +16,8 @@ GOOD = [
     "neighbor_attention:window=7",
     "visual_drop:layer=6",
     "efficientvla_layers:calibration=layers.json",
+    "prune_heads:calibration=heads.json,kept=0.25,keep_first=1",
+    "yopo_12:calibration=heads.json,drop=2",
     "fastv:layer=2,keep=0.5+visual_drop:layer=8+ffn_cut+prune_heads:heads=3/1+neighbor_attention",
 ]
 
@@ -50,6 +52,13 @@ def test_normalised_params():
     ("prune_heads:heads=2", "stages[0].heads"),
     ("prune_heads:calibration=x.json", "stages[0].threshold"),
     ("prune_heads:heads=2/1,top_n=3", "stages[0].top_n"),
+    ("prune_heads:heads=2/1,kept=0.5", "stages[0].kept"),
+    ("prune_heads:calibration=x.json,kept=0", "stages[0].kept"),
+    ("prune_heads:calibration=x.json,kept=1.5", "stages[0].kept"),
+    ("prune_heads:calibration=x.json,kept=0.5,top_n=2", "stages[0].threshold"),
+    ("yopo:heads=2/1", "stages[0].heads"),
+    ("yopo_25:drop=0", "stages[3].layer"),
+    ("yopo_12:kept=2", "stages[0][2].kept"),
     ("ffn_cut:ratio=0.5", "stages[0].ratio"),
     ("ffn_cut:what=1", "stages[0].what"),
     ("neighbor_attention:window=4", "stages[0].window"),
@@ -102,9 +111,22 @@ def test_structural_flops_by_hand():
     r = structural_flops(G, "prune_heads:heads=1/2;1/3,scope=all", t, v)
     half = 2 * (n * d * 32 + 2 * n * d * 16 + n * 32 * d + 2 * n * n * 32 + 3 * n * d * m)
     assert r["flops"] == 3 * layer_flops(G, n) + half + head
-    # mask-only ops: no change predicted, labelled, nominal below
+    # YOPO heads with the query-subset attention: visual rows skip head 0's q/o columns; head 0's text queries
+    # attend t instead of n keys, its visual queries nothing
     r = structural_flops(G, "prune_heads:heads=1/0", t, v)
-    assert r["flops"] == base + head and r["mask_only"] == ["prune_heads(scope=visual)"] and r["nominal_flops"] < r["flops"]
+    assert r["mask_only"] == []
+    assert r["flops"] == r["nominal_flops"] == base + head - 2 * 2 * d * 16 * v - 2 * 2 * 16 * (n * n - t * t)
+    # a whole KV group (heads 2, 3): its k/v_proj skip the visual rows too
+    r = structural_flops(G, "prune_heads:heads=1/2;1/3", t, v)
+    assert r["flops"] == base + head - 2 * 2 * 2 * d * 16 * v - 2 * 2 * 2 * 16 * (n * n - t * t) - 2 * 2 * d * 16 * v
+    # ... except where a token stage's criterion captures that layer's keys (fastv at layer 2 reads layer 1)
+    r = structural_flops(G, "fastv:layer=2,keep=1.0+prune_heads:heads=1/2;1/3", t, v)
+    kv = 2 * 2 * d * 16 * v  # k and v of one KV head for the visual rows
+    assert r["flops"] == base + head - 2 * 2 * 2 * d * 16 * v - 2 * 2 * 2 * 16 * (n * n - t * t) == r["nominal_flops"] + kv
+    # 2-D-mask backends (flash) split the heads too
+    r2 = structural_flops(G, "prune_heads:heads=1/0", t, v, subset_attention=False)
+    assert r2["flops"] == structural_flops(G, "prune_heads:heads=1/0", t, v)["flops"] and r2["mask_only"] == []
+    # mask-only ops (without the query-subset attention): no change predicted, labelled, nominal below
     r = structural_flops(G, "neighbor_attention:window=3", t, v, subset_attention=False)
     assert r["flops"] == base + head and r["mask_only"] == ["neighbor_attention"]
     # neighbour attention, query-subset path: each visual query attends t + 3 grid rows of 6 keys

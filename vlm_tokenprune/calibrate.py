@@ -158,7 +158,8 @@ def load_artifact(path: str, model: nn.Module, what: str, where: str) -> dict:
         raise IncompatiblePolicyError(
             f"{where}.config_hash",
             f"{path!r} was calibrated on another model (config_hash {art.get('config_hash')} != {config_hash(geo)}"
-            + (f"; {detail}" if detail else "") + ")",
+            + (f"; {detail}" if detail else "") + f"); make one for this model with vlm_tokenprune.calibrate(model, batches, "
+            f"what={what!r}, path=PATH) and pass calibration=PATH",
         )
     return art
 
@@ -173,11 +174,30 @@ def select_layers(art: dict, n_drop: int, protect: int = 0, where: str = "layers
     return tuple(sorted(order[:n_drop]))
 
 
-def select_heads(art: dict, threshold: float | None = None, top_n: int | None = None, keep_first: int = 2) -> tuple:
-    """Pruned ``(layer, head)`` pairs: heads without a majority of samples voting to keep them."""
+def select_heads(art: dict, threshold: float | None = None, top_n: int | None = None, keep_first: int = 2,
+                 kept: float | None = None) -> tuple:
+    """Pruned ``(layer, head)`` pairs: heads without a majority of samples voting to keep them.
+
+    ``threshold``: a head is kept when at least half the samples have ``ratio > threshold``;
+    ``top_n``: the n heads per layer with the most votes; ``kept``: the fraction ``kept`` of the
+    (layer, head) pairs of layers >= ``keep_first`` with the highest vote score (the
+    ``ceil(S/2)``-th largest ratio over samples: kept exactly when a majority vote at one global
+    threshold would keep it; YOPO chooses that threshold for an average number of heads kept,
+    so layers keep different numbers of heads, possibly none).
+    """
     r = torch.tensor(art["ratios"], dtype=torch.float64)  # [S, layers, H]
     S, n_layers, H = r.shape
-    if threshold is not None:
+    if kept is not None:
+        score = r.sort(0, descending=True).values[(S + 1) // 2 - 1]  # [layers, H]: majority vote at tau <=> score > tau
+        score = score + 1e-9 * r.mean(0) / (r.mean(0).abs().max() + 1e-12)  # ties: mean ratio
+        keep = torch.zeros(n_layers, H, dtype=torch.bool)
+        cand = score[keep_first:].flatten()
+        if cand.numel():
+            n = max(1, min(cand.numel(), round(kept * cand.numel())))
+            flat = torch.zeros(cand.numel(), dtype=torch.bool)
+            flat[cand.topk(n).indices] = True
+            keep[keep_first:] = flat.view(-1, H)
+    elif threshold is not None:
         keep = (r > threshold).sum(0) * 2 >= S  # majority vote
     else:
         n = min(top_n, H)

@@ -54,6 +54,60 @@ def capture(model, inputs: dict) -> dict:
     return {"h": box["h"], "pos": pos}
 
 
+def capture_rope(model, inputs: dict) -> dict:
+    """Layer-0 input of the unpatched model and the ``(cos, sin)`` ``[B, T, d]`` it receives (any RoPE:
+    Qwen2-VL's M-RoPE arrives already merged per token), so no position rule is re-derived here."""
+    lm = model.model.language_model
+    box = {}
+
+    def grab(module, args, kwargs):
+        box["h"] = (kwargs.get("hidden_states") if not args else args[0]).detach().clone()
+        box["rope"] = tuple(t.detach().clone() for t in kwargs["position_embeddings"])
+        raise _Stop
+
+    h = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    B = inputs["input_ids"].shape[0]
+    cos, sin = box["rope"]
+    return {"h": box["h"], "rope": (cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:]))}
+
+
+def greedy_recapture(model, inputs: dict, steps: int, visual, grid=None, ops=None, removed=None, banned=()) -> torch.Tensor:
+    """``[B, steps]`` greedy tokens without a cache: every step feeds prompt + generated tokens to the
+    unpatched model up to layer 0 (fresh embeddings and RoPE tables), then runs the masked reference.
+    ``banned``: token ids never chosen (image / vision placeholders would be new images to the model)."""
+    cur = dict(inputs)
+    B = cur["input_ids"].shape[0]
+    vis, g, rem = visual, grid, dict(removed or {})
+    out = []
+    for _ in range(steps):
+        cap = capture_rope(model, cur)
+        with torch.no_grad():
+            logits = forward(model, cap["h"], None, cur["attention_mask"].bool(), vis, g, ops, rem, rope=cap["rope"])
+        last = logits[:, -1].clone()
+        last[:, list(banned)] = float("-inf")
+        tok = last.argmax(-1)
+        out.append(tok)
+        one = torch.ones(B, 1, dtype=cur["attention_mask"].dtype)
+        cur["input_ids"] = torch.cat([cur["input_ids"], tok[:, None]], 1)
+        cur["attention_mask"] = torch.cat([cur["attention_mask"], one], 1)
+        if "mm_token_type_ids" in cur:
+            mm = cur["mm_token_type_ids"]
+            cur["mm_token_type_ids"] = torch.cat([mm, torch.zeros(B, 1, dtype=mm.dtype)], 1)
+        no = torch.zeros(B, 1, dtype=torch.bool)
+        vis = torch.cat([vis, no], 1)
+        rem = {k: torch.cat([v, no], 1) for k, v in rem.items()}
+        if g is not None:
+            g = tuple(torch.cat([x, torch.full((B, 1), -1)], 1) for x in g)
+    return torch.stack(out, 1)
+
+
 def _rotate_half(x):
     a, b = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return torch.cat((-b, a), dim=-1)
@@ -97,19 +151,20 @@ def _layer(layer, h, cos, sin, allowed, visual, op_heads_all, op_heads_vis, ffn_
     return h3
 
 
-def forward(model, h0, pos, valid, visual, grid=None, ops=None, removed=None) -> torch.Tensor:
+def forward(model, h0, pos, valid, visual, grid=None, ops=None, removed=None, rope=None) -> torch.Tensor:
     """Logits ``[B, T, V]`` of the masked reference.
 
     Args:
         h0: ``[B, T, D]`` layer-0 input; ``pos`` ``[B, T]`` position ids; ``valid`` ``[B, T]`` real tokens;
         visual: ``[B, T]`` visual tokens; grid: ``(row, col, segment)`` each ``[B, T]`` (neighbour op);
         ops: ``{"skip_all": set, "skip_visual": set, "heads_all": {l: heads}, "heads_visual": {l: heads},
-        "ffn": {l: m'}, "neighbor": {l: w}}``; removed: ``{layer: [B, T] bool}`` tokens gone from that layer on.
+        "ffn": {l: m'}, "neighbor": {l: w}}``; removed: ``{layer: [B, T] bool}`` tokens gone from that layer on;
+        rope: ``(cos, sin)`` ``[B, T, d]`` as layer 0 receives them (``capture_rope``), else built from ``pos``.
     """
     ops = ops or {}
     lm = model.model.language_model
     B, T = valid.shape
-    cos, sin = lm.rotary_emb(h0, pos)
+    cos, sin = rope if rope is not None else lm.rotary_emb(h0, pos)
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
     h = h0
     gone = torch.zeros(B, T, dtype=torch.bool)

@@ -5,13 +5,17 @@ Instance-level changes (never the class): a layer's / MLP's / ``q_proj``'s / ``o
 ``forward`` instance attribute (deleted again on unpatch), sliced copies of ``q/k/v/o_proj`` put
 in place of the originals (the originals, untouched, are put back), the attention module's
 ``num_key_value_groups`` and the text config's ``_attn_implementation_internal`` (old values
-restored). For ``skip_visual`` / ``neighbor`` layers a NEW attention name is registered with
-transformers (query-subset attention delegating to the model's own backend) and unregistered on
-unpatch; no existing registry entry is changed.
+restored). For ``skip_visual`` / ``neighbor`` / ``heads_visual`` layers a NEW attention name is
+registered with transformers (query-subset attention, and for YOPO heads a split into kept heads
+and text-only pruned heads, delegating to the model's own backend) and unregistered on unpatch;
+no existing registry entry is changed. ``heads_visual`` layers also wrap ``q/o_proj`` (and
+``k/v_proj`` of fully pruned KV groups) so visual rows skip the pruned heads' columns; the
+weight slices they use are cached copies, not parameters (``_Rows``).
 
 Per forward, the structural pre-hook of layer j (registered after the engine's, so it sees the
 kwargs already shrunk by token stages) stores the layer's visual rows ``[B, M]`` in
-``state.structural``; the wrappers of that layer read them. While decoding (new tokens are
+``state.structural``; the wrappers of that layer read them, and a forward hook forgets them when
+the layer returns (a criterion calling the projections later gets the plain ones). While decoding (new tokens are
 text) only the masks change (visual KEYS of the prompt, from ``PrefillRecord.is_visual``).
 """
 from __future__ import annotations
@@ -43,6 +47,11 @@ class _Undo:
             setattr(self.obj, self.name, self.old)
         else:
             delattr(self.obj, self.name)
+
+
+def _heads_split(handle: "PatchHandle") -> bool:
+    """True when ``install_attention`` put the YOPO head split in place (eager / sdpa / 2-D-mask backends)."""
+    return bool(getattr(handle, "structural_heads", False))
 
 
 def _swap(handle: "PatchHandle", obj: Any, name: str, new: Any) -> None:
@@ -96,6 +105,23 @@ class _NoHook:
         return None
 
 
+def attention_bases(seams: Any) -> dict | None:
+    """``{layer: the attention function its backend runs}`` (what the query-subset attention delegates
+    to), or None when some layer has none (then no head split / query subsets can be installed)."""
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    orig = seams.text_config._attn_implementation
+    bases = {}
+    for j, layer in enumerate(seams.decoder_layers):
+        eager = getattr(sys.modules.get(type(layer.self_attn).__module__), "eager_attention_forward", None)
+        bases[j] = ALL_ATTENTION_FUNCTIONS.get_interface(orig, eager) if orig != "eager" else eager
+        if bases[j] is None or getattr(layer.self_attn, "layer_idx", None) != j:
+            return None
+    return bases
+
+
 def install_attention(handle: "PatchHandle", plan: StructuralPlan) -> bool:
     """Query-subset attention for ``skip_visual`` and ``neighbor`` layers (4-D mask backends only).
 
@@ -103,26 +129,23 @@ def install_attention(handle: "PatchHandle", plan: StructuralPlan) -> bool:
     points only this model's text config at it; both are undone on unpatch. The function calls
     the original backend: text queries in one call; visual queries (neighbour layers) in chunks
     of one patch-grid row with only the keys the chunk may attend (text keys and the w rows
-    above); ``skip_visual`` layers compute no visual query at all. Other layers and decode steps
-    go straight to the original backend.
+    above); ``skip_visual`` layers compute no visual query at all. ``heads_visual`` layers (YOPO)
+    split the heads: kept heads as above (or one call over all queries), pruned heads one call of
+    text queries over text keys; visual queries get zeros there. Other layers and decode steps
+    (per-head masks) go straight to the original backend.
     """
-    if handle.seams.mask_format == "2d" or not (plan.skip_visual or plan.neighbor):
+    two_d = handle.seams.mask_format == "2d"
+    if not (plan.heads_visual or (not two_d and (plan.skip_visual or plan.neighbor))):
         return False
-    import sys
-
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     text = handle.seams.text_config
     orig = text._attn_implementation
     name = f"vtp_structural_{id(handle):x}"
-    bases = {}
-    for j, layer in enumerate(handle.seams.decoder_layers):
-        eager = getattr(sys.modules[type(layer.self_attn).__module__], "eager_attention_forward", None)
-        bases[j] = ALL_ATTENTION_FUNCTIONS.get_interface(orig, eager) if orig != "eager" else eager
-        if bases[j] is None:
-            return False  # no backend function to delegate to: keep the mask path
+    bases = attention_bases(handle.seams)
+    if bases is None:  # no backend function to delegate to: keep the mask path (plan.resolve refused heads_visual)
+        return False
     fmt = handle.seams.mask_format
     AttentionInterface.register(name, functools.partial(_attention, handle, plan, bases, fmt))
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[orig])
@@ -133,9 +156,11 @@ def install_attention(handle: "PatchHandle", plan: StructuralPlan) -> bool:
 
     handle._restore.append(_Call(unregister))
     _swap(handle, text, "_attn_implementation_internal", name)
+    handle.structural_heads = bool(plan.heads_visual)  # read by the q/k/v/o_proj wrappers and the pre-hooks
+    where = set(plan.heads_visual) if two_d else set(plan.skip_visual) | set(plan.neighbor) | set(plan.heads_visual)
     handle._add(f"attention backend {name!r} registered for this model's text config (wraps {orig!r}: query-subset "
-                f"attention on layers {sorted(set(plan.skip_visual) | set(plan.neighbor))}; unregistered on unpatch)", _NoHook())
-    return True
+                f"attention on layers {sorted(where)}; unregistered on unpatch)", _NoHook())
+    return not two_d  # query subsets for skip_visual / neighbour layers need 4-D masks
 
 
 def install_hooks(handle: "PatchHandle", plan: StructuralPlan) -> None:
@@ -149,18 +174,30 @@ def install_hooks(handle: "PatchHandle", plan: StructuralPlan) -> None:
         if j in watched:
             handle._add(
                 f"decoder layer {j}: forward pre-hook (structural: visual rows"
-                + (", per-head mask" if j in plan.heads_visual else "") + (", neighbour mask" if j in plan.neighbor else "") + ")",
+                + (", per-head mask while decoding" if j in plan.heads_visual else "")
+                + (", neighbour mask" if j in plan.neighbor else "") + ")",
                 layer.register_forward_pre_hook(_mark(functools.partial(_layer_pre_hook, handle, plan, j)), with_kwargs=True),
             )
+            handle._add(f"decoder layer {j}: forward hook, always called (structural: forget the visual rows, so calls of "
+                        "its projections outside its forward, e.g. by criteria, are not sliced)",
+                        layer.register_forward_hook(_mark(functools.partial(_layer_post_hook, handle, j)), always_call=True))
+        if j in plan.heads_visual:
+            _install_head_slices(handle, plan, j, layer.self_attn)
         if j in plan.skip_visual:
             qp = layer.self_attn.q_proj
             _swap(handle, qp, "forward", functools.partial(_text_rows_forward, handle, j, qp, qp.forward))
             handle._add(f"decoder layer {j}: self_attn.q_proj forward wrapped (instance; text rows only, visual queries zero)", _NoHook())
         if j in plan.skip_visual or j in plan.heads_visual:
             o = layer.self_attn.o_proj
-            _swap(handle, o, "forward", functools.partial(_o_proj_forward, handle, plan, j, o, o.forward))
+            rows = None
+            if j in plan.heads_visual:
+                d = layer.self_attn.head_dim
+                rows = _Rows(o, torch.tensor([h * d + i for h in range(plan.num_heads) if h not in plan.heads_visual[j]
+                                              for i in range(d)], dtype=torch.long), cols=True)
+            _swap(handle, o, "forward", functools.partial(_o_proj_forward, handle, plan, j, o, o.forward, rows))
             handle._add(f"decoder layer {j}: self_attn.o_proj forward wrapped (instance; "
-                        + ("text rows only" if j in plan.skip_visual else "pruned heads zeroed for visual rows") + ")", _NoHook())
+                        + ("text rows only" if j in plan.skip_visual else "visual rows: the kept heads' columns only with the "
+                           "query-subset attention, else pruned heads zeroed") + ")", _NoHook())
         if j in plan.skip_visual or j in plan.ffn:
             mlp = layer.mlp
             _swap(handle, mlp, "forward", functools.partial(_mlp_forward, handle, plan, j, mlp, mlp.forward))
@@ -169,6 +206,78 @@ def install_hooks(handle: "PatchHandle", plan: StructuralPlan) -> None:
         if j in plan.skip_visual:
             _swap(handle, layer, "forward", functools.partial(_skip_visual_forward, handle, j, layer.forward))
             handle._add(f"decoder layer {j}: forward wrapped (instance; visual rows pass through, skip_layers scope=visual)", _NoHook())
+
+
+def _install_head_slices(handle: "PatchHandle", plan: StructuralPlan, j: int, attn: nn.Module) -> None:
+    """YOPO head pruning with real savings (active while the query-subset attention is installed):
+    visual rows run q_proj for the kept heads only and o_proj on the kept heads' columns only; KV
+    groups whose query heads are all pruned run k/v_proj on the text rows only (their visual keys
+    and values, zeros in the KV cache, are never read: masked per head while decoding). Not in
+    layers whose keys a token stage's criterion captures (they stay the plain projections)."""
+    from .plan import capture_layers, text_only_kv_heads
+
+    d = attn.head_dim
+    pruned = set(plan.heads_visual[j])
+    H = attn.q_proj.out_features // d
+    Hkv = attn.k_proj.out_features // d
+    cols = lambda heads: torch.tensor([h * d + i for h in heads for i in range(d)], dtype=torch.long)  # noqa: E731
+    kept = [h for h in range(H) if h not in pruned]
+    if j not in plan.skip_visual:  # skip_visual layers compute no visual query at all
+        qp = attn.q_proj
+        _swap(handle, qp, "forward", functools.partial(_kept_cols_forward, handle, j, qp, qp.forward, _Rows(qp, cols(kept))))
+        handle._add(f"decoder layer {j}: self_attn.q_proj forward wrapped (instance; visual rows: the {len(kept)} kept "
+                    "heads only)", _NoHook())
+    gone = text_only_kv_heads(pruned, H, Hkv)
+    if gone and j not in capture_layers(handle.policy):
+        keep_kv = cols([k for k in range(Hkv) if k not in gone])
+        for name in ("k_proj", "v_proj"):
+            lin = getattr(attn, name)
+            _swap(handle, lin, "forward", functools.partial(_kept_cols_forward, handle, j, lin, lin.forward, _Rows(lin, keep_kv)))
+            handle._add(f"decoder layer {j}: self_attn.{name} forward wrapped (instance; visual rows skip KV heads {list(gone)}, "
+                        "whose query heads are all pruned)", _NoHook())
+
+
+class _Rows:
+    """Output rows ``idx`` of a linear layer's weight (and bias), sliced once per weight tensor
+    (re-sliced if the model moves or the weight is replaced); ``cols=True``: input columns."""
+
+    def __init__(self, lin: nn.Linear, idx: torch.Tensor, cols: bool = False):
+        self.lin, self.idx, self.cols, self._key, self._w = lin, idx, cols, None, None
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b = self.lin.weight, self.lin.bias
+        key = (w.data_ptr(), w.device, w.dtype, w._version)
+        if key != self._key:
+            idx = self.idx.to(w.device)
+            self._w = (w.detach().index_select(1 if self.cols else 0, idx).contiguous(),
+                       None if b is None else (b.detach() if self.cols else b.detach().index_select(0, idx)).contiguous())
+            self._key = key
+        return self._w
+
+
+def _kept_cols_forward(handle, j: int, lin: nn.Linear, orig, rows: _Rows, x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, M, D]``: text rows through the whole projection; visual rows only the output
+    columns ``rows.idx`` (the others are zero: pruned heads' queries / unread keys and values)."""
+    vis = _visual_rows(handle, j)
+    if not _heads_split(handle) or vis is None or vis.shape != x.shape[:2] or not bool(vis.any()) or lin.weight.is_meta:
+        return orig(x)  # (meta: weights offloaded by accelerate, loaded only inside orig; the columns dropped here are never read)
+    out = x.new_empty(*x.shape[:-1], lin.out_features)
+    text = ~vis
+    if bool(text.any()):
+        out[text] = orig(x[text])
+    w, b = rows.get()
+    xv = x[vis]
+    part = xv.new_zeros(xv.shape[0], lin.out_features)
+    part.index_copy_(1, rows.idx.to(x.device), F.linear(xv, w, b))  # whole rows below: no per-element scatter
+    out[vis] = part
+    return out
+
+
+def _layer_post_hook(handle, j: int, module, args, out) -> None:
+    st = handle._state
+    if st is not None and st.structural.get("layer") == j:
+        st.structural.pop("layer", None)
+    return None
 
 
 # -- the wrappers --------------------------------------------------------------------------------
@@ -197,7 +306,8 @@ def _text_rows_forward(handle, j: int, lin: nn.Linear, orig, x: torch.Tensor) ->
     return out
 
 
-def _o_proj_forward(handle, plan: StructuralPlan, j: int, o_proj: nn.Linear, orig, x: torch.Tensor) -> torch.Tensor:
+def _o_proj_forward(handle, plan: StructuralPlan, j: int, o_proj: nn.Linear, orig, rows: "_Rows | None",
+                   x: torch.Tensor) -> torch.Tensor:
     """``x``: ``[B, M, H * d]`` attention output before o_proj."""
     vis = _visual_rows(handle, j)
     if vis is None or vis.shape != x.shape[:2] or not bool(vis.any()):
@@ -206,6 +316,16 @@ def _o_proj_forward(handle, plan: StructuralPlan, j: int, o_proj: nn.Linear, ori
         return _text_rows_forward(handle, j, o_proj, orig, x)
     pruned = plan.heads_visual[j]
     d = x.shape[-1] // plan.num_heads
+    if _heads_split(handle) and o_proj.weight.is_meta:  # offloaded (accelerate): the pruned heads' inputs are zero already
+        return orig(x)
+    if _heads_split(handle):  # visual rows: the kept heads' input columns only (the pruned ones are zero)
+        out = x.new_empty(*x.shape[:-1], o_proj.out_features)
+        text = ~vis
+        if bool(text.any()):
+            out[text] = orig(x[text])
+        w, b = rows.get()
+        out[vis] = F.linear(x[vis].index_select(1, rows.idx.to(x.device)), w, b)
+        return out
     head_off = torch.zeros(plan.num_heads, dtype=torch.bool, device=x.device)
     head_off[list(pruned)] = True
     cols = head_off.repeat_interleave(d)  # [H * d]
@@ -261,7 +381,10 @@ def _layer_pre_hook(handle, plan: StructuralPlan, j: int, module, args: tuple, k
             return None
         key_vis = None  # computed below once the key length is known
         vis = None
-    if j not in plan.heads_visual and (j not in plan.neighbor or st.phase != "prefill"):
+    # per-head masks: while decoding; in prefill only without the query-subset attention (which splits the heads)
+    heads_mask = j in plan.heads_visual and handle.seams.mask_format != "2d" \
+        and (st.phase != "prefill" or not _heads_split(handle))
+    if not heads_mask and (j not in plan.neighbor or st.phase != "prefill"):
         return None
     if st.phase != "prefill" and not bool(st.prefill.is_visual.any()):
         return None
@@ -269,7 +392,7 @@ def _layer_pre_hook(handle, plan: StructuralPlan, j: int, module, args: tuple, k
     mask = kwargs.get("attention_mask")
     fmt = handle.seams.mask_format
     # layers between two token stages get the same incoming mask and sequence: build each mask once
-    what = (st.phase, plan.neighbor.get(j) if st.phase == "prefill" else None, plan.heads_visual.get(j))
+    what = (st.phase, plan.neighbor.get(j) if st.phase == "prefill" else None, plan.heads_visual.get(j) if heads_mask else None)
     cur_set = st.cur_orig if st.phase == "prefill" else st.prefill.kept_at(j)  # the sequence / cached keys of layer j
     for m_in, cur, w, out in memo:
         if m_in is mask and cur is cur_set and w == what:
@@ -287,10 +410,7 @@ def _layer_pre_hook(handle, plan: StructuralPlan, j: int, module, args: tuple, k
         q_pos = torch.arange(kv - Q, kv, device=hidden.device)
         allowed = (torch.arange(kv, device=hidden.device)[None, :] <= q_pos[:, None])[None, None].expand(B, 1, Q, kv)
     if key_vis is None:  # decode: the cached keys are the prompt's kept tokens, then text
-        rec = st.prefill.kept_at(j)
-        pv = st.prefill.is_visual
-        pv = pv if rec is None else torch.gather(pv, 1, rec.kept) & rec.kept_ok
-        key_vis = torch.cat([pv, torch.zeros(B, kv - pv.shape[1], dtype=torch.bool, device=pv.device)], 1)[:, :kv]
+        key_vis = _decode_key_vis(st, j, B, kv)
     if j in plan.neighbor and st.phase == "prefill":
         w = plan.neighbor[j] // 2
         row, col, seg = _current(st, "row"), _current(st, "col"), _current(st, "segment")
@@ -299,7 +419,7 @@ def _layer_pre_hook(handle, plan: StructuralPlan, j: int, module, args: tuple, k
             | (seg[:, :, None] != seg[:, None, :])
         cut = grid[:, :, None] & grid[:, None, :] & far  # [B, Q, K]
         allowed = allowed & ~cut[:, None]
-    if j in plan.heads_visual:
+    if heads_mask:
         H = plan.num_heads
         head_off = torch.zeros(H, dtype=torch.bool, device=hidden.device)
         head_off[list(plan.heads_visual[j])] = True
@@ -317,14 +437,41 @@ def _layer_pre_hook(handle, plan: StructuralPlan, j: int, module, args: tuple, k
     return args, kwargs
 
 
+def _decode_key_vis(st, j: int, B: int, kv: int) -> torch.Tensor:
+    """``[B, kv]``: which of layer j's cached keys are visual while decoding (the prompt's kept tokens, then text)."""
+    rec = st.prefill.kept_at(j)
+    pv = st.prefill.is_visual
+    pv = pv if rec is None else torch.gather(pv, 1, rec.kept) & rec.kept_ok
+    return torch.cat([pv, torch.zeros(B, kv - pv.shape[1], dtype=torch.bool, device=pv.device)], 1)[:, :kv]
+
+
 # -- query-subset attention -------------------------------------------------------------------------
+class _PerHeadKV:
+    """The attention module as the backend sees it for a head subset whose keys / values were
+    already gathered one per query head (GQA group size 1); every other attribute is the module's."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module: nn.Module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
 def _attention(handle, plan: StructuralPlan, bases: dict, fmt: str, module, query, key, value, attention_mask, **kwargs):
-    """The original backend on subsets of the queries (see ``install_attention``); ``[B, Q, H, d]`` out."""
+    """The original backend on subsets of the queries (and heads) (see ``install_attention``); ``[B, Q, H, d]`` out.
+
+    ``query`` ``[B, H, Q, d]``, ``key`` / ``value`` ``[B, H_kv, K, d]`` (after RoPE and the cache update).
+    """
     j = module.layer_idx
     base = bases[j]
     st = handle._state
+    if fmt == "2d":
+        return _heads_2d(handle, plan, base, module, query, key, value, attention_mask, kwargs)
     info = st.structural if st is not None else None
-    if not info or info.get("layer") != j or st.phase != "prefill" or (j not in plan.skip_visual and j not in plan.neighbor):
+    if not info or info.get("layer") != j or st.phase != "prefill" \
+            or (j not in plan.skip_visual and j not in plan.neighbor and j not in plan.heads_visual):
         return base(module, query, key, value, attention_mask, **kwargs)
     vis = info["vis"]
     B, H, M, d = query.shape
@@ -344,20 +491,126 @@ def _attention(handle, plan: StructuralPlan, bases: dict, fmt: str, module, quer
             return torch.zeros(a.shape, dtype=query.dtype, device=query.device).masked_fill(~a, torch.finfo(query.dtype).min)
         return a
 
+    pruned = plan.heads_visual.get(j, ())
+    subsets = j in plan.skip_visual or j in plan.neighbor
+    if not pruned:
+        return _query_subsets(base, module, query, key, value, attention_mask, allowed, vis, info, j in plan.skip_visual,
+                              as_mask, kwargs), None
+    # YOPO: kept heads attend as usual; pruned heads only text queries over text keys; visual queries get 0 there
+    g = H // key.shape[1]
+    kept = [h for h in range(H) if h not in pruned]
+    sub = _PerHeadKV(module)
     out = query.new_zeros(B, M, H, d)
-    text = ~vis
-    counts = text.sum(1)
+    if kept:
+        kv = torch.tensor([h // g for h in kept], device=query.device)
+        qk, kk, vk = query[:, kept], key.index_select(1, kv), value.index_select(1, kv)
+        if subsets:
+            out[:, :, kept] = _query_subsets(base, sub, qk, kk, vk, attention_mask, allowed, vis, info, j in plan.skip_visual,
+                                             as_mask, kwargs)
+        else:
+            out[:, :, kept] = base(sub, qk, kk, vk, attention_mask, **kwargs)[0].to(out.dtype)
+    text_q = ~vis
+    text_k = torch.cat([torch.ones(B, KV - M, dtype=torch.bool, device=vis.device), text_q], 1)  # cached keys: text
+    oq, okq = _first(text_q)
+    ok_, okk = _first(text_k)
+    P = len(pruned)
+    kv = torch.tensor([h // g for h in pruned], device=query.device)
+    q_p = torch.gather(query[:, list(pruned)], 2, oq[:, None, :, None].expand(B, P, oq.shape[1], d))
+    k_p = torch.gather(key.index_select(1, kv), 2, ok_[:, None, :, None].expand(B, P, ok_.shape[1], d))
+    v_p = torch.gather(value.index_select(1, kv), 2, ok_[:, None, :, None].expand(B, P, ok_.shape[1], d))
+    h_m = allowed.shape[1]
+    m_p = torch.gather(allowed, 2, oq[:, None, :, None].expand(B, h_m, oq.shape[1], KV))
+    m_p = torch.gather(m_p, 3, ok_[:, None, None, :].expand(B, h_m, oq.shape[1], ok_.shape[1]))
+    m_p = m_p & okk[:, None, None, :]
+    m_p = m_p | ~m_p.any(-1, keepdim=True)  # filler / padding rows attend everything (discarded): no empty row
+    o_p = base(sub, q_p, k_p, v_p, as_mask(m_p.contiguous()), **kwargs)[0]  # [B, T, P, d]
+    bi = torch.arange(B, device=query.device)[:, None].expand_as(oq)[okq]
+    part = query.new_zeros(B, M, P, d)
+    part[bi, oq[okq]] = o_p[okq].to(out.dtype)
+    out[:, :, list(pruned)] = part
+    return out, None
+
+
+def _heads_2d(handle, plan: StructuralPlan, base, module, query, key, value, attention_mask, kwargs):
+    """YOPO head split on a 2-D-mask backend (flash-attention: ``attention_mask`` is the ``[B, K]`` padding
+    mask or None, causal bottom-right aligned): kept heads in one call over every query and key; pruned
+    heads over the text keys only, gathered right-aligned (so the causal alignment still holds), in
+    prefill (text queries; visual queries get 0) and while decoding (the prompt's visual keys skipped)."""
+    j = module.layer_idx
+    st = handle._state
+    pruned = plan.heads_visual.get(j, ())
+    if st is None or not pruned or st.phase == "passthrough":
+        return base(module, query, key, value, attention_mask, **kwargs)
+    B, H, M, d = query.shape
+    KV = key.shape[2]
+    if st.phase == "prefill":
+        info = st.structural
+        vis = info.get("vis") if info.get("layer") == j else None
+        if vis is None or vis.shape != (B, M) or not bool(vis.any()):
+            return base(module, query, key, value, attention_mask, **kwargs)
+        q_rows = ~vis
+        key_vis = torch.cat([torch.zeros(B, KV - M, dtype=torch.bool, device=vis.device), vis], 1)
+    else:
+        if st.prefill.is_visual is None or not bool(st.prefill.is_visual.any()):
+            return base(module, query, key, value, attention_mask, **kwargs)
+        q_rows = torch.ones(B, M, dtype=torch.bool, device=query.device)
+        key_vis = _decode_key_vis(st, j, B, KV)
+    g = H // key.shape[1]
+    kept = [h for h in range(H) if h not in pruned]
+    sub = _PerHeadKV(module)
+    out = query.new_zeros(B, M, H, d)
+    if kept:
+        kv = torch.tensor([h // g for h in kept], device=query.device)
+        out[:, :, kept] = base(sub, query[:, kept], key.index_select(1, kv), value.index_select(1, kv), attention_mask,
+                               **kwargs)[0].to(out.dtype)
+    pad = attention_mask.bool() if attention_mask is not None else torch.ones(B, KV, dtype=torch.bool, device=query.device)
+    oq, okq = _last(q_rows)
+    ok_, okk = _last(~key_vis)
+    P = len(pruned)
+    kv = torch.tensor([h // g for h in pruned], device=query.device)
+    q_p = torch.gather(query[:, list(pruned)], 2, oq[:, None, :, None].expand(B, P, oq.shape[1], d))
+    k_p = torch.gather(key.index_select(1, kv), 2, ok_[:, None, :, None].expand(B, P, ok_.shape[1], d))
+    v_p = torch.gather(value.index_select(1, kv), 2, ok_[:, None, :, None].expand(B, P, ok_.shape[1], d))
+    m_p = (torch.gather(pad[:, -KV:], 1, ok_) & okk).to(attention_mask.dtype if attention_mask is not None else torch.long)
+    o_p = base(sub, q_p, k_p, v_p, m_p, **kwargs)[0]  # [B, T, P, d]
+    bi = torch.arange(B, device=query.device)[:, None].expand_as(oq)[okq]
+    part = query.new_zeros(B, M, P, d)
+    part[bi, oq[okq]] = o_p[okq].to(out.dtype)
+    out[:, :, list(pruned)] = part
+    return out, None
+
+
+def _last(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like ``_first`` but right-aligned: the selected positions last, in order, ``[B, T]``, and which are real."""
+    counts = sel.sum(1)
     T = int(counts.max())
-    order = torch.sort((~text).to(torch.uint8), dim=1, stable=True).indices[:, :T]  # text rows first, in order
-    ok = torch.arange(T, device=query.device)[None, :] < counts[:, None]
+    order = torch.sort(sel.to(torch.uint8), dim=1, stable=True).indices[:, sel.shape[1] - T:]
+    return order, torch.arange(T, device=sel.device)[None, :] >= (T - counts)[:, None]
+
+
+def _first(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sel`` ``[B, L]`` -> the selected positions first, in order, ``[B, T]`` (T = most per row), and which are real."""
+    counts = sel.sum(1)
+    T = int(counts.max())
+    order = torch.sort((~sel).to(torch.uint8), dim=1, stable=True).indices[:, :T]
+    return order, torch.arange(T, device=sel.device)[None, :] < counts[:, None]
+
+
+def _query_subsets(base, module, query, key, value, attention_mask, allowed, vis, info, skip: bool, as_mask, kwargs):
+    """Text queries in one backend call; visual queries (unless ``skip``) in neighbour chunks; ``[B, M, H, d]``."""
+    B, H, M, d = query.shape
+    KV = key.shape[2]
+    out = query.new_zeros(B, M, H, d)
+    order, ok = _first(~vis)  # text rows first, in order
+    T = order.shape[1]
     q_t = torch.gather(query, 2, order[:, None, :, None].expand(B, H, T, d))
     m_t = torch.gather(allowed, 2, order[:, None, :, None].expand(B, allowed.shape[1], T, KV))
     m_t = m_t | ~ok[:, None, :, None]  # filler rows attend everything (discarded): no empty row
     o_t = base(module, q_t, key, value, as_mask(m_t), **kwargs)[0]  # [B, T, H, d]
     bi = torch.arange(B, device=query.device)[:, None].expand(B, T)[ok]
     out[bi, order[ok]] = o_t[ok].to(out.dtype)
-    if j in plan.skip_visual:  # visual rows pass the layer through: their attention output is never used
-        return out, None
+    if skip:  # visual rows pass the layer through: their attention output is never used
+        return out
     # visual queries: one chunk per patch-grid row, each with the keys it may attend; all chunks of
     # the batch padded to the largest and sent in ONE backend call (batch = chunks)
     plans = info["memo_chunks"]
@@ -373,7 +626,7 @@ def _attention(handle, plan: StructuralPlan, bases: dict, fmt: str, module, quer
     v_c = value[bidx, :, kidx].permute(0, 2, 1, 3)
     o = base(module, q_c.contiguous(), k_c.contiguous(), v_c.contiguous(), m_c, **kwargs)[0]
     out[bidx.expand(N, Qm)[qok], qidx[qok]] = o[qok].to(out.dtype)
-    return out, None
+    return out
 
 
 def _chunk_plan(chunk: torch.Tensor, vis: torch.Tensor, allowed: torch.Tensor, as_mask) -> tuple:

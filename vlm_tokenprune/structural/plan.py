@@ -11,7 +11,8 @@ before any hook exists (``patch()`` calls ``resolve`` first; a failure leaves th
   hidden states (and cached: decoded tokens see them too).
 - ``heads_all``: ``{layer: pruned heads}`` removed for every token by slicing q/k/v/o_proj.
 - ``heads_visual``: ``{layer: pruned heads}`` (YOPO): no query attends visual keys in them and
-  visual queries get zero output from them.
+  visual queries get zero output from them. With the query-subset attention (eager / sdpa) this
+  saves compute (``hooks._attention``, ``hooks._install_head_slices``); without it, masks only.
 - ``ffn``: ``{layer: m_visual}``: visual tokens use the first ``m_visual`` MLP channels.
 - ``neighbor``: ``{layer: w}``: visual->visual attention within a w x w window of the patch grid.
 """
@@ -31,7 +32,8 @@ SAVINGS = {
     "skip_visual": "real: visual rows skip q_proj, attention, o_proj and the MLP (text queries in a query-subset attention call)",
     "skip_visual_2d": "partial: visual rows skip q_proj, o_proj and the MLP; with a 2-D-mask backend (flash) their attention rows still run (zero queries)",
     "heads_all": "real: q/k/v/o_proj sliced to the kept heads",
-    "heads_visual": "mask-only: per-head attention mask + zeroed head outputs of visual rows (no compute saved)",
+    "heads_visual": "real: visual rows skip the pruned heads' q/o_proj columns (and k/v_proj of KV groups whose heads are all "
+                    "pruned); attention: kept heads over all tokens, pruned heads text queries x text keys only",
     "ffn": "real: visual rows run two matmuls on the sliced first m/ratio channels",
     "neighbor": "real: visual queries attend in chunks of one grid row, each with only its allowed keys (text + the w//2 rows above)",
 }
@@ -50,7 +52,7 @@ class StructuralPlan:
 
     @property
     def needs_4d_mask(self) -> bool:
-        return bool(self.heads_visual or self.neighbor)
+        return bool(self.neighbor)
 
     def describe(self, subset_attention: bool = True) -> list[str]:
         """One line per op, with what it really saves (``subset_attention``: the query-subset backend is installed)."""
@@ -73,6 +75,19 @@ class StructuralPlan:
             out.append(f"neighbour visual attention, window {sorted(set(self.neighbor.values()))} on {len(self.neighbor)} layers "
                        f"[{SAVINGS['neighbor']}]")
         return out
+
+
+def text_only_kv_heads(pruned: Any, num_heads: int, num_kv_heads: int) -> tuple[int, ...]:
+    """KV heads all of whose query heads are in ``pruned`` (visual scope): no query ever reads their
+    visual keys/values, so k/v_proj run on the text rows only there (MHA: every pruned head)."""
+    g = num_heads // num_kv_heads
+    return tuple(k for k in range(num_kv_heads) if all(h in pruned for h in range(k * g, (k + 1) * g)))
+
+
+def capture_layers(policy: Policy) -> set[int]:
+    """Layers whose k/v_proj outputs a token stage's criterion captures (kept unsliced, so criteria
+    read the same keys with and without head pruning)."""
+    return {st.layer - 1 for st in policy.stages if st.op == "prune" and st.site == "llm"}
 
 
 def _layers(spec: Any, n: int, where: str) -> tuple[int, ...]:
@@ -124,7 +139,8 @@ def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | No
         elif st.op == "prune_heads":
             if "calibration" in p:
                 art = load_artifact(p["calibration"], model, "heads", f"{where}.calibration")
-                pairs = select_heads(art, threshold=p.get("threshold"), top_n=p.get("top_n"), keep_first=p["keep_first"])
+                pairs = select_heads(art, threshold=p.get("threshold"), top_n=p.get("top_n"), keep_first=p["keep_first"],
+                                     kept=p.get("kept"))
             else:
                 pairs = p["heads"]
             per: dict = {}
@@ -162,9 +178,17 @@ def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | No
     if plan.needs_4d_mask and seams.mask_format == "2d":
         raise UnsupportedModelError(
             "attn_implementation",
-            f"{seams.attn_implementation!r} takes 2-D padding masks; prune_heads(scope=visual) and neighbor_attention "
-            "need a 4-D mask; allowed: eager, sdpa",
+            f"{seams.attn_implementation!r} takes 2-D padding masks; neighbor_attention needs a 4-D mask; allowed: eager, sdpa",
         )
+    if plan.heads_visual:
+        from .hooks import attention_bases
+
+        if attention_bases(seams) is None:
+            raise UnsupportedModelError(
+                "attn_implementation",
+                f"{seams.attn_implementation!r}: prune_heads(scope=visual) splits the heads inside the attention call and "
+                "found no attention function to delegate to on every decoder layer; allowed: eager, sdpa, flash-attention",
+            )
     if plan.skip_all:  # the other ops have nothing to do on a layer that does not run
         drop = set(plan.skip_all)
         plan = StructuralPlan(
@@ -187,7 +211,8 @@ def static_plan(policy: Policy, num_layers: int, num_heads: int, intermediate_si
             continue
         p = dict(st.params)
         if "calibration" in p:
-            raise PolicyError(f"stages[{i}].calibration", "needs the model; pass plan=handle.structural")
+            raise PolicyError(f"stages[{i}].calibration", "a calibration file is resolved against the model: predict with "
+                              "structural_flops(..., plan=handle.structural) after patch(), or give the layers / heads explicitly")
         if st.op == "skip_layers":
             kw["skip_all" if p["scope"] == "all" else "skip_visual"] = _layers(p["layers"], num_layers, f"stages[{i}].layers")
         elif st.op == "prune_heads":

@@ -10,8 +10,10 @@ skip_layers         ``layers`` (list) | ``calibration`` (path of a ``what="layer
                     with ``layers_kept`` (22) of ``of`` (32) layers, scaled to the model;
                     ``scope``: ``all`` (default) or ``visual``
 prune_heads         ``heads`` (list of ``layer/head``) | ``calibration`` (a ``what="heads"``
-                    artifact) with ``threshold`` or ``top_n``, ``keep_first`` (2: layers
-                    below it keep every head); ``scope``: ``visual`` (YOPO, default) or ``all``
+                    artifact) with ``threshold``, ``top_n`` (heads kept per layer) or ``kept``
+                    (fraction of the heads of layers >= keep_first kept, by majority vote at
+                    one global threshold), ``keep_first`` (2: layers below it keep every
+                    head); ``scope``: ``visual`` (YOPO, default) or ``all``
 ffn_cut             ``ratio`` (2.0: visual tokens use the first ``m // ratio`` MLP channels),
                     ``layers`` (``all``)
 neighbor_attention  ``window`` (5, odd: visual->visual attention within a w x w patch window),
@@ -120,6 +122,12 @@ def _threshold(v, where):
     return float(v)
 
 
+def _fraction(v, where):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not 0 < v <= 1:
+        raise PolicyError(where, f"must be a fraction in (0, 1] (of the heads kept), got {v!r}")
+    return float(v)
+
+
 def _path(v, where):
     if not isinstance(v, str) or not v:
         raise PolicyError(where, f"must be the path of a calibration file, got {v!r}")
@@ -148,6 +156,7 @@ PARAMS: dict[str, dict[str, tuple[Any, Callable]]] = {
         "calibration": (_NONE, _path),
         "threshold": (_NONE, _threshold),
         "top_n": (_NONE, _pos_int(1)),
+        "kept": (_NONE, _fraction),
         "keep_first": (_NONE, _pos_int(0)),
     },
     "ffn_cut": {"ratio": (2.0, _ratio), "layers": ("all", lambda v, w: _int_list(v, w, allow_all=True))},
@@ -185,11 +194,11 @@ def check_structural(op: str, params: Mapping[str, Any], where: str) -> dict:
         if ("heads" in out) == ("calibration" in out):
             raise PolicyError(f"{where}.heads", "give exactly one of heads (layer/head pairs) or calibration (a what='heads' artifact)")
         if "calibration" in out:
-            if ("threshold" in out) == ("top_n" in out):
-                raise PolicyError(f"{where}.threshold", "with calibration give exactly one of threshold or top_n")
+            if sum(k in out for k in ("threshold", "top_n", "kept")) != 1:
+                raise PolicyError(f"{where}.threshold", "with calibration give exactly one of threshold, top_n or kept")
             out.setdefault("keep_first", 2)
         else:
-            for k in ("threshold", "top_n", "keep_first"):
+            for k in ("threshold", "top_n", "kept", "keep_first"):
                 if k in out:
                     raise PolicyError(f"{where}.{k}", "only applies with calibration")
     return out
