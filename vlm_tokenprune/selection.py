@@ -22,6 +22,16 @@ def topk_per_row(
     return ops.topk(scores, valid, k, backend=backend)
 
 
+def right_packed(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices where ``mask`` [B, N] holds, ascending, padded on the right to the longest row: ``(idx, ok)``
+    (padding slots: ``ok`` False, index 0). What a criterion's ``select`` returns for a kept set of any size."""
+    counts = mask.sum(1)
+    K = int(counts.max()) if mask.shape[0] else 0
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :K]
+    ok = torch.arange(K, device=mask.device)[None, :] < counts[:, None]
+    return order.masked_fill(~ok, 0), ok
+
+
 def left_packed(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions where ``keep_mask`` [B, L] is True, in order, left-padded to the longest row.
 

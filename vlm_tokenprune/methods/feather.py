@@ -51,7 +51,7 @@ import torch
 from ..errors import InputError
 from ..policy import register_preset
 from ..scoring import ScoringContext
-from ..selection import topk_per_row
+from ..selection import right_packed, topk_per_row
 from .base import Criterion, Param, register_criterion
 
 
@@ -78,13 +78,6 @@ def stride_grid(ctx: ScoringContext, stride: int) -> torch.Tensor:
     return spatial & (dr % stride == 0) & (dc % stride == 0)
 
 
-def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices where ``mask`` [B, N] holds, ascending, padded to the longest row: ``(idx, ok)``."""
-    counts = mask.sum(1)
-    K = int(counts.max()) if mask.shape[0] else 0
-    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :K]
-    ok = torch.arange(K, device=mask.device)[None, :] < counts[:, None]
-    return order.masked_fill(~ok, 0), ok
 
 
 @register_criterion
@@ -118,7 +111,7 @@ class FeatherCriterion(Criterion):
         keep = torch.zeros(B, N + 1, dtype=torch.bool, device=scores.device)
         keep.scatter_(1, idx.masked_fill(~ok, N), True)
         keep = keep[:, :N] | stride_grid(ctx, stride)
-        return _pack(keep & ctx.visual_ok)
+        return right_packed(keep & ctx.visual_ok)
 
 
 register_preset(
