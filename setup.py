@@ -12,6 +12,9 @@ setup(
     install_requires=[
         # torch is not pinned here so a CUDA install is not replaced; CI installs torch==2.13.0 (CPU) first
         "torch>=2.4",
+        # CI runs the whole suite at both ends of this window (.ci/run: 5.17.0 in its own venv, and the newest).
+        # The original LLaVA adapter (adapters/llava_original.py) instead runs on transformers 4.36 beside
+        # llava-torch, installed with --no-deps (README "The original LLaVA code base").
         "transformers>=5.17,<6",
         "pyyaml>=6",
         # the shipped tiny VLM's demo, benchmark and pictures: synthetic images (numpy + PIL), progress bars

@@ -22,6 +22,12 @@ def new_tokens(ids: torch.Tensor, prompt_len: int, eos, pad) -> list[int]:
     return out
 
 
+def cache_kwargs(out) -> dict:
+    """The keyword that passes the KV cache ``out`` returned to the next forward: ``cache=`` on transformers
+    >= 5.2x (which renamed it), ``past_key_values=`` on earlier 5.x (setup.py's window starts at 5.17)."""
+    return {"cache": out["cache"]} if "cache" in out else {"past_key_values": out["past_key_values"]}
+
+
 def patched_prefill(model, inputs, policy: str):
     with vtp.patch(model, policy) as h, torch.no_grad():
         out = model(**inputs)

@@ -498,7 +498,7 @@ def test_placeholder_grid_mismatch_is_refused():
 
 @pytest.mark.parametrize("model_type,reason", [
     ("gemma3", "rotary embedding per layer type"), ("qwen3_vl", "deepstack"), ("internvl", "InternVL"),
-    ("llava_llama", "original LLaVA code base"),
+    ("llava_mpt", "original LLaVA code base"),
 ])
 def test_known_unsupported_model_types_say_why(model_type, reason):
     fake = torch.nn.Linear(2, 2)

@@ -9,6 +9,7 @@ import torch
 import vlm_tokenprune as vtp
 from vlm_tokenprune import UnsupportedModelError
 from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
+from helpers import cache_kwargs
 
 ROWS = [[5, "img", 7], [3, "img", 2, "img", 4]]
 
@@ -110,7 +111,7 @@ def test_more_bad_inputs_are_named():
         assert e.value.field == "attention_mask"
         out = model(**inputs, use_cache=True)
         with pytest.raises(InputError) as e:  # new images on top of an existing cache
-            model(input_ids=inputs["input_ids"][:, -3:], pixel_values=inputs["pixel_values"], cache=out["cache"])
+            model(input_ids=inputs["input_ids"][:, -3:], pixel_values=inputs["pixel_values"], **cache_kwargs(out))
         assert e.value.field == "pixel_values"
 
 

@@ -97,6 +97,13 @@ def attention_rows(
         k_idx, k_valid, subset, subset_ok = key_idx, key_valid, None, None
     cos, sin = position_embeddings if rope else (None, None)
     return ops.attention_scores(
-        q, k, query_idx, k_valid, scaling=attn.scaling, k_idx=k_idx, cos=cos, sin=sin, subset=subset,
+        q, k, query_idx, k_valid, scaling=_scaling(attn), k_idx=k_idx, cos=cos, sin=sin, subset=subset,
         subset_ok=subset_ok, reduce=reduce, row_ok=query_ok, backend=backend,
     )
+
+
+def _scaling(attn: nn.Module) -> float:
+    """The attention module's logit scale; transformers < 4.48 modules (the original LLaVA's 4.36) have no
+    ``scaling`` attribute and divide the logits by sqrt(head_dim)."""
+    scaling = getattr(attn, "scaling", None)
+    return attn.head_dim ** -0.5 if scaling is None else scaling

@@ -4,6 +4,7 @@ from ..registry import ADAPTERS
 from .base import Adapter, Seams, VisualLayout
 from . import llava_hf  # noqa: F401  (registers the LLaVA adapters)
 from . import qwen2_vl  # noqa: F401  (registers the Qwen2-VL / Qwen2.5-VL adapters)
+from . import llava_original  # noqa: F401  (the original LLaVA code base, llava-torch; imports no llava itself)
 
 # Known model types that are deliberately not supported, and why (no adapter is registered for them).
 KNOWN_UNSUPPORTED = {
@@ -14,10 +15,8 @@ KNOWN_UNSUPPORTED = {
                 "pruning would have to track those injections (only pruning above them would be valid)",
     "qwen3_vl_moe": "Qwen3-VL-MoE adds deepstack visual features to the hidden states after early decoder layers; "
                     "pruning would have to track those injections (only pruning above them would be valid)",
-    **{t: "the original LLaVA code base (PyPI llava-torch, haotian-liu/LLaVA) runs on transformers 4.36 (this "
-          "library needs 5.x decoder-layer seams) and its generate() expands images into inputs_embeds before any "
-          "module forward sees input_ids, so visual positions cannot be found from hooks; load the checkpoint as "
-          "an HF LlavaForConditionalGeneration (llava-hf/...) instead" for t in ("llava_llama", "llava_mistral", "llava_mpt")},
+    **{t: "the original LLaVA code base (llava-torch) is supported for LlavaLlamaForCausalLM (llava_llama) only; "
+          "its Mistral and MPT variants have no adapter yet" for t in ("llava_mistral", "llava_mpt")},
     "internvl": "InternVL is not supported yet (no adapter: its visual-token layout and pixel-shuffle grid "
                 "are not mapped)",
     "internvl_chat": "InternVL (remote code) is not supported: its modeling code is not part of transformers, "
