@@ -94,8 +94,8 @@ def test_run_bench_json_schema_markdown_and_plot(tiny, tmp_path):
     assert Policy.parse(t25["policy"]).to_string() == "fastv:layer=1,keep=0.25+fastv:layer=2,keep=0.125"
     assert 1.0 > f50["flops"]["ratio"] > f25["flops"]["ratio"] and 1.0 > t50["flops"]["ratio"] > t25["flops"]["ratio"]
     assert f25["tokens_per_layer"][:2] == base["tokens_per_layer"][:2] and f25["tokens_per_layer"][2] < base["tokens_per_layer"][2]
-    assert f25["kept_visual_per_stage"] == [36.0]  # 0.25 of 144, every example
-    assert t25["kept_visual_per_stage"] == [36.0, 18.0] and len(t25["kept_row_mean"]) == 2
+    assert f25["kept_visual_per_stage"] == [64.0]  # 0.25 of 256, every example
+    assert t25["kept_visual_per_stage"] == [64.0, 32.0] and len(t25["kept_row_mean"]) == 2
     assert all(0.0 <= x <= 1.0 for x in t25["kept_row_mean"])
     md = (tmp_path / "bench.md").read_text()
     assert md.count("\n| ") == len(runs) + 1 and "| baseline | - |" in md and "FLOPs ratio" in md

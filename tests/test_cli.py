@@ -43,7 +43,7 @@ def test_explain_json_and_other_geometries(capsys):
     assert data["n_visual"] == 2880 and data["tokens_per_layer"][-1] == 64 + 720
     assert data["policy"]["stages"][0]["budget"] == {"keep": 0.25}
     code, out, _ = run(capsys, "explain", "uniform:layer=3,tokens=10", "--model-config", "tiny", "--n-text", "8")
-    assert code == 0 and "layers 0-2: 152" in out and "layer  3  : 18" in out  # the shipped tiny VLM: 4 layers, 144 visual
+    assert code == 0 and "layers 0-2: 264" in out and "layer  3  : 18" in out  # the shipped tiny VLM: 4 layers, 256 visual
 
 
 def test_explain_reads_a_config_json(capsys, tmp_path):
@@ -89,8 +89,8 @@ def test_demo_runs_the_shipped_tiny_vlm(capsys):
     layers = out.split("tokens per decoder layer")[1].split("\n\n")[0].splitlines()[3:]
     rows = [line.split() for line in layers]
     base = int(rows[0][1])
-    assert [int(r[1]) for r in rows] == [base] * 4  # 4 layers; question 0: text + 144 visual tokens
-    assert [int(r[2]) for r in rows] == [base] * 2 + [base - 144 + 36] * 2  # 36 of 144 kept from layer 2
+    assert [int(r[1]) for r in rows] == [base] * 4  # 4 layers; question 0: text + 256 visual tokens
+    assert [int(r[2]) for r in rows] == [base] * 2 + [base - 256 + 64] * 2  # 64 of 256 kept from layer 2
     assert "theoretical prefill FLOPs ratio: 0." in out and "latency" in out and "ratio" in out
 
 

@@ -30,7 +30,7 @@ def test_splits_disjoint_and_cover_types():
     assert {e["qtype"] for e in ex} == set(S.QTYPES)
     assert {"color", "location", "exists", "count", "read"} <= set(S.QTYPES)
     for e in ex:
-        assert e["image"].size == (S.IMAGE_SIZE, S.IMAGE_SIZE) and e["image"].mode == "RGB"
+        assert e["image"].size == (S.RENDER_SIZE, S.RENDER_SIZE) and e["image"].mode == "RGB"
     with pytest.raises(ValueError):
         S.make_split("dev", 3)
 
@@ -109,7 +109,7 @@ def test_shipped_model_is_real_llava(shipped):
     cfg = model.config
     assert cfg.text_config.model_type == "llama" and cfg.vision_config.model_type == "clip_vision_model"
     grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
-    assert grid * grid == T.GRID_TOKENS == 144  # 12 x 12 (see scripts/train_tiny_vlm.py for why not 16 x 16)
+    assert grid * grid == T.SHIPPED_GRID_TOKENS == 256  # 16 x 16 (warm-started from a 12 x 12 model: scripts/train_tiny_vlm.py)
     assert cfg.text_config.vocab_size == T.VOCAB_SIZE and cfg.image_token_id < T.VOCAB_SIZE
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
 

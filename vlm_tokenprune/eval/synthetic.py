@@ -1,6 +1,8 @@
 """Deterministic synthetic visual question answering (numpy + PIL only).
 
-Each image is ``IMAGE_SIZE`` x ``IMAGE_SIZE`` pixels split into a ``GRID`` x ``GRID`` grid of cells.
+Scenes are laid out on an ``IMAGE_SIZE`` x ``IMAGE_SIZE`` canvas split into a ``GRID`` x ``GRID`` grid of
+cells, and drawn at ``RENDER_SIZE`` pixels by default (the shipped tiny VLM's input: 16 x 16 patches of 8 px);
+``image_size=`` draws the same scene at another size (96 = the layout's native size, pixel for pixel).
 Between ``MIN_OBJECTS`` and ``MAX_OBJECTS`` cells hold one coloured shape (every colour-shape pair at
 most once per image, so "the red circle" is unambiguous) and one other cell holds a black digit drawn
 from a 5x7 bitmap font. All other cells are empty. Question types (``QTYPES``):
@@ -24,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 96
+IMAGE_SIZE = 96  # layout units
+RENDER_SIZE = 128  # pixels drawn by default
 GRID = 4
 CELL = IMAGE_SIZE // GRID
 MIN_OBJECTS, MAX_OBJECTS = 3, 6
@@ -95,20 +98,29 @@ def make_scene(seed: int) -> dict:
             "digit_offset": (ddx, ddy)}
 
 
-def render(scene: dict) -> Image.Image:
-    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+def render(scene: dict, image_size: int | None = None) -> Image.Image:
+    """The scene drawn at ``image_size`` px (default ``RENDER_SIZE``). Layouts are in ``IMAGE_SIZE`` units and
+    scaled, so every size shows the same scene (e.g. 128 px for a 16 x 16 grid of 8-px patches: 32-px cells,
+    digit font pixels 4 px wide); ``IMAGE_SIZE`` draws the layout pixel for pixel."""
+    size_px = RENDER_SIZE if image_size is None else int(image_size)
+    f = size_px / IMAGE_SIZE
+
+    def px(v: float) -> int:  # a length in IMAGE_SIZE units -> pixels (exact at the native size)
+        return int(round(v * f))
+
+    img = Image.new("RGB", (size_px, size_px), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for cell, (color, shape, size, dx, dy) in scene["objects"].items():
         x0 = (cell % GRID) * CELL + dx
         y0 = (cell // GRID) * CELL + dy
-        box = (x0, y0, x0 + size - 1, y0 + size - 1)
+        box = (px(x0), px(y0), px(x0 + size) - 1, px(y0 + size) - 1)
         fill = RGB[color]
         if shape == "circle":
             draw.ellipse(box, fill=fill)
         elif shape == "square":
             draw.rectangle(box, fill=fill)
         else:
-            draw.polygon([(x0 + (size - 1) / 2, y0), (x0, y0 + size - 1), (x0 + size - 1, y0 + size - 1)], fill=fill)
+            draw.polygon([((x0 + size / 2) * f - 0.5, px(y0)), (px(x0), box[3]), (box[2], box[3])], fill=fill)
     cell = scene["digit_cell"]
     x0 = (cell % GRID) * CELL + scene["digit_offset"][0]
     y0 = (cell // GRID) * CELL + scene["digit_offset"][1]
@@ -116,7 +128,7 @@ def render(scene: dict) -> Image.Image:
     for r, line in enumerate(_FONT[scene["digit"]]):
         for c, bit in enumerate(line):
             if bit == "1":
-                draw.rectangle((x0 + c * s, y0 + r * s, x0 + c * s + s - 1, y0 + r * s + s - 1), fill=(0, 0, 0))
+                draw.rectangle((px(x0 + c * s), px(y0 + r * s), px(x0 + c * s + s) - 1, px(y0 + r * s + s) - 1), fill=(0, 0, 0))
     return img
 
 
@@ -179,14 +191,15 @@ def ask(scene: dict, qtype: str, rng: np.random.Generator, *, absent_location: b
     raise ValueError(f"unknown question type {qtype!r}; allowed: {', '.join(QTYPES)}")
 
 
-def make_example(seed: int, qtype: str | None = None) -> dict:
-    """One (image, question, answer, qtype) example; the question type is drawn from the seed unless given."""
+def make_example(seed: int, qtype: str | None = None, image_size: int | None = None) -> dict:
+    """One (image, question, answer, qtype) example; the question type is drawn from the seed unless given.
+    ``image_size`` (default ``RENDER_SIZE``) only changes the rendering, not the scene or the question."""
     scene = make_scene(seed)
     rng = np.random.default_rng([int(seed), 11])
     if qtype is None:
         qtype = QTYPES[int(rng.integers(len(QTYPES)))]
     question, answer, _key = ask(scene, qtype, rng)
-    return {"image": render(scene), "question": question, "answer": answer, "qtype": qtype, "seed": int(seed)}
+    return {"image": render(scene, image_size), "question": question, "answer": answer, "qtype": qtype, "seed": int(seed)}
 
 
 def split_seeds(name: str, n: int) -> range:
@@ -198,11 +211,12 @@ def split_seeds(name: str, n: int) -> range:
     return range(base, base + n)
 
 
-def make_split(name: str, n: int, balanced: bool = True) -> list[dict]:
+def make_split(name: str, n: int, balanced: bool = True, image_size: int | None = None) -> list[dict]:
     """``n`` examples of split ``name`` ("train" / "val" / "test"), disjoint seed ranges per split.
 
     ``balanced=True`` cycles through the question types (example i has type ``QTYPES[i % 5]``) so small
-    subsets cover every type equally; otherwise each type is drawn from the seed.
+    subsets cover every type equally; otherwise each type is drawn from the seed. ``image_size`` renders the
+    images at that size (default ``RENDER_SIZE``; e.g. the processor's, ``processor.image_processor.size``).
     """
-    return [make_example(s, QTYPES[i % len(QTYPES)] if balanced else None)
+    return [make_example(s, QTYPES[i % len(QTYPES)] if balanced else None, image_size)
             for i, s in enumerate(split_seeds(name, n))]

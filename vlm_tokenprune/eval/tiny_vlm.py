@@ -22,9 +22,11 @@ SPECIALS = ("<pad>", "<s>", "</s>", "<image>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, IMAGE_TOKEN_ID, UNK_ID = range(5)
 VOCAB_SIZE = 64  # padded text vocabulary (all ids, specials included, are below it)
 
-IMAGE_SIZE = 96
 PATCH = 8
-GRID_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 12 x 12 = 144 visual tokens
+IMAGE_SIZE = 96  # the from-scratch phases of scripts/train_tiny_vlm.py: 12 x 12 = 144 visual tokens
+GRID_TOKENS = (IMAGE_SIZE // PATCH) ** 2
+SHIPPED_IMAGE_SIZE = 128  # the shipped model, warm-started from those to 16 x 16 = 256 visual tokens
+SHIPPED_GRID_TOKENS = (SHIPPED_IMAGE_SIZE // PATCH) ** 2
 
 
 def build_vocab() -> dict[str, int]:
