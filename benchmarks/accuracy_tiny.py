@@ -45,8 +45,13 @@ TINY_DEPTH = {
     ),
     "feather": (
         "feather:layer=1,keep=0.3,stride=3+feather:layer=2,keep=0.09,of=current,stride=0",
-        "layers 8/16 of 32 -> 1/2 of 4 (layer x 4/32); stage 1 top 30 % + stride-3 grid (4x4 of the 12x12 grid), "
+        "layers 8/16 of 32 -> 1/2 of 4 (layer x 4/32); stage 1 top 30 % + stride-3 grid (6x6 of the 16x16 grid), "
         "stage 2 top 9 % of what is left (a budget b replaces the 30 %)",
+    ),
+    "mctf": (
+        "mctf:layer=0",
+        "fusing from vision layer 0 instead of 1: MCTF fuses at most half of the tokens per layer, and the tiny "
+        "tower's 4 layers need all 4 halvings (256 -> 16) to reach keep 0.11 (28 tokens)",
     ),
     "aim": (
         aim_schedule(1, 3, 4).to_string(),
@@ -57,12 +62,25 @@ TINY_DEPTH = {
 }
 
 
+# presets the budget sweep would only repeat, or that have their own benchmark
+NOT_SWEPT = {
+    "flowcut_vit_192": "the flowcut_vit method with another budget: the sweep over budgets covers it",
+    "flowcut_vit_64": "the flowcut_vit method with another budget: the sweep over budgets covers it",
+    "flowcut_next": "LLaVA-NeXT preset (per-crop budget + an LLM stage); the tiny VLM is LLaVA-1.5-style",
+    "atp": "its kept count is learned per instance (the budget is a training target, not swept): "
+           "benchmarks/results/accuracy_learned_atp.md compares it at its measured average",
+}
+
+
 def plan(num_layers: int) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
     """``([(preset, policy, how)], [(preset, why skipped)])`` for a model with ``num_layers`` decoder layers."""
     runs, skipped = [], []
     for name in PRESETS.names():
         if name in TINY_DEPTH:
             runs.append((name, *TINY_DEPTH[name]))
+            continue
+        if name in NOT_SWEPT:
+            skipped.append((name, NOT_SWEPT[name]))
             continue
         try:
             pol = Policy.parse(name)

@@ -105,6 +105,17 @@ def test_run_bench_json_schema_markdown_and_plot(tiny, tmp_path):
         assert im.size[0] > 300 and im.size[1] > 200
 
 
+def test_timed_prefill_of_a_vision_site_policy(tiny):
+    """The timed LM prefill reuses precomputed image features; a vision-site policy needs its own patched
+    tower's features (and kept slots), re-encoded outside the timer."""
+    model, processor = tiny
+    r = bench.run_bench(["flowcut_vit:keep=0.25"], None, n=8, model=model, processor=processor, timing_iters=1,
+                        progress=False)
+    run = r["runs"][1]
+    assert run["prefill"]["iters"] == 1 and 0 < run["prefill"]["measured_ratio"] < 1
+    assert run["kept_visual_per_stage"] == [64.0]
+
+
 def test_plot_skipped_with_a_note_without_matplotlib(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     res = {"runs": [], "model": {}, "data": {"n": 0}}

@@ -161,6 +161,11 @@ def accuracy(examples: Sequence[dict], predictions: Sequence[str]) -> dict[str, 
     return acc
 
 
+def _n_token_stages(pol: "Policy | None") -> int:
+    """Stages that keep a set of visual tokens (vision, pre-LLM and LLM sites; structural ops keep none)."""
+    return sum(not st.structural for st in pol.stages) if pol is not None else 0
+
+
 def evaluate_policy(model, processor, examples: Sequence[dict], policy: Any = None, *, batch_size: int = 8,
                     backend: str = "auto", max_new_tokens: int = 4, progress=None) -> dict:
     """Answer ``examples`` with ``policy`` (None: unpatched); predictions plus per-example tokens and FLOPs."""
@@ -188,7 +193,7 @@ def evaluate_policy(model, processor, examples: Sequence[dict], policy: Any = No
 
     L = model.config.text_config.num_hidden_layers
     tokens, flops, base, scoring, kept_visual, kept_idx = [], [], [], [], [], []
-    n_stages = len(pol.token_stages) if pol is not None else 0  # structural stages keep no tokens to report
+    n_stages = _n_token_stages(pol)
     row_sums = [[0.0, 0] for _ in range(n_stages)]
     for r in rec.records:
         for b, (length, n_vis) in enumerate(zip(r["lengths"], r["n_visual"])):
@@ -287,10 +292,8 @@ def run_bench(policies: Sequence[Any], budgets: Sequence[float] | None = None, *
     first = examples[:batch_size]
     timed_inputs = profiler.to_device(dict(processor(images=[e["image"] for e in first], text=prompts([e["question"] for e in first]),
                                                      return_tensors="pt", padding=True)), model)
-    lm_inputs = profiler.encode_images(model, timed_inputs)
-
-    def prefill():
-        return model(**lm_inputs, logits_to_keep=1)
+    # vision-site policies re-encode the pixels through their patched tower (outside the timer)
+    prefill = profiler.LMPrefillCall(model, timed_inputs, profiler.encode_images(model, timed_inputs))
 
     n_batches = math.ceil(len(examples) / batch_size)
     bar = tqdm(total=n_batches * len(runs), desc="bench", unit="batch", disable=not progress, file=sys.stderr)
@@ -313,7 +316,7 @@ def run_bench(policies: Sequence[Any], budgets: Sequence[float] | None = None, *
                 "accuracy": accuracy(examples, ev["predictions"]),
                 "tokens_per_layer": ev["tokens_per_layer"],
                 "kept_visual_per_stage": [statistics.fmean(k[i] for k in ev["kept_visual_per_example"])
-                                          for i in range(len(pol.token_stages))] if pol is not None else [],
+                                          for i in range(_n_token_stages(pol))] if pol is not None else [],
                 "flops": {"ratio": ev["flops_ratio"], "per_example": ev["flops_per_example"],
                           "baseline_per_example": ev["baseline_flops_per_example"],
                           "scoring_per_example": ev["scoring_flops_per_example"]},
