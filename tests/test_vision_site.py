@@ -81,6 +81,20 @@ def test_features_without_a_patched_tower_run_are_refused():
             assert e.value.field == "pixel_values" and h._state is None
 
 
+@pytest.mark.parametrize("kwargs", [{"num_beams": 2}, {"num_return_sequences": 2, "do_sample": True}])
+def test_inputs_expanded_after_the_tower_are_refused_by_name(kwargs):
+    """generate() expands the prompt (beams, several returned sequences) after the tower ran once per image:
+    a clear error naming num_beams; the same patched model then serves a plain generate()."""
+    model = tiny("sdpa")
+    inputs = make_batch(model, ROWS)
+    with vtp.patch(model, "flowcut_vit:tokens=8") as h, torch.no_grad():
+        with pytest.raises(InputError) as e:
+            model.generate(**inputs, max_new_tokens=2, **kwargs)
+        assert e.value.field == "num_beams" and "num_beams=1" in str(e.value) and h._state is None
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert out.shape[0] == 2
+
+
 def test_flowcut_llava_next_pipeline_vit_then_llm_stage():
     """FlowCut on LLaVA-NeXT as in the paper: per crop in the tower, then ``flowcut_llm`` in the LLM."""
     model = build_tiny_llava("sdpa", vision_layers=6, next=True)

@@ -238,6 +238,12 @@ def lm_reduction(handle: "PatchHandle", st: "ForwardState", hidden: torch.Tensor
     dev = hidden.device
     slots = out.feature_slots().to(dev)
     flat = layout.is_visual.flatten().nonzero().flatten()
+    if flat.numel() != slots.shape[0] and slots.shape[0] and flat.numel() % slots.shape[0] == 0:
+        raise InputError(
+            "num_beams", f"the prompt's {slots.shape[0]} image features were expanded {flat.numel() // slots.shape[0]}x "
+            "after the patched vision tower ran (generate() with num_beams > 1 or num_return_sequences > 1); "
+            "vision-site stages support one sequence per prompt: allowed num_beams=1, num_return_sequences=1 "
+            "(repeat the prompt in the batch instead)")
     if flat.numel() != slots.shape[0]:
         raise InputError("input_ids", f"{flat.numel()} image tokens but the last vision-tower run gave "
                          f"{slots.shape[0]} features; run the patched model on the pixels of this prompt")
