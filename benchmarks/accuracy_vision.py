@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 POLICIES = [
     ("flowcut_vit:positions=gaps", "flowcut_vit (ViT, gaps)"),
-    ("mctf:positions=gaps", "mctf (ViT, gaps)"),
+    ("mctf:layer=0,positions=gaps", "mctf (ViT from layer 0, gaps)"),  # 4 tower layers: 4 halvings reach 0.11
     ("aim_merge:positions=gaps", "aim_merge (pre-LLM, gaps)"),
     ("covipal:positions=gaps", "covipal (pre-LLM, learned, gaps)"),
     ("uniform:site=pre_llm", "uniform (pre-LLM)"),
