@@ -18,7 +18,7 @@ import torch
 from .errors import InputError
 from .masking import shrink_mask
 from .scoring import ScoringContext
-from .selection import left_packed
+from .selection import left_packed, right_packed
 from .adapters.base import VisualLayout
 from .state import ForwardState, PrefillRecord, PreLLMRecord, StageRecord
 
@@ -255,19 +255,19 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
     k = torch.tensor(k_list, device=hidden.device)
     tokens_before = M
     if bool((k == n_vis).all()):  # keeps everything: leave the sequence untouched (exactness)
-        vis_orig, vis_ok = _compact(_to_original(st, base), is_vis)
+        vis_orig, vis_ok = right_packed(is_vis, _to_original(st, base))
         rec = StageRecord(stage, base, ok, vis_orig, vis_ok, n_vis, n_vis, M, M, time.perf_counter() - t0, noop=True,
                           merged_into=_sources_after(st, vis_orig, vis_ok))
         st.prefill.records.append(rec)
         return None, rec
     N = int(n_vis.max())
-    vis_idx, vis_ok = _compact(torch.arange(M, device=hidden.device).expand(B, M), is_vis, N)
+    vis_idx, vis_ok = right_packed(is_vis, torch.arange(M, device=hidden.device).expand(B, M), N)
     orig_pos = torch.gather(base, 1, vis_idx)
     g = lambda t: torch.gather(t, 1, orig_pos)  # noqa: E731  (layout tensors are indexed by original position)
     last_idx = (seq_valid * torch.arange(M, device=hidden.device)).argmax(1)
     # instruction text: real non-visual tokens after the row's first visual token
     after_first = torch.cumsum(is_vis.long(), 1) > 0
-    text_idx, text_ok = _compact(torch.arange(M, device=hidden.device).expand(B, M), seq_valid & ~is_vis & after_first)
+    text_idx, text_ok = right_packed(seq_valid & ~is_vis & after_first, torch.arange(M, device=hidden.device).expand(B, M))
     ctx = ScoringContext(
         layer=layer,
         hidden=hidden,
@@ -348,15 +348,6 @@ def _run_drop(handle: "PatchHandle", st: ForwardState, i: int, hidden: torch.Ten
     return local_idx, rec
 
 
-def _compact(values: torch.Tensor, mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entries of ``values`` [B, M] where ``mask``, packed to the left (ascending), width = max count."""
-    counts = mask.sum(1)
-    width = int(counts.max()) if width is None else width
-    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-    ok = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
-    return torch.gather(values, 1, order).masked_fill(~ok, 0), ok
-
-
 # -- pre-LLM stages --------------------------------------------------------------------------------
 def lm_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
     """Forward pre-hook on the language model: a pre_llm stage shortens its input.
@@ -403,11 +394,11 @@ def _pre_llm_prefill(handle: "PatchHandle", st: ForwardState, kwargs: dict) -> N
     _check_budget(i, stage, k_list, n_vis.tolist())
     ar = torch.arange(L, device=dev).expand(B, L)
     if all(k == n for k, n in zip(k_list, n_vis.tolist())):  # keeps everything: the input is untouched
-        vis_orig, vis_ok = _compact(_to_original(st, ar), is_vis)
+        vis_orig, vis_ok = right_packed(is_vis, _to_original(st, ar))
         st.prefill.records.append(StageRecord(stage, _to_original(st, ar), valid, vis_orig, vis_ok, n_vis, n_vis, L, L,
                                               time.perf_counter() - t0, noop=True))
         return
-    vis_idx, vis_ok = _compact(ar, is_vis, int(n_vis.max()))
+    vis_idx, vis_ok = right_packed(is_vis, ar, int(n_vis.max()))
     g = lambda t: torch.gather(t, 1, vis_idx)  # noqa: E731
     ctx = ScoringContext(
         layer=None, hidden=hidden, position_embeddings=None, seq_valid=valid,
@@ -496,7 +487,7 @@ def apply_reduction(handle: "PatchHandle", st: ForwardState, kwargs: dict, chain
     st.valid = ok
     st.prefill.is_visual = st.layout.is_visual
     st.prefill.prompt_len = rep.shape[1]
-    vis_orig, vis_ok = _compact(kept, st.layout.is_visual)
+    vis_orig, vis_ok = right_packed(st.layout.is_visual, kept)
     st.prefill.records.append(StageRecord(
         stage=stage, kept=kept, kept_ok=ok, kept_visual=vis_orig, kept_visual_ok=vis_ok, visual_before=n_before,
         visual_after=st.layout.is_visual.sum(1), tokens_before=M, tokens_after=rep.shape[1],

@@ -33,6 +33,7 @@ class PatchHandle:
         self._vision_run = None  # vision.state.VisionRun of the tower call in progress
         self._vision_out = None  # vision.state.VisionOutcome of the last tower call, until the LLM input takes it
         self.structural_attention = False  # True: skip_visual / neighbor layers run query-subset attention (real savings)
+        self.structural_heads = False  # True: visual-scope head pruning slices q/k/v/o for visual rows
         self._restore: list = []  # undo records of instance-level changes (structural.hooks), applied in reverse
         self._hooks: list = []
         self._sites: list[str] = []

@@ -22,14 +22,20 @@ def topk_per_row(
     return ops.topk(scores, valid, k, backend=backend)
 
 
-def right_packed(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices where ``mask`` [B, N] holds, ascending, padded on the right to the longest row: ``(idx, ok)``
-    (padding slots: ``ok`` False, index 0). What a criterion's ``select`` returns for a kept set of any size."""
+def right_packed(mask: torch.Tensor, values: torch.Tensor | None = None,
+                 width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where ``mask`` [B, N] holds, ascending, padded on the right: ``(out [B, K], ok [B, K])``.
+
+    ``out`` holds the indices (or, given ``values`` [B, N], those entries of ``values``); padding slots have
+    ``ok`` False and 0. ``K`` = the longest row's count unless ``width`` is given. What a criterion's
+    ``select`` returns for a kept set of any size; the engine packs positions with it too.
+    """
     counts = mask.sum(1)
-    K = int(counts.max()) if mask.shape[0] else 0
+    K = width if width is not None else (int(counts.max()) if mask.shape[0] else 0)
     order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :K]
     ok = torch.arange(K, device=mask.device)[None, :] < counts[:, None]
-    return order.masked_fill(~ok, 0), ok
+    out = order if values is None else torch.gather(values, 1, order)
+    return out.masked_fill(~ok, 0), ok
 
 
 def left_packed(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

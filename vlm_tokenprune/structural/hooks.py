@@ -51,7 +51,7 @@ class _Undo:
 
 def _heads_split(handle: "PatchHandle") -> bool:
     """True when ``install_attention`` put the YOPO head split in place (eager / sdpa / 2-D-mask backends)."""
-    return bool(getattr(handle, "structural_heads", False))
+    return handle.structural_heads
 
 
 def _swap(handle: "PatchHandle", obj: Any, name: str, new: Any) -> None:

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import IncompatiblePolicyError, InputError
 from ..reduction import Reduction
+from ..selection import right_packed
 from .state import VisionOutcome, VisionRun
 
 if TYPE_CHECKING:
@@ -198,7 +199,7 @@ def lm_prefill(handle: "PatchHandle", st: "ForwardState", kwargs: dict, stage: A
     """The vision stage's part of the pre-LLM path: drop the empty slots of the language model's input
     through ``engine.apply_reduction`` (positions, mask, source map, rebased state); a no-op record
     when the tower kept every token (the input is untouched)."""
-    from ..engine import _compact, apply_reduction
+    from ..engine import apply_reduction
     from ..state import StageRecord
 
     hidden = kwargs.get("inputs_embeds")
@@ -213,7 +214,7 @@ def lm_prefill(handle: "PatchHandle", st: "ForwardState", kwargs: dict, stage: A
     ar = torch.arange(L, device=hidden.device).expand(B, L)
     is_vis = st.layout.is_visual & st.valid
     n_vis = is_vis.sum(1)
-    vis, vis_ok = _compact(ar, is_vis)
+    vis, vis_ok = right_packed(is_vis, ar)
     st.prefill.records.append(StageRecord(stage, ar, st.valid, vis, vis_ok, n_vis, n_vis, L, L,
                                           time.perf_counter() - t0, noop=True))
 
