@@ -26,7 +26,7 @@ with allocations >= 64 KiB served by mmap (``mallopt``) so freed memory leaves t
 on CUDA ``torch.cuda.max_memory_allocated``. The Triton column needs a GPU: on CPU it is
 reported as pending (the interpreter is a correctness tool, ~1000x slower than torch).
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/kernels.py [--shapes llava15,next,video] [--repeats 7]
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/kernel_bench.py [--shapes llava15,next,video] [--repeats 7]
 [--out benchmarks/results/kernels_cpu.md]``
 """
 from __future__ import annotations
@@ -206,7 +206,7 @@ def _mib(x):
 def render(rows, meta) -> str:
     tri = meta["triton_ran"]
     lines = [
-        "# Hot-op benchmark (`benchmarks/kernels.py`)",
+        "# Hot-op benchmark (`benchmarks/kernel_bench.py`)",
         "",
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}; device: {meta['device']}; torch {meta['torch']}; triton: {meta['triton']}; "
@@ -272,7 +272,7 @@ def main(argv=None) -> None:
         rows.append(bench_gather(name, n, device, dtype, a.repeats, use_triton))
         print(rows[-2], rows[-1], flush=True)
     meta = {
-        "command": "OMP_NUM_THREADS=1 python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "OMP_NUM_THREADS=1 python benchmarks/kernel_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
