@@ -33,7 +33,7 @@ from .errors import IncompatiblePolicyError, InputError, PolicyError, Unsupporte
 
 log = logging.getLogger(__name__)
 FORMAT = "vlm_tokenprune.calibration/1"
-WHAT = ("heads", "layers")
+WHAT = ("heads", "layers", "sublayers")
 _GEOMETRY = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "head_dim", "vocab_size")
 
@@ -52,7 +52,7 @@ def config_hash(geometry: Mapping) -> str:
 
 
 def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], what: str = "heads", path: str | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, count: int | None = None) -> dict:
     """Run ``model`` (unpatched) on ``batches`` (dicts of model inputs) and record ``what``.
 
     Returns the artifact dict; writes it as JSON to ``path`` when given. Shapes:
@@ -67,6 +67,17 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], what: str 
 
     if what not in WHAT:
         raise PolicyError("what", f"{what!r}; allowed: {', '.join(WHAT)}")
+    if what == "sublayers":
+        from .search.finercut import greedy_sublayers
+
+        art = greedy_sublayers(model, list(batches), count=count, progress=progress)
+        geo = model_geometry(model)
+        art = {"format": FORMAT, "what": what, "config": geo, "config_hash": config_hash(geo), **art}
+        if path is not None:
+            _write_json(path, art)
+        return art
+    if count is not None:
+        raise PolicyError("count", f"only applies to what='sublayers', not {what!r}")
     adapter = resolve_adapter(model)
     adapter.check(model)
     seams = adapter.seams(model)
@@ -135,6 +146,22 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], what: str 
             json.dump(art, f)
         log.info("calibration (%s, %d samples) written to %s", what, len(per_sample), path)
     return art
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+
+
+def select_sublayers(art: dict, count: int, where: str = "removed") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The first ``count`` sublayers of a ``what="sublayers"`` artifact's greedy order: ``(attn layers, ffn layers)``."""
+    order = art["order"]
+    if count > len(order):
+        raise IncompatiblePolicyError(where, f"would remove {count} sublayers; the calibration file ranks {len(order)} "
+                                      "(calibrate with a larger count)")
+    attn = sorted(layer for kind, layer in order[:count] if kind == "attn")
+    ffn = sorted(layer for kind, layer in order[:count] if kind == "ffn")
+    return tuple(attn), tuple(ffn)
 
 
 def load_artifact(path: str, model: nn.Module, what: str, where: str) -> dict:

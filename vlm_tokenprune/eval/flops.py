@@ -337,6 +337,10 @@ def structural_layer_flops(g: TextGeometry, t: int, v: int, ops: Mapping[str, An
     att_vis = 2 * q_rows_vis * h * (heads - pv) * (t + vis_keys) if q_rows_vis else 0
     mlp_vis = 0 if skip_v else 3 * v * d * ops.get("ffn", m)
     mlp = 3 * t * d * m + mlp_vis
+    if ops.get("skip_ffn"):
+        mlp = 0
+    if ops.get("skip_attn"):
+        q_flops = o_flops = kv_flops = att_text = att_vis = 0
     return float(2 * (q_flops + o_flops + kv_flops + mlp) + 2 * (att_text + att_vis))
 
 
@@ -367,7 +371,8 @@ def structural_flops(model_config: Any, policy: Any, n_text: int, n_visual: int,
     for j, n in enumerate(tokens):
         v = n - int(n_text)
         ops = {"skip_all": j in plan.skip_all, "skip_visual": j in plan.skip_visual,
-               "heads_all": plan.heads_all.get(j, ()), "heads_visual": plan.heads_visual.get(j, ())}
+               "heads_all": plan.heads_all.get(j, ()), "heads_visual": plan.heads_visual.get(j, ()),
+               "skip_attn": j in getattr(plan, "skip_attn", ()), "skip_ffn": j in getattr(plan, "skip_ffn", ())}
         if j in plan.ffn:
             ops["ffn"] = plan.ffn[j]
         if j in plan.neighbor:

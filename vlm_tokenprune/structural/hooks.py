@@ -206,6 +206,13 @@ def install_hooks(handle: "PatchHandle", plan: StructuralPlan) -> None:
         if j in plan.skip_visual:
             _swap(handle, layer, "forward", functools.partial(_skip_visual_forward, handle, j, layer.forward))
             handle._add(f"decoder layer {j}: forward wrapped (instance; visual rows pass through, skip_layers scope=visual)", _NoHook())
+        # FinerCut sublayers last: they replace whatever the ops above wrapped on this layer
+        if j in getattr(plan, "skip_attn", ()):
+            _swap(handle, layer.self_attn, "forward", _removed_attention)
+            handle._add(f"decoder layer {j}: self_attn forward replaced (instance) by zeros (skip_sublayers attn)", _NoHook())
+        if j in getattr(plan, "skip_ffn", ()):
+            _swap(handle, layer.mlp, "forward", _removed_mlp)
+            handle._add(f"decoder layer {j}: mlp forward replaced (instance) by zeros (skip_sublayers ffn)", _NoHook())
 
 
 def _install_head_slices(handle: "PatchHandle", plan: StructuralPlan, j: int, attn: nn.Module) -> None:
@@ -284,6 +291,18 @@ def _layer_post_hook(handle, j: int, module, args, out) -> None:
 def _skip_all_forward(*args, **kwargs):
     """A skipped decoder layer: its input is its output; its KV cache is never written."""
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _removed_attention(*args, **kwargs):
+    """A removed attention sublayer (FinerCut): adds nothing to the residual stream; no projection,
+    no attention, no KV cache write."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return torch.zeros_like(hidden), None
+
+
+def _removed_mlp(x: torch.Tensor) -> torch.Tensor:
+    """A removed MLP sublayer (FinerCut): adds nothing to the residual stream."""
+    return torch.zeros_like(x)
 
 
 def _skip_visual_forward(handle, j, orig, *args, **kwargs):

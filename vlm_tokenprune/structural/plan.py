@@ -15,6 +15,10 @@ before any hook exists (``patch()`` calls ``resolve`` first; a failure leaves th
   saves compute (``hooks._attention``, ``hooks._install_head_slices``); without it, masks only.
 - ``ffn``: ``{layer: m_visual}``: visual tokens use the first ``m_visual`` MLP channels.
 - ``neighbor``: ``{layer: w}``: visual->visual attention within a w x w window of the patch grid.
+- ``skip_attn`` / ``skip_ffn``: layers whose self-attention / MLP sublayer is removed for every
+  token (FinerCut, arXiv 2405.18218): the residual stream passes it unchanged. Attention is
+  refused at layers ``<= first_full_attention_layer`` (as ``skip_all``) and where a token stage's
+  criterion reads the layer's keys.
 """
 from __future__ import annotations
 
@@ -36,6 +40,8 @@ SAVINGS = {
                     "pruned); attention: kept heads over all tokens, pruned heads text queries x text keys only",
     "ffn": "real: visual rows run two matmuls on the sliced first m/ratio channels",
     "neighbor": "real: visual queries attend in chunks of one grid row, each with only its allowed keys (text + the w//2 rows above)",
+    "skip_attn": "real: q/k/v/o_proj and the attention do not run (the layer's KV cache stays empty)",
+    "skip_ffn": "real: the MLP does not run",
 }
 
 
@@ -49,6 +55,8 @@ class StructuralPlan:
     heads_visual: dict = field(default_factory=dict)
     ffn: dict = field(default_factory=dict)  # layer -> visual MLP width
     neighbor: dict = field(default_factory=dict)  # layer -> window
+    skip_attn: tuple[int, ...] = ()  # layers whose attention sublayer is removed (all tokens)
+    skip_ffn: tuple[int, ...] = ()  # layers whose MLP sublayer is removed (all tokens)
 
     @property
     def needs_4d_mask(self) -> bool:
@@ -71,6 +79,10 @@ class StructuralPlan:
         if self.ffn:
             widths = sorted(set(self.ffn.values()))
             out.append(f"visual FFN cut to {widths} channels on {len(self.ffn)} layers [{SAVINGS['ffn']}]")
+        if self.skip_attn:
+            out.append(f"remove the attention sublayer of layers {list(self.skip_attn)} [{SAVINGS['skip_attn']}]")
+        if self.skip_ffn:
+            out.append(f"remove the MLP sublayer of layers {list(self.skip_ffn)} [{SAVINGS['skip_ffn']}]")
         if self.neighbor:
             out.append(f"neighbour visual attention, window {sorted(set(self.neighbor.values()))} on {len(self.neighbor)} layers "
                        f"[{SAVINGS['neighbor']}]")
@@ -99,6 +111,20 @@ def _layers(spec: Any, n: int, where: str) -> tuple[int, ...]:
     return tuple(spec)
 
 
+def _check_attention_removable(attn: Any, seams: Any, captured: set, where: str) -> None:
+    """Attention sublayers can go only above the layer whose cache length / masks are read, and not
+    where a token stage's criterion reads the layer's keys."""
+    first = seams.first_full_attention_layer
+    low = [x for x in attn if x <= first]
+    if low:
+        raise IncompatiblePolicyError(where, f"layer {low[0]}'s attention cannot be removed (the KV cache length and the masks "
+                                      f"are read at layer {first}); allowed: {first + 1}..{seams.num_layers - 1}")
+    read = sorted(set(attn) & captured)
+    if read:
+        raise IncompatiblePolicyError(where, f"layer {read[0]}'s attention is read by a token stage's criterion (the stage at "
+                                      f"layer {read[0] + 1}); remove another layer's attention or move the stage")
+
+
 def _check_linear(m: Any, where: str) -> None:
     if type(m) is not nn.Linear:
         raise UnsupportedModelError(where, f"is {type(m).__name__}; structural ops need plain torch.nn.Linear projections")
@@ -106,7 +132,7 @@ def _check_linear(m: Any, where: str) -> None:
 
 def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | None:
     """The concrete plan of ``policy``'s structural stages on ``model`` (None: no structural stage)."""
-    from ..calibrate import load_artifact, select_heads, select_layers
+    from ..calibrate import load_artifact, select_heads, select_layers, select_sublayers
 
     stages = [(i, s) for i, s in enumerate(policy.stages) if s.structural and s.op != "visual_drop"]
     if not stages:
@@ -174,6 +200,19 @@ def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | No
             kw["ffn"] = out
         elif st.op == "neighbor_attention":
             kw["neighbor"] = {layer: p["window"] for layer in _layers(p["layers"], n, f"{where}.layers")}
+        elif st.op == "skip_sublayers":
+            if "calibration" in p:
+                art = load_artifact(p["calibration"], model, "sublayers", f"{where}.calibration")
+                count = max(0, min(2 * n, round(p["removed"] * 2 * n / p["of"])))
+                attn, ffn = select_sublayers(art, count, where=f"{where}.removed")
+            else:
+                attn = _layers(p.get("attn", ()), n, f"{where}.attn")
+                ffn = _layers(p.get("ffn", ()), n, f"{where}.ffn")
+            _check_attention_removable(attn, seams, capture_layers(policy), f"{where}.attn")
+            for layer in ffn:
+                if getattr(seams.decoder_layers[layer], "mlp", None) is None:
+                    raise UnsupportedModelError(f"decoder layer {layer}.mlp", "is missing; skip_sublayers(ffn) needs an mlp module")
+            kw["skip_attn"], kw["skip_ffn"] = tuple(attn), tuple(ffn)
     plan = StructuralPlan(**kw)
     if plan.needs_4d_mask and seams.mask_format == "2d":
         raise UnsupportedModelError(
@@ -197,6 +236,7 @@ def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | No
             {k: v for k, v in plan.heads_visual.items() if k not in drop},
             {k: v for k, v in plan.ffn.items() if k not in drop},
             {k: v for k, v in plan.neighbor.items() if k not in drop},
+            tuple(x for x in plan.skip_attn if x not in drop), tuple(x for x in plan.skip_ffn if x not in drop),
         )
     return plan
 
@@ -225,4 +265,7 @@ def static_plan(policy: Policy, num_layers: int, num_heads: int, intermediate_si
             kw["ffn"] = {j: width for j in _layers(p["layers"], num_layers, f"stages[{i}].layers")}
         elif st.op == "neighbor_attention":
             kw["neighbor"] = {j: p["window"] for j in _layers(p["layers"], num_layers, f"stages[{i}].layers")}
+        elif st.op == "skip_sublayers":
+            kw["skip_attn"] = _layers(p.get("attn", ()), num_layers, f"stages[{i}].attn")
+            kw["skip_ffn"] = _layers(p.get("ffn", ()), num_layers, f"stages[{i}].ffn")
     return StructuralPlan(num_layers, num_heads, **kw) if kw else None

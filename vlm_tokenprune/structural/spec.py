@@ -19,6 +19,10 @@ ffn_cut             ``ratio`` (2.0: visual tokens use the first ``m // ratio`` M
 neighbor_attention  ``window`` (5, odd: visual->visual attention within a w x w patch window),
                     ``layers`` (``all``)
 visual_drop         ``layer`` (from this decoder layer on the visual tokens are removed)
+skip_sublayers      FinerCut (arXiv 2405.18218): ``attn`` and / or ``ffn`` (lists of layers whose
+                    self-attention / MLP sublayer is removed, for every token: the residual
+                    stream passes it unchanged) | ``calibration`` (a ``what="sublayers"``
+                    artifact) with ``removed`` (16) of ``of`` (64) sublayers, scaled to the model
 ==================  =========================================================================
 
 List syntax (string grammar): items joined with ``;`` (``,`` separates keys, ``+`` stages),
@@ -34,8 +38,8 @@ from typing import Any, Callable, Mapping
 from ..errors import PolicyError
 
 TOKEN_OPS = ("prune", "visual_drop")  # ops that change the token set (ordered by layer, engine-driven)
-STRUCTURAL_OPS = ("skip_layers", "prune_heads", "ffn_cut", "neighbor_attention", "visual_drop")
-SCOPES = {"skip_layers": ("all", "visual"), "prune_heads": ("visual", "all")}
+STRUCTURAL_OPS = ("skip_layers", "prune_heads", "ffn_cut", "neighbor_attention", "visual_drop", "skip_sublayers")
+SCOPES = {"skip_layers": ("all", "visual"), "prune_heads": ("visual", "all"), "skip_sublayers": ("all",)}
 
 
 def _int_list(value: Any, where: str, allow_all: bool = False) -> Any:
@@ -162,6 +166,14 @@ PARAMS: dict[str, dict[str, tuple[Any, Callable]]] = {
     "ffn_cut": {"ratio": (2.0, _ratio), "layers": ("all", lambda v, w: _int_list(v, w, allow_all=True))},
     "neighbor_attention": {"window": (5, _window), "layers": ("all", lambda v, w: _int_list(v, w, allow_all=True))},
     "visual_drop": {},
+    "skip_sublayers": {
+        "attn": (_NONE, lambda v, w: _int_list(v, w)),
+        "ffn": (_NONE, lambda v, w: _int_list(v, w)),
+        "scope": ("all", _choice(SCOPES["skip_sublayers"])),
+        "calibration": (_NONE, _path),
+        "removed": (_NONE, _pos_int(1)),
+        "of": (_NONE, _pos_int(1)),
+    },
 }
 
 
@@ -188,6 +200,21 @@ def check_structural(op: str, params: Mapping[str, Any], where: str) -> dict:
                 raise PolicyError(f"{where}.layers_kept", f"must be <= of ({out['of']}), got {out['layers_kept']}")
         else:
             for k in ("layers_kept", "of"):
+                if k in out:
+                    raise PolicyError(f"{where}.{k}", "only applies with calibration")
+    if op == "skip_sublayers":
+        listed = "attn" in out or "ffn" in out
+        if listed == ("calibration" in out):
+            raise PolicyError(f"{where}.attn", "give attn and / or ffn (lists of layers) or calibration (a what='sublayers' "
+                              "artifact), not both")
+        if "calibration" in out:
+            if "removed" not in out:
+                raise PolicyError(f"{where}.removed", "is required with calibration (how many sublayers are removed)")
+            out.setdefault("of", 64)
+            if out["removed"] > out["of"]:
+                raise PolicyError(f"{where}.removed", f"must be <= of ({out['of']}), got {out['removed']}")
+        else:
+            for k in ("removed", "of"):
                 if k in out:
                     raise PolicyError(f"{where}.{k}", "only applies with calibration")
     if op == "prune_heads":
