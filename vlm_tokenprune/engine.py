@@ -155,7 +155,7 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
         gather_hidden = False
         drop = stage_i is not None and handle.policy.stages[stage_i].op == "visual_drop"
         if stage_i is not None and (st.scoring is not None or drop):
-            local_idx, rec = _run_drop(handle, st, stage_i, hidden) if drop else _run_stage(handle, st, stage_i)
+            local_idx, rec = _run_drop(handle, st, stage_i, hidden) if drop else _run_stage(handle, st, stage_i, hidden)
             if local_idx is not None:
                 # before the first prune current positions are original ones: hidden states join
                 # the kwargs' gather (same indices, one launch); later stages index the current sequence
@@ -233,7 +233,7 @@ def _shrink_kwargs(handle, kwargs, kept, kept_ok, prompt_len, hidden, prefill, c
     return hidden
 
 
-def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
+def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output=None):
     """Score stage ``i`` from the kept input of layer ``stage.layer - 1``; select.
 
     Returns ``(local_idx [B, M'] or None, record)``: the positions of the current sequence
@@ -280,6 +280,7 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
         row=g(layout.row),
         col=g(layout.col),
         segment=g(layout.segment),
+        image=g(layout.image),
         is_newline=g(layout.is_newline),
         coords_known=layout.coords_known,
         keep=k,
@@ -287,6 +288,7 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int):
         text_ok=text_ok,
         keys=captured.get("k"),
         values=captured.get("v"),
+        output=output,
         ops=handle.ops,
     )
     with torch.no_grad():
@@ -404,7 +406,7 @@ def _pre_llm_prefill(handle: "PatchHandle", st: ForwardState, kwargs: dict) -> N
         layer=None, hidden=hidden, position_embeddings=None, seq_valid=valid,
         last_idx=(valid * torch.arange(L, device=dev)).argmax(1), visual_idx=vis_idx, visual_ok=vis_ok,
         orig_pos=_to_original(st, vis_idx), row=g(layout.row), col=g(layout.col), segment=g(layout.segment),
-        is_newline=g(layout.is_newline), coords_known=layout.coords_known,
+        image=g(layout.image), is_newline=g(layout.is_newline), coords_known=layout.coords_known,
         keep=torch.tensor(k_list, device=dev), ops=handle.ops,
     )
     crit = handle.criteria[i]

@@ -40,6 +40,8 @@ class ScoringContext:
     text_ok: torch.Tensor | None = None
     keys: torch.Tensor | None = None  # [B, L, H_kv*d] the scoring layer's own k_proj output, when captured
     values: torch.Tensor | None = None  # [B, L, H_kv*d] its v_proj output
+    image: torch.Tensor | None = None  # [B, N] image index of each visual token within its row (None: unknown)
+    output: torch.Tensor | None = None  # [B, L, D] the scoring layer's output (= the stage layer's input; LLM site)
     ops: Ops = field(default_factory=lambda: Ops("torch"))  # the patch's backend (handle.ops)
 
     def _queries(self, query, query_ok):

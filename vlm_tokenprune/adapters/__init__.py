@@ -4,6 +4,7 @@ from ..registry import ADAPTERS
 from .base import Adapter, Seams, VisualLayout
 from . import llava_hf  # noqa: F401  (registers the LLaVA adapters)
 from . import qwen2_vl  # noqa: F401  (registers the Qwen2-VL / Qwen2.5-VL adapters)
+from . import llava_onevision  # noqa: F401  (registers the LLaVA-OneVision adapter)
 from . import llava_original  # noqa: F401  (the original LLaVA code base, llava-torch; imports no llava itself)
 
 # Known model types that are deliberately not supported, and why (no adapter is registered for them).

@@ -6,6 +6,7 @@ from . import yopo  # noqa: F401  (structural presets: neighbour attention, visu
 from . import covipal  # noqa: F401  (learned, pre_llm: weights from `vlm-tokenprune train covipal`)
 from . import atp  # noqa: F401  (learned, LLM: weights from `vlm-tokenprune train atp`)
 from . import flowcut_vit, mctf  # noqa: F401  (site vision: between CLIP-tower layers)
+from . import divprune, dart  # noqa: F401  (methods-3: DivPrune before the LLM, DART in the LLM)
 from .base import Criterion, Param, register_criterion
 
 __all__ = ["Criterion", "Param", "register_criterion"]

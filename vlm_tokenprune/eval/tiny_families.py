@@ -1,0 +1,118 @@
+"""Tiny random-weight LLaVA-OneVision and InternVL models built offline from configs (real transformers
+classes), and hand-built inputs for them (their processors need torchvision). Used by the tests."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .tiny_models import BOS_ID, IMAGE_TOKEN_ID, PAD_ID
+
+VIDEO_TOKEN_ID = 4  # LLaVA-OneVision video placeholder
+FIRST_TEXT_ID = 7  # random text tokens are drawn from [7, vocab): never a special token
+
+
+def _text_config(model_type: str, *, layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int,
+                 vocab: int):
+    from transformers.models.auto import CONFIG_MAPPING
+
+    return CONFIG_MAPPING[model_type](
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        intermediate_size=intermediate, vocab_size=vocab, max_position_embeddings=4096,
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=2, tie_word_embeddings=False,
+    )
+
+
+def _rows_to_inputs(rows: list[list], counts: dict, vocab: int, g: torch.Generator, padding: str,
+                    tokens: dict) -> dict:
+    """``input_ids`` / ``attention_mask`` for rows of segments: int n = n random text tokens, a key of
+    ``counts`` (``"img"``, ``"vid"``) = the next item's placeholders (``counts[key]``: tokens per item, in order)."""
+    its = {k: iter(v) for k, v in counts.items()}
+    seqs = []
+    for r in rows:
+        s = [BOS_ID]
+        for seg in r:
+            if seg in its:
+                s += [tokens[seg]] * next(its[seg])
+            else:
+                s += torch.randint(FIRST_TEXT_ID, vocab, (int(seg),), generator=g).tolist()
+        seqs.append(s)
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        sl = slice(L - len(s), L) if padding == "left" else slice(0, len(s))
+        ids[b, sl] = torch.tensor(s)
+        mask[b, sl] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# ------------------------------------------------------------------------------------------------
+# LLaVA-OneVision (SigLIP + Qwen2)
+# ------------------------------------------------------------------------------------------------
+def tiny_onevision_config(*, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                          intermediate: int = 128, vocab: int = 128, image_size: int = 16, patch: int = 4,
+                          vision_hidden: int = 32, vision_layers: int = 2, vision_aspect_ratio: str = "anyres_max_9"):
+    """A tiny ``LlavaOnevisionConfig``: a ``image_size/patch`` square SigLIP grid per crop, crops up to 2 x 2."""
+    from transformers import LlavaOnevisionConfig, SiglipVisionConfig
+
+    text = _text_config("qwen2", layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
+                        intermediate=intermediate, vocab=vocab)
+    vision = SiglipVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                num_hidden_layers=vision_layers, num_attention_heads=4, image_size=image_size,
+                                patch_size=patch, vision_use_head=False)
+    s = image_size
+    return LlavaOnevisionConfig(
+        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID, video_token_index=VIDEO_TOKEN_ID,
+        image_grid_pinpoints=[[s, s], [s, 2 * s], [2 * s, s], [2 * s, 2 * s]], vision_feature_layer=-1,
+        vision_feature_select_strategy="full", vision_aspect_ratio=vision_aspect_ratio, tie_word_embeddings=False,
+    )
+
+
+def build_tiny_onevision(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32, **config_kwargs):
+    """A tiny ``LlavaOnevisionForConditionalGeneration`` with seeded random weights."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration._from_config(
+        tiny_onevision_config(**config_kwargs), attn_implementation=attn_implementation, dtype=dtype)
+    return model.eval()
+
+
+def make_onevision_batch(model, rows: list[list], seed: int = 0, padding: str = "left", image_sizes=None,
+                         video_frames=None, batch_num_images=None) -> dict:
+    """Inputs for rows of segments: int n = n random text tokens, ``"img"`` / ``"vid"`` = the next image / video.
+
+    ``image_sizes``: per image (H, W) (default one crop); ``video_frames``: frames per video (all videos
+    of a batch share one count: ``pixel_values_videos`` is ``[n_videos, frames, 3, s, s]``);
+    ``batch_num_images``: images per sample (the processor sends it: a sample with several images is not tiled).
+    Placeholder counts come from the model's own feature path.
+    """
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    s = cfg.vision_config.image_size
+    n_img = sum(seg == "img" for r in rows for seg in r)
+    n_vid = sum(seg == "vid" for r in rows for seg in r)
+    inputs: dict = {}
+    counts: dict = {"img": [], "vid": []}
+    if n_img:
+        sizes = torch.tensor(image_sizes if image_sizes is not None else [[s, s]] * n_img)
+        n_p = [image_size_to_num_patches(x, cfg.image_grid_pinpoints, s) for x in sizes]
+        inputs["pixel_values"] = torch.randn(n_img, max(n_p), 3, s, s, generator=g)
+        inputs["image_sizes"] = sizes
+        if batch_num_images is not None:
+            inputs["batch_num_images"] = torch.tensor(batch_num_images)
+        with torch.no_grad():
+            out = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=sizes,
+                                                 batch_num_images=inputs.get("batch_num_images"))
+        counts["img"] = [int(f.shape[0]) for f in getattr(out, "pooler_output", out)]
+    if n_vid:
+        frames = video_frames or 2
+        inputs["pixel_values_videos"] = torch.randn(n_vid, frames, 3, s, s, generator=g)
+        side = s // cfg.vision_config.patch_size
+        counts["vid"] = [frames * math.ceil(side / 2) ** 2 + 1] * n_vid
+    inputs.update(_rows_to_inputs(rows, counts, cfg.text_config.vocab_size, g, padding,
+                                  {"img": IMAGE_TOKEN_ID, "vid": VIDEO_TOKEN_ID}))
+    return inputs
