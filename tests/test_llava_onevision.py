@@ -17,6 +17,7 @@ import vlm_tokenprune as vtp
 from conftest import BACKENDS
 from helpers import new_tokens
 from reference import fastv_oracle as oracle
+from reference import uniform_oracle
 from vlm_tokenprune import IncompatiblePolicyError, InputError
 from vlm_tokenprune.adapters import resolve_adapter
 from vlm_tokenprune.eval.tiny_families import VIDEO_TOKEN_ID, build_tiny_onevision, make_onevision_batch
@@ -185,40 +186,6 @@ def test_fastv_cached_generate_matches_oracle(attn):
 # ------------------------------------------------------------------------------------------------
 # uniform pre-LLM == plain-loop oracle
 # ------------------------------------------------------------------------------------------------
-def _grid_points(rows: int, cols: int, k: int) -> list[tuple[int, int]]:
-    """``k`` cells spread over a rows x cols grid: centres of a gr x gc sub-grid of the grid's aspect,
-    grown until it holds k, then thinned evenly in raster order (the uniform baseline's spec)."""
-    if k >= rows * cols:
-        return [(r, c) for r in range(rows) for c in range(cols)]
-    gr = min(rows, max(1, round(math.sqrt(k * rows / cols))))
-    gc = min(cols, math.ceil(k / gr))
-    while gr * gc < k:
-        if gr < rows and (gr / rows <= gc / cols or gc == cols):
-            gr += 1
-        else:
-            gc += 1
-    pts = [(int((a + 0.5) * rows / gr), int((b + 0.5) * cols / gc)) for a in range(gr) for b in range(gc)]
-    return [pts[int((i + 0.5) * len(pts) / k)] for i in range(k)]
-
-
-def uniform_oracle(grids: list[dict], k: int) -> list[int]:
-    """grids: per grid {'cells': {(r, c): position}, 'other': [newline positions]}; the row's budget split in
-    proportion to the grids' token counts (largest remainder, earlier grid on ties), newlines picked last."""
-    sizes = [len(g["cells"]) + len(g["other"]) for g in grids]
-    raw = [k * s / sum(sizes) for s in sizes]
-    quota = [min(s, math.floor(r)) for r, s in zip(raw, sizes)]
-    for i in sorted(range(len(sizes)), key=lambda i: (-(raw[i] - math.floor(raw[i])), i)):
-        if sum(quota) < k and quota[i] < sizes[i]:
-            quota[i] += 1
-    kept = []
-    for g, q in zip(grids, quota):
-        rows = max(r for r, _ in g["cells"]) + 1
-        cols = max(c for _, c in g["cells"]) + 1
-        pts = _grid_points(rows, cols, min(q, len(g["cells"])))
-        kept += [g["cells"][p] for p in pts] + g["other"][: q - len(pts)]
-    return sorted(kept)
-
-
 def onevision_grids(first: int, n_base: int, anyres_rows: list[int], video_start: int | None, frames: int,
                     fg: int) -> list[dict]:
     """The row 0 grids of ``batch()`` written out by hand: base 4 x 4 at ``first``, then anyres rows of
@@ -259,7 +226,7 @@ def test_uniform_pre_llm_matches_oracle(attn):
         grids = onevision_grids(first, 16, rows, vstart, 2, 2)
         vis = visual_positions(alone)
         assert sorted(p for g in grids for p in [*g["cells"].values(), *g["other"]]) == vis
-        want_keep = uniform_oracle(grids, k_of(keep, len(vis)))
+        want_keep = uniform_oracle.kept(grids, k_of(keep, len(vis)))
         assert [p - pad for p in trace.stages[0].kept_positions[b]] == want_keep, f"row {b}"
         kept = [p for p in range(len(ids)) if p not in set(vis) or p in set(want_keep)]
         embeds = oracle.prompt_embeds(model, alone)[0, kept]

@@ -5,6 +5,7 @@ from .base import Adapter, Seams, VisualLayout
 from . import llava_hf  # noqa: F401  (registers the LLaVA adapters)
 from . import qwen2_vl  # noqa: F401  (registers the Qwen2-VL / Qwen2.5-VL adapters)
 from . import llava_onevision  # noqa: F401  (registers the LLaVA-OneVision adapter)
+from . import internvl  # noqa: F401  (registers the InternVL 3 / 3.5 adapter)
 from . import llava_original  # noqa: F401  (the original LLaVA code base, llava-torch; imports no llava itself)
 
 # Known model types that are deliberately not supported, and why (no adapter is registered for them).
@@ -18,8 +19,6 @@ KNOWN_UNSUPPORTED = {
                     "pruning would have to track those injections (only pruning above them would be valid)",
     **{t: "the original LLaVA code base (llava-torch) is supported for LlavaLlamaForCausalLM (llava_llama) only; "
           "its Mistral and MPT variants have no adapter yet" for t in ("llava_mistral", "llava_mpt")},
-    "internvl": "InternVL is not supported yet (no adapter: its visual-token layout and pixel-shuffle grid "
-                "are not mapped)",
     "internvl_chat": "InternVL (remote code) is not supported: its modeling code is not part of transformers, "
                      "so its seams cannot be checked",
 }

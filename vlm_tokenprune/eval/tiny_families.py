@@ -116,3 +116,53 @@ def make_onevision_batch(model, rows: list[list], seed: int = 0, padding: str = 
     inputs.update(_rows_to_inputs(rows, counts, cfg.text_config.vocab_size, g, padding,
                                   {"img": IMAGE_TOKEN_ID, "vid": VIDEO_TOKEN_ID}))
     return inputs
+
+
+# ------------------------------------------------------------------------------------------------
+# InternVL 3 / 3.5 (InternViT + pixel shuffle + Qwen2 / Qwen3)
+# ------------------------------------------------------------------------------------------------
+def tiny_internvl_config(*, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                         intermediate: int = 128, vocab: int = 128, image_size: int = 32, patch: int = 4,
+                         vision_hidden: int = 32, vision_layers: int = 2, text_model_type: str = "qwen2"):
+    """A tiny ``InternVLConfig``: ``image_size/patch`` square patches per tile, a 0.5 pixel shuffle
+    (``(image_size / patch / 2)^2`` LLM tokens per tile: 16 by default)."""
+    from transformers import InternVLConfig, InternVLVisionConfig
+
+    text = _text_config(text_model_type, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
+                        intermediate=intermediate, vocab=vocab)
+    vision = InternVLVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                  num_hidden_layers=vision_layers, num_attention_heads=4,
+                                  image_size=[image_size, image_size], patch_size=[patch, patch])
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                          downsample_ratio=0.5, vision_feature_layer=-1, vision_feature_select_strategy="default",
+                          image_seq_length=(image_size // patch // 2) ** 2, tie_word_embeddings=False)
+
+
+def build_tiny_internvl(attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32, **config_kwargs):
+    """A tiny ``InternVLForConditionalGeneration`` with seeded random weights."""
+    from transformers import InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration._from_config(
+        tiny_internvl_config(**config_kwargs), attn_implementation=attn_implementation, dtype=dtype)
+    return model.eval()
+
+
+def make_internvl_batch(model, rows: list[list], seed: int = 0, padding: str = "left", tiles=None) -> dict:
+    """Inputs for rows of segments: int n = n random text tokens, ``"img"`` = the next image (a run of
+    placeholders; separate images by text, as ``<img>`` / ``</img>`` do in real prompts); ``tiles``: per image
+    its tile count (the thumbnail included; default 1). ``pixel_values`` ``[sum(tiles), 3, s, s]``."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    s = cfg.vision_config.image_size[0]
+    per_tile = int(s // cfg.vision_config.patch_size[0] * cfg.downsample_ratio) ** 2
+    n_img = sum(seg == "img" for r in rows for seg in r)
+    tiles = list(tiles) if tiles is not None else [1] * n_img
+    if len(tiles) != n_img:
+        raise ValueError(f"{n_img} images but {len(tiles)} tile counts")
+    inputs: dict = {}
+    if n_img:
+        inputs["pixel_values"] = torch.randn(sum(tiles), 3, s, s, generator=g)
+    inputs.update(_rows_to_inputs(rows, {"img": [n * per_tile for n in tiles]}, cfg.text_config.vocab_size, g,
+                                  padding, {"img": IMAGE_TOKEN_ID}))
+    return inputs
