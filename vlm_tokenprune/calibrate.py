@@ -153,12 +153,19 @@ def _write_json(path: str, data: dict) -> None:
         json.dump(data, f)
 
 
-def select_sublayers(art: dict, count: int, where: str = "removed") -> tuple[tuple[int, ...], tuple[int, ...]]:
+def select_sublayers(art: dict, count: int, num_layers: int, where: str = "stages[0]") -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The first ``count`` sublayers of a ``what="sublayers"`` artifact's greedy order: ``(attn layers, ffn layers)``."""
-    order = art["order"]
+    order = art.get("order")
+    ok = isinstance(order, list) and all(
+        isinstance(p, list) and len(p) == 2 and p[0] in ("attn", "ffn") and isinstance(p[1], int)
+        and not isinstance(p[1], bool) and 0 <= p[1] < num_layers for p in order)
+    if not ok or len({(p[0], p[1]) for p in order}) != len(order):
+        raise PolicyError(f"{where}.calibration.order", f"holds no usable sublayer order (a list of distinct ['attn' | 'ffn', "
+                          f"layer < {num_layers}] pairs); make it again with vlm_tokenprune.calibrate(model, batches, "
+                          "what='sublayers', path=PATH)")
     if count > len(order):
-        raise IncompatiblePolicyError(where, f"would remove {count} sublayers; the calibration file ranks {len(order)} "
-                                      "(calibrate with a larger count)")
+        raise IncompatiblePolicyError(f"{where}.removed", f"would remove {count} sublayers; the calibration file ranks "
+                                      f"{len(order)} (calibrate with a larger count)")
     attn = sorted(layer for kind, layer in order[:count] if kind == "attn")
     ffn = sorted(layer for kind, layer in order[:count] if kind == "ffn")
     return tuple(attn), tuple(ffn)

@@ -314,6 +314,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """EvoPress search (arXiv 2410.14649) for the best policy under a FLOPs budget (``vlm_tokenprune.search``)."""
+    import torch
+
+    from .eval.tiny_vlm import load_tiny_vlm
+    from .search.api import search_policy
+
+    torch.set_num_threads(args.threads)
+    if args.per_sample:
+        from .errors import InputError
+
+        raise InputError("--per-sample", "CoLa's per-sample layer-chain MCTS (arXiv 2507.07996) is not implemented yet")
+    model, processor = load_tiny_vlm(path=None if args.model == "tiny" else args.model)
+    res = search_policy(
+        model, processor, args.budget, space=args.space, calibration=args.calibration, batch_size=args.batch_size,
+        generations=args.generations, offspring=args.offspring, seed=args.seed, criterion=args.criterion,
+        entry=None if args.entry == "none" else args.entry, levels=args.levels, sublayers=args.sublayers, heads=args.heads,
+        heldout=args.heldout, heldout_top=args.heldout_top, out=args.out, resume=args.resume, progress=not args.no_progress,
+    )
+    acc = "-" if res.accuracy is None else f"{res.accuracy:.3f}"
+    print(f"best policy: {res.policy or '(none: the unpruned model)'}")
+    print(f"predicted FLOPs ratio {res.flops_ratio:.3f}, KL {res.fitness:.5f}, held-out accuracy {acc}")
+    print("wrote " + ", ".join(res.files.values()))
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     import torch
 
@@ -429,6 +455,31 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=1)
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_bench)
+
+    se = sub.add_parser("search", help="EvoPress search for the best policy under a FLOPs budget (token budgets, "
+                        "FinerCut sublayers, heads); writes best.yaml and a Pareto table")
+    se.add_argument("--model", default="tiny", help="tiny (the shipped tiny VLM) or a checkpoint folder in its format")
+    se.add_argument("--budget", default="flops=0.3", help="flops=R: predicted LM prefill FLOPs ratio <= R (default 0.3)")
+    se.add_argument("--space", default="tokens", help="comma list of tokens, sublayers, heads (default tokens)")
+    se.add_argument("--calibration", type=int, default=64, help="calibration examples (synthetic val split; default 64)")
+    se.add_argument("--batch-size", type=int, default=8)
+    se.add_argument("--generations", type=int, default=20)
+    se.add_argument("--offspring", type=int, default=16, help="children per generation (default 16)")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--criterion", default="fastv", help="criterion of the LLM token stages (default fastv)")
+    se.add_argument("--entry", default="auto", help="stage before the LLM as a policy fragment (e.g. mctf:layer=0), "
+                    "auto (MCTF where the model has a CLIP tower) or none")
+    se.add_argument("--levels", type=int, default=16, help="token budget levels: keep 1, 1-1/L, ..., 1/L (default 16)")
+    se.add_argument("--sublayers", type=int, default=2, help="removed sublayers when the space has sublayers (default 2)")
+    se.add_argument("--heads", type=int, default=4, help="heads pruned for visual tokens when the space has heads (default 4)")
+    se.add_argument("--heldout", type=int, default=200, help="held-out examples (synthetic test split; default 200)")
+    se.add_argument("--heldout-top", type=int, default=8, help="candidates besides the best scored on the held-out split")
+    se.add_argument("--out", default="vtp_search", help="output folder (default ./vtp_search)")
+    se.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
+    se.add_argument("--per-sample", action="store_true", help="CoLa per-sample layer chains (not implemented)")
+    se.add_argument("--threads", type=int, default=1)
+    se.add_argument("--no-progress", action="store_true")
+    se.set_defaults(func=cmd_search)
 
     from .eval.profiler import MODEL_CHOICES
 

@@ -204,7 +204,7 @@ def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | No
             if "calibration" in p:
                 art = load_artifact(p["calibration"], model, "sublayers", f"{where}.calibration")
                 count = max(0, min(2 * n, round(p["removed"] * 2 * n / p["of"])))
-                attn, ffn = select_sublayers(art, count, where=f"{where}.removed")
+                attn, ffn = select_sublayers(art, count, n, where=where)
             else:
                 attn = _layers(p.get("attn", ()), n, f"{where}.attn")
                 ffn = _layers(p.get("ffn", ()), n, f"{where}.ffn")

@@ -1,0 +1,65 @@
+"""``search_policy`` / ``vlm-tokenprune search`` on the shipped tiny VLM, kept small (2 calibration batches,
+a few children): the result meets the FLOPs budget, is an ordinary policy file, and a resumed search
+equals the straight one; bad budgets and spaces are refused by name."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vlm_tokenprune as vtp
+from vlm_tokenprune import InputError
+from vlm_tokenprune.eval.flops import structural_flops
+from vlm_tokenprune.eval.tiny_vlm import load_tiny_vlm
+from vlm_tokenprune.search.api import parse_budget, parse_space, search_policy
+
+SMALL = dict(calibration=16, batch_size=8, offspring=3, levels=8, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return load_tiny_vlm()
+
+
+def test_meets_budget_and_writes_an_ordinary_policy(tiny, tmp_path):
+    model, processor = tiny
+    res = search_policy(model, processor, "flops=0.4", space="tokens,sublayers", sublayers=1, generations=2, heldout=8,
+                        heldout_top=1, out=tmp_path, **SMALL)
+    assert res.policy is not None and res.flops_ratio <= 0.4
+    pol = vtp.Policy.from_file(str(tmp_path / "best.yaml"))
+    assert pol == vtp.Policy.parse(res.policy) == vtp.Policy.parse((tmp_path / "best.txt").read_text().strip())
+    assert sum(st.op == "skip_sublayers" for st in pol.stages) == 1  # the sublayer count is kept exactly
+    n_text, n_visual = json.loads((tmp_path / "pareto.json").read_text())["n_text"], 256
+    assert structural_flops(model.config, pol, n_text, n_visual)["ratio"] == pytest.approx(res.flops_ratio)
+    with vtp.patch(model, pol):
+        pass
+    table = (tmp_path / "pareto.md").read_text()
+    assert "| `baseline` | 1.000 |" in table and res.policy in table
+    assert res.accuracy is not None
+
+
+def test_resume_equals_straight_run(tiny, tmp_path):
+    model, processor = tiny
+    straight = search_policy(model, processor, "flops=0.3", generations=3, heldout=0, out=tmp_path / "a", **SMALL)
+    search_policy(model, processor, "flops=0.3", generations=1, heldout=0, out=tmp_path / "b", **SMALL)
+    resumed = search_policy(model, processor, "flops=0.3", generations=3, heldout=0, out=tmp_path / "b", resume=True, **SMALL)
+    assert resumed.policy == straight.policy and resumed.fitness == straight.fitness
+    a = json.loads((tmp_path / "a" / "pareto.json").read_text())
+    b = json.loads((tmp_path / "b" / "pareto.json").read_text())
+    assert a["history"] == b["history"]
+
+
+@pytest.mark.parametrize("text,field", [("flops=1.5", "budget"), ("latency=0.3", "budget"), ("flops=x", "budget")])
+def test_bad_budget(text, field):
+    with pytest.raises(InputError) as e:
+        parse_budget(text)
+    assert e.value.field == field
+
+
+def test_bad_space():
+    with pytest.raises(InputError) as e:
+        parse_space("tokens,layers")
+    assert e.value.field == "space"
+    assert parse_space("heads,tokens") == ("heads", "tokens")

@@ -1,0 +1,246 @@
+"""``search_policy``: the best policy for a model under a FLOPs budget (``vlm-tokenprune search``).
+
+EvoPress (arXiv 2410.14649) over a joint space of token budgets per stage (``tokens``), removed
+attention / MLP sublayers (``sublayers``, FinerCut's op, arXiv 2405.18218) and heads pruned for
+visual tokens (``heads``). The constraint is the predicted prefill FLOPs ratio of the language model
+(``eval.flops.structural_flops``) at the calibration prompts' mean text / visual token counts; the
+fitness is the KL divergence of the answer tokens' next-token distributions from the unpruned model
+on the calibration split (``val``); every candidate that reached the last selection step is then
+scored on the held-out split (``test``), which the search never sees.
+
+Budget split: the token sub-space takes the FLOPs budget (its level sum is the smallest whose
+even spread meets it); the sublayer and head sub-spaces keep the counts given (``sublayers``,
+``heads``). Each sub-space's level sum is then fixed (the level switch keeps it exactly), and a
+candidate above the FLOPs budget is infeasible.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ..errors import InputError
+from .evolution import EvoConfig, evolve
+from .head_space import HeadSpace
+from .space import JointSpace
+from .sublayer_space import SublayerSpace
+from .token_space import TokenSpace
+
+SPACES = ("tokens", "sublayers", "heads")
+
+
+def parse_budget(text: "str | float") -> float:
+    """``"flops=0.3"`` (or 0.3) -> 0.3: the largest predicted prefill FLOPs ratio allowed."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        key, eq, val = str(text).partition("=")
+        if not eq or key.strip() != "flops":
+            raise InputError("budget", f"expected flops=R (a FLOPs ratio of the unpruned model, 0 < R <= 1), got {text!r}")
+        try:
+            value = float(val)
+        except ValueError:
+            raise InputError("budget", f"flops must be a number in (0, 1], got {val!r}") from None
+    if not 0 < value <= 1:
+        raise InputError("budget", f"flops must be in (0, 1], got {value}")
+    return value
+
+
+def parse_space(spec: "str | Sequence[str]") -> tuple[str, ...]:
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    bad = [s for s in items if s not in SPACES]
+    if bad or not items:
+        raise InputError("space", f"{bad[0] if bad else spec!r}; allowed: a comma list of {', '.join(SPACES)}")
+    return tuple(dict.fromkeys(items))
+
+
+@dataclass
+class SearchResult:
+    policy: str | None  # the best policy (None: the unpruned model)
+    flops_ratio: float
+    fitness: float
+    accuracy: float | None
+    rows: list = field(default_factory=list)  # every evaluated candidate (see pareto.markdown)
+    files: dict = field(default_factory=dict)
+
+
+def _entry(model, entry: str | None) -> str | None:
+    """``"auto"``: MCTF from vision layer 0 where the model has a CLIP tower, else no entry stage."""
+    if entry != "auto":
+        return entry
+    from .. import patch
+
+    try:
+        patch(model, "mctf:layer=0,keep=0.5").unpatch()
+        return "mctf:layer=0"
+    except ValueError:
+        return None
+
+
+def build_space(model, spaces: Sequence[str], *, criterion: str = "fastv", entry: str | None = "auto", levels: int = 16,
+                layers: Sequence[int] | None = None) -> JointSpace:
+    from ..adapters import resolve_adapter
+
+    seams = resolve_adapter(model).seams(model)
+    n, first = seams.num_layers, seams.first_full_attention_layer
+    attn0 = seams.decoder_layers[0].self_attn
+    n_heads = attn0.q_proj.out_features // attn0.head_dim
+    parts = []
+    if "tokens" in spaces:
+        parts.append(TokenSpace(tuple(layers) if layers else tuple(range(1, n)), criterion, _entry(model, entry), levels))
+    if "sublayers" in spaces:
+        parts.append(SublayerSpace(tuple(range(first + 1, n)), tuple(range(n))))
+    if "heads" in spaces:
+        parts.append(HeadSpace(tuple((j, h) for j in range(1, n) for h in range(n_heads))))
+    return JointSpace(tuple(parts))
+
+
+def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, space: "str | Sequence[str]" = ("tokens",),
+                  calibration: int = 64, batch_size: int = 8, generations: int = 20, offspring: int = 16,
+                  steps: Sequence[tuple[int, int]] | None = None, seed: int = 0, criterion: str = "fastv",
+                  entry: str | None = "auto", levels: int = 16, sublayers: int = 2, heads: int = 4, heldout: int = 200,
+                  heldout_top: int = 8, metric: str = "kl", out: "str | os.PathLike | None" = None, resume: bool = False,
+                  progress: bool = True, heldout_fn: Callable[[Any], float] | None = None) -> SearchResult:
+    """Search the best policy under ``budget``; write it and a Pareto table to ``out`` when given.
+
+    ``calibration`` examples (the synthetic ``val`` split) in batches of ``batch_size``; ``steps``
+    (EvoPress multi-step selection, calibration batches and survivors per step) default to a quarter,
+    half and all of the batches with 4, 2, 1 survivors. ``heldout`` examples of the ``test`` split
+    score the best and at most ``heldout_top`` other candidates that reached the last step
+    (``heldout_fn(policy) -> accuracy`` replaces the synthetic held-out evaluation).
+    """
+    from ..eval.flops import structural_flops
+    from ..policy import Policy
+    from .data import calibration_batches, heldout_accuracy
+    from .fitness import build_calibration, policy_divergence
+    from .pareto import markdown, pareto_front, plot
+
+    ratio_max = parse_budget(budget)
+    spaces = parse_space(space)
+    if calibration < batch_size:
+        raise InputError("calibration", f"needs at least one batch ({batch_size} examples), got {calibration}")
+    batches, masks, n_text, n_visual = calibration_batches(model, processor, calibration, batch_size)
+    cal = build_calibration(model, batches, masks)
+    nb = len(cal)
+    if steps is None:
+        steps = tuple(sorted({(max(1, nb // 4), 4), (max(1, nb // 2), 2), (nb, 1)}, key=lambda s: (s[0], -s[1])))
+        steps = tuple(s for i, s in enumerate(steps) if i == len(steps) - 1 or s[0] < steps[i + 1][0])
+    config = EvoConfig(generations=generations, offspring=offspring, steps=tuple(tuple(s) for s in steps), seed=seed)
+    joint = build_space(model, spaces, criterion=criterion, entry=entry, levels=levels)
+
+    ratios: dict = {}
+
+    def ratio(levels_: Sequence[int]) -> float:
+        key = tuple(levels_)
+        if key not in ratios:
+            pol = joint.policy_string(key)
+            ratios[key] = 1.0 if pol is None else structural_flops(model.config, pol, n_text, n_visual)["ratio"]
+        return ratios[key]
+
+    def conflicts(levels_: Sequence[int]) -> bool:
+        pol = joint.policy(levels_)
+        if pol is None:
+            return False
+        read = {st.layer - 1 for st in pol.stages if st.op == "prune" and st.site == "llm"}
+        removed = {a for st in pol.stages if st.op == "skip_sublayers" for a in st.params.get("attn", ())}
+        return bool(read & removed)
+
+    def feasible(levels_: Sequence[int]) -> bool:
+        return joint.valid(levels_) and not conflicts(levels_) and ratio(levels_) <= ratio_max + 1e-12
+
+    start = _start(joint, spaces, sublayers, heads, feasible)
+    if start is None:
+        raise InputError("budget", f"no policy of space {','.join(spaces)} reaches flops={ratio_max} (with sublayers="
+                         f"{sublayers}, heads={heads}); allow more (a larger space, more sublayers / heads) or a larger budget")
+
+    def fitness(levels_, b):
+        return policy_divergence(model, cal, joint.policy_string(levels_), b, metric)
+
+    ck = os.path.join(os.fspath(out), "checkpoint.json") if out is not None else None
+    extra = json.dumps([joint.units, n_text, n_visual, metric, ratio_max, calibration, batch_size])
+    res = evolve(fitness, start, joint.max_levels, joint.groups, nb, config, feasible=feasible, checkpoint=ck,
+                 resume=resume, progress=progress, extra_signature=extra)
+
+    rows = []
+    for lv, per in res.evaluated.items():
+        rows.append({"policy": joint.policy_string(lv), "levels": list(lv), "flops_ratio": ratio(lv),
+                     "fitness": sum(per.values()) / len(per), "batches": len(per), "accuracy": None})
+    best_pol = joint.policy_string(res.best)
+    final = sorted((r for r in rows if r["batches"] >= config.steps[-1][0]), key=lambda r: r["fitness"])
+    chosen = [r for r in final if r["policy"] == best_pol] + [r for r in final if r["policy"] != best_pol][:heldout_top]
+    score = heldout_fn or (lambda pol: heldout_accuracy(model, processor, pol, heldout, batch_size))
+    if heldout > 0:
+        from tqdm.auto import tqdm
+
+        for r in tqdm(chosen, desc="held-out", disable=not progress):
+            r["accuracy"] = score(r["policy"])
+        rows.append({"policy": None, "levels": None, "flops_ratio": 1.0, "fitness": 0.0, "batches": nb,
+                     "accuracy": score(None)})
+    best_row = next(r for r in rows if r["policy"] == best_pol and r["levels"] is not None)
+    result = SearchResult(best_pol, ratio(res.best), res.fitness, best_row["accuracy"], rows)
+    if out is not None:
+        result.files = _write(out, result, res, joint, config, ratio_max, spaces, n_text, n_visual, heldout, metric)
+        front = pareto_front(rows)
+        with open(os.path.join(out, "pareto.md"), "w", encoding="utf-8") as f:
+            f.write(f"Search under flops <= {ratio_max} (space {','.join(spaces)}; n_text {n_text}, n_visual {n_visual}); "
+                    f"held-out accuracy on {heldout} test examples.\n\n" + markdown(rows, front))
+        result.files["pareto.md"] = os.path.join(out, "pareto.md")
+        if plot(rows, front, os.path.join(out, "pareto.png"), ratio_max):
+            result.files["pareto.png"] = os.path.join(out, "pareto.png")
+    if best_pol is not None:
+        Policy.parse(best_pol)  # the result is an ordinary policy
+    return result
+
+
+def _start(joint: JointSpace, spaces, sublayers: int, heads: int, feasible) -> list[int] | None:
+    """The search's start: fixed counts for sublayers / heads, and the smallest level sum of the free
+    sub-space (tokens if searched, else sublayers, else heads) whose even spread is feasible."""
+    free = 0  # the first sub-space takes the budget
+    counts = {"sublayers": sublayers, "heads": heads}
+    fixed = []
+    for i, s in enumerate(joint.spaces):
+        if i == free:
+            fixed.append(None)
+            continue
+        lv = s.canonical(counts.get(s.name, 0))
+        if lv is None:
+            return None
+        fixed.append(lv)
+    free_space = joint.spaces[free]
+    total = 0
+    while True:
+        lv = free_space.canonical(total)
+        if lv is None:
+            return None
+        cand = [x for part in (lv if f is None else f for f in fixed) for x in part]
+        if feasible(tuple(cand)):
+            return cand
+        total += 1
+
+
+def _write(out, result: SearchResult, res, joint: JointSpace, config: EvoConfig, ratio_max: float, spaces, n_text: int,
+           n_visual: int, heldout: int, metric: str) -> dict:
+    import yaml
+
+    from ..policy import Policy
+    from .checkpoint import write_json_atomic
+
+    os.makedirs(out, exist_ok=True)
+    files = {}
+    txt = result.policy or ""
+    with open(os.path.join(out, "best.txt"), "w", encoding="utf-8") as f:
+        f.write(txt + "\n")
+    files["best.txt"] = os.path.join(out, "best.txt")
+    if result.policy is not None:
+        with open(os.path.join(out, "best.yaml"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(Policy.parse(result.policy).to_dict(), f, sort_keys=False)
+        files["best.yaml"] = os.path.join(out, "best.yaml")
+    summary = {"budget": {"flops": ratio_max}, "space": list(spaces), "units": joint.units, "n_text": n_text,
+               "n_visual": n_visual, "metric": metric, "config": {**config.__dict__, "steps": [list(s) for s in config.steps]},
+               "best": {"policy": result.policy, "levels": list(res.best), "flops_ratio": result.flops_ratio,
+                        "fitness": result.fitness, "heldout_accuracy": result.accuracy, "heldout_examples": heldout},
+               "history": res.history, "rows": result.rows}
+    write_json_atomic(os.path.join(out, "pareto.json"), summary)
+    files["pareto.json"] = os.path.join(out, "pareto.json")
+    return files
