@@ -8,6 +8,7 @@ from . import covipal  # noqa: F401  (learned, pre_llm: weights from `vlm-tokenp
 from . import atp  # noqa: F401  (learned, LLM: weights from `vlm-tokenprune train atp`)
 from . import flowcut_vit, mctf  # noqa: F401  (site vision: between CLIP-tower layers)
 from . import divprune, dart  # noqa: F401  (methods-3: DivPrune before the LLM, DART in the LLM)
+from . import vispruner, visionzip  # noqa: F401  (methods-3: site vision, at the feature layer)
 from .base import Criterion, Param, register_criterion
 
 __all__ = ["Criterion", "Param", "register_criterion"]

@@ -1,0 +1,120 @@
+"""VisPruner: "Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in VLMs"
+(Zhang et al., ICCV 2025), arXiv 2412.01818; official ``Theia-4869/VisPruner`` (``llava_arch.py: encode_images``).
+
+Text-agnostic, at the vision tower's feature layer ``F`` (the layer LLaVA reads; 22 of 24), per crop,
+with a budget of ``T`` patches and ``important_ratio`` ``r``:
+
+1. ``T_imp = int(T * r)`` important tokens: the patches the CLS query attends to most at layer ``F``
+   (post-softmax over every token, mean over heads; ties to the lower index). The other patches form
+   the residual list ``R`` in that descending order.
+2. ``T_div = T - T_imp`` diverse tokens from ``R``, on the L2-normalised features of layer ``F``'s
+   output: while ``T_div > 0`` and ``s = min(8, |R| - T_div) > 0``, split ``R`` by parity of position
+   (``a = R[0::2]``, ``b = R[1::2]``), score each ``a`` token by its highest cosine similarity to a
+   ``b`` token, drop the ``s`` highest-scoring ``a`` tokens and continue with ``R = [the other a
+   tokens in descending-score order] + b`` (the order matters: the next round splits by parity
+   again). With ``T_div = 0`` only the important tokens stay.
+3. Kept = important + ``R`` in their original spatial order; the language model sees them with the
+   positions of the stage (``repack``: contiguous, as LLaVA's splice).
+
+The official code splits an odd ``|R|`` into shapes that do not broadcast (it runs only with
+even residual counts, e.g. 576 - 64); here ``a`` simply has one more token. Presets: ``vispruner``
+keeps 128 of 576 (``r = 0.5``, the README's 64 + 64), ``vispruner_64`` 64 (``r = 0.75``, 48 + 16),
+``vispruner_192`` 192 (``r = 0.5``); as fractions they scale to any tower.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import IncompatiblePolicyError
+from ..policy import register_preset
+from ..vision.base import VisionCriterion
+from .base import Param, register_criterion
+
+
+def feature_layer_cls_attention(run, seams) -> torch.Tensor:
+    """``[n, H, T]`` post-softmax attention of the CLS query over every token at the feature layer (fp32),
+    from that layer's captured q/k projections."""
+    (jq, q), (jk, k) = run.captured["q"], run.captured["k"]
+    if jq != seams.feature_layer or jk != seams.feature_layer:
+        raise RuntimeError(f"expected the feature layer's ({seams.feature_layer}) projections, got layers {jq}/{jk}")
+    attn = seams.layers[seams.feature_layer].self_attn
+    n, T, D = q.shape
+    H = attn.num_heads
+    qc = q[:, 0].float().view(n, H, D // H)
+    kk = k.float().view(n, T, H, D // H)
+    return torch.softmax(torch.einsum("nhd,nthd->nht", qc, kk) * attn.scale, dim=-1)
+
+
+def keep_tokens(run, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Keep CLS and the patches where ``keep`` ``[n, T-1]`` is True (same count per crop), in order; record it."""
+    n, T = hidden.shape[:2]
+    idx = keep.nonzero()[:, 1].view(n, -1) + 1
+    sel = torch.cat([torch.zeros(n, 1, dtype=torch.long, device=idx.device), idx], dim=1)
+    K = sel.shape[1]
+    to = torch.full((n, T), -1, dtype=torch.long, device=sel.device)
+    to.scatter_(1, sel, torch.arange(K, device=sel.device).expand(n, K))
+    run.reassign(to, torch.gather(run.ident, 1, sel), torch.gather(run.size, 1, sel))
+    return torch.gather(hidden, 1, sel.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def remove_duplicates(feats: torch.Tensor, residual: list[int], n_div: int) -> list[int]:
+    """VisPruner's iterative duplicate removal: ``residual`` (indices into ``feats`` [N, C], normalised)
+    shrunk to ``n_div`` tokens, at most 8 per round."""
+    R = list(residual)
+    while n_div > 0:
+        s = min(8, len(R) - n_div)
+        if s <= 0:
+            break
+        a, b = R[0::2], R[1::2]
+        score = (feats[a] @ feats[b].T).max(dim=-1).values
+        order = torch.sort(score, descending=True, stable=True).indices.tolist()
+        R = [a[i] for i in order[s:]] + b
+    return R if n_div > 0 else []
+
+
+def select_patches(cls_attn: torch.Tensor, feats: torch.Tensor, budget: int, important_ratio: float) -> list[int]:
+    """Kept patch indices (unsorted: important first) of one crop from its CLS attention ``[N]`` (mean over
+    heads) and its L2-normalised features ``[N, C]``."""
+    n_imp = int(budget * important_ratio)
+    order = torch.sort(cls_attn, descending=True, stable=True).indices.tolist()
+    return order[:n_imp] + remove_duplicates(feats, order[n_imp:], budget - n_imp)
+
+
+@register_criterion
+class VisPrunerCriterion(VisionCriterion):
+    name = "vispruner"
+    paper = "VisPruner: important tokens by CLS attention + diverse tokens by duplicate removal (vision feature layer)"
+    arxiv = "2412.01818"
+    image_only_fixed_count = True  # each crop keeps its budget, chosen from that crop alone
+    params = {
+        "important_ratio": Param(0.5, float, "share of the budget taken by CLS attention (the rest: diverse tokens)",
+                                 check=lambda v: 0.0 <= v <= 1.0, allowed="a number in [0, 1]"),
+    }
+
+    def check_vision(self, seams, stage, where: str) -> None:
+        if seams.select_strategy not in ("default", "full"):
+            raise IncompatiblePolicyError(f"{where}.site", f"vision_feature_select_strategy {seams.select_strategy!r}; "
+                                          "allowed: default, full")
+
+    def capture_layers(self, seams, stage) -> tuple[int, ...]:
+        return (seams.feature_layer,)
+
+    def after_feature_layer(self, run, hidden: torch.Tensor, seams) -> torch.Tensor:
+        n, T = hidden.shape[:2]
+        N = T - 1
+        budget = min(run.keep_patches, N)
+        if budget >= N:
+            return hidden
+        a = feature_layer_cls_attention(run, seams).mean(1)[:, 1:]  # [n, N]
+        feats = hidden[:, 1:].float()
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        keep = torch.zeros(n, N, dtype=torch.bool, device=hidden.device)
+        for c in range(n):
+            keep[c, select_patches(a[c], feats[c], budget, run.params.get("important_ratio", 0.5))] = True
+        return keep_tokens(run, hidden, keep)
+
+
+_DOC = "VisPruner at the CLIP feature layer: {} of 576 patches ({} important by CLS attention + {} diverse)"
+for _name, _n, _r in (("vispruner", 128, 0.5), ("vispruner_64", 64, 0.75), ("vispruner_192", 192, 0.5)):
+    register_preset(_name, [{"criterion": "vispruner", "site": "vision", "keep": _n / 576, "important_ratio": _r,
+                             "positions": "repack"}], _DOC.format(_n, int(_n * _r), _n - int(_n * _r)), "2412.01818")
