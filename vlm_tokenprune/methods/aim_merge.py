@@ -38,6 +38,7 @@ class AIMMerge(Criterion):
     arxiv = "2412.03248"
     sites = ("pre_llm",)
     op = "merge"
+    image_only_fixed_count = True  # merges within each image's features; each image's count is its budget share
     params = {
         "mode": Param("mean", str, "'mean': plain mean (the paper); 'size': size-weighted (ToMe)", choices=("mean", "size")),
         "order": Param("spatial", str, "'spatial': raster order kept; 'paper': [unmerged A, B] per iteration",

@@ -51,6 +51,11 @@ class Criterion:
     params: ClassVar[dict[str, Param]] = {}
     sites: ClassVar[tuple[str, ...]] = ("llm",)  # where it runs: "llm" (decoder layers) and/or "pre_llm"
     op: ClassVar[str] = "prune"  # "prune": score + select; "merge": ``merge(ctx, **params)`` (pre_llm)
+    # True when, at its pre_llm / vision site, a criterion's kept set needs only the visual tokens (no text, no
+    # LLM layer) and each image's kept count follows from the budget and token counts alone, so a serving engine
+    # can size an image's placeholders before the language model runs (VisionZip, VisPruner, DivPrune, AIM merge,
+    # uniform, random)
+    image_only_fixed_count: ClassVar[bool] = False
 
     def score(self, ctx: "ScoringContext", **params: Any) -> torch.Tensor:
         """``[B, N]`` scores over ``ctx.visual_idx``; higher = keep."""

@@ -22,6 +22,7 @@ class RandomCriterion(Criterion):
     name = "random"
     paper = "random visual-token subset (baseline)"
     sites = ("llm", "pre_llm")
+    image_only_fixed_count = True  # content-free: the kept count follows from the budget alone
     params = {"seed": Param(0, int, "seed; every row draws from its own generator, so a row's subset does not depend on its batch")}
 
     def score(self, ctx: ScoringContext, seed: int) -> torch.Tensor:
@@ -68,6 +69,7 @@ class UniformCriterion(Criterion):
     name = "uniform"
     paper = "even spatial grid over each image's patch grid (baseline)"
     sites = ("llm", "pre_llm")
+    image_only_fixed_count = True  # the grid and the count follow from the layout and the budget alone
 
     def score(self, ctx: ScoringContext) -> torch.Tensor:
         if not ctx.coords_known:
