@@ -172,7 +172,7 @@ def test_pre_llm_budget_above_a_rows_visual_tokens_is_an_input_error(models):
     inputs = make_batch(model, [[4, "img", 3]])  # 36 visual tokens
     with torch.no_grad():
         ref = model(**inputs).logits
-        with vtp.patch(model, "aim_merge:tokens=40") as h:
+        with vtp.patch(model, "aim_merge:tokens=40", strict=True) as h:
             with pytest.raises(vtp.InputError) as e:
                 model(**inputs)
             assert e.value.field == "stages[0].tokens" and h._state is None

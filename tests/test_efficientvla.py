@@ -201,7 +201,7 @@ def test_bad_params_are_named(spec, field):
 def test_no_text_after_the_image_is_refused():
     model = tiny("sdpa")
     inputs = make_batch(model, [[5, "img"]])
-    with vtp.patch(model, policy(2, "tokens=4")), torch.no_grad():
+    with vtp.patch(model, policy(2, "tokens=4"), strict=True), torch.no_grad():
         with pytest.raises(vtp.InputError, match="no instruction text"):
             model(**inputs)
         model(**make_batch(model, SINGLE))  # the handle is still usable afterwards

@@ -145,7 +145,7 @@ def test_unknown_backend_is_refused(models):
 def test_runtime_input_errors(models):
     model = models["sdpa"]
     inputs = make_batch(model, ROWS)
-    with vtp.patch(model, "fastv:layer=2,tokens=40") as h:  # row 0 has only 36 visual tokens
+    with vtp.patch(model, "fastv:layer=2,tokens=40", strict=True) as h:  # row 0 has only 36 visual tokens
         with pytest.raises(InputError) as e:
             model(**inputs)
         assert e.value.field == "stages[0].tokens"

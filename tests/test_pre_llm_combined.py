@@ -202,7 +202,7 @@ def test_budget_errors_name_the_field():
     assert e.value.field == "stages[1].keep" and "of=current" in str(e.value)
     model = tiny("sdpa")
     inputs = make_batch(model, [[5, "img", 7]])
-    with pytest.raises(InputError) as e, vtp.patch(model, "aim_merge:keep=0.25+fastv:layer=2,tokens=20"), torch.no_grad():
+    with pytest.raises(InputError) as e, vtp.patch(model, "aim_merge:keep=0.25+fastv:layer=2,tokens=20", strict=True), torch.no_grad():
         model(**inputs)  # 9 tokens left after the merge
     assert e.value.field == "stages[1].tokens"
 

@@ -178,8 +178,8 @@ def load_artifact(path: str, model: nn.Module, what: str, where: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             art = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise PolicyError(where, f"cannot read {path!r}: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
+        raise PolicyError(where, f"cannot read {path!r} as a UTF-8 JSON calibration file: {e}") from None
     if not isinstance(art, dict) or art.get("format") != FORMAT:
         raise PolicyError(where, f"{path!r} is not a {FORMAT} file")
     if art.get("what") != what:
@@ -195,7 +195,26 @@ def load_artifact(path: str, model: nn.Module, what: str, where: str) -> dict:
             + (f"; {detail}" if detail else "") + f"); make one for this model with vlm_tokenprune.calibrate(model, batches, "
             f"what={what!r}, path=PATH) and pass calibration=PATH",
         )
+    _check_contents(art, geo, path, what, where)
     return art
+
+
+def _check_contents(art: dict, geo: Mapping, path: str, what: str, where: str) -> None:
+    """The data behind a valid header: ``importance`` [layers] / ``ratios`` [samples][layers][heads] of numbers,
+    exactly one entry per layer (and head) of the model, else a ``PolicyError`` naming the file."""
+    layers, heads = geo.get("num_hidden_layers"), geo.get("num_attention_heads")
+    key, shape = ("importance", (layers,)) if what == "layers" else ("ratios", (None, layers, heads))
+    try:
+        t = torch.tensor(art[key], dtype=torch.float64)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise PolicyError(f"{where}.{key}", f"{path!r} has a valid header but no usable {key!r} ({type(e).__name__}: {e}); "
+                          f"make it again with vlm_tokenprune.calibrate(model, batches, what={what!r}, path=PATH)") from None
+    want = "x".join("S" if s is None else str(s) for s in shape)
+    if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)) or t.numel() == 0:
+        raise PolicyError(f"{where}.{key}", f"{path!r} holds {key} of shape {'x'.join(map(str, t.shape))}; this model needs "
+                          f"{want} (one entry per layer{' and head' if what == 'heads' else ''})")
+    if not bool(torch.isfinite(t).all()):
+        raise PolicyError(f"{where}.{key}", f"{path!r} holds non-finite {key}; allowed: finite numbers")
 
 
 def select_layers(art: dict, n_drop: int, protect: int = 0, where: str = "layers_kept") -> tuple[int, ...]:

@@ -89,6 +89,17 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
     mask2d = kwargs.get("attention_mask")
     if mask2d is not None and mask2d.dim() != 2:
         raise InputError("attention_mask", f"must be a 2-D padding mask [batch, length], got {mask2d.dim()}-D")
+    if embeds is None and not from_embeds and not _has_image_inputs(handle, kwargs):
+        # image placeholder ids without pixels or features: the unpatched model embeds them as text tokens
+        record = PrefillRecord(L, is_visual=torch.zeros(B, L, dtype=torch.bool, device=input_ids.device))
+        if cache is not None:
+            handle._sessions[cache] = record
+        handle._state = ForwardState("passthrough", record)
+        return None
+    if handle.vision_seams is not None:  # the features must come from this patched tower's last call
+        from .vision.hooks import check_features
+
+        check_features(handle, kwargs)
     layout = handle.adapter.visual_layout(handle.model, input_ids, kwargs)
     n_vis = layout.is_visual.sum(1)
     record = PrefillRecord(L, is_visual=layout.is_visual)
@@ -105,8 +116,7 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         if stage.op not in ("prune", "merge") or stage.site == "vision":  # vision budgets count patches per crop
             continue
         k = [stage.budget.count(n, p) for n, p in zip(counts, prev)]
-        _check_budget(i, stage, k, prev)
-        prev = k
+        prev, _ = _fit_budget(handle, i, stage, k, prev)
     st = ForwardState("prefill", record, layout=layout, n_visual=n_vis)
     dev = layout.is_visual.device
     st.valid = mask2d.bool() if mask2d is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
@@ -114,11 +124,46 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
     return None
 
 
+def _has_image_inputs(handle: "PatchHandle", kwargs: dict) -> bool:
+    """Whether this forward carries images or videos (pixels or precomputed encoder features)."""
+    names = (*getattr(handle.adapter, "pixel_inputs", ("pixel_values",)), "pixel_values", "mm_encoder_outputs")
+    for name in names:
+        value = kwargs.get(name)
+        if value is None or (isinstance(value, dict) and not any(v is not None for v in value.values())):
+            continue
+        return True
+    return False
+
+
 def _check_budget(i, stage, k, available) -> None:
     for b, (kb, nb) in enumerate(zip(k, available)):
         if kb > nb:
             field = f"stages[{i}].tokens" if stage.budget.tokens is not None else f"stages[{i}].keep"
             raise InputError(field, f"keeps {kb} visual tokens but sample {b} has only {nb} at that point")
+
+
+def _fit_budget(handle: "PatchHandle", i: int, stage: Any, k: list, available: list, has_text: list | None = None):
+    """Per-row kept counts of stage ``i`` for a fixed policy serving any valid input.
+
+    A row whose budget is above its visual tokens (``tokens=N`` on a small image), or that has no text after
+    its image for a text-guided criterion (``needs_text``), keeps all its visual tokens for this stage; the
+    record says which rows and why (``last_trace().stages[i].kept_all``). ``patch(..., strict=True)``: an
+    ``InputError`` naming the field instead. Returns ``(counts, {row: why})``.
+    """
+    strict = getattr(handle, "strict", False)
+    if strict:
+        _check_budget(i, stage, k, available)
+    relaxed = {b: f"budget of {kb} visual tokens is above the row's {nb}; kept all"
+               for b, (kb, nb) in enumerate(zip(k, available)) if kb > nb}
+    if has_text is not None and getattr(handle.criteria[i], "needs_text", False):
+        for b, (t, nb) in enumerate(zip(has_text, available)):
+            if nb > 0 and not t and b not in relaxed:
+                if strict:
+                    raise InputError(f"stages[{i}].criterion", f"sample {b} has no instruction text after its visual "
+                                     f"tokens; {stage.criterion!r} is guided by the text after the image (put the "
+                                     "question after the image)")
+                relaxed[b] = f"no text after the image for the text-guided criterion {stage.criterion!r}; kept all"
+    return [nb if b in relaxed else kb for b, (kb, nb) in enumerate(zip(k, available))], relaxed
 
 
 def top_post_hook(handle: "PatchHandle", module, args, kwargs, output):
@@ -130,10 +175,19 @@ def top_post_hook(handle: "PatchHandle", module, args, kwargs, output):
     if st.phase == "prefill" and output is not None:
         # a cache created inside the model (plain forward with use_cache=True) continues this prompt too
         # (transformers >= 5.2x names it ``cache``; earlier 5.x ``past_key_values``)
-        cache = _cache_of(output) if hasattr(output, "get") else None
+        cache = _cache_of(output) if hasattr(output, "get") else _cache_in_tuple(output)
         if cache is not None and cache not in handle._sessions:
             handle._sessions[cache] = st.prefill
     handle._last = st
+    return None
+
+
+def _cache_in_tuple(output: Any) -> Any:
+    """The KV cache of a ``return_dict=False`` output (a plain tuple), or None."""
+    from transformers.cache_utils import Cache
+
+    if isinstance(output, (tuple, list)):
+        return next((o for o in output if isinstance(o, Cache)), None)
     return None
 
 
@@ -251,13 +305,16 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output=None):
     is_vis = torch.gather(layout.is_visual, 1, base) & ok
     n_vis = is_vis.sum(1)
     k_list = [stage.budget.count(n, c) for n, c in zip(st.n_visual.tolist(), n_vis.tolist())]
-    _check_budget(i, stage, k_list, n_vis.tolist())
+    # instruction text: real non-visual tokens after the row's first visual token
+    after_first = torch.cumsum(is_vis.long(), 1) > 0
+    text_idx, text_ok = right_packed(seq_valid & ~is_vis & after_first, torch.arange(M, device=hidden.device).expand(B, M))
+    k_list, relaxed = _fit_budget(handle, i, stage, k_list, n_vis.tolist(), text_ok.any(1).tolist())
     k = torch.tensor(k_list, device=hidden.device)
     tokens_before = M
     if bool((k == n_vis).all()):  # keeps everything: leave the sequence untouched (exactness)
         vis_orig, vis_ok = right_packed(is_vis, _to_original(st, base))
         rec = StageRecord(stage, base, ok, vis_orig, vis_ok, n_vis, n_vis, M, M, time.perf_counter() - t0, noop=True,
-                          merged_into=_sources_after(st, vis_orig, vis_ok))
+                          merged_into=_sources_after(st, vis_orig, vis_ok), relaxed=relaxed)
         st.prefill.records.append(rec)
         return None, rec
     N = int(n_vis.max())
@@ -265,9 +322,6 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output=None):
     orig_pos = torch.gather(base, 1, vis_idx)
     g = lambda t: torch.gather(t, 1, orig_pos)  # noqa: E731  (layout tensors are indexed by original position)
     last_idx = (seq_valid * torch.arange(M, device=hidden.device)).argmax(1)
-    # instruction text: real non-visual tokens after the row's first visual token
-    after_first = torch.cumsum(is_vis.long(), 1) > 0
-    text_idx, text_ok = right_packed(seq_valid & ~is_vis & after_first, torch.arange(M, device=hidden.device).expand(B, M))
     ctx = ScoringContext(
         layer=layer,
         hidden=hidden,
@@ -316,6 +370,7 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output=None):
         tokens_before=tokens_before,
         tokens_after=local_idx.shape[1],
         seconds=time.perf_counter() - t0,
+        relaxed=relaxed,
     )
     st.prefill.records.append(rec)
     return local_idx, rec
@@ -393,12 +448,12 @@ def _pre_llm_prefill(handle: "PatchHandle", st: ForwardState, kwargs: dict) -> N
     is_vis = layout.is_visual & valid
     n_vis = is_vis.sum(1)
     k_list = [stage.budget.count(n, c) for n, c in zip(st.n_visual.tolist(), n_vis.tolist())]
-    _check_budget(i, stage, k_list, n_vis.tolist())
+    k_list, relaxed = _fit_budget(handle, i, stage, k_list, n_vis.tolist())
     ar = torch.arange(L, device=dev).expand(B, L)
     if all(k == n for k, n in zip(k_list, n_vis.tolist())):  # keeps everything: the input is untouched
         vis_orig, vis_ok = right_packed(is_vis, _to_original(st, ar))
         st.prefill.records.append(StageRecord(stage, _to_original(st, ar), valid, vis_orig, vis_ok, n_vis, n_vis, L, L,
-                                              time.perf_counter() - t0, noop=True))
+                                              time.perf_counter() - t0, noop=True, relaxed=relaxed))
         return
     vis_idx, vis_ok = right_packed(is_vis, ar, int(n_vis.max()))
     g = lambda t: torch.gather(t, 1, vis_idx)  # noqa: E731
@@ -422,6 +477,7 @@ def _pre_llm_prefill(handle: "PatchHandle", st: ForwardState, kwargs: dict) -> N
             keep.scatter_(1, torch.gather(vis_idx, 1, sel).masked_fill(~sel_ok, L), True)
             chain = [Reduction.prune(keep[:, :L] | (valid & ~layout.is_visual))]
     apply_reduction(handle, st, kwargs, chain, stage=stage, positions=stage.params["positions"], t0=t0)
+    st.prefill.records[-1].relaxed = relaxed
 
 
 def apply_reduction(handle: "PatchHandle", st: ForwardState, kwargs: dict, chain: list, *, stage: Any,

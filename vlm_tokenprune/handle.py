@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, UnsupportedModelError
 from .ops import Ops
 from .policy import Policy
 from .state import ForwardState, Trace
@@ -61,6 +61,13 @@ class PatchHandle:
 
     def __enter__(self) -> "PatchHandle":
         return self
+
+    def __reduce_ex__(self, protocol):
+        # reached through the model's hook dicts by copy.deepcopy(model), pickle.dumps(model), torch.save(model)
+        raise UnsupportedModelError(
+            "model", "a patched model cannot be deep-copied, pickled or torch.save'd whole: its hooks belong to one "
+            "PatchHandle; allowed: save model.state_dict() or save_pretrained() (the unpatched weights), or "
+            "handle.unpatch(), copy / save the model, then patch() each copy")
 
     def __exit__(self, *exc) -> None:
         self.unpatch()

@@ -25,7 +25,7 @@ def is_patched(model: nn.Module) -> bool:
     return any(getattr(h, "__vtp__", False) for h in getattr(model, "_forward_pre_hooks", {}).values())
 
 
-def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = "auto") -> PatchHandle:
+def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = "auto", strict: bool = False) -> PatchHandle:
     """Insert the policy's hooks into ``model`` and return a handle that removes them.
 
     Everything is validated first (policy, model type, layers, cache, backend); a failed
@@ -105,7 +105,10 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
     check_backend(backend, param.device if param is not None else "cpu")
 
     # -- nothing above touched the model; from here on, only hooks kept on the handle --
+    if not isinstance(strict, bool):
+        raise PolicyError("strict", f"must be True or False, got {strict!r}")
     handle = PatchHandle(model, pol, adapter, seams, criteria, backend)
+    handle.strict = strict
     handle.structural = plan
     handle.vision_seams = vision_seams
     try:

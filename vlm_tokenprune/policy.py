@@ -116,6 +116,10 @@ class Stage:
     def __hash__(self) -> int:
         return hash((self.criterion, self.layer, self.budget, tuple(sorted(self.params.items())), self.site, self.op))
 
+    def __reduce__(self):
+        # ``params`` is a read-only mappingproxy, which pickle / copy.deepcopy / torch.save cannot copy
+        return (type(self), (self.criterion, self.layer, self.budget, dict(self.params), self.site, self.op))
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Stage) and self.to_dict() == other.to_dict()
 
@@ -234,6 +238,9 @@ class Policy:
                 key, eq, value = item.partition("=")
                 if not eq or not key.strip():
                     raise PolicyError(f"stages[{i}]", f"expected key=value, got {item!r}")
+                if key.strip() in overrides:
+                    raise PolicyError(f"stages[{i}].{key.strip()}", f"given twice in {part.strip()!r}; "
+                                      "allowed: each key once per stage")
                 overrides[key.strip()] = _parse_value(value.strip())
             if name in STRUCTURAL_OPS and name not in PRESETS:
                 stages.append(_build_stage({"op": name, **overrides}, f"stages[{i}]"))
@@ -268,6 +275,10 @@ class Policy:
             params = st.pop("params", {}) or {}
             if not isinstance(params, Mapping):
                 raise PolicyError(f"{where}.params", f"must be a dict, got {params!r}")
+            shadow = sorted(set(params) & (set(STAGE_KEYS) | {"budget", "preset", "params"}))
+            if shadow and st.get("op", "prune") in TOKEN_CRITERION_OPS:  # would silently replace the stage's own field
+                raise PolicyError(f"{where}.params.{shadow[0]}", f"{shadow[0]!r} is a stage field, not a criterion "
+                                  f"parameter; allowed: give it on the stage itself ({where}.{shadow[0]})")
             if st.get("op", "prune") not in TOKEN_CRITERION_OPS:
                 if budget is not None or st.get("criterion") is not None:
                     raise PolicyError(f"{where}.{'budget' if budget is not None else 'criterion'}",
@@ -283,11 +294,17 @@ class Policy:
     @classmethod
     def from_json(cls, source: str) -> "Policy":
         """From a JSON document or the path of a JSON file."""
-        text = _read_if_path(source)
+        text = _read_if_path(source, (".json",))
         try:
-            return cls.from_dict(json.loads(text))
+            data = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise PolicyError("policy", f"invalid JSON: {e}") from None
+        except RecursionError:
+            raise PolicyError("policy", f"JSON nested too deeply; allowed: at most {_MAX_DEPTH} levels") from None
+        if not isinstance(data, Mapping):
+            raise PolicyError("policy", f"a JSON policy must be an object with a 'stages' list, got {type(data).__name__}")
+        _check_depth(data)
+        return cls.from_dict(data)
 
     @classmethod
     def from_yaml(cls, source: str) -> "Policy":
@@ -297,11 +314,14 @@ class Policy:
         except ImportError as e:  # pragma: no cover - PyYAML is a dependency
             raise PolicyError("policy", "reading YAML needs PyYAML (pip install pyyaml)") from e
         try:
-            data = yaml.safe_load(_read_if_path(source))
+            data = yaml.load(_read_if_path(source, (".yaml", ".yml")), Loader=_unique_key_loader())
         except yaml.YAMLError as e:
             raise PolicyError("policy", f"invalid YAML: {e}") from None
+        except RecursionError:
+            raise PolicyError("policy", f"YAML nested too deeply; allowed: at most {_MAX_DEPTH} levels") from None
         if not isinstance(data, Mapping):
             raise PolicyError("policy", "a YAML policy must be a mapping with a 'stages' list")
+        _check_depth(data)
         return cls.from_dict(data)
 
     @classmethod
@@ -355,11 +375,67 @@ def _check_budgets_shrink(a: Stage, b: Stage, i: int) -> None:
         )
 
 
-def _read_if_path(source: str) -> str:
-    if isinstance(source, os.PathLike) or ("\n" not in str(source) and os.path.isfile(str(source))):
-        with open(source, encoding="utf-8") as f:
-            return f.read()
-    return str(source)
+_MAX_DEPTH = 32  # nesting levels a policy document may have (a real one has 4)
+
+
+def _read_if_path(source: str, suffixes: tuple[str, ...] = ()) -> str:
+    """The text of file ``source``, or ``source`` itself when it is a document (not a path).
+
+    A one-line ``source`` ending in one of ``suffixes`` is a path: a missing file is an error (not a
+    one-word document); a file that is not UTF-8 text is an error naming the byte.
+    """
+    text = str(source)
+    if isinstance(source, os.PathLike) or ("\n" not in text and os.path.isfile(text)):
+        try:
+            with open(source, encoding="utf-8") as f:
+                return f.read()
+        except UnicodeDecodeError as e:
+            raise PolicyError("policy", f"{text} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                              "allowed: a UTF-8 JSON / YAML file") from None
+        except OSError as e:
+            raise PolicyError("policy", f"cannot read {text}: {e.strerror or e}") from None
+    if "\n" not in text and text.strip().lower().endswith(suffixes) and suffixes:
+        raise PolicyError("policy", f"no such file: {text}")
+    return text
+
+
+def _unique_keys(pairs: list) -> dict:
+    """JSON ``object_pairs_hook``: a key given twice in one object is an error (not "the last one wins")."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise PolicyError(f"policy.{k}", "given twice in one JSON object; allowed: each key once")
+        out[k] = v
+    return out
+
+
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` whose mappings refuse a key given twice (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise PolicyError(f"policy.{key}", f"given twice in one YAML mapping ({key_node.start_mark}); "
+                                      "allowed: each key once")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def _check_depth(data: Any, depth: int = 0) -> None:
+    if depth > _MAX_DEPTH:
+        raise PolicyError("policy", f"nested too deeply; allowed: at most {_MAX_DEPTH} levels")
+    if isinstance(data, Mapping):
+        for v in data.values():
+            _check_depth(v, depth + 1)
+    elif isinstance(data, (list, tuple)):
+        for v in data:
+            _check_depth(v, depth + 1)
 
 
 def _parse_value(text: str) -> Any:

@@ -37,6 +37,9 @@ class StageRecord:
     # pre_llm stages (and LLM stages after one): [B, L] original position of the kept token each original
     # prompt token was merged into (itself when kept as is, -1 when dropped); None for LLM stages otherwise
     merged_into: torch.Tensor | None = None
+    # rows that kept all their visual tokens at this stage although the policy asked for fewer, and why
+    # (a budget above the row's visual tokens, no text for a text-guided criterion; patch(strict=True) refuses)
+    relaxed: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -115,6 +118,8 @@ class StageTrace:
     sources: list[list[list[int]]] | None = None
     # vision stages: sequence length entering each vision-encoder layer (CLS included); else None
     vision_tokens_per_layer: list[int] | None = None
+    # rows that kept all their visual tokens at this stage although the policy asked for fewer: {row: why}
+    kept_all: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -149,6 +154,7 @@ class Trace:
                     sources=sources,
                     vision_tokens_per_layer=(list(st.vision.tokens_per_layer)
                                              if r.stage.site == "vision" and st.vision is not None else None),
+                    kept_all=dict(getattr(r, "relaxed", {}) or {}),
                 )
             )
         return cls(phase=st.phase, stages=stages, tokens_per_layer=list(st.tokens_per_layer))

@@ -34,6 +34,13 @@ def resolve_adapter(model) -> Adapter:
             f"{model_type!r} is not supported{': ' + why if why else ''}; "
             f"supported model types: {', '.join(ADAPTERS.names())}",
         )
+    if getattr(model, "lm_head", None) is None and hasattr(model, "get_output_embeddings") \
+            and model.get_output_embeddings() is None:
+        # e.g. patch(model.model): the inner LlavaModel / Qwen2VLModel shares the config but not the layout
+        raise UnsupportedModelError(
+            "model", f"{type(model).__name__} is an inner module of a {model_type!r} model (no language-model head); "
+            "allowed: the top-level model, e.g. LlavaForConditionalGeneration / Qwen2VLForConditionalGeneration "
+            "(patch(model), not patch(model.model))")
     return ADAPTERS.get(model_type)
 
 

@@ -61,6 +61,13 @@ def load_weights(path: str, kind: str, model: nn.Module | None, where: str) -> t
         raise PolicyError(where, f"cannot read {path!r} as safetensors: {e}") from None
     if meta.get("format") != FORMAT:
         raise PolicyError(where, f"{path!r} is not a {FORMAT} file")
+    try:
+        hparams = json.loads(meta.get("hparams") or "{}")
+        json.loads(meta.get("config") or "{}")
+    except ValueError as e:
+        raise PolicyError(where, f"{path!r} has malformed metadata ({e})") from None
+    if not isinstance(hparams, dict):
+        raise PolicyError(where, f"{path!r} has malformed metadata (hparams is not an object)")
     if meta.get("kind") != kind:
         raise IncompatiblePolicyError(f"{where}.kind", f"{path!r} holds {meta.get('kind')!r} weights; this criterion needs {kind!r}")
     if model is not None:
@@ -74,4 +81,4 @@ def load_weights(path: str, kind: str, model: nn.Module | None, where: str) -> t
                 f"{path!r} was trained on another model (config_hash {meta.get('config_hash')} != {config_hash(geo)}"
                 + (f"; {detail}" if detail else "") + ")",
             )
-    return tensors, json.loads(meta.get("hparams") or "{}")
+    return tensors, hparams

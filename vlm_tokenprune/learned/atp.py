@@ -126,7 +126,7 @@ class ATPModule(nn.Module):
             mod = cls(hparams["hidden_size"], hparams["head_hidden"], hparams["tau"], tuple(hparams["strides"]),
                       hparams["layer"])
             mod.load_state_dict(dict(tensors))
-        except (KeyError, TypeError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise PolicyError(where, f"not a valid ATP weight file ({type(e).__name__}: {e})") from None
         return mod.eval()
 

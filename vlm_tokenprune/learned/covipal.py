@@ -101,10 +101,17 @@ class PPM(nn.Module):
         return self.head(self.ln_out(h[:, :N])).squeeze(-1)
 
     @classmethod
-    def from_state(cls, tensors: Mapping[str, torch.Tensor], hparams: Mapping[str, Any]) -> "PPM":
-        """A PPM with ``hparams`` (as written by :func:`~vlm_tokenprune.learned.artifact.save_weights`) and ``tensors``."""
-        m = cls(hparams["in_dim"], hparams["hidden"], hparams["layers"], hparams["heads"])
-        m.load_state_dict(dict(tensors))
+    def from_state(cls, tensors: Mapping[str, torch.Tensor], hparams: Mapping[str, Any], where: str = "weights") -> "PPM":
+        """A PPM with ``hparams`` (as written by :func:`~vlm_tokenprune.learned.artifact.save_weights`) and ``tensors``;
+        a file whose header is right but whose hyper-parameters or tensors are not is a ``PolicyError`` at ``where``."""
+        from ..errors import PolicyError
+
+        try:
+            m = cls(hparams["in_dim"], hparams["hidden"], hparams["layers"], hparams["heads"])
+            m.load_state_dict(dict(tensors))
+        except (KeyError, TypeError, ValueError, RuntimeError, AssertionError) as e:
+            raise PolicyError(where, f"not a valid CoViPAL weight file ({type(e).__name__}: {e}); "
+                              "write one with `vlm-tokenprune train covipal`") from None
         return m.eval()
 
 

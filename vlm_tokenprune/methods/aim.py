@@ -53,6 +53,8 @@ Deviations from the official code, by design:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -119,7 +121,12 @@ def pagerank_importance(
             logits = logits.reshape(B, n_heads, e - s, L)
             allowed = valid[:, None, :] & (pos[None, None, :] <= pos[s:e, None][None]) & valid[:, s:e, None]
             logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-            m = torch.softmax(logits / tau, dim=-1).nan_to_num(0.0)  # invalid query rows: all zero
+            t = tau
+            if tau < 1.0:  # logits / tau could overflow to inf (NaN rows, every score 0): shift first; below 1e-30
+                # (0 in fp32) the fp32 softmax is already its tau -> 0 limit (argmax)
+                logits = logits - logits.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(logits.dtype).min)
+                t = max(tau, 1e-30)
+            m = torch.softmax(logits / t, dim=-1).nan_to_num(0.0)  # invalid query rows: all zero
             nxt += torch.einsum("bhr,bhrl->bhl", pi[:, :, s:e], m)
         pi = (1.0 - damping) * nxt + damping * base[:, None]
     return pi.pow(2).mean(dim=1).sqrt() * valid
@@ -131,7 +138,8 @@ class AIMCriterion(Criterion):
     paper = "AIM: Adaptive Inference of Multi-Modal LLMs via Token Merging and Pruning (stage B)"
     arxiv = "2412.03248"
     params = {
-        "tau": Param(0.1, float, "softmax temperature on the attention logits", check=lambda v: v > 0, allowed="> 0"),
+        "tau": Param(0.1, float, "softmax temperature on the attention logits", check=lambda v: 0 < v < math.inf,
+                     allowed="a finite number > 0"),
         "iters": Param(5, int, "PageRank power iterations", check=lambda v: v >= 1, allowed="an integer >= 1"),
         "damping": Param(0.0, float, "PageRank damping d (official default 0)", check=lambda v: 0.0 <= v < 1.0,
                          allowed="in [0, 1)"),

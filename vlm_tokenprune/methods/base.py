@@ -7,6 +7,7 @@ the engine.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
@@ -35,6 +36,10 @@ class Param:
             value = float(value)
         if not isinstance(value, self.type) or (self.type is int and isinstance(value, bool)):
             raise PolicyError(where, f"must be of type {self.type.__name__}, got {value!r}")
+        if self.type is int and not -(2**63) <= value < 2**63:  # torch reads it as int64 at the first forward
+            raise PolicyError(where, f"must be an integer in [-2**63, 2**63), got {value!r}")
+        if self.type is float and math.isnan(value):
+            raise PolicyError(where, f"must be a number, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise PolicyError(where, f"must be one of {', '.join(map(str, self.choices))}, got {value!r}")
         if self.check is not None and not self.check(value):

@@ -51,7 +51,7 @@ class CoViPALCriterion(Criterion):
     def bind(self, model: nn.Module, params: Mapping[str, Any], where: str) -> "BoundCoViPAL":
         path = resolve_weights(params.get("weights", "shipped"))
         tensors, hparams = load_weights(path, KIND, model, f"{where}.weights")
-        return BoundCoViPAL(PPM.from_state(tensors, hparams))  # moved to the hidden states' device on use
+        return BoundCoViPAL(PPM.from_state(tensors, hparams, f"{where}.weights"))  # moved to the hidden states' device on use
 
     def score(self, ctx: ScoringContext, **params: Any) -> torch.Tensor:
         raise RuntimeError("covipal scores through the object bind() returns (patch() binds it)")

@@ -65,6 +65,7 @@ def _order(values: torch.Tensor, allowed: torch.Tensor) -> list[int]:
 @register_criterion
 class EfficientVLACriterion(Criterion):
     name = "efficientvla"
+    needs_text = True  # task relevance is the attention of the text after the image (engine._fit_budget)
     paper = "EfficientVLA: Training-Free Acceleration and Compression for Vision-Language-Action Models"
     arxiv = "2506.10100"
     keeps_budget_exactly = True  # select() is not a plain top-k, but it keeps exactly ctx.keep[b] tokens
@@ -79,7 +80,7 @@ class EfficientVLACriterion(Criterion):
         """Min-max normalised text->visual relevance ``s`` [B, N] (the ranking of steps 3-4)."""
         has_vis = ctx.visual_ok.any(1)
         has_text = ctx.text_ok.any(1) if ctx.text_ok is not None else torch.zeros_like(has_vis)
-        bad = (has_vis & ~has_text).nonzero().flatten().tolist()
+        bad = (has_vis & ~has_text & (ctx.keep < ctx.visual_ok.sum(1))).nonzero().flatten().tolist()
         if bad:
             raise InputError(
                 "efficientvla",

@@ -158,6 +158,7 @@ def _projector_post(handle: "PatchHandle", vs: "VisionSeams", module, args, outp
     handle._vision_out = VisionOutcome(run.stage_index, run.ident, run.owner, offset, list(run.tokens_per_layer),
                                        run.seconds)
     if not run.changed:
+        handle._vision_out.produced(output)
         return None
     n, T = run.ident.shape
     if output.shape[:2] != (n, T - offset):
@@ -165,13 +166,39 @@ def _projector_post(handle: "PatchHandle", vs: "VisionSeams", module, args, outp
     width = run.owner.shape[1] - offset
     slot = (run.ident[:, offset:] - offset).to(output.device)
     full = output.new_zeros(n, width, output.shape[-1])
-    return full.scatter(1, slot[..., None].expand(-1, -1, output.shape[-1]), output)
+    full = full.scatter(1, slot[..., None].expand(-1, -1, output.shape[-1]), output)
+    handle._vision_out.produced(full)
+    return full
+
+
+def check_features(handle: "PatchHandle", kwargs: dict) -> None:
+    """Top-level pre-hook of a prefill with a vision stage: pixels mean the tower runs inside this forward
+    (any earlier outcome is dropped); precomputed ``mm_encoder_outputs`` must be the features of this patched
+    tower's LAST call (``generate()`` encodes once, then passes them), else the kept set would be another
+    image's: refused (docs/bad-inputs.md row 51)."""
+    if kwargs.get("pixel_values") is not None:
+        handle._vision_out = None
+        return
+    enc = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+    if enc is None:
+        return
+    feats = getattr(enc, "pooler_output", None)
+    feats = [feats] if isinstance(feats, torch.Tensor) else list(feats or [])
+    out = handle._vision_out
+    if out is None or not feats or not all(out.made(t) for t in feats):
+        raise InputError(
+            "pixel_values", "mm_encoder_outputs holds image features that this patched model's vision tower did not "
+            "compute in its last call (computed before patch(), by another model, or for other images), so the vision "
+            "stage's kept set would not be theirs; allowed: pass pixel_values, or features from get_image_features() "
+            "called on the patched model right before this forward")
 
 
 def _pack(handle: "PatchHandle", original, image_features, image_sizes, vision_feature_select_strategy,
           image_newline=None):
     out = original(image_features, image_sizes, vision_feature_select_strategy, image_newline=image_newline)
     o = handle._vision_out
+    if o is not None:  # the packed features are this tower call's too (check_features)
+        o.produced(*([out[0]] if isinstance(out[0], torch.Tensor) else list(out[0])))
     if o is not None and o.slots is None:
         ids, start = [], 0
         for f in image_features:  # [crops of this image, slots, D]

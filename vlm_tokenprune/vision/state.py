@@ -8,6 +8,7 @@ no attention mask is needed inside the tower.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,9 +84,20 @@ class VisionOutcome:
     seconds: float
     slots: torch.Tensor | None = None
 
+    features: list = field(default_factory=list)  # weak references to the feature tensors this call produced
+
     @property
     def changed(self) -> bool:
         return self.ident.shape[1] != self.owner.shape[1]
+
+    def produced(self, *tensors) -> None:
+        """Remember feature tensors this tower call returned (projector output, LLaVA-NeXT's packed features)."""
+        self.features += [weakref.ref(t) for t in tensors if isinstance(t, torch.Tensor)]
+
+    def made(self, t: torch.Tensor) -> bool:
+        """``t`` is (a view of) a feature tensor this call produced and that is still alive."""
+        ptr = t.untyped_storage().data_ptr()
+        return any((r := ref()) is not None and r.untyped_storage().data_ptr() == ptr for ref in self.features)
 
     def feature_slots(self) -> torch.Tensor:
         """``[F, 2]`` (crop, slot) of every image feature in placeholder order."""
