@@ -6,6 +6,7 @@ from . import llava_hf  # noqa: F401  (registers the LLaVA adapters)
 from . import qwen2_vl  # noqa: F401  (registers the Qwen2-VL / Qwen2.5-VL adapters)
 from . import llava_onevision  # noqa: F401  (registers the LLaVA-OneVision adapter)
 from . import internvl  # noqa: F401  (registers the InternVL 3 / 3.5 adapter)
+from . import qwen3_vl  # noqa: F401  (registers the Qwen3-VL / Qwen3-VL-MoE adapter)
 from . import llava_original  # noqa: F401  (the original LLaVA code base, llava-torch; imports no llava itself)
 
 # Known model types that are deliberately not supported, and why (no adapter is registered for them).
@@ -13,10 +14,6 @@ KNOWN_UNSUPPORTED = {
     "gemma3": "Gemma3 uses a different rotary embedding per layer type (local rope on sliding layers, global on "
               "full ones) and sliding-window layers below the first full-attention layer, so one kept set cannot "
               "be applied to every layer's positions and cache",
-    "qwen3_vl": "Qwen3-VL adds deepstack visual features to the hidden states after early decoder layers; "
-                "pruning would have to track those injections (only pruning above them would be valid)",
-    "qwen3_vl_moe": "Qwen3-VL-MoE adds deepstack visual features to the hidden states after early decoder layers; "
-                    "pruning would have to track those injections (only pruning above them would be valid)",
     **{t: "the original LLaVA code base (llava-torch) is supported for LlavaLlamaForCausalLM (llava_llama) only; "
           "its Mistral and MPT variants have no adapter yet" for t in ("llava_mistral", "llava_mpt")},
     "internvl_chat": "InternVL (remote code) is not supported: its modeling code is not part of transformers, "

@@ -166,3 +166,47 @@ def make_internvl_batch(model, rows: list[list], seed: int = 0, padding: str = "
     inputs.update(_rows_to_inputs(rows, {"img": [n * per_tile for n in tiles]}, cfg.text_config.vocab_size, g,
                                   padding, {"img": IMAGE_TOKEN_ID}))
     return inputs
+
+
+# ------------------------------------------------------------------------------------------------
+# Qwen3-VL / Qwen3-VL-MoE (DeepStack, interleaved M-RoPE); inputs: tiny_models.make_qwen_batch
+# ------------------------------------------------------------------------------------------------
+def tiny_qwen3_vl_config(*, moe: bool = False, layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                         head_dim: int = 16, intermediate: int = 128, vocab: int = 128, mrope_section=(4, 2, 2),
+                         patch: int = 4, merge: int = 2, vision_hidden: int = 32, vision_layers: int = 3,
+                         deepstack=(0, 1), experts: int = 4, experts_per_token: int = 2):
+    """A tiny ``Qwen3VLConfig`` (``moe``: ``Qwen3VLMoeConfig``): DeepStack features of vision layers
+    ``deepstack`` injected after decoder layers 0 .. len(deepstack) - 1; ``mrope_section`` sums to head_dim / 2."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+    from .tiny_models import QWEN_VIDEO_TOKEN_ID, QWEN_VISION_END_ID, QWEN_VISION_START_ID
+
+    if sum(mrope_section) * 2 != head_dim:
+        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    text = dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
+                max_position_embeddings=4096, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section),
+                                 "mrope_interleaved": True})
+    if moe:
+        text.update(num_experts=experts, num_experts_per_tok=experts_per_token, moe_intermediate_size=intermediate // 2,
+                    decoder_sparse_step=1)
+    vision = dict(depth=vision_layers, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, num_heads=4,
+                  patch_size=patch, spatial_merge_size=merge, temporal_patch_size=2, out_hidden_size=hidden,
+                  num_position_embeddings=64, deepstack_visual_indexes=list(deepstack))
+    cls = Qwen3VLMoeConfig if moe else Qwen3VLConfig
+    return cls(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
+               video_token_id=QWEN_VIDEO_TOKEN_ID, vision_start_token_id=QWEN_VISION_START_ID,
+               vision_end_token_id=QWEN_VISION_END_ID, tie_word_embeddings=False)
+
+
+def build_tiny_qwen3_vl(attn_implementation: str = "sdpa", moe: bool = False, seed: int = 0, dtype=torch.float32,
+                        **config_kwargs):
+    """A tiny ``Qwen3VLForConditionalGeneration`` (``moe``: ``Qwen3VLMoeForConditionalGeneration``), seeded."""
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+
+    cls = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls._from_config(tiny_qwen3_vl_config(moe=moe, **config_kwargs), attn_implementation=attn_implementation,
+                             dtype=dtype)
+    return model.eval()

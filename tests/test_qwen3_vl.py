@@ -1,0 +1,223 @@
+"""Qwen3-VL / Qwen3-VL-MoE adapter: DeepStack injections follow the kept set, interleaved M-RoPE keeps
+original positions, decode continues at the model's next position; == the independent oracle
+(tests/reference/qwen3_vl_oracle.py) for FastV below and above the last injection, a pre-LLM prune,
+both combined, left-padded batches, cached generate; keep-all, unpatch, refusals.
+
+Tiny models from configs: 4 decoder layers, DeepStack features of vision layers 0 and 1 injected after
+decoder layers 0 and 1 (so FastV at K = 1 prunes before the last injection, K = 3 after it); MoE: 4
+experts, 2 per token.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from conftest import BACKENDS
+from helpers import new_tokens
+from reference import qwen3_vl_oracle as oracle
+from reference import uniform_oracle
+
+import vlm_tokenprune as vtp
+from vlm_tokenprune import IncompatiblePolicyError
+from vlm_tokenprune.eval.tiny_families import build_tiny_qwen3_vl
+from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, QWEN_VISION_END_ID, QWEN_VISION_START_ID, make_qwen_batch
+
+torch.set_num_threads(1)
+
+ATOL = 1e-5
+ROWS = [[3, "img", 2, "img", 4], [2, "img", 3]]  # row 1 shorter: left padded
+GRIDS = [(3, 4), (2, 3), (4, 2)]  # (h, w) LLM tokens per image
+BANNED = [IMAGE_TOKEN_ID, 4, QWEN_VISION_START_ID, QWEN_VISION_END_ID]
+
+
+@functools.cache
+def tiny(attn: str, moe: bool = False):
+    return build_tiny_qwen3_vl(attn, moe=moe)
+
+
+def batch(model, seed: int = 0) -> dict:
+    return make_qwen_batch(model, ROWS, seed=seed, image_grids=GRIDS)
+
+
+def row_alone(inputs: dict, b: int) -> dict:
+    real = inputs["attention_mask"][b].bool()
+    ids = inputs["input_ids"][b][real][None]
+    imgs = [(0, 2), (2, 3)][b]
+    thw = inputs["image_grid_thw"]
+    start = int(thw[:imgs[0]].prod(-1).sum())
+    n = int(thw[imgs[0]:imgs[1]].prod(-1).sum())
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": inputs["mm_token_type_ids"][b][real][None],
+            "image_grid_thw": thw[imgs[0]:imgs[1]], "pixel_values": inputs["pixel_values"][start:start + n]}
+
+
+def k_of(keep: float, n: int) -> int:
+    return max(1, math.floor(keep * n + 0.5))
+
+
+def visual(inputs) -> list[int]:
+    return (inputs["input_ids"][0] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
+
+
+def uniform_keep(alone: dict, b: int, keep: float) -> list[int]:
+    """The uniform baseline's kept set on row b alone: each image one h x w raster grid (plain loops)."""
+    vis = visual(alone)
+    grids, i = [], 0
+    for h, w in [GRIDS[:2], GRIDS[2:]][b]:
+        grids.append({"cells": {(t // w, t % w): vis[i + t] for t in range(h * w)}, "other": []})
+        i += h * w
+    return uniform_oracle.kept(grids, k_of(keep, len(vis)))
+
+
+def check_rows(model, inputs, policy: str, want_fn) -> None:
+    """Patched batched prefill == ``want_fn(alone, b) -> (kept visual, logits)`` per row alone."""
+    with vtp.patch(model, policy) as h, torch.no_grad():
+        logits = model(**inputs).logits
+        trace = h.last_trace()
+    L = inputs["input_ids"].shape[1]
+    for b in range(2):
+        alone = row_alone(inputs, b)
+        pad = L - alone["input_ids"].shape[1]
+        kept, want = want_fn(alone, b)
+        assert trace.stages[-1].kept_positions[b] == [p + pad for p in kept], f"row {b}"
+        torch.testing.assert_close(logits[b, -want.shape[0]:], want, atol=ATOL, rtol=0, msg=f"row {b}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the oracle itself
+# ------------------------------------------------------------------------------------------------
+def test_oracle_is_the_plain_model_and_discriminating():
+    """Keeping everything reproduces the model (so the oracle's own DeepStack / M-RoPE are the model's);
+    skipping DeepStack or re-selecting at another layer changes the result."""
+    model = tiny("eager")
+    alone = row_alone(batch(model), 0)
+    prompt = oracle.Prompt(model, alone)
+    eager = oracle.eager_copy(model)
+    with torch.no_grad():
+        plain = model(**alone).logits[0]
+    full, _ = oracle.forward(eager, prompt)
+    torch.testing.assert_close(full, plain, atol=ATOL, rtol=0)
+    no_ds, _ = oracle.forward(eager, prompt, skip_deepstack=True)
+    assert (no_ds[-1] - plain[-1]).abs().max() > 1e-3
+    _, k1 = oracle.forward(eager, prompt, fastv=(1, 5))
+    _, k3 = oracle.forward(eager, prompt, fastv=(3, 5))
+    assert k1 != k3
+
+
+# ------------------------------------------------------------------------------------------------
+# exactness
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_keep_all_is_exactly_unpatched(attn, moe):
+    model = tiny(attn, moe)
+    inputs = batch(model)
+    kw = {"max_new_tokens": 4, "do_sample": False, "suppress_tokens": BANNED}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_gen = model.generate(**inputs, **kw)
+        for policy in ("fastv:layer=1,keep=1+uniform:layer=3,keep=1", "uniform:site=pre_llm,keep=1"):
+            with vtp.patch(model, policy):
+                assert torch.equal(model(**inputs).logits, ref)
+                assert torch.equal(model.generate(**inputs, **kw), ref_gen)
+
+
+def test_unpatch_restores_exactly():
+    model = tiny("sdpa")
+    inputs = batch(model)
+    lm = model.model.language_model
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        for policy in ("fastv:layer=1,keep=0.25", "uniform:site=pre_llm,keep=0.5+fastv:layer=1,keep=0.3"):
+            h = vtp.patch(model, policy)
+            assert "_deepstack_process" in vars(lm)  # the instance wrapper
+            assert model(**inputs).logits.shape[1] < ref.shape[1]
+            h.unpatch()
+            assert "_deepstack_process" not in vars(lm)
+        assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
+        assert torch.equal(model(**inputs).logits, ref)
+
+
+# ------------------------------------------------------------------------------------------------
+# == oracle
+# ------------------------------------------------------------------------------------------------
+def _fastv_want(model, layer, keep, start_keep=None):
+    def want(alone, b):
+        start = None
+        if start_keep is not None:
+            kept0 = uniform_keep(alone, b, start_keep)
+            start = [p for p in range(alone["input_ids"].shape[1]) if p not in visual(alone) or p in kept0]
+        n = len([p for p in (start or range(alone["input_ids"].shape[1])) if p in visual(alone)])
+        k = k_of(keep, len(visual(alone))) if start_keep is None else min(n, k_of(keep, len(visual(alone))))
+        s = oracle.fastv_scores(model, alone, layer, start)
+        assert s[k - 1] - s[k] > 1e-7, "ill-conditioned case"
+        logits, kept = oracle.forward(oracle.eager_copy(model), oracle.Prompt(model, alone), start=start,
+                                      fastv=(layer, k))
+        return kept, logits
+    return want
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+@pytest.mark.parametrize("layer", [1, 3])  # below / above the last DeepStack injection (after layer 1)
+def test_fastv_matches_oracle(attn, layer):
+    model = tiny(attn)
+    check_rows(model, batch(model), f"fastv:layer={layer},keep=0.3", _fastv_want(model, layer, 0.3))
+
+
+def test_fastv_on_moe_matches_oracle():
+    model = tiny("sdpa", moe=True)
+    check_rows(model, batch(model), "fastv:layer=1,keep=0.3", _fastv_want(model, 1, 0.3))
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_pre_llm_prune_matches_oracle(attn):
+    model = tiny(attn)
+
+    def want(alone, b):
+        kept = uniform_keep(alone, b, 0.3)
+        start = [p for p in range(alone["input_ids"].shape[1]) if p not in visual(alone) or p in kept]
+        logits, _ = oracle.forward(oracle.eager_copy(model), oracle.Prompt(model, alone), start=start)
+        return kept, logits
+
+    check_rows(model, batch(model), "uniform:site=pre_llm,keep=0.3", want)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_pre_llm_then_fastv_below_the_last_injection_matches_oracle(attn):
+    model = tiny(attn)
+    check_rows(model, batch(model), "uniform:site=pre_llm,keep=0.6+fastv:layer=1,keep=0.3",
+               _fastv_want(model, 1, 0.3, start_keep=0.6))
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_cached_generate_matches_oracle(moe):
+    """FastV below the last injection; decode continues at max(prompt positions) + 1 on every axis."""
+    model = tiny("sdpa", moe)
+    inputs = make_qwen_batch(model, [[4, "img", 3]], image_grids=[(4, 4)], seed=1)
+    L = inputs["input_ids"].shape[1]
+    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
+    k = k_of(0.25, 16)
+    with vtp.patch(model, "fastv:layer=1,keep=0.25"), torch.no_grad():
+        g = model.generate(**inputs, max_new_tokens=6, do_sample=False, suppress_tokens=BANNED)
+    want = oracle.greedy(model, inputs, 6, fastv=(1, k), eos=eos)
+    assert new_tokens(g[0], L, eos, pad) == want
+
+
+# ------------------------------------------------------------------------------------------------
+# refusals
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy,field,text", [
+    ("aim_merge:keep=0.25,positions=gaps", "stages[0].op", "DeepStack"),
+    ("flowcut_vit:keep=0.5", "stages[0].site", "site vision"),
+    ("skip_layers:layers=2", "stages[0].op", "not supported"),
+])
+def test_refused_by_name_before_any_hook(policy, field, text):
+    model = tiny("sdpa")
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    with pytest.raises(IncompatiblePolicyError) as e:
+        vtp.patch(model, policy)
+    assert e.value.field == field and text in str(e.value)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
+    assert "_deepstack_process" not in vars(model.model.language_model)

@@ -1,0 +1,128 @@
+"""Hugging Face ``Qwen3VLForConditionalGeneration`` and ``Qwen3VLMoeForConditionalGeneration`` (Qwen3-VL).
+
+Visual tokens, grids and 3-D positions are those of Qwen2-VL (``qwen2_vl.Qwen2VLAdapter``: image and
+video placeholders, ``image_grid_thw`` / ``video_grid_thw`` after the 2x2 merge; Qwen3-VL's
+processor puts a timestamp between video frames, which changes nothing for the layout: a video's
+placeholders still fill in frame-major raster order). Interleaved M-RoPE is the model's own
+``rotary_emb``: the engine gathers each layer's incoming ``(cos, sin)`` at the kept tokens, so kept
+tokens keep their original positions, and decoding continues at the model's next position
+(``rope_deltas``: the cache length at layer 0, which is never pruned, or the pre-LLM record's
+``next_pos``).
+
+DeepStack (arXiv 2406.04334): the vision tower's intermediate features are ADDED to the hidden
+states at the visual positions after decoder layers ``0 .. n - 1`` (``n = len(deepstack_visual_indexes)``,
+3 in the released models), through ``language_model._deepstack_process(hidden, visual_pos_masks,
+embeds)``. Defined here: a token that has left the sequence receives nothing; a kept visual token
+receives its own injected features, whatever stage removed the others. Implemented by
+- a forward pre-hook on the language model (after the pre-LLM stage's): a pre-LLM prune gathers
+  ``visual_pos_masks`` at the kept slots and keeps the rows of every ``deepstack_visual_embeds[i]``
+  of the kept visual tokens (the same kept set);
+- an instance-level wrapper of ``_deepstack_process`` (undone by ``unpatch()``): when an LLM-site
+  stage below the last injection has shortened the sequence, the mask and features are taken at
+  the current tokens the same way. Stages at or above layer ``n`` need nothing.
+Pre-LLM MERGE stages are refused on this family: a fused token's injected features are not defined
+yet. Structural ops (head / layer / FFN pruning) are refused: untested on this family (and the MoE
+blocks have no ``gate_proj`` / ``up_proj`` to slice).
+
+MoE (Qwen3-VL-30B-A3B / 235B-A22B): routing is per token, so a pruned token routes nowhere;
+``eval.flops`` counts the active experts' FLOPs per kept token (``explain`` shows them).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import IncompatiblePolicyError, UnsupportedModelError
+from ..registry import ADAPTERS
+from .qwen2_vl import Qwen2VLAdapter
+
+
+def _state(handle: Any):
+    """The calling thread's ``ForwardState`` (``handle.state``; older handles: ``handle._state``)."""
+    return handle.state if isinstance(getattr(type(handle), "state", None), property) else getattr(handle, "_state", None)
+
+
+def _add_hook(handle: Any, site: str, removable: Any) -> None:
+    (handle.add_hook if hasattr(handle, "add_hook") else handle._add)(site, removable)
+
+
+def take_visual(mask: torch.Tensor, feats: list[torch.Tensor], idx: torch.Tensor, ok: torch.Tensor):
+    """``mask`` ``[B, L]`` visual positions, ``feats[i]`` ``[n, D]`` one row per visual token in row-major
+    order of ``mask``; keep positions ``idx`` ``[B, M]`` (``ok``: real slots) -> (``mask'`` ``[B, M]``,
+    the feature rows of the kept visual tokens in row-major order of ``mask'``)."""
+    ordinal = torch.cumsum(mask.reshape(-1).long(), 0).view_as(mask) - 1
+    idx = idx.to(mask.device)
+    kept = torch.gather(mask, 1, idx) & ok.to(mask.device)
+    rows = torch.gather(ordinal, 1, idx)[kept]
+    return kept, [f[rows.to(f.device)] for f in feats]
+
+
+class Qwen3VLAdapter(Qwen2VLAdapter):
+    """HF Qwen3-VL and Qwen3-VL-MoE (DeepStack injections, interleaved M-RoPE, full-attention text layers)."""
+
+    model_types = ("qwen3_vl", "qwen3_vl_moe")
+    supports_structural = False
+
+    def check(self, model: nn.Module) -> None:
+        super().check(model)
+        lm = model.model.language_model
+        if not callable(getattr(lm, "_deepstack_process", None)):
+            raise UnsupportedModelError(
+                "model.model.language_model", "expected _deepstack_process (the DeepStack injection of Qwen3-VL)")
+
+    @staticmethod
+    def deepstack_layers(model: nn.Module) -> int:
+        """How many decoder layers are followed by an injection (after layers 0 .. n - 1)."""
+        return len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
+
+    def install(self, handle: Any, model: nn.Module) -> None:
+        """The DeepStack seams (see the module docstring); refuses pre-LLM merge stages."""
+        for i, st in enumerate(handle.policy.stages):
+            if st.site == "pre_llm" and st.op == "merge":
+                raise IncompatiblePolicyError(
+                    f"stages[{i}].op",
+                    f"merge is not supported before the LLM on {model.config.model_type!r}: the DeepStack features "
+                    "injected after the first decoder layers are not defined for fused tokens; allowed: prune "
+                    "(pre_llm), or any LLM-site stage",
+                )
+        lm = model.model.language_model
+
+        def lm_pre(module, args, kwargs):
+            st = _state(handle)
+            pre = st.prefill.pre_llm if st is not None and st.phase == "prefill" else None
+            mask, feats = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
+            if pre is None or mask is None or feats is None:  # no reduction before the LLM in this forward
+                return None
+            mask, feats = take_visual(mask, list(feats), pre.kept, pre.kept_ok)
+            return args, {**kwargs, "visual_pos_masks": mask, "deepstack_visual_embeds": feats}
+
+        lm_pre.__vtp__ = True
+        _add_hook(handle, f"{type(lm).__name__}: forward pre-hook (DeepStack features at the pre-LLM kept tokens)",
+                  lm.register_forward_pre_hook(lm_pre, with_kwargs=True))
+        if not any(st.site == "llm" and st.changes_tokens and st.layer < self.deepstack_layers(model)
+                   for st in handle.policy.stages):
+            return
+        original = lm._deepstack_process
+
+        def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
+            st = _state(handle)
+            if st is not None and st.phase == "prefill" and st.cur_orig is not None:  # an LLM stage has reduced
+                visual_pos_masks, (visual_embeds,) = take_visual(visual_pos_masks, [visual_embeds], st.cur_orig,
+                                                                 st.cur_ok)
+            return original(hidden_states, visual_pos_masks, visual_embeds)
+
+        if hasattr(handle, "swap_attr"):
+            handle.swap_attr(lm, "_deepstack_process", deepstack_process)
+            _add_hook(handle, f"{type(lm).__name__}._deepstack_process: instance wrapper (DeepStack features at the "
+                      "kept tokens of LLM stages below the last injection; undone by unpatch)", None)
+        else:  # handles before swap_attr
+            from ..structural.hooks import _NoHook, _swap
+
+            _swap(handle, lm, "_deepstack_process", deepstack_process)
+            handle._add(f"{type(lm).__name__}._deepstack_process: instance wrapper (undone by unpatch)", _NoHook())
+
+
+ADAPTERS.register("qwen3_vl", Qwen3VLAdapter())
+ADAPTERS.register("qwen3_vl_moe", Qwen3VLAdapter())
