@@ -136,6 +136,9 @@ SCORING_FLOPS: dict[str, Callable[[TextGeometry, int, int, Mapping[str, Any]], f
     "random": lambda g, n, v, p: 0.0,
     "visual_drop": lambda g, n, v, p: 0.0,  # no criterion: every visual token goes
     "uniform": lambda g, n, v, p: 0.0,
+    "divprune": lambda g, n, v, p: 2.0 * v * v * g.hidden_size,  # the v x v cosine matrix (greedy picks not counted)
+    # L1 norms of the captured keys, then the cosines of the visual tokens to every pivot (final norm not counted)
+    "dart": lambda g, n, v, p: float(n * g.kv_dim) + 2.0 * v * (p.get("pivot_image", 4) + p.get("pivot_text", 4)) * g.hidden_size,
     # every non-visual token counted as a text query (an upper bound: only the text after the image is),
     # plus the cosines of every visual token to the k_key key tokens
     "efficientvla": lambda g, n, v, p: (n - v) * _last_row_scoring(g, n) + 2.0 * v * p.get("k_key", 4) * g.hidden_size,

@@ -93,6 +93,10 @@ class DARTCriterion(Criterion):
     def score(self, ctx: ScoringContext, **params: Any) -> torch.Tensor:
         raise RuntimeError("dart scores through the object bind() returns (patch() binds it)")
 
+    def select(self, ctx: ScoringContext, scores: torch.Tensor, **params: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens ``score`` marked (the official count may exceed the budget: pivots + 8 * (k // 8))."""
+        return right_packed((scores > 0) & ctx.visual_ok)
+
 
 class BoundDART(DARTCriterion):
     """The criterion holding the model's final norm. ``score``: 1 for kept visual tokens, 0 otherwise."""
@@ -145,9 +149,6 @@ class BoundDART(DARTCriterion):
             local = {p: i for i, p in enumerate(ctx.visual_idx[b].tolist())}
             scores[b, [local[p] for p in kept]] = 1.0
         return scores
-
-    def select(self, ctx: ScoringContext, scores: torch.Tensor, **params: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return right_packed((scores > 0) & ctx.visual_ok)
 
 
 register_preset("dart", [{"criterion": "dart", "layer": 2, "keep": 128 / 576}],
