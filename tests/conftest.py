@@ -1,52 +1,26 @@
-"""Shared fixtures: one torch thread, tiny models from configs, a flash-attention stand-in backend."""
+"""Fixtures only (shared code lives in ``tests/kit``): one torch thread, the flash-attention stand-in
+registered, a fixed seed per test, and the shared tiny models checked unchanged after every test module."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from kit.backends import BACKENDS, FLASH, register_flash_standin  # noqa: F401  TRANSITIONAL re-export, removed at the end
+from kit.models import changed_shared_models
+
 torch.set_num_threads(1)
 
-FLASH = "vtp_fa_standin"  # the name must not contain "flash" (transformers would try to import flash-attn)
-BACKENDS = ("eager", "sdpa", FLASH)
-
-
-def _flash_standin(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """CPU stand-in for flash-attention: receives the 2-D padding mask [B, kv] (or None) like flash-attn.
-
-    Causal masking is bottom-right aligned (query i sees keys <= kv_len - q_len + i) when the
-    module is causal, as flash-attn does; fully masked query rows output zeros.
-    """
-    B, H, Q, d = query.shape
-    K = key.shape[2]
-    rep = H // key.shape[1]
-    key = key.repeat_interleave(rep, dim=1)
-    value = value.repeat_interleave(rep, dim=1)
-    allowed = torch.ones(B, 1, Q, K, dtype=torch.bool)
-    if attention_mask is not None:
-        assert attention_mask.dim() == 2, "the flash stand-in must receive 2-D padding masks"
-        allowed = allowed & attention_mask.bool()[:, None, None, :]
-    if getattr(module, "is_causal", False):
-        qpos = torch.arange(K - Q, K)[:, None]
-        allowed = allowed & (torch.arange(K)[None, :] <= qpos)[None, None]
-    scale = scaling if scaling is not None else d ** -0.5
-    logits = (query.float() @ key.float().transpose(-1, -2)) * scale
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-    out = (probs @ value.float()).to(query.dtype)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _register_flash():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-
-    AttentionInterface.register(FLASH, _flash_standin)
-    AttentionMaskInterface.register(FLASH, flash_attention_mask)
-
-
-_register_flash()
+register_flash_standin()
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shared_models_unchanged():
+    """The kit's shared tiny models are never mutated: a test module that leaves one changed fails here."""
+    yield
+    changed = changed_shared_models()
+    assert not changed, "a test changed a shared tiny model (take kit.fresh_llava / fresh_qwen):\n" + "\n".join(changed)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS
+from kit import BACKENDS
 from reference import aim_oracle as oracle
 from vlm_tokenprune.errors import PolicyError
 from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch

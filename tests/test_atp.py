@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS, FLASH
+from kit import BACKENDS, FLASH
 from reference import atp_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, InputError, PolicyError
 from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch

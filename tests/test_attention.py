@@ -7,7 +7,7 @@ import torch
 from vlm_tokenprune.attention import attention_rows
 from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
 
-from conftest import BACKENDS
+from kit import BACKENDS
 
 ROWS = [[5, "img", 7], [3, "img", 2, "img", 4]]
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import FLASH
+from kit import FLASH
 
 import vlm_tokenprune as vtp
 from vlm_tokenprune import IncompatiblePolicyError, PolicyError, UnsupportedModelError

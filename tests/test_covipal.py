@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS, FLASH
+from kit import BACKENDS, FLASH
 from reference import covipal_oracle as coracle
 from reference import pre_llm_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, InputError, PolicyError

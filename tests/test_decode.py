@@ -11,7 +11,7 @@ import vlm_tokenprune as vtp
 from vlm_tokenprune import InputError
 from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
 
-from conftest import BACKENDS
+from kit import BACKENDS
 
 ROWS = [[5, "img", 7], [2, "img", 1, "img", 3]]
 MULTI = "fastv:layer=1,keep=0.5+random:layer=2,keep=0.3,seed=4+fastv:layer=3,tokens=5"

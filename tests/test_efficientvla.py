@@ -9,19 +9,16 @@ inside the real forward / generate under every attention backend, batched and le
 """
 from __future__ import annotations
 
-import functools
-import math
-
 import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS
+from kit import (
+    BACKENDS, assert_batch_matches_rows_alone, assert_clear_cut, assert_generate_matches_rows_alone, generate_rows,
+    kept_count, n_image_tokens, patched_prefill, tiny_llava,
+)
 from reference import efficientvla_oracle as oracle
-from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
-from helpers import n_image_tokens, new_tokens
-
-torch.set_num_threads(1)
+from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, make_batch
 
 ATOL = 1e-5
 MARGIN = 1e-5  # selection boundaries must be this clear (normalised relevance / cosine units; fp32 noise ~1e-7)
@@ -33,28 +30,10 @@ BATCHES = {
 }
 
 
-def randomize_norms(model):
-    """RMSNorm weights are all ones at init, which makes the normalised and raw hidden states
-    cosine-equivalent; random weights let the tests tell which representation is used."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, mod in model.model.language_model.named_modules():
-            if name.endswith("input_layernorm"):
-                mod.weight.copy_(0.75 + 0.5 * torch.rand(mod.weight.shape, generator=g))
-    return model
-
-
-@functools.lru_cache(maxsize=None)
 def tiny(attn: str, next: bool = False):
-    """One model per (backend, family), shared by the tests; never mutated (patches are always undone)."""
-    return randomize_norms(build_tiny_llava(attn, next=True, image_size=16) if next else build_tiny_llava(attn))
-
-
-def k_of(budget: str, n_visual: int) -> int:
-    key, value = budget.split("=")
-    if n_visual == 0:
-        return 0
-    return int(value) if key == "tokens" else max(1, math.floor(float(value) * n_visual + 0.5))
+    """RMSNorm weights randomised (at init they make normalised and raw hidden states cosine-equivalent)."""
+    cfg = dict(next=True, image_size=16) if next else {}
+    return tiny_llava(attn, tweaks=("random_norms",), **cfg)
 
 
 def policy(layer: int, budget: str, **params) -> str:
@@ -65,24 +44,13 @@ def policy(layer: int, budget: str, **params) -> str:
 def assert_well_separated(d: dict) -> None:
     """Every boundary the selection draws (key | task | rest by relevance; chosen | rest by diversity)
     is clear, so equal selections are not luck of rounding."""
-    s = [d["s"][p] for p in d["rank"]]
     for cut in (d["n_key"], d["n_key"] + d["n_task"]):
-        if 0 < cut < len(s):
-            assert s[cut - 1] - s[cut] > MARGIN, f"ill-conditioned relevance cut at {cut}: {s[cut - 1]} vs {s[cut]}"
-    div = [d["diversity"][p] for p in d["div_rank"]]
-    if 0 < d["n_div"] < len(div):
-        assert div[d["n_div"] - 1] - div[d["n_div"]] > MARGIN, "ill-conditioned diversity cut"
-
-
-def patched_prefill(model, inputs, pol):
-    with vtp.patch(model, pol) as h, torch.no_grad():
-        out = model(**inputs)
-        trace = h.last_trace()
-    return out.logits, trace
+        assert_clear_cut([d["s"][p] for p in d["rank"]], cut, MARGIN, what="of relevance")
+    assert_clear_cut([d["diversity"][p] for p in d["div_rank"]], d["n_div"], MARGIN, what="of diversity")
 
 
 def check_single_vs_oracle(model, inputs, layer: int, budget: str, **params) -> None:
-    k = k_of(budget, n_image_tokens(inputs))
+    k = kept_count(budget, n_image_tokens(inputs))
     d = oracle.efficientvla_details(model, inputs, layer, k, **params)
     assert_well_separated(d)
     want_logits = oracle.efficientvla_logits(model, inputs, layer, d["keep"])
@@ -179,7 +147,7 @@ def test_preset_carries_paper_defaults():
     assert vtp.PRESETS.get("efficientvla").arxiv == "2506.10100"
     model = tiny("sdpa")
     inputs = make_batch(model, SINGLE)
-    k = k_of(f"keep={56 / 256}", 36)
+    k = kept_count(f"keep={56 / 256}", 36)
     assert k == 8
     d = oracle.efficientvla_details(model, inputs, 2, k)
     assert_well_separated(d)
@@ -210,43 +178,24 @@ def test_no_text_after_the_image_is_refused():
 # ------------------------------------------------------------------------------------------------
 # batches with left padding == rows alone
 # ------------------------------------------------------------------------------------------------
-def row_alone(inputs: dict, rows: list, b: int) -> dict:
-    first = sum(seg == "img" for r in rows[:b] for seg in r)
-    n_img = sum(seg == "img" for seg in rows[b])
-    real = inputs["attention_mask"][b].bool()
-    ids = inputs["input_ids"][b][real][None]
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if n_img:
-        out["pixel_values"] = inputs["pixel_values"][first: first + n_img]
-    return out
-
-
 @pytest.mark.parametrize("batch", sorted(BATCHES))
 @pytest.mark.parametrize("attn", BACKENDS)
 def test_left_padded_batch_prefill_matches_rows_alone(attn, batch):
     rows = BATCHES[batch]
     model = tiny(attn)
-    inputs = make_batch(model, rows, seed=2)
     budget = "keep=0.3"
-    logits, trace = patched_prefill(model, inputs, policy(2, budget))
-    L = inputs["input_ids"].shape[1]
-    lengths = []
-    for b in range(len(rows)):
-        alone = row_alone(inputs, rows, b)
-        pad = L - alone["input_ids"].shape[1]
-        k = k_of(budget, n_image_tokens(alone))
+
+    def row_oracle(alone):
+        k = kept_count(budget, n_image_tokens(alone))
         if k == 0:  # text-only row: untouched
-            keep, want = [], model(**alone).logits[0].detach()
-        else:
-            d = oracle.efficientvla_details(model, alone, 2, k)
-            assert_well_separated(d)
-            keep = d["keep"]
-            want = oracle.efficientvla_logits(model, alone, 2, keep)[0]
-        assert trace.stages[0].kept_positions[b] == [p + pad for p in keep], f"row {b}"
-        assert trace.stages[0].visual_after[b] == k
-        lengths.append(want.shape[0])
-        torch.testing.assert_close(logits[b, -want.shape[0]:], want, atol=ATOL, rtol=0, msg=f"row {b}")
-    assert logits.shape[1] == max(lengths)
+            return None
+        d = oracle.efficientvla_details(model, alone, 2, k)
+        assert_well_separated(d)
+        return [d["keep"]], oracle.efficientvla_logits(model, alone, 2, d["keep"])[0]
+
+    inputs = make_batch(model, rows, seed=2)
+    trace = assert_batch_matches_rows_alone(model, inputs, rows, policy(2, budget), row_oracle, atol=ATOL)
+    assert trace.stages[0].visual_after == [kept_count(budget, n_image_tokens(inputs, b)) for b in range(len(rows))]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,29 +207,20 @@ def test_generate_matches_oracle(attn, use_cache):
     """Cached: the prompt's kept set serves every step. Cache-free: re-chosen each step."""
     model = tiny(attn)
     inputs = make_batch(model, SINGLE)
-    L = inputs["input_ids"].shape[1]
-    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
-    kw = {} if use_cache else {"use_cache": False}
-    with vtp.patch(model, policy(2, "tokens=12")), torch.no_grad():
-        g = model.generate(**inputs, max_new_tokens=8, do_sample=False, **kw)
+    eos = model.generation_config.eos_token_id
     want = oracle.efficientvla_generate(model, inputs, 2, 12, 8, rescore=not use_cache, eos_token_id=eos)
-    assert new_tokens(g[0], L, eos, pad) == want
+    assert generate_rows(model, inputs, policy(2, "tokens=12"), use_cache=use_cache) == [want]
 
 
 @pytest.mark.parametrize("attn", BACKENDS)
 def test_left_padded_batch_cached_generate_matches_rows_alone(attn):
     rows = BATCHES["1img+2img"]
     model = tiny(attn)
-    inputs = make_batch(model, rows, seed=2)
-    L = inputs["input_ids"].shape[1]
-    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
-    with vtp.patch(model, policy(2, "keep=0.25")), torch.no_grad():
-        g = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    for b in range(len(rows)):
-        alone = row_alone(inputs, rows, b)
-        k = k_of("keep=0.25", n_image_tokens(alone))
-        want = oracle.efficientvla_generate(model, alone, 2, k, 8, rescore=False, eos_token_id=eos)
-        assert new_tokens(g[b], L, eos, pad) == want, f"row {b}"
+    eos = model.generation_config.eos_token_id
+    assert_generate_matches_rows_alone(
+        model, make_batch(model, rows, seed=2), rows, policy(2, "keep=0.25"),
+        lambda alone: oracle.efficientvla_generate(model, alone, 2, kept_count("keep=0.25", n_image_tokens(alone)), 8,
+                                                   rescore=False, eos_token_id=eos))
 
 
 def test_explain_knows_the_budget_is_exact():

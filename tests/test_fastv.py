@@ -7,19 +7,16 @@ forward / generate under every attention backend, batched and left-padded.
 """
 from __future__ import annotations
 
-import functools
-import math
-
 import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS
+from kit import (
+    BACKENDS, assert_batch_matches_rows_alone, assert_clear_cut, assert_generate_matches_rows_alone, generate_rows,
+    kept_count, n_image_tokens, patched_prefill, tiny_llava,
+)
 from reference import fastv_oracle as oracle
-from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
-from helpers import n_image_tokens, patched_prefill
-
-torch.set_num_threads(1)
+from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, make_batch
 
 ATOL = 1e-5
 SINGLE = [[5, "img", 7]]
@@ -30,31 +27,16 @@ BATCHES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
 def tiny(attn: str, next: bool = False):
-    """One model per (backend, family), shared by the tests; never mutated (patches are always undone)."""
-    return build_tiny_llava(attn, next=True, image_size=16) if next else build_tiny_llava(attn)
-
-
-def k_of(budget: str, n_visual: int) -> int:
-    """Kept count for a policy budget 'keep=x' / 'tokens=n' (documented rule: max(1, floor(x*n + 0.5)))."""
-    key, value = budget.split("=")
-    if n_visual == 0:
-        return 0
-    if key == "tokens":
-        return int(value)
-    return max(1, math.floor(float(value) * n_visual + 0.5))
+    return tiny_llava(attn, next=True, image_size=16) if next else tiny_llava(attn)
 
 
 def assert_well_separated(model, inputs, layer: int, k: int) -> None:
-    """The k-th and (k+1)-th oracle scores differ clearly, so equal selections are not luck of rounding."""
-    s = sorted(oracle.fastv_scores(model, inputs, layer).values(), reverse=True)
-    if 0 < k < len(s):
-        assert s[k - 1] - s[k] > 1e-7, f"ill-conditioned case: scores {s[k - 1]} vs {s[k]}"
+    assert_clear_cut(oracle.fastv_scores(model, inputs, layer).values(), k, 1e-7)
 
 
 def check_single_vs_oracle(model, inputs, layer: int, budget: str) -> None:
-    k = k_of(budget, n_image_tokens(inputs))
+    k = kept_count(budget, n_image_tokens(inputs))
     assert_well_separated(model, inputs, layer, k)
     want_keep = oracle.fastv_keep(model, inputs, layer, k)
     want_logits = oracle.fastv_logits(model, inputs, layer, want_keep)
@@ -148,69 +130,31 @@ def test_llava_next_anyres_prefill_matches_oracle(attn):
 # ------------------------------------------------------------------------------------------------
 # generate
 # ------------------------------------------------------------------------------------------------
-def new_tokens(ids: torch.Tensor, prompt_len: int, eos, pad) -> list[int]:
-    """Generated tokens up to and including the first EOS (the rest of a batch row is padding)."""
-    out = []
-    for t in ids[prompt_len:].tolist():
-        out.append(t)
-        if t == eos:
-            break
-    rest = ids[prompt_len + len(out):].tolist()
-    assert all(t == pad for t in rest), rest
-    return out
-
-
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize("attn", BACKENDS)
 def test_generate_matches_oracle(attn, use_cache):
     model = tiny(attn)
     inputs = make_batch(model, SINGLE)
-    L = inputs["input_ids"].shape[1]
-    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
-    kw = {} if use_cache else {"use_cache": False}
-    with vtp.patch(model, "fastv:layer=2,tokens=9"), torch.no_grad():
-        g = model.generate(**inputs, max_new_tokens=8, do_sample=False, **kw)
-    want = oracle.fastv_generate(model, inputs, 2, 9, 8, rescore=not use_cache, eos_token_id=eos)
-    assert new_tokens(g[0], L, eos, pad) == want
+    got = generate_rows(model, inputs, "fastv:layer=2,tokens=9", use_cache=use_cache)
+    eos = model.generation_config.eos_token_id
+    assert got == [oracle.fastv_generate(model, inputs, 2, 9, 8, rescore=not use_cache, eos_token_id=eos)]
 
 
 # ------------------------------------------------------------------------------------------------
 # batches with left padding
 # ------------------------------------------------------------------------------------------------
-def row_alone(inputs: dict, rows: list, b: int) -> dict:
-    """Row b of a padded batch as its own unpadded batch of one (its images only)."""
-    first = sum(seg == "img" for r in rows[:b] for seg in r)
-    n_img = sum(seg == "img" for seg in rows[b])
-    real = inputs["attention_mask"][b].bool()
-    ids = inputs["input_ids"][b][real][None]
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if n_img:
-        out["pixel_values"] = inputs["pixel_values"][first: first + n_img]
-        if "image_sizes" in inputs:
-            out["image_sizes"] = inputs["image_sizes"][first: first + n_img]
-    return out
-
-
 NEXT_BATCH = [[1, "img", "img", 5], [20, "img", 1], [12]]
 NEXT_SIZES = [[20, 36], [16, 16], [36, 20]]
 
 
 def check_batch_prefill_vs_rows_alone(model, inputs, rows, layer: int, budget: str) -> None:
-    logits, trace = patched_prefill(model, inputs, f"fastv:layer={layer},{budget}")
-    L = inputs["input_ids"].shape[1]
-    kept_counts = []
-    for b in range(len(rows)):
-        alone = row_alone(inputs, rows, b)
-        pad = L - alone["input_ids"].shape[1]
-        k = k_of(budget, n_image_tokens(alone))
+    def row_oracle(alone):
+        k = kept_count(budget, n_image_tokens(alone))
         assert_well_separated(model, alone, layer, k)
         keep = oracle.fastv_keep(model, alone, layer, k)
-        want = oracle.fastv_logits(model, alone, layer, keep)[0]
-        assert trace.stages[0].kept_positions[b] == [p + pad for p in keep], f"row {b}"
-        n_b = want.shape[0]
-        kept_counts.append(n_b)
-        torch.testing.assert_close(logits[b, -n_b:], want, atol=ATOL, rtol=0, msg=f"row {b}")
-    assert logits.shape[1] == max(kept_counts)
+        return [keep], oracle.fastv_logits(model, alone, layer, keep)[0]
+
+    assert_batch_matches_rows_alone(model, inputs, rows, f"fastv:layer={layer},{budget}", row_oracle, atol=ATOL)
 
 
 @pytest.mark.parametrize("batch", sorted(BATCHES))
@@ -236,17 +180,12 @@ def test_left_padded_batch_generate_matches_rows_alone(attn, batch, use_cache):
     """Cached: the prompt's kept set serves every step. Cache-free: re-chosen each step (oracle rescore)."""
     rows = BATCHES[batch]
     model = tiny(attn)
-    inputs = make_batch(model, rows, seed=2)
-    L = inputs["input_ids"].shape[1]
-    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
-    kw = {} if use_cache else {"use_cache": False}
-    with vtp.patch(model, "fastv:layer=2,keep=0.25"), torch.no_grad():
-        g = model.generate(**inputs, max_new_tokens=8, do_sample=False, **kw)
-    for b in range(len(rows)):
-        alone = row_alone(inputs, rows, b)
-        k = k_of("keep=0.25", n_image_tokens(alone))
-        want = oracle.fastv_generate(model, alone, 2, k, 8, rescore=not use_cache, eos_token_id=eos)
-        assert new_tokens(g[b], L, eos, pad) == want, f"row {b}"
+    eos = model.generation_config.eos_token_id
+    assert_generate_matches_rows_alone(
+        model, make_batch(model, rows, seed=2), rows, "fastv:layer=2,keep=0.25",
+        lambda alone: oracle.fastv_generate(model, alone, 2, kept_count("keep=0.25", n_image_tokens(alone)), 8,
+                                            rescore=not use_cache, eos_token_id=eos),
+        use_cache=use_cache)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS
+from kit import BACKENDS
 from reference import fastv_oracle
 from reference import feather_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, InputError

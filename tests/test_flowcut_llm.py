@@ -8,22 +8,19 @@ tiny model has 4 query heads and 2 key/value heads, so the GQA head averaging is
 """
 from __future__ import annotations
 
-import functools
-import math
-
 import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS
+from kit import (
+    BACKENDS, assert_batch_matches_rows_alone, assert_clear_cut, assert_generate_matches_rows_alone, generate_rows,
+    kept_count, n_image_tokens, patched_prefill, tiny_llava,
+)
 from reference import fastv_oracle
 from reference import flowcut_llm_oracle as oracle
-from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import make_batch
 from vlm_tokenprune.methods.flowcut_llm import FlowCutLLMCriterion
 from vlm_tokenprune.scoring import ScoringContext
-from helpers import n_image_tokens, new_tokens, patched_prefill
-
-torch.set_num_threads(1)
 
 ATOL = 1e-5
 MARGIN = 1e-6  # scores are O(1) here (value L1 norms), so margins are absolute on that scale
@@ -37,27 +34,17 @@ NEXT_BATCH = [[1, "img", "img", 5], [20, "img", 1], [12]]
 NEXT_SIZES = [[20, 36], [16, 16], [36, 20]]
 
 
-@functools.lru_cache(maxsize=None)
 def tiny(attn: str, next: bool = False):
-    return build_tiny_llava(attn, next=True, image_size=16) if next else build_tiny_llava(attn)
-
-
-def k_of(budget: str, n: int) -> int:
-    key, value = budget.split("=")
-    if n == 0:
-        return 0
-    return int(value) if key == "tokens" else max(1, math.floor(float(value) * n + 0.5))
+    return tiny_llava(attn, next=True, image_size=16) if next else tiny_llava(attn)
 
 
 def assert_well_separated(model, inputs, prune_layer: int, k: int) -> None:
-    s = sorted(oracle.flowcut_terms(model, inputs, prune_layer)["score"].values(), reverse=True)
-    if 0 < k < len(s):
-        assert s[k - 1] - s[k] > MARGIN, f"ill-conditioned case: scores {s[k - 1]} vs {s[k]}"
+    assert_clear_cut(oracle.flowcut_terms(model, inputs, prune_layer)["score"].values(), k, MARGIN)
 
 
 def check_vs_oracle(model, inputs, layer: int, budget: str) -> list[int]:
     """Library stage at ``layer`` == FlowCut with prune_layer = layer - 1."""
-    k = k_of(budget, n_image_tokens(inputs))
+    k = kept_count(budget, n_image_tokens(inputs))
     assert_well_separated(model, inputs, layer - 1, k)
     keep = oracle.flowcut_keep(model, inputs, layer - 1, k)
     want = oracle.flowcut_logits(model, inputs, layer - 1, keep)
@@ -128,7 +115,7 @@ def test_paper_layer_mapping():
     assert [(s.criterion, s.layer, s.budget.keep) for s in pol.stages] == [("flowcut_llm", 2, 0.2222)]
     model = tiny("sdpa")
     inputs = make_batch(model, SINGLE)
-    k = k_of("keep=0.2222", 36)
+    k = kept_count("keep=0.2222", 36)
     assert k == 8
     assert_well_separated(model, inputs, 1, k)
     logits, trace = patched_prefill(model, inputs, "flowcut_llm")
@@ -214,39 +201,16 @@ def test_llava_next_anyres_prefill_matches_oracle(attn):
 # ------------------------------------------------------------------------------------------------
 # batches with left padding
 # ------------------------------------------------------------------------------------------------
-def row_alone(inputs: dict, rows: list, b: int) -> dict:
-    first = sum(seg == "img" for r in rows[:b] for seg in r)
-    n_img = sum(seg == "img" for seg in rows[b])
-    real = inputs["attention_mask"][b].bool()
-    ids = inputs["input_ids"][b][real][None]
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if n_img:
-        out["pixel_values"] = inputs["pixel_values"][first: first + n_img]
-        if "image_sizes" in inputs:
-            out["image_sizes"] = inputs["image_sizes"][first: first + n_img]
-    return out
-
-
 def check_batch_vs_rows_alone(model, inputs, rows, layer: int, budget: str) -> None:
-    logits, trace = patched_prefill(model, inputs, f"flowcut_llm:layer={layer},{budget}")
-    L = inputs["input_ids"].shape[1]
-    lengths = []
-    for b in range(len(rows)):
-        alone = row_alone(inputs, rows, b)
-        pad = L - alone["input_ids"].shape[1]
-        k = k_of(budget, n_image_tokens(alone))
+    def row_oracle(alone):
+        k = kept_count(budget, n_image_tokens(alone))
         if k == 0:
-            with torch.no_grad():
-                want = model(**alone).logits[0]
-            assert trace.stages[0].kept_positions[b] == []
-        else:
-            assert_well_separated(model, alone, layer - 1, k)
-            keep = oracle.flowcut_keep(model, alone, layer - 1, k)
-            assert trace.stages[0].kept_positions[b] == [p + pad for p in keep], f"row {b}"
-            want = oracle.flowcut_logits(model, alone, layer - 1, keep)[0]
-        lengths.append(want.shape[0])
-        torch.testing.assert_close(logits[b, -want.shape[0]:], want, atol=ATOL, rtol=0, msg=f"row {b}")
-    assert logits.shape[1] == max(lengths)
+            return None
+        assert_well_separated(model, alone, layer - 1, k)
+        keep = oracle.flowcut_keep(model, alone, layer - 1, k)
+        return [keep], oracle.flowcut_logits(model, alone, layer - 1, keep)[0]
+
+    assert_batch_matches_rows_alone(model, inputs, rows, f"flowcut_llm:layer={layer},{budget}", row_oracle, atol=ATOL)
 
 
 @pytest.mark.parametrize("batch", sorted(BATCHES))
@@ -276,13 +240,9 @@ def test_generate_matches_oracle(attn, use_cache):
     """Cached: the prompt's kept set serves every step. Cache-free: re-chosen each step (oracle rescore)."""
     model = tiny(attn)
     inputs = make_batch(model, SINGLE, seed=GEN_SEED)
-    L = inputs["input_ids"].shape[1]
-    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
-    kw = {} if use_cache else {"use_cache": False}
-    with vtp.patch(model, "flowcut_llm:layer=2,tokens=9"), torch.no_grad():
-        g = model.generate(**inputs, max_new_tokens=8, do_sample=False, **kw)
+    eos = model.generation_config.eos_token_id
     want = oracle.flowcut_generate(model, inputs, 1, 9, 8, rescore=not use_cache, eos_token_id=eos)
-    assert new_tokens(g[0], L, eos, pad) == want
+    assert generate_rows(model, inputs, "flowcut_llm:layer=2,tokens=9", use_cache=use_cache) == [want]
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -290,14 +250,9 @@ def test_generate_matches_oracle(attn, use_cache):
 def test_left_padded_batch_generate_matches_rows_alone(attn, use_cache):
     rows = BATCHES["1img+2img"]
     model = tiny(attn)
-    inputs = make_batch(model, rows, seed=2)
-    L = inputs["input_ids"].shape[1]
-    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
-    kw = {} if use_cache else {"use_cache": False}
-    with vtp.patch(model, "flowcut_llm:layer=2,keep=0.25"), torch.no_grad():
-        g = model.generate(**inputs, max_new_tokens=8, do_sample=False, **kw)
-    for b in range(len(rows)):
-        alone = row_alone(inputs, rows, b)
-        want = oracle.flowcut_generate(model, alone, 1, k_of("keep=0.25", n_image_tokens(alone)), 8,
-                                       rescore=not use_cache, eos_token_id=eos)
-        assert new_tokens(g[b], L, eos, pad) == want, f"row {b}"
+    eos = model.generation_config.eos_token_id
+    assert_generate_matches_rows_alone(
+        model, make_batch(model, rows, seed=2), rows, "flowcut_llm:layer=2,keep=0.25",
+        lambda alone: oracle.flowcut_generate(model, alone, 1, kept_count("keep=0.25", n_image_tokens(alone)), 8,
+                                              rescore=not use_cache, eos_token_id=eos),
+        use_cache=use_cache)

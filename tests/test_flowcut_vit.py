@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS
+from kit import BACKENDS
 from reference import flowcut_vit_oracle as oracle
 from reference import pre_llm_oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, PolicyError

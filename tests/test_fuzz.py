@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 import torch
-from conftest import BACKENDS
+from kit import BACKENDS
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as hs
 

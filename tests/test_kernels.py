@@ -24,7 +24,7 @@ from vlm_tokenprune import ops, reference_ops as ref
 from vlm_tokenprune.attention import attention_rows
 from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
 
-from conftest import FLASH
+from kit import FLASH
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import FLASH
+from kit import FLASH
 from reference import flowcut_vit_oracle as fc
 from reference import mctf_oracle as oracle
 from reference import pre_llm_oracle

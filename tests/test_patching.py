@@ -10,7 +10,7 @@ import vlm_tokenprune as vtp
 from vlm_tokenprune import IncompatiblePolicyError, InputError, PolicyError, UnsupportedModelError
 from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
 
-from conftest import BACKENDS
+from kit import BACKENDS
 
 ROWS = [[5, "img", 7], [3, "img", 2, "img", 4]]  # batch 2, left padding, 1 and 2 images
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS, FLASH
+from kit import BACKENDS, FLASH
 from helpers import cache_kwargs
 from reference import pre_llm_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, PolicyError

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS, FLASH
+from kit import BACKENDS, FLASH
 from helpers import cache_kwargs
 from reference import pre_llm_fastv_oracle as oracle
 from reference import pre_llm_oracle

@@ -18,7 +18,7 @@ import torch
 from transformers import Qwen2VLForConditionalGeneration
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS
+from kit import BACKENDS
 from reference import fastv_qwen_oracle as oracle
 from vlm_tokenprune import InputError, UnsupportedModelError
 from vlm_tokenprune.adapters import resolve_adapter

@@ -15,7 +15,7 @@ from vlm_tokenprune.eval.tiny_models import (
     make_batch, make_qwen_batch,
 )
 
-from conftest import FLASH
+from kit import FLASH
 from reference import structural_oracle as O
 
 STEPS = 3

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .fastv_oracle import eager_copy, image_positions, prompt_embeds, rotate_half, run_layers
+from .eager_runner import eager_copy, greedy, image_positions, prompt_embeds, rotate_half, run_layers
 
 
 def attention_logits(eager, layer_idx: int, hidden: torch.Tensor, pos: list[int]) -> torch.Tensor:
@@ -113,19 +113,9 @@ def aim_generate(model, inputs: dict, stages: list[tuple[int, int]], steps: int,
                  eos_token_id=None, **kw) -> list[int]:
     """Greedy tokens recomputing the whole sequence each step (no KV cache). ``rescore=False``: the
     prompt's kept sets serve every step (= a KV-cached generate); ``True``: re-chosen each step."""
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     eager = eager_copy(model)
     embeds = prompt_embeds(model, inputs)
     img_pos = image_positions(model, inputs["input_ids"])
-    embed_tokens = eager.model.language_model.embed_tokens
     fixed = run(eager, embeds, img_pos, stages, **kw)["kept"]
-    out: list[int] = []
-    for _ in range(steps):
-        res = run(eager, embeds, img_pos, stages, None if rescore else fixed, **kw)
-        tok = int(res["logits"][0, -1].argmax())
-        out.append(tok)
-        if tok in eos:
-            break
-        with torch.no_grad():
-            embeds = torch.cat([embeds, embed_tokens(torch.tensor([[tok]]))], dim=1)
-    return out
+    return greedy(eager, embeds, steps, eos_token_id,
+                  lambda seq, step: run(eager, seq, img_pos, stages, None if rescore else fixed, **kw)["logits"])

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from . import fastv_oracle as base
+from . import eager_runner as base
 from .feather_oracle import grid_layout
 
 
@@ -123,36 +123,17 @@ def atp_run(model, inputs: dict, weights: dict, hp: dict) -> dict:
 
 def run_kept(eager, embeds: torch.Tensor, K: int, img: set, kept: list[int]) -> torch.Tensor:
     """Logits of the sequence ``embeds`` with the visual tokens outside ``kept`` dropped before layer K."""
-    lm = eager.model.language_model
-    T = embeds.shape[1]
-    pos = list(range(T))
-    with torch.no_grad():
-        hidden = base.run_layers(eager, embeds, pos, range(K))
-        keep_idx = [i for i in pos if i not in img or i in set(kept)]
-        hidden = hidden[:, keep_idx]
-        hidden = base.run_layers(eager, hidden, keep_idx, range(K, len(lm.layers)))
-        return eager.lm_head(lm.norm(hidden))
+    return base.logits_dropping(eager, embeds, sorted(img), kept, before_layer=K)
 
 
 def atp_generate(model, inputs: dict, weights: dict, hp: dict, steps: int, eos_token_id=None) -> list[int]:
     """Greedy tokens without a KV cache, the kept set chosen once from the prompt (a cached generate)."""
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     run = atp_run(model, inputs, weights, hp)
     eager = base.eager_copy(model)
     embeds = base.prompt_embeds(model, inputs)
     img = set(base.image_positions(model, inputs["input_ids"]))
-    out: list[int] = []
-    logits = run["logits"]
-    for step in range(steps):
-        if step > 0:
-            logits = run_kept(eager, embeds, hp["layer"], img, run["kept"])
-        tok = int(logits[0, -1].argmax())
-        out.append(tok)
-        if tok in eos:
-            break
-        with torch.no_grad():
-            embeds = torch.cat([embeds, eager.model.language_model.embed_tokens(torch.tensor([[tok]]))], dim=1)
-    return out
+    return base.greedy(eager, embeds, steps, eos_token_id,
+                       lambda seq, step: run["logits"] if step == 0 else run_kept(eager, seq, hp["layer"], img, run["kept"]))
 
 
 def soft_mask_logits(model, inputs: dict, K: int, soft: dict) -> torch.Tensor:

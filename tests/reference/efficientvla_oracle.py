@@ -28,7 +28,7 @@ from fractions import Fraction
 
 import torch
 
-from .fastv_oracle import eager_copy, image_positions, prompt_embeds, run_layers
+from .eager_runner import eager_copy, greedy, image_positions, logits_dropping, prompt_embeds, run_layers
 
 
 def attention_probs(eager, layer_idx: int, hidden: torch.Tensor, pos: list[int]) -> torch.Tensor:
@@ -88,15 +88,7 @@ def details_from_embeds(eager, embeds, img_pos: list[int], layer: int, k: int, k
 
 
 def logits_from_embeds(eager, embeds: torch.Tensor, img_pos: list[int], layer: int, keep: list[int]) -> torch.Tensor:
-    T = embeds.shape[1]
-    img, kept_img = set(img_pos), set(keep)
-    assert kept_img <= img
-    kept = [p for p in range(T) if p not in img or p in kept_img]
-    lm = eager.model.language_model
-    with torch.no_grad():
-        hidden = run_layers(eager, embeds, list(range(T)), range(layer))
-        hidden = run_layers(eager, hidden[:, kept], kept, range(layer, len(lm.layers)))
-        return eager.lm_head(lm.norm(hidden))
+    return logits_dropping(eager, embeds, img_pos, keep, before_layer=layer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,20 +112,13 @@ def efficientvla_generate(model, inputs: dict, layer: int, k: int, steps: int, r
                           eos_token_id=None, k_key: int = 4, alpha: float = 0.5) -> list[int]:
     """Greedy tokens recomputing the whole sequence each step (no KV cache). ``rescore=False``: the
     prompt's kept set serves every step (= a KV-cached generate); ``True``: re-chosen each step."""
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     eager = eager_copy(model)
     embeds = prompt_embeds(model, inputs)
     img_pos = image_positions(model, inputs["input_ids"])
-    embed_tokens = eager.model.language_model.embed_tokens
-    keep = details_from_embeds(eager, embeds, img_pos, layer, k, k_key, alpha)["keep"]
-    out: list[int] = []
-    for _ in range(steps):
-        if rescore:
-            keep = details_from_embeds(eager, embeds, img_pos, layer, k, k_key, alpha)["keep"]
-        tok = int(logits_from_embeds(eager, embeds, img_pos, layer, keep)[0, -1].argmax())
-        out.append(tok)
-        if tok in eos:
-            break
-        with torch.no_grad():
-            embeds = torch.cat([embeds, embed_tokens(torch.tensor([[tok]]))], dim=1)
-    return out
+    fixed = details_from_embeds(eager, embeds, img_pos, layer, k, k_key, alpha)["keep"]
+
+    def logits_of(seq, step):
+        keep = details_from_embeds(eager, seq, img_pos, layer, k, k_key, alpha)["keep"] if rescore else fixed
+        return logits_from_embeds(eager, seq, img_pos, layer, keep)
+
+    return greedy(eager, embeds, steps, eos_token_id, logits_of)

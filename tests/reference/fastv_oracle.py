@@ -17,94 +17,12 @@ call at a time. The code favours being obviously correct over being fast.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
-
-class _Captured(Exception):
-    pass
-
-
-# ----------------------------------------------------------------------------------------------
-# plumbing
-# ----------------------------------------------------------------------------------------------
-def _check_plain_model(model) -> None:
-    """The oracle must never run foreign (e.g. pruning) hooks: refuse a model carrying forward hooks
-    other than transformers' own output-capturing ones."""
-    for name, mod in model.named_modules():
-        for hook in [*mod._forward_pre_hooks.values(), *mod._forward_hooks.values()]:
-            origin = getattr(getattr(hook, "func", hook), "__module__", "") or ""
-            if not origin.startswith("transformers."):
-                raise RuntimeError(f"the oracle needs an unpatched model; module {name or '<top>'} has hook {hook!r}")
-
-
-def _check_single(inputs: dict) -> None:
-    ids = inputs["input_ids"]
-    if ids.shape[0] != 1:
-        raise ValueError("the oracle handles batch size 1 only")
-    mask = inputs.get("attention_mask")
-    if mask is not None and not bool(mask.bool().all()):
-        raise ValueError("the oracle handles unpadded inputs only")
-
-
-def prompt_embeds(model, inputs: dict) -> torch.Tensor:
-    """``[1, L, D]``: what the language model receives as ``inputs_embeds`` (image features already
-    scattered into the image-token slots by the model's own code), captured before the LLM runs."""
-    _check_plain_model(model)
-    _check_single(inputs)
-    box = {}
-
-    def grab(module, args, kwargs):
-        box["e"] = kwargs["inputs_embeds"].detach().clone()
-        raise _Captured
-
-    h = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    except _Captured:
-        pass
-    finally:
-        h.remove()
-    return box["e"]
-
-
-def eager_copy(model):
-    """A deep copy of ``model`` whose attention backend is eager (masks: additive float 4-D)."""
-    _check_plain_model(model)
-    before = model.config.text_config._attn_implementation
-    m = copy.deepcopy(model)
-    m.set_attn_implementation("eager")
-    assert m.config.text_config._attn_implementation == "eager"
-    assert model.config.text_config._attn_implementation == before, "the original model must stay as it was"
-    return m.eval()
-
-
-def causal_mask(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask ``[1, 1, n, n]``: 0 where query i may see key j (j <= i), dtype-min elsewhere."""
-    m = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype)
-    for i in range(n):
-        m[i, : i + 1] = 0.0
-    return m[None, None]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def run_layers(eager, hidden: torch.Tensor, pos: list[int], layer_ids) -> torch.Tensor:
-    """Run decoder layers ``layer_ids`` of the eager copy on ``hidden`` [1, T, D] whose tokens sit at
-    original positions ``pos`` (len T), causal over the T tokens."""
-    lm = eager.model.language_model
-    position_ids = torch.tensor([pos], dtype=torch.long)
-    cos, sin = lm.rotary_emb(hidden, position_ids)
-    mask = causal_mask(hidden.shape[1], hidden.dtype)
-    for i in layer_ids:
-        out = lm.layers[i](hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=(cos, sin))
-        hidden = out[0] if isinstance(out, tuple) else out
-    return hidden
+from .eager_runner import (  # noqa: F401  (the runner's plumbing, also read through this module by other oracles)
+    causal_mask, eager_copy, greedy, image_positions, logits_dropping, prompt_embeds, rotate_half, run_layers,
+    top_k_positions,
+)
 
 
 def last_token_attention(eager, layer_idx: int, hidden: torch.Tensor, pos: list[int]) -> torch.Tensor:
@@ -132,16 +50,6 @@ def last_token_attention(eager, layer_idx: int, hidden: torch.Tensor, pos: list[
     return torch.softmax(logits, dim=-1)
 
 
-def top_k_positions(scores: dict[int, float], k: int) -> list[int]:
-    """The k positions with the highest score (ties: lower position first), sorted ascending."""
-    order = sorted(scores, key=lambda p: (-scores[p], p))
-    return sorted(order[:k])
-
-
-def image_positions(model, input_ids: torch.Tensor) -> list[int]:
-    return [p for p, t in enumerate(input_ids[0].tolist()) if t == model.config.image_token_id]
-
-
 # ----------------------------------------------------------------------------------------------
 # FastV on embeddings
 # ----------------------------------------------------------------------------------------------
@@ -163,16 +71,7 @@ def keep_from_embeds(eager, embeds, img_pos, layer, k) -> list[int]:
 
 
 def logits_from_embeds(eager, embeds: torch.Tensor, img_pos: list[int], layer: int, keep: list[int]) -> torch.Tensor:
-    T = embeds.shape[1]
-    img, kept_img = set(img_pos), set(keep)
-    assert kept_img <= img, "keep must be image-token positions"
-    kept = [p for p in range(T) if p not in img or p in kept_img]
-    lm = eager.model.language_model
-    with torch.no_grad():
-        hidden = run_layers(eager, embeds, list(range(T)), range(layer))
-        hidden = hidden[:, kept]
-        hidden = run_layers(eager, hidden, kept, range(layer, len(lm.layers)))
-        return eager.lm_head(lm.norm(hidden))
+    return logits_dropping(eager, embeds, img_pos, keep, before_layer=layer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,21 +104,13 @@ def fastv_generate(model, inputs: dict, layer: int, k: int, steps: int, rescore:
     current last token (what a cache-free generate computes). Stops after ``steps`` tokens or
     right after emitting ``eos_token_id``.
     """
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     eager = eager_copy(model)
     embeds = prompt_embeds(model, inputs)
     img_pos = image_positions(model, inputs["input_ids"])
-    embed_tokens = eager.model.language_model.embed_tokens
-    keep = keep_from_embeds(eager, embeds, img_pos, layer, k)
-    out: list[int] = []
-    for _ in range(steps):
-        if rescore:
-            keep = keep_from_embeds(eager, embeds, img_pos, layer, k)
-        logits = logits_from_embeds(eager, embeds, img_pos, layer, keep)
-        tok = int(logits[0, -1].argmax())
-        out.append(tok)
-        if tok in eos:
-            break
-        with torch.no_grad():
-            embeds = torch.cat([embeds, embed_tokens(torch.tensor([[tok]]))], dim=1)
-    return out
+    fixed = keep_from_embeds(eager, embeds, img_pos, layer, k)
+
+    def logits_of(seq, step):
+        keep = keep_from_embeds(eager, seq, img_pos, layer, k) if rescore else fixed
+        return logits_from_embeds(eager, seq, img_pos, layer, keep)
+
+    return greedy(eager, embeds, steps, eos_token_id, logits_of)

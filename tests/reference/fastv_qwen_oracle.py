@@ -1,7 +1,7 @@
 """Independent reference FastV (arXiv 2403.06764) for Qwen2-VL / Qwen2.5-VL, batch size 1.
 
 Shares no code with ``vlm_tokenprune``: only torch, the Hugging Face model's own modules and the
-model-agnostic plumbing of ``fastv_oracle`` (eager deep copy, causal mask, top-k).
+model-agnostic plumbing of ``eager_runner`` (eager deep copy, causal mask, top-k).
 
 Same FastV as ``fastv_oracle`` (last-token attention in layer K-1 with RoPE over the whole causal
 row, heads averaged, top-k visual tokens, dropped before layer K), with Qwen's specifics:
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .fastv_oracle import _Captured, _check_plain_model, _check_single, causal_mask, eager_copy, rotate_half, top_k_positions
+from .eager_runner import causal_mask, eager_copy, language_model_inputs, rotate_half, top_k_positions
 
 __all__ = [
     "eager_copy", "prompt_inputs", "visual_positions", "mrope_cos_sin", "fastv_scores", "fastv_keep",
@@ -32,25 +32,8 @@ __all__ = [
 def prompt_inputs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """``(embeds [1, L, D], positions [3, L])``: what the language model receives for the prompt
     (visual features already scattered into the placeholders, M-RoPE ids from ``get_rope_index``)."""
-    _check_plain_model(model)
-    _check_single(inputs)
-    box = {}
-
-    def grab(module, args, kwargs):
-        box["e"] = kwargs["inputs_embeds"].detach().clone()
-        pos = kwargs["position_ids"]
-        box["p"] = pos[-3:, 0].detach().clone()  # [3 or 4, 1, L]: the last three rows are (t, h, w)
-        raise _Captured
-
-    h = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    except _Captured:
-        pass
-    finally:
-        h.remove()
-    return box["e"], box["p"]
+    got = language_model_inputs(model, inputs)
+    return got["inputs_embeds"], got["position_ids"][-3:, 0]  # [3 or 4, 1, L]: the last three rows are (t, h, w)
 
 
 def visual_positions(model, input_ids: torch.Tensor) -> list[int]:

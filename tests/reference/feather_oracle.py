@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from . import fastv_oracle as base
+from . import eager_runner as base
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,27 +177,19 @@ def feather_generate(model, inputs: dict, stages: list[dict], steps: int, rescor
     """Greedy tokens without a KV cache. ``rescore=False``: the kept sets are chosen once from the
     prompt (what a cached generate computes); ``rescore=True``: re-chosen every step from the
     sequence so far (what a cache-free generate computes)."""
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     eager = base.eager_copy(model)
     embeds = base.prompt_embeds(model, inputs)
-    embed_tokens = eager.model.language_model.embed_tokens
     first = run_from_embeds(model, eager, inputs, embeds, stages)
     fixed = [dict(st, k=len(r["kept"]), forced=r["kept"]) for st, r in zip(stages, first["stages"])]
-    out: list[int] = []
-    logits = first["logits"]
-    for step in range(steps):
-        if step > 0:
-            if rescore:
-                logits = run_from_embeds(model, eager, inputs, embeds, stages)["logits"]
-            else:
-                logits = _run_fixed(eager, embeds, model, inputs, fixed)
-        tok = int(logits[0, -1].argmax())
-        out.append(tok)
-        if tok in eos:
-            break
-        with torch.no_grad():
-            embeds = torch.cat([embeds, embed_tokens(torch.tensor([[tok]]))], dim=1)
-    return out
+
+    def logits_of(seq, step):
+        if step == 0:
+            return first["logits"]
+        if rescore:
+            return run_from_embeds(model, eager, inputs, seq, stages)["logits"]
+        return _run_fixed(eager, seq, model, inputs, fixed)
+
+    return base.greedy(eager, embeds, steps, eos_token_id, logits_of)
 
 
 def _run_fixed(eager, embeds, model, inputs, stages) -> torch.Tensor:

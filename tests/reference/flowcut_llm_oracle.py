@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from . import fastv_oracle as base
+from . import eager_runner as base
 
 
 def _qkv(eager, layer_idx: int, hidden: torch.Tensor, pos: list[int]):
@@ -70,16 +70,7 @@ def terms_from_embeds(eager, embeds: torch.Tensor, img_pos: list[int], prune_lay
 
 
 def logits_from_embeds(eager, embeds, img_pos: list[int], prune_layer: int, keep: list[int]) -> torch.Tensor:
-    T = embeds.shape[1]
-    img, kept_img = set(img_pos), set(keep)
-    assert kept_img <= img
-    kept = [p for p in range(T) if p not in img or p in kept_img]
-    lm = eager.model.language_model
-    with torch.no_grad():
-        hidden = base.run_layers(eager, embeds, list(range(T)), range(prune_layer + 1))  # layer P sees every token
-        hidden = hidden[:, kept]
-        hidden = base.run_layers(eager, hidden, kept, range(prune_layer + 1, len(lm.layers)))
-        return eager.lm_head(lm.norm(hidden))
+    return base.logits_dropping(eager, embeds, img_pos, keep, before_layer=prune_layer + 1)  # layer P sees every token
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,21 +94,13 @@ def flowcut_logits(model, inputs: dict, prune_layer: int, keep: list[int]) -> to
 def flowcut_generate(model, inputs: dict, prune_layer: int, k: int, steps: int, rescore: bool,
                      eos_token_id: int | list[int] | None = None) -> list[int]:
     """Greedy tokens without a KV cache; ``rescore`` as in ``fastv_oracle.fastv_generate``."""
-    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     eager = base.eager_copy(model)
     embeds = base.prompt_embeds(model, inputs)
     img_pos = base.image_positions(model, inputs["input_ids"])
-    embed_tokens = eager.model.language_model.embed_tokens
-    keep = base.top_k_positions(terms_from_embeds(eager, embeds, img_pos, prune_layer)["score"], k)
-    out: list[int] = []
-    for _ in range(steps):
-        if rescore:
-            keep = base.top_k_positions(terms_from_embeds(eager, embeds, img_pos, prune_layer)["score"], k)
-        logits = logits_from_embeds(eager, embeds, img_pos, prune_layer, keep)
-        tok = int(logits[0, -1].argmax())
-        out.append(tok)
-        if tok in eos:
-            break
-        with torch.no_grad():
-            embeds = torch.cat([embeds, embed_tokens(torch.tensor([[tok]]))], dim=1)
-    return out
+
+    def keep_of(seq):
+        return base.top_k_positions(terms_from_embeds(eager, seq, img_pos, prune_layer)["score"], k)
+
+    fixed = keep_of(embeds)
+    return base.greedy(eager, embeds, steps, eos_token_id,
+                       lambda seq, step: logits_from_embeds(eager, seq, img_pos, prune_layer, keep_of(seq) if rescore else fixed))
