@@ -212,6 +212,7 @@ def test_cached_generate_matches_oracle(moe):
     ("aim_merge:keep=0.25,positions=gaps", "stages[0].op", "DeepStack"),
     ("flowcut_vit:keep=0.5", "stages[0].site", "site vision"),
     ("skip_layers:layers=2", "stages[0].op", "not supported"),
+    ("uniform:site=pre_llm,keep=0.5,positions=repack", "stages[0].positions", "3-D"),
 ])
 def test_refused_by_name_before_any_hook(policy, field, text):
     model = tiny("sdpa")

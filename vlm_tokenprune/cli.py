@@ -25,11 +25,37 @@ PROG = "vlm-tokenprune"
 
 _VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=32, vocab_size=32000)
+_QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, vocab_size=152064)
 # name -> (text-config numbers, visual tokens per prompt, description)
 KNOWN_MODELS: dict[str, tuple[dict | None, int, str]] = {
     "llava-1.5-7b": (_VICUNA_7B, 576, "LLaVA-1.5-7B: Vicuna-7B LLM, CLIP ViT-L/14-336 -> 24x24 = 576 visual tokens"),
     "llava-next-7b": (_VICUNA_7B, 2880, "LLaVA-NeXT-7B: Vicuna-7B LLM, anyres up to 5 x 576 = 2880 visual tokens"),
     "tiny": (None, 256, "the shipped trained tiny LLaVA of `vlm-tokenprune demo` (vlm_tokenprune/assets/tiny_vlm)"),
+    # the newer families (text numbers from the released config.json; visual tokens for one typical image)
+    "llava-onevision-7b": (_QWEN2_7B | {"vocab_size": 152128}, 3699,
+                           "LLaVA-OneVision-7B (llava-hf/llava-onevision-qwen2-7b-ov-hf): Qwen2-7B LLM, SigLIP 384/14, "
+                           "one 768x768 image: 27x27 = 729 base + 2x2 crops unpadded to 54x54 = 2916 + 54 newlines"),
+    "internvl3-2b": (dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                          num_key_value_heads=2, vocab_size=151674), 1792,
+                     "InternVL3-2B (OpenGVLab/InternVL3-2B-hf): Qwen2.5-1.5B LLM, InternViT-300M 448/14 + 0.5 pixel "
+                     "shuffle -> 256 tokens per tile; 6 tiles + thumbnail = 1792 visual tokens"),
+    "internvl3-8b": (_QWEN2_7B | {"vocab_size": 151674}, 1792,
+                     "InternVL3-8B (OpenGVLab/InternVL3-8B-hf): Qwen2.5-7B LLM, 256 tokens per 448 px tile; "
+                     "6 tiles + thumbnail = 1792 visual tokens"),
+    "qwen3-vl-2b": (dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                         num_key_value_heads=8, head_dim=128, vocab_size=151936), 1024,
+                    "Qwen3-VL-2B-Instruct: 28 x 2048 LLM (GQA 16/8 x 128), ViT patch 16 + 2x2 merge: one 1024x1024 "
+                    "image -> 32x32 = 1024 visual tokens; DeepStack after layers 0-2"),
+    "qwen3-vl-8b": (dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=151936), 1024,
+                    "Qwen3-VL-8B-Instruct: 36 x 4096 LLM (GQA 32/8 x 128), one 1024x1024 image -> 1024 visual tokens; "
+                    "DeepStack after layers 0-2"),
+    "qwen3-vl-30b-a3b": (dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                              num_key_value_heads=4, head_dim=128, vocab_size=151936, num_experts=128,
+                              num_experts_per_tok=8, moe_intermediate_size=768), 1024,
+                         "Qwen3-VL-30B-A3B-Instruct (MoE): 48 x 2048 LLM, 8 of 128 experts of width 768 per token, "
+                         "one 1024x1024 image -> 1024 visual tokens"),
 }
 
 
@@ -108,6 +134,8 @@ def _n_visual_from_config(cfg: Any) -> int | None:
     vc = getattr(cfg, "vision_config", None)
     if vc is None or not getattr(vc, "image_size", None) or not getattr(vc, "patch_size", None):
         return None
+    if getattr(cfg, "model_type", "llava") not in ("llava", "llava_next"):
+        return None  # other families' token counts depend on the image (tiles, dynamic resolution): --n-visual
     side = vc.image_size // vc.patch_size
     per_tile = side * side + (1 if getattr(cfg, "vision_feature_select_strategy", "default") == "full" else 0)
     if getattr(cfg, "model_type", None) == "llava_next":
@@ -218,6 +246,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         for key, what in (("mask_only", "simulated with masks, no saving"), ("partial", "savings only partly realised")):
             if res.get(key):
                 print(f"  {what}: {', '.join(map(str, res[key]))}")
+    if g.experts_per_token:  # MoE: routing is per token, so a pruned token's experts never run
+        per_token = 2 * 3 * g.hidden_size * g.intermediate_size  # its k active experts' SwiGLU, every layer
+        base_t = (args.n_text + n_visual) * g.num_hidden_layers
+        kept_t = sum(res["tokens_per_layer"])
+        print(f"  experts  : {g.experts_per_token} of {g.num_experts} per token (active MLP width {g.intermediate_size}, "
+              f"included above): baseline {_tflops(per_token * base_t)}, policy {_tflops(per_token * kept_t)}, "
+              f"saved {_tflops(per_token * (base_t - kept_t))} (pruned tokens route to no expert)")
     sc = res["scoring_flops"]
     if sc is None:
         print("  scoring  : unknown (no estimate for a criterion); not included above")

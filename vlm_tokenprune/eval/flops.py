@@ -56,6 +56,11 @@ class TextGeometry:
     vocab_size: int
     num_key_value_heads: int | None = None
     head_dim: int | None = None
+    # mixture-of-experts MLPs (Qwen3-VL-MoE ...): routing is per token, so ``intermediate_size`` is the ACTIVE
+    # width ``experts_per_token * moe_intermediate_size`` (a pruned token routes nowhere); the router's d x E
+    # projection is not counted (like norms)
+    num_experts: int | None = None
+    experts_per_token: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -93,6 +98,10 @@ class TextGeometry:
         for key in ("num_key_value_heads", "head_dim"):
             v = get(key, None)
             values[key] = int(v) if v is not None else None
+        k, m_e = get("num_experts_per_tok", None), get("moe_intermediate_size", None)
+        if k and m_e and get("num_experts", None):  # MoE: the active experts' width per token
+            values.update(intermediate_size=int(k) * int(m_e), num_experts=int(get("num_experts")),
+                          experts_per_token=int(k))
         return cls(**values)
 
 
