@@ -175,6 +175,6 @@ def test_pre_llm_budget_above_a_rows_visual_tokens_is_an_input_error(models):
         with vtp.patch(model, "aim_merge:tokens=40", strict=True) as h:
             with pytest.raises(vtp.InputError) as e:
                 model(**inputs)
-            assert e.value.field == "stages[0].tokens" and h._state is None
+            assert e.value.field == "stages[0].tokens" and h.state is None
             h.unpatch()
         assert torch.equal(model(**inputs).logits, ref)

@@ -156,7 +156,7 @@ def test_runtime_input_errors(models):
         with pytest.raises(InputError) as e:
             model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
         assert e.value.field == "input_ids"
-        assert h._state is None  # a failed forward leaves no state behind
+        assert h.state is None  # a failed forward leaves no state behind
     assert _ours(model) == 0
 
 

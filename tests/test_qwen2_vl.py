@@ -349,7 +349,7 @@ def test_kept_tokens_keep_their_original_3d_positions(version):
             model.generate(**inputs, max_new_tokens=3, do_sample=False)
         finally:
             spy_h.remove()
-        kept = h._last.prefill.records[0]
+        kept = h.last_state.prefill.records[0]
     k, ok = kept.kept, kept.kept_ok
     (cos, sin), text_pos, _ = seen[0]
     want_pos = torch.gather(pos, 2, k[None].expand(3, -1, -1))
@@ -416,7 +416,7 @@ def test_uniform_spreads_over_every_grid_and_frame(version):
     # generate() passes encoder outputs and 3-D positions instead of pixels and grids: same selection
     with vtp.patch(model, "uniform:layer=2,tokens=14") as h, torch.no_grad():
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
-        assert h._last.prefill.records[0].kept_visual[0].tolist() == kept
+        assert h.last_state.prefill.records[0].kept_visual[0].tolist() == kept
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -23,9 +23,9 @@ def test_no_state_growth_over_many_forwards_and_generates():
         for _ in range(20):
             model.generate(**inputs, max_new_tokens=3, do_sample=False)
         gc.collect()
-        assert h._state is None
-        assert len(h._sessions) == 0  # every generate's cache is gone, and with it its record
-        assert h._last.cache is None  # the last trace holds no KV cache
+        assert h.state is None
+        assert h.n_sessions == 0  # every generate's cache is gone, and with it its record
+        assert h.last_state.cache is None  # the last trace holds no KV cache
         tr = h.last_trace()
     assert tr.phase == "decode" and len(tr.stages) == 2
 

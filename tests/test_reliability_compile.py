@@ -30,7 +30,7 @@ def test_compile_after_patch_matches_eager(dynamo):
         handle = vtp.patch(model, "fastv:layer=1,keep=0.25")
         want = model(**inputs).logits
         want_kept = handle.last_trace().stages[0].kept_positions
-        handle._last = None
+        handle.reset_trace()
         compiled = torch.compile(model, backend="eager")
         got = compiled(**inputs).logits
         trace = handle.last_trace()

@@ -142,7 +142,7 @@ def test_sequential_requests_leave_no_state(preset_case):
                 fresh.append(model(**r).logits)
         with vtp.patch(model, pol) as h:
             served = [model(**r).logits for r in reqs + reqs[:1]]
-            assert h._state is None
+            assert h.state is None
     for got, want in zip(served, fresh + fresh[:1]):
         assert torch.equal(got, want)
 
@@ -158,12 +158,12 @@ def test_failed_request_leaves_the_next_correct(preset_case):
         with pytest.raises(RuntimeError, match="injected fault"):
             model(**r)
         fault.remove()
-        assert h._state is None and torch.equal(model(**r).logits, want)
+        assert h.state is None and torch.equal(model(**r).logits, want)
         fault = _fault_on_last_layer(model, after_calls=2)  # generate() fails in its second decode step
         with pytest.raises(RuntimeError, match="injected fault"):
             model.generate(**r, **kw)
         fault.remove()
-        assert h._state is None and torch.equal(model.generate(**r, **kw), want_gen)
+        assert h.state is None and torch.equal(model.generate(**r, **kw), want_gen)
 
 
 @pytest.mark.parametrize("preset_case", _keep_all_presets(), indirect=True)

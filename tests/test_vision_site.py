@@ -78,7 +78,7 @@ def test_features_without_a_patched_tower_run_are_refused():
         with vtp.patch(model, "flowcut_vit:tokens=8") as h:
             with pytest.raises(InputError) as e:
                 model(**rest, mm_encoder_outputs={"image": enc})
-            assert e.value.field == "pixel_values" and h._state is None
+            assert e.value.field == "pixel_values" and h.state is None
 
 
 @pytest.mark.parametrize("kwargs", [{"num_beams": 2}, {"num_return_sequences": 2, "do_sample": True}])
@@ -95,7 +95,7 @@ def test_inputs_expanded_after_the_tower_are_refused_by_name(kwargs):
         if encodes_once:
             with pytest.raises(InputError) as e:
                 model.generate(**inputs, max_new_tokens=2, **kwargs)
-            assert e.value.field == "num_beams" and "num_beams=1" in str(e.value) and h._state is None
+            assert e.value.field == "num_beams" and "num_beams=1" in str(e.value) and h.state is None
         else:
             out = model.generate(**inputs, max_new_tokens=2, **kwargs)
             assert out.shape[0] == 2 * (kwargs.get("num_return_sequences") or 1)

@@ -1,4 +1,5 @@
-"""The hooks. Closures over a ``PatchHandle``; all per-forward state lives in ``handle._state``.
+"""The hooks. Closures over a ``PatchHandle``; all per-forward state lives in ``handle.state`` (the calling
+thread's forward: several threads may run forwards on one patched model at once).
 
 - top-level pre-hook: find visual tokens, fix each stage's per-row budget, open a
   ``ForwardState`` (prefill), or attach to the prompt's ``PrefillRecord`` (cached decode).
@@ -9,7 +10,7 @@
 """
 from __future__ import annotations
 
-import threading
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -32,13 +33,38 @@ def _cache_of(kwargs: Any) -> Any:
     return cache if cache is not None or "past_key_values" not in kwargs else kwargs.get("past_key_values")
 
 
+def guard_forward(handle: "PatchHandle", original):
+    """The top module's forward, wrapped on the instance: a forward left by ANY exception, ``KeyboardInterrupt``
+    and other ``BaseException`` included (torch's ``always_call`` hooks run on ``Exception`` only), releases
+    this thread's state, so the model stays usable and ``unpatch()`` works."""
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        st = handle.state
+        if st is not None:
+            st.in_forward = True
+        try:
+            return original(*args, **kwargs)
+        except BaseException:
+            handle.close_state()
+            raise
+        finally:
+            if st is not None:
+                st.in_forward = False
+
+    return forward
+
+
 def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
-    if handle._state is not None:
-        raise InputError(
-            "forward",
-            "this patched model is already inside a forward (another thread or a re-entrant call); "
-            "a patched model serves one forward at a time",
-        )
+    stale = handle.state
+    if stale is not None:
+        if stale.in_forward:
+            raise InputError(
+                "forward",
+                "this patched model is already inside a forward in this thread (a re-entrant call); "
+                "a patched model serves one forward per thread at a time",
+            )
+        handle.discard_state()  # left by a call interrupted in another hook, outside the model's forward
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if kwargs.get("labels") is not None:
         raise InputError(
@@ -59,18 +85,18 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
     embeds = kwargs.get("inputs_embeds")
     # adapters whose model splices image features into inputs_embeds itself (the original LLaVA code base)
     # locate visual tokens from that splice, not from input_ids (``Adapter.layout_from_embeds``)
-    from_embeds = input_ids is None and embeds is not None and getattr(handle.adapter, "layout_from_embeds", False)
+    from_embeds = input_ids is None and embeds is not None and handle.adapter.layout_from_embeds
     if input_ids is None and not from_embeds:
         if embeds is not None:
             raise InputError("input_ids", "are needed to find the visual tokens; inputs_embeds alone is not supported")
-        handle._state = ForwardState("passthrough", PrefillRecord(0))
+        handle.open_state(ForwardState("passthrough", PrefillRecord(0)))
         return None
     B, L = (embeds if from_embeds else input_ids).shape[:2]
     past = cache.get_seq_length() if cache is not None else 0
     if past > 0:
         # a decode step or a chunk appended to a cache; a generated token that happens to equal
         # image_token_id is text (no pixels come with it), exactly as in the unpatched model
-        for name in getattr(handle.adapter, "pixel_inputs", ("pixel_values",)):
+        for name in handle.adapter.pixel_inputs:
             value = kwargs.get(name)
             if value is not None and not (isinstance(value, dict) and not value):  # {}: no precomputed features
                 raise InputError(
@@ -78,12 +104,12 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
                     "new images or videos in a chunk appended to an existing cache cannot be pruned consistently; "
                     "send the prompt with its images and videos in one prefill",
                 )
-        record = handle._sessions.get(cache)
+        record = handle.session(cache)
         # structural ops also act while decoding (masks over the prompt's visual keys)
         live = record is not None and (record.records or (handle.structural is not None and record.is_visual is not None))
         st = ForwardState("decode" if live else "passthrough", record or PrefillRecord(past))
         st.cache = cache
-        handle._state = st
+        handle.open_state(st)
         return None
 
     mask2d = kwargs.get("attention_mask")
@@ -104,9 +130,9 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
     n_vis = layout.is_visual.sum(1)
     record = PrefillRecord(L, is_visual=layout.is_visual)
     if cache is not None:
-        handle._sessions[cache] = record
+        handle.remember(cache, record)
     if int(n_vis.max()) == 0:  # text-only input: nothing to prune
-        handle._state = ForwardState("passthrough", record)
+        handle.open_state(ForwardState("passthrough", record))
         return None
     counts, prev = n_vis.tolist(), n_vis.tolist()
     for i, stage in enumerate(handle.policy.stages):  # fail before any layer runs where we can tell already
@@ -120,7 +146,7 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
     st = ForwardState("prefill", record, layout=layout, n_visual=n_vis)
     dev = layout.is_visual.device
     st.valid = mask2d.bool() if mask2d is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
-    handle._state = st
+    handle.open_state(st)
     return None
 
 
@@ -167,18 +193,16 @@ def _fit_budget(handle: "PatchHandle", i: int, stage: Any, k: list, available: l
 
 
 def top_post_hook(handle: "PatchHandle", module, args, kwargs, output):
-    st = handle._state
-    if st is None or st.thread != threading.get_ident():
-        return None  # this call was refused before it opened a state (or the state is another thread's)
-    handle._state = None
-    st.cache = None  # keep no reference to the caller's KV cache
+    st = handle.state
+    if st is None:
+        return None  # this call was refused before it opened a state
     if st.phase == "prefill" and output is not None:
         # a cache created inside the model (plain forward with use_cache=True) continues this prompt too
         # (transformers >= 5.2x names it ``cache``; earlier 5.x ``past_key_values``)
         cache = _cache_of(output) if hasattr(output, "get") else _cache_in_tuple(output)
-        if cache is not None and cache not in handle._sessions:
-            handle._sessions[cache] = st.prefill
-    handle._last = st
+        if cache is not None:
+            handle.remember(cache, st.prefill, replace=False)
+    handle.close_state()  # the cache reference goes; the state becomes last_trace()
     return None
 
 
@@ -192,7 +216,7 @@ def _cache_in_tuple(output: Any) -> Any:
 
 
 def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: dict):
-    st = handle._state
+    st = handle.state
     if st is None:
         return None
     in_kwargs = not args
@@ -223,7 +247,7 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
         st.tokens_per_layer.append(hidden.shape[1])
         if j in handle.stage_after:  # the next stage scores with this layer: keep its input
             pe = kwargs.get("position_embeddings")
-            if pe is None and hasattr(handle.adapter, "position_embeddings"):
+            if pe is None:
                 # layers that build their rotary tables inside attention (transformers 4.3x): the adapter's (cos, sin)
                 pe = handle.adapter.position_embeddings(module, kwargs, hidden)
             st.scoring = (j, module, hidden, pe)
@@ -241,7 +265,7 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
 
 def capture_hook(handle: "PatchHandle", j: int, what: str, module, args, output):
     """Forward hook on a scoring layer's ``k_proj`` / ``v_proj``: keep the output so criteria need not recompute it."""
-    st = handle._state
+    st = handle.state
     if st is not None and st.phase == "prefill" and st.scoring is not None and st.scoring[0] == j:
         st.captured[what] = output
     return None
@@ -417,7 +441,7 @@ def lm_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
     sequence, and every layer caches only the kept tokens. Decode: the 2-D mask's prompt
     columns are gathered at the kept positions, and position ids continue the chosen convention.
     """
-    st = handle._state
+    st = handle.state
     if st is None or st.phase == "passthrough" or (st.prefill.pre_llm is None and st.phase != "prefill"):
         return None
     kwargs = dict(kwargs)

@@ -1,8 +1,18 @@
-"""``PatchHandle``: owns every hook of one ``patch()`` call and undoes them (peft-style symmetry)."""
+"""``PatchHandle``: owns every hook of one ``patch()`` call and undoes them (peft-style symmetry).
+
+Its public collaborator API is what the sites (``vlm_tokenprune.sites``) use while installing:
+``add_hook`` (a torch hook handle, listed by ``describe()``), ``swap_attr`` (an instance attribute
+replaced until ``unpatch()``), ``on_unpatch`` (any other undo). Per-forward state belongs to the
+calling thread: ``state`` is the ``ForwardState`` of the forward running in THIS thread (several
+threads may run forwards on one patched model at once), opened / closed by the LLM site's
+top-level hooks (``open_state`` / ``close_state``); ``vision_run`` / ``vision_outcome`` are the
+calling thread's vision-tower call and its result.
+"""
 from __future__ import annotations
 
+import threading
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -10,6 +20,29 @@ from .errors import InputError, UnsupportedModelError
 from .ops import Ops
 from .policy import Policy
 from .state import ForwardState, Trace
+
+
+class _Swap:
+    """One instance-level change and how to revert it exactly."""
+
+    def __init__(self, obj: Any, name: str, new: Any):
+        self.obj, self.name = obj, name
+        self.had = name in vars(obj) or name in getattr(obj, "_modules", {})
+        self.old = getattr(obj, name) if self.had else None
+        setattr(obj, name, new)
+
+    def undo(self) -> None:
+        if self.had:
+            setattr(self.obj, self.name, self.old)
+        else:
+            delattr(self.obj, self.name)
+
+
+class _Call:
+    """An undo that is a call (e.g. unregistering a name registered with transformers)."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self.undo = fn
 
 
 class PatchHandle:
@@ -24,39 +57,126 @@ class PatchHandle:
         self.backend = backend
         self.ops = Ops(backend)  # the hot ops on this backend; the engine and every ScoringContext use it
         self.image_token_id = getattr(model.config, "image_token_id", None)  # None: the original LLaVA (spliced features)
-        # decoder layer j -> index of the stage whose criterion runs on layer j's input (stage.layer == j + 1)
-        # (prune stages only: visual_drop needs no criterion); stage_at: every token stage (prune, visual_drop)
-        self.stage_after = {st.layer - 1: i for i, st in enumerate(policy.stages) if st.op == "prune" and st.site == "llm"}
-        self.stage_at = {st.layer: i for i, st in enumerate(policy.stages) if st.changes_tokens}
+        # set by the sites' install (vlm_tokenprune.sites): decoder layer j -> the prune stage scoring on layer j's
+        # input / the token stage applied before layer j; the structural plan; the vision tower's seams
+        self.stage_after: dict[int, int] = {}
+        self.stage_at: dict[int, int] = {}
         self.structural = None  # structural.plan.StructuralPlan when the policy has structural ops
         self.vision_seams = None  # adapters.base.VisionSeams when the policy has a vision-site stage
-        self._vision_run = None  # vision.state.VisionRun of the tower call in progress
-        self._vision_out = None  # vision.state.VisionOutcome of the last tower call, until the LLM input takes it
         self.structural_attention = False  # True: skip_visual / neighbor layers run query-subset attention (real savings)
         self.structural_heads = False  # True: visual-scope head pruning slices q/k/v/o for visual rows
-        self._restore: list = []  # undo records of instance-level changes (structural.hooks), applied in reverse
+        self._restore: list = []  # undo records of instance-level changes, applied in reverse
         self._hooks: list = []
         self._sites: list[str] = []
-        self._state: ForwardState | None = None
-        self._last: ForwardState | None = None
+        self._states: dict[int, ForwardState] = {}  # thread ident -> the forward running in that thread
+        self._local = threading.local()  # per thread: last finished forward, vision run / outcome
+        self._last: ForwardState | None = None  # the last forward finished in any thread
+        self._lock = threading.Lock()
         self._sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self.active = False
 
-    # -- lifecycle -----------------------------------------------------------------------------
-    def _add(self, site: str, removable) -> None:
-        self._hooks.append(removable)
+    # -- collaborator API (the sites) ---------------------------------------------------------
+    def add_hook(self, site: str, removable: Any = None) -> None:
+        """Keep ``removable`` (a torch ``RemovableHandle``; None: a change recorded with ``swap_attr`` /
+        ``on_unpatch``) for ``unpatch()``, and list ``site`` in ``describe()``."""
+        if removable is not None:
+            self._hooks.append(removable)
         self._sites.append(site)
 
+    def swap_attr(self, obj: Any, name: str, new: Any) -> None:
+        """Set ``obj.name = new`` on the instance; ``unpatch()`` restores the old value (or deletes it) exactly."""
+        self._restore.append(_Swap(obj, name, new))
+
+    def on_unpatch(self, undo: Callable[[], None]) -> None:
+        """Call ``undo()`` in ``unpatch()`` (after every hook is removed, newest first with ``swap_attr``)."""
+        self._restore.append(_Call(undo))
+
+    # -- per-forward state (the calling thread's) ---------------------------------------------
+    @property
+    def state(self) -> ForwardState | None:
+        """The forward running in the calling thread (None outside a forward)."""
+        return self._states.get(threading.get_ident())
+
+    @property
+    def busy(self) -> bool:
+        """True while some live thread is inside a forward of this patched model."""
+        alive = {t.ident for t in threading.enumerate()}
+        with self._lock:
+            for ident in [i for i in self._states if i not in alive]:  # a thread that died mid-forward
+                del self._states[ident]
+            return bool(self._states)
+
+    def open_state(self, st: ForwardState) -> None:
+        self._states[threading.get_ident()] = st
+
+    def close_state(self) -> ForwardState | None:
+        """End the calling thread's forward; its state becomes the last trace. Idempotent."""
+        st = self._states.pop(threading.get_ident(), None)
+        if st is not None:
+            st.cache = None  # keep no reference to the caller's KV cache
+            self._local.last = st
+            self._last = st
+        return st
+
+    def discard_state(self) -> None:
+        """Forget the calling thread's state without recording it (left by an interrupted call)."""
+        self._states.pop(threading.get_ident(), None)
+
+    @property
+    def last_state(self) -> ForwardState | None:
+        """The calling thread's last finished forward (else the last of any thread)."""
+        return getattr(self._local, "last", None) or self._last
+
+    def reset_trace(self) -> None:
+        """Forget the last forward (``last_trace()`` is None until the next one finishes)."""
+        self._local.last = None
+        self._last = None
+
+    def session(self, cache: Any):
+        """The ``PrefillRecord`` a cache continues (None: not a prompt this handle saw)."""
+        with self._lock:
+            return self._sessions.get(cache)
+
+    def remember(self, cache: Any, record: Any, *, replace: bool = True) -> None:
+        with self._lock:
+            if replace or cache not in self._sessions:
+                self._sessions[cache] = record
+
+    @property
+    def n_sessions(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    @property
+    def vision_run(self) -> Any:
+        """``vision.state.VisionRun`` of the tower call in progress in this thread."""
+        return getattr(self._local, "vision_run", None)
+
+    @vision_run.setter
+    def vision_run(self, run: Any) -> None:
+        self._local.vision_run = run
+
+    @property
+    def vision_outcome(self) -> Any:
+        """``vision.state.VisionOutcome`` of this thread's last tower call, until the LLM input takes it."""
+        return getattr(self._local, "vision_outcome", None)
+
+    @vision_outcome.setter
+    def vision_outcome(self, out: Any) -> None:
+        self._local.vision_outcome = out
+
+    # -- lifecycle -----------------------------------------------------------------------------
     def unpatch(self) -> None:
         """Remove every hook; the model is exactly as before ``patch()``. Calling twice is a no-op."""
-        if self._state is not None:
+        if self.busy:
             raise InputError("unpatch", "called while a forward is running; unpatch after it returns")
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        while self._restore:  # modules and instance attributes swapped by structural ops, newest first
+        while self._restore:  # modules and instance attributes swapped at install, newest first
             self._restore.pop().undo()
-        self._sessions = weakref.WeakKeyDictionary()
+        with self._lock:
+            self._sessions = weakref.WeakKeyDictionary()
         self.active = False
 
     def __enter__(self) -> "PatchHandle":
@@ -75,7 +195,8 @@ class PatchHandle:
     # -- observability -------------------------------------------------------------------------
     def last_trace(self) -> Trace | None:
         """Per stage of the last forward: kept visual positions per sample, counts, scoring time."""
-        return None if self._last is None else Trace.from_state(self._last)
+        last = self.last_state
+        return None if last is None else Trace.from_state(last)
 
     def describe(self) -> str:
         """Every hook site this handle installed, and the policy's stages."""

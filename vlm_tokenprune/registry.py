@@ -25,6 +25,12 @@ class Registry(Generic[T]):
         self._items[name] = obj
         return obj
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (tests and plugins that register temporarily); returns what it held."""
+        if name not in self._items:
+            raise UnknownNameError(self.kind, name, self._items)
+        return self._items.pop(name)
+
     def decorator(self, name: str) -> Callable[[T], T]:
         def wrap(obj: T) -> T:
             return self.register(name, obj)

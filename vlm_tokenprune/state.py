@@ -1,12 +1,11 @@
 """Per-forward state and the trace a handle reports.
 
 One ``ForwardState`` is created by the top-level pre-hook of every forward and reached
-only through the handle; decode steps of a cached ``generate()`` get a fresh state that
+only through the handle (``handle.state``: the calling thread's); decode steps of a cached ``generate()`` get a fresh state that
 points at the ``PrefillRecord`` of the prompt they continue.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -99,7 +98,7 @@ class ForwardState:
     cache: object = None  # the cache a decode step continues
     structural: dict = field(default_factory=dict)  # the running layer's visual rows etc. (``structural.hooks``)
     vision: object = None  # vision.state.VisionOutcome of a vision-site stage (its tower call)
-    thread: int = field(default_factory=threading.get_ident)
+    in_forward: bool = False  # True while the top module's own forward runs (``engine.guard_forward``)
 
 
 @dataclass

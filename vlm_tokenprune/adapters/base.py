@@ -8,12 +8,13 @@ prompt are visual, and where on which patch grid each one sits).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..compat import attn_implementation, mask_function
+from ..errors import IncompatiblePolicyError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -90,45 +91,79 @@ class VisualLayout:
     coords_known: bool = True
 
 
-class Adapter(Protocol):
-    model_types: tuple[str, ...]
-    # forward kwargs that carry new pixels (refused in a chunk appended to an existing cache);
-    # the engine assumes ("pixel_values",) when an adapter does not say
-    pixel_inputs: tuple[str, ...]
-    # True when pre_llm stages may reduce the language model's input (1-D position ids); absent = False
-    supports_pre_llm: bool
+class Adapter:
+    """Base of every model-family adapter: what the engine and the sites read, with declared defaults.
 
-    # Optional seams (absent = the transformers 5.x HF behaviour), used by the original LLaVA adapter:
-    #   layout_from_embeds: bool  the top module may get inputs_embeds without input_ids; visual_layout(model,
-    #       None, kwargs) then locates the visual tokens (the model spliced its image features itself)
-    #   position_embeddings(layer, kwargs, hidden) -> (cos, sin) [B, L, d]: for decoder layers that get no
-    #       ``position_embeddings`` kwarg (their attention builds rotary tables itself), what criteria use
-    #   install(handle, model): extra hooks / instance-level wrappers, kept on the handle (undone by unpatch)
-    #   supports_structural: bool  False refuses structural ops other than visual_drop
+    Required: ``model_types``, ``seams(model)`` and ``visual_layout(model, input_ids, kwargs)``;
+    every other member has a default that holds for transformers 5.x HF models.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    # forward kwargs that carry new pixels (refused in a chunk appended to an existing cache)
+    pixel_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    # True when pre_llm stages may reduce the language model's input (Seams.language_model is set)
+    supports_pre_llm: ClassVar[bool] = False
+    # position conventions a pre_llm / vision stage may use on this model, and why others are not defined
+    pre_llm_positions: ClassVar[tuple[str, ...]] = ("gaps", "repack")
+    pre_llm_positions_why: ClassVar[str] = ""
+    # False refuses structural ops other than visual_drop
+    supports_structural: ClassVar[bool] = True
+    # True: the top module may get inputs_embeds without input_ids; visual_layout(model, None, kwargs) then
+    # locates the visual tokens (the model spliced its image features itself: the original LLaVA)
+    layout_from_embeds: ClassVar[bool] = False
 
     def check(self, model: nn.Module) -> None:
         """Raise ``UnsupportedModelError`` when this configuration cannot be patched."""
 
-    def seams(self, model: nn.Module) -> Seams: ...
+    def seams(self, model: nn.Module) -> Seams:
+        raise NotImplementedError(f"{type(self).__name__} must implement seams()")
 
-    def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout: ...
+    def visual_layout(self, model: nn.Module, input_ids: torch.Tensor | None, kwargs: dict) -> VisualLayout:
+        raise NotImplementedError(f"{type(self).__name__} must implement visual_layout()")
+
+    def vision_seams(self, model: nn.Module, where: str = "site") -> VisionSeams:
+        """The vision tower for vision-site stages; ``IncompatiblePolicyError`` naming ``where`` when there is none."""
+        raise IncompatiblePolicyError(
+            where, f"site vision is not supported for {model.config.model_type!r} yet; allowed models: llava, llava_next")
+
+    def position_embeddings(self, layer: nn.Module, kwargs: dict, hidden: torch.Tensor) -> Any:
+        """``(cos, sin)`` for decoder layers that receive no ``position_embeddings`` kwarg (their attention builds
+        rotary tables itself: transformers 4.3x); what criteria score with. None: the layer receives them."""
+        return None
+
+    def install(self, handle: Any, model: nn.Module) -> None:
+        """Extra hooks / instance-level changes of this family, kept on the handle (``add_hook`` / ``swap_attr``)."""
 
 
-def mask_format_for(attn_implementation: str) -> str:
+class HFAdapter(Adapter):
+    """transformers 5.x ``...ForConditionalGeneration`` whose text model is ``model.model.language_model`` with
+    full attention in every layer (the shared LLaVA / Qwen parts)."""
+
+    supports_pre_llm = True  # the language model receives inputs_embeds and position ids
+    decoder_style: ClassVar[str] = "Llama"  # named in the error when a decoder layer has another shape
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def check_text_layers(self, model: nn.Module) -> None:
+        """Every decoder layer has the pre-norm q/k/v shape scoring reads; the attention backend is known."""
+        check_decoder_layers(self.language_model(model).layers, self.decoder_style)
+        mask_format_for(attn_implementation(model.config.text_config))
+
+    def seams(self, model: nn.Module) -> Seams:
+        return hf_seams(model, self.language_model(model))
+
+
+def mask_format_for(attn_impl: str) -> str:
     """Which mask layout a registered attention backend receives (see transformers ``masking_utils``)."""
-    from transformers.masking_utils import (
-        ALL_MASK_ATTENTION_FUNCTIONS,
-        eager_mask,
-        flash_attention_mask,
-        sdpa_mask,
-    )
+    from transformers.masking_utils import eager_mask, flash_attention_mask, sdpa_mask
 
-    fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(attn_implementation)
+    fn = mask_function(attn_impl)
     formats = {sdpa_mask: "bool4d", eager_mask: "float4d", flash_attention_mask: "2d"}
     if fn not in formats:
         raise UnsupportedModelError(
             "attn_implementation",
-            f"{attn_implementation!r} is not supported; allowed: eager, sdpa, flash_attention_2/3/4, "
+            f"{attn_impl!r} is not supported; allowed: eager, sdpa, flash_attention_2/3/4, "
             "or a registered backend whose mask function is sdpa_mask, eager_mask or flash_attention_mask",
         )
     return formats[fn]
@@ -148,7 +183,7 @@ def check_decoder_layers(layers, style: str) -> None:
 def hf_seams(model: nn.Module, language_model: nn.Module) -> Seams:
     """Seams of an HF ``...ForConditionalGeneration`` whose text model has full attention in every layer."""
     text = model.config.text_config
-    impl = text._attn_implementation
+    impl = attn_implementation(text)
     return Seams(
         top=model,
         decoder_layers=tuple(language_model.layers),

@@ -24,9 +24,10 @@ import math
 import torch
 from torch import nn
 
+from ..compat import attn_implementation
 from ..errors import IncompatiblePolicyError, InputError, UnsupportedModelError
 from ..registry import ADAPTERS
-from .base import Seams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for
+from .base import HFAdapter, Seams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for
 
 SUPPORTED_TEXT_MODELS = ("qwen2", "qwen3", "llama")
 
@@ -35,7 +36,7 @@ def _pair(x) -> tuple[int, int]:
     return (int(x[0]), int(x[1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
 
 
-class InternVLAdapter:
+class InternVLAdapter(HFAdapter):
     """HF InternVL 3 / 3.5 (InternViT + pixel shuffle + Qwen2 / Qwen3 / Llama, full attention)."""
 
     model_types = ("internvl",)
@@ -68,7 +69,7 @@ class InternVLAdapter:
                 "the pixel shuffle, as in the released checkpoints)",
             )
         check_decoder_layers(model.model.language_model.layers, "Qwen2")
-        mask_format_for(text._attn_implementation)
+        mask_format_for(attn_implementation(text))
 
     def seams(self, model: nn.Module) -> Seams:
         return hf_seams(model, model.model.language_model)

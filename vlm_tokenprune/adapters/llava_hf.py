@@ -13,17 +13,16 @@ from torch import nn
 
 from ..errors import IncompatiblePolicyError, InputError, UnsupportedModelError
 from ..registry import ADAPTERS
-from .base import Seams, VisionSeams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for
+from ..compat import attn_implementation
+from .base import HFAdapter, VisionSeams, VisualLayout
 
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 
 
-class LlavaHFAdapter:
+class LlavaHFAdapter(HFAdapter):
     """HF LLaVA-1.5 and LLaVA-NeXT with Llama / Mistral / Vicuna / Qwen2 text backbones."""
 
     model_types = ("llava", "llava_next")
-    pixel_inputs = ("pixel_values",)
-    supports_pre_llm = True  # 1-D position ids: pre_llm stages reduce the language model's input
 
     # -- structure ---------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
@@ -46,15 +45,7 @@ class LlavaHFAdapter:
                 "config.vision_feature_select_strategy",
                 f"LLaVA-NeXT with {cfg.vision_feature_select_strategy!r} is not supported; allowed: 'default'",
             )
-        check_decoder_layers(self._language_model(model).layers, "Llama")
-        mask_format_for(text._attn_implementation)
-
-    @staticmethod
-    def _language_model(model: nn.Module) -> nn.Module:
-        return model.model.language_model
-
-    def seams(self, model: nn.Module) -> Seams:
-        return hf_seams(model, self._language_model(model))
+        self.check_text_layers(model)
 
     def vision_seams(self, model: nn.Module, where: str = "site") -> VisionSeams:
         """The CLIP tower for vision-site stages; ``IncompatiblePolicyError`` naming ``where`` otherwise."""
@@ -75,7 +66,7 @@ class LlavaHFAdapter:
         return VisionSeams(
             tower=tower, layers=tuple(getattr(tower, "vision_model", tower).encoder.layers), feature_layer=feature,
             select_strategy=cfg.vision_feature_select_strategy, n_patches=(vc.image_size // vc.patch_size) ** 2,
-            projector=model.model.multi_modal_projector, attn_implementation=vc._attn_implementation,
+            projector=model.model.multi_modal_projector, attn_implementation=attn_implementation(vc),
             pack_owner=model.model if cfg.model_type == "llava_next" else None,
         )
 

@@ -28,9 +28,10 @@ import math
 import torch
 from torch import nn
 
+from ..compat import attn_implementation
 from ..errors import IncompatiblePolicyError, InputError, UnsupportedModelError
 from ..registry import ADAPTERS
-from .base import Seams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for
+from .base import HFAdapter, Seams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for
 
 SUPPORTED_TEXT_MODELS = ("qwen2", "llama", "mistral")
 
@@ -38,7 +39,7 @@ SUPPORTED_TEXT_MODELS = ("qwen2", "llama", "mistral")
 _NEWLINE = (-1, -2)
 
 
-class LlavaOnevisionAdapter:
+class LlavaOnevisionAdapter(HFAdapter):
     """HF LLaVA-OneVision (SigLIP + Qwen2): images (anyres_max) and videos (pooled frames)."""
 
     model_types = ("llava_onevision",)
@@ -63,7 +64,7 @@ class LlavaOnevisionAdapter:
                 "(as in the released LLaVA-OneVision checkpoints)",
             )
         check_decoder_layers(model.model.language_model.layers, "Qwen2")
-        mask_format_for(text._attn_implementation)
+        mask_format_for(attn_implementation(text))
 
     def seams(self, model: nn.Module) -> Seams:
         return hf_seams(model, model.model.language_model)

@@ -41,7 +41,9 @@ from torch import nn
 
 from ..errors import InputError, UnsupportedModelError
 from ..registry import ADAPTERS
-from .base import Seams, VisualLayout, check_decoder_layers
+from ..compat import attn_implementation
+from ..marking import mark_hook
+from .base import Adapter, Seams, VisualLayout, check_decoder_layers
 
 WRAPPED = "prepare_inputs_labels_for_multimodal"
 ATTENTION = ("eager", "sdpa")
@@ -164,17 +166,6 @@ def _splice_layout(
     )
 
 
-class _InstanceWrapper:
-    """The recorder set as an instance attribute; ``remove()`` (by ``unpatch()``) deletes it again."""
-
-    def __init__(self, model: nn.Module, recorder: _SpliceRecorder):
-        self.model = model
-        model.__dict__[WRAPPED] = recorder  # nn.Module.__setattr__ would not shadow a method any differently
-
-    def remove(self) -> None:  # called by unpatch() like a hook's RemovableHandle.remove()
-        self.model.__dict__.pop(WRAPPED, None)
-
-
 def _full_rotary_table(module, args, kwargs):
     """Pre-hook on a 4.36 ``rotary_emb``: return its whole cached table instead of the first ``seq_len`` rows.
 
@@ -187,7 +178,7 @@ def _full_rotary_table(module, args, kwargs):
     return (args[0],), {"seq_len": module.max_seq_len_cached}
 
 
-class LlavaOriginalAdapter:
+class LlavaOriginalAdapter(Adapter):
     """``LlavaLlamaForCausalLM`` of the original LLaVA code base on transformers 4.36."""
 
     model_types = ("llava_llama",)
@@ -219,7 +210,7 @@ class LlavaOriginalAdapter:
         if getattr(tower, "select_feature", "patch") not in ("patch", "cls_patch"):
             raise UnsupportedModelError(
                 "config.mm_vision_select_feature", f"{tower.select_feature!r}; allowed: 'patch', 'cls_patch'")
-        impl = getattr(cfg, "_attn_implementation", "eager")
+        impl = attn_implementation(cfg, "eager")
         if impl not in ATTENTION:
             raise UnsupportedModelError(
                 "config._attn_implementation", f"{impl!r} is not supported; allowed: {', '.join(ATTENTION)}")
@@ -247,7 +238,7 @@ class LlavaOriginalAdapter:
 
     def seams(self, model: nn.Module) -> Seams:
         inner = model.get_model()
-        impl = getattr(model.config, "_attn_implementation", "eager")
+        impl = attn_implementation(model.config, "eager")
         return Seams(
             top=inner,
             decoder_layers=tuple(inner.layers),
@@ -260,10 +251,9 @@ class LlavaOriginalAdapter:
 
     def install(self, handle, model: nn.Module) -> None:
         """The splice recorder (instance attribute), a cache for the whole request, full rotary tables."""
-        handle._add(
-            f"{type(model).__name__}.{WRAPPED}: instance-level wrapper (records where image features are spliced)",
-            _InstanceWrapper(model, _SpliceRecorder(model)),
-        )
+        handle.swap_attr(model, WRAPPED, _SpliceRecorder(model))  # deleted again by unpatch()
+        handle.add_hook(
+            f"{type(model).__name__}.{WRAPPED}: instance-level wrapper (records where image features are spliced)")
         inner = model.get_model()
 
         def one_cache(module, args, kwargs):
@@ -275,17 +265,16 @@ class LlavaOriginalAdapter:
                 return args, {**kwargs, "past_key_values": DynamicCache()}
             return None
 
-        one_cache.__vtp__ = True
-        handle._add(
+        handle.add_hook(
             f"{type(inner).__name__}: forward pre-hook (one DynamicCache for the whole request)",
-            inner.register_forward_pre_hook(one_cache, with_kwargs=True, prepend=True),
+            inner.register_forward_pre_hook(mark_hook(one_cache), with_kwargs=True, prepend=True),
         )
         done: dict = {}
 
         def seen_prompt(module, args, kwargs, output):
             # 4.36 generate() slices its next input with the cache's ``seen_tokens`` against the 2-D mask's
             # length (the original prompt): after a pre_llm reduction the cache has seen the whole prompt
-            st = handle._last  # the state this very forward closed (the engine's post-hook ran first)
+            st = handle.last_state  # the state this very forward closed (the engine's post-hook ran first)
             if st is None or done.get("state") is st:
                 return None
             done["state"] = st
@@ -296,13 +285,12 @@ class LlavaOriginalAdapter:
                 cache.seen_tokens += original - pre.kept.shape[1]
             return None
 
-        seen_prompt.__vtp__ = True
-        handle._add(
+        handle.add_hook(
             f"{type(inner).__name__}: forward hook (pre_llm: the cache has seen the whole prompt, for generate())",
-            inner.register_forward_hook(seen_prompt, with_kwargs=True),
+            inner.register_forward_hook(mark_hook(seen_prompt), with_kwargs=True),
         )
         for j, layer in enumerate(inner.layers):
-            handle._add(
+            handle.add_hook(
                 f"decoder layer {j}: self_attn.rotary_emb forward pre-hook (whole rotary table: original positions)",
                 layer.self_attn.rotary_emb.register_forward_pre_hook(_full_rotary_table, with_kwargs=True),
             )

@@ -36,17 +36,17 @@ from torch import nn
 
 from ..errors import InputError, UnsupportedModelError
 from ..registry import ADAPTERS
-from .base import Seams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for
+from .base import HFAdapter, VisualLayout
 
 
-class Qwen2VLAdapter:
+class Qwen2VLAdapter(HFAdapter):
     """HF Qwen2-VL and Qwen2.5-VL (full-attention text layers, M-RoPE)."""
 
     model_types = ("qwen2_vl", "qwen2_5_vl")
     # inputs that carry new pixels or precomputed visual features: refused in a chunk appended to a cache
     pixel_inputs = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
     # pre_llm stages reduce inputs_embeds and the M-RoPE ids [3, B, L]: each kept token keeps its 3-D position
-    supports_pre_llm = True
+    decoder_style = "Qwen2-VL"
     pre_llm_positions = ("gaps",)
     pre_llm_positions_why = (
         "M-RoPE positions are 3-D (temporal, height, width): an image spans max(h, w) positions, not one per token, "
@@ -66,15 +66,7 @@ class Qwen2VLAdapter:
                 "sliding cache count cached tokens, which pruning changes, and flash-attention applies the window "
                 "over kept slots); allowed: use_sliding_window=False (as in the released Qwen2-VL / Qwen2.5-VL checkpoints)",
             )
-        check_decoder_layers(self._language_model(model).layers, "Qwen2-VL")
-        mask_format_for(text._attn_implementation)
-
-    @staticmethod
-    def _language_model(model: nn.Module) -> nn.Module:
-        return model.model.language_model
-
-    def seams(self, model: nn.Module) -> Seams:
-        return hf_seams(model, self._language_model(model))
+        self.check_text_layers(model)
 
     # -- visual tokens -----------------------------------------------------------------------
     def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout:

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..compat import attn_implementation
 from ..errors import PolicyError
 from ..policy import Budget, Policy
 from ..state import StageTrace, Trace
@@ -332,7 +333,7 @@ def run_bench(policies: Sequence[Any], budgets: Sequence[float] | None = None, *
         "environment": profiler.environment(model.device),
         "model": {"path": str(getattr(model, "name_or_path", "") or model_path or ""), "model_type": cfg.model_type,
                   "text_layers": cfg.text_config.num_hidden_layers, "hidden_size": cfg.text_config.hidden_size,
-                  "attn_implementation": cfg.text_config._attn_implementation, "dtype": str(model.dtype).replace("torch.", "")},
+                  "attn_implementation": attn_implementation(cfg.text_config), "dtype": str(model.dtype).replace("torch.", "")},
         "data": {"split": "test", "n": len(examples), "balanced": True,
                  "examples": [{"seed": e.get("seed"), "qtype": e["qtype"], "question": e["question"], "answer": e["answer"]}
                               for e in examples]},

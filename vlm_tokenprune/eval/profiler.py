@@ -45,6 +45,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .. import compat
 from ..policy import Policy
 
 # random-weight geometries: text config, vision config, prompt layout (n_text total, image kwargs)
@@ -760,7 +761,7 @@ def profile(model: "str | Any" = "tiny", policies: Sequence[Any] = ("fastv:layer
     report = {
         "model": {"spec": spec, "description": desc, "model_type": model.config.model_type,
                   "text_layers": tc.num_hidden_layers, "hidden_size": tc.hidden_size,
-                  "attn_implementation": tc._attn_implementation, "dtype": str(model.dtype).replace("torch.", "")},
+                  "attn_implementation": compat.attn_implementation(tc), "dtype": str(model.dtype).replace("torch.", "")},
         "prompt": {"batch": int(ids.shape[0]), "length": prompt_len, "n_visual": n_visual, "n_text": prompt_len - n_visual},
         "protocol": {"iters": iters, "warmup": warmup, "timer": timer_name, "interleaved": True,
                      "prefill": "LM prefill, image features precomputed (mm_encoder_outputs), logits_to_keep=1",

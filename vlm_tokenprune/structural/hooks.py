@@ -27,26 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compat import ATTN_IMPLEMENTATION_ATTR, attention_function, attn_implementation, eager_attention, register_attention
+from ..marking import mark_hook
 from .plan import StructuralPlan
 
 if TYPE_CHECKING:
     from ..handle import PatchHandle
-
-
-class _Undo:
-    """One instance-level change and how to revert it exactly."""
-
-    def __init__(self, obj: Any, name: str, new: Any):
-        self.obj, self.name = obj, name
-        self.had = name in vars(obj) or name in getattr(obj, "_modules", {})
-        self.old = getattr(obj, name) if self.had else None
-        setattr(obj, name, new)
-
-    def undo(self) -> None:
-        if self.had:
-            setattr(self.obj, self.name, self.old)
-        else:
-            delattr(self.obj, self.name)
 
 
 def _heads_split(handle: "PatchHandle") -> bool:
@@ -54,18 +40,9 @@ def _heads_split(handle: "PatchHandle") -> bool:
     return handle.structural_heads
 
 
-def _swap(handle: "PatchHandle", obj: Any, name: str, new: Any) -> None:
-    handle._restore.append(_Undo(obj, name, new))
-
-
-def _mark(fn):
-    fn.__vtp__ = True
-    return fn
-
-
 # -- per-forward visual rows ---------------------------------------------------------------------
 def _visual_rows(handle: "PatchHandle", j: int) -> torch.Tensor | None:
-    info = handle._state.structural if handle._state is not None else None
+    info = handle.state.structural if handle.state is not None else None
     if not info or info.get("layer") != j:
         return None
     return info.get("vis")
@@ -85,38 +62,19 @@ def install_modules(handle: "PatchHandle", plan: StructuralPlan) -> None:
         attn = layers[j].self_attn
         q, k, v, o, groups = _sliced_attention(attn, set(pruned))
         for name, mod in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o)):
-            _swap(handle, attn, name, mod)
-        _swap(handle, attn, "num_key_value_groups", groups)
-        handle._add(f"decoder layer {j}: self_attn.q/k/v/o_proj replaced by copies sliced to {q.out_features // attn.head_dim} "
-                    f"heads (pruned {list(pruned)}; originals restored on unpatch)", _NoHook())
-
-
-class _Call:
-    """An undo that is a call (unregistering a name we registered)."""
-
-    def __init__(self, fn):
-        self.undo = fn
-
-
-class _NoHook:
-    """A site listed by describe() whose undo lives in ``handle._restore``."""
-
-    def remove(self) -> None:
-        return None
+            handle.swap_attr(attn, name, mod)
+        handle.swap_attr(attn, "num_key_value_groups", groups)
+        handle.add_hook(f"decoder layer {j}: self_attn.q/k/v/o_proj replaced by copies sliced to {q.out_features // attn.head_dim} "
+                    f"heads (pruned {list(pruned)}; originals restored on unpatch)")
 
 
 def attention_bases(seams: Any) -> dict | None:
     """``{layer: the attention function its backend runs}`` (what the query-subset attention delegates
     to), or None when some layer has none (then no head split / query subsets can be installed)."""
-    import sys
-
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    orig = seams.text_config._attn_implementation
+    orig = attn_implementation(seams.text_config)
     bases = {}
     for j, layer in enumerate(seams.decoder_layers):
-        eager = getattr(sys.modules.get(type(layer.self_attn).__module__), "eager_attention_forward", None)
-        bases[j] = ALL_ATTENTION_FUNCTIONS.get_interface(orig, eager) if orig != "eager" else eager
+        bases[j] = attention_function(orig, eager_attention(layer.self_attn))
         if bases[j] is None or getattr(layer.self_attn, "layer_idx", None) != j:
             return None
     return bases
@@ -137,29 +95,19 @@ def install_attention(handle: "PatchHandle", plan: StructuralPlan) -> bool:
     two_d = handle.seams.mask_format == "2d"
     if not (plan.heads_visual or (not two_d and (plan.skip_visual or plan.neighbor))):
         return False
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
     text = handle.seams.text_config
-    orig = text._attn_implementation
+    orig = attn_implementation(text)
     name = f"vtp_structural_{id(handle):x}"
     bases = attention_bases(handle.seams)
     if bases is None:  # no backend function to delegate to: keep the mask path (plan.resolve refused heads_visual)
         return False
     fmt = handle.seams.mask_format
-    AttentionInterface.register(name, functools.partial(_attention, handle, plan, bases, fmt))
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[orig])
-
-    def unregister() -> None:
-        AttentionInterface._global_mapping.pop(name, None)
-        AttentionMaskInterface._global_mapping.pop(name, None)
-
-    handle._restore.append(_Call(unregister))
-    _swap(handle, text, "_attn_implementation_internal", name)
+    handle.on_unpatch(register_attention(name, functools.partial(_attention, handle, plan, bases, fmt), orig))
+    handle.swap_attr(text, ATTN_IMPLEMENTATION_ATTR, name)
     handle.structural_heads = bool(plan.heads_visual)  # read by the q/k/v/o_proj wrappers and the pre-hooks
     where = set(plan.heads_visual) if two_d else set(plan.skip_visual) | set(plan.neighbor) | set(plan.heads_visual)
-    handle._add(f"attention backend {name!r} registered for this model's text config (wraps {orig!r}: query-subset "
-                f"attention on layers {sorted(where)}; unregistered on unpatch)", _NoHook())
+    handle.add_hook(f"attention backend {name!r} registered for this model's text config (wraps {orig!r}: query-subset "
+                f"attention on layers {sorted(where)}; unregistered on unpatch)")
     return not two_d  # query subsets for skip_visual / neighbour layers need 4-D masks
 
 
@@ -168,25 +116,25 @@ def install_hooks(handle: "PatchHandle", plan: StructuralPlan) -> None:
     watched = set(plan.skip_visual) | set(plan.heads_visual) | set(plan.ffn) | set(plan.neighbor)
     for j, layer in enumerate(layers):
         if j in plan.skip_all:
-            _swap(handle, layer, "forward", _skip_all_forward)
-            handle._add(f"decoder layer {j}: forward replaced (instance) by a pass-through (skip_layers scope=all)", _NoHook())
+            handle.swap_attr(layer, "forward", _skip_all_forward)
+            handle.add_hook(f"decoder layer {j}: forward replaced (instance) by a pass-through (skip_layers scope=all)")
             continue
         if j in watched:
-            handle._add(
+            handle.add_hook(
                 f"decoder layer {j}: forward pre-hook (structural: visual rows"
                 + (", per-head mask while decoding" if j in plan.heads_visual else "")
                 + (", neighbour mask" if j in plan.neighbor else "") + ")",
-                layer.register_forward_pre_hook(_mark(functools.partial(_layer_pre_hook, handle, plan, j)), with_kwargs=True),
+                layer.register_forward_pre_hook(mark_hook(functools.partial(_layer_pre_hook, handle, plan, j)), with_kwargs=True),
             )
-            handle._add(f"decoder layer {j}: forward hook, always called (structural: forget the visual rows, so calls of "
+            handle.add_hook(f"decoder layer {j}: forward hook, always called (structural: forget the visual rows, so calls of "
                         "its projections outside its forward, e.g. by criteria, are not sliced)",
-                        layer.register_forward_hook(_mark(functools.partial(_layer_post_hook, handle, j)), always_call=True))
+                        layer.register_forward_hook(mark_hook(functools.partial(_layer_post_hook, handle, j)), always_call=True))
         if j in plan.heads_visual:
             _install_head_slices(handle, plan, j, layer.self_attn)
         if j in plan.skip_visual:
             qp = layer.self_attn.q_proj
-            _swap(handle, qp, "forward", functools.partial(_text_rows_forward, handle, j, qp, qp.forward))
-            handle._add(f"decoder layer {j}: self_attn.q_proj forward wrapped (instance; text rows only, visual queries zero)", _NoHook())
+            handle.swap_attr(qp, "forward", functools.partial(_text_rows_forward, handle, j, qp, qp.forward))
+            handle.add_hook(f"decoder layer {j}: self_attn.q_proj forward wrapped (instance; text rows only, visual queries zero)")
         if j in plan.skip_visual or j in plan.heads_visual:
             o = layer.self_attn.o_proj
             rows = None
@@ -194,25 +142,25 @@ def install_hooks(handle: "PatchHandle", plan: StructuralPlan) -> None:
                 d = layer.self_attn.head_dim
                 rows = _Rows(o, torch.tensor([h * d + i for h in range(plan.num_heads) if h not in plan.heads_visual[j]
                                               for i in range(d)], dtype=torch.long), cols=True)
-            _swap(handle, o, "forward", functools.partial(_o_proj_forward, handle, plan, j, o, o.forward, rows))
-            handle._add(f"decoder layer {j}: self_attn.o_proj forward wrapped (instance; "
+            handle.swap_attr(o, "forward", functools.partial(_o_proj_forward, handle, plan, j, o, o.forward, rows))
+            handle.add_hook(f"decoder layer {j}: self_attn.o_proj forward wrapped (instance; "
                         + ("text rows only" if j in plan.skip_visual else "visual rows: the kept heads' columns only with the "
-                           "query-subset attention, else pruned heads zeroed") + ")", _NoHook())
+                           "query-subset attention, else pruned heads zeroed") + ")")
         if j in plan.skip_visual or j in plan.ffn:
             mlp = layer.mlp
-            _swap(handle, mlp, "forward", functools.partial(_mlp_forward, handle, plan, j, mlp, mlp.forward))
-            handle._add(f"decoder layer {j}: mlp forward wrapped (instance; "
-                        + ("text rows only" if j in plan.skip_visual else f"visual rows use {plan.ffn[j]} channels") + ")", _NoHook())
+            handle.swap_attr(mlp, "forward", functools.partial(_mlp_forward, handle, plan, j, mlp, mlp.forward))
+            handle.add_hook(f"decoder layer {j}: mlp forward wrapped (instance; "
+                        + ("text rows only" if j in plan.skip_visual else f"visual rows use {plan.ffn[j]} channels") + ")")
         if j in plan.skip_visual:
-            _swap(handle, layer, "forward", functools.partial(_skip_visual_forward, handle, j, layer.forward))
-            handle._add(f"decoder layer {j}: forward wrapped (instance; visual rows pass through, skip_layers scope=visual)", _NoHook())
+            handle.swap_attr(layer, "forward", functools.partial(_skip_visual_forward, handle, j, layer.forward))
+            handle.add_hook(f"decoder layer {j}: forward wrapped (instance; visual rows pass through, skip_layers scope=visual)")
         # FinerCut sublayers last: they replace whatever the ops above wrapped on this layer
         if j in getattr(plan, "skip_attn", ()):
-            _swap(handle, layer.self_attn, "forward", _removed_attention)
-            handle._add(f"decoder layer {j}: self_attn forward replaced (instance) by zeros (skip_sublayers attn)", _NoHook())
+            handle.swap_attr(layer.self_attn, "forward", _removed_attention)
+            handle.add_hook(f"decoder layer {j}: self_attn forward replaced (instance) by zeros (skip_sublayers attn)")
         if j in getattr(plan, "skip_ffn", ()):
-            _swap(handle, layer.mlp, "forward", _removed_mlp)
-            handle._add(f"decoder layer {j}: mlp forward replaced (instance) by zeros (skip_sublayers ffn)", _NoHook())
+            handle.swap_attr(layer.mlp, "forward", _removed_mlp)
+            handle.add_hook(f"decoder layer {j}: mlp forward replaced (instance) by zeros (skip_sublayers ffn)")
 
 
 def _install_head_slices(handle: "PatchHandle", plan: StructuralPlan, j: int, attn: nn.Module) -> None:
@@ -231,17 +179,17 @@ def _install_head_slices(handle: "PatchHandle", plan: StructuralPlan, j: int, at
     kept = [h for h in range(H) if h not in pruned]
     if j not in plan.skip_visual:  # skip_visual layers compute no visual query at all
         qp = attn.q_proj
-        _swap(handle, qp, "forward", functools.partial(_kept_cols_forward, handle, j, qp, qp.forward, _Rows(qp, cols(kept))))
-        handle._add(f"decoder layer {j}: self_attn.q_proj forward wrapped (instance; visual rows: the {len(kept)} kept "
-                    "heads only)", _NoHook())
+        handle.swap_attr(qp, "forward", functools.partial(_kept_cols_forward, handle, j, qp, qp.forward, _Rows(qp, cols(kept))))
+        handle.add_hook(f"decoder layer {j}: self_attn.q_proj forward wrapped (instance; visual rows: the {len(kept)} kept "
+                    "heads only)")
     gone = text_only_kv_heads(pruned, H, Hkv)
     if gone and j not in capture_layers(handle.policy):
         keep_kv = cols([k for k in range(Hkv) if k not in gone])
         for name in ("k_proj", "v_proj"):
             lin = getattr(attn, name)
-            _swap(handle, lin, "forward", functools.partial(_kept_cols_forward, handle, j, lin, lin.forward, _Rows(lin, keep_kv)))
-            handle._add(f"decoder layer {j}: self_attn.{name} forward wrapped (instance; visual rows skip KV heads {list(gone)}, "
-                        "whose query heads are all pruned)", _NoHook())
+            handle.swap_attr(lin, "forward", functools.partial(_kept_cols_forward, handle, j, lin, lin.forward, _Rows(lin, keep_kv)))
+            handle.add_hook(f"decoder layer {j}: self_attn.{name} forward wrapped (instance; visual rows skip KV heads {list(gone)}, "
+                        "whose query heads are all pruned)")
 
 
 class _Rows:
@@ -281,7 +229,7 @@ def _kept_cols_forward(handle, j: int, lin: nn.Linear, orig, rows: _Rows, x: tor
 
 
 def _layer_post_hook(handle, j: int, module, args, out) -> None:
-    st = handle._state
+    st = handle.state
     if st is not None and st.structural.get("layer") == j:
         st.structural.pop("layer", None)
     return None
@@ -374,7 +322,7 @@ def _mlp_forward(handle, plan: StructuralPlan, j: int, mlp: nn.Module, orig, x: 
 
 # -- masks -----------------------------------------------------------------------------------------
 def _layer_pre_hook(handle, plan: StructuralPlan, j: int, module, args: tuple, kwargs: dict):
-    st = handle._state
+    st = handle.state
     if st is None:
         return None
     memo = st.structural.get("memo", [])  # masks built by earlier layers of this forward, reused when identical
@@ -485,7 +433,7 @@ def _attention(handle, plan: StructuralPlan, bases: dict, fmt: str, module, quer
     """
     j = module.layer_idx
     base = bases[j]
-    st = handle._state
+    st = handle.state
     if fmt == "2d":
         return _heads_2d(handle, plan, base, module, query, key, value, attention_mask, kwargs)
     info = st.structural if st is not None else None
@@ -556,7 +504,7 @@ def _heads_2d(handle, plan: StructuralPlan, base, module, query, key, value, att
     heads over the text keys only, gathered right-aligned (so the causal alignment still holds), in
     prefill (text queries; visual queries get 0) and while decoding (the prompt's visual keys skipped)."""
     j = module.layer_idx
-    st = handle._state
+    st = handle.state
     pruned = plan.heads_visual.get(j, ())
     if st is None or not pruned or st.phase == "passthrough":
         return base(module, query, key, value, attention_mask, **kwargs)

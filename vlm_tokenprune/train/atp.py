@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..compat import attn_implementation
 from ..errors import InputError
 from ..learned.artifact import save_weights
 from ..learned.atp import KIND, ATPModule, ATPOutput, atp_from_context
@@ -96,7 +97,7 @@ def soft_forward(model: nn.Module, module: ATPModule, batch: dict, *, hard: bool
 
     adapter = resolve_adapter(model)
     seams = adapter.seams(model)
-    impl = model.config.text_config._attn_implementation
+    impl = attn_implementation(model.config.text_config)
     if impl not in ("eager", "sdpa"):
         raise InputError("attn_implementation", f"ATP training needs 4-D float masks; allowed: eager, sdpa; got {impl!r}")
     ids = batch["input_ids"]
@@ -200,7 +201,7 @@ def train_atp(model: nn.Module, batches: "Callable[[int], dict] | Iterable[dict]
     from ..adapters import resolve_adapter
 
     seams = resolve_adapter(model).seams(model)
-    impl = model.config.text_config._attn_implementation
+    impl = attn_implementation(model.config.text_config)
     if impl not in ("eager", "sdpa"):
         raise InputError("attn_implementation", f"ATP training needs 4-D float masks; allowed: eager, sdpa; got {impl!r}")
     if not 1 <= cfg.layer < seams.num_layers:

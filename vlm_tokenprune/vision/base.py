@@ -6,6 +6,8 @@ tower call then calls ``before_layer`` in the forward pre-hook of every encoder 
 the feature layer, with that layer's incoming hidden states; it returns them, possibly
 shorter, and updates the ``VisionRun`` (``run.reassign``). Layers whose q/k/v projections a
 criterion reads are named by ``capture_layers`` (their outputs land in ``run.captured``).
+``after_feature_layer`` is called once per tower call with the feature layer's OUTPUT (what the
+projector consumes, CLS first), for methods that select from the last features (VisionZip, VisPruner).
 """
 from __future__ import annotations
 
@@ -41,4 +43,11 @@ class VisionCriterion(Criterion):
     def before_layer(self, run: "VisionRun", j: int, layer: nn.Module, hidden: torch.Tensor,
                      seams: "VisionSeams") -> torch.Tensor:
         """Encoder layer ``j`` is about to run on ``hidden`` ``[n, T, D]``; return its (possibly reduced) input."""
-        raise NotImplementedError(f"vision criterion {self.name!r} must implement before_layer()")
+        return hidden
+
+    def after_feature_layer(self, run: "VisionRun", hidden: torch.Tensor, seams: "VisionSeams") -> torch.Tensor:
+        """The OUTPUT of encoder layer ``seams.feature_layer`` (HF ``hidden_states[vision_feature_layer]``, before
+        the select strategy: token 0 is CLS) ``[n, T, D]``; return it, possibly shorter, recording the change with
+        ``run.reassign`` as in ``before_layer``. CLS must stay at index 0. For VisionZip / VisPruner-style methods
+        (the feature layer's attention: ask for its q/k/v with ``capture_layers``). Default: unchanged."""
+        return hidden

@@ -25,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import IncompatiblePolicyError, InputError
+from ..errors import InputError
+from ..marking import mark_hook
 from ..reduction import Reduction
 from ..selection import right_packed
+from .base import VisionCriterion
 from .state import VisionOutcome, VisionRun
 
 if TYPE_CHECKING:
@@ -36,66 +38,37 @@ if TYPE_CHECKING:
     from ..state import ForwardState
 
 
-def _mark(fn):
-    fn.__vtp__ = True
-    return fn
-
-
 def vision_stage_index(policy: Any) -> int | None:
     return next((i for i, s in enumerate(policy.stages) if s.site == "vision"), None)
-
-
-def check(model, adapter, policy, criteria, seams) -> "VisionSeams | None":
-    """Patch-time validation of the (single) vision stage; returns the tower's seams (None: no vision stage)."""
-    i = vision_stage_index(policy)
-    if i is None:
-        return None
-    where = f"stages[{i}]"
-    if not hasattr(adapter, "vision_seams"):
-        raise IncompatiblePolicyError(
-            f"{where}.site", f"site vision is not supported for {model.config.model_type!r} yet; allowed models: llava, llava_next")
-    if not getattr(adapter, "supports_pre_llm", False) or seams.language_model is None:
-        raise IncompatiblePolicyError(
-            f"{where}.site", f"site vision needs the pre-LLM path, which {model.config.model_type!r} does not support")
-    vs = adapter.vision_seams(model, f"{where}.site")
-    stage = policy.stages[i]
-    crit = criteria[i]
-    if stage.budget.tokens is not None and stage.budget.tokens > vs.n_patches:
-        raise IncompatiblePolicyError(
-            f"{where}.tokens", f"{stage.budget.tokens} is more than the {vs.n_patches} patch tokens per crop; "
-            f"allowed: 1..{vs.n_patches}")
-    if stage.layer is not None and not 0 <= stage.layer <= vs.feature_layer:
-        raise IncompatiblePolicyError(
-            f"{where}.layer", f"{stage.layer} is not a vision encoder layer at or below the feature layer; "
-            f"allowed: 0..{vs.feature_layer}")
-    crit.check_vision(vs, stage, where)
-    return vs
 
 
 def install(handle: "PatchHandle", vs: "VisionSeams") -> None:
     """Register the vision hooks of the policy's vision stage on the handle (after ``check``)."""
     i = vision_stage_index(handle.policy)
     stage, crit = handle.policy.stages[i], handle.criteria[i]
-    handle._add(f"{type(vs.tower).__name__}: forward pre-hook (open vision stage {i})",
-                vs.tower.register_forward_pre_hook(_mark(functools.partial(_tower_pre, handle, vs, i)), with_kwargs=True))
+    handle.add_hook(f"{type(vs.tower).__name__}: forward pre-hook (open vision stage {i})",
+                vs.tower.register_forward_pre_hook(mark_hook(functools.partial(_tower_pre, handle, vs, i)), with_kwargs=True))
     for j, layer in enumerate(vs.layers):
         role = f"vision stage {i}: {stage.criterion} may reduce the input" if j <= vs.feature_layer else "pass the attention bias"
-        handle._add(f"vision encoder layer {j}: forward pre-hook ({role})",
-                    layer.register_forward_pre_hook(_mark(functools.partial(_layer_pre, handle, vs, j)), with_kwargs=True))
+        handle.add_hook(f"vision encoder layer {j}: forward pre-hook ({role})",
+                    layer.register_forward_pre_hook(mark_hook(functools.partial(_layer_pre, handle, vs, j)), with_kwargs=True))
     for j in crit.capture_layers(vs, stage):
         for what in ("q", "k", "v"):
-            handle._add(f"vision encoder layer {j}: self_attn.{what}_proj forward hook (capture for vision stage {i})",
+            handle.add_hook(f"vision encoder layer {j}: self_attn.{what}_proj forward hook (capture for vision stage {i})",
                         getattr(vs.layers[j].self_attn, f"{what}_proj").register_forward_hook(
-                            _mark(functools.partial(_capture, handle, j, what))))
-    handle._add(f"{type(vs.projector).__name__}: forward hook (widen reduced features to the full layout)",
-                vs.projector.register_forward_hook(_mark(functools.partial(_projector_post, handle, vs))))
+                            mark_hook(functools.partial(_capture, handle, j, what))))
+    if type(crit).after_feature_layer is not VisionCriterion.after_feature_layer:
+        fl = vs.layers[vs.feature_layer]
+        handle.add_hook(f"vision encoder layer {vs.feature_layer}: forward hook, prepended (vision stage {i}: "
+                    f"{stage.criterion} reduces the feature layer's output)",
+                    fl.register_forward_hook(mark_hook(functools.partial(_feature_post, handle, vs)), prepend=True))
+    handle.add_hook(f"{type(vs.projector).__name__}: forward hook (widen reduced features to the full layout)",
+                vs.projector.register_forward_hook(mark_hook(functools.partial(_projector_post, handle, vs))))
     if vs.pack_owner is not None:
-        from ..structural.hooks import _NoHook, _swap
-
         original = vs.pack_owner.pack_image_features
-        _swap(handle, vs.pack_owner, "pack_image_features", functools.partial(_pack, handle, original))
-        handle._add(f"{type(vs.pack_owner).__name__}.pack_image_features: instance wrapper (maps placeholders "
-                    "to crop slots; undone by unpatch)", _NoHook())
+        handle.swap_attr(vs.pack_owner, "pack_image_features", functools.partial(_pack, handle, original))
+        handle.add_hook(f"{type(vs.pack_owner).__name__}.pack_image_features: instance wrapper (maps placeholders "
+                        "to crop slots; undone by unpatch)")
 
 
 # -- hooks ------------------------------------------------------------------------------------------
@@ -104,13 +77,13 @@ def _tower_pre(handle: "PatchHandle", vs: "VisionSeams", i: int, module, args: t
     if pixels is None:
         return None
     st = handle.policy.stages[i]
-    handle._vision_run = VisionRun.open(i, st, handle.criteria[i], pixels.shape[0], vs.n_patches, pixels.device)
-    handle._vision_out = None
+    handle.vision_run = VisionRun.open(i, st, handle.criteria[i], pixels.shape[0], vs.n_patches, pixels.device)
+    handle.vision_outcome = None
     return None
 
 
 def _layer_pre(handle: "PatchHandle", vs: "VisionSeams", j: int, module, args: tuple, kwargs: dict):
-    run = handle._vision_run
+    run = handle.vision_run
     if run is None:
         return None
     in_kwargs = not args
@@ -143,22 +116,40 @@ def _layer_pre(handle: "PatchHandle", vs: "VisionSeams", j: int, module, args: t
     return tuple(args), kwargs
 
 
+def _feature_post(handle: "PatchHandle", vs: "VisionSeams", module, args, output):
+    """The feature layer returned: the criterion may reduce its output (``after_feature_layer``)."""
+    run = handle.vision_run
+    if run is None:
+        return None
+    hidden = output[0] if isinstance(output, tuple) else output
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        new = run.criterion.after_feature_layer(run, hidden, vs)
+    run.seconds += time.perf_counter() - t0
+    if new is hidden:
+        return None
+    if new.shape[1] != run.length or not bool((run.ident[:, 0] == 0).all()):
+        raise RuntimeError(f"vision criterion {run.stage.criterion!r}: after_feature_layer must return one token per "
+                           "current token of the run (run.reassign) with CLS kept at index 0")
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
 def _capture(handle: "PatchHandle", j: int, what: str, module, args, output):
-    run = handle._vision_run
+    run = handle.vision_run
     if run is not None:
         run.captured[what] = (j, output)
     return None
 
 
 def _projector_post(handle: "PatchHandle", vs: "VisionSeams", module, args, output):
-    run, handle._vision_run = handle._vision_run, None
+    run, handle.vision_run = handle.vision_run, None
     if run is None:
         return None
     offset = 1 if vs.select_strategy == "default" else 0
-    handle._vision_out = VisionOutcome(run.stage_index, run.ident, run.owner, offset, list(run.tokens_per_layer),
+    handle.vision_outcome = VisionOutcome(run.stage_index, run.ident, run.owner, offset, list(run.tokens_per_layer),
                                        run.seconds)
     if not run.changed:
-        handle._vision_out.produced(output)
+        handle.vision_outcome.produced(output)
         return None
     n, T = run.ident.shape
     if output.shape[:2] != (n, T - offset):
@@ -167,7 +158,7 @@ def _projector_post(handle: "PatchHandle", vs: "VisionSeams", module, args, outp
     slot = (run.ident[:, offset:] - offset).to(output.device)
     full = output.new_zeros(n, width, output.shape[-1])
     full = full.scatter(1, slot[..., None].expand(-1, -1, output.shape[-1]), output)
-    handle._vision_out.produced(full)
+    handle.vision_outcome.produced(full)
     return full
 
 
@@ -177,14 +168,14 @@ def check_features(handle: "PatchHandle", kwargs: dict) -> None:
     tower's LAST call (``generate()`` encodes once, then passes them), else the kept set would be another
     image's: refused (docs/bad-inputs.md row 51)."""
     if kwargs.get("pixel_values") is not None:
-        handle._vision_out = None
+        handle.vision_outcome = None
         return
     enc = (kwargs.get("mm_encoder_outputs") or {}).get("image")
     if enc is None:
         return
     feats = getattr(enc, "pooler_output", None)
     feats = [feats] if isinstance(feats, torch.Tensor) else list(feats or [])
-    out = handle._vision_out
+    out = handle.vision_outcome
     if out is None or not feats or not all(out.made(t) for t in feats):
         raise InputError(
             "pixel_values", "mm_encoder_outputs holds image features that this patched model's vision tower did not "
@@ -196,7 +187,7 @@ def check_features(handle: "PatchHandle", kwargs: dict) -> None:
 def _pack(handle: "PatchHandle", original, image_features, image_sizes, vision_feature_select_strategy,
           image_newline=None):
     out = original(image_features, image_sizes, vision_feature_select_strategy, image_newline=image_newline)
-    o = handle._vision_out
+    o = handle.vision_outcome
     if o is not None:  # the packed features are this tower call's too (check_features)
         o.produced(*([out[0]] if isinstance(out[0], torch.Tensor) else list(out[0])))
     if o is not None and o.slots is None:
@@ -255,7 +246,7 @@ def lm_reduction(handle: "PatchHandle", st: "ForwardState", hidden: torch.Tensor
     (their sources), or dropped (pruned, or fused into a token whose slot LLaVA-NeXT's
     unpadding removed); text and ``image_newline`` tokens stay.
     """
-    out = handle._vision_out  # kept: generate(use_cache=False) re-runs the prefill on the same features
+    out = handle.vision_outcome  # kept: generate(use_cache=False) re-runs the prefill on the same features
     if out is None:
         raise InputError(
             "pixel_values", "the prompt has image tokens but the patched vision tower did not run for them "

@@ -1,0 +1,64 @@
+"""Every use of transformers internals (private attributes, registries) in one place.
+
+A transformers upgrade that renames one of these touches this file only. Public transformers
+API (``AttentionInterface.register``, ``ALL_ATTENTION_FUNCTIONS.get_interface``, the mask
+functions) is used where needed; what is private is read or written only here:
+
+- ``config._attn_implementation`` (read) and ``config._attn_implementation_internal`` (the
+  attribute behind it, swapped on one model's text config by structural ops);
+- ``AttentionInterface._global_mapping`` / ``AttentionMaskInterface._global_mapping`` (looking up
+  a backend's mask function; removing a name this library registered — transformers offers no
+  ``unregister``).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from torch import nn
+
+
+def attn_implementation(config: Any, default: str | None = None) -> str:
+    """The attention backend a (sub-)config selects (``eager``, ``sdpa``, ``flash_attention_2``, a registered name);
+    ``default`` when the config has none (transformers 4.3x configs may lack it)."""
+    return getattr(config, "_attn_implementation", default) if default is not None else config._attn_implementation
+
+
+def mask_function(attn_implementation: str) -> Callable | None:
+    """The mask function transformers builds masks with for this backend (None: not registered)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(attn_implementation)
+
+
+def eager_attention(layer_attention: nn.Module) -> Callable | None:
+    """The ``eager_attention_forward`` of the module that defines this attention class (None: none)."""
+    return getattr(sys.modules.get(type(layer_attention).__module__), "eager_attention_forward", None)
+
+
+def attention_function(attn_implementation: str, eager: Callable | None) -> Callable | None:
+    """The function the backend ``attn_implementation`` runs (``eager``: the model's own eager function)."""
+    if attn_implementation == "eager":
+        return eager
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager)
+
+
+def register_attention(name: str, fn: Callable, masks_like: str) -> Callable[[], None]:
+    """Register attention backend ``name`` (function ``fn``, the mask function of ``masks_like``);
+    returns the call that unregisters both again (no existing entry is changed)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[masks_like])
+
+    def unregister() -> None:
+        AttentionInterface._global_mapping.pop(name, None)
+        AttentionMaskInterface._global_mapping.pop(name, None)
+
+    return unregister
+
+
+ATTN_IMPLEMENTATION_ATTR = "_attn_implementation_internal"  # what ``config._attn_implementation`` reads

@@ -1,0 +1,91 @@
+"""The LLM site: token stages between decoder layers (``site="llm"``: prune, visual_drop).
+
+``check`` validates each token stage's layer against the model; ``install`` registers the
+top-level hooks that open and close the calling thread's forward state (plus the forward
+wrapper that releases it on any exit), and one forward pre-hook per decoder layer (and k/v
+capture hooks on the layers a criterion scores from). The hook bodies are in ``engine``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .. import engine
+from ..errors import IncompatiblePolicyError
+from ..handle import PatchHandle
+from ..marking import mark_hook
+
+if TYPE_CHECKING:
+    from . import PatchTarget
+
+
+@dataclass(frozen=True)
+class LLMPlan:
+    """``stage_after``: decoder layer j -> the prune stage whose criterion runs on layer j's input
+    (``stage.layer == j + 1``); ``stage_at``: layer j -> the token stage (prune, visual_drop) applied before it."""
+
+    stage_after: dict
+    stage_at: dict
+
+
+def check(target: "PatchTarget") -> LLMPlan:
+    seams = target.seams
+    for i, st in enumerate(target.policy.stages):
+        if not st.changes_tokens:
+            continue
+        if st.layer >= seams.num_layers:
+            raise IncompatiblePolicyError(
+                f"stages[{i}].layer", f"{st.layer} is beyond the model; allowed: 1..{seams.num_layers - 1}"
+            )
+        if st.layer <= seams.first_full_attention_layer:
+            raise IncompatiblePolicyError(
+                f"stages[{i}].layer",
+                f"{st.layer} is at or below the first full-attention layer ({seams.first_full_attention_layer}); "
+                f"allowed: {seams.first_full_attention_layer + 1}..{seams.num_layers - 1}",
+            )
+    stages = target.policy.stages
+    return LLMPlan(
+        stage_after={st.layer - 1: i for i, st in enumerate(stages) if st.op == "prune" and st.site == "llm"},
+        stage_at={st.layer: i for i, st in enumerate(stages) if st.changes_tokens},
+    )
+
+
+def install(handle: PatchHandle, plan: LLMPlan) -> None:
+    handle.stage_after, handle.stage_at = plan.stage_after, plan.stage_at
+    seams, pol = handle.seams, handle.policy
+    top = seams.top
+    handle.add_hook(
+        f"{type(top).__name__}: forward pre-hook (find visual tokens, open this thread's forward state)",
+        top.register_forward_pre_hook(mark_hook(functools.partial(engine.top_pre_hook, handle)), with_kwargs=True),
+    )
+    handle.add_hook(
+        f"{type(top).__name__}: forward hook, always called (close this thread's forward state)",
+        top.register_forward_hook(
+            mark_hook(functools.partial(engine.top_post_hook, handle)), with_kwargs=True, always_call=True
+        ),
+    )
+    handle.swap_attr(top, "forward", engine.guard_forward(handle, top.forward))
+    handle.add_hook(f"{type(top).__name__}.forward: instance wrapper (releases the forward state on any exit, "
+                    "KeyboardInterrupt included; undone by unpatch)")
+    for j, layer in enumerate(seams.decoder_layers):
+        roles = []
+        if j in plan.stage_at:
+            roles.append(f"score stage {plan.stage_at[j]} and drop tokens")
+        if any(st.changes_tokens and st.layer <= j for st in pol.stages):
+            roles.append("shrink mask/positions")
+        if j in plan.stage_after:
+            roles.append(f"keep input for stage {plan.stage_after[j]}'s criterion")
+            for what in ("k", "v"):
+                handle.add_hook(
+                    f"decoder layer {j}: self_attn.{what}_proj forward hook (capture for stage {plan.stage_after[j]})",
+                    getattr(layer.self_attn, f"{what}_proj").register_forward_hook(
+                        mark_hook(functools.partial(engine.capture_hook, handle, j, what))
+                    ),
+                )
+        handle.add_hook(
+            f"decoder layer {j}: forward pre-hook ({', '.join(roles) or 'count tokens'})",
+            layer.register_forward_pre_hook(
+                mark_hook(functools.partial(engine.layer_pre_hook, handle, j)), with_kwargs=True
+            ),
+        )

@@ -1,0 +1,46 @@
+"""The vision site: a stage between vision-encoder layers (``site="vision"``, CLIP towers of LLaVA /
+LLaVA-NeXT). ``check`` validates the stage against the tower (``Adapter.vision_seams``) and the
+criterion (``VisionCriterion.check_vision``); ``install`` registers the tower hooks
+(``vision.hooks``). The reduced features reach the language model through the pre-LLM site.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..adapters.base import VisionSeams
+from ..errors import IncompatiblePolicyError
+from ..handle import PatchHandle
+from ..vision import hooks
+
+if TYPE_CHECKING:
+    from . import PatchTarget
+
+
+def check(target: "PatchTarget") -> VisionSeams | None:
+    """Patch-time validation of the (single) vision stage; returns the tower's seams (None: no vision stage)."""
+    i = hooks.vision_stage_index(target.policy)
+    if i is None:
+        return None
+    model = target.model
+    where = f"stages[{i}]"
+    if not target.adapter.supports_pre_llm or target.seams.language_model is None:
+        raise IncompatiblePolicyError(
+            f"{where}.site", f"site vision needs the pre-LLM path, which {model.config.model_type!r} does not support")
+    vs = target.adapter.vision_seams(model, f"{where}.site")
+    stage = target.policy.stages[i]
+    if stage.budget.tokens is not None and stage.budget.tokens > vs.n_patches:
+        raise IncompatiblePolicyError(
+            f"{where}.tokens", f"{stage.budget.tokens} is more than the {vs.n_patches} patch tokens per crop; "
+            f"allowed: 1..{vs.n_patches}")
+    if stage.layer is not None and not 0 <= stage.layer <= vs.feature_layer:
+        raise IncompatiblePolicyError(
+            f"{where}.layer", f"{stage.layer} is not a vision encoder layer at or below the feature layer; "
+            f"allowed: 0..{vs.feature_layer}")
+    target.criteria[i].check_vision(vs, stage, where)
+    return vs
+
+
+def install(handle: PatchHandle, vs: VisionSeams | None) -> None:
+    handle.vision_seams = vs
+    if vs is not None:
+        hooks.install(handle, vs)
