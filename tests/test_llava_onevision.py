@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS
+from kit import BACKENDS
 from helpers import new_tokens
 from reference import fastv_oracle as oracle
 from reference import uniform_oracle

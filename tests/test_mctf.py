@@ -111,7 +111,10 @@ def test_schedule_reaches_every_feasible_budget():
                 assert s[j] <= (T - 1) // 2
                 T -= s[j]
             assert T - 1 == max(keep, fewest_patches(37, len(layers)))
+            if T - 1 == keep:  # reachable: the oracle's own reading of the documented rule agrees
+                assert s == oracle.fusion_schedule(36, keep, layers, 0)
     assert mctf_schedule(577, 1, list(range(1, 23)), 16) == {j: 16 for j in range(1, 23)}  # paper: r = 16
+    assert oracle.fusion_schedule(576, 1, list(range(1, 23)), 16) == {j: 16 for j in range(1, 23)}
 
 
 @pytest.mark.parametrize("text,field", [

@@ -395,7 +395,8 @@ def test_visual_layout_of_images_and_videos():
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_uniform_spreads_over_every_grid_and_frame(version):
-    from vlm_tokenprune.methods.baselines import grid_points, split_budget
+    from reference.pre_llm_oracle import split
+    from vlm_tokenprune.methods.baselines import grid_points
 
     model = tiny("sdpa", version)
     inputs = make_qwen_batch(model, [[2, "img", 3, "vid", 2, "img", 1]], image_grids=[(4, 6), (3, 3)],
@@ -406,7 +407,7 @@ def test_uniform_spreads_over_every_grid_and_frame(version):
     ids = inputs["input_ids"][0]
     vis = ((ids == IMAGE_TOKEN_ID) | (ids == QWEN_VIDEO_TOKEN_ID)).nonzero().flatten().tolist()
     grids = [(4, 6), (4, 4), (4, 4), (3, 3)]  # image, video frame 0, video frame 1, image (prompt order)
-    quota = split_budget(14, [r * c for r, c in grids])
+    quota = split(14, [r * c for r, c in grids])  # the oracle's reading of the documented split
     expect, start = [], 0
     for (r, c), q in zip(grids, quota):
         expect += [vis[start + i * c + j] for i, j in grid_points(r, c, q)]

@@ -28,28 +28,56 @@ import torch
 from . import flowcut_vit_oracle as fc
 
 
+def _halving_reaches(patches: int, keep: int, layers: int) -> bool:
+    """Can ``layers`` merging layers, each fusing at most half of the patches it receives, bring
+    ``patches`` down to ``keep``?"""
+    for _ in range(layers):
+        patches -= patches // 2
+    return patches <= keep
+
+
 def _schedule(model, keep: int, start: int, r: int) -> dict[int, int]:
-    """Fusions per layer (same rule as the method's docstring: r per layer, or spread to reach keep)."""
-    F = fc.feature_layer(model)
-    N = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
-    T, out = N + 1, {}
-    layers = list(range(start, F + 1))
+    """Patch tokens fused in each merging layer ``start`` .. the feature layer of ``model``'s tower."""
+    vc = model.config.vision_config
+    return fusion_schedule((vc.image_size // vc.patch_size) ** 2, keep, list(range(start, fc.feature_layer(model) + 1)), r)
 
-    def fewest(T, m):
-        c = T - 1
-        for _ in range(m):
-            c = c - c // 2
-        return c
 
-    for i, j in enumerate(layers):
-        need, cap, left = max(T - keep - 1, 0), (T - 1) // 2, len(layers) - i - 1
-        step = r if r > 0 else math.ceil(need / (left + 1))
-        if r == 0:
-            while step < cap and T - step - fewest(T - step, left) - 1 < need - step:
-                step += 1
-        out[j] = min(step, need, cap)
-        T -= out[j]
-    return out
+def fusion_schedule(patches: int, keep: int, layers: list[int], r: int) -> dict[int, int]:
+    """Patch tokens fused in each merging layer of ``layers`` (CLS never fuses), from ``patches`` to ``keep``.
+
+    The rule as documented (``mctf`` method docstring, README): a layer fuses at most half of the patch
+    tokens it receives and never goes below ``keep``. ``r > 0`` (the paper's constant r per layer): r in
+    every layer within those limits. ``r = 0``: the budget is reached exactly at the feature layer with the
+    removals spread evenly and front-loaded: of all schedules that reach ``keep``, the lexicographically
+    smallest in which every layer fuses at least its even share (rounded up) of what is still to remove.
+    Found here by depth-first search in lexicographic order (the first complete schedule wins).
+    """
+    if r > 0:
+        plan = {}
+        for j in layers:
+            plan[j] = min(r, patches // 2, max(patches - keep, 0))
+            patches -= plan[j]
+        return plan
+
+    def search(i: int, have: int) -> list[int] | None:
+        if i == len(layers):
+            return [] if have == keep else None
+        to_remove = have - keep
+        share = -(-to_remove // (len(layers) - i))  # ceil
+        for fuse in range(share, have // 2 + 1):
+            if not _halving_reaches(have - fuse, keep, len(layers) - i - 1):
+                continue  # the later layers could not reach keep from here
+            rest = search(i + 1, have - fuse)
+            if rest is not None:
+                return [fuse] + rest
+        return None
+
+    if keep >= patches:
+        return {j: 0 for j in layers}
+    found = search(0, patches)
+    if found is None:
+        raise ValueError(f"keep={keep} of {patches} patches is out of reach of {len(layers)} halving layers")
+    return dict(zip(layers, found))
 
 
 def _fuse_crop(tokens: list[dict], probs: torch.Tensor, r: int, taus, bidirection: bool) -> list[dict]:

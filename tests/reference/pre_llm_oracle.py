@@ -24,6 +24,7 @@ decoding continues on every axis at the unreduced prompt's largest position + 1.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -55,17 +56,19 @@ def images_of(ids, image_token_id: int, per_image: int) -> list[list[int]]:
 
 
 def split(k: int, sizes: list[int]) -> list[int]:
+    """A row's budget ``k`` over its images of ``sizes`` tokens, as documented: in proportion to size by
+    the largest-remainder (Hamilton) apportionment, in exact fractions: each image gets the whole part of
+    its share k * size / total, the seats left over go one each to the largest remainders (the earlier
+    image first on equal remainders); every image keeps at least one token."""
     total = sum(sizes)
-    raw = [k * s / total for s in sizes]
-    out = [min(s, math.floor(r)) for r, s in zip(raw, sizes)]
-    order = sorted(range(len(sizes)), key=lambda i: (-(raw[i] - math.floor(raw[i])), i))
-    left = k - sum(out)
-    while left > 0:
-        for i in order:
-            if left and out[i] < sizes[i]:
-                out[i] += 1
-                left -= 1
-    return [max(1, q) for q in out]
+    assert 0 <= k <= total, (k, sizes)
+    shares = [Fraction(k * n, total) for n in sizes]
+    seats = [int(share) for share in shares]  # whole parts (shares are >= 0)
+    leftover = k - sum(seats)
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (shares[i] - seats[i], -i), reverse=True)
+    for i in by_remainder[:leftover]:
+        seats[i] += 1
+    return [max(1, n) for n in seats]
 
 
 def _cos(u, v) -> float:
