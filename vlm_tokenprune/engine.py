@@ -119,8 +119,8 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         # image placeholder ids without pixels or features: the unpatched model embeds them as text tokens
         record = PrefillRecord(L, is_visual=torch.zeros(B, L, dtype=torch.bool, device=input_ids.device))
         if cache is not None:
-            handle._sessions[cache] = record
-        handle._state = ForwardState("passthrough", record)
+            handle.remember(cache, record)
+        handle.open_state(ForwardState("passthrough", record))
         return None
     if handle.vision_seams is not None:  # the features must come from this patched tower's last call
         from .vision.hooks import check_features
@@ -152,7 +152,7 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
 
 def _has_image_inputs(handle: "PatchHandle", kwargs: dict) -> bool:
     """Whether this forward carries images or videos (pixels or precomputed encoder features)."""
-    names = (*getattr(handle.adapter, "pixel_inputs", ("pixel_values",)), "pixel_values", "mm_encoder_outputs")
+    names = (*handle.adapter.pixel_inputs, "pixel_values", "mm_encoder_outputs")
     for name in names:
         value = kwargs.get(name)
         if value is None or (isinstance(value, dict) and not any(v is not None for v in value.values())):
