@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS, FLASH
+from kit import BACKENDS, FLASH
 from helpers import n_image_tokens, new_tokens
 from reference import dart_oracle as oracle
 from vlm_tokenprune.errors import PolicyError
@@ -114,3 +114,14 @@ def test_bad_params_name_the_field():
         with pytest.raises(PolicyError) as e:
             vtp.Policy.parse(text)
         assert e.value.field == field
+
+
+def test_contested_token_goes_to_the_pivot_visited_first():
+    """Two pivots whose least-similar candidate is the same token: the pivot visited first takes it, so the
+    visiting order changes the kept set (why the official set order is reproduced)."""
+    from vlm_tokenprune.methods.dart import duplicate_picks
+
+    z = torch.tensor([[1.0, 0.0], [0.9, 0.1], [-1.0, 0.0], [-0.9, 0.2], [0.0, 1.0]])
+    # pivots 0 and 4 both find token 2 least similar (cosine -1 and 0)
+    assert duplicate_picks(z, [4, 0], [1, 2, 3], [1, 1]) == [2, 3]
+    assert duplicate_picks(z, [0, 4], [1, 2, 3], [1, 1]) == [2, 1]
