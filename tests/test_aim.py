@@ -317,7 +317,7 @@ def test_schedule_is_linear_and_ends_at_one_token():
     assert [s.budget.keep for s in pol.stages[:-1]] == [(21 - l) / 8 for l in range(14, 21)]
     assert pol.stages[-1].budget.tokens == 1 and pol.stages[-1].budget.keep is None
     assert all(s.criterion == "aim" and dict(s.params) == {"tau": 0.1, "iters": 5, "damping": 0.0} for s in pol.stages)
-    assert vtp.Policy.parse("aim") == pol  # the preset: Vicuna-7B defaults
+    assert vtp.Policy.parse("aim").at_depth(32) == pol  # the preset: Vicuna-7B defaults (its layers for 32 layers)
     assert vtp.PRESETS.get("aim").arxiv == "2412.03248"
     assert all(s.params["tau"] == 0.2 for s in vtp.Policy.parse("aim:tau=0.2").stages)
     assert aim_schedule(0, 3, 4, iters=3).stages[0].params["iters"] == 3
@@ -350,16 +350,18 @@ def test_schedule_errors_name_the_argument(args, field):
 
 
 def test_bad_params_and_multi_stage_overrides_are_named():
-    for spec, field in [("aim:tau=0", "stages[0][0].tau"), ("aim:iters=0", "stages[0][0].iters"),
-                        ("aim:damping=1.0", "stages[0][0].damping")]:
+    for spec, field in [("aim:tau=0", "stages[0].tau"), ("aim:iters=0", "stages[0].iters"),
+                        ("aim:damping=1.0", "stages[0].damping")]:
         with pytest.raises(PolicyError) as e:
             vtp.Policy.parse(spec)
         assert e.value.field == field
     with pytest.raises(PolicyError):
         vtp.Policy.parse("aim:keep=0.5")  # the preset's budgets are a schedule: write stages to change them
     model = tiny("sdpa")
+    with vtp.patch(model, "aim") as h:  # layers 14..21 of 32 on 4 layers: 14..19 -> 2 (the last: 25 %), 20, 21 -> 3
+        assert [(s.layer, s.budget.to_dict()) for s in h.policy.stages] == [(2, {"keep": 0.25}), (3, {"tokens": 1})]
     with pytest.raises(vtp.IncompatiblePolicyError):
-        vtp.patch(model, "aim")  # layers 14..21 do not exist in a 4-layer model
+        vtp.patch(model, aim_schedule(13, 21, 32))  # written out: absolute layers, beyond a 4-layer model
 
 
 def test_explain_counts_the_preset_schedule():

@@ -23,7 +23,7 @@ def test_methods_lists_presets_and_criteria(capsys):
     code, out, _ = run(capsys, "methods")
     assert code == 0
     for name in ("fastv", "random", "uniform"):
-        assert f"\n{name} " in out
+        assert f"\n{name}  [" in out or f"\n{name}\n" in out
     assert "2403.06764" in out and "fastv:layer=2,keep=0.5" in out
     assert "seed=0" in out  # criterion parameters with their defaults
 

@@ -41,11 +41,11 @@ NEXT_SIZES = [[30, 40], [40, 30], [36, 20]]
 
 @functools.lru_cache(maxsize=None)
 def tiny(attn: str, kind: str = "llava"):
-    """4-layer LLaVA (6x6 grid), LLaVA-NeXT (3x3 base grid + anyres), or a 17-layer LLaVA for the paper preset."""
+    """4-layer LLaVA (6x6 grid), LLaVA-NeXT (3x3 base grid + anyres), or a 32-layer LLaVA for the paper preset."""
     if kind == "next":
         return build_tiny_llava(attn, next=True, image_size=24)
     if kind == "deep":
-        return build_tiny_llava(attn, layers=17)
+        return build_tiny_llava(attn, layers=32)
     return build_tiny_llava(attn)
 
 
@@ -60,9 +60,10 @@ R07 = [S(1, keep=0.3), S(3, keep=0.09, of="current", stride=0)]  # the paper's R
 R05 = [S(1, keep=0.5), S(2, keep=0.25, of="current", stride=0)]  # R = 0.5
 
 
-def k_rule(x: float, n: int) -> int:
-    """The documented budget rule: max(1, floor(x * n + 0.5)), 0 without visual tokens."""
-    return 0 if n == 0 else max(1, math.floor(x * n + 0.5))
+def k_rule(x: float, n: int, floor: bool = False) -> int:
+    """The documented budget rule: max(1, floor(x * n + 0.5)), 0 without visual tokens; ``floor``: the
+    official code's ``int(x * n)`` (the preset's ``rounding=floor``)."""
+    return 0 if n == 0 else max(1, math.floor(x * n) if floor else math.floor(x * n + 0.5))
 
 
 def to_policy(specs) -> dict:
@@ -80,15 +81,15 @@ def to_policy(specs) -> dict:
     return {"stages": stages}
 
 
-def to_oracle(specs, n_visual: int) -> list[dict]:
+def to_oracle(specs, n_visual: int, floor: bool = False) -> list[dict]:
     out = []
     for s in specs:
         if s["tokens"] is not None:
             k = s["tokens"]
         elif s["of"] == "current":
-            k = functools.partial(k_rule, s["keep"])
+            k = functools.partial(k_rule, s["keep"], floor=floor)
         else:
-            k = k_rule(s["keep"], n_visual)
+            k = k_rule(s["keep"], n_visual, floor)
         out.append(dict(layer=s["layer"], k=k, rope=s["rope"], softmax=s["softmax"], stride=s["stride"]))
     return out
 
@@ -305,16 +306,18 @@ def test_llava_next_anyres_prefill_matches_oracle(attn):
 
 
 @pytest.mark.parametrize("attn", BACKENDS)
-def test_paper_preset_on_a_17_layer_model_matches_oracle(attn):
-    """The registered preset itself (layers 8 and 16, keep 0.3 + stride 3, then 0.09 of the current count)."""
+def test_paper_preset_on_a_32_layer_model_matches_oracle(attn):
+    """The registered preset itself at its reference depth (layers 8 and 16, keep int(0.3 n) + stride 3, then
+    int(0.09 n) of the current count: the official code's floor)."""
     model = tiny(attn, "deep")
     inputs = make_batch(model, SINGLE, seed=4)
-    want = oracle.feather_run(model, inputs, to_oracle([S(8, keep=0.3), S(16, keep=0.09, of="current", stride=0)], 36))
+    want = oracle.feather_run(model, inputs, to_oracle([S(8, keep=0.3), S(16, keep=0.09, of="current", stride=0)], 36,
+                                                       floor=True))
     assert_well_separated(want)
     logits, trace = patched_prefill(model, inputs, "feather")
     assert [s.layer for s in trace.stages] == [8, 16]
     assert [s.kept_positions[0] for s in trace.stages] == [s["kept"] for s in want["stages"]]
-    assert want["stages"][0]["k"] == 11 and len(want["stages"][0]["kept"]) > 11
+    assert want["stages"][0]["k"] == 10 and len(want["stages"][0]["kept"]) > 10  # int(36 * (1 - 0.7)) = 10
     torch.testing.assert_close(logits, want["logits"], atol=ATOL, rtol=0)
 
 
@@ -325,9 +328,12 @@ def test_preset_definition_and_refusal_on_small_models():
         (16, 0.09, "current", {"rope": False, "softmax": "keys", "stride": 0}),
     ]
     assert [dict(s.params)["rope"] for s in vtp.Policy.parse("feather:rope=true").stages] == [True, True]
-    model = tiny("sdpa")
+    assert [(s.depth, s.budget.rounding) for s in pol.stages] == [(32, "floor"), (32, "floor")]  # official int()
+    model = tiny("sdpa")  # 4 layers: 8 / 16 of 32 -> 1 / 2
+    with vtp.patch(model, "feather") as h:
+        assert [s.layer for s in h.policy.stages] == [1, 2]
     with pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.layer: 8 is beyond the model; allowed: 1\.\.3"):
-        vtp.patch(model, "feather")
+        vtp.patch(model, pol.to_dict()["stages"][0]["criterion"] + ":layer=8,keep=0.3")
     assert not vtp.patching.is_patched(model)
     with pytest.raises(vtp.errors.PolicyError, match="stride"):
         vtp.Policy.parse({"stages": [{"criterion": "feather", "layer": 2, "keep": 0.5, "params": {"stride": -1}}]})

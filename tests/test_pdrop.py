@@ -38,12 +38,14 @@ def tiny(attn: str, layers: int = 4):
     return build_tiny_llava(attn, layers=layers)
 
 
-def k_rule(x: float, n: int) -> int:
-    return 0 if n == 0 else max(1, math.floor(x * n + 0.5))
+def k_rule(x: float, n: int, floor: bool = False) -> int:
+    """The library's half-up rule, or the official code's ``int(x * n)`` (the preset's ``rounding=floor``)."""
+    return 0 if n == 0 else max(1, math.floor(x * n) if floor else math.floor(x * n + 0.5))
 
 
-def oracle_stages(schedule, n_visual: int) -> list[dict]:
-    return [dict(layer=layer, k=k_rule(keep, n_visual), rope=True, softmax="row", stride=0) for layer, keep in schedule]
+def oracle_stages(schedule, n_visual: int, floor: bool = False) -> list[dict]:
+    return [dict(layer=layer, k=k_rule(keep, n_visual, floor), rope=True, softmax="row", stride=0)
+            for layer, keep in schedule]
 
 
 def assert_well_separated(run: dict) -> None:
@@ -62,7 +64,7 @@ def row_alone(inputs: dict, rows: list, b: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
 
-def check_batch(model, inputs, rows, policy, schedule) -> None:
+def check_batch(model, inputs, rows, policy, schedule, floor: bool = False) -> None:
     logits, trace = patched_prefill(model, inputs, policy)
     assert [s.layer for s in trace.stages] == [layer for layer, _ in schedule]
     L = inputs["input_ids"].shape[1]
@@ -70,11 +72,11 @@ def check_batch(model, inputs, rows, policy, schedule) -> None:
         alone = row_alone(inputs, rows, b) if len(rows) > 1 else inputs
         pad = L - alone["input_ids"].shape[1]
         n = n_image_tokens(alone)
-        want = oracle.feather_run(model, alone, oracle_stages(schedule, n))
+        want = oracle.feather_run(model, alone, oracle_stages(schedule, n, floor))
         assert_well_separated(want)
         for i, (got, ref) in enumerate(zip(trace.stages, want["stages"])):
             assert got.kept_positions[b] == [p + pad for p in ref["kept"]], f"row {b} stage {i}"
-            assert got.visual_after[b] == k_rule(schedule[i][1], n)  # fractions of the ORIGINAL count
+            assert got.visual_after[b] == k_rule(schedule[i][1], n, floor)  # fractions of the ORIGINAL count
         n_b = want["logits"].shape[1]
         torch.testing.assert_close(logits[b, -n_b:], want["logits"][0], atol=ATOL, rtol=0, msg=f"row {b}")
 
@@ -89,10 +91,13 @@ def test_preset_definition():
     assert vtp.Policy.parse(SCALED_POLICY).to_dict()["stages"][2]["budget"] == {"keep": 0.125}
 
 
-def test_refused_on_models_with_fewer_layers():
-    model = tiny("sdpa")
+def test_paper_layers_map_to_a_smaller_model_explicit_layers_do_not():
+    model = tiny("sdpa")  # 4 layers: the preset's 8 / 16 / 24 (for 32 layers) become 1 / 2 / 3 (Policy.at_depth)
+    with vtp.patch(model, "pdrop") as h:
+        assert [(s.layer, s.budget.keep, s.depth) for s in h.policy.stages] == [(1, 0.5, None), (2, 0.25, None),
+                                                                                (3, 0.125, None)]
     with pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.layer: 8 is beyond the model; allowed: 1\.\.3"):
-        vtp.patch(model, "pdrop")
+        vtp.patch(model, "fastv:layer=8,keep=0.5")  # written out: absolute
     assert not vtp.patching.is_patched(model)
 
 
@@ -102,7 +107,8 @@ def test_listed_by_the_cli(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "\npdrop " in out and "2410.17247" in out
-    assert "fastv:layer=8,keep=0.5 + fastv:layer=16,keep=0.25 + fastv:layer=24,keep=0.125" in out
+    assert "fastv:layer=8,depth=32,keep=0.5,rounding=floor" in out
+    assert "fastv:layer=24,depth=32,keep=0.125,rounding=floor" in out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,9 +135,9 @@ def test_oracle_stage_is_fastv_and_the_pyramid_matters():
 # library == oracle
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("attn", BACKENDS)
-def test_paper_preset_on_a_25_layer_model_matches_oracle(attn):
-    model = tiny(attn, 25)
-    check_batch(model, make_batch(model, SINGLE, seed=1), SINGLE, "pdrop", PAPER)
+def test_paper_preset_on_a_32_layer_model_matches_oracle(attn):
+    model = tiny(attn, 32)  # the paper's depth: its layers 8 / 16 / 24 unchanged, its floor counts (36 -> 18 / 9 / 4)
+    check_batch(model, make_batch(model, SINGLE, seed=1), SINGLE, "pdrop", PAPER, floor=True)
 
 
 @pytest.mark.parametrize("attn", BACKENDS)

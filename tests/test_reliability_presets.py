@@ -12,9 +12,8 @@ How a preset becomes a policy on a 4-layer tiny model (named rules, applied in t
 - ``NEEDS_FILE``: presets that cannot be built without a file argument get one made here for the
   test model (``efficientvla_layers``: a ``what="layers"`` calibration from ``vtp.calibrate``).
   Any other preset that does not parse without arguments fails the test: add it to this rule.
-- ``DEPTH``: paper layers (written for 32-layer LLMs) at or beyond the model's depth are scaled by
-  ``depth / 32`` (rounded, clamped to ``1..depth-1``); token stages that land on one layer keep the
-  last (smallest) budget. E.g. PyramidDrop 8/16/24 -> 1/2/3, AIM's 14..21 -> 2 (12.5 %) and 3 (1 token).
+- paper layers (presets written for 32-layer LLMs, ``Stage.depth``) are mapped to the model's depth by
+  ``patch()`` itself (``Policy.at_depth``), so no rule here: the preset is patched as named.
 - ``SHIPPED_MODEL``: a preset that ``patch()`` refuses on the random tiny LLaVA because its default
   file (learned weights, calibration) belongs to the shipped tiny VLM (a ``*.config_hash`` error)
   runs on the shipped tiny VLM (``load_tiny_vlm``) instead. Any other refusal fails the test.
@@ -33,7 +32,6 @@ import vlm_tokenprune as vtp
 from vlm_tokenprune import IncompatiblePolicyError, Policy
 from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
 
-PAPER_DEPTH = 32
 PRESET_NAMES = vtp.PRESETS.names()
 NEEDS_FILE = {"efficientvla_layers": "layers"}  # preset -> calibration `what` made for the test model
 # requests of one serving session: (rows, padding); batch sizes 1-3, 0-2 images per row, a text-only batch
@@ -67,20 +65,6 @@ def _model(kind: str):
     return load_tiny_vlm("sdpa")[0]
 
 
-def at_depth(pol: Policy, depth: int) -> Policy:
-    """Rule DEPTH: paper layers scaled to ``depth`` when a stage does not fit; one token stage per layer."""
-    if all(st.layer is None or st.layer < depth for st in pol.stages):
-        return pol
-    stages = []
-    for st in pol.to_dict()["stages"]:
-        if st.get("layer") is not None:
-            st = dict(st, layer=min(depth - 1, max(1, round(st["layer"] * depth / PAPER_DEPTH))))
-            if stages and stages[-1].get("layer") == st["layer"] and stages[-1].get("site", "llm") == "llm":
-                stages.pop()  # two token stages on one layer: the later (smaller) budget wins
-        stages.append(st)
-    return Policy.from_dict({"stages": stages})
-
-
 @functools.cache
 def case(name: str, tmp: str) -> tuple[str, Policy]:
     """``(model kind, policy)`` of preset ``name`` after the rules above."""
@@ -95,8 +79,6 @@ def case(name: str, tmp: str) -> tuple[str, Policy]:
             pol = Policy.parse(name)
         except vtp.PolicyError as e:
             pytest.fail(f"preset {name!r} does not build without arguments ({e}); add it to NEEDS_FILE")
-    depth = _model(kind).config.text_config.num_hidden_layers
-    pol = at_depth(pol, depth)
     try:
         vtp.patch(_model(kind), pol).unpatch()
     except IncompatiblePolicyError as e:

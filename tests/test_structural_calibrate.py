@@ -138,8 +138,10 @@ def test_yopo_presets_on_the_shipped_tiny_vlm():
         vtp.patch(other, "yopo_25:drop=3")
     assert e.value.field == "stages[2].calibration.config_hash" and "vlm_tokenprune.calibrate(model" in str(e.value)
     assert not vtp.patching.is_patched(other)
-    with pytest.raises(IncompatiblePolicyError) as e:  # the 7B drop layer (12) is beyond the tiny model
-        vtp.patch(tiny, "yopo")
+    with vtp.patch(tiny, "yopo") as h:  # the 7B drop layer (12 of 32) maps to 2 of the tiny model's 4
+        assert h.policy.stages[3].layer == 2 and h.requested_policy.stages[3].layer == 12
+    with pytest.raises(IncompatiblePolicyError) as e:  # an explicit drop layer is absolute
+        vtp.patch(tiny, "yopo:drop=12")
     assert e.value.field == "stages[3].layer"
     with pytest.raises(vtp.PolicyError) as e:
         Policy.parse("yopo:layer=3")

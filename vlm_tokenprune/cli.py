@@ -89,42 +89,65 @@ def _tflops(x: float) -> str:
 
 
 # -- methods -------------------------------------------------------------------------------------
-def _compact_stage(st: Any) -> str:
-    """``criterion:layer=L,keep=K`` (criterion parameters are listed in the criteria table)."""
-    if st.structural:  # an op with its parameters (a calibration file by its name)
-        text, cal = st.describe(), st.params.get("calibration")
-        return text.replace(cal, cal.replace("\\", "/").rsplit("/", 1)[-1]) if cal else text
-    b = f"keep={st.budget.keep}" if st.budget.keep is not None else f"tokens={st.budget.tokens}"
-    b += "" if st.budget.of == "original" else f",of={st.budget.of}"
-    where = "site=pre_llm" if st.site == "pre_llm" else f"layer={st.layer}"
-    if st.site == "vision":
-        where = "site=vision" + ("" if st.layer is None else f",layer={st.layer}")
-    return f"{st.criterion}:{where},{b}"
+WIDTH = 100  # columns of `methods` (a stage string that holds a file path may run past it: it must stay one line)
+
+
+def compact_stage(st: Any) -> str:
+    """``st`` as a stage string that parses back to exactly ``st``: ``Stage.describe()`` without the parameters
+    whose default gives the same stage (where, budget and positions always shown), so a line of `methods` can
+    be copied into a policy."""
+    from . import Policy
+
+    text = st.describe()
+    name, _, rest = text.partition(":")
+    items = [x for x in rest.split(",") if x] if rest else []
+    fixed = {"layer", "depth", "site", "keep", "tokens", "of", "rounding", "positions"}
+    for item in list(items):
+        if item.partition("=")[0] in fixed and not st.structural:
+            continue
+        trial = [x for x in items if x != item]
+        candidate = f"{name}:{','.join(trial)}" if trial else name
+        try:
+            if Policy.parse(candidate).stages == (st,):
+                items = trial
+        except VTPError:
+            continue
+    return f"{name}:{','.join(items)}" if items else name
+
+
+def _wrapped(text: str, indent: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, WIDTH, initial_indent=" " * indent, subsequent_indent=" " * indent,
+                         break_long_words=False, break_on_hyphens=False) or [""]
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from . import CRITERIA, PRESETS, Policy
 
-    rows, notes = [], []
+    lines = ["Presets: the first word of a policy string, listed with stages that parse back to the same policy",
+             "(copy them to change a layer or a budget); depth=32: a paper's layer for a 32-layer LLM, mapped to",
+             "the model's depth by patch(). Keys override a one-stage preset (layer, keep, tokens, criterion",
+             "params); a multi-stage one takes its criteria's params and rounding.", ""]
     for name, preset in PRESETS.items():
+        lines.append(f"{name}" + (f"  [arXiv {preset.arxiv}]" if preset.arxiv else ""))
         try:
-            parts = [_compact_stage(s) for s in Policy.parse(name).stages]
-        except VTPError:
-            parts = [json.dumps(dict(s), sort_keys=True) for s in preset.stages]
-        stages = " + ".join(parts if len(parts) <= 3 else [parts[0], "...", parts[-1]])
-        stages += f" ({len(parts)} stages)" if len(parts) > 3 else ""
-        rows.append([name, stages, preset.arxiv or "-"])
-        notes.append(preset.description)
-    print("Presets (the first word of a policy string; keys override them: layer, keep, tokens, criterion params)")
-    print(_table(rows, ["name", "stages", "arXiv"], notes))
-    print()
-    rows, notes = [], []
+            stages = [compact_stage(s) for s in Policy.parse(name).stages]
+        except VTPError as e:  # needs an argument (e.g. a calibration file made for the model)
+            lines += _wrapped(f"(needs arguments: {e})", 6)
+            stages = []
+        for i, st in enumerate(stages):
+            lines.append(("    = " if i == 0 else "    + ") + st)
+        lines += _wrapped(preset.description, 4)
+    lines += ["", "Criteria: how a stage scores visual tokens (higher = keep); params with their defaults.", ""]
     for name, crit in CRITERIA.items():
-        params = ", ".join(f"{k}={p.default!r}" for k, p in crit.params.items()) or "-"
-        rows.append([name, getattr(crit, "arxiv", None) or "-", params])
-        notes.append(getattr(crit, "paper", ""))
-    print("Criteria (how a stage scores visual tokens; higher = keep)")
-    print(_table(rows, ["name", "arXiv", "params (defaults)"], notes))
+        arxiv = getattr(crit, "arxiv", None)
+        lines.append(f"{name}" + (f"  [arXiv {arxiv}]" if arxiv else ""))
+        lines += _wrapped(getattr(crit, "paper", "") or "", 4)
+        params = ", ".join(f"{k}={p.default!r}" for k, p in crit.params.items())
+        if params:
+            lines += _wrapped("params: " + params, 4)
+    print("\n".join(lines))
     return 0
 
 
@@ -149,6 +172,16 @@ def _load_model_config(spec: str) -> tuple[Any, int | None, str]:
     """``spec``: a known name or a path to a config.json -> (config or text numbers, visual tokens, description)."""
     from .errors import InputError
 
+    from .eval.profiler import KNOWN_GEOMETRIES
+
+    if spec not in KNOWN_MODELS and spec in KNOWN_GEOMETRIES:  # profile's random-weight geometries
+        geo = KNOWN_GEOMETRIES[spec]
+        vis = geo["vision"]
+        if geo["family"] == "qwen2_vl":  # the merged grid of the one image profile builds
+            n_visual = geo["grid"][0] * geo["grid"][1]
+        else:
+            n_visual = (vis["image_size"] // vis["patch_size"]) ** 2
+        return dict(geo["text"]), n_visual, geo["description"]
     if spec in KNOWN_MODELS:
         numbers, n_visual, desc = KNOWN_MODELS[spec]
         if numbers is None:  # tiny: the shipped model's config (no weights loaded)
@@ -160,7 +193,8 @@ def _load_model_config(spec: str) -> tuple[Any, int | None, str]:
             n_visual = _n_visual_from_config(numbers) or n_visual
         return numbers, n_visual, desc
     if not os.path.isfile(spec):
-        raise InputError("--model-config", f"{spec!r} is neither a known model ({', '.join(KNOWN_MODELS)}) nor a config.json file")
+        raise InputError("--model-config", f"{spec!r} is neither a known model ({', '.join(model_names())}) nor a "
+                         "config.json file")
     try:
         with open(spec, encoding="utf-8") as f:
             data = json.load(f)
@@ -180,13 +214,52 @@ def _load_model_config(spec: str) -> tuple[Any, int | None, str]:
     return cfg, n_visual, f"{spec} (model_type {data.get('model_type', '?')})"
 
 
+def model_names() -> list[str]:
+    """Every name ``explain`` / ``profile`` know: explain's geometries, then profile's."""
+    from .eval.profiler import KNOWN_GEOMETRIES
+
+    return list(dict.fromkeys([*KNOWN_MODELS, *KNOWN_GEOMETRIES]))
+
+
+def read_policy(spec: str) -> Any:
+    """A policy argument: a policy string, or the path of a YAML / JSON policy file (``Policy.parse`` reads both)."""
+    from . import Policy
+
+    return Policy.parse(spec)
+
+
+def _estimate_calibrated_heads(pol: Any, num_layers: int, num_heads: int) -> tuple[Any, list[str]]:
+    """``prune_heads`` stages with a calibration file and ``kept``: which heads is the model's, their number is not.
+
+    Returns the policy with those stages written out as ``round((1 - kept) * heads)`` pruned heads per layer
+    from ``keep_first`` on (heads 0.. of each layer: KV groups filled first, so k/v savings are optimistic), and
+    a note per estimated stage. Other calibrated stages are left for ``structural_flops`` to refuse.
+    """
+    from . import Policy
+
+    stages, notes = [], []
+    for i, st in enumerate(pol.stages):
+        p = dict(st.params)
+        if st.op == "prune_heads" and "calibration" in p and p.get("kept") is not None:
+            n_pruned = round((1 - p["kept"]) * num_heads)
+            first = p.get("keep_first", 0)
+            heads = ";".join(f"{j}/{h}" for j in range(first, num_layers) for h in range(n_pruned))
+            if heads:
+                stages.append(Policy.parse(f"prune_heads:heads={heads},scope={p.get('scope', 'visual')}").stages[0])
+            notes.append(f"stage {i}: heads from a calibration file: estimated as {n_pruned} of {num_heads} heads "
+                         f"pruned in layers {first}..{num_layers - 1} (kept={p['kept']:g}); patch() picks them")
+            continue
+        stages.append(st)
+    return (Policy(tuple(stages)), notes) if notes else (pol, [])
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
-    from . import CRITERIA, Policy
+    from . import CRITERIA
     from .errors import InputError
     from .eval.flops import FORMULA, TextGeometry, policy_flops
 
-    pol = Policy.parse(args.policy)
-    cfg, n_visual, desc = _load_model_config(args.model_config)
+    cfg, n_visual, desc = _load_model_config(args.model_config)  # a bad model name before a slow parse
+    requested = read_policy(args.policy)
     if args.n_visual is not None:
         n_visual = args.n_visual
     if n_visual is None:
@@ -194,18 +267,27 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if n_visual < 1 or args.n_text < 0:
         raise InputError("--n-visual/--n-text", f"need n_visual >= 1 and n_text >= 0, got {n_visual}, {args.n_text}")
     g = TextGeometry.of(cfg)
+    pol = requested.at_depth(g.num_hidden_layers)  # a preset's paper layers on this model (as patch() does)
+    counted, estimated = _estimate_calibrated_heads(pol, g.num_hidden_layers, g.num_attention_heads)
     structural = [st for st in pol.stages if st.criterion is None]
-    res = policy_flops(g, pol, args.n_text, n_visual)
+    res = policy_flops(g, counted, args.n_text, n_visual)
     if structural:  # layer skips, head pruning, FFN cuts...: what this implementation really computes
         from .eval.flops import structural_flops
 
-        res.update({k: v for k, v in structural_flops(g, pol, args.n_text, n_visual).items()
+        res.update({k: v for k, v in structural_flops(g, counted, args.n_text, n_visual).items()
                     if k in ("flops", "ratio", "nominal_flops", "nominal_ratio", "mask_only", "partial")})
     if args.json:
-        print(json.dumps({"policy": pol.to_dict(), "model": args.model_config, "n_text": args.n_text,
-                          "n_visual": n_visual, "formula": FORMULA, **res}, indent=2))
+        print(json.dumps({"policy": pol.to_dict(), "requested_policy": requested.to_dict(), "estimated": estimated,
+                          "model": args.model_config, "n_text": args.n_text, "n_visual": n_visual, "formula": FORMULA,
+                          **res}, indent=2))
         return 0
+    if requested != pol:
+        print(f"policy as written: {requested.to_string()}")
+        print(f"  (layers with depth=R are a paper's for an R-layer LLM: mapped to this model's "
+              f"{g.num_hidden_layers} layers by Policy.at_depth, as patch() does)")
     print(f"policy: {pol.to_string()}")
+    for note in estimated:
+        print(f"  estimate: {note}")
     for i, st in enumerate(pol.stages):
         if st.criterion is None:
             print(f"  stage {i}: {st.describe()}  (site {st.site}, op {st.op})")
@@ -272,23 +354,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .eval.synthetic import make_split
     from .eval.tiny_vlm import ASSET_DIR, load_tiny_vlm
 
-    pol = Policy.parse(args.policy)
-    if args.n < 1 or args.repeats < 1 or args.batch_size < 1:
-        raise InputError("--n/--repeats/--batch-size", f"must be >= 1, got {args.n}, {args.repeats}, {args.batch_size}")
+    pol = Policy.parse(args.policy)  # a policy string or a YAML / JSON file
+    if args.n < 1 or args.repeats < 0 or args.batch_size < 1:
+        raise InputError("--n/--repeats/--batch-size", f"need n >= 1, repeats >= 0 (0: no timing), batch size >= 1; "
+                         f"got {args.n}, {args.repeats}, {args.batch_size}")
     torch.set_num_threads(args.threads)
     model, processor = load_tiny_vlm()
-    patch(model, pol).unpatch()  # validate against the model before doing anything
+    h = patch(model, pol)  # validate against the model before doing anything
+    resolved = h.policy  # a preset's paper layers mapped to this model's depth (Policy.at_depth)
+    h.unpatch()
     examples = make_split("test", args.n)
     base = evaluate_policy(model, processor, examples, None, batch_size=args.batch_size)
     pruned = evaluate_policy(model, processor, examples, pol, batch_size=args.batch_size)
 
     # measured LM prefill of the first question, interleaved with the unpatched model
     inputs = profiler.to_device(profiler.tiny_inputs(processor, 1), model)
-    lm_inputs = profiler.encode_images(model, inputs)
-    t = profiler.interleaved(model, pol, {"prefill": lambda: model(**lm_inputs, logits_to_keep=1)},
-                             iters=args.repeats, warmup=1, device=model.device)
-    tb, tp = statistics.median(t["prefill"]["baseline"]), statistics.median(t["prefill"]["patched"])
-    scoring_s = statistics.median(t["stage_seconds"])
+    # vision-site policies time their LM prefill on their own tower's features (LMPrefillCall.prepare)
+    if args.repeats:
+        prefill = profiler.LMPrefillCall(model, inputs, profiler.encode_images(model, inputs))
+        t = profiler.interleaved(model, pol, {"prefill": prefill}, iters=args.repeats, warmup=1, device=model.device)
+        tb, tp = statistics.median(t["prefill"]["baseline"]), statistics.median(t["prefill"]["patched"])
+        scoring_s = statistics.median(t["stage_seconds"])
 
     tc, vc = model.config.text_config, model.config.vision_config
     n_params = sum(p.numel() for p in model.parameters())
@@ -296,7 +382,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"CLIP-style tower {vc.num_hidden_layers} x {vc.hidden_size} ({vc.image_size} px, patch {vc.patch_size} -> "
           f"{(vc.image_size // vc.patch_size) ** 2} visual tokens), Llama {tc.num_hidden_layers} x {tc.hidden_size}; "
           f"{args.threads} torch thread(s)")
-    print(f"policy: {pol.to_string()}")
+    if resolved != pol:
+        print(f"policy as written: {pol.to_string()}")
+    print(f"policy: {resolved.to_string()}" + ("  (layers mapped to this model's depth)" if resolved != pol else ""))
     print()
     print(f"{len(examples)} questions from the synthetic test split (greedy answers):")
     rows = [[str(i), e["qtype"], e["question"], e["answer"], b, p]
@@ -314,6 +402,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(f"theoretical prefill FLOPs ratio: {pruned['flops_ratio']:.3f} (eval/flops.py on each question's own "
           f"tokens per layer, summed over the {len(examples)} questions)")
+    if not args.repeats:
+        print("measured LM prefill latency: n/a (--repeats 0)")
+        return 0
     print(f"measured LM prefill latency (question 0, image features precomputed): baseline {1e3 * tb:.2f} ms, "
           f"pruned {1e3 * tp:.2f} ms (median of {args.repeats}, interleaved); ratio {tp / tb:.3f}")
     print(f"scoring + selection: {1e3 * scoring_s:.2f} ms ({100 * scoring_s / tb:.1f} % of the baseline prefill)")
@@ -474,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--policy", default="fastv:layer=2,keep=0.25")
     d.add_argument("--n", type=int, default=10, help="questions from the synthetic test split (default 10, types balanced)")
     d.add_argument("--batch-size", type=int, default=8)
-    d.add_argument("--repeats", type=int, default=7, help="timed prefills of each kind (default 7)")
+    d.add_argument("--repeats", type=int, default=7, help="timed prefills of each kind (default 7; 0: no timing, n/a)")
     d.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     d.set_defaults(func=cmd_demo)
 

@@ -47,6 +47,9 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
             "allowed: an Adapter subclass (its defaults declare every optional seam)")
     adapter.check(model)
     seams = adapter.seams(model)
+    # a preset's paper layers (Stage.depth: written for a reference depth) -> this model's layers; handle.policy
+    # holds the resolved policy (handle.requested_policy what was asked)
+    requested, pol = pol, pol.at_depth(seams.num_layers, seams.first_full_attention_layer + 1)
     if is_patched(seams.top):
         raise UnsupportedModelError("model", "is already patched; call unpatch() on the existing handle first")
     gen_cfg = getattr(model, "generation_config", None)
@@ -65,6 +68,7 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
         raise PolicyError("strict", f"must be True or False, got {strict!r}")
     handle = PatchHandle(model, pol, adapter, seams, target.criteria, backend)
     handle.strict = strict
+    handle.requested_policy = requested
     try:
         install_all(handle, plans)
     except BaseException:

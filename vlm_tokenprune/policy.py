@@ -22,11 +22,11 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .errors import PolicyError
+from .errors import IncompatiblePolicyError, PolicyError
 from .registry import CRITERIA, PRESETS
 from .structural.spec import STRUCTURAL_OPS, TOKEN_OPS, check_structural, params_to_dict, params_to_string
 
@@ -37,8 +37,13 @@ OPS = TOKEN_CRITERION_OPS + STRUCTURAL_OPS
 RESERVED_OPS: tuple[str, ...] = ()
 # pre-LLM stages: position ids of the reduced sequence (see README "Pre-LLM stages")
 POSITIONS = ("gaps", "repack")
-STAGE_KEYS = ("site", "layer", "op", "criterion", "keep", "tokens", "of")
+STAGE_KEYS = ("site", "layer", "op", "criterion", "keep", "tokens", "of", "rounding", "depth")
 BUDGET_REFERENCES = ("original", "current")
+# Policy.parse reads a one-line string without "=" ending in one of these as the path of a policy file
+POLICY_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+# how ``keep * n`` becomes a count (``Budget.rounding``): half_up (the library default) = floor(x + 0.5),
+# floor = int(x) (e.g. FEATHER's released code, ``int(V * (1 - R))``), ceil; every mode keeps at least 1
+ROUNDINGS = ("half_up", "floor", "ceil")
 
 
 @dataclass(frozen=True)
@@ -47,13 +52,15 @@ class Budget:
 
     ``keep`` is a fraction of the row's visual-token count: the ORIGINAL count by default
     (``of="original"``), or the count entering this stage (``of="current"``, e.g. FEATHER's
-    second stage); the kept count is ``max(1, floor(keep * n + 0.5))``. ``tokens`` is an
-    absolute count per row.
+    second stage); the kept count is ``max(1, floor(keep * n + 0.5))`` (``rounding="half_up"``,
+    the default), ``max(1, floor(keep * n))`` (``"floor"``: what e.g. FEATHER's released code
+    does) or ``max(1, ceil(keep * n))`` (``"ceil"``). ``tokens`` is an absolute count per row.
     """
 
     keep: float | None = None
     tokens: int | None = None
     of: str = "original"
+    rounding: str = "half_up"
 
     def __post_init__(self) -> None:
         check_budget(self.keep, self.tokens, "budget")
@@ -61,6 +68,10 @@ class Budget:
             raise PolicyError("budget.of", f"must be one of {', '.join(BUDGET_REFERENCES)}, got {self.of!r}")
         if self.of != "original" and self.keep is None:
             raise PolicyError("budget.of", "only applies to keep (a fraction), not to tokens")
+        if self.rounding not in ROUNDINGS:
+            raise PolicyError("budget.rounding", f"must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        if self.rounding != "half_up" and self.keep is None:
+            raise PolicyError("budget.rounding", "only applies to keep (a fraction), not to tokens")
 
     def count(self, n_original: int, n_current: int | None = None) -> int:
         """Visual tokens a row keeps, given its original and (for ``of="current"``) current counts."""
@@ -69,12 +80,26 @@ class Budget:
             return 0
         if self.tokens is not None:
             return self.tokens
-        return max(1, math.floor(self.keep * n + 0.5))
+        x = self.keep * n
+        k = math.floor(x) if self.rounding == "floor" else math.ceil(x) if self.rounding == "ceil" else math.floor(x + 0.5)
+        return max(1, k)
 
     def to_dict(self) -> dict:
         if self.keep is None:
             return {"tokens": self.tokens}
-        return {"keep": self.keep} if self.of == "original" else {"keep": self.keep, "of": self.of}
+        out = {"keep": self.keep}
+        if self.of != "original":
+            out["of"] = self.of
+        if self.rounding != "half_up":
+            out["rounding"] = self.rounding
+        return out
+
+    def describe(self) -> str:
+        """``keep=0.3[,of=current][,rounding=floor]`` or ``tokens=64``: the string form's budget keys."""
+        if self.keep is None:
+            return f"tokens={self.tokens}"
+        return "".join([f"keep={self.keep}", "" if self.of == "original" else f",of={self.of}",
+                        "" if self.rounding == "half_up" else f",rounding={self.rounding}"])
 
 
 def check_budget(keep: Any, tokens: Any, where: str) -> None:
@@ -101,6 +126,10 @@ class Stage:
     language model's input, where the tower's dropped / fused tokens leave the sequence. Structural ops (``op`` in
     ``structural.spec.STRUCTURAL_OPS``) have ``criterion=None`` and ``budget=None``; their
     layers live in ``params`` (``layer`` is set only for ``visual_drop``).
+
+    ``depth`` (LLM-site ``layer`` only): the decoder depth ``layer`` was written for (a paper's
+    reference model, e.g. 32 for LLaVA-1.5-7B); ``patch()`` maps it to the model's depth with
+    ``Policy.at_depth`` (see there). ``None`` (what an explicit ``layer=`` gives): an absolute layer.
     """
 
     criterion: str | None
@@ -109,16 +138,18 @@ class Stage:
     params: Mapping[str, Any] = field(default_factory=dict)
     site: str = "llm"
     op: str = "prune"
+    depth: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
     def __hash__(self) -> int:
-        return hash((self.criterion, self.layer, self.budget, tuple(sorted(self.params.items())), self.site, self.op))
+        return hash((self.criterion, self.layer, self.budget, tuple(sorted(self.params.items())), self.site, self.op,
+                     self.depth))
 
     def __reduce__(self):
         # ``params`` is a read-only mappingproxy, which pickle / copy.deepcopy / torch.save cannot copy
-        return (type(self), (self.criterion, self.layer, self.budget, dict(self.params), self.site, self.op))
+        return (type(self), (self.criterion, self.layer, self.budget, dict(self.params), self.site, self.op, self.depth))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Stage) and self.to_dict() == other.to_dict()
@@ -137,8 +168,10 @@ class Stage:
             out = {"site": self.site, "op": self.op, "params": params_to_dict(self.op, self.params)}
             if self.layer is not None:
                 out["layer"] = self.layer
+            if self.depth is not None:
+                out["depth"] = self.depth
             return out
-        return {
+        out = {
             "site": self.site,
             "layer": self.layer,
             "op": self.op,
@@ -146,16 +179,20 @@ class Stage:
             "budget": self.budget.to_dict(),
             "params": dict(self.params),
         }
+        if self.depth is not None:
+            out["depth"] = self.depth
+        return out
 
     def describe(self) -> str:
         if self.structural:
             head = [f"layer={self.layer}"] if self.layer is not None else []
+            head += [f"depth={self.depth}"] if self.depth is not None else []
             rest = params_to_string(self.op, self.params)
             return f"{self.op}:{','.join(head + ([rest] if rest else []))}" if head or rest else self.op
-        b = f"keep={self.budget.keep}" if self.budget.keep is not None else f"tokens={self.budget.tokens}"
-        b += "" if self.budget.of == "original" else f",of={self.budget.of}"
+        b = self.budget.describe()
         extra = "".join(f",{k}={v}" for k, v in sorted(self.params.items()))
         where = "site=pre_llm" if self.site == "pre_llm" else f"layer={self.layer}"  # op follows from the criterion
+        where += "" if self.depth is None else f",depth={self.depth}"
         if self.site == "vision":
             where = "site=vision" + ("" if self.layer is None else f",layer={self.layer}")
         return f"{self.criterion}:{where},{b}{extra}"
@@ -215,9 +252,14 @@ class Policy:
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def parse(cls, spec: "str | Mapping | Policy") -> "Policy":
+    def parse(cls, spec: "str | Mapping | Policy | os.PathLike") -> "Policy":
+        """A policy string, a dict, a ``Policy``, or the path of a YAML / JSON policy file (``.yaml``, ``.yml``,
+        ``.json``)."""
         if isinstance(spec, Policy):
             return spec
+        if isinstance(spec, os.PathLike) or (isinstance(spec, str) and "\n" not in spec and "=" not in spec
+                                             and spec.strip().lower().endswith(POLICY_FILE_SUFFIXES)):
+            return cls.from_file(os.fspath(spec).strip())  # a policy file: YAML or JSON by its suffix
         if isinstance(spec, str):
             return cls.from_string(spec)
         if isinstance(spec, Mapping):
@@ -269,7 +311,7 @@ class Policy:
                 continue
             budget = st.pop("budget", None)
             if budget is not None:
-                if not isinstance(budget, Mapping) or set(budget) - {"keep", "tokens", "of"}:
+                if not isinstance(budget, Mapping) or set(budget) - {"keep", "tokens", "of", "rounding"}:
                     raise PolicyError(f"{where}.budget", f"must be {{'keep': x[, 'of': 'original'|'current']}} or {{'tokens': n}}, got {budget!r}")
                 st.update(budget)
             params = st.pop("params", {}) or {}
@@ -326,7 +368,7 @@ class Policy:
 
     @classmethod
     def from_file(cls, path: str) -> "Policy":
-        if str(path).endswith((".yaml", ".yml")):
+        if str(path).lower().endswith((".yaml", ".yml")):
             return cls.from_yaml(path)
         return cls.from_json(path)
 
@@ -355,8 +397,51 @@ class Policy:
     def structural_stages(self) -> tuple[Stage, ...]:
         return tuple(s for s in self.stages if s.structural)
 
+    @property
+    def depth_relative(self) -> bool:
+        """True when some stage's layer is written for a reference depth (``Stage.depth``): see ``at_depth``."""
+        return any(s.depth is not None for s in self.stages)
+
+    def at_depth(self, num_layers: int, first_layer: int = 1) -> "Policy":
+        """This policy for a model with ``num_layers`` decoder layers (``patch()`` calls it; so do ``explain``
+        and the FLOPs model).
+
+        Rule (a stage with ``depth`` R, i.e. a preset's paper layer for an R-layer model): its layer becomes
+        ``min(num_layers - 1, max(first_layer, floor(layer * num_layers / R + 0.5)))`` and its ``depth`` goes,
+        so at ``num_layers == R`` nothing changes (the paper's layers). ``first_layer``: the first layer a
+        token stage may act at (1, or one past the model's first full-attention layer). Stages without a
+        ``depth`` (an explicit ``layer=``) keep their layer. Token stages (prune, visual_drop) that land on a
+        layer at or below an earlier token stage's collapse into one stage there: the later stage wins (its
+        criterion, its budget; an ``of=current`` budget is composed with the earlier one's, e.g. FEATHER 0.3
+        then 0.09 of what is left -> 0.027 of the original), so layers stay strictly increasing.
+        """
+        if not self.depth_relative:
+            return self
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 2:
+            raise PolicyError("num_layers", f"must be an integer >= 2 (decoder layers), got {num_layers!r}")
+        out: list[Stage] = []
+        for st in self.stages:
+            if st.depth is not None:
+                mapped = math.floor(st.layer * num_layers / st.depth + 0.5)
+                st = replace(st, layer=min(num_layers - 1, max(first_layer, mapped)), depth=None)
+            prev = next((j for j in range(len(out) - 1, -1, -1) if out[j].changes_tokens), None)
+            if st.changes_tokens and prev is not None and st.layer <= out[prev].layer:
+                a = out.pop(prev)
+                st = replace(st, layer=a.layer, budget=_composed_budget(a.budget, st.budget))
+            out.append(st)
+        return Policy(tuple(out))
+
 
 # -- helpers -----------------------------------------------------------------------------------
+def _composed_budget(a: Budget | None, b: Budget | None) -> Budget | None:
+    """Budget of stage ``b`` replacing the earlier stage ``a`` (``Policy.at_depth``'s collapse)."""
+    if a is None or b is None or b.of == "original":
+        return b
+    if a.tokens is not None:  # b keeps a fraction of a's count
+        return Budget(tokens=b.count(a.tokens, a.tokens))
+    return Budget(keep=a.keep * b.keep, of=a.of, rounding=b.rounding)
+
+
 def _check_budgets_shrink(a: Stage, b: Stage, i: int) -> None:
     """Stage ``b`` (index ``i``) runs after token stage ``a``: its budget cannot exceed ``a``'s."""
     if a.budget is None or b.budget is None:
@@ -463,13 +548,14 @@ def _build_structural(fields: dict, where: str) -> Stage:
             raise PolicyError(f"{where}.{bad}", f"a structural op ({op}) takes no criterion or budget")
         fields.pop(bad, None)
     layer = fields.pop("layer", None)
+    depth = fields.pop("depth", None)
     if op == "visual_drop":
         if layer is None:
             raise PolicyError(f"{where}.layer", "is required for visual_drop (the first decoder layer without visual tokens, >= 1)")
     elif layer is not None:
         raise PolicyError(f"{where}.layer", f"{op} takes its layers in 'layers' (a list joined with ';'), not 'layer'")
     params = check_structural(op, fields, where)
-    return Stage(criterion=None, layer=layer, budget=None, params=params, site=site, op=op)
+    return Stage(criterion=None, layer=layer, budget=None, params=params, site=site, op=op, depth=depth)
 
 
 def _build_stage(fields: dict, where: str) -> Stage:
@@ -491,17 +577,21 @@ def _build_stage(fields: dict, where: str) -> Stage:
         raise PolicyError(f"{where}.layer", "is required for an LLM stage (decoder layer index >= 1)")
     else:
         layer = fields.pop("layer")
+    depth = fields.pop("depth", None)
     keep, tokens = fields.pop("keep", None), fields.pop("tokens", None)
     of = fields.pop("of", "original")
+    rounding = fields.pop("rounding", "half_up")
     if isinstance(keep, int) and not isinstance(keep, bool):
         keep = float(keep)
     check_budget(keep, tokens, where)
-    if of not in BUDGET_REFERENCES:
-        raise PolicyError(f"{where}.of", f"must be one of {', '.join(BUDGET_REFERENCES)}, got {of!r}")
-    if of != "original" and keep is None:
-        raise PolicyError(f"{where}.of", "only applies to keep (a fraction), not to tokens")
+    for key, value, allowed in (("of", of, BUDGET_REFERENCES), ("rounding", rounding, ROUNDINGS)):
+        if value not in allowed:
+            raise PolicyError(f"{where}.{key}", f"must be one of {', '.join(allowed)}, got {value!r}")
+        if value != allowed[0] and keep is None:
+            raise PolicyError(f"{where}.{key}", "only applies to keep (a fraction), not to tokens")
     params = _criterion_params(crit, fields, site, where)
-    return Stage(criterion=name, layer=layer, budget=Budget(keep, tokens, of), params=params, site=site, op=op)
+    return Stage(criterion=name, layer=layer, budget=Budget(keep, tokens, of, rounding), params=params, site=site,
+                 op=op, depth=depth)
 
 
 def _criterion_params(crit: Any, given: Mapping[str, Any], site: str, where: str) -> dict:
@@ -513,6 +603,20 @@ def _criterion_params(crit: Any, given: Mapping[str, Any], site: str, where: str
     if positions not in POSITIONS:
         raise PolicyError(f"{where}.positions", f"must be one of {', '.join(POSITIONS)}, got {positions!r}")
     return {**crit.check_params(given, where), "positions": positions}
+
+
+def _check_depth_field(st: Stage, where: str) -> None:
+    """``depth``: the decoder depth an LLM-site ``layer`` was written for (an integer > ``layer``)."""
+    if st.depth is None:
+        return
+    if st.site != "llm" or st.layer is None:
+        raise PolicyError(f"{where}.depth", "only applies to an LLM-site stage with a layer (the decoder depth that "
+                          "layer was written for)")
+    if isinstance(st.depth, bool) or not isinstance(st.depth, int) or st.depth < 2:
+        raise PolicyError(f"{where}.depth", f"must be an integer >= 2 (a decoder depth), got {st.depth!r}")
+    if isinstance(st.layer, int) and not isinstance(st.layer, bool) and st.layer >= st.depth:
+        raise PolicyError(f"{where}.layer", f"{st.layer} is beyond the reference depth {st.depth}; allowed: "
+                          f"1..{st.depth - 1}")
 
 
 def _check_stage(st: Stage, where: str) -> None:
@@ -530,6 +634,7 @@ def _check_stage(st: Stage, where: str) -> None:
         if st.op != "visual_drop" and st.layer is not None:
             raise PolicyError(f"{where}.layer", f"{st.op} takes its layers in params['layers'], not layer")
         check_structural(st.op, dict(st.params), where)
+        _check_depth_field(st, where)
         return
     crit = CRITERIA.get(st.criterion, f"{where}.criterion")
     if st.site not in crit.sites:
@@ -548,6 +653,7 @@ def _check_stage(st: Stage, where: str) -> None:
     elif isinstance(st.layer, bool) or not isinstance(st.layer, int) or st.layer < 1:
         raise PolicyError(f"{where}.layer", f"must be an integer >= 1 (layer 0 cannot be pruned), got {st.layer!r}")
     _criterion_params(crit, st.params, st.site, where)
+    _check_depth_field(st, where)
 
 
 def expand_preset(name: str, overrides: Mapping[str, Any], where: str) -> list[Stage]:
@@ -568,26 +674,77 @@ class Preset:
     def expand(self, overrides: dict, where: str) -> list[Stage]:
         if len(self.stages) == 1:
             base = dict(self.stages[0])
-            if overrides.get("site") == "pre_llm":  # a pre_llm stage has no layer (an LLM preset's layer goes)
+            if overrides.get("site") in ("pre_llm", "vision"):  # no decoder layer there (an LLM preset's layer goes)
                 base.pop("layer", None)
+                base.pop("depth", None)
+            if "layer" in overrides:  # an explicit layer is absolute (unless a depth is given with it)
+                base.pop("depth", None)
             if "tokens" in overrides or "keep" in overrides:  # a budget override replaces the preset's budget
                 base.pop("keep", None)
                 base.pop("tokens", None)
                 base.pop("of", None)
+                if "tokens" in overrides:
+                    base.pop("rounding", None)
             return [_build_stage({**base, **overrides}, where)]
-        if "layer" in overrides and {st.get("criterion") for st in self.stages} == {self.name}:
+        layers = ", ".join(str(st.get("layer")) for st in self.stages if st.get("layer") is not None)
+        own = {st.get("criterion") for st in self.stages}
+        if "layer" in overrides and own == {self.name}:
             # a multi-stage preset named after its criterion, given a layer: one stage of that criterion
             # written out (what Stage.describe() prints, so to_string() round-trips), e.g. "aim:layer=2,keep=0.5"
+            if "keep" not in overrides and "tokens" not in overrides:
+                raise PolicyError(
+                    f"{where}.keep",
+                    f"preset {self.name!r} has {len(self.stages)} stages (layers {layers}); with layer= it becomes ONE "
+                    f"{self.name} stage, which needs its budget: give keep= or tokens= too (e.g. "
+                    f"{self.name}:layer={overrides['layer']},keep=0.25); to move every stage, write them out "
+                    f"(`vlm-tokenprune methods` prints them)",
+                )
             return [_build_stage({"criterion": self.stages[0]["criterion"], **overrides}, where)]
-        fixed = {"layer", "keep", "tokens", "of", "site", "op", "criterion"}
-        bad = fixed & set(overrides)
+        allowed = self.overridable()
+        bad = sorted(set(overrides) - set(allowed))
         if bad:
+            fixed = bad[0] in STAGE_KEYS
             raise PolicyError(
-                f"{where}.{sorted(bad)[0]}",
-                f"preset {self.name!r} has {len(self.stages)} stages; only criterion parameters can be overridden "
-                "(write the stages out to change layers or budgets)",
+                f"{where}.{bad[0]}",
+                f"preset {self.name!r} has {len(self.stages)} stages{f' (layers {layers})' if layers else ''}; "
+                + (f"its {bad[0]} cannot be overridden as a whole" if fixed else f"{bad[0]!r} is no parameter of it")
+                + f"; allowed: {', '.join(allowed) or '(nothing)'}"
+                + (f", or layer= with keep= / tokens= for one {self.name} stage" if own == {self.name} else "")
+                + "; to change layers or budgets write the stages out (`vlm-tokenprune methods` prints them)",
             )
-        return [_build_stage({**st, **overrides}, f"{where}[{j}]") for j, st in enumerate(self.stages)]
+        out = []
+        for j, st in enumerate(self.stages):
+            fields = {**st, **overrides}
+            if "rounding" in overrides and fields.get("keep") is None:
+                fields.pop("rounding")  # rounding applies to the stages with a fraction
+            try:
+                out.append(_build_stage(fields, f"{where}[{j}]"))
+            except PolicyError as e:  # a bad override: named by the key the user wrote (aim:tau= -> stages[0].tau)
+                key = e.field.rsplit(".", 1)[-1]
+                if key not in overrides:
+                    raise
+                raise at_key(e, f"{where}.{key}") from None
+        return out
+
+    def overridable(self) -> list[str]:
+        """Keys a multi-stage preset takes as a whole: its criteria's parameters and ``rounding``."""
+        keys: set[str] = set()
+        for st in self.stages:
+            if st.get("criterion") in CRITERIA:
+                crit = CRITERIA.get(st["criterion"])
+                keys |= set(crit.params)
+                if st.get("site") in ("pre_llm", "vision"):
+                    keys.add("positions")
+        if any("keep" in st for st in self.stages):
+            keys.add("rounding")
+        return sorted(keys)
+
+
+def at_key(e: PolicyError, field: str) -> PolicyError:
+    """``e`` re-addressed to ``field`` (a preset's user-facing key instead of an internal stage field)."""
+    message = str(e)[len(e.field) + 2:] if str(e).startswith(f"{e.field}: ") else str(e)
+    cls = type(e) if type(e) in (PolicyError, IncompatiblePolicyError) else PolicyError
+    return cls(field, message)
 
 
 def register_preset(name: str, stages: list[dict], description: str = "", arxiv: str | None = None) -> Preset:

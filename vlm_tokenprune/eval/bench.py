@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import torch
 
 from ..compat import attn_implementation
-from ..errors import PolicyError
+from ..errors import IncompatiblePolicyError, PolicyError
 from ..policy import Budget, Policy
 from ..state import StageTrace, Trace
 
@@ -57,7 +57,7 @@ def with_budget(policy: Any, keep: float) -> Policy:
         raise PolicyError("budgets", f"{pol.to_string()!r} has no token budget to set")
     if len(budgeted) == 1:
         i = budgeted[0]
-        return Policy(tuple(replace(st, budget=Budget(keep=float(keep))) if j == i else st for j, st in enumerate(pol.stages)))
+        return Policy(tuple(replace(st, budget=Budget(keep=float(keep), rounding=st.budget.rounding if st.budget.keep is not None else "half_up")) if j == i else st for j, st in enumerate(pol.stages)))
     first = pol.stages[budgeted[0]].budget
     if first.keep is None or first.of != "original":
         raise PolicyError("budgets", f"the first stage of {pol.to_string()!r} has no keep-of-original budget to scale; "
@@ -67,7 +67,7 @@ def with_budget(policy: Any, keep: float) -> Policy:
     for st in pol.stages:
         b = st.budget
         if b is not None and b.keep is not None and b.of == "original":
-            st = replace(st, budget=Budget(keep=min(1.0, b.keep * factor)))
+            st = replace(st, budget=Budget(keep=min(1.0, b.keep * factor), rounding=b.rounding))
         stages.append(st)
     return Policy(tuple(stages))
 
@@ -176,6 +176,7 @@ def evaluate_policy(model, processor, examples: Sequence[dict], policy: Any = No
 
     pol = Policy.parse(policy) if policy is not None else None
     handle = patch(model, pol, backend=backend) if pol is not None else None
+    pol = handle.policy if handle is not None else None  # resolved for this model (a preset's paper layers mapped)
     rec = PrefillRecorder(model, handle)
     preds: list[str] = []
     try:
@@ -276,18 +277,30 @@ def run_bench(policies: Sequence[Any], budgets: Sequence[float] | None = None, *
                 raise InputError("--budgets", f"{b!r}; each budget is a keep fraction in (0, 1]")
     if labels is not None and len(labels) != len(policies):
         raise InputError("labels", f"{len(labels)} labels for {len(policies)} policies")
+    parsed = parse_all(policies, "--policy")  # every bad policy reported at once, before any model is built
     if model is None:
         model, processor = load_tiny_vlm(path=model_path)
     examples = list(examples) if examples is not None else make_split("test", n)
 
-    # every run, validated against the model before anything long starts
+    # every run, validated against the model before anything long starts; one that does not fit this model
+    # (or this budget) is reported in "skipped" and the others run
     runs: list[dict] = [{"label": "baseline", "policy_spec": None, "budget": None, "policy": None}]
-    for i, spec in enumerate(policies):
+    skipped: list[dict] = []
+    for i, (spec, parsed_pol) in enumerate(zip(policies, parsed)):
         label = labels[i] if labels is not None else _label(spec)
         for b in (budgets if budgets else [None]):
-            pol = with_budget(spec, b) if b is not None else Policy.parse(spec)
-            patch(model, pol, backend=backend).unpatch()
+            try:
+                pol = with_budget(spec, b) if b is not None else parsed_pol
+                h = patch(model, pol, backend=backend)
+                pol = h.policy  # resolved for this model (Policy.at_depth)
+                h.unpatch()
+            except PolicyError as e:
+                skipped.append({"label": label, "budget": b, "error": str(e)})
+                print(f"skipped {label}{f' keep={b}' if b is not None else ''}: {e}", file=sys.stderr)
+                continue
             runs.append({"label": label, "policy_spec": _label(spec), "budget": b, "policy": pol})
+    if len(runs) == 1:
+        raise IncompatiblePolicyError("--policy", "no policy fits this model: " + "; ".join(s["error"] for s in skipped))
 
     # the batch whose LM prefill is timed (the first one), image features precomputed once
     first = examples[:batch_size]
@@ -304,7 +317,8 @@ def run_bench(policies: Sequence[Any], budgets: Sequence[float] | None = None, *
             bar.set_description(run["label"] + (f" keep={run['budget']}" if run["budget"] is not None else ""))
             pol = run["policy"]
             ev = evaluate_policy(model, processor, examples, pol, batch_size=batch_size, backend=backend, progress=bar)
-            timing = {"measured_ratio": 1.0, "iters": 0}
+            # the baseline is 1 by definition; a policy not timed (timing_iters=0) is n/a, not "as fast as the baseline"
+            timing = {"measured_ratio": 1.0 if pol is None else None, "iters": 0}
             if pol is not None and timing_iters > 0:
                 t = profiler.interleaved(model, pol, {"prefill": prefill}, iters=timing_iters, warmup=1,
                                          device=model.device, backend=backend)
@@ -342,6 +356,7 @@ def run_bench(policies: Sequence[Any], budgets: Sequence[float] | None = None, *
                    "iters": timing_iters, "protocol": "interleaved with the baseline, order alternating, medians"},
         "flops_formula": FORMULA,
         "runs": results,
+        "skipped": skipped,
     }
     if out is not None:
         write_outputs(result, out)
@@ -363,10 +378,31 @@ def markdown_table(result: dict) -> str:
         keep = "-" if r["budget"] is None else f"{r['budget']:g}"
         lines.append("| " + " | ".join([
             f"`{r['label']}`" if r["policy"] is not None else "baseline", keep, _fmt_tokens(r["tokens_per_layer"]),
-            f"{r['flops']['ratio']:.3f}", f"{r['prefill']['measured_ratio']:.3f}", f"{acc['all']:.3f}",
+            f"{r['flops']['ratio']:.3f}", _ratio(r["prefill"]["measured_ratio"]), f"{acc['all']:.3f}",
             *[f"{acc[q]:.3f}" for q in qtypes],
         ]) + " |")
+    for s in result.get("skipped", []):
+        keep = "" if s["budget"] is None else f" keep={s['budget']:g}"
+        lines.append(f"\nskipped `{s['label']}`{keep}: {s['error']}")
     return "\n".join(lines)
+
+
+def _ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def parse_all(policies: Sequence[Any], field: str) -> list[Policy]:
+    """Every policy parsed; the bad ones reported together (one ``PolicyError`` naming each), before any model."""
+    out, bad = [], []
+    for i, spec in enumerate(policies):
+        try:
+            out.append(Policy.parse(spec))
+        except PolicyError as e:
+            bad.append(f"policy {i + 1} ({spec!r}): {e}" if isinstance(spec, str) else f"policy {i + 1}: {e}")
+    if bad:
+        raise PolicyError(field, f"{len(bad)} of {len(policies)} policies are malformed (nothing was run): "
+                          + "; ".join(bad))
+    return out
 
 
 def plot(result: dict, path: "str | os.PathLike") -> bool:

@@ -188,6 +188,7 @@ def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
     if n_text < 0 or n_visual < 0:
         raise InputError("n_text/n_visual", f"must be >= 0, got {n_text}, {n_visual}")
     L = g.num_hidden_layers
+    pol = pol.at_depth(L) if L >= 2 else pol  # a preset's paper layers on this depth (as patch() does)
     visual = [n_visual] * L
     scoring: list[float | None] = []
     lower: list[int] = []
@@ -264,7 +265,7 @@ def trace_flops(text_config: Any, trace: Any, logits_tokens: int = 1, policy: An
     tokens = list(trace.tokens_per_layer)
     if not tokens:
         raise InputError("trace.tokens_per_layer", "is empty")
-    stages = Policy.parse(policy).stages if policy is not None else None
+    stages = Policy.parse(policy).at_depth(max(2, len(tokens))).stages if policy is not None else None
     scoring = []
     for i, s in enumerate(trace.stages):
         noop = s.tokens_before == s.tokens_after and list(s.visual_before) == list(s.visual_after)
@@ -379,6 +380,7 @@ def structural_flops(model_config: Any, policy: Any, n_text: int, n_visual: int,
         plan = static_plan(pol, g.num_hidden_layers, g.num_attention_heads, g.intermediate_size)
     if plan is None:
         plan = StructuralPlan(g.num_hidden_layers, g.num_attention_heads)
+    pol = pol.at_depth(g.num_hidden_layers) if g.num_hidden_layers >= 2 else pol  # paper layers on this depth
     totals = {False: 0.0, True: 0.0}
     for j, n in enumerate(tokens):
         v = n - int(n_text)

@@ -680,7 +680,9 @@ def profile(model: "str | Any" = "tiny", policies: Sequence[Any] = ("fastv:layer
         raise InputError("--iters", f"need iters >= 1 and warmup >= 0, got {iters}, {warmup}")
     if not policies:
         raise InputError("--policy", "give at least one policy")
-    pols = [Policy.parse(p) for p in policies]
+    from .bench import parse_all
+
+    pols = parse_all(policies, "--policy")  # every bad policy reported at once, before any model is built
     device = resolve_device(device)
     if isinstance(model, str):
         spec = model
@@ -693,8 +695,20 @@ def profile(model: "str | Any" = "tiny", policies: Sequence[Any] = ("fastv:layer
         spec, desc = type(model).__name__, type(model).__name__
         inputs = to_device(inputs, model)
     device = model.device
-    for p in pols:  # validate every policy against the model before timing anything
-        patch(model, p, backend=backend).unpatch()
+    from ..errors import IncompatiblePolicyError, PolicyError
+
+    fitting, skipped = [], []
+    for p in pols:  # validate every policy against the model before timing anything; one that does not fit is
+        try:        # reported (report["skipped"]) and the others run
+            h = patch(model, p, backend=backend)
+        except PolicyError as e:
+            skipped.append({"policy": p.to_string(), "error": str(e)})
+            continue
+        fitting.append(h.policy)  # resolved for this model (a preset's paper layers mapped: Policy.at_depth)
+        h.unpatch()
+    if not fitting:
+        raise IncompatiblePolicyError("--policy", "no policy fits this model: " + "; ".join(s["error"] for s in skipped))
+    pols = fitting
 
     lm_inputs = encode_images(model, inputs)
     ids = inputs["input_ids"]
@@ -845,3 +859,5 @@ def format_parts(report: dict) -> list[str]:
             fmt(["-" * w for w in widths]), *map(fmt, rows),
             "vision = vision tower + projector; llm = language model (pre-LLM reduction included); "
             "other = embedding, feature scatter, patch bookkeeping, LM head"]
+        "skipped": skipped,  # policies that do not fit this model: {"policy", "error"}
+    lines += [f"skipped (does not fit this model): {s['policy']}: {s['error']}" for s in report.get("skipped", [])]

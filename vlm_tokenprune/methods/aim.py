@@ -184,7 +184,7 @@ def aim_schedule(l1: int, l2: int, num_layers: int, **params) -> Policy:
 
 
 register_preset(
-    "aim", aim_stages(13, 21, 32),
+    "aim", [dict(st, depth=32) for st in aim_stages(13, 21, 32)],  # mapped to the model's depth by patch()
     "PageRank importance over attention logits (tau=0.1, 5 iterations, RMS over heads), linear schedule: "
     "all visual tokens up to layer 13, 1 per row from layer 21 (Vicuna-7B, 32 layers)",
     "2412.03248",

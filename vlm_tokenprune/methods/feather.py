@@ -24,11 +24,15 @@ Criterion parameters (for the paper's ablations):
 
 Choices, beyond the official code (batch 1, one square image):
 
-* Budget rounding: the official code keeps ``int(V * (1-R))`` (floor); here the kept count
-  follows the library-wide budget rule ``max(1, floor(keep * n + 0.5))`` (round half up),
-  so a budget means the same for every method and float representation cannot cost a
-  token (``int(100 * 0.29) == 28``). The two differ by at most one token (V = 576,
-  R = 0.7: 173 here, 172 officially); pass ``tokens=`` to pin an exact count.
+* Budget rounding: the official code keeps ``int(V * (1-R))`` and ``int(N1 * (1-R)**2)``
+  (floor); the preset does the same (``rounding=floor``: ``floor(0.3 * n)`` equals
+  ``int(n * (1 - 0.7))`` for every n below 5,000, checked in tests/test_presets_depth.py),
+  V = 576: 172 tokens. A stage written out without ``rounding=`` follows the library-wide
+  rule ``max(1, floor(keep * n + 0.5))`` (round half up: 173); ``feather:rounding=half_up``
+  gives that for the preset.
+* Layers: 8 and 16 are the paper's for a 32-layer LLM (``depth=32``); on another depth
+  ``patch()`` maps them (``Policy.at_depth``: 40 layers -> 10 / 20, 28 -> 7 / 14, the
+  shipped 4-layer tiny VLM -> 1 / 2).
 * The grid is laid, per patch grid, over the rows and columns present in that grid:
   each LLaVA-1.5 image; for LLaVA-NeXT the base grid and the unpadded anyres grid of each
   image (``ctx.segment``), anchored at the smallest row and column present in that grid (for
@@ -117,8 +121,8 @@ class FeatherCriterion(Criterion):
 register_preset(
     "feather",
     [
-        {"criterion": "feather", "layer": 8, "keep": 0.3, "stride": 3},
-        {"criterion": "feather", "layer": 16, "keep": 0.09, "of": "current", "stride": 0},
+        {"criterion": "feather", "layer": 8, "depth": 32, "keep": 0.3, "rounding": "floor", "stride": 3},
+        {"criterion": "feather", "layer": 16, "depth": 32, "keep": 0.09, "of": "current", "rounding": "floor", "stride": 0},
     ],
     "no-RoPE last-token attention over the visual keys; layer 8: top 30% + stride-3 grid, "
     "layer 16: top 9% of what is left (R=0.7)",

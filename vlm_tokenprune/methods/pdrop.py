@@ -18,11 +18,13 @@ Mapping, as differences from the official code (``Cooperx521/PyramidDrop``,
   from layer 7's projections on layer 7's input (``stage.layer - 1``).
 * Kept tokens keep their original position ids (gaps, as in FastV); the official code
   re-packs positions contiguously after each drop.
-* Kept counts use the library's budget rule (``floor(keep * n + 0.5)``); the official code
-  floors. For 576 tokens and ratios 0.5 / 0.25 / 0.125 both give 288 / 144 / 72.
+* Kept counts floor ``keep * n`` as the official code does (``rounding=floor``; the library's
+  default rule, round half up, differs by one token at some counts: 36 x 0.125 = 4.5 -> 4 here).
+  For 576 tokens and ratios 0.5 / 0.25 / 0.125 both give 288 / 144 / 72.
 
-The preset needs a model with at least 25 decoder layers (``patch()`` refuses layers beyond
-the model); on smaller models write the stages out, e.g.
+Layers 8 / 16 / 24 are the paper's for LLaVA-1.5-7B's 32 layers (``depth=32``); on another depth
+``patch()`` maps them (``Policy.at_depth``: 40 layers -> 10 / 20 / 30, 28 -> 7 / 14 / 21, 4 -> 1 / 2 / 3).
+Stages written out with ``layer=`` are absolute, e.g.
 ``"fastv:layer=1,keep=0.5+fastv:layer=2,keep=0.25+fastv:layer=3,keep=0.125"``.
 """
 from __future__ import annotations
@@ -33,9 +35,10 @@ from . import fastv  # noqa: F401  (the criterion this schedule uses)
 register_preset(
     "pdrop",
     [
-        {"criterion": "fastv", "layer": 8, "keep": 0.5},
-        {"criterion": "fastv", "layer": 16, "keep": 0.25},
-        {"criterion": "fastv", "layer": 24, "keep": 0.125},
+        # the paper's LLaVA-1.5-7B (32 layers); patch() maps them to the model's depth (Policy.at_depth)
+        {"criterion": "fastv", "layer": 8, "depth": 32, "keep": 0.5, "rounding": "floor"},
+        {"criterion": "fastv", "layer": 16, "depth": 32, "keep": 0.25, "rounding": "floor"},
+        {"criterion": "fastv", "layer": 24, "depth": 32, "keep": 0.125, "rounding": "floor"},
     ],
     "PyramidDrop schedule: last-token attention (fastv criterion) before layers 8/16/24, "
     "keep 50%/25%/12.5% of the original visual tokens",

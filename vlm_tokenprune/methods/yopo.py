@@ -49,11 +49,13 @@ from __future__ import annotations
 
 from ..errors import PolicyError
 from ..eval.tiny_vlm import ASSET_DIR
-from ..policy import Preset, Stage, _build_stage
+from ..policy import Preset, Stage, _build_stage, _check_stage, at_key
 from ..registry import PRESETS
 
 TINY_VLM_HEADS = str(ASSET_DIR / "yopo_heads.json")  # calibrated on 64 train examples (benchmarks/accuracy_structural.py)
 PARAMS = ("calibration", "kept", "threshold", "top_n", "keep_first", "window", "ratio", "drop")
+# (stage index, stage field) -> the preset key a user writes (stage 2, prune_heads, takes its own names)
+USER_KEY = {(0, "window"): "window", (1, "ratio"): "ratio", (3, "layer"): "drop", (3, "depth"): "drop"}
 
 
 class YopoPreset(Preset):
@@ -72,11 +74,24 @@ class YopoPreset(Preset):
                 neighbor["window"] = value
             elif key == "ratio":
                 ffn["ratio"] = value
-            elif key == "drop":
+            elif key == "drop":  # an explicit layer: absolute (the preset's 12 is for a 32-layer LLM, mapped by patch())
                 drop["layer"] = value
+                drop.pop("depth", None)
             else:
                 heads[key] = value
-        return [_build_stage(st, f"{where}[{j}]") for j, st in enumerate(stages)]
+        out = []
+        for j, st in enumerate(stages):
+            try:
+                stage = _build_stage(st, f"{where}[{j}]")
+                _check_stage(stage, f"{where}[{j}]")
+            except PolicyError as e:  # name the key the user wrote (yopo:drop=), not the stage's own field
+                field = e.field.rsplit(".", 1)[-1]
+                key = USER_KEY.get((j, field), field if j == 2 else None)
+                if key not in overrides:
+                    raise
+                raise at_key(e, f"{where}.{key}") from None
+            out.append(stage)
+        return out
 
 
 def _register(name: str, kept: float, drop: int, flops: str) -> None:
@@ -84,7 +99,7 @@ def _register(name: str, kept: float, drop: int, flops: str) -> None:
         {"op": "neighbor_attention", "window": 5},
         {"op": "ffn_cut", "ratio": 2.0},
         {"op": "prune_heads", "scope": "visual", "calibration": TINY_VLM_HEADS, "kept": kept, "keep_first": 2},
-        {"op": "visual_drop", "layer": drop},
+        {"op": "visual_drop", "layer": drop, "depth": 32},  # LLaVA-1.5-7B's 32 layers; patch() maps it
     )
     desc = (f"YOPO (~{flops} FLOPs on LLaVA-1.5-7B): 5x5 neighbour visual attention, visual FFN / 2, visual heads kept "
             f"{kept:g} from a calibration file (calibration=PATH; default: the shipped tiny VLM's), visual tokens dropped "
