@@ -35,17 +35,9 @@ import torch
 from torch import nn
 
 from ..errors import IncompatiblePolicyError, UnsupportedModelError
+from ..marking import mark_hook
 from ..registry import ADAPTERS
 from .qwen2_vl import Qwen2VLAdapter
-
-
-def _state(handle: Any):
-    """The calling thread's ``ForwardState`` (``handle.state``; older handles: ``handle._state``)."""
-    return handle.state if isinstance(getattr(type(handle), "state", None), property) else getattr(handle, "_state", None)
-
-
-def _add_hook(handle: Any, site: str, removable: Any) -> None:
-    (handle.add_hook if hasattr(handle, "add_hook") else handle._add)(site, removable)
 
 
 def take_visual(mask: torch.Tensor, feats: list[torch.Tensor], idx: torch.Tensor, ok: torch.Tensor):
@@ -90,7 +82,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         lm = model.model.language_model
 
         def lm_pre(module, args, kwargs):
-            st = _state(handle)
+            st = handle.state
             pre = st.prefill.pre_llm if st is not None and st.phase == "prefill" else None
             mask, feats = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
             if pre is None or mask is None or feats is None:  # no reduction before the LLM in this forward
@@ -98,30 +90,23 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             mask, feats = take_visual(mask, list(feats), pre.kept, pre.kept_ok)
             return args, {**kwargs, "visual_pos_masks": mask, "deepstack_visual_embeds": feats}
 
-        lm_pre.__vtp__ = True
-        _add_hook(handle, f"{type(lm).__name__}: forward pre-hook (DeepStack features at the pre-LLM kept tokens)",
-                  lm.register_forward_pre_hook(lm_pre, with_kwargs=True))
+        handle.add_hook(f"{type(lm).__name__}: forward pre-hook (DeepStack features at the pre-LLM kept tokens)",
+                        lm.register_forward_pre_hook(mark_hook(lm_pre), with_kwargs=True))
         if not any(st.site == "llm" and st.changes_tokens and st.layer < self.deepstack_layers(model)
                    for st in handle.policy.stages):
             return
         original = lm._deepstack_process
 
         def deepstack_process(hidden_states, visual_pos_masks, visual_embeds):
-            st = _state(handle)
+            st = handle.state
             if st is not None and st.phase == "prefill" and st.cur_orig is not None:  # an LLM stage has reduced
                 visual_pos_masks, (visual_embeds,) = take_visual(visual_pos_masks, [visual_embeds], st.cur_orig,
                                                                  st.cur_ok)
             return original(hidden_states, visual_pos_masks, visual_embeds)
 
-        if hasattr(handle, "swap_attr"):
-            handle.swap_attr(lm, "_deepstack_process", deepstack_process)
-            _add_hook(handle, f"{type(lm).__name__}._deepstack_process: instance wrapper (DeepStack features at the "
-                      "kept tokens of LLM stages below the last injection; undone by unpatch)", None)
-        else:  # handles before swap_attr
-            from ..structural.hooks import _NoHook, _swap
-
-            _swap(handle, lm, "_deepstack_process", deepstack_process)
-            handle._add(f"{type(lm).__name__}._deepstack_process: instance wrapper (undone by unpatch)", _NoHook())
+        handle.swap_attr(lm, "_deepstack_process", deepstack_process)
+        handle.add_hook(f"{type(lm).__name__}._deepstack_process: instance wrapper (DeepStack features at the "
+                        "kept tokens of LLM stages below the last injection; undone by unpatch)")
 
 
 ADAPTERS.register("qwen3_vl", Qwen3VLAdapter())

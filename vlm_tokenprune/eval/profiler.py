@@ -787,6 +787,7 @@ def profile(model: "str | Any" = "tiny", policies: Sequence[Any] = ("fastv:layer
                      "memory": memory_method(device), "backend": backend},
         "environment": environment(device),
         "policies": rows,
+        "skipped": skipped,  # policies that do not fit this model: {"policy", "error"}
     }
     if json_path is not None:
         import json
@@ -830,6 +831,7 @@ def format_report(report: dict) -> str:
     widths = [max(len(str(x[i])) for x in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     lines += [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)]
+    lines += [f"skipped (does not fit this model): {s['policy']}: {s['error']}" for s in report.get("skipped", [])]
     lines += ["", "measured = median patched / median baseline LM prefill; predicted = FLOPs ratio (eval/flops.py, "
               "this run's tokens per layer); quotient = predicted / measured (1.0: as fast as the FLOPs say); "
               "overhead = scoring + selection (trace stage seconds) as % of the baseline prefill"]
@@ -859,5 +861,3 @@ def format_parts(report: dict) -> list[str]:
             fmt(["-" * w for w in widths]), *map(fmt, rows),
             "vision = vision tower + projector; llm = language model (pre-LLM reduction included); "
             "other = embedding, feature scatter, patch bookkeeping, LM head"]
-        "skipped": skipped,  # policies that do not fit this model: {"policy", "error"}
-    lines += [f"skipped (does not fit this model): {s['policy']}: {s['error']}" for s in report.get("skipped", [])]
