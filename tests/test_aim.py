@@ -15,21 +15,18 @@ discriminating test shows the selections are then content-dependent.
 """
 from __future__ import annotations
 
-import functools
-import math
-
 import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import BACKENDS
+from kit import (
+    BACKENDS, assert_batch_matches_rows_alone, assert_clear_cut, assert_generate_matches_rows_alone, generate_rows,
+    kept_count, n_image_tokens, patched_prefill, tiny_llava,
+)
 from reference import aim_oracle as oracle
 from vlm_tokenprune.errors import PolicyError
-from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, make_batch
 from vlm_tokenprune.methods.aim import aim_schedule, pagerank_importance
-from helpers import n_image_tokens, new_tokens
-
-torch.set_num_threads(1)
 
 ATOL = 1e-5
 REL_MARGIN = 1e-4  # the k-th and (k+1)-th importance differ by this much, relatively
@@ -42,26 +39,10 @@ BATCHES = {
 }
 
 
-def sharpen(model, factor: float = SHARPEN):
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(factor)
-    return model
-
-
-@functools.lru_cache(maxsize=None)
 def tiny(attn: str, next: bool = False, sharp: bool = True):
-    """One model per (backend, family), shared by the tests; never mutated (patches are always undone)."""
-    m = build_tiny_llava(attn, next=True, image_size=16) if next else build_tiny_llava(attn)
-    return sharpen(m) if sharp else m
-
-
-def k_of(budget, n_visual: int) -> int:
-    """Kept count of a budget ('keep', x) / ('tokens', n) under the documented rule."""
-    key, value = budget
-    if n_visual == 0:
-        return 0
-    return int(value) if key == "tokens" else max(1, math.floor(float(value) * n_visual + 0.5))
+    """The shared tiny LLaVA (NeXT: 16 px crops), its LLM attention sharpened (q_proj x 16) unless ``sharp=False``."""
+    cfg = dict(next=True, image_size=16) if next else {}
+    return tiny_llava(attn, tweaks=("sharp_llm",) if sharp else (), **cfg)
 
 
 def schedule(pol: vtp.Policy) -> list[tuple[int, tuple]]:
@@ -73,21 +54,12 @@ def schedule(pol: vtp.Policy) -> list[tuple[int, tuple]]:
 
 
 def oracle_stages(pol: vtp.Policy, n_visual: int) -> list[tuple[int, int]]:
-    return [(layer, k_of(budget, n_visual)) for layer, budget in schedule(pol)]
+    return [(layer, kept_count(budget, n_visual)) for layer, budget in schedule(pol)]
 
 
 def assert_well_separated(res: dict, stages) -> None:
     for (layer, k), score in zip(stages, res["scores"]):
-        v = sorted(score.values(), reverse=True)
-        if 0 < k < len(v):
-            assert (v[k - 1] - v[k]) / v[k - 1] > REL_MARGIN, f"ill-conditioned cut at layer {layer}: {v[k - 1]} vs {v[k]}"
-
-
-def patched_prefill(model, inputs, pol):
-    with vtp.patch(model, pol) as h, torch.no_grad():
-        out = model(**inputs)
-        trace = h.last_trace()
-    return out.logits, trace
+        assert_clear_cut(score.values(), k, REL_MARGIN, relative=True, what=f"at layer {layer}")
 
 
 def check_vs_oracle(model, inputs, pol) -> None:
@@ -232,17 +204,6 @@ def test_two_images_and_anyres_match_oracle(attn):
 # ------------------------------------------------------------------------------------------------
 # batches with left padding == rows alone
 # ------------------------------------------------------------------------------------------------
-def row_alone(inputs: dict, rows: list, b: int) -> dict:
-    first = sum(seg == "img" for r in rows[:b] for seg in r)
-    n_img = sum(seg == "img" for seg in rows[b])
-    real = inputs["attention_mask"][b].bool()
-    ids = inputs["input_ids"][b][real][None]
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if n_img:
-        out["pixel_values"] = inputs["pixel_values"][first: first + n_img]
-    return out
-
-
 @pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("batch", sorted(BATCHES))
 @pytest.mark.parametrize("attn", BACKENDS)
@@ -253,24 +214,19 @@ def test_padded_batch_schedule_matches_rows_alone(attn, batch, padding):
     model = tiny(attn)
     inputs = make_batch(model, rows, seed=2, padding=padding)
     pol = aim_schedule(0, 3, 4)
-    logits, trace = patched_prefill(model, inputs, pol)
-    L = inputs["input_ids"].shape[1]
-    lengths = []
-    for b in range(len(rows)):
-        alone = row_alone(inputs, rows, b)
-        pad = L - alone["input_ids"].shape[1] if padding == "left" else 0
+    visual_after = []
+
+    def row_oracle(alone):
         stages = oracle_stages(pol, n_image_tokens(alone))
+        visual_after.append([k for _, k in stages])
         if stages[0][1] == 0:  # text-only row: untouched
-            kept, want = [[]] * len(stages), model(**alone).logits[0].detach()
-        else:
-            res = oracle.aim_run(model, alone, stages)
-            assert_well_separated(res, stages)
-            kept, want = res["kept"], res["logits"][0]
-        assert [st.kept_positions[b] for st in trace.stages] == [[p + pad for p in s] for s in kept], f"row {b}"
-        assert [st.visual_after[b] for st in trace.stages] == [k for _, k in stages]
-        lengths.append(want.shape[0])
-        torch.testing.assert_close(logits[b, -want.shape[0]:], want, atol=ATOL, rtol=0, msg=f"row {b}")
-    assert logits.shape[1] == max(lengths)
+            return None
+        res = oracle.aim_run(model, alone, stages)
+        assert_well_separated(res, stages)
+        return res["kept"], res["logits"][0]
+
+    trace = assert_batch_matches_rows_alone(model, inputs, rows, pol, row_oracle, padding=padding, atol=ATOL)
+    assert [[st.visual_after[b] for st in trace.stages] for b in range(len(rows))] == visual_after
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,30 +238,21 @@ def test_generate_matches_oracle(attn, use_cache):
     """Cached: the prompt's kept sets (one per stage) serve every step. Cache-free: re-chosen each step."""
     model = tiny(attn)
     inputs = make_batch(model, SINGLE)
-    L = inputs["input_ids"].shape[1]
-    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
+    eos = model.generation_config.eos_token_id
     pol = aim_schedule(0, 3, 4)
-    kw = {} if use_cache else {"use_cache": False}
-    with vtp.patch(model, pol), torch.no_grad():
-        g = model.generate(**inputs, max_new_tokens=8, do_sample=False, **kw)
     want = oracle.aim_generate(model, inputs, oracle_stages(pol, 36), 8, rescore=not use_cache, eos_token_id=eos)
-    assert new_tokens(g[0], L, eos, pad) == want
+    assert generate_rows(model, inputs, pol, use_cache=use_cache) == [want]
 
 
 @pytest.mark.parametrize("attn", BACKENDS)
 def test_left_padded_batch_cached_generate_matches_rows_alone(attn):
     rows = BATCHES["1img+2img"]
     model = tiny(attn)
-    inputs = make_batch(model, rows, seed=2)
-    L = inputs["input_ids"].shape[1]
-    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
+    eos = model.generation_config.eos_token_id
     pol = aim_schedule(1, 3, 4)
-    with vtp.patch(model, pol), torch.no_grad():
-        g = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    for b in range(len(rows)):
-        alone = row_alone(inputs, rows, b)
-        stages = oracle_stages(pol, n_image_tokens(alone))
-        assert new_tokens(g[b], L, eos, pad) == oracle.aim_generate(model, alone, stages, 8, False, eos), f"row {b}"
+    assert_generate_matches_rows_alone(
+        model, make_batch(model, rows, seed=2), rows, pol,
+        lambda alone: oracle.aim_generate(model, alone, oracle_stages(pol, n_image_tokens(alone)), 8, False, eos))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,6 +316,6 @@ def test_explain_counts_the_preset_schedule():
 
     vicuna = TextGeometry(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000)
     out = policy_flops(vicuna, "aim", 64, 576)
-    want = [576] * 14 + [math.floor(576 * (21 - l) / 8 + 0.5) for l in range(14, 21)] + [1] * 11
+    want = [576] * 14 + [kept_count(("keep", (21 - l) / 8), 576) for l in range(14, 21)] + [1] * 11
     assert out["tokens_per_layer"] == [64 + v for v in want]
     assert out["lower_bound_stages"] == []  # plain top-k: the budgets are exact

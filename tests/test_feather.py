@@ -16,15 +16,15 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import BACKENDS
+from kit import (
+    BACKENDS, assert_batch_matches_rows_alone, assert_clear_cut, assert_generate_matches_rows_alone, n_image_tokens,
+    patched_prefill, tiny_llava,
+)
 from reference import fastv_oracle
 from reference import feather_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, InputError
-from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import make_batch
 from vlm_tokenprune.methods.feather import FeatherCriterion, stride_grid
-from helpers import n_image_tokens, new_tokens
-
-torch.set_num_threads(1)
 
 ATOL = 1e-5
 MARGIN = 1e-7
@@ -39,14 +39,13 @@ NEXT_BATCH = [[1, "img", "img", 5], [20, "img", 1], [12]]
 NEXT_SIZES = [[30, 40], [40, 30], [36, 20]]
 
 
-@functools.lru_cache(maxsize=None)
 def tiny(attn: str, kind: str = "llava"):
     """4-layer LLaVA (6x6 grid), LLaVA-NeXT (3x3 base grid + anyres), or a 32-layer LLaVA for the paper preset."""
     if kind == "next":
-        return build_tiny_llava(attn, next=True, image_size=24)
+        return tiny_llava(attn, next=True, image_size=24)
     if kind == "deep":
-        return build_tiny_llava(attn, layers=32)
-    return build_tiny_llava(attn)
+        return tiny_llava(attn, layers=32)
+    return tiny_llava(attn)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,24 +96,14 @@ def to_oracle(specs, n_visual: int, floor: bool = False) -> list[dict]:
 def assert_well_separated(run: dict) -> None:
     """At every stage the k-th and (k+1)-th oracle scores differ clearly (equal selections are not luck)."""
     for i, st in enumerate(run["stages"]):
-        s = sorted(st["scores"].values(), reverse=True)
-        k = st["k"]
-        if 0 < k < len(s):
-            assert s[k - 1] - s[k] > MARGIN, f"stage {i}: ill-conditioned case, scores {s[k - 1]} vs {s[k]}"
-
-
-def patched_prefill(model, inputs, policy):
-    with vtp.patch(model, policy) as h, torch.no_grad():
-        out = model(**inputs)
-        trace = h.last_trace()
-    assert not vtp.patching.is_patched(model)
-    return out.logits, trace
+        assert_clear_cut(st["scores"].values(), st["k"], MARGIN, what=f"at stage {i}")
 
 
 def check_vs_oracle(model, inputs, specs) -> dict:
     want = oracle.feather_run(model, inputs, to_oracle(specs, n_image_tokens(inputs)))
     assert_well_separated(want)
     logits, trace = patched_prefill(model, inputs, to_policy(specs))
+    assert not vtp.patching.is_patched(model)
     assert len(trace.stages) == len(specs)
     for i, (got, ref, spec) in enumerate(zip(trace.stages, want["stages"], specs)):
         assert got.kept_positions[0] == ref["kept"], f"stage {i}"
@@ -354,41 +343,16 @@ def test_listed_by_the_cli(capsys):
 # ------------------------------------------------------------------------------------------------
 # batches with left padding
 # ------------------------------------------------------------------------------------------------
-def row_alone(inputs: dict, rows: list, b: int) -> dict:
-    """Row b of a padded batch as its own unpadded batch of one (its images only)."""
-    first = sum(seg == "img" for r in rows[:b] for seg in r)
-    n_img = sum(seg == "img" for seg in rows[b])
-    real = inputs["attention_mask"][b].bool()
-    ids = inputs["input_ids"][b][real][None]
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if n_img:
-        out["pixel_values"] = inputs["pixel_values"][first: first + n_img]
-        if "image_sizes" in inputs:
-            out["image_sizes"] = inputs["image_sizes"][first: first + n_img]
-    return out
-
-
 def check_batch_vs_rows_alone(model, inputs, rows, specs) -> None:
-    logits, trace = patched_prefill(model, inputs, to_policy(specs))
-    L = inputs["input_ids"].shape[1]
-    lengths = []
-    for b in range(len(rows)):
-        alone = row_alone(inputs, rows, b)
-        pad = L - alone["input_ids"].shape[1]
+    def row_oracle(alone):
         n = n_image_tokens(alone)
         if n == 0:
-            with torch.no_grad():
-                want = model(**alone).logits[0]
-            assert all(s.kept_positions[b] == [] for s in trace.stages)
-        else:
-            run = oracle.feather_run(model, alone, to_oracle(specs, n))
-            assert_well_separated(run)
-            for i, (got, ref) in enumerate(zip(trace.stages, run["stages"])):
-                assert got.kept_positions[b] == [p + pad for p in ref["kept"]], f"row {b} stage {i}"
-            want = run["logits"][0]
-        lengths.append(want.shape[0])
-        torch.testing.assert_close(logits[b, -want.shape[0]:], want, atol=ATOL, rtol=0, msg=f"row {b}")
-    assert logits.shape[1] == max(lengths)
+            return None
+        run = oracle.feather_run(model, alone, to_oracle(specs, n))
+        assert_well_separated(run)
+        return [ref["kept"] for ref in run["stages"]], run["logits"][0]
+
+    assert_batch_matches_rows_alone(model, inputs, rows, to_policy(specs), row_oracle, atol=ATOL)
 
 
 @pytest.mark.parametrize("batch", sorted(BATCHES))
@@ -416,14 +380,9 @@ def test_generate_matches_oracle(attn, use_cache):
     """Cached: the prompt's kept sets serve every step. Cache-free: re-chosen each step (oracle rescore)."""
     rows = BATCHES["1img+2img"]
     model = tiny(attn)
-    inputs = make_batch(model, rows, seed=2)
-    L = inputs["input_ids"].shape[1]
-    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
-    kw = {} if use_cache else {"use_cache": False}
-    with vtp.patch(model, to_policy(R07)), torch.no_grad():
-        g = model.generate(**inputs, max_new_tokens=8, do_sample=False, **kw)
-    for b in range(len(rows)):
-        alone = row_alone(inputs, rows, b)
-        want = oracle.feather_generate(model, alone, to_oracle(R07, n_image_tokens(alone)), 8,
-                                       rescore=not use_cache, eos_token_id=eos)
-        assert new_tokens(g[b], L, eos, pad) == want, f"row {b}"
+    eos = model.generation_config.eos_token_id
+    assert_generate_matches_rows_alone(
+        model, make_batch(model, rows, seed=2), rows, to_policy(R07),
+        lambda alone: oracle.feather_generate(model, alone, to_oracle(R07, n_image_tokens(alone)), 8,
+                                              rescore=not use_cache, eos_token_id=eos),
+        use_cache=use_cache)

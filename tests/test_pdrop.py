@@ -8,21 +8,17 @@ on the 4-layer one.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import BACKENDS
+from kit import BACKENDS, assert_batch_matches_rows_alone, assert_clear_cut, n_image_tokens, tiny_llava
 from reference import fastv_oracle
 from reference import feather_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError
-from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
-from helpers import n_image_tokens, patched_prefill
-
-torch.set_num_threads(1)
+from vlm_tokenprune.eval.tiny_models import make_batch
 
 ATOL = 1e-5
 MARGIN = 1e-7
@@ -33,9 +29,8 @@ SCALED = ((1, 0.5), (2, 0.25), (3, 0.125))
 SCALED_POLICY = "+".join(f"fastv:layer={layer},keep={keep}" for layer, keep in SCALED)
 
 
-@functools.lru_cache(maxsize=None)
 def tiny(attn: str, layers: int = 4):
-    return build_tiny_llava(attn, layers=layers)
+    return tiny_llava(attn, layers=layers)
 
 
 def k_rule(x: float, n: int, floor: bool = False) -> int:
@@ -50,35 +45,19 @@ def oracle_stages(schedule, n_visual: int, floor: bool = False) -> list[dict]:
 
 def assert_well_separated(run: dict) -> None:
     for i, st in enumerate(run["stages"]):
-        s = sorted(st["scores"].values(), reverse=True)
-        if 0 < st["k"] < len(s):
-            assert s[st["k"] - 1] - s[st["k"]] > MARGIN, f"stage {i}: ill-conditioned case"
-
-
-def row_alone(inputs: dict, rows: list, b: int) -> dict:
-    first = sum(seg == "img" for r in rows[:b] for seg in r)
-    n_img = sum(seg == "img" for seg in rows[b])
-    real = inputs["attention_mask"][b].bool()
-    ids = inputs["input_ids"][b][real][None]
-    pixels = inputs["pixel_values"][first: first + n_img]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+        assert_clear_cut(st["scores"].values(), st["k"], MARGIN, what=f"at stage {i}")
 
 
 def check_batch(model, inputs, rows, policy, schedule, floor: bool = False) -> None:
-    logits, trace = patched_prefill(model, inputs, policy)
-    assert [s.layer for s in trace.stages] == [layer for layer, _ in schedule]
-    L = inputs["input_ids"].shape[1]
-    for b in range(len(rows)):
-        alone = row_alone(inputs, rows, b) if len(rows) > 1 else inputs
-        pad = L - alone["input_ids"].shape[1]
-        n = n_image_tokens(alone)
-        want = oracle.feather_run(model, alone, oracle_stages(schedule, n, floor))
+    def row_oracle(alone):
+        want = oracle.feather_run(model, alone, oracle_stages(schedule, n_image_tokens(alone), floor))
         assert_well_separated(want)
-        for i, (got, ref) in enumerate(zip(trace.stages, want["stages"])):
-            assert got.kept_positions[b] == [p + pad for p in ref["kept"]], f"row {b} stage {i}"
-            assert got.visual_after[b] == k_rule(schedule[i][1], n, floor)  # fractions of the ORIGINAL count
-        n_b = want["logits"].shape[1]
-        torch.testing.assert_close(logits[b, -n_b:], want["logits"][0], atol=ATOL, rtol=0, msg=f"row {b}")
+        return [ref["kept"] for ref in want["stages"]], want["logits"][0]
+
+    trace = assert_batch_matches_rows_alone(model, inputs, rows, policy, row_oracle, atol=ATOL)
+    assert [s.layer for s in trace.stages] == [layer for layer, _ in schedule]
+    for b in range(len(rows)):  # fractions of the ORIGINAL count
+        assert [st.visual_after[b] for st in trace.stages] == [k_rule(x, n_image_tokens(inputs, b), floor) for _, x in schedule]
 
 
 # ------------------------------------------------------------------------------------------------

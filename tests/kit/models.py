@@ -9,10 +9,11 @@ shared models are unchanged). A test that changes weights, dtype or the attentio
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 
-from vlm_tokenprune.eval.tiny_models import build_tiny_llava, build_tiny_qwen2_vl
+from vlm_tokenprune.eval.tiny_models import build_tiny_llava, build_tiny_qwen2_vl, tiny_llava_config, tiny_qwen2_vl_config
 
 
 def sharp_llm(model, factor: float = 16.0):
@@ -49,8 +50,13 @@ def peaked_tower(model, factor: float = 6.0):
 TWEAKS = {"sharp_llm": sharp_llm, "random_norms": random_norms, "peaked_tower": peaked_tower}
 
 
-def _key(config: dict) -> tuple:
-    return tuple(sorted(config.items()))
+def _key(config: dict, *builders) -> tuple:
+    """The cache key of ``config``: keywords equal to the builders' defaults dropped (``layers=4`` is the default model)."""
+    defaults = {}
+    for fn in builders:
+        defaults.update({n: p.default for n, p in inspect.signature(fn).parameters.items()
+                         if p.default is not inspect.Parameter.empty})
+    return tuple(sorted((k, v) for k, v in config.items() if k not in defaults or defaults[k] != v))
 
 
 def _tweaked(model, tweaks: tuple[str, ...]):
@@ -115,13 +121,13 @@ def changed_shared_models() -> list[str]:
 def tiny_llava(attn: str = "sdpa", *, tweaks: tuple[str, ...] = (), **config):
     """The shared tiny LLaVA (``next=True``: LLaVA-NeXT) for ``attn`` and ``tiny_llava_config`` / ``seed``
     keywords (default: 4 layers, hidden 64, 6 x 6 patch grid), with ``tweaks`` from ``TWEAKS`` applied."""
-    key = ("llava", attn, None, tuple(tweaks), _key(config))
+    key = ("llava", attn, None, tuple(tweaks), _key(config, build_tiny_llava, tiny_llava_config))
     return _shared(key, lambda: build_tiny_llava(attn, **config))
 
 
 def tiny_qwen(attn: str = "sdpa", version: str = "2", *, tweaks: tuple[str, ...] = (), **config):
     """The shared tiny Qwen2-VL (``version="2"``) or Qwen2.5-VL (``"2.5"``)."""
-    key = ("qwen", attn, version, tuple(tweaks), _key(config))
+    key = ("qwen", attn, version, tuple(tweaks), _key(config, build_tiny_qwen2_vl, tiny_qwen2_vl_config))
     return _shared(key, lambda: build_tiny_qwen2_vl(attn, version, **config))
 
 
