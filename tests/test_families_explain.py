@@ -72,3 +72,19 @@ def test_config_json_of_a_tiled_family_asks_for_n_visual(capsys, tmp_path):
     assert code == 2 and "--n-visual" in err
     code, out = run(capsys, "explain", "fastv:layer=2,keep=0.5", "--model-config", str(path), "--n-visual", "48")
     assert code == 0 and "48 visual" in out
+
+
+@pytest.mark.parametrize("build", ["onevision", "internvl", "qwen3_vl"])
+def test_profiler_random_inputs_for_the_newer_families(build):
+    """``profile``'s random prompts (one image, the checkpoint's own placeholder ids) run patched on each family."""
+    from vlm_tokenprune.eval import profiler
+    from vlm_tokenprune.eval.tiny_families import build_tiny_internvl, build_tiny_onevision
+
+    model = {"onevision": lambda: build_tiny_onevision("sdpa"), "internvl": lambda: build_tiny_internvl("sdpa"),
+             "qwen3_vl": lambda: build_tiny_qwen3_vl("sdpa")}[build]()
+    inputs = profiler.random_inputs(model, n_text=12, batch=2, image_size=(20, 36), grid=(3, 4), tiles=3)
+    n_vis = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    assert n_vis == {"onevision": 16 + 4 * 9, "internvl": 3 * 16, "qwen3_vl": 12}[build]
+    with vtp.patch(model, "fastv:layer=2,keep=0.5") as h, torch.no_grad():
+        model(**inputs)
+    assert h.last_trace().stages[0].visual_after == [round(n_vis / 2)] * 2

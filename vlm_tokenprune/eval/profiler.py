@@ -82,6 +82,37 @@ KNOWN_GEOMETRIES: dict[str, dict] = {
         description="Qwen2-VL-7B geometry: Qwen2-7B (28 x 3584, GQA 28/4), ViT 32 x 1280, one 672x672 image -> 24x24 = 576 tokens",
     ),
 }
+_QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4)
+KNOWN_GEOMETRIES.update({
+    "llava-onevision-7b": dict(
+        family="llava_onevision", text=dict(_QWEN2_7B, vocab_size=152128),
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                    image_size=384, patch_size=14),
+        image_size=(768, 768),
+        description="LLaVA-OneVision-7B geometry: Qwen2-7B (28 x 3584, GQA 28/4), SigLIP-so400m 26 x 1152 at 384/14, "
+                    "one 768x768 image: 729 base + 54x54 anyres + 54 newline tokens",
+    ),
+    "internvl3-8b": dict(
+        family="internvl", text=dict(_QWEN2_7B, vocab_size=151674),
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=[448, 448], patch_size=[14, 14]),
+        tiles=7,
+        description="InternVL3-8B geometry: Qwen2.5-7B (28 x 3584, GQA 28/4), InternViT-300M 24 x 1024 at 448/14 + "
+                    "0.5 pixel shuffle: 6 tiles + thumbnail = 7 x 256 = 1792 visual tokens",
+    ),
+    "qwen3-vl-8b": dict(
+        family="qwen3_vl",
+        text=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, vocab_size=151936),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24]),
+        grid=(32, 32), mrope_section=[24, 20, 20], rope_theta=5e6,
+        description="Qwen3-VL-8B geometry: 36 x 4096 LLM (GQA 32/8 x 128), ViT 27 x 1152 patch 16, DeepStack from "
+                    "vision layers 8/16/24, one 1024x1024 image -> 32x32 = 1024 tokens",
+    ),
+})
 MODEL_CHOICES = ("tiny", *KNOWN_GEOMETRIES)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -245,13 +276,15 @@ def build_geometry(name: str, *, layers: int | None = None, vision_layers: int |
         _check_layers(layers, text["num_hidden_layers"])
         text["num_hidden_layers"] = layers
     vision = dict(g["vision"])
-    depth_key = "depth" if g["family"] == "qwen2_vl" else "num_hidden_layers"
+    depth_key = "depth" if g["family"] in ("qwen2_vl", "qwen3_vl") else "num_hidden_layers"
     if vision_layers is not None:
         if not 1 <= vision_layers <= vision[depth_key]:
             raise InputError("--vision-layers", f"{vision_layers}; allowed: 1..{vision[depth_key]}")
         vision[depth_key] = vision_layers
     ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if g["family"] == "qwen2_vl":
+    if g["family"] in ("llava_onevision", "internvl", "qwen3_vl"):
+        cfg, cls = _newer_family_config(g, text, vision, ids)
+    elif g["family"] == "qwen2_vl":
         text_cfg = dict(text, max_position_embeddings=32768, tie_word_embeddings=False, **ids,
                         rope_parameters={"rope_type": "default", "rope_theta": g["rope_theta"],
                                          "mrope_section": g["mrope_section"]})
@@ -275,7 +308,44 @@ def build_geometry(name: str, *, layers: int | None = None, vision_layers: int |
     return model.eval()
 
 
-def random_inputs(model, *, n_text: int = 64, batch: int = 1, seed: int = 0, image_size=None, grid=None) -> dict:
+def _newer_family_config(g: dict, text: dict, vision: dict, ids: dict):
+    """(config, class) of a LLaVA-OneVision / InternVL / Qwen3-VL geometry (placeholder ids of ``tiny_families``)."""
+    import transformers as tf
+
+    from .tiny_families import VIDEO_TOKEN_ID
+
+    family = g["family"]
+    if family == "qwen3_vl":
+        depth = vision["depth"]
+        text_cfg = dict(text, max_position_embeddings=32768, tie_word_embeddings=False, **ids,
+                        rope_parameters={"rope_type": "default", "rope_theta": g["rope_theta"],
+                                         "mrope_section": g["mrope_section"], "mrope_interleaved": True})
+        vis = dict(vision, out_hidden_size=text["hidden_size"],  # --vision-layers: DeepStack from the layers left
+                   deepstack_visual_indexes=sorted({min(i, depth - 1) for i in vision["deepstack_visual_indexes"]}))
+        return (tf.Qwen3VLConfig(text_config=text_cfg, vision_config=vis, image_token_id=_IMAGE_ID,
+                                 video_token_id=_VIDEO_ID, vision_start_token_id=_VSTART_ID,
+                                 vision_end_token_id=_VEND_ID, tie_word_embeddings=False),
+                tf.Qwen3VLForConditionalGeneration)
+    text_cfg = tf.Qwen2Config(**text, max_position_embeddings=32768, tie_word_embeddings=False, **ids)
+    if family == "llava_onevision":
+        s = vision["image_size"]
+        pins = [[s * a, s * b] for a in range(1, 4) for b in range(1, 4)]
+        return (tf.LlavaOnevisionConfig(vision_config=tf.SiglipVisionConfig(**vision, vision_use_head=False),
+                                        text_config=text_cfg, image_token_index=_IMAGE_ID,
+                                        video_token_index=VIDEO_TOKEN_ID, image_grid_pinpoints=pins,
+                                        vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                        tie_word_embeddings=False),
+                tf.LlavaOnevisionForConditionalGeneration)
+    side = vision["image_size"][0] // vision["patch_size"][0] // 2
+    return (tf.InternVLConfig(vision_config=tf.InternVLVisionConfig(**vision), text_config=text_cfg,
+                              image_token_id=_IMAGE_ID, downsample_ratio=0.5, vision_feature_layer=-1,
+                              vision_feature_select_strategy="default", image_seq_length=side * side,
+                              tie_word_embeddings=False),
+            tf.InternVLForConditionalGeneration)
+
+
+def random_inputs(model, *, n_text: int = 64, batch: int = 1, seed: int = 0, image_size=None, grid=None,
+                  tiles=None) -> dict:
     """One prompt row (BOS + text + image placeholders + text, ``n_text`` text tokens in all, 55 % of them
     before the image as in a system prompt + question layout) repeated ``batch`` times, random pixels.
 
@@ -290,7 +360,18 @@ def random_inputs(model, *, n_text: int = 64, batch: int = 1, seed: int = 0, ima
     before = max(0, (n_text * 35) // 64 - 1)
     row = [before, "img", n_text - 1 - before]
     cfg = model.config
-    if cfg.model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if cfg.model_type in ("llava_onevision", "internvl"):  # ids of tiny_families (image 3, OneVision video 4)
+        from .tiny_families import make_internvl_batch, make_onevision_batch
+
+        if cfg.model_type == "internvl":
+            batch_inputs = make_internvl_batch(model, [row] * batch, seed=seed, tiles=[tiles or 1] * batch)
+            mapping = {_IMAGE_ID: cfg.image_token_id}
+        else:
+            side = cfg.vision_config.image_size
+            batch_inputs = make_onevision_batch(model, [row] * batch, seed=seed,
+                                                image_sizes=[list(image_size or (side, side))] * batch)
+            mapping = {_IMAGE_ID: cfg.image_token_id, _VIDEO_ID: cfg.video_token_id}
+    elif cfg.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         batch_inputs = make_qwen_batch(model, [row] * batch, seed=seed, image_grids=[tuple(grid or (24, 24))] * batch)
         mapping = {_IMAGE_ID: cfg.image_token_id, _VIDEO_ID: cfg.video_token_id,
                    _VSTART_ID: cfg.vision_start_token_id, _VEND_ID: cfg.vision_end_token_id}
@@ -302,7 +383,8 @@ def random_inputs(model, *, n_text: int = 64, batch: int = 1, seed: int = 0, ima
         batch_inputs = make_batch(model, [row] * batch, seed=seed, image_sizes=sizes)
         mapping = {_IMAGE_ID: cfg.image_token_id}
     else:
-        raise InputError("model", f"random inputs are built for llava, llava_next, qwen2_vl, qwen2_5_vl; got {cfg.model_type!r}")
+        raise InputError("model", "random inputs are built for llava, llava_next, llava_onevision, internvl, qwen2_vl, "
+                                  f"qwen2_5_vl, qwen3_vl, qwen3_vl_moe; got {cfg.model_type!r}")
     ids = batch_inputs["input_ids"]
     placeholder = torch.zeros_like(ids, dtype=torch.bool)
     for src in mapping:
@@ -383,7 +465,8 @@ def load_model(spec: str, *, layers: int | None = None, vision_layers: int | Non
         model = build_geometry(spec, layers=layers, vision_layers=vision_layers, dtype=dtype,
                                attn_implementation=attn_implementation, device=device, seed=seed)
         g = KNOWN_GEOMETRIES[spec]
-        inputs = random_inputs(model, n_text=n_text, batch=batch, seed=seed, image_size=g.get("image_size"), grid=g.get("grid"))
+        inputs = random_inputs(model, n_text=n_text, batch=batch, seed=seed, image_size=g.get("image_size"), grid=g.get("grid"),
+                               tiles=g.get("tiles"))
         return model, to_device(inputs, model), g["description"] + " (random weights)"
     if not os.path.isdir(spec):
         raise InputError("--model", f"{spec!r} is neither a known model ({', '.join(MODEL_CHOICES)}) nor a local checkpoint folder")
