@@ -61,11 +61,14 @@ def install_modules(handle: "PatchHandle", plan: StructuralPlan) -> None:
     for j, pruned in sorted(plan.heads_all.items()):
         attn = layers[j].self_attn
         q, k, v, o, groups = _sliced_attention(attn, set(pruned))
-        for name, mod in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o)):
-            handle.swap_attr(attn, name, mod)
+        for name, sliced in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o)):
+            lin = getattr(attn, name)  # the model's own module stays: state_dict, save_pretrained, .to() see it
+            handle.swap_attr(lin, "forward", sliced)
+            handle.swap_attr(lin, sliced.size_attr, sliced.width)
         handle.swap_attr(attn, "num_key_value_groups", groups)
-        handle.add_hook(f"decoder layer {j}: self_attn.q/k/v/o_proj replaced by copies sliced to {q.out_features // attn.head_dim} "
-                    f"heads (pruned {list(pruned)}; originals restored on unpatch)")
+        handle.add_hook(f"decoder layer {j}: self_attn.q/k/v/o_proj compute only the rows / columns of the "
+                        f"{q.width // attn.head_dim} kept heads of their own weights (pruned {list(pruned)}; modules and "
+                        "state_dict unchanged, forwards restored on unpatch)")
 
 
 def attention_bases(seams: Any) -> dict | None:
@@ -641,8 +644,41 @@ def _linear(src: nn.Linear, rows: list[int] | None = None, cols: list[int] | Non
     return out.train(src.training)
 
 
+class SlicedLinear:
+    """The ``forward`` of an ``nn.Linear`` that computes only ``rows`` (output features) or ``cols`` (input
+    features) of the module's OWN current weight (``prune_heads`` scope=all). The module, its parameters and
+    ``state_dict`` stay the model's (``save_pretrained``, ``load_state_dict`` and ``.to(dtype)`` act on them as
+    on the unpatched model); the slice is taken again whenever the weight's storage, version, dtype or device
+    changed, so a loaded or converted weight is what runs."""
+
+    def __init__(self, lin: nn.Linear, rows: list[int] | None = None, cols: list[int] | None = None):
+        self.lin, self.rows, self.cols = lin, rows, cols
+        self.size_attr = "out_features" if cols is None else "in_features"
+        self.width = len(rows) if rows is not None else len(cols)
+        self._key = None
+        self._w = self._b = None
+
+    def _sliced(self):
+        w, b = self.lin.weight, self.lin.bias
+        key = (w.data_ptr(), w._version, w.dtype, w.device, None if b is None else (b.data_ptr(), b._version, b.dtype))
+        if key != self._key:
+            ws, bs = w.detach(), None if b is None else b.detach()
+            if self.rows is not None:
+                idx = torch.tensor(self.rows, device=w.device)
+                ws = ws.index_select(0, idx)
+                bs = None if bs is None else bs.index_select(0, idx)
+            if self.cols is not None:
+                ws = ws.index_select(1, torch.tensor(self.cols, device=w.device))
+            self._w, self._b, self._key = ws.contiguous(), bs, key
+        return self._w, self._b
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self._sliced()
+        return F.linear(x, w, b)
+
+
 def _sliced_attention(attn: nn.Module, pruned: set[int]):
-    """Copies of q/k/v/o_proj keeping only the heads not in ``pruned``, and the new GQA group size.
+    """Sliced forwards of q/k/v/o_proj keeping only the heads not in ``pruned``, and the new GQA group size.
 
     When every KV group keeps the same number c of query heads, the groups with none left are
     dropped from k/v_proj and the group size is c (exact, fewer FLOPs everywhere). Otherwise
@@ -663,8 +699,8 @@ def _sliced_attention(attn: nn.Module, pruned: set[int]):
         kv_heads = [h // g for h in kept]
         groups = 1
     rows = lambda heads: [h * d + i for h in heads for i in range(d)]  # noqa: E731
-    q = _linear(attn.q_proj, rows=rows(kept))
-    k = _linear(attn.k_proj, rows=rows(kv_heads))
-    v = _linear(attn.v_proj, rows=rows(kv_heads))
-    o = _linear(attn.o_proj, cols=rows(kept))
+    q = SlicedLinear(attn.q_proj, rows=rows(kept))
+    k = SlicedLinear(attn.k_proj, rows=rows(kv_heads))
+    v = SlicedLinear(attn.v_proj, rows=rows(kv_heads))
+    o = SlicedLinear(attn.o_proj, cols=rows(kept))
     return q, k, v, o, groups
