@@ -255,3 +255,14 @@ def test_placeholder_count_mismatch_names_input_ids():
     ids[1, -1] = IMAGE_TOKEN_ID  # one placeholder too many
     with vtp.patch(model, "fastv:layer=2,keep=0.5"), pytest.raises(InputError, match="input_ids"):
         model(**{**inputs, "input_ids": ids})
+
+
+def test_an_image_split_across_rows_names_input_ids():
+    model = tiny("sdpa")
+    inputs = make_onevision_batch(model, [[3, "img", 2], [2, "img", 3]], image_sizes=SIZES)
+    ids = inputs["input_ids"].clone()
+    first = int((ids[0] == IMAGE_TOKEN_ID).nonzero()[0])
+    ids[0, first] = 9  # row 0 loses a placeholder, row 1 gains one: same total, image 0 would spill into row 1
+    ids[1, 1] = IMAGE_TOKEN_ID
+    with vtp.patch(model, "fastv:layer=2,keep=0.5"), pytest.raises(InputError, match="within one row"):
+        model(**{**inputs, "input_ids": ids})

@@ -41,3 +41,23 @@ def test_predicted_flops_equal_traced(policy):
     measured = trace_flops(model.config, trace, policy=policy)
     predicted = policy_flops(model.config, policy, batch["input_ids"].shape[1] - n_visual, n_visual)
     assert measured["flops"] == predicted["flops"] and measured["scoring_flops"] > 0
+
+
+@pytest.mark.parametrize("text,field", [
+    ("dart:count=half", "stages[0].count"), ("dart:pivot_image=-1", "stages[0].pivot_image"),
+    ("dart:site=pre_llm", "stages[0].site"), ("divprune:site=vision", "stages[0].site"),
+    ("vispruner:important_ratio=1.5", "stages[0].important_ratio"), ("visionzip:contextual=1.0", "stages[0].contextual"),
+    ("visionzip:layer=2", "stages[0].layer"), ("vispruner:site=pre_llm", "stages[0].site"),
+])
+def test_bad_params_name_the_field(text, field):
+    with pytest.raises(vtp.errors.PolicyError) as e:
+        vtp.Policy.parse(text)
+    assert e.value.field == field, str(e.value)
+
+
+def test_dart_without_pivots_is_refused_before_touching_the_model():
+    model = build_tiny_llava()
+    with pytest.raises(vtp.errors.IncompatiblePolicyError) as e:
+        vtp.patch(model, "dart:pivot_image=0,pivot_text=0")
+    assert e.value.field == "stages[0].pivot_image"
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())

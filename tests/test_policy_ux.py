@@ -101,3 +101,96 @@ def test_one_policy_that_does_not_fit_is_skipped_and_the_run_goes_on(capsys):
     assert res["runs"][1]["policy_string"].startswith("fastv:layer=1,")  # the resolved policy (4 layers)
     table = markdown_table(res)
     assert "n/a" in table and "skipped `fastv:layer=9,keep=0.5`" in table  # --timing-iters 0: n/a, not 1.000
+
+
+# -- random: a fresh subset per row, reproducibly ------------------------------------------------------
+def _kept_rel(model, inputs, policy, b=0):
+    from kit import patched_prefill
+
+    _, tr = patched_prefill(model, inputs, policy)
+    first = int((inputs["input_ids"][b] == model.config.image_token_id).nonzero()[0])
+    return [p - first for p in tr.stages[0].kept_positions[b]]
+
+
+@pytest.mark.parametrize("site", ["layer=2", "site=pre_llm"])
+def test_random_draws_per_row_reproducibly_and_batch_independently(site):
+    from kit import row_alone, tiny_llava
+    from vlm_tokenprune.eval.tiny_models import make_batch
+
+    model = tiny_llava("sdpa")
+    rows = [[5, "img", 7], [3, "img", 4], [6, "img", 2]]
+    batch = make_batch(model, rows, seed=3, padding="left")
+    pol = f"random:{site},keep=0.25"
+    in_batch = [_kept_rel(model, batch, pol, b) for b in range(3)]
+    alone = [_kept_rel(model, row_alone(batch, rows, b), pol) for b in range(3)]
+    assert in_batch == alone  # the same subset in any batch
+    assert len({tuple(k) for k in in_batch}) == 3  # different inputs, different subsets
+    assert [_kept_rel(model, batch, pol, b) for b in range(3)] == in_batch  # reproducible
+    assert _kept_rel(model, batch, pol + ",seed=1", 0) != in_batch[0]
+    fixed = [_kept_rel(model, row_alone(batch, rows, b), pol + ",draw=fixed") for b in range(3)]
+    assert fixed[0] == fixed[1] == fixed[2]  # the old behaviour: one subset per seed
+    with pytest.raises(PolicyError) as e:
+        Policy.parse("random:draw=sometimes")
+    assert e.value.field == "stages[0].draw"
+
+
+# -- last_trace("prefill"), a custom criterion by name, CONTRIBUTING's field names --------------------------
+def test_last_trace_prefill_after_generate():
+    from kit import tiny_llava
+    from vlm_tokenprune.eval.tiny_models import make_batch
+
+    model = tiny_llava("sdpa")
+    inputs = make_batch(model, [[5, "img", 7]])
+    with vtp.patch(model, "fastv:layer=2,keep=0.25") as h:
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert h.last_trace().phase == "decode" and h.last_trace("decode").phase == "decode"
+        pre = h.last_trace("prefill")
+        assert pre.phase == "prefill" and pre.stages[0].visual_after == [9]
+        with pytest.raises(vtp.VTPError) as e:
+            h.last_trace("warmup")
+        assert e.value.field == "phase"
+        model(**inputs)
+        assert h.last_trace("decode") is None and h.last_trace("prefill").phase == "prefill"
+
+
+def test_a_registered_criterion_is_usable_by_name():
+    import torch
+
+    from vlm_tokenprune.methods.base import Criterion, register_criterion
+    from vlm_tokenprune.registry import CRITERIA
+
+    class LastTokens(Criterion):
+        name = "test_last_tokens"
+        paper = "test: keep the last visual tokens"
+
+        def score(self, ctx):
+            return ctx.orig_pos.float()
+
+    register_criterion(LastTokens)
+    try:
+        from kit import tiny_llava
+        from vlm_tokenprune.eval.tiny_models import make_batch
+
+        pol = Policy.parse("test_last_tokens:layer=2,keep=0.25")
+        assert pol.stages[0].criterion == "test_last_tokens" and Policy.parse(pol.to_string()) == pol
+        model = tiny_llava("sdpa")
+        assert _kept_rel(model, make_batch(model, [[5, "img", 7]]), pol) == list(range(27, 36))
+        assert torch.is_tensor(torch.zeros(1))
+    finally:
+        CRITERIA._items.pop("test_last_tokens", None)
+    with pytest.raises(vtp.PolicyError) as e:
+        Policy.parse("test_last_tokens:layer=2,keep=0.25")
+    assert "fastv" in str(e.value) and "skip_layers" in str(e.value)  # presets, criteria and ops are listed
+
+
+def test_contributing_names_real_scoring_context_fields():
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from vlm_tokenprune.scoring import ScoringContext
+
+    text = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text()
+    names = set(re.findall(r"ctx\.([a-z_]+)", text))
+    known = {f.name for f in dataclasses.fields(ScoringContext)} | {n for n in dir(ScoringContext) if not n.startswith("_")}
+    assert "hidden" in names and names <= known, names - known

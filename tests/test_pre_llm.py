@@ -5,20 +5,16 @@ forward / generate, under every attention backend.
 """
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import BACKENDS, FLASH
-from helpers import cache_kwargs
+from kit import BACKENDS, FLASH, cache_kwargs, left_padding, patched_prefill, tiny_llava, tiny_qwen
 from reference import pre_llm_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, PolicyError
-from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import make_batch
 from vlm_tokenprune.reduction import Reduction
-
-torch.set_num_threads(1)
 
 ATOL = 1e-5
 BATCHES = {
@@ -27,26 +23,11 @@ BATCHES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def tiny(attn: str):
-    return build_tiny_llava(attn)
-
-
-def _pad(inputs, b: int) -> int:
-    return int((inputs["attention_mask"][b] == 0).sum())
-
-
-def _run(model, inputs, policy: str):
-    with vtp.patch(model, policy) as h, torch.no_grad():
-        out = model(**inputs)
-        return out.logits, h.last_trace()
-
-
 def _check_rows(model, inputs, logits, trace, keep, positions, merge=None):
     st = trace.stages[0]
     assert st.site == "pre_llm" and st.layer == 0
     for b in range(inputs["input_ids"].shape[0]):
-        pad = _pad(inputs, b)
+        pad = left_padding(inputs, b)
         kept = [p - pad for p in st.kept_positions[b]] if merge is None else None
         x, pos, sources = oracle.reduce_row(model, inputs, b, keep, merge=merge, kept=kept)
         vis = [p for p in pos if p in sources]
@@ -65,17 +46,17 @@ def _check_rows(model, inputs, logits, trace, keep, positions, merge=None):
     ("size", "spatial", 0.25, "repack"),
 ])
 def test_aim_merge_matches_oracle(attn, batch, mode, order, keep, positions):
-    model = tiny(attn)
+    model = tiny_llava(attn)
     inputs = make_batch(model, BATCHES[batch])
-    logits, trace = _run(model, inputs, f"aim_merge:keep={keep},mode={mode},order={order},positions={positions}")
+    logits, trace = patched_prefill(model, inputs, f"aim_merge:keep={keep},mode={mode},order={order},positions={positions}")
     _check_rows(model, inputs, logits, trace, keep, positions, merge={"mode": mode, "order": order})
 
 
 def test_aim_merge_iterations_and_partition():
     """keep=0.25 -> 36 -> 18 -> 9 tokens per image; the sources of the kept tokens partition the image."""
-    model = tiny("sdpa")
+    model = tiny_llava("sdpa")
     inputs = make_batch(model, BATCHES["1img+2img"])
-    _, trace = _run(model, inputs, "aim_merge:keep=0.25")
+    _, trace = patched_prefill(model, inputs, "aim_merge:keep=0.25")
     st = trace.stages[0]
     assert st.visual_before == [36, 72] and st.visual_after == [9, 18]
     for b in range(2):
@@ -88,9 +69,9 @@ def test_aim_merge_iterations_and_partition():
 @pytest.mark.parametrize("criterion", ["uniform", "random"])
 @pytest.mark.parametrize("positions", ["gaps", "repack"])
 def test_pre_llm_prune_matches_oracle(attn, criterion, positions):
-    model = tiny(attn)
+    model = tiny_llava(attn)
     inputs = make_batch(model, BATCHES["2img+1img+text"])
-    logits, trace = _run(model, inputs, f"{criterion}:site=pre_llm,keep=0.25,positions={positions}")
+    logits, trace = patched_prefill(model, inputs, f"{criterion}:site=pre_llm,keep=0.25,positions={positions}")
     assert trace.stages[0].visual_after == [18, 9, 0]
     assert all(src == [[p] for p in kp] for src, kp in zip(trace.stages[0].sources, trace.stages[0].kept_positions))
     _check_rows(model, inputs, logits, trace, 0.25, positions)
@@ -102,7 +83,7 @@ def test_pre_llm_prune_matches_oracle(attn, criterion, positions):
 def test_generate_continues_positions(attn, positions, use_cache):
     """Greedy generate() == the oracle's cache-free decoding: next position = original length (gaps)
     or kept length (repack)."""
-    model = tiny(attn)
+    model = tiny_llava(attn)
     inputs = make_batch(model, BATCHES["1img+2img"])
     policy = f"aim_merge:keep=0.25,positions={positions}"
     with vtp.patch(model, policy), torch.no_grad():
@@ -116,7 +97,7 @@ def test_generate_continues_positions(attn, positions, use_cache):
 
 def test_plain_decode_step_without_position_ids():
     """A manual forward on the returned cache continues like generate() (positions from the cache length)."""
-    model = tiny("eager")
+    model = tiny_llava("eager")
     inputs = make_batch(model, [[5, "img", 7]])
     nxt = torch.tensor([[9]])
     for positions in ("gaps", "repack"):
@@ -132,7 +113,7 @@ def test_plain_decode_step_without_position_ids():
 
 
 def test_unpatch_is_exact_and_text_only_passes_through():
-    model = tiny("sdpa")
+    model = tiny_llava("sdpa")
     inputs = make_batch(model, BATCHES["1img+2img"])
     text = make_batch(model, [[6]])
     with torch.no_grad():
@@ -148,11 +129,11 @@ def test_unpatch_is_exact_and_text_only_passes_through():
 
 
 def test_keep_everything_is_exact():
-    model = tiny("eager")
+    model = tiny_llava("eager")
     inputs = make_batch(model, BATCHES["1img+2img"])
     with torch.no_grad():
         before = model(**inputs).logits
-        logits, trace = _run(model, inputs, "aim_merge:keep=1.0")
+        logits, trace = patched_prefill(model, inputs, "aim_merge:keep=1.0")
     assert torch.equal(logits, before) and trace.stages[0].visual_after == [36, 72]
 
 
@@ -186,9 +167,7 @@ def test_round_trip_and_dict():
 
 
 def test_repack_refused_on_qwen2_vl():
-    from vlm_tokenprune.eval.tiny_models import build_tiny_qwen2_vl
-
-    model = build_tiny_qwen2_vl()
+    model = tiny_qwen()
     with pytest.raises(IncompatiblePolicyError) as e:
         vtp.patch(model, "aim_merge")  # AIM's preset repacks; M-RoPE has no contiguous renumbering
     assert e.value.field == "stages[0].positions" and "allowed: gaps" in str(e.value)
@@ -212,9 +191,9 @@ def test_reduction_algebra():
 def test_flops_prediction_matches_trace():
     from vlm_tokenprune.eval.flops import policy_flops, trace_flops
 
-    model = tiny("sdpa")
+    model = tiny_llava("sdpa")
     inputs = make_batch(model, [[5, "img", 7]])
-    _, trace = _run(model, inputs, "aim_merge:keep=0.25")
+    _, trace = patched_prefill(model, inputs, "aim_merge:keep=0.25")
     n_vis, n_text = 36, inputs["input_ids"].shape[1] - 36
     pred = policy_flops(model.config.text_config, "aim_merge:keep=0.25", n_text, n_vis)
     got = trace_flops(model.config.text_config, trace, policy="aim_merge:keep=0.25")
@@ -226,7 +205,7 @@ def test_flops_prediction_matches_trace():
 def test_generate_after_a_prompt_ending_in_an_image(positions):
     """The last prompt token is visual (may be merged away): decoding still continues at the original
     length (gaps) or the kept length (repack)."""
-    model = tiny("sdpa")
+    model = tiny_llava("sdpa")
     inputs = make_batch(model, [[5, "img"], [2, "img", 3, "img"]])
     with vtp.patch(model, f"aim_merge:keep=0.125,positions={positions}"), torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -238,7 +217,7 @@ def test_generate_after_a_prompt_ending_in_an_image(positions):
 
 def test_oracle_distinguishes_settings():
     """Each option changes the oracle's result, so the comparisons above can fail."""
-    model = tiny("eager")
+    model = tiny_llava("eager")
     inputs = make_batch(model, [[5, "img", 7]])
     runs = {}
     for mode in ("mean", "size"):

@@ -6,44 +6,26 @@ with one and two images, under every attention backend.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import BACKENDS, FLASH
-from helpers import cache_kwargs
+from kit import BACKENDS, FLASH, cache_kwargs, left_padding, patched_prefill, tiny_llava
 from reference import pre_llm_fastv_oracle as oracle
 from reference import pre_llm_oracle
 from reference import structural_oracle
-from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
-
-torch.set_num_threads(1)
+from vlm_tokenprune.eval.tiny_models import make_batch
 
 ATOL = 1e-5
 ROWS = [[5, "img", 7], [2, "img", 3, "img", 4]]  # 36 and 72 visual tokens; row 0 left-padded
 MERGE = {"mode": "mean", "order": "spatial"}
 
 
-@functools.lru_cache(maxsize=None)
-def tiny(attn: str):
-    return build_tiny_llava(attn)
-
-
-def _pad(inputs, b: int) -> int:
-    return int((inputs["attention_mask"][b] == 0).sum())
-
-
-def _run(model, inputs, policy: str):
-    with vtp.patch(model, policy) as h, torch.no_grad():
-        return model(**inputs).logits, h.last_trace()
-
-
 def _check(model, inputs, logits, trace, *, keep1, layer, keep2, positions, merge=None, of="original", rows=None):
     for b in rows if rows is not None else range(inputs["input_ids"].shape[0]):
-        pad = _pad(inputs, b)
+        pad = left_padding(inputs, b)
         kept = None if merge is not None else [p - pad for p in trace.stages[0].kept_positions[b]]
         want_pos, want_src, want = oracle.row(model, inputs, b, keep1=keep1, layer=layer, keep2=keep2,
                                               positions=positions, merge=merge, kept=kept, of=of)
@@ -57,9 +39,9 @@ def _check(model, inputs, logits, trace, *, keep1, layer, keep2, positions, merg
 @pytest.mark.parametrize("positions", ["gaps", "repack"])
 def test_aim_merge_then_fastv_matches_oracle(attn, positions):
     """AIM's stage A (keep 25 %) + FastV at layer 2 keeping 12.5 % of the ORIGINAL visual tokens."""
-    model = tiny(attn)
+    model = tiny_llava(attn)
     inputs = make_batch(model, ROWS)
-    logits, trace = _run(model, inputs, f"aim_merge:keep=0.25,positions={positions}+fastv:layer=2,keep=0.125")
+    logits, trace = patched_prefill(model, inputs, f"aim_merge:keep=0.25,positions={positions}+fastv:layer=2,keep=0.125")
     assert [s.site for s in trace.stages] == ["pre_llm", "llm"]
     assert trace.stages[0].visual_after == [9, 18] and trace.stages[1].visual_after == [5, 9]  # of the original 36 / 72
     _check(model, inputs, logits, trace, keep1=0.25, layer=2, keep2=0.125, positions=positions, merge=MERGE)
@@ -72,10 +54,10 @@ def test_aim_merge_then_fastv_matches_oracle(attn, positions):
 ])
 def test_pre_llm_prune_then_fastv_matches_oracle(attn, criterion, positions, keep2, of):
     """A pre-LLM prune + FastV, with a text-only third row (no visual token: passes through)."""
-    model = tiny(attn)
+    model = tiny_llava(attn)
     inputs = make_batch(model, [[1, "img", "img", 5], [20, "img", 1], [12]])
     budget2 = f"keep={keep2}" + (",of=current" if of == "current" else "")
-    logits, trace = _run(model, inputs, f"{criterion}:site=pre_llm,keep=0.5,positions={positions}+fastv:layer=2,{budget2}")
+    logits, trace = patched_prefill(model, inputs, f"{criterion}:site=pre_llm,keep=0.5,positions={positions}+fastv:layer=2,{budget2}")
     n0 = [72, 36, 0]
     k1 = [max(1, math.floor(0.5 * n + 0.5)) if n else 0 for n in n0]
     k2 = [max(1, math.floor(keep2 * (n if of == "original" else k) + 0.5)) if n else 0 for n, k in zip(n0, k1)]
@@ -90,7 +72,7 @@ def test_pre_llm_prune_then_fastv_matches_oracle(attn, criterion, positions, kee
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_generate_matches_oracle(attn, positions, use_cache):
     """Cached generate(): FastV's choice is made once on the prompt; use_cache=False re-scores every step."""
-    model = tiny(attn)
+    model = tiny_llava(attn)
     inputs = make_batch(model, ROWS)
     with vtp.patch(model, f"aim_merge:keep=0.25,positions={positions}+fastv:layer=2,keep=0.125"), torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=use_cache)
@@ -103,7 +85,7 @@ def test_generate_matches_oracle(attn, positions, use_cache):
 
 def test_oracle_distinguishes_settings():
     """Gaps vs repack and FastV's choice change the oracle's logits, so the comparisons above can fail."""
-    model = tiny("eager")
+    model = tiny_llava("eager")
     inputs = make_batch(model, [[5, "img", 7]])
     a = oracle.row(model, inputs, 0, keep1=0.25, layer=2, keep2=0.125, positions="gaps", merge=MERGE)
     b = oracle.row(model, inputs, 0, keep1=0.25, layer=2, keep2=0.125, positions="repack", merge=MERGE)
@@ -116,9 +98,9 @@ def test_oracle_distinguishes_settings():
 
 def test_three_stages_trace_in_original_coordinates():
     """aim_merge + two LLM stages: every stage's kept positions are original ones, nested, with merge sources."""
-    model = tiny("sdpa")
+    model = tiny_llava("sdpa")
     inputs = make_batch(model, ROWS)
-    _, trace = _run(model, inputs, "aim_merge:keep=0.5+fastv:layer=1,keep=0.25+fastv:layer=3,keep=0.125")
+    _, trace = patched_prefill(model, inputs, "aim_merge:keep=0.5+fastv:layer=1,keep=0.25+fastv:layer=3,keep=0.125")
     assert [s.layer for s in trace.stages] == [0, 1, 3]
     assert [s.visual_after for s in trace.stages] == [[18, 36], [9, 18], [5, 9]]
     assert trace.tokens_per_layer[0] == trace.stages[0].tokens_after
@@ -137,10 +119,10 @@ def test_three_stages_trace_in_original_coordinates():
 def test_structural_after_pre_llm_matches_oracle(structural, ops):
     """Structural ops see the reduced sequence (its visual rows are the merged tokens): prefill logits and
     cached greedy generate() == the masked structural oracle run on the pre_llm oracle's reduced rows."""
-    model = tiny("eager")
+    model = tiny_llava("eager")
     inputs = make_batch(model, ROWS)
     policy = f"aim_merge:keep=0.25,positions=gaps+{structural}"
-    logits, _ = _run(model, inputs, policy)
+    logits, _ = patched_prefill(model, inputs, policy)
     with vtp.patch(model, policy), torch.no_grad():
         gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, inputs["input_ids"].shape[1]:]
     for b in range(2):
@@ -162,11 +144,11 @@ def test_structural_after_pre_llm_matches_oracle(structural, ops):
 
 
 def test_keep_everything_and_unpatch_are_exact():
-    model = tiny("eager")
+    model = tiny_llava("eager")
     inputs = make_batch(model, ROWS)
     with torch.no_grad():
         before = model(**inputs).logits
-        logits, trace = _run(model, inputs, "aim_merge:keep=1.0+fastv:layer=2,keep=1.0")
+        logits, trace = patched_prefill(model, inputs, "aim_merge:keep=1.0+fastv:layer=2,keep=1.0")
         assert torch.equal(logits, before) and trace.stages[1].visual_after == [36, 72]
         with vtp.patch(model, "aim_merge:keep=0.25+fastv:layer=2,keep=0.125") as h:
             assert model(**inputs).logits.shape[1] < before.shape[1]
@@ -180,10 +162,10 @@ def test_flops_prediction_matches_trace_and_explain(capsys):
     from vlm_tokenprune.cli import main
     from vlm_tokenprune.eval.flops import policy_flops, trace_flops
 
-    model = tiny("sdpa")
+    model = tiny_llava("sdpa")
     inputs = make_batch(model, [[5, "img", 7]])
     policy = "aim_merge:keep=0.25+fastv:layer=2,keep=0.125"
-    _, trace = _run(model, inputs, policy)
+    _, trace = patched_prefill(model, inputs, policy)
     n_text = inputs["input_ids"].shape[1] - 36
     pred = policy_flops(model.config.text_config, policy, n_text, 36)
     assert pred["tokens_per_layer"] == trace.tokens_per_layer == [n_text + 9] * 2 + [n_text + 5] * 2
@@ -200,7 +182,7 @@ def test_budget_errors_name_the_field():
     with pytest.raises(PolicyError) as e:
         vtp.Policy.parse("aim_merge:keep=0.25+fastv:layer=2,keep=0.5")
     assert e.value.field == "stages[1].keep" and "of=current" in str(e.value)
-    model = tiny("sdpa")
+    model = tiny_llava("sdpa")
     inputs = make_batch(model, [[5, "img", 7]])
     with pytest.raises(InputError) as e, vtp.patch(model, "aim_merge:keep=0.25+fastv:layer=2,tokens=20", strict=True), torch.no_grad():
         model(**inputs)  # 9 tokens left after the merge
@@ -212,7 +194,7 @@ def test_budget_errors_name_the_field():
 def test_cached_decode_step_logits_match_oracle(attn, positions):
     """One cached decode step after the reduced, pruned prompt (the 2-D mask grows by one column, as in
     generate()): its logits == the oracle's cache-free forward with the new token at the next position."""
-    model = tiny(attn)
+    model = tiny_llava(attn)
     inputs = make_batch(model, ROWS)
     nxt = torch.tensor([[9], [11]])
     mask = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)

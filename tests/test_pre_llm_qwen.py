@@ -5,22 +5,18 @@ style): images of different sizes and a video, a left-padded batch of two, every
 """
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import BACKENDS, FLASH
-from helpers import cache_kwargs
+from kit import BACKENDS, FLASH, cache_kwargs, left_padding, row_alone, tiny_qwen
 from reference import pre_llm_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError
 from vlm_tokenprune.eval.tiny_models import (
-    IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_VISION_END_ID, QWEN_VISION_START_ID, build_tiny_qwen2_vl,
+    IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_VISION_END_ID, QWEN_VISION_START_ID,
     make_qwen_batch,
 )
-
-torch.set_num_threads(1)
 
 ATOL = 1e-5
 ROWS = [[3, "img", 2, "vid", 4], [2, "img", 1, "img", 3]]  # row 1 shorter: left padded
@@ -30,39 +26,12 @@ MERGE = {"mode": "mean", "order": "spatial"}
 SPECIAL = (IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_VISION_START_ID, QWEN_VISION_END_ID)
 
 
-@functools.lru_cache(maxsize=None)
 def tiny(attn: str, version: str = "2"):
-    return build_tiny_qwen2_vl(attn, version)
+    return tiny_qwen(attn, version)
 
 
 def batch(model) -> dict:
     return make_qwen_batch(model, ROWS, image_grids=IMAGES, video_grids=VIDEOS)
-
-
-def row_alone(inputs: dict, b: int) -> dict:
-    """Row b of the padded batch as its own unpadded batch of one, with its images and videos only."""
-    def take(kind: str, grid_key: str, pix_key: str):
-        before = sum(seg == kind for r in ROWS[:b] for seg in r)
-        n = sum(seg == kind for seg in ROWS[b])
-        if not n:
-            return {}
-        thw = inputs[grid_key]
-        start = int(thw.prod(-1)[:before].sum())
-        out = {grid_key: thw[before:before + n], pix_key: inputs[pix_key][start:start + int(thw[before:before + n].prod(-1).sum())]}
-        if kind == "vid" and "second_per_grid_ts" in inputs:
-            out["second_per_grid_ts"] = inputs["second_per_grid_ts"][before:before + n]
-        return out
-
-    real = inputs["attention_mask"][b].bool()
-    ids = inputs["input_ids"][b][real][None]
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": inputs["mm_token_type_ids"][b][real][None]}
-    out.update(take("img", "image_grid_thw", "pixel_values"))
-    out.update(take("vid", "video_grid_thw", "pixel_values_videos"))
-    return out
-
-
-def _pad(inputs, b: int) -> int:
-    return int((inputs["attention_mask"][b] == 0).sum())
 
 
 @pytest.mark.parametrize("version", ["2", "2.5"])
@@ -80,9 +49,9 @@ def test_pre_llm_matches_oracle(version, attn, policy, merge):
         st = h.last_trace().stages[0]
     keep = float(policy.split("keep=")[1].split(",")[0])
     for b in range(2):
-        pad = _pad(inputs, b)
+        pad = left_padding(inputs, b)
         kept = None if merge is not None else [p - pad for p in st.kept_positions[b]]
-        x, pos3, pos, sources, _ = oracle.qwen_reduce(model, row_alone(inputs, b), keep, merge=merge, kept=kept)
+        x, pos3, pos, sources, _ = oracle.qwen_reduce(model, row_alone(inputs, ROWS, b), keep, merge=merge, kept=kept)
         vis = [p for p in pos if p in sources]
         assert [p - pad for p in st.kept_positions[b]] == vis
         assert [[s - pad for s in src] for src in st.sources[b]] == [sources[p] for p in vis]
@@ -101,7 +70,7 @@ def test_generate_matches_oracle(version, attn, use_cache):
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=use_cache, suppress_tokens=list(SPECIAL))
     L = inputs["input_ids"].shape[1]
     for b in range(2):
-        x, pos3, _, _, nxt = oracle.qwen_reduce(model, row_alone(inputs, b), 0.25, merge=MERGE)
+        x, pos3, _, _, nxt = oracle.qwen_reduce(model, row_alone(inputs, ROWS, b), 0.25, merge=MERGE)
         assert out[b, L:].tolist() == oracle.qwen_greedy(model, x, pos3, nxt, 4, SPECIAL)
 
 
@@ -110,7 +79,7 @@ def test_cached_decode_step_logits(with_mask):
     """A manual decode step on the returned cache, with a grown 2-D mask or none (the model then counts the
     cache, which holds the reduced prompt): the new token sits at the unreduced prompt's next position."""
     model = tiny("sdpa")
-    inputs = row_alone(batch(model), 0)
+    inputs = row_alone(batch(model), ROWS, 0)
     nxt = torch.tensor([[9]])
     extra = {"attention_mask": torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long)} if with_mask else {}
     with vtp.patch(model, "aim_merge:keep=0.25,positions=gaps"), torch.no_grad():
@@ -141,7 +110,7 @@ def test_keep_everything_and_unpatch_are_exact():
 def test_oracle_distinguishes_positions():
     """Gapped 3-D positions differ from a text-like renumbering, so the logits comparison can fail."""
     model = tiny("eager")
-    inputs = row_alone(batch(model), 0)
+    inputs = row_alone(batch(model), ROWS, 0)
     x, pos3, _, _, _ = oracle.qwen_reduce(model, inputs, 0.25, merge=MERGE)
     flat = torch.arange(x.shape[0]).expand(3, -1)
     assert not torch.allclose(oracle.qwen_logits(model, x, pos3), oracle.qwen_logits(model, x, flat), atol=1e-4)
@@ -168,8 +137,8 @@ def test_aim_merge_then_fastv_matches_oracle(attn):
     eager = fq.eager_copy(model)
     lm = eager.model.language_model
     for b in range(2):
-        pad = _pad(inputs, b)
-        x, pos3, pos, sources, _ = oracle.qwen_reduce(model, row_alone(inputs, b), 0.5, merge=MERGE)
+        pad = left_padding(inputs, b)
+        x, pos3, pos, sources, _ = oracle.qwen_reduce(model, row_alone(inputs, ROWS, b), 0.5, merge=MERGE)
         n_orig = sum(len(s) for s in sources.values())
         k = max(1, int(0.25 * n_orig + 0.5))
         with torch.no_grad():

@@ -8,9 +8,7 @@ kept tokens.
 """
 from __future__ import annotations
 
-import functools
 import inspect
-import math
 import types
 
 import pytest
@@ -18,7 +16,10 @@ import torch
 from transformers import Qwen2VLForConditionalGeneration
 
 import vlm_tokenprune as vtp
-from kit import BACKENDS
+from kit import (
+    BACKENDS, assert_batch_matches_rows_alone, assert_clear_cut, assert_generate_matches_rows_alone, generate_rows,
+    kept_count, n_visual, patched_prefill, row_alone, tiny_qwen,
+)
 from reference import fastv_qwen_oracle as oracle
 from vlm_tokenprune import InputError, UnsupportedModelError
 from vlm_tokenprune.adapters import resolve_adapter
@@ -49,10 +50,8 @@ HAS_MM_ENCODER_OUTPUTS = "mm_encoder_outputs" in inspect.signature(Qwen2VLForCon
 SPECIAL = (IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_VISION_START_ID, QWEN_VISION_END_ID)
 
 
-@functools.lru_cache(maxsize=None)
 def tiny(attn: str, version: str):
-    """One model per (backend, version), shared; never mutated (patches are always undone)."""
-    return build_tiny_qwen2_vl(attn, version)
+    return tiny_qwen(attn, version)
 
 
 def case(model, name: str, seed: int = 0) -> dict:
@@ -64,44 +63,8 @@ def batch(model, seed: int = 0) -> dict:
     return make_qwen_batch(model, BATCH, seed=seed, image_grids=BATCH_IMAGES, video_grids=BATCH_VIDEOS)
 
 
-def n_visual(inputs, b: int = 0) -> int:
-    ids = inputs["input_ids"][b]
-    return int(((ids == IMAGE_TOKEN_ID) | (ids == QWEN_VIDEO_TOKEN_ID)).sum())
-
-
-def k_of(budget: str, n: int) -> int:
-    key, value = budget.split("=")
-    return int(value) if key == "tokens" else max(1, math.floor(float(value) * n + 0.5))
-
-
 def assert_well_separated(model, inputs, layer: int, k: int) -> None:
-    s = sorted(oracle.fastv_scores(model, inputs, layer).values(), reverse=True)
-    if 0 < k < len(s):
-        assert s[k - 1] - s[k] > 1e-7, f"ill-conditioned case: scores {s[k - 1]} vs {s[k]}"
-
-
-def row_alone(inputs: dict, rows: list, b: int) -> dict:
-    """Row b of a padded batch as its own unpadded batch of one, with its images and videos only."""
-    def take(kind: str, grid_key: str, pix_key: str):
-        before = sum(seg == kind for r in rows[:b] for seg in r)
-        n = sum(seg == kind for seg in rows[b])
-        if not n:
-            return {}
-        thw = inputs[grid_key]
-        patches = thw.prod(-1)
-        start = int(patches[:before].sum())
-        out = {grid_key: thw[before:before + n], pix_key: inputs[pix_key][start:start + int(patches[before:before + n].sum())]}
-        if kind == "vid" and "second_per_grid_ts" in inputs:
-            out["second_per_grid_ts"] = inputs["second_per_grid_ts"][before:before + n]
-        return out
-
-    real = inputs["attention_mask"][b].bool()
-    ids = inputs["input_ids"][b][real][None]
-    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-           "mm_token_type_ids": inputs["mm_token_type_ids"][b][real][None]}
-    out.update(take("img", "image_grid_thw", "pixel_values"))
-    out.update(take("vid", "video_grid_thw", "pixel_values_videos"))
-    return out
+    assert_clear_cut(oracle.fastv_scores(model, inputs, layer).values(), k, 1e-7)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,7 +164,7 @@ def test_unpatch_restores_exactly(version):
 # prefill == oracle
 # ------------------------------------------------------------------------------------------------
 def check_single_vs_oracle(model, inputs, layer: int, budget: str) -> None:
-    k = k_of(budget, n_visual(inputs))
+    k = kept_count(budget, n_visual(inputs))
     assert_well_separated(model, inputs, layer, k)
     want_keep = oracle.fastv_keep(model, inputs, layer, k)
     want = oracle.fastv_logits(model, inputs, layer, want_keep)
@@ -228,20 +191,13 @@ def test_left_padded_batch_prefill_matches_rows_alone(attn, version):
     model = tiny(attn, version)
     inputs = batch(model, seed=1)
     for layer, budget in ((2, "keep=0.25"), (3, "keep=0.6")):
-        logits, trace = patched_prefill(model, inputs, f"fastv:layer={layer},{budget}")
-        L = inputs["input_ids"].shape[1]
-        lens = []
-        for b in range(len(BATCH)):
-            alone = row_alone(inputs, BATCH, b)
-            pad = L - alone["input_ids"].shape[1]
-            k = k_of(budget, n_visual(alone))
+        def row_oracle(alone):
+            k = kept_count(budget, n_visual(alone))
             assert_well_separated(model, alone, layer, k)
             keep = oracle.fastv_keep(model, alone, layer, k)
-            want = oracle.fastv_logits(model, alone, layer, keep)[0]
-            assert trace.stages[0].kept_positions[b] == [p + pad for p in keep], f"row {b}"
-            torch.testing.assert_close(logits[b, -want.shape[0]:], want, atol=ATOL, rtol=0, msg=f"row {b}")
-            lens.append(want.shape[0])
-        assert logits.shape[1] == max(lens)
+            return [keep], oracle.fastv_logits(model, alone, layer, keep)[0]
+
+        assert_batch_matches_rows_alone(model, inputs, BATCH, f"fastv:layer={layer},{budget}", row_oracle, atol=ATOL)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,12 +211,9 @@ def test_generate_matches_oracle(attn, version, use_cache):
     rope_deltas); cache-free: re-chosen each step."""
     model = tiny(attn, version)
     inputs = case(model, "image+video")
-    L = inputs["input_ids"].shape[1]
-    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
-    with vtp.patch(model, "fastv:layer=2,tokens=9"), torch.no_grad():
-        g = model.generate(**inputs, max_new_tokens=8, do_sample=False, use_cache=use_cache, suppress_tokens=list(SPECIAL))
+    eos = model.generation_config.eos_token_id
     want = oracle.fastv_generate(model, inputs, 2, 9, 8, rescore=not use_cache, eos_token_id=eos, suppress=SPECIAL)
-    assert new_tokens(g[0], L, eos, pad) == want
+    assert generate_rows(model, inputs, "fastv:layer=2,tokens=9", use_cache=use_cache, suppress_tokens=list(SPECIAL)) == [want]
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -268,16 +221,12 @@ def test_generate_matches_oracle(attn, version, use_cache):
 @pytest.mark.parametrize("attn", BACKENDS)
 def test_left_padded_batch_generate_matches_rows_alone(attn, version, use_cache):
     model = tiny(attn, version)
-    inputs = batch(model, seed=2)
-    L = inputs["input_ids"].shape[1]
-    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
-    with vtp.patch(model, "fastv:layer=2,keep=0.25"), torch.no_grad():
-        g = model.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=use_cache, suppress_tokens=list(SPECIAL))
-    for b in range(len(BATCH)):
-        alone = row_alone(inputs, BATCH, b)
-        k = k_of("keep=0.25", n_visual(alone))
-        want = oracle.fastv_generate(model, alone, 2, k, 6, rescore=not use_cache, eos_token_id=eos, suppress=SPECIAL)
-        assert new_tokens(g[b], L, eos, pad) == want, f"row {b}"
+    eos = model.generation_config.eos_token_id
+    assert_generate_matches_rows_alone(
+        model, batch(model, seed=2), BATCH, "fastv:layer=2,keep=0.25",
+        lambda alone: oracle.fastv_generate(model, alone, 2, kept_count("keep=0.25", n_visual(alone)), 6,
+                                            rescore=not use_cache, eos_token_id=eos, suppress=SPECIAL),
+        use_cache=use_cache, steps=6, suppress_tokens=list(SPECIAL))
 
 
 def _rope_positions(model, inputs) -> torch.Tensor:
@@ -516,7 +465,6 @@ def test_known_unsupported_model_types_say_why(model_type, reason):
 # ------------------------------------------------------------------------------------------------
 from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as hs  # noqa: E402
-from helpers import new_tokens, patched_prefill
 
 _segments = hs.one_of(hs.integers(1, 4), hs.just("img"), hs.just("vid"))
 

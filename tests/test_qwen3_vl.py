@@ -14,14 +14,15 @@ import math
 
 import pytest
 import torch
-from conftest import BACKENDS
+from kit import BACKENDS
 from helpers import new_tokens
 from reference import qwen3_vl_oracle as oracle
 from reference import uniform_oracle
 
 import vlm_tokenprune as vtp
 from vlm_tokenprune import IncompatiblePolicyError
-from vlm_tokenprune.eval.tiny_families import build_tiny_qwen3_vl
+from vlm_tokenprune.adapters import resolve_adapter
+from vlm_tokenprune.eval.tiny_families import build_tiny_qwen3_vl, make_qwen3_batch
 from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, QWEN_VISION_END_ID, QWEN_VISION_START_ID, make_qwen_batch
 
 torch.set_num_threads(1)
@@ -203,6 +204,69 @@ def test_cached_generate_matches_oracle(moe):
         g = model.generate(**inputs, max_new_tokens=6, do_sample=False, suppress_tokens=BANNED)
     want = oracle.greedy(model, inputs, 6, fastv=(1, k), eos=eos)
     assert new_tokens(g[0], L, eos, pad) == want
+
+
+# ------------------------------------------------------------------------------------------------
+# videos: every frame its own <timestamp> <vision_start> frame <vision_end> group (Qwen3-VL's processor)
+# ------------------------------------------------------------------------------------------------
+VROWS = [[3, "img", 2, "vid", 4], [2, "vid", 3]]
+VGRIDS = [(2, 2, 3), (2, 3, 2)]  # (t, h, w) per video
+
+
+def video_batch(model) -> dict:
+    return make_qwen3_batch(model, VROWS, image_grids=[(3, 4)], video_grids=VGRIDS)
+
+
+def video_row_alone(inputs: dict, b: int) -> dict:
+    real = inputs["attention_mask"][b].bool()
+    ids = inputs["input_ids"][b][real][None]
+    vthw = inputs["video_grid_thw"]
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+           "mm_token_type_ids": inputs["mm_token_type_ids"][b][real][None], "video_grid_thw": vthw[b:b + 1]}
+    start = int(vthw[:b].prod(-1).sum())
+    out["pixel_values_videos"] = inputs["pixel_values_videos"][start:start + int(vthw[b].prod())]
+    if b == 0:
+        out.update(image_grid_thw=inputs["image_grid_thw"], pixel_values=inputs["pixel_values"])
+    return out
+
+
+def test_video_keep_all_is_exact_and_frames_are_grids():
+    model = tiny("sdpa")
+    inputs = video_batch(model)
+    kw = {"max_new_tokens": 3, "do_sample": False, "suppress_tokens": BANNED}
+    with torch.no_grad():
+        ref, ref_gen = model(**inputs).logits, model.generate(**inputs, **kw)
+        with vtp.patch(model, "fastv:layer=1,keep=1+uniform:layer=3,keep=1") as h:
+            assert torch.equal(model(**inputs).logits, ref) and torch.equal(model.generate(**inputs, **kw), ref_gen)
+        # uniform's grids: the same from image / video grids (forward) and from the 3-D positions (generate)
+        with vtp.patch(model, "uniform:layer=2,keep=0.5") as h:
+            model(**inputs)
+            from_grids = h.last_trace().stages[0].kept_positions
+            model.generate(**inputs, **kw)
+            assert h.last_trace().stages[0].kept_positions == from_grids
+    lay = resolve_adapter(model).visual_layout(model, inputs["input_ids"], inputs)
+    v = lay.is_visual[1]
+    assert lay.segment[1][v].tolist() == [0] * 6 + [1] * 6 and lay.col[1][v].tolist() == [0, 1] * 6
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_video_fastv_matches_oracle(attn):
+    model = tiny(attn)
+    inputs = video_batch(model)
+    with vtp.patch(model, "fastv:layer=1,keep=0.3") as h, torch.no_grad():
+        logits = model(**inputs).logits
+        trace = h.last_trace()
+    L = inputs["input_ids"].shape[1]
+    for b in range(2):
+        alone = video_row_alone(inputs, b)
+        pad = L - alone["input_ids"].shape[1]
+        prompt = oracle.Prompt(model, alone)
+        k = k_of(0.3, len(prompt.visual))
+        s = oracle.fastv_scores(model, alone, 1)
+        assert s[k - 1] - s[k] > 1e-7, "ill-conditioned case"
+        want, kept = oracle.forward(oracle.eager_copy(model), prompt, fastv=(1, k))
+        assert trace.stages[0].kept_positions[b] == [p + pad for p in kept], f"row {b}"
+        torch.testing.assert_close(logits[b, -want.shape[0]:], want, atol=ATOL, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------

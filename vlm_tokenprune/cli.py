@@ -495,9 +495,9 @@ def cmd_viz(args: argparse.Namespace) -> int:
     if (args.image is None) != (args.question is None):
         raise InputError("--image/--question", "give both, or neither (then a synthetic test-split question is used)")
     if args.image is None:
-        from .eval.synthetic import make_split
+        from .eval.synthetic import QTYPES, make_example, split_seeds
 
-        ex = make_split("test", args.example + 1)[args.example]
+        ex = make_example(split_seeds("test", args.example + 1)[args.example], QTYPES[args.example % len(QTYPES)])
         image, question = ex["image"], ex["question"]
         print(f"synthetic test example {args.example}: {question!r} (answer {ex['answer']!r})")
     else:
@@ -649,6 +649,102 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# -- argument checks (before any model is loaded) ------------------------------------------------------
+_AT_LEAST = {  # attribute -> (flag, smallest allowed value)
+    "threads": ("--threads", 1), "n": ("--n", 1), "batch_size": ("--batch-size", 1), "batch": ("--batch", 1),
+    "repeats": ("--repeats", 1), "iters": ("--iters", 1), "warmup": ("--warmup", 0), "timing_iters": ("--timing-iters", 0),
+    "layers": ("--layers", 1), "vision_layers": ("--vision-layers", 1), "n_text": ("--n-text", 0),
+    "n_visual": ("--n-visual", 1), "example": ("--example", 0),
+}
+
+
+def _writable_target(path: str, flag: str, folder: bool = False) -> None:
+    """``path`` can be written: an existing file / folder we may write, or a new one in a writable folder."""
+    from .errors import InputError
+
+    target = os.path.abspath(path)
+    if os.path.exists(target):
+        if folder != os.path.isdir(target):
+            raise InputError(flag, f"{path!r} exists and is {'not ' if folder else ''}a folder")
+        if not os.access(target, os.W_OK):
+            raise InputError(flag, f"{path!r} is not writable")
+        return
+    parent = os.path.dirname(target)
+    while folder and parent and not os.path.exists(parent):  # bench creates the missing folders
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise InputError(flag, f"cannot write {path!r}: {parent!r} is not a writable folder")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every option of the command, checked before a model (or data) is loaded; an ``InputError`` naming the flag."""
+    from .errors import InputError
+
+    for attr, (flag, low) in _AT_LEAST.items():
+        value = getattr(args, attr, None)
+        if value is not None and value < low:
+            raise InputError(flag, f"must be an integer >= {low}, got {value}")
+    if getattr(args, "example", None) is not None:
+        from .eval.synthetic import SPLIT_SEED_SPAN
+
+        if args.example >= SPLIT_SEED_SPAN:
+            raise InputError("--example", f"must be below {SPLIT_SEED_SPAN} (the test split's size), got {args.example}")
+    device = getattr(args, "device", None)
+    if device is not None and device != "auto":
+        import torch
+
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise InputError("--device", f"{device!r} is not a device; allowed: auto, cpu, cuda, cuda:N, mps") from None
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+            raise InputError("--device", f"{device!r} is not available here (torch.cuda.is_available() is "
+                             f"{torch.cuda.is_available()})")
+        if dev.type not in ("cpu", "cuda", "mps") or (dev.type == "mps" and not torch.backends.mps.is_available()):
+            raise InputError("--device", f"{device!r} is not available here; allowed: auto, cpu, cuda, cuda:N, mps")
+    dtype = getattr(args, "dtype", None)
+    if dtype is not None:
+        from .eval.profiler import DTYPES
+
+        if dtype != "auto" and dtype not in DTYPES:
+            raise InputError("--dtype", f"{dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+    attn = getattr(args, "attn", None)
+    if attn is not None:
+        from transformers import AttentionInterface
+
+        allowed = sorted({"eager", "sdpa", *AttentionInterface._global_mapping})
+        if attn not in allowed:
+            raise InputError("--attn", f"{attn!r}; allowed: {', '.join(allowed)}")
+    policies = getattr(args, "policy", None)
+    if policies is not None and args.command in ("demo", "bench", "profile", "viz"):
+        from . import Policy
+
+        for text in policies if isinstance(policies, list) else [policies]:
+            Policy.parse(text)
+    if args.command == "bench":
+        _writable_target(args.out, "--out", folder=True)
+        _budgets(args.budgets)
+        if args.model is not None and not os.path.isdir(args.model):
+            raise InputError("--model", f"{args.model!r} is not a checkpoint folder")
+    if args.command == "viz":
+        _writable_target(args.out, "--out")
+        if args.image is not None and not os.path.isfile(args.image):
+            raise InputError("--image", f"{args.image!r} is not a file")
+        if args.model != "tiny" and not os.path.isdir(args.model):
+            raise InputError("--model", f"{args.model!r} is neither 'tiny' nor a local checkpoint folder")
+        if args.model == "tiny" and args.dtype not in ("auto", "fp32", "float32"):
+            raise InputError("--dtype", f"{args.dtype!r}: the shipped tiny VLM runs in fp32; allowed with --model tiny: "
+                             "auto, fp32 (other dtypes need --model PATH)")
+    if args.command == "profile":
+        from .eval.profiler import MODEL_CHOICES
+
+        if args.json:
+            _writable_target(args.json, "--json")
+        if args.model not in MODEL_CHOICES and not os.path.isdir(args.model):
+            raise InputError("--model", f"{args.model!r} is neither one of {', '.join(MODEL_CHOICES)} nor a local "
+                             "checkpoint folder")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (argparse usage errors: 2)."""
     parser = build_parser()
@@ -657,6 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version, usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
+        check_args(args)
         return args.func(args)
     except VTPError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

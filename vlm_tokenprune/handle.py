@@ -71,6 +71,8 @@ class PatchHandle:
         self._states: dict[int, ForwardState] = {}  # thread ident -> the forward running in that thread
         self._local = threading.local()  # per thread: last finished forward, vision run / outcome
         self._last: ForwardState | None = None  # the last forward finished in any thread
+        self._last_prefill: ForwardState | None = None  # the last prefill finished in any thread
+        self.requested_policy = policy  # the policy as written (patch() sets it; self.policy: resolved for the model)
         self._lock = threading.Lock()
         self._sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self.active = False
@@ -116,6 +118,9 @@ class PatchHandle:
             st.cache = None  # keep no reference to the caller's KV cache
             self._local.last = st
             self._last = st
+            if st.phase == "prefill":  # last_trace("prefill") after generate(): the prompt's, not the last step's
+                self._local.last_prefill = st
+                self._last_prefill = st
         return st
 
     def discard_state(self) -> None:
@@ -131,6 +136,8 @@ class PatchHandle:
         """Forget the last forward (``last_trace()`` is None until the next one finishes)."""
         self._local.last = None
         self._last = None
+        self._local.last_prefill = None
+        self._last_prefill = None
 
     def session(self, cache: Any):
         """The ``PrefillRecord`` a cache continues (None: not a prompt this handle saw)."""
@@ -193,9 +200,20 @@ class PatchHandle:
         self.unpatch()
 
     # -- observability -------------------------------------------------------------------------
-    def last_trace(self) -> Trace | None:
-        """Per stage of the last forward: kept visual positions per sample, counts, scoring time."""
-        last = self.last_state
+    def last_trace(self, phase: str | None = None) -> Trace | None:
+        """Per stage of the last forward: kept visual positions per sample, counts, scoring time.
+
+        ``phase="prefill"``: the last PREFILL's trace (after ``generate()`` the last forward is a decode
+        step; profiling wants the prompt's); ``"decode"``: the last forward if it was a decode step.
+        """
+        if phase not in (None, "prefill", "decode"):
+            raise InputError("phase", f"{phase!r}; allowed: None (the last forward), 'prefill', 'decode'")
+        if phase == "prefill":
+            last = getattr(self._local, "last_prefill", None) or self._last_prefill
+        else:
+            last = self.last_state
+            if phase == "decode" and last is not None and last.phase != "decode":
+                last = None
         return None if last is None else Trace.from_state(last)
 
     def describe(self) -> str:
@@ -203,6 +221,10 @@ class PatchHandle:
         lines = [f"vlm_tokenprune patch ({'active' if self.active else 'removed'}), backend={self.backend}",
                  f"model: {type(self.model).__name__} ({self.model.config.model_type}), "
                  f"attention: {self.seams.attn_implementation} (mask {self.seams.mask_format})"]
+        requested = getattr(self, "requested_policy", None)
+        if requested is not None and requested != self.policy:  # a preset's paper layers mapped (Policy.at_depth)
+            lines += [f"policy as written: {requested.to_string()}",
+                      f"policy on this model ({self.seams.num_layers} decoder layers): {self.policy.to_string()}"]
         for i, st in enumerate(self.policy.stages):
             if st.site == "vision":
                 lines.append(f"stage {i}: {st.describe()}  ({st.op} between vision-encoder layers; empty slots dropped "

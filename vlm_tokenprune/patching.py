@@ -71,6 +71,10 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
     handle.requested_policy = requested
     try:
         install_all(handle, plans)
+        from .generation_guard import install as install_generate_guard
+
+        # generate() modes that would score with a candidate token as the prompt's last token: refused by name
+        install_generate_guard(handle, model, handle.swap_attr)
     except BaseException:
         handle.unpatch()  # whatever was installed goes again: a failed patch() leaves the model untouched
         raise

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .errors import IncompatiblePolicyError, PolicyError
+from .errors import IncompatiblePolicyError, PolicyError, UnknownNameError
 from .registry import CRITERIA, PRESETS
 from .structural.spec import STRUCTURAL_OPS, TOKEN_OPS, check_structural, params_to_dict, params_to_string
 
@@ -656,8 +656,23 @@ def _check_stage(st: Stage, where: str) -> None:
     _check_depth_field(st, where)
 
 
+def stage_from_fields(fields: Mapping[str, Any], where: str) -> Stage:
+    """One stage from its dict fields (``{"criterion": "fastv", "layer": 2, "keep": 0.25}``, a structural op's
+    ``{"op": "ffn_cut", ...}``), built and checked; ``PolicyError`` naming ``where.<field>`` otherwise. For
+    presets whose ``expand`` builds stages itself (YOPO)."""
+    stage = _build_stage(dict(fields), where)
+    _check_stage(stage, where)
+    return stage
+
+
 def expand_preset(name: str, overrides: Mapping[str, Any], where: str) -> list[Stage]:
-    """Stages of preset ``name`` with ``overrides`` applied (single-stage presets take any key)."""
+    """Stages of preset ``name`` with ``overrides`` applied (single-stage presets take any key). A registered
+    criterion without a preset of its name (e.g. a user's own ``register_criterion``) is one stage of it, written
+    out: ``mine:layer=2,keep=0.5``."""
+    if name not in PRESETS and isinstance(name, str) and name in CRITERIA:
+        return [_build_stage({"criterion": name, **overrides}, where)]
+    if name not in PRESETS:  # the error lists presets and criteria alike (both are valid first words)
+        raise UnknownNameError(f"{where}.method", name, set(PRESETS.names()) | set(CRITERIA.names()) | set(STRUCTURAL_OPS))
     preset = PRESETS.get(name, f"{where}.method")
     return preset.expand(dict(overrides), where)
 

@@ -4,7 +4,7 @@ Test files import from here (``from kit import tiny_llava, BACKENDS, row_alone``
 holds fixtures only. Oracles (``tests/reference/``) never import the kit, which uses the library.
 """
 from .backends import BACKENDS, FLASH
-from .batches import cache_kwargs, n_image_tokens, n_visual, new_tokens, row_alone
+from .batches import cache_kwargs, left_padding, n_image_tokens, n_visual, new_tokens, row_alone
 from .budget import assert_clear_cut, kept_count
 from .compare import assert_batch_matches_rows_alone, assert_generate_matches_rows_alone
 from .models import fresh_llava, fresh_qwen, tiny_llava, tiny_qwen
@@ -12,6 +12,6 @@ from .runs import generate_rows, patched_prefill
 
 __all__ = [
     "BACKENDS", "FLASH", "assert_batch_matches_rows_alone", "assert_clear_cut", "assert_generate_matches_rows_alone",
-    "cache_kwargs", "fresh_llava", "fresh_qwen", "generate_rows", "kept_count", "n_image_tokens", "n_visual",
+    "cache_kwargs", "fresh_llava", "left_padding", "fresh_qwen", "generate_rows", "kept_count", "n_image_tokens", "n_visual",
     "new_tokens", "patched_prefill", "row_alone", "tiny_llava", "tiny_qwen",
 ]

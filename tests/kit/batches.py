@@ -17,6 +17,11 @@ def n_visual(inputs: dict, b: int = 0) -> int:
     return int(((ids == IMAGE_TOKEN_ID) | (ids == QWEN_VIDEO_TOKEN_ID)).sum())
 
 
+def left_padding(inputs: dict, b: int) -> int:
+    """Padding slots of row ``b`` (positions of the row alone = batch positions minus this, left padded)."""
+    return int((inputs["attention_mask"][b] == 0).sum())
+
+
 def _take(inputs: dict, rows: list, b: int, kind: str, grid_key: str, pix_key: str) -> dict:
     """Row ``b``'s Qwen images (``kind="img"``) or videos (``"vid"``): their grids and flattened patches."""
     before = sum(seg == kind for r in rows[:b] for seg in r)

@@ -37,8 +37,8 @@ def assert_batch_matches_rows_alone(model, inputs: dict, rows: list, policy, row
 
 
 def assert_generate_matches_rows_alone(model, inputs: dict, rows: list, policy, row_generate: Callable, *,
-                                       use_cache: bool = True, steps: int = 8) -> None:
+                                       use_cache: bool = True, steps: int = 8, **generate_kw) -> None:
     """Greedy generation of the patched padded batch: row b's tokens == ``row_generate(row b alone)``."""
-    got = generate_rows(model, inputs, policy, steps, use_cache)
+    got = generate_rows(model, inputs, policy, steps, use_cache, **generate_kw)
     for b in range(len(rows)):
         assert got[b] == row_generate(row_alone(inputs, rows, b)), f"row {b}"

@@ -65,6 +65,22 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                 "model.model.language_model", "expected _deepstack_process (the DeepStack injection of Qwen3-VL)")
 
     @staticmethod
+    def _grid_from_positions(hw_pos: torch.Tensor) -> tuple[int, int] | None:
+        """(h, w) of one frame from an item's height / width position ids ``[2, n]``. A Qwen3-VL video is one
+        item whose frames each restart at their own offset (a timestamp sits between them): the frames are cut
+        where the height id does not step by 0 or 1, and must all be the same ``h x w`` raster."""
+        hw = Qwen2VLAdapter._grid_from_positions(hw_pos)
+        if hw is not None:
+            return hw
+        ph = hw_pos[0].tolist()
+        cuts = [0] + [i for i in range(1, len(ph)) if not 0 <= ph[i] - ph[i - 1] <= 1] + [len(ph)]
+        sizes = {b - a for a, b in zip(cuts, cuts[1:])}
+        if len(sizes) != 1:
+            return None
+        frames = [Qwen2VLAdapter._grid_from_positions(hw_pos[:, a:b]) for a, b in zip(cuts, cuts[1:])]
+        return frames[0] if frames[0] is not None and all(f == frames[0] for f in frames) else None
+
+    @staticmethod
     def deepstack_layers(model: nn.Module) -> int:
         """How many decoder layers are followed by an injection (after layers 0 .. n - 1)."""
         return len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())

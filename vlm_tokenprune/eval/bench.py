@@ -57,7 +57,9 @@ def with_budget(policy: Any, keep: float) -> Policy:
         raise PolicyError("budgets", f"{pol.to_string()!r} has no token budget to set")
     if len(budgeted) == 1:
         i = budgeted[0]
-        return Policy(tuple(replace(st, budget=Budget(keep=float(keep), rounding=st.budget.rounding if st.budget.keep is not None else "half_up")) if j == i else st for j, st in enumerate(pol.stages)))
+        b = pol.stages[i].budget
+        budget = Budget(keep=float(keep), rounding=b.rounding if b.keep is not None else "half_up")  # its own rounding
+        return Policy(tuple(replace(st, budget=budget) if j == i else st for j, st in enumerate(pol.stages)))
     first = pol.stages[budgeted[0]].budget
     if first.keep is None or first.of != "original":
         raise PolicyError("budgets", f"the first stage of {pol.to_string()!r} has no keep-of-original budget to scale; "

@@ -421,7 +421,13 @@ def encode_images(model, inputs: dict) -> dict:
     """``inputs`` with pixels replaced by precomputed ``mm_encoder_outputs`` (what ``generate()`` passes).
 
     Mirrors transformers' ``_prepare_multimodal_encoder_kwargs_for_generation``: each modality's
-    ``get_<modality>_features`` consumes its pixel and grid arguments, which are then dropped.
+    ``get_<modality>_features`` consumes its pixel and grid arguments, which are then dropped, except
+    the ``*_grid_thw`` grids (Qwen2-VL family): the language model's M-RoPE positions and the patch
+    layout are computed from them (``generate()`` computes the positions before it drops them), so
+    without them this prefill would not be the one ``generate()`` runs.
+
+    transformers releases without ``mm_encoder_outputs`` (5.17) ignore it and embed the placeholders
+    as text: check :func:`encoder_outputs_honoured` before timing this call as the LM prefill.
     """
     out = dict(inputs)
     encoded: dict = {}
@@ -437,9 +443,21 @@ def encode_images(model, inputs: dict) -> dict:
             used |= set(kw)
             encoded[modality] = fn(**kw, return_dict=True)
     for k in used:
-        out.pop(k, None)
+        if not k.endswith("_grid_thw"):
+            out.pop(k, None)
     out["mm_encoder_outputs"] = encoded
     return out
+
+
+def encoder_outputs_honoured(model, inputs: dict, lm_inputs: dict | None = None, rtol: float = 1e-3) -> bool:
+    """Whether the model's forward uses precomputed ``mm_encoder_outputs`` (``encode_images``): the
+    last-token logits from them equal those of a forward from pixels (unpatched model), to ``rtol``
+    of the largest logit. False on transformers releases that silently ignore the argument."""
+    lm_inputs = encode_images(model, inputs) if lm_inputs is None else lm_inputs
+    with torch.no_grad():
+        a = model(**inputs, logits_to_keep=1).logits.float()
+        b = model(**lm_inputs, logits_to_keep=1).logits.float()
+    return bool((a - b).abs().max() <= rtol * a.abs().max().clamp(min=1e-6))
 
 
 def load_model(spec: str, *, layers: int | None = None, vision_layers: int | None = None, dtype=None,

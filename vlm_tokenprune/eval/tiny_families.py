@@ -210,3 +210,56 @@ def build_tiny_qwen3_vl(attn_implementation: str = "sdpa", moe: bool = False, se
     model = cls._from_config(tiny_qwen3_vl_config(moe=moe, **config_kwargs), attn_implementation=attn_implementation,
                              dtype=dtype)
     return model.eval()
+
+
+def make_qwen3_batch(model, rows: list[list], seed: int = 0, padding: str = "left", image_grids=None,
+                     video_grids=None) -> dict:
+    """Qwen3-VL inputs built by hand: like ``tiny_models.make_qwen_batch`` (``image_grids`` (h, w),
+    ``video_grids`` (t, h, w) in LLM tokens), but every video FRAME is its own ``<t> <vision_start> frame
+    <vision_end>`` group after a timestamp text token, as Qwen3-VL's processor writes videos (its
+    ``get_rope_index`` splits ``video_grid_thw`` into t single frames)."""
+    from .tiny_models import QWEN_VIDEO_TOKEN_ID, QWEN_VISION_END_ID, QWEN_VISION_START_ID, make_qwen_batch
+
+    base = make_qwen_batch(model, [[seg for seg in r if seg != "vid"] or [1] for r in rows], seed=seed,
+                           image_grids=image_grids)
+    g = torch.Generator().manual_seed(seed + 1)
+    cfg = model.config
+    vc = cfg.vision_config
+    merge = vc.spatial_merge_size
+    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size * vc.patch_size
+    n_vid = sum(seg == "vid" for r in rows for seg in r)
+    video_grids = [tuple(x) for x in (video_grids or [(2, 2, 2)] * n_vid)]
+    out: dict = {k: v for k, v in base.items() if k in ("pixel_values", "image_grid_thw")}
+    if n_vid:
+        thw = torch.tensor([[t, h * merge, w * merge] for t, h, w in video_grids])
+        out["pixel_values_videos"] = torch.randn(int(thw.prod(-1).sum()), patch_dim, generator=g)
+        out["video_grid_thw"] = thw
+    imgs, vids = iter(image_grids or [(2, 3)] * sum(seg == "img" for r in rows for seg in r)), iter(video_grids)
+    seqs, types = [], []
+    for r in rows:
+        s, ty = [BOS_ID], [0]
+        for seg in r:
+            if seg == "img":
+                h, w = next(imgs)
+                s += [QWEN_VISION_START_ID] + [IMAGE_TOKEN_ID] * (h * w) + [QWEN_VISION_END_ID]
+                ty += [0] + [1] * (h * w) + [0]
+            elif seg == "vid":
+                t, h, w = next(vids)
+                for _ in range(t):  # a timestamp (text), then the frame
+                    s += [int(torch.randint(FIRST_TEXT_ID, cfg.text_config.vocab_size, (1,), generator=g))]
+                    s += [QWEN_VISION_START_ID] + [QWEN_VIDEO_TOKEN_ID] * (h * w) + [QWEN_VISION_END_ID]
+                    ty += [0, 0] + [2] * (h * w) + [0]
+            else:
+                s += torch.randint(FIRST_TEXT_ID, cfg.text_config.vocab_size, (int(seg),), generator=g).tolist()
+                ty += [0] * int(seg)
+        seqs.append(s)
+        types.append(ty)
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    tt = torch.zeros((len(seqs), L), dtype=torch.int)
+    for b, (s, ty) in enumerate(zip(seqs, types)):
+        sl = slice(L - len(s), L) if padding == "left" else slice(0, len(s))
+        ids[b, sl], mask[b, sl], tt[b, sl] = torch.tensor(s), 1, torch.tensor(ty, dtype=torch.int)
+    out.update(input_ids=ids, attention_mask=mask, mm_token_type_ids=tt)
+    return out

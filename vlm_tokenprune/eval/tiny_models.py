@@ -54,7 +54,13 @@ def build_tiny_llava(attn_implementation: str = "sdpa", seed: int = 0, dtype=tor
 
 
 def image_tokens_per_image(model, pixel_values, image_sizes=None) -> list[int]:
-    """How many placeholder tokens each image needs (from the model's own feature path)."""
+    """How many placeholder tokens each image needs (from the model's own feature path).
+
+    The pixels may live on the CPU in fp32 (``make_batch`` draws them there): they are moved to the
+    model's device and dtype for this count (a CUDA / bf16 model would refuse them otherwise)."""
+    pixel_values = pixel_values.to(model.device, model.dtype)
+    if image_sizes is not None:
+        image_sizes = image_sizes.to(model.device)
     with torch.no_grad():
         if model.config.model_type == "llava_next":
             out = model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes)

@@ -7,6 +7,7 @@ points evenly in raster order. ``image_newline`` and CLS tokens come last.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -23,11 +24,30 @@ class RandomCriterion(Criterion):
     paper = "random visual-token subset (baseline)"
     sites = ("llm", "pre_llm")
     image_only_fixed_count = True  # content-free: the kept count follows from the budget alone
-    params = {"seed": Param(0, int, "seed; every row draws from its own generator, so a row's subset does not depend on its batch")}
+    params = {
+        "seed": Param(0, int, "seed; every row draws from its own generator, so a row's subset does not depend on its batch"),
+        "draw": Param("row", str, "row: a fresh subset per input, seeded from (seed, the row's content); fixed: one "
+                      "subset per seed for every input", check=lambda v: v in ("row", "fixed"), allowed="row or fixed"),
+    }
 
-    def score(self, ctx: ScoringContext, seed: int) -> torch.Tensor:
+    def score(self, ctx: ScoringContext, seed: int, draw: str = "row") -> torch.Tensor:
+        """Uniform scores from a generator per row. ``draw="row"`` (default) seeds it with ``(seed, fingerprint)``:
+        the fingerprint is the order of the row's first 16 visual tokens by the norm of their hidden state at the
+        scoring point (projected features for ``site=pre_llm``), so each input gets its own subset, the same one
+        every time and in any batch (an order, unlike the values, does not move with padding's float noise).
+        ``draw="fixed"``: the seed alone (one subset for every input of a given size)."""
         B, N = ctx.visual_idx.shape
-        rows = [torch.rand(N, generator=torch.Generator().manual_seed(seed)) for _ in range(B)]
+        rows = []
+        for b in range(B):
+            g = torch.Generator()
+            if draw == "row":
+                n = int(ctx.visual_ok[b].sum())
+                h = ctx.hidden[b, ctx.visual_idx[b, :n]].float()
+                key = f"{seed}:" + ",".join(map(str, torch.argsort(h.norm(dim=-1), stable=True)[:16].tolist()))
+                g.manual_seed(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1)
+            else:
+                g.manual_seed(seed)
+            rows.append(torch.rand(N, generator=g))
         return torch.stack(rows).to(ctx.visual_idx.device)
 
 

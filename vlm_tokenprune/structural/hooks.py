@@ -61,11 +61,14 @@ def install_modules(handle: "PatchHandle", plan: StructuralPlan) -> None:
     for j, pruned in sorted(plan.heads_all.items()):
         attn = layers[j].self_attn
         q, k, v, o, groups = _sliced_attention(attn, set(pruned))
-        for name, mod in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o)):
-            handle.swap_attr(attn, name, mod)
+        for name, sliced in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o)):
+            lin = getattr(attn, name)  # the model's own module stays: state_dict, save_pretrained, .to() see it
+            handle.swap_attr(lin, "forward", sliced)
+            handle.swap_attr(lin, sliced.size_attr, sliced.width)
         handle.swap_attr(attn, "num_key_value_groups", groups)
-        handle.add_hook(f"decoder layer {j}: self_attn.q/k/v/o_proj replaced by copies sliced to {q.out_features // attn.head_dim} "
-                    f"heads (pruned {list(pruned)}; originals restored on unpatch)")
+        handle.add_hook(f"decoder layer {j}: self_attn.q/k/v/o_proj compute only the rows / columns of the "
+                        f"{q.width // attn.head_dim} kept heads of their own weights (pruned {list(pruned)}; modules and "
+                        "state_dict unchanged, forwards restored on unpatch)")
 
 
 def attention_bases(seams: Any) -> dict | None:
@@ -93,7 +96,7 @@ def install_attention(handle: "PatchHandle", plan: StructuralPlan) -> bool:
     (per-head masks) go straight to the original backend.
     """
     two_d = handle.seams.mask_format == "2d"
-    if not (plan.heads_visual or (not two_d and (plan.skip_visual or plan.neighbor or plan.attn_visual))):
+    if not (plan.heads_visual or (not two_d and (plan.skip_visual or plan.neighbor))):
         return False
     text = handle.seams.text_config
     orig = attn_implementation(text)
@@ -105,8 +108,7 @@ def install_attention(handle: "PatchHandle", plan: StructuralPlan) -> bool:
     handle.on_unpatch(register_attention(name, functools.partial(_attention, handle, plan, bases, fmt), orig))
     handle.swap_attr(text, ATTN_IMPLEMENTATION_ATTR, name)
     handle.structural_heads = bool(plan.heads_visual)  # read by the q/k/v/o_proj wrappers and the pre-hooks
-    where = set(plan.heads_visual) if two_d else \
-        set(plan.skip_visual) | set(plan.neighbor) | set(plan.heads_visual) | set(plan.attn_visual)
+    where = set(plan.heads_visual) if two_d else set(plan.skip_visual) | set(plan.neighbor) | set(plan.heads_visual)
     handle.add_hook(f"attention backend {name!r} registered for this model's text config (wraps {orig!r}: query-subset "
                 f"attention on layers {sorted(where)}; unregistered on unpatch)")
     return not two_d  # query subsets for skip_visual / neighbour layers need 4-D masks
@@ -114,8 +116,7 @@ def install_attention(handle: "PatchHandle", plan: StructuralPlan) -> bool:
 
 def install_hooks(handle: "PatchHandle", plan: StructuralPlan) -> None:
     layers = handle.seams.decoder_layers
-    watched = set(plan.skip_visual) | set(plan.heads_visual) | set(plan.ffn) | set(plan.neighbor) \
-        | set(plan.attn_visual) | set(plan.ffn_visual)
+    watched = set(plan.skip_visual) | set(plan.heads_visual) | set(plan.ffn) | set(plan.neighbor)
     for j, layer in enumerate(layers):
         if j in plan.skip_all:
             handle.swap_attr(layer, "forward", _skip_all_forward)
@@ -133,11 +134,11 @@ def install_hooks(handle: "PatchHandle", plan: StructuralPlan) -> None:
                         layer.register_forward_hook(mark_hook(functools.partial(_layer_post_hook, handle, j)), always_call=True))
         if j in plan.heads_visual:
             _install_head_slices(handle, plan, j, layer.self_attn)
-        if _no_visual_attention(plan, j):
+        if j in plan.skip_visual:
             qp = layer.self_attn.q_proj
             handle.swap_attr(qp, "forward", functools.partial(_text_rows_forward, handle, j, qp, qp.forward))
             handle.add_hook(f"decoder layer {j}: self_attn.q_proj forward wrapped (instance; text rows only, visual queries zero)")
-        if _no_visual_attention(plan, j) or j in plan.heads_visual:
+        if j in plan.skip_visual or j in plan.heads_visual:
             o = layer.self_attn.o_proj
             rows = None
             if j in plan.heads_visual:
@@ -146,13 +147,13 @@ def install_hooks(handle: "PatchHandle", plan: StructuralPlan) -> None:
                                               for i in range(d)], dtype=torch.long), cols=True)
             handle.swap_attr(o, "forward", functools.partial(_o_proj_forward, handle, plan, j, o, o.forward, rows))
             handle.add_hook(f"decoder layer {j}: self_attn.o_proj forward wrapped (instance; "
-                        + ("text rows only" if _no_visual_attention(plan, j) else "visual rows: the kept heads' columns only with the "
+                        + ("text rows only" if j in plan.skip_visual else "visual rows: the kept heads' columns only with the "
                            "query-subset attention, else pruned heads zeroed") + ")")
-        if _no_visual_mlp(plan, j) or j in plan.ffn:
+        if j in plan.skip_visual or j in plan.ffn:
             mlp = layer.mlp
             handle.swap_attr(mlp, "forward", functools.partial(_mlp_forward, handle, plan, j, mlp, mlp.forward))
             handle.add_hook(f"decoder layer {j}: mlp forward wrapped (instance; "
-                        + ("text rows only" if _no_visual_mlp(plan, j) else f"visual rows use {plan.ffn[j]} channels") + ")")
+                        + ("text rows only" if j in plan.skip_visual else f"visual rows use {plan.ffn[j]} channels") + ")")
         if j in plan.skip_visual:
             handle.swap_attr(layer, "forward", functools.partial(_skip_visual_forward, handle, j, layer.forward))
             handle.add_hook(f"decoder layer {j}: forward wrapped (instance; visual rows pass through, skip_layers scope=visual)")
@@ -179,7 +180,7 @@ def _install_head_slices(handle: "PatchHandle", plan: StructuralPlan, j: int, at
     Hkv = attn.k_proj.out_features // d
     cols = lambda heads: torch.tensor([h * d + i for h in heads for i in range(d)], dtype=torch.long)  # noqa: E731
     kept = [h for h in range(H) if h not in pruned]
-    if not _no_visual_attention(plan, j):  # skip_visual / attn_visual layers compute no visual query at all
+    if j not in plan.skip_visual:  # skip_visual layers compute no visual query at all
         qp = attn.q_proj
         handle.swap_attr(qp, "forward", functools.partial(_kept_cols_forward, handle, j, qp, qp.forward, _Rows(qp, cols(kept))))
         handle.add_hook(f"decoder layer {j}: self_attn.q_proj forward wrapped (instance; visual rows: the {len(kept)} kept "
@@ -255,16 +256,6 @@ def _removed_mlp(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x)
 
 
-def _no_visual_attention(plan: StructuralPlan, j: int) -> bool:
-    """Visual rows get nothing from layer j's attention (skip_layers / skip_sublayers scope=visual)."""
-    return j in plan.skip_visual or j in plan.attn_visual
-
-
-def _no_visual_mlp(plan: StructuralPlan, j: int) -> bool:
-    """Visual rows get nothing from layer j's MLP (skip_layers / skip_sublayers scope=visual)."""
-    return j in plan.skip_visual or j in plan.ffn_visual
-
-
 def _skip_visual_forward(handle, j, orig, *args, **kwargs):
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     vis = _visual_rows(handle, j)
@@ -291,7 +282,7 @@ def _o_proj_forward(handle, plan: StructuralPlan, j: int, o_proj: nn.Linear, ori
     vis = _visual_rows(handle, j)
     if vis is None or vis.shape != x.shape[:2] or not bool(vis.any()):
         return orig(x)
-    if _no_visual_attention(plan, j):  # visual rows are discarded (layer wrapper) or get nothing: text rows only
+    if j in plan.skip_visual:  # visual rows are discarded by the layer wrapper: compute text rows only
         return _text_rows_forward(handle, j, o_proj, orig, x)
     pruned = plan.heads_visual[j]
     d = x.shape[-1] // plan.num_heads
@@ -316,11 +307,11 @@ def _mlp_forward(handle, plan: StructuralPlan, j: int, mlp: nn.Module, orig, x: 
     vis = _visual_rows(handle, j)
     if vis is None or vis.shape != x.shape[:2] or not bool(vis.any()):
         return orig(x)
-    out = torch.empty_like(x) if not _no_visual_mlp(plan, j) else x.new_zeros(x.shape)
+    out = torch.empty_like(x) if j not in plan.skip_visual else x.new_zeros(x.shape)
     text = ~vis
     if bool(text.any()):
         out[text] = orig(x[text])
-    if _no_visual_mlp(plan, j):
+    if j in plan.skip_visual:
         return out
     m = plan.ffn[j]
     xv = x[vis]  # [n_visual, D]
@@ -450,7 +441,7 @@ def _attention(handle, plan: StructuralPlan, bases: dict, fmt: str, module, quer
         return _heads_2d(handle, plan, base, module, query, key, value, attention_mask, kwargs)
     info = st.structural if st is not None else None
     if not info or info.get("layer") != j or st.phase != "prefill" \
-            or (not _no_visual_attention(plan, j) and j not in plan.neighbor and j not in plan.heads_visual):
+            or (j not in plan.skip_visual and j not in plan.neighbor and j not in plan.heads_visual):
         return base(module, query, key, value, attention_mask, **kwargs)
     vis = info["vis"]
     B, H, M, d = query.shape
@@ -471,9 +462,9 @@ def _attention(handle, plan: StructuralPlan, bases: dict, fmt: str, module, quer
         return a
 
     pruned = plan.heads_visual.get(j, ())
-    subsets = _no_visual_attention(plan, j) or j in plan.neighbor
+    subsets = j in plan.skip_visual or j in plan.neighbor
     if not pruned:
-        return _query_subsets(base, module, query, key, value, attention_mask, allowed, vis, info, _no_visual_attention(plan, j),
+        return _query_subsets(base, module, query, key, value, attention_mask, allowed, vis, info, j in plan.skip_visual,
                               as_mask, kwargs), None
     # YOPO: kept heads attend as usual; pruned heads only text queries over text keys; visual queries get 0 there
     g = H // key.shape[1]
@@ -484,7 +475,7 @@ def _attention(handle, plan: StructuralPlan, bases: dict, fmt: str, module, quer
         kv = torch.tensor([h // g for h in kept], device=query.device)
         qk, kk, vk = query[:, kept], key.index_select(1, kv), value.index_select(1, kv)
         if subsets:
-            out[:, :, kept] = _query_subsets(base, sub, qk, kk, vk, attention_mask, allowed, vis, info, _no_visual_attention(plan, j),
+            out[:, :, kept] = _query_subsets(base, sub, qk, kk, vk, attention_mask, allowed, vis, info, j in plan.skip_visual,
                                              as_mask, kwargs)
         else:
             out[:, :, kept] = base(sub, qk, kk, vk, attention_mask, **kwargs)[0].to(out.dtype)
@@ -653,8 +644,41 @@ def _linear(src: nn.Linear, rows: list[int] | None = None, cols: list[int] | Non
     return out.train(src.training)
 
 
+class SlicedLinear:
+    """The ``forward`` of an ``nn.Linear`` that computes only ``rows`` (output features) or ``cols`` (input
+    features) of the module's OWN current weight (``prune_heads`` scope=all). The module, its parameters and
+    ``state_dict`` stay the model's (``save_pretrained``, ``load_state_dict`` and ``.to(dtype)`` act on them as
+    on the unpatched model); the slice is taken again whenever the weight's storage, version, dtype or device
+    changed, so a loaded or converted weight is what runs."""
+
+    def __init__(self, lin: nn.Linear, rows: list[int] | None = None, cols: list[int] | None = None):
+        self.lin, self.rows, self.cols = lin, rows, cols
+        self.size_attr = "out_features" if cols is None else "in_features"
+        self.width = len(rows) if rows is not None else len(cols)
+        self._key = None
+        self._w = self._b = None
+
+    def _sliced(self):
+        w, b = self.lin.weight, self.lin.bias
+        key = (w.data_ptr(), w._version, w.dtype, w.device, None if b is None else (b.data_ptr(), b._version, b.dtype))
+        if key != self._key:
+            ws, bs = w.detach(), None if b is None else b.detach()
+            if self.rows is not None:
+                idx = torch.tensor(self.rows, device=w.device)
+                ws = ws.index_select(0, idx)
+                bs = None if bs is None else bs.index_select(0, idx)
+            if self.cols is not None:
+                ws = ws.index_select(1, torch.tensor(self.cols, device=w.device))
+            self._w, self._b, self._key = ws.contiguous(), bs, key
+        return self._w, self._b
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self._sliced()
+        return F.linear(x, w, b)
+
+
 def _sliced_attention(attn: nn.Module, pruned: set[int]):
-    """Copies of q/k/v/o_proj keeping only the heads not in ``pruned``, and the new GQA group size.
+    """Sliced forwards of q/k/v/o_proj keeping only the heads not in ``pruned``, and the new GQA group size.
 
     When every KV group keeps the same number c of query heads, the groups with none left are
     dropped from k/v_proj and the group size is c (exact, fewer FLOPs everywhere). Otherwise
@@ -675,8 +699,8 @@ def _sliced_attention(attn: nn.Module, pruned: set[int]):
         kv_heads = [h // g for h in kept]
         groups = 1
     rows = lambda heads: [h * d + i for h in heads for i in range(d)]  # noqa: E731
-    q = _linear(attn.q_proj, rows=rows(kept))
-    k = _linear(attn.k_proj, rows=rows(kv_heads))
-    v = _linear(attn.v_proj, rows=rows(kv_heads))
-    o = _linear(attn.o_proj, cols=rows(kept))
+    q = SlicedLinear(attn.q_proj, rows=rows(kept))
+    k = SlicedLinear(attn.k_proj, rows=rows(kv_heads))
+    v = SlicedLinear(attn.v_proj, rows=rows(kv_heads))
+    o = SlicedLinear(attn.o_proj, cols=rows(kept))
     return q, k, v, o, groups
