@@ -45,6 +45,65 @@ def test_matches_sublayer_oracle(models, impl, policy):
     torch.testing.assert_close(gen, O.greedy(model, inputs, STEPS, attn, ffn, banned=IMAGE_TOKEN_ID))
 
 
+VISUAL = {
+    "skip_sublayers:attn=0;2,scope=visual": ((0, 2), ()),
+    "skip_sublayers:ffn=1;3,scope=visual": ((), (1, 3)),
+    "skip_sublayers:attn=1,ffn=1;2,scope=visual": ((1,), (1, 2)),
+    # composed with YOPO visual heads on the same layer and a token stage before it
+    "fastv:layer=1,keep=0.5+prune_heads:heads=2/1,scope=visual+skip_sublayers:attn=2,ffn=3,scope=visual": None,
+}
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("policy", list(VISUAL))
+def test_visual_scope_matches_oracle(models, impl, policy):
+    """Visual rows get nothing from the listed sublayers; text rows run them over every key."""
+    model = models[impl]
+    inputs = make_batch(model, ROWS)
+    L = inputs["input_ids"].shape[1]
+    valid = inputs["attention_mask"].bool()
+    vis = inputs["input_ids"] == IMAGE_TOKEN_ID
+    with torch.no_grad(), vtp.patch(model, policy) as h:
+        got = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, bad_words_ids=[[IMAGE_TOKEN_ID]])[:, L:]
+        if VISUAL[policy] is None:  # composition: the same policy without skip_sublayers, then skip_sublayers alone
+            assert h.structural.attn_visual == (2,) and h.structural.ffn_visual == (3,)
+            return
+    attn, ffn = VISUAL[policy]
+    want = O.logits(model, inputs, visual=vis, attn_visual=attn, ffn_visual=ffn)
+    torch.testing.assert_close(got[valid], want[valid], atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got[valid], O.logits(model, inputs)[valid], atol=1e-3)
+    torch.testing.assert_close(gen, O.greedy(model, inputs, STEPS, banned=IMAGE_TOKEN_ID, image_token=IMAGE_TOKEN_ID,
+                                             attn_visual=attn, ffn_visual=ffn))
+
+
+def test_visual_scope_skips_visual_rows_for_real(models, monkeypatch):
+    model = models["sdpa"]
+    inputs = make_batch(model, ROWS)
+    n_vis = int((inputs["input_ids"] == IMAGE_TOKEN_ID).sum())
+    B, T = inputs["input_ids"].shape
+    layer = model.model.language_model.layers[2]
+    watch = {id(layer.self_attn.q_proj.weight): "q2", id(layer.self_attn.o_proj.weight): "o2",
+             id(layer.self_attn.k_proj.weight): "k2", id(layer.mlp.gate_proj.weight): "gate2"}
+    rows = {}
+    linear = torch.nn.functional.linear
+
+    def counting(x, w, b=None):
+        if id(w) in watch:
+            rows[watch[id(w)]] = rows.get(watch[id(w)], 0) + x.shape[:-1].numel()
+        return linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
+    with torch.no_grad(), vtp.patch(model, "skip_sublayers:attn=2,ffn=2,scope=visual"):
+        model(**inputs)
+    monkeypatch.undo()
+    text = B * T - n_vis
+    assert rows == {"q2": text, "o2": text, "k2": B * T, "gate2": text}  # k/v_proj: every row (text attends visual keys)
+    cfg = model.config
+    flops = structural_flops(cfg, "skip_sublayers:attn=2,ffn=2,scope=visual", 10, 72)["ratio"]
+    assert structural_flops(cfg, "skip_layers:layers=2,scope=visual", 10, 72)["ratio"] == pytest.approx(flops)
+
+
 def test_removed_modules_do_not_run_and_unpatch_is_exact(models):
     model = models["sdpa"]
     inputs = make_batch(model, ROWS)
@@ -83,7 +142,7 @@ def test_flops_count_the_removed_sublayers(models):
     ("skip_sublayers:ffn=4", IncompatiblePolicyError, "stages[0].ffn"),
     ("fastv:layer=3,keep=0.5+skip_sublayers:attn=2", IncompatiblePolicyError, "stages[1].attn"),
     ("skip_sublayers", PolicyError, "stages[0].attn"),
-    ("skip_sublayers:attn=2,scope=visual", PolicyError, "stages[0].scope"),
+    ("skip_sublayers:attn=2,scope=text", PolicyError, "stages[0].scope"),
     ("skip_sublayers:attn=2,removed=3", PolicyError, "stages[0].removed"),
 ])
 def test_refused_before_touching_the_model(models, policy, exc, field):

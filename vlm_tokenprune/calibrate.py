@@ -203,6 +203,8 @@ def _check_contents(art: dict, geo: Mapping, path: str, what: str, where: str) -
     """The data behind a valid header: ``importance`` [layers] / ``ratios`` [samples][layers][heads] of numbers,
     exactly one entry per layer (and head) of the model, else a ``PolicyError`` naming the file."""
     layers, heads = geo.get("num_hidden_layers"), geo.get("num_attention_heads")
+    if what == "sublayers":  # FinerCut: the greedy removal order, checked by select_sublayers
+        return
     key, shape = ("importance", (layers,)) if what == "layers" else ("ratios", (None, layers, heads))
     try:
         t = torch.tensor(art[key], dtype=torch.float64)

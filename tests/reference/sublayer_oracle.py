@@ -5,7 +5,8 @@
     h = h + MLP(RMSNorm_2(h))         unless the layer's MLP sublayer is removed
 
 (causal eager attention with RoPE and GQA, padding keys masked; weights read from the Hugging Face
-modules). Layer 0's input and RoPE tables are captured from the unpatched model; greedy decoding
+modules). Visual scope: every row runs both sublayers (text rows attend the visual rows' keys and
+values), and the listed sublayers' outputs are not added to the visual rows. Layer 0's input and RoPE tables are captured from the unpatched model; greedy decoding
 recomputes the whole sequence every step (no cache).
 """
 from __future__ import annotations
@@ -64,8 +65,9 @@ def _mlp(mlp, x):
     return F.linear(mid, mlp.down_proj.weight, mlp.down_proj.bias)
 
 
-def logits(model, inputs: dict, attn_removed=(), ffn_removed=()) -> torch.Tensor:
-    """``[B, T, V]`` logits with the listed layers' attention / MLP sublayers omitted."""
+def logits(model, inputs: dict, attn_removed=(), ffn_removed=(), visual=None, attn_visual=(), ffn_visual=()) -> torch.Tensor:
+    """``[B, T, V]`` logits with the listed layers' attention / MLP sublayers omitted (``attn_visual`` /
+    ``ffn_visual``: omitted for the ``visual`` ``[B, T]`` rows only)."""
     h, (cos, sin) = _capture(model, inputs)
     B, T = inputs["input_ids"].shape
     cos, sin = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
@@ -76,19 +78,24 @@ def logits(model, inputs: dict, attn_removed=(), ffn_removed=()) -> torch.Tensor
     with torch.no_grad():
         for j, layer in enumerate(lm.layers):
             if j not in attn_removed:
-                h = h + _attention(layer.self_attn, layer.input_layernorm(h), cos, sin, allowed)
+                a = _attention(layer.self_attn, layer.input_layernorm(h), cos, sin, allowed)
+                h = h + (a.masked_fill(visual[..., None], 0.0) if j in attn_visual else a)
             if j not in ffn_removed:
-                h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
+                f = _mlp(layer.mlp, layer.post_attention_layernorm(h))
+                h = h + (f.masked_fill(visual[..., None], 0.0) if j in ffn_visual else f)
         return model.lm_head(lm.norm(h))
 
 
-def greedy(model, inputs: dict, steps: int, attn_removed=(), ffn_removed=(), banned: int | None = None) -> torch.Tensor:
-    """``[B, steps]`` greedy tokens, the whole sequence recomputed every step (``banned``: a token id never chosen)."""
+def greedy(model, inputs: dict, steps: int, attn_removed=(), ffn_removed=(), banned: int | None = None,
+           image_token: int | None = None, attn_visual=(), ffn_visual=()) -> torch.Tensor:
+    """``[B, steps]`` greedy tokens, the whole sequence recomputed every step (``banned``: a token id never chosen;
+    ``image_token``: the id whose rows are visual, for ``attn_visual`` / ``ffn_visual``)."""
     cur = dict(inputs)
     B = cur["input_ids"].shape[0]
     out = []
     for _ in range(steps):
-        last = logits(model, cur, attn_removed, ffn_removed)[:, -1]
+        vis = cur["input_ids"] == image_token if image_token is not None else None
+        last = logits(model, cur, attn_removed, ffn_removed, vis, attn_visual, ffn_visual)[:, -1]
         if banned is not None:
             last[:, banned] = float("-inf")
         tok = last.argmax(-1)

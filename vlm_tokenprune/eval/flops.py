@@ -300,7 +300,10 @@ def structural_layer_flops(g: TextGeometry, t: int, v: int, ops: Mapping[str, An
 
     ``ops`` (for this layer): ``skip_all``, ``skip_visual`` (bools), ``heads_all`` / ``heads_visual``
     (pruned head tuples), ``kv_text_only`` (KV heads whose visual rows skip k/v_proj: all their
-    query heads pruned for visual tokens), ``ffn`` (visual MLP width), ``neighbor`` (window).
+    query heads pruned for visual tokens), ``ffn`` (visual MLP width), ``neighbor`` (window),
+    ``skip_attn`` / ``skip_ffn`` (bools: the attention / MLP sublayer removed for every token),
+    ``attn_visual`` / ``ffn_visual`` (bools: removed for visual tokens; counted as ``skip_visual``'s
+    attention / MLP part).
 
     ``nominal=False`` counts what this implementation computes: ``prune_heads(scope=visual)`` is
     real on every backend (visual rows skip the pruned heads' q/o columns, pruned heads attend
@@ -329,6 +332,8 @@ def structural_layer_flops(g: TextGeometry, t: int, v: int, ops: Mapping[str, An
         heads = len(kept)
         kv_heads = sum(1 for c in per if c) if len(counts) == 1 else heads
     skip_v = bool(ops.get("skip_visual"))
+    skip_va = skip_v or bool(ops.get("attn_visual"))  # visual rows: no q_proj, attention rows, o_proj
+    skip_vm = skip_v or bool(ops.get("ffn_visual"))  # visual rows: no MLP
     pv = len(ops.get("heads_visual", ()))
     kv_skip = int(ops.get("kv_text_only", 0))
     w = ops.get("neighbor") if (nominal or subset_attention) else None
@@ -339,16 +344,16 @@ def structural_layer_flops(g: TextGeometry, t: int, v: int, ops: Mapping[str, An
     else:
         width = grid_width if grid_width is not None else max(1, round(v ** 0.5))
         vis_keys = min((2 * (w // 2) + 1) * width, v)
-    q_rows_vis = 0 if (skip_v and (nominal or subset_attention)) else v  # visual query rows in the attention
+    q_rows_vis = 0 if (skip_va and (nominal or subset_attention)) else v  # visual query rows in the attention
     # projections: q and o per head and row (skip_visual: text rows only); k, v for every row
-    q_flops = d * h * (heads * t + (heads - pv) * (0 if skip_v else v))
-    o_rows_vis = 0 if skip_v else v
+    q_flops = d * h * (heads * t + (heads - pv) * (0 if skip_va else v))
+    o_rows_vis = 0 if skip_va else v
     o_flops = d * h * (heads * t + (heads - pv) * o_rows_vis)
     kv_flops = 2 * d * h * (n * kv_heads - v * kv_skip)
     # attention (QK^T + AV): text queries see all n keys (pruned-visual heads: only the t text keys)
     att_text = 2 * t * h * ((heads - pv) * n + pv * t)
     att_vis = 2 * q_rows_vis * h * (heads - pv) * (t + vis_keys) if q_rows_vis else 0
-    mlp_vis = 0 if skip_v else 3 * v * d * ops.get("ffn", m)
+    mlp_vis = 0 if skip_vm else 3 * v * d * ops.get("ffn", m)
     mlp = 3 * t * d * m + mlp_vis
     if ops.get("skip_ffn"):
         mlp = 0
@@ -386,7 +391,8 @@ def structural_flops(model_config: Any, policy: Any, n_text: int, n_visual: int,
         v = n - int(n_text)
         ops = {"skip_all": j in plan.skip_all, "skip_visual": j in plan.skip_visual,
                "heads_all": plan.heads_all.get(j, ()), "heads_visual": plan.heads_visual.get(j, ()),
-               "skip_attn": j in getattr(plan, "skip_attn", ()), "skip_ffn": j in getattr(plan, "skip_ffn", ())}
+               "skip_attn": j in getattr(plan, "skip_attn", ()), "skip_ffn": j in getattr(plan, "skip_ffn", ()),
+               "attn_visual": j in getattr(plan, "attn_visual", ()), "ffn_visual": j in getattr(plan, "ffn_visual", ())}
         if j in plan.ffn:
             ops["ffn"] = plan.ffn[j]
         if j in plan.neighbor:
@@ -400,6 +406,8 @@ def structural_flops(model_config: Any, policy: Any, n_text: int, n_visual: int,
     base = prefill_flops(g, [int(n_text) + int(n_visual)] * g.num_hidden_layers, logits_tokens)
     mask_only = ["neighbor_attention"] if plan.neighbor and not subset_attention else []
     partial = ["skip_layers(scope=visual)"] if plan.skip_visual and not subset_attention else []
+    if getattr(plan, "attn_visual", ()) and not subset_attention:
+        partial.append("skip_sublayers(scope=visual, attn)")
     return {
         "tokens_per_layer": tokens,
         "flops": totals[False] + head,

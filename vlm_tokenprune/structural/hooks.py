@@ -96,7 +96,7 @@ def install_attention(handle: "PatchHandle", plan: StructuralPlan) -> bool:
     (per-head masks) go straight to the original backend.
     """
     two_d = handle.seams.mask_format == "2d"
-    if not (plan.heads_visual or (not two_d and (plan.skip_visual or plan.neighbor))):
+    if not (plan.heads_visual or (not two_d and (plan.skip_visual or plan.neighbor or plan.attn_visual))):
         return False
     text = handle.seams.text_config
     orig = attn_implementation(text)
@@ -108,7 +108,8 @@ def install_attention(handle: "PatchHandle", plan: StructuralPlan) -> bool:
     handle.on_unpatch(register_attention(name, functools.partial(_attention, handle, plan, bases, fmt), orig))
     handle.swap_attr(text, ATTN_IMPLEMENTATION_ATTR, name)
     handle.structural_heads = bool(plan.heads_visual)  # read by the q/k/v/o_proj wrappers and the pre-hooks
-    where = set(plan.heads_visual) if two_d else set(plan.skip_visual) | set(plan.neighbor) | set(plan.heads_visual)
+    where = set(plan.heads_visual) if two_d else \
+        set(plan.skip_visual) | set(plan.neighbor) | set(plan.heads_visual) | set(plan.attn_visual)
     handle.add_hook(f"attention backend {name!r} registered for this model's text config (wraps {orig!r}: query-subset "
                 f"attention on layers {sorted(where)}; unregistered on unpatch)")
     return not two_d  # query subsets for skip_visual / neighbour layers need 4-D masks
@@ -116,7 +117,8 @@ def install_attention(handle: "PatchHandle", plan: StructuralPlan) -> bool:
 
 def install_hooks(handle: "PatchHandle", plan: StructuralPlan) -> None:
     layers = handle.seams.decoder_layers
-    watched = set(plan.skip_visual) | set(plan.heads_visual) | set(plan.ffn) | set(plan.neighbor)
+    watched = set(plan.skip_visual) | set(plan.heads_visual) | set(plan.ffn) | set(plan.neighbor) \
+        | set(plan.attn_visual) | set(plan.ffn_visual)
     for j, layer in enumerate(layers):
         if j in plan.skip_all:
             handle.swap_attr(layer, "forward", _skip_all_forward)
@@ -134,11 +136,11 @@ def install_hooks(handle: "PatchHandle", plan: StructuralPlan) -> None:
                         layer.register_forward_hook(mark_hook(functools.partial(_layer_post_hook, handle, j)), always_call=True))
         if j in plan.heads_visual:
             _install_head_slices(handle, plan, j, layer.self_attn)
-        if j in plan.skip_visual:
+        if _no_visual_attention(plan, j):
             qp = layer.self_attn.q_proj
             handle.swap_attr(qp, "forward", functools.partial(_text_rows_forward, handle, j, qp, qp.forward))
             handle.add_hook(f"decoder layer {j}: self_attn.q_proj forward wrapped (instance; text rows only, visual queries zero)")
-        if j in plan.skip_visual or j in plan.heads_visual:
+        if _no_visual_attention(plan, j) or j in plan.heads_visual:
             o = layer.self_attn.o_proj
             rows = None
             if j in plan.heads_visual:
@@ -147,13 +149,13 @@ def install_hooks(handle: "PatchHandle", plan: StructuralPlan) -> None:
                                               for i in range(d)], dtype=torch.long), cols=True)
             handle.swap_attr(o, "forward", functools.partial(_o_proj_forward, handle, plan, j, o, o.forward, rows))
             handle.add_hook(f"decoder layer {j}: self_attn.o_proj forward wrapped (instance; "
-                        + ("text rows only" if j in plan.skip_visual else "visual rows: the kept heads' columns only with the "
+                        + ("text rows only" if _no_visual_attention(plan, j) else "visual rows: the kept heads' columns only with the "
                            "query-subset attention, else pruned heads zeroed") + ")")
-        if j in plan.skip_visual or j in plan.ffn:
+        if _no_visual_mlp(plan, j) or j in plan.ffn:
             mlp = layer.mlp
             handle.swap_attr(mlp, "forward", functools.partial(_mlp_forward, handle, plan, j, mlp, mlp.forward))
             handle.add_hook(f"decoder layer {j}: mlp forward wrapped (instance; "
-                        + ("text rows only" if j in plan.skip_visual else f"visual rows use {plan.ffn[j]} channels") + ")")
+                        + ("text rows only" if _no_visual_mlp(plan, j) else f"visual rows use {plan.ffn[j]} channels") + ")")
         if j in plan.skip_visual:
             handle.swap_attr(layer, "forward", functools.partial(_skip_visual_forward, handle, j, layer.forward))
             handle.add_hook(f"decoder layer {j}: forward wrapped (instance; visual rows pass through, skip_layers scope=visual)")
@@ -180,7 +182,7 @@ def _install_head_slices(handle: "PatchHandle", plan: StructuralPlan, j: int, at
     Hkv = attn.k_proj.out_features // d
     cols = lambda heads: torch.tensor([h * d + i for h in heads for i in range(d)], dtype=torch.long)  # noqa: E731
     kept = [h for h in range(H) if h not in pruned]
-    if j not in plan.skip_visual:  # skip_visual layers compute no visual query at all
+    if not _no_visual_attention(plan, j):  # skip_visual / attn_visual layers compute no visual query at all
         qp = attn.q_proj
         handle.swap_attr(qp, "forward", functools.partial(_kept_cols_forward, handle, j, qp, qp.forward, _Rows(qp, cols(kept))))
         handle.add_hook(f"decoder layer {j}: self_attn.q_proj forward wrapped (instance; visual rows: the {len(kept)} kept "
@@ -256,6 +258,16 @@ def _removed_mlp(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x)
 
 
+def _no_visual_attention(plan: StructuralPlan, j: int) -> bool:
+    """Visual rows get nothing from layer j's attention (skip_layers / skip_sublayers scope=visual)."""
+    return j in plan.skip_visual or j in plan.attn_visual
+
+
+def _no_visual_mlp(plan: StructuralPlan, j: int) -> bool:
+    """Visual rows get nothing from layer j's MLP (skip_layers / skip_sublayers scope=visual)."""
+    return j in plan.skip_visual or j in plan.ffn_visual
+
+
 def _skip_visual_forward(handle, j, orig, *args, **kwargs):
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     vis = _visual_rows(handle, j)
@@ -282,7 +294,7 @@ def _o_proj_forward(handle, plan: StructuralPlan, j: int, o_proj: nn.Linear, ori
     vis = _visual_rows(handle, j)
     if vis is None or vis.shape != x.shape[:2] or not bool(vis.any()):
         return orig(x)
-    if j in plan.skip_visual:  # visual rows are discarded by the layer wrapper: compute text rows only
+    if _no_visual_attention(plan, j):  # visual rows are discarded (layer wrapper) or get nothing: text rows only
         return _text_rows_forward(handle, j, o_proj, orig, x)
     pruned = plan.heads_visual[j]
     d = x.shape[-1] // plan.num_heads
@@ -307,11 +319,11 @@ def _mlp_forward(handle, plan: StructuralPlan, j: int, mlp: nn.Module, orig, x: 
     vis = _visual_rows(handle, j)
     if vis is None or vis.shape != x.shape[:2] or not bool(vis.any()):
         return orig(x)
-    out = torch.empty_like(x) if j not in plan.skip_visual else x.new_zeros(x.shape)
+    out = torch.empty_like(x) if not _no_visual_mlp(plan, j) else x.new_zeros(x.shape)
     text = ~vis
     if bool(text.any()):
         out[text] = orig(x[text])
-    if j in plan.skip_visual:
+    if _no_visual_mlp(plan, j):
         return out
     m = plan.ffn[j]
     xv = x[vis]  # [n_visual, D]
@@ -441,7 +453,7 @@ def _attention(handle, plan: StructuralPlan, bases: dict, fmt: str, module, quer
         return _heads_2d(handle, plan, base, module, query, key, value, attention_mask, kwargs)
     info = st.structural if st is not None else None
     if not info or info.get("layer") != j or st.phase != "prefill" \
-            or (j not in plan.skip_visual and j not in plan.neighbor and j not in plan.heads_visual):
+            or (not _no_visual_attention(plan, j) and j not in plan.neighbor and j not in plan.heads_visual):
         return base(module, query, key, value, attention_mask, **kwargs)
     vis = info["vis"]
     B, H, M, d = query.shape
@@ -462,9 +474,9 @@ def _attention(handle, plan: StructuralPlan, bases: dict, fmt: str, module, quer
         return a
 
     pruned = plan.heads_visual.get(j, ())
-    subsets = j in plan.skip_visual or j in plan.neighbor
+    subsets = _no_visual_attention(plan, j) or j in plan.neighbor
     if not pruned:
-        return _query_subsets(base, module, query, key, value, attention_mask, allowed, vis, info, j in plan.skip_visual,
+        return _query_subsets(base, module, query, key, value, attention_mask, allowed, vis, info, _no_visual_attention(plan, j),
                               as_mask, kwargs), None
     # YOPO: kept heads attend as usual; pruned heads only text queries over text keys; visual queries get 0 there
     g = H // key.shape[1]
@@ -475,7 +487,7 @@ def _attention(handle, plan: StructuralPlan, bases: dict, fmt: str, module, quer
         kv = torch.tensor([h // g for h in kept], device=query.device)
         qk, kk, vk = query[:, kept], key.index_select(1, kv), value.index_select(1, kv)
         if subsets:
-            out[:, :, kept] = _query_subsets(base, sub, qk, kk, vk, attention_mask, allowed, vis, info, j in plan.skip_visual,
+            out[:, :, kept] = _query_subsets(base, sub, qk, kk, vk, attention_mask, allowed, vis, info, _no_visual_attention(plan, j),
                                              as_mask, kwargs)
         else:
             out[:, :, kept] = base(sub, qk, kk, vk, attention_mask, **kwargs)[0].to(out.dtype)

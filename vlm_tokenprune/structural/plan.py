@@ -19,6 +19,9 @@ before any hook exists (``patch()`` calls ``resolve`` first; a failure leaves th
   token (FinerCut, arXiv 2405.18218): the residual stream passes it unchanged. Attention is
   refused at layers ``<= first_full_attention_layer`` (as ``skip_all``) and where a token stage's
   criterion reads the layer's keys.
+- ``attn_visual`` / ``ffn_visual``: the same for visual tokens only (``scope=visual``): visual rows
+  get nothing from the sublayer; text rows run it, attending the visual tokens' keys / values
+  computed at this layer from their incoming hidden states (cached for decoding).
 """
 from __future__ import annotations
 
@@ -42,6 +45,10 @@ SAVINGS = {
     "neighbor": "real: visual queries attend in chunks of one grid row, each with only its allowed keys (text + the w//2 rows above)",
     "skip_attn": "real: q/k/v/o_proj and the attention do not run (the layer's KV cache stays empty)",
     "skip_ffn": "real: the MLP does not run",
+    "attn_visual": "real: visual rows skip q_proj, attention and o_proj (text queries in a query-subset attention call; "
+                   "k/v_proj still run)",
+    "attn_visual_2d": "partial: visual rows skip q_proj and o_proj; with a 2-D-mask backend (flash) their attention rows still run",
+    "ffn_visual": "real: the MLP runs on the text rows only",
 }
 
 
@@ -57,6 +64,8 @@ class StructuralPlan:
     neighbor: dict = field(default_factory=dict)  # layer -> window
     skip_attn: tuple[int, ...] = ()  # layers whose attention sublayer is removed (all tokens)
     skip_ffn: tuple[int, ...] = ()  # layers whose MLP sublayer is removed (all tokens)
+    attn_visual: tuple[int, ...] = ()  # layers whose attention sublayer is removed for visual tokens
+    ffn_visual: tuple[int, ...] = ()  # layers whose MLP sublayer is removed for visual tokens
 
     @property
     def needs_4d_mask(self) -> bool:
@@ -83,6 +92,11 @@ class StructuralPlan:
             out.append(f"remove the attention sublayer of layers {list(self.skip_attn)} [{SAVINGS['skip_attn']}]")
         if self.skip_ffn:
             out.append(f"remove the MLP sublayer of layers {list(self.skip_ffn)} [{SAVINGS['skip_ffn']}]")
+        if self.attn_visual:
+            key = "attn_visual" if subset_attention else "attn_visual_2d"
+            out.append(f"remove the attention sublayer of layers {list(self.attn_visual)} for visual tokens [{SAVINGS[key]}]")
+        if self.ffn_visual:
+            out.append(f"remove the MLP sublayer of layers {list(self.ffn_visual)} for visual tokens [{SAVINGS['ffn_visual']}]")
         if self.neighbor:
             out.append(f"neighbour visual attention, window {sorted(set(self.neighbor.values()))} on {len(self.neighbor)} layers "
                        f"[{SAVINGS['neighbor']}]")
@@ -208,11 +222,13 @@ def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | No
             else:
                 attn = _layers(p.get("attn", ()), n, f"{where}.attn")
                 ffn = _layers(p.get("ffn", ()), n, f"{where}.ffn")
-            _check_attention_removable(attn, seams, capture_layers(policy), f"{where}.attn")
+            if p["scope"] == "all":  # visual scope: k/v_proj still run for every token (cache, criteria)
+                _check_attention_removable(attn, seams, capture_layers(policy), f"{where}.attn")
             for layer in ffn:
                 if getattr(seams.decoder_layers[layer], "mlp", None) is None:
                     raise UnsupportedModelError(f"decoder layer {layer}.mlp", "is missing; skip_sublayers(ffn) needs an mlp module")
-            kw["skip_attn"], kw["skip_ffn"] = tuple(attn), tuple(ffn)
+            names = ("skip_attn", "skip_ffn") if p["scope"] == "all" else ("attn_visual", "ffn_visual")
+            kw[names[0]], kw[names[1]] = tuple(attn), tuple(ffn)
     plan = StructuralPlan(**kw)
     if plan.needs_4d_mask and seams.mask_format == "2d":
         raise UnsupportedModelError(
@@ -237,6 +253,7 @@ def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | No
             {k: v for k, v in plan.ffn.items() if k not in drop},
             {k: v for k, v in plan.neighbor.items() if k not in drop},
             tuple(x for x in plan.skip_attn if x not in drop), tuple(x for x in plan.skip_ffn if x not in drop),
+            tuple(x for x in plan.attn_visual if x not in drop), tuple(x for x in plan.ffn_visual if x not in drop),
         )
     return plan
 
@@ -266,6 +283,7 @@ def static_plan(policy: Policy, num_layers: int, num_heads: int, intermediate_si
         elif st.op == "neighbor_attention":
             kw["neighbor"] = {j: p["window"] for j in _layers(p["layers"], num_layers, f"stages[{i}].layers")}
         elif st.op == "skip_sublayers":
-            kw["skip_attn"] = _layers(p.get("attn", ()), num_layers, f"stages[{i}].attn")
-            kw["skip_ffn"] = _layers(p.get("ffn", ()), num_layers, f"stages[{i}].ffn")
+            names = ("skip_attn", "skip_ffn") if p["scope"] == "all" else ("attn_visual", "ffn_visual")
+            kw[names[0]] = _layers(p.get("attn", ()), num_layers, f"stages[{i}].attn")
+            kw[names[1]] = _layers(p.get("ffn", ()), num_layers, f"stages[{i}].ffn")
     return StructuralPlan(num_layers, num_heads, **kw) if kw else None

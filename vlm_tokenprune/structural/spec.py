@@ -20,9 +20,11 @@ neighbor_attention  ``window`` (5, odd: visual->visual attention within a w x w 
                     ``layers`` (``all``)
 visual_drop         ``layer`` (from this decoder layer on the visual tokens are removed)
 skip_sublayers      FinerCut (arXiv 2405.18218): ``attn`` and / or ``ffn`` (lists of layers whose
-                    self-attention / MLP sublayer is removed, for every token: the residual
-                    stream passes it unchanged) | ``calibration`` (a ``what="sublayers"``
-                    artifact) with ``removed`` (16) of ``of`` (64) sublayers, scaled to the model
+                    self-attention / MLP sublayer is removed: the residual stream passes it
+                    unchanged) | ``calibration`` (a ``what="sublayers"`` artifact) with
+                    ``removed`` (16) of ``of`` (64) sublayers, scaled to the model; ``scope``:
+                    ``all`` (default) or ``visual`` (visual tokens only: text tokens run the
+                    sublayer and attend the visual keys / values of this layer)
 ==================  =========================================================================
 
 List syntax (string grammar): items joined with ``;`` (``,`` separates keys, ``+`` stages),
@@ -39,7 +41,7 @@ from ..errors import PolicyError
 
 TOKEN_OPS = ("prune", "visual_drop")  # ops that change the token set (ordered by layer, engine-driven)
 STRUCTURAL_OPS = ("skip_layers", "prune_heads", "ffn_cut", "neighbor_attention", "visual_drop", "skip_sublayers")
-SCOPES = {"skip_layers": ("all", "visual"), "prune_heads": ("visual", "all"), "skip_sublayers": ("all",)}
+SCOPES = {"skip_layers": ("all", "visual"), "prune_heads": ("visual", "all"), "skip_sublayers": ("all", "visual")}
 
 
 def _int_list(value: Any, where: str, allow_all: bool = False) -> Any:
