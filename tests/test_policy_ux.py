@@ -194,3 +194,13 @@ def test_contributing_names_real_scoring_context_fields():
     names = set(re.findall(r"ctx\.([a-z_]+)", text))
     known = {f.name for f in dataclasses.fields(ScoringContext)} | {n for n in dir(ScoringContext) if not n.startswith("_")}
     assert "hidden" in names and names <= known, names - known
+
+
+@pytest.mark.parametrize("name", ["atp", "covipal"])
+def test_weights_of_another_model_say_how_to_train_them(name):
+    from kit import tiny_llava
+
+    with pytest.raises(vtp.IncompatiblePolicyError) as e:
+        vtp.patch(tiny_llava("sdpa"), name)  # the shipped weights belong to the tiny VLM
+    assert e.value.field.endswith("config_hash")
+    assert f"vlm-tokenprune train {name}" in str(e.value) and f"vlm_tokenprune.train.{name}" in str(e.value)

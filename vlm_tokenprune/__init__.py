@@ -16,6 +16,10 @@ from .errors import (
     UnsupportedModelError,
     VTPError,
 )
+from .builders import (
+    AIM, ATP, FEATHER, MCTF, YOPO, AIMMerge, CoViPAL, EfficientVLA, FastV, FFNCut, FlowCutLLM, FlowCutViT,
+    NeighborAttention, PruneHeads, PyramidDrop, Random, SkipLayers, Uniform, VisualDrop,
+)
 from .calibrate import calibrate
 from .handle import PatchHandle
 from .patching import patch
@@ -32,4 +36,7 @@ __all__ = [
     "patch", "calibrate", "PatchHandle", "Policy", "Stage", "Budget", "list_methods",
     "VTPError", "PolicyError", "UnknownNameError", "IncompatiblePolicyError", "UnsupportedModelError", "InputError",
     "CRITERIA", "PRESETS", "ADAPTERS", "__version__",
+    # typed policy builders (vlm_tokenprune.builders): vtp.FastV(layer=2, keep=0.25) + vtp.FFNCut(ratio=2)
+    "FastV", "FEATHER", "PyramidDrop", "AIM", "FlowCutLLM", "EfficientVLA", "Random", "Uniform", "ATP", "AIMMerge",
+    "CoViPAL", "FlowCutViT", "MCTF", "FFNCut", "SkipLayers", "PruneHeads", "NeighborAttention", "VisualDrop", "YOPO",
 ]

@@ -719,7 +719,12 @@ def check_args(args: argparse.Namespace) -> None:
     if policies is not None and args.command in ("demo", "bench", "profile", "viz"):
         from . import Policy
 
-        for text in policies if isinstance(policies, list) else [policies]:
+        texts = policies if isinstance(policies, list) else [policies]
+        if len(texts) > 1:  # several: every malformed one reported together (issue 16), still before any model
+            from .eval.bench import parse_all
+
+            parse_all(texts, "--policy")
+        for text in texts:
             Policy.parse(text)
     if args.command == "bench":
         _writable_target(args.out, "--out", folder=True)

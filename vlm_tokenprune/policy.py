@@ -382,6 +382,23 @@ class Policy:
     def to_string(self) -> str:
         return "+".join(s.describe() for s in self.stages)
 
+    def to_yaml(self) -> str:
+        """The policy as a YAML document (``Policy.from_yaml`` reads it back to an equal policy)."""
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def __add__(self, other: "Policy | str | Mapping") -> "Policy":
+        """``a + b``: a's stages then b's (``vtp.FastV(layer=2, keep=0.25) + vtp.FFNCut(ratio=2)``), validated."""
+        if not isinstance(other, (Policy, str, Mapping)):
+            return NotImplemented
+        return Policy(self.stages + Policy.parse(other).stages)
+
+    def __radd__(self, other: "str | Mapping") -> "Policy":
+        if not isinstance(other, (str, Mapping)):
+            return NotImplemented
+        return Policy(Policy.parse(other).stages + self.stages)
+
     def __str__(self) -> str:
         return self.to_string()
 

@@ -19,6 +19,16 @@ from ..calibrate import config_hash, model_geometry
 from ..errors import IncompatiblePolicyError, PolicyError
 
 FORMAT = "vlm_tokenprune.learned/1"
+# the way out of a weight file bound to another model: train one for this model (every kind has a trainer)
+HOW_TO_TRAIN = {
+    "atp": "allowed: weights trained for this model: `vlm-tokenprune train atp --model MODEL_DIR --out FILE` (a LLaVA "
+           "folder with its processor), or in Python vlm_tokenprune.train.atp.train_atp(model, batches, ATPTrainConfig(...), out=FILE) for "
+           "any supported HF VLM; then atp:weights=FILE",
+    "covipal": "allowed: weights trained for this model: `vlm-tokenprune train covipal --model CHECKPOINT --out FILE` "
+               "(tiny-VLM format), or in Python vlm_tokenprune.train.covipal.train(model, batches, out=FILE, "
+               "config=CoViPALTrainConfig(...)) for any supported HF VLM; then covipal:weights=FILE",
+    "*": "allowed: weights trained for this model (`vlm-tokenprune train {kind} --help`)",
+}
 _VISION = ("image_size", "patch_size", "hidden_size")
 
 
@@ -79,6 +89,6 @@ def load_weights(path: str, kind: str, model: nn.Module | None, where: str) -> t
             raise IncompatiblePolicyError(
                 f"{where}.config_hash",
                 f"{path!r} was trained on another model (config_hash {meta.get('config_hash')} != {config_hash(geo)}"
-                + (f"; {detail}" if detail else "") + ")",
+                + (f"; {detail}" if detail else "") + "); " + HOW_TO_TRAIN.get(kind, HOW_TO_TRAIN["*"]).format(kind=kind),
             )
     return tensors, hparams
