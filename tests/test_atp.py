@@ -9,21 +9,17 @@ reduce its loss, to resume exactly and to write a file that loads back.
 """
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import BACKENDS, FLASH
+from kit import BACKENDS, FLASH, assert_generate_matches_rows_alone, fresh_llava, row_alone, tiny_llava
 from reference import atp_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, InputError, PolicyError
-from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import make_batch
 from vlm_tokenprune.learned.artifact import load_weights, save_weights
 from vlm_tokenprune.learned.atp import ATPModule, spatial_scores
 from vlm_tokenprune.train.atp import ATPTrainConfig, atp_loss, soft_forward, train_atp
-from helpers import new_tokens
-from test_feather import row_alone
 
 torch.set_num_threads(1)
 
@@ -34,9 +30,8 @@ MARGIN = 1e-4  # every oracle margin is at least this far from the threshold (no
 ROWS = [[5, "img", 7], [2, "img", 3], [9, "img", 1]]
 
 
-@functools.lru_cache(maxsize=None)
 def tiny(attn: str):
-    return build_tiny_llava(attn)  # 4 layers, hidden 64, 6 x 6 patch grid
+    return tiny_llava(attn)  # 4 layers, hidden 64, 6 x 6 patch grid
 
 
 def make_module(layer: int, seed: int = 0, scale: float = 4.0) -> ATPModule:
@@ -186,15 +181,10 @@ def test_rows_with_different_kept_counts_match_rows_alone(attn, weights):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_cached_generate_matches_oracle(attn, weights):
     model = tiny(attn)
-    inputs = make_batch(model, ROWS, seed=2)
-    L = inputs["input_ids"].shape[1]
-    eos, pad = model.generation_config.eos_token_id, model.config.text_config.pad_token_id
+    eos = model.generation_config.eos_token_id
     path, m, hp = weights[1]
-    with vtp.patch(model, policy(path, 1)), torch.no_grad():
-        g = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    for b in range(len(ROWS)):
-        want = oracle.atp_generate(model, row_alone(inputs, ROWS, b), m.state_dict(), hp, 6, eos)
-        assert new_tokens(g[b], L, eos, pad) == want, f"row {b}"
+    assert_generate_matches_rows_alone(model, make_batch(model, ROWS, seed=2), ROWS, policy(path, 1),
+                                       lambda alone: oracle.atp_generate(model, alone, m.state_dict(), hp, 6, eos), steps=6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,7 +242,7 @@ def batch_loss(model, module, batch, cfg) -> float:
 
 
 def test_training_decreases_the_loss_and_resumes_exactly(tmp_path):
-    model = build_tiny_llava("sdpa", seed=1)
+    model = fresh_llava("sdpa", seed=1)
     batch = labelled_batch(model)
     cfg = ATPTrainConfig(layer=2, target=0.1, steps=12, batch_size=3, lr=1e-2, checkpoint_every=6, head_hidden=8)
     module, hist = train_atp(model, lambda step: batch, cfg, str(tmp_path / "a.safetensors"),
@@ -276,7 +266,7 @@ def test_training_decreases_the_loss_and_resumes_exactly(tmp_path):
 
 
 def test_unfrozen_llm_trains_the_language_model(tmp_path):
-    model = build_tiny_llava("sdpa", seed=1)
+    model = fresh_llava("sdpa", seed=1)
     batch = labelled_batch(model)
     before = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
     cfg = ATPTrainConfig(layer=2, steps=2, batch_size=3, unfreeze_llm=True, llm_lr=1e-3, head_hidden=8)
@@ -290,7 +280,7 @@ def test_unfrozen_llm_trains_the_language_model(tmp_path):
 # weight files
 # ------------------------------------------------------------------------------------------------
 def test_save_load_round_trip_and_policy_use(tmp_path):
-    model = build_tiny_llava("sdpa", seed=1)
+    model = fresh_llava("sdpa", seed=1)
     batch = labelled_batch(model)
     cfg = ATPTrainConfig(layer=2, steps=2, batch_size=3, head_hidden=8, tau=7.0, strides=(2, 3))
     path = str(tmp_path / "w.safetensors")
@@ -312,7 +302,7 @@ def test_save_load_round_trip_and_policy_use(tmp_path):
 
 def test_bad_weight_files_are_refused_before_any_hook(tmp_path, weights):
     path = weights[1][0]
-    other = build_tiny_llava("sdpa", hidden=32)
+    other = tiny_llava("sdpa", hidden=32)
     with pytest.raises(IncompatiblePolicyError, match="trained on another model") as e:
         vtp.patch(other, policy(path, 1))
     assert e.value.field == "stages[0].weights.config_hash" and not vtp.patching.is_patched(other)
@@ -354,7 +344,7 @@ def test_shipped_weights_run_on_the_tiny_vlm():
 
 
 def test_bad_training_settings_name_the_field(tmp_path):
-    model = build_tiny_llava("sdpa", seed=1)
+    model = fresh_llava("sdpa", seed=1)
     batch = labelled_batch(model)
     out = tmp_path / "x.safetensors"
     cases = [("layer", {"layer": 4}), ("layer", {"layer": 0}), ("target", {"target": 0.0}), ("steps", {"steps": 0}),

@@ -5,17 +5,15 @@ Proven against ``reference/covipal_oracle.py`` (the module's equations in plain 
 """
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import BACKENDS, FLASH
+from kit import BACKENDS, FLASH, tiny_llava
 from reference import covipal_oracle as coracle
 from reference import pre_llm_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, InputError, PolicyError
-from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, make_batch
 from vlm_tokenprune.learned.artifact import load_weights, save_weights
 from vlm_tokenprune.learned.covipal import PPM, score_context
 from vlm_tokenprune.train.covipal import CoViPALTrainConfig, guidance_targets, kl_loss, train
@@ -26,9 +24,8 @@ ATOL = 1e-5
 BATCH = [[2, "img", 9], [4, "img", 1, "img", 8], [7]]  # left padding, two images in a row, a text-only row
 
 
-@functools.lru_cache(maxsize=None)
 def tiny(attn: str, seed: int = 0, **kw):
-    return build_tiny_llava(attn, seed=seed, **kw)
+    return tiny_llava(attn, seed=seed, **kw)
 
 
 def random_ppm(in_dim: int, seed: int = 0, hidden: int = 16, layers: int = 2, heads: int = 2) -> PPM:

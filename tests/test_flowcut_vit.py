@@ -5,17 +5,15 @@ tower under eager and sdpa: same kept patches per image, same token counts per e
 """
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import BACKENDS
+from kit import BACKENDS, tiny_llava, tiny_qwen
 from reference import flowcut_vit_oracle as oracle
 from reference import pre_llm_oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, PolicyError
-from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import make_batch
 
 torch.set_num_threads(1)
 
@@ -23,16 +21,10 @@ ATOL = 1e-5
 ROWS = [[5, "img", 7], [2, "img", 3, "img", 4]]
 
 
-@functools.lru_cache(maxsize=None)
 def tiny(attn: str, next: bool = False):
     """Tiny LLaVA with a 6-layer CLIP tower (feature layer 4: FlowCut prunes after layers 1 and 3) whose
     q/k weights are scaled up, so the CLS attention is peaked and the entropy-adaptive count is > 0."""
-    model = build_tiny_llava(attn, vision_layers=6, next=next)
-    with torch.no_grad():
-        for layer in oracle.tower_layers(model).encoder.layers:
-            layer.self_attn.q_proj.weight.mul_(6)
-            layer.self_attn.k_proj.weight.mul_(6)
-    return model
+    return tiny_llava(attn, vision_layers=6, next=next, tweaks=("peaked_tower",))
 
 
 def _pad(inputs, b):
@@ -157,10 +149,8 @@ def test_model_errors_name_the_field():
     with pytest.raises(IncompatiblePolicyError) as e:
         vtp.patch(model, "flowcut_vit:tokens=40")  # 36 patches per crop
     assert e.value.field == "stages[0].tokens" and "1..36" in str(e.value)
-    from vlm_tokenprune.eval.tiny_models import build_tiny_qwen2_vl
-
     with pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(build_tiny_qwen2_vl(), "flowcut_vit")
+        vtp.patch(tiny_qwen(), "flowcut_vit")
     assert e.value.field == "stages[0].site"
     assert not any(m._forward_pre_hooks for m in model.modules())
 

@@ -5,18 +5,16 @@ same token counts per encoder layer, same logits.
 """
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import FLASH
+from kit import FLASH, tiny_llava
 from reference import flowcut_vit_oracle as fc
 from reference import mctf_oracle as oracle
 from reference import pre_llm_oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, PolicyError
-from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import make_batch
 from vlm_tokenprune.methods.mctf import fewest_patches, mctf_schedule
 
 torch.set_num_threads(1)
@@ -25,9 +23,8 @@ ATOL = 1e-5
 ROWS = [[5, "img", 7], [2, "img", 3, "img", 4]]
 
 
-@functools.lru_cache(maxsize=None)
 def tiny(attn: str, next: bool = False):
-    return build_tiny_llava(attn, vision_layers=6, next=next)  # feature layer 4: merging layers 1..4
+    return tiny_llava(attn, vision_layers=6, next=next)  # feature layer 4: merging layers 1..4
 
 
 def _check(model, inputs, policy, K, positions, **kw):
@@ -138,7 +135,7 @@ def test_model_errors_name_the_field():
         with pytest.raises(IncompatiblePolicyError) as e:
             vtp.patch(model, text)
         assert e.value.field == field, str(e.value)
-    flash = build_tiny_llava(FLASH, vision_layers=6)
+    flash = tiny_llava(FLASH, vision_layers=6)
     with pytest.raises(IncompatiblePolicyError) as e:
         vtp.patch(flash, "mctf")
     assert e.value.field == "stages[0].prop_attn"

@@ -3,33 +3,26 @@ with a later LLM stage == the composed oracles (FlowCut in the tower, then FastV
 text-only passthrough, stale / missing tower runs, the trace's per-layer token counts and describe()."""
 from __future__ import annotations
 
-import functools
-import math
 
 import pytest
 import torch
 
 import vlm_tokenprune as vtp
+from kit import kept_count, tiny_llava
 from reference import flowcut_vit_oracle as fc
 from reference import pre_llm_fastv_oracle as pf
 from reference import fastv_oracle as fv
 from reference import pre_llm_oracle
 from vlm_tokenprune.errors import InputError
-from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import make_batch
 
 torch.set_num_threads(1)
 
 ROWS = [[5, "img", 7], [2, "img", 3, "img", 4]]
 
 
-@functools.lru_cache(maxsize=None)
 def tiny(attn: str):
-    model = build_tiny_llava(attn, vision_layers=6)
-    with torch.no_grad():
-        for layer in fc.tower_layers(model).encoder.layers:
-            layer.self_attn.q_proj.weight.mul_(6)
-            layer.self_attn.k_proj.weight.mul_(6)
-    return model
+    return tiny_llava(attn, vision_layers=6, tweaks=("peaked_tower",))
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -106,7 +99,7 @@ def test_inputs_expanded_after_the_tower_are_refused_by_name(kwargs):
 
 def test_flowcut_llava_next_pipeline_vit_then_llm_stage():
     """FlowCut on LLaVA-NeXT as in the paper: per crop in the tower, then ``flowcut_llm`` in the LLM."""
-    model = build_tiny_llava("sdpa", vision_layers=6, next=True)
+    model = tiny_llava("sdpa", vision_layers=6, next=True)
     s = model.config.vision_config.image_size
     inputs = make_batch(model, [[4, "img", 3], [2, "img", 5]], image_sizes=[[s, 2 * s], [2 * s, 2 * s]])
     with torch.no_grad():
@@ -145,7 +138,7 @@ def test_explain_and_flops_prediction(capsys):
 
 def test_full_select_strategy_keeps_cls_in_the_llm_input():
     """``vision_feature_select_strategy="full"``: the CLS feature reaches the LLM; FlowCut always keeps it."""
-    model = build_tiny_llava("sdpa", vision_layers=6)
+    model = tiny_llava("sdpa", vision_layers=6)
     model.config.vision_feature_select_strategy = "full"
     inputs = make_batch(model, ROWS)  # 37 placeholders per image
     with vtp.patch(model, "flowcut_vit:tokens=8,positions=gaps") as h, torch.no_grad():
@@ -163,7 +156,7 @@ def test_full_select_strategy_keeps_cls_in_the_llm_input():
 def test_flowcut_next_preset_runs_both_stages():
     pol = vtp.Policy.parse("flowcut_next")
     assert [(s.site, s.criterion) for s in pol.stages] == [("vision", "flowcut_vit"), ("llm", "flowcut_llm")]
-    model = build_tiny_llava("sdpa", vision_layers=6, next=True)
+    model = tiny_llava("sdpa", vision_layers=6, next=True)
     s = model.config.vision_config.image_size
     inputs = make_batch(model, [[3, "img", 2]], image_sizes=[[2 * s, 2 * s]])
     with vtp.patch(model, pol) as h, torch.no_grad():
@@ -171,5 +164,5 @@ def test_flowcut_next_preset_runs_both_stages():
         vit, llm = h.last_trace().stages
     assert vit.vision_tokens_per_layer[-1] == 11  # 160 / 576 of 36 patches = 10, + CLS
     # the LLM stage keeps 320 / 2880 of the row's ORIGINAL visual tokens (placeholders, newlines included)
-    assert llm.visual_after == [max(1, math.floor(320 / 2880 * vit.visual_before[0] + 0.5))]
+    assert llm.visual_after == [kept_count(("keep", 320 / 2880), vit.visual_before[0])]
     assert llm.visual_before == vit.visual_after
