@@ -150,3 +150,18 @@ def _sequence_logprob(model, inputs, new_tokens):
         out = model(input_ids=torch.tensor([[prev]]), attention_mask=mask, use_cache=True, **{key: cache})
         total = total + torch.log_softmax(out.logits[0, -1].float(), -1)[tok]
     return total
+
+
+def test_continuous_batching_is_refused_by_name():
+    """transformers' continuous batching (paged cache) cannot be served; transformers would catch the forward's
+    error and only log each request as failed, so generate_batch is refused by name before it starts."""
+    from transformers import GenerationConfig
+
+    model = MODELS[0][1]
+    if not hasattr(model, "generate_batch"):
+        pytest.skip("this transformers has no continuous batching")
+    with vtp.patch(model, "fastv:layer=2,keep=0.25"):
+        with pytest.raises(InputError) as e:
+            model.generate_batch(inputs=[[5, 6, 7]], generation_config=GenerationConfig(max_new_tokens=2))
+        assert e.value.field == "generate_batch"
+    assert "generate_batch" not in vars(model)

@@ -14,6 +14,9 @@ break it, and are refused by name before anything runs (never a silent differenc
   ``custom_generate``: transformers runs them from ``custom_generate`` code (a Hub repository or a
   callable) whose forward pattern this library cannot check.
 
+Continuous batching (``generate_batch``, ``init_continuous_batching``): refused by name, whatever the policy
+(its paged cache is not a ``DynamicCache``; transformers would log every request as failed).
+
 Policies that only change weights for every token (``skip_layers`` / ``prune_heads`` with ``scope=all``)
 do not depend on which forward is the prompt: every mode is allowed with them.
 """
@@ -73,10 +76,22 @@ def guarded_generate(handle: "PatchHandle", generate: Any, *args: Any, **kwargs:
     return generate(*args, **kwargs)
 
 
+CONTINUOUS_BATCHING = ("generate_batch", "init_continuous_batching", "continuous_batching_context_manager")
+
+
+def refused_continuous_batching(name: str, *args: Any, **kwargs: Any) -> Any:
+    raise InputError(name, "continuous batching runs the model on a paged cache (PagedAttentionCache) with the requests "
+                     "packed into one sequence, which a patched model cannot serve (transformers would only log each "
+                     "request as failed); allowed: generate(), or unpatch() first")
+
+
 def install(handle: "PatchHandle", model: Any, swap: Any) -> None:
-    """Wrap ``model.generate`` (an instance attribute, removed by ``unpatch()``) with ``check_generate``.
-    ``swap(obj, name, new)`` records the change on the handle."""
+    """Wrap ``model.generate`` (an instance attribute, removed by ``unpatch()``) with ``check_generate``, and
+    refuse transformers' continuous batching entry points by name. ``swap(obj, name, new)`` records each change
+    on the handle."""
     generate = getattr(model, "generate", None)
-    if generate is None:
-        return
-    swap(model, "generate", functools.wraps(generate)(functools.partial(guarded_generate, handle, generate)))
+    if generate is not None:
+        swap(model, "generate", functools.wraps(generate)(functools.partial(guarded_generate, handle, generate)))
+    for name in CONTINUOUS_BATCHING:
+        if callable(getattr(model, name, None)):
+            swap(model, name, functools.partial(refused_continuous_batching, name))
