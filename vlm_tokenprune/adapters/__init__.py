@@ -11,9 +11,10 @@ from . import llava_original  # noqa: F401  (the original LLaVA code base, llava
 
 # Known model types that are deliberately not supported, and why (no adapter is registered for them).
 KNOWN_UNSUPPORTED = {
-    "gemma3": "Gemma3 uses a different rotary embedding per layer type (local rope on sliding layers, global on "
-              "full ones) and sliding-window layers below the first full-attention layer, so one kept set cannot "
-              "be applied to every layer's positions and cache",
+    "gemma3": "not implemented yet: 5 of every 6 Gemma3 decoder layers (layers 0-4 among them, below the first "
+              "full-attention layer) use a sliding window, with a rotary embedding per layer type; their cache evicts "
+              "by count and their decode masks assume contiguous positions, so a pruned prompt's window of original "
+              "positions (and the bidirectional image block) is not kept while decoding",
     **{t: "the original LLaVA code base (llava-torch) is supported for LlavaLlamaForCausalLM (llava_llama) only; "
           "its Mistral and MPT variants have no adapter yet" for t in ("llava_mistral", "llava_mpt")},
     "internvl_chat": "InternVL (remote code) is not supported: its modeling code is not part of transformers, "
