@@ -10,6 +10,7 @@ has 4 layers, so ``drop`` is overridden (see the reading notes written into ``be
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -34,7 +35,12 @@ POLICIES = [
 ]
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=os.path.join(here, "results", "accuracy_structural"),
+                   help="output folder (default: benchmarks/results/accuracy_structural)")
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
     from vlm_tokenprune import calibrate
     from vlm_tokenprune.eval.bench import run_bench
@@ -42,8 +48,7 @@ def main() -> int:
     from vlm_tokenprune.eval.tiny_vlm import load_tiny_vlm, prompts
     from vlm_tokenprune.methods.yopo import TINY_VLM_HEADS
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = os.path.join(here, "results", "accuracy_structural")
+    out = args.out
     os.makedirs(out, exist_ok=True)
     model, processor = load_tiny_vlm()
     calib = make_split("train", 64)
