@@ -172,3 +172,32 @@ def test_demo_runs_every_preset(capsys):
         assert main(["demo", "--policy", name, "--n", "1", "--repeats", "0", "--batch-size", "1"]) == 0, \
             (name, capsys.readouterr().err)
         assert "accuracy: baseline" in capsys.readouterr().out
+
+
+# -- a paper's name picks its family's setting ------------------------------------------------------------
+@pytest.mark.parametrize("kind, preset", [("llava", "flowcut_vit"), ("llava_next", "flowcut_next"),
+                                          ("qwen2_vl", "flowcut_llm")])
+def test_flowcut_by_its_papers_name_takes_the_family_setting(kind, preset):
+    model = _family(kind)
+    with vtp.patch(model, "flowcut") as h:
+        assert h.policy == Policy.parse(preset)
+    parsed = Policy.parse("flowcut")  # parsed before the model is known (the CLI): patch() still picks the family
+    with vtp.patch(model, parsed) as h:
+        assert h.policy == Policy.parse(preset)
+    assert Policy.parse("flowcut:keep=0.3", family="qwen2_vl") == Policy.parse("flowcut_llm:keep=0.3")
+    assert Policy.parse("flowcut") == Policy.parse("flowcut_vit")  # no model: the LLaVA-1.5 setting
+
+
+def test_every_method_named_in_the_readme_table_works_by_name():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Methods", 1)[1].split("\n\n", 2)[1]
+    names = {n for line in table.splitlines() if line.startswith("| `")
+             for n in re.findall(r"`([a-z0-9_]+)`", line.split("|")[1])}
+    assert {"fastv", "feather", "pdrop", "yopo"} <= names
+    for name in sorted(names):
+        assert name in vtp.PRESETS or name in vtp.CRITERIA, name
+        if name not in ("efficientvla_layers", "finercut"):  # need a calibration file
+            Policy.parse(name)

@@ -221,11 +221,24 @@ def model_names() -> list[str]:
     return list(dict.fromkeys([*KNOWN_MODELS, *KNOWN_GEOMETRIES]))
 
 
-def read_policy(spec: str) -> Any:
-    """A policy argument: a policy string, or the path of a YAML / JSON policy file (``Policy.parse`` reads both)."""
+def read_policy(spec: str, family: str | None = None) -> Any:
+    """A policy argument: a policy string, or the path of a YAML / JSON policy file (``Policy.parse`` reads both);
+    ``family``: the model family a family preset (``flowcut``) takes its setting for."""
     from . import Policy
 
-    return Policy.parse(spec)
+    return Policy.parse(spec, family=family)
+
+
+def _family(spec: str, cfg: Any) -> str | None:
+    """The ``model_type`` of an explain geometry (a known name, profile's geometry or a config)."""
+    from .eval.profiler import KNOWN_GEOMETRIES
+
+    named = {"llava-1.5-7b": "llava", "llava-next-7b": "llava_next", "tiny": "llava"}
+    if spec in named:
+        return named[spec]
+    if spec in KNOWN_GEOMETRIES:
+        return KNOWN_GEOMETRIES[spec]["family"]
+    return cfg.get("model_type") if isinstance(cfg, dict) else getattr(cfg, "model_type", None)
 
 
 def _estimate_calibrated_heads(pol: Any, num_layers: int, num_heads: int) -> tuple[Any, list[str]]:
@@ -259,7 +272,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .eval.flops import FORMULA, TextGeometry, policy_flops
 
     cfg, n_visual, desc = _load_model_config(args.model_config)  # a bad model name before a slow parse
-    requested = read_policy(args.policy)
+    requested = read_policy(args.policy, _family(args.model_config, cfg))
     if args.n_visual is not None:
         n_visual = args.n_visual
     if n_visual is None:
@@ -652,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -- argument checks (before any model is loaded) ------------------------------------------------------
 _AT_LEAST = {  # attribute -> (flag, smallest allowed value)
     "threads": ("--threads", 1), "n": ("--n", 1), "batch_size": ("--batch-size", 1), "batch": ("--batch", 1),
-    "repeats": ("--repeats", 1), "iters": ("--iters", 1), "warmup": ("--warmup", 0), "timing_iters": ("--timing-iters", 0),
+    "repeats": ("--repeats", 0), "iters": ("--iters", 1), "warmup": ("--warmup", 0), "timing_iters": ("--timing-iters", 0),
     "layers": ("--layers", 1), "vision_layers": ("--vision-layers", 1), "n_text": ("--n-text", 0),
     "n_visual": ("--n-visual", 1), "example": ("--example", 0),
 }

@@ -35,7 +35,8 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
             ``TRITON_INTERPRET=1``; an error here if they cannot run) or ``"auto"`` (Triton on CUDA
             tensors when it is installed, else PyTorch).
     """
-    pol = Policy.parse(policy)
+    # a family preset (flowcut) takes this model's family setting; a preset's paper depth is mapped below
+    pol = Policy.parse(policy, family=getattr(getattr(model, "config", None), "model_type", None))
     if backend not in BACKENDS:
         raise PolicyError("backend", f"{backend!r} is not available; allowed: {', '.join(BACKENDS)}")
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):

@@ -200,9 +200,14 @@ class Stage:
 
 @dataclass(frozen=True)
 class Policy:
-    """An ordered tuple of stages. Build with ``Policy.parse`` (str | dict | Policy) or the file readers."""
+    """An ordered tuple of stages. Build with ``Policy.parse`` (str | dict | Policy) or the file readers.
+
+    ``source``: the string / dict it was parsed from (not compared): ``patch()`` parses it again for the
+    model's family when it names a family preset (``flowcut``: the paper's setting for each model family).
+    """
 
     stages: tuple[Stage, ...]
+    source: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -252,22 +257,25 @@ class Policy:
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def parse(cls, spec: "str | Mapping | Policy | os.PathLike") -> "Policy":
+    def parse(cls, spec: "str | Mapping | Policy | os.PathLike", family: str | None = None) -> "Policy":
         """A policy string, a dict, a ``Policy``, or the path of a YAML / JSON policy file (``.yaml``, ``.yml``,
-        ``.json``)."""
+        ``.json``). ``family``: the model's ``config.model_type``; a family preset (``flowcut``) takes that
+        family's setting (``patch()`` passes it; without it, the preset's default family)."""
         if isinstance(spec, Policy):
+            if family is not None and spec.source is not None:
+                return cls.parse(spec.source, family)  # built from a string or dict: that family's setting
             return spec
         if isinstance(spec, os.PathLike) or (isinstance(spec, str) and "\n" not in spec and "=" not in spec
                                              and spec.strip().lower().endswith(POLICY_FILE_SUFFIXES)):
             return cls.from_file(os.fspath(spec).strip())  # a policy file: YAML or JSON by its suffix
         if isinstance(spec, str):
-            return cls.from_string(spec)
+            return cls.from_string(spec, family)
         if isinstance(spec, Mapping):
-            return cls.from_dict(spec)
+            return cls.from_dict(spec, family)
         raise PolicyError("policy", f"expected a string, a dict or a Policy, got {type(spec).__name__}")
 
     @classmethod
-    def from_string(cls, text: str) -> "Policy":
+    def from_string(cls, text: str, family: str | None = None) -> "Policy":
         text = text.strip()
         if not text:
             raise PolicyError("policy", "empty policy string; expected e.g. 'fastv:layer=2,keep=0.5'")
@@ -287,11 +295,11 @@ class Policy:
             if name in STRUCTURAL_OPS and name not in PRESETS:
                 stages.append(_build_stage({"op": name, **overrides}, f"stages[{i}]"))
                 continue
-            stages.extend(expand_preset(name, overrides, f"stages[{i}]"))
-        return cls(tuple(stages))
+            stages.extend(expand_preset(name, overrides, f"stages[{i}]", family))
+        return cls(tuple(stages), source=text)
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "Policy":
+    def from_dict(cls, data: Mapping, family: str | None = None) -> "Policy":
         if "stages" not in data:
             raise PolicyError("policy", "a policy dict needs a 'stages' list")
         unknown = set(data) - {"stages"}
@@ -307,7 +315,7 @@ class Policy:
                 raise PolicyError(where, f"must be a dict, got {type(st).__name__}")
             st = dict(st)
             if "preset" in st:
-                stages.extend(expand_preset(st.pop("preset"), st, where))
+                stages.extend(expand_preset(st.pop("preset"), st, where, family))
                 continue
             budget = st.pop("budget", None)
             if budget is not None:
@@ -682,7 +690,7 @@ def stage_from_fields(fields: Mapping[str, Any], where: str) -> Stage:
     return stage
 
 
-def expand_preset(name: str, overrides: Mapping[str, Any], where: str) -> list[Stage]:
+def expand_preset(name: str, overrides: Mapping[str, Any], where: str, family: str | None = None) -> list[Stage]:
     """Stages of preset ``name`` with ``overrides`` applied (single-stage presets take any key). A registered
     criterion without a preset of its name (e.g. a user's own ``register_criterion``) is one stage of it, written
     out: ``mine:layer=2,keep=0.5``."""
@@ -691,6 +699,8 @@ def expand_preset(name: str, overrides: Mapping[str, Any], where: str) -> list[S
     if name not in PRESETS:  # the error lists presets and criteria alike (both are valid first words)
         raise UnknownNameError(f"{where}.method", name, set(PRESETS.names()) | set(CRITERIA.names()) | set(STRUCTURAL_OPS))
     preset = PRESETS.get(name, f"{where}.method")
+    if isinstance(preset, FamilyPreset):
+        return preset.expand(dict(overrides), where, family)
     return preset.expand(dict(overrides), where)
 
 
@@ -770,6 +780,26 @@ class Preset:
         if any("keep" in st for st in self.stages):
             keys.add("rounding")
         return sorted(keys)
+
+
+class FamilyPreset(Preset):
+    """A paper's name whose setting depends on the model family (e.g. ``flowcut``): ``choices`` maps a
+    ``config.model_type`` to a preset; ``patch()`` picks the model's (``Policy.parse(..., family=)``), and
+    without a family (``Policy.parse("flowcut")``) the first choice is the default. Keys go to the chosen preset."""
+
+    def __init__(self, name: str, choices: Mapping[str, str], description: str = "", arxiv: str | None = None):
+        super().__init__(name, (), description, arxiv)
+        object.__setattr__(self, "choices", dict(choices))
+
+    def expand(self, overrides: dict, where: str, family: str | None = None) -> list[Stage]:
+        target = self.choices.get(family, next(iter(self.choices.values())))
+        return expand_preset(target, overrides, where)
+
+
+def register_family_preset(name: str, choices: Mapping[str, str], description: str = "",
+                           arxiv: str | None = None) -> Preset:
+    """Register a paper's name that picks a preset per model family (see ``FamilyPreset``)."""
+    return PRESETS.register(name, FamilyPreset(name, choices, description, arxiv))
 
 
 def at_key(e: PolicyError, field: str) -> PolicyError:

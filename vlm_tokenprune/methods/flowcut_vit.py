@@ -42,7 +42,7 @@ import math
 import torch
 
 from ..errors import IncompatiblePolicyError
-from ..policy import register_preset
+from ..policy import register_family_preset, register_preset
 from ..vision.base import VisionCriterion
 from .base import register_criterion
 
@@ -132,3 +132,11 @@ _DOC = "FlowCut in the CLIP tower: prune every 2 layers up to the feature layer,
 for _name, _n in (("flowcut_vit", 128), ("flowcut_vit_192", 192), ("flowcut_vit_64", 64)):
     register_preset(_name, [{"criterion": "flowcut_vit", "site": "vision", "keep": _n / 576, "positions": "repack"}],
                     _DOC.format(_n), "2505.19536")
+
+# FlowCut by its paper's name: the setting the paper (and its code) uses for each model family, picked by patch()
+register_family_preset("flowcut", {"llava": "flowcut_vit", "llava_next": "flowcut_next", "qwen2_vl": "flowcut_llm",
+                                   "qwen2_5_vl": "flowcut_llm"},
+                       "FlowCut, the paper's setting for the model's family (chosen by patch()): LLaVA-1.5 flowcut_vit "
+                       "(128 of 576 in the CLIP tower), LLaVA-NeXT flowcut_next (160 per crop, then 320 of 2880 at LLM "
+                       "layer 2), Qwen2-VL / 2.5-VL flowcut_llm (its LLM stage, -77.8 %); without a model: flowcut_vit",
+                       "2505.19536")
