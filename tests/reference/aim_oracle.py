@@ -23,28 +23,15 @@ import math
 
 import torch
 
-from .eager_runner import eager_copy, greedy, image_positions, prompt_embeds, rotate_half, run_layers
+from .eager_runner import eager_copy, greedy, head_projections, image_positions, prompt_embeds, run_layers
 
 
 def attention_logits(eager, layer_idx: int, hidden: torch.Tensor, pos: list[int]) -> torch.Tensor:
     """``[H, T, T]`` float64 attention logits of decoder layer ``layer_idx`` on ``hidden`` [1, T, D]
     whose tokens sit at original positions ``pos``; -inf above the diagonal (causal)."""
-    lm = eager.model.language_model
-    layer = lm.layers[layer_idx]
-    attn = layer.self_attn
-    d = attn.head_dim
-    T = hidden.shape[1]
-    with torch.no_grad():
-        x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(1, T, -1, d).transpose(1, 2)[0].double()  # [H, T, d]
-        k = attn.k_proj(x).view(1, T, -1, d).transpose(1, 2)[0].double()  # [Hkv, T, d]
-        cos, sin = lm.rotary_emb(hidden, torch.tensor([pos], dtype=torch.long))
-    cos, sin = cos[0].double(), sin[0].double()  # [T, d]
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
-    rep = q.shape[0] // k.shape[0]
-    k = k.repeat_interleave(rep, dim=0)  # kv head g serves query heads g*rep .. g*rep+rep-1
-    logits = torch.einsum("hid,hjd->hij", q, k) * attn.scaling
+    q, k, _ = head_projections(eager, layer_idx, hidden, pos, dtype=torch.float64)
+    T = q.shape[1]
+    logits = torch.einsum("hid,hjd->hij", q, k) * eager.model.language_model.layers[layer_idx].self_attn.scaling
     future = torch.ones(T, T, dtype=torch.bool).triu(1)
     return logits.masked_fill(future, float("-inf"))
 

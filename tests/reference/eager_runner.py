@@ -98,6 +98,35 @@ def top_k_positions(scores: dict[int, float], k: int) -> list[int]:
     return sorted(order[:k])
 
 
+def head_projections(eager, layer_idx: int, hidden: torch.Tensor, pos: list[int], *, rope: bool = True,
+                     dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-head ``q, k, v`` ``[H, T, d]`` of decoder layer ``layer_idx`` on its input ``hidden`` [1, T, D], rebuilt
+    from the layer's own modules (input norm, projections, q/k norms where the model has them); RoPE at
+    positions ``pos`` unless ``rope=False``; k and v repeated to the H query heads (kv head g serves query
+    heads g*rep .. g*rep+rep-1). ``dtype``: cast before RoPE (e.g. float64)."""
+    lm = eager.model.language_model
+    layer = lm.layers[layer_idx]
+    attn = layer.self_attn
+    d = attn.head_dim
+    T = hidden.shape[1]
+    with torch.no_grad():
+        x = layer.input_layernorm(hidden)
+        q, k, v = (proj(x).view(1, T, -1, d).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q.transpose(1, 2)).transpose(1, 2)
+            k = attn.k_norm(k.transpose(1, 2)).transpose(1, 2)
+        q, k, v = q[0], k[0], v[0]
+        if dtype is not None:
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if rope:
+            cos, sin = lm.rotary_emb(hidden, torch.tensor([pos], dtype=torch.long))  # [1, T, d]
+            cos, sin = cos[0].to(q.dtype), sin[0].to(q.dtype)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+    rep = q.shape[0] // k.shape[0]
+    return q, k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
+
+
 def run_layers(eager, hidden: torch.Tensor, pos: list[int], layer_ids) -> torch.Tensor:
     """Run decoder layers ``layer_ids`` of the eager copy on ``hidden`` [1, T, D] whose tokens sit at
     original positions ``pos`` (len T), causal over the T tokens."""

@@ -20,33 +20,18 @@ from __future__ import annotations
 import torch
 
 from .eager_runner import (  # noqa: F401  (the runner's plumbing, also read through this module by other oracles)
-    causal_mask, eager_copy, greedy, image_positions, logits_dropping, prompt_embeds, rotate_half, run_layers,
-    top_k_positions,
+    causal_mask, eager_copy, greedy, head_projections, image_positions, logits_dropping, prompt_embeds, rotate_half,
+    run_layers, top_k_positions,
 )
 
 
 def last_token_attention(eager, layer_idx: int, hidden: torch.Tensor, pos: list[int]) -> torch.Tensor:
     """``[H, T]`` post-softmax attention of the last token over all T tokens in decoder layer
     ``layer_idx`` whose input is ``hidden`` [1, T, D], rebuilt from the layer's modules."""
-    lm = eager.model.language_model
-    layer = lm.layers[layer_idx]
-    attn = layer.self_attn
-    d = attn.head_dim
-    T = hidden.shape[1]
-    x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x).view(1, T, -1, d).transpose(1, 2)  # [1, H, T, d]
-    k = attn.k_proj(x).view(1, T, -1, d).transpose(1, 2)  # [1, Hkv, T, d]
-    if hasattr(attn, "q_norm"):
-        q = attn.q_norm(q.transpose(1, 2)).transpose(1, 2)
-        k = attn.k_norm(k.transpose(1, 2)).transpose(1, 2)
-    cos, sin = lm.rotary_emb(hidden, torch.tensor([pos], dtype=torch.long))  # [1, T, d]
-    cos, sin = cos[:, None], sin[:, None]
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
-    n_heads, n_kv = q.shape[1], k.shape[1]
-    k = k.repeat_interleave(n_heads // n_kv, dim=1)  # kv head g serves query heads g*rep .. g*rep+rep-1
-    q_last = q[0, :, T - 1]  # [H, d]; the last token sees every earlier token: the causal row is the whole row
-    logits = torch.einsum("hd,htd->ht", q_last.float(), k[0].float()) * attn.scaling
+    q, k, _ = head_projections(eager, layer_idx, hidden, pos)
+    scaling = eager.model.language_model.layers[layer_idx].self_attn.scaling
+    # the last token sees every earlier token: its causal row is the whole row
+    logits = torch.einsum("hd,htd->ht", q[:, -1].float(), k.float()) * scaling
     return torch.softmax(logits, dim=-1)
 
 

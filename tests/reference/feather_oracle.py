@@ -102,24 +102,13 @@ def last_token_image_attention(eager, layer_idx: int, hidden: torch.Tensor, pos:
                                rope: bool, softmax: str) -> list[float]:
     """Head-mean attention of the last token over the image tokens at indices ``img`` of the
     current sequence (``hidden`` [1, T, D] entering layer ``layer_idx``, positions ``pos``)."""
-    lm = eager.model.language_model
-    layer = lm.layers[layer_idx]
-    attn = layer.self_attn
-    d = attn.head_dim
-    T = hidden.shape[1]
-    x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x).view(1, T, -1, d).transpose(1, 2)[0]  # [H, T, d]
-    k = attn.k_proj(x).view(1, T, -1, d).transpose(1, 2)[0]  # [Hkv, T, d]
-    if rope:
-        cos, sin = lm.rotary_emb(hidden, torch.tensor([pos], dtype=torch.long))
-        q = q * cos + base.rotate_half(q) * sin
-        k = k * cos + base.rotate_half(k) * sin
-    H, Hkv = q.shape[0], k.shape[0]
+    q, k, _ = base.head_projections(eager, layer_idx, hidden, pos, rope=rope)
+    scaling = eager.model.language_model.layers[layer_idx].self_attn.scaling
+    H, T = q.shape[0], q.shape[1]
     keys = list(range(T)) if softmax == "row" else img
     per_head = []
     for h in range(H):
-        g = h // (H // Hkv)  # the kv head serving query head h
-        logits = torch.tensor([float(q[h, T - 1].double() @ k[g, j].double()) * attn.scaling for j in keys])
+        logits = torch.tensor([float(q[h, T - 1].double() @ k[h, j].double()) * scaling for j in keys])
         p = torch.softmax(logits, dim=0)
         row = dict(zip(keys, p.tolist()))
         per_head.append([row[j] for j in img])

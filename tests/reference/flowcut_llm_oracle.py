@@ -29,20 +29,7 @@ from . import eager_runner as base
 
 def _qkv(eager, layer_idx: int, hidden: torch.Tensor, pos: list[int]):
     """Per-head q, k, v ``[H, T, d]`` of layer ``layer_idx`` on ``hidden`` [1, T, D] (k, v repeated to H heads)."""
-    lm = eager.model.language_model
-    layer = lm.layers[layer_idx]
-    attn = layer.self_attn
-    d = attn.head_dim
-    T = hidden.shape[1]
-    x = layer.input_layernorm(hidden)
-    q = attn.q_proj(x).view(1, T, -1, d).transpose(1, 2)[0]
-    k = attn.k_proj(x).view(1, T, -1, d).transpose(1, 2)[0]
-    v = attn.v_proj(x).view(1, T, -1, d).transpose(1, 2)[0]
-    cos, sin = lm.rotary_emb(hidden, torch.tensor([pos], dtype=torch.long))
-    q = q * cos + base.rotate_half(q) * sin
-    k = k * cos + base.rotate_half(k) * sin
-    rep = q.shape[0] // k.shape[0]
-    return q, k.repeat_interleave(rep, dim=0), v.repeat_interleave(rep, dim=0)
+    return base.head_projections(eager, layer_idx, hidden, pos)
 
 
 def terms_from_embeds(eager, embeds: torch.Tensor, img_pos: list[int], prune_layer: int) -> dict[str, dict[int, float]]:
