@@ -25,7 +25,7 @@ def tiny():
 
 def test_meets_budget_and_writes_an_ordinary_policy(tiny, tmp_path):
     model, processor = tiny
-    res = search_policy(model, processor, "flops=0.4", space="tokens,sublayers", sublayers=1, generations=2, heldout=8,
+    res = search_policy(model, processor, "flops=0.4", space="tokens,sublayers", sublayers=1, generations=1, heldout=8,
                         heldout_top=1, out=tmp_path, **SMALL)
     assert res.policy is not None and res.flops_ratio <= 0.4
     pol = vtp.Policy.from_file(str(tmp_path / "best.yaml"))
@@ -33,8 +33,8 @@ def test_meets_budget_and_writes_an_ordinary_policy(tiny, tmp_path):
     assert sum(st.op == "skip_sublayers" for st in pol.stages) == 1  # the sublayer count is kept exactly
     n_text, n_visual = json.loads((tmp_path / "pareto.json").read_text())["n_text"], 256
     assert structural_flops(model.config, pol, n_text, n_visual)["ratio"] == pytest.approx(res.flops_ratio)
-    with vtp.patch(model, pol):
-        pass
+    with vtp.patch(model, str(tmp_path / "best.yaml")) as h:  # the result is an ordinary policy file
+        assert h.policy == pol
     table = (tmp_path / "pareto.md").read_text()
     assert "| `baseline` | 1.000 |" in table and res.policy in table
     assert res.accuracy is not None
@@ -42,9 +42,9 @@ def test_meets_budget_and_writes_an_ordinary_policy(tiny, tmp_path):
 
 def test_resume_equals_straight_run(tiny, tmp_path):
     model, processor = tiny
-    straight = search_policy(model, processor, "flops=0.3", generations=3, heldout=0, out=tmp_path / "a", **SMALL)
+    straight = search_policy(model, processor, "flops=0.3", generations=2, heldout=0, out=tmp_path / "a", **SMALL)
     search_policy(model, processor, "flops=0.3", generations=1, heldout=0, out=tmp_path / "b", **SMALL)
-    resumed = search_policy(model, processor, "flops=0.3", generations=3, heldout=0, out=tmp_path / "b", resume=True, **SMALL)
+    resumed = search_policy(model, processor, "flops=0.3", generations=2, heldout=0, out=tmp_path / "b", resume=True, **SMALL)
     assert resumed.policy == straight.policy and resumed.fitness == straight.fitness
     a = json.loads((tmp_path / "a" / "pareto.json").read_text())
     b = json.loads((tmp_path / "b" / "pareto.json").read_text())
