@@ -207,3 +207,19 @@ def test_partial_tile_names_input_ids():
     with vtp.patch(model, "fastv:layer=2,keep=0.5"), pytest.raises(InputError, match=r"input_ids.*whole number of tiles"):
         model(**{**inputs, "input_ids": ids})
 
+
+def test_mixture_of_experts_text_model_is_refused_before_any_hook():
+    """InternVL3.5-30B-A3B's Qwen3-MoE text model: refused by name (dense backbones only)."""
+    from transformers import InternVLForConditionalGeneration
+
+    from vlm_tokenprune import UnsupportedModelError
+    from vlm_tokenprune.eval.tiny_families import tiny_internvl_config
+
+    cfg = tiny_internvl_config(text_model_type="qwen3_moe")
+    cfg.text_config.num_experts, cfg.text_config.moe_intermediate_size = 2, 16
+    model = InternVLForConditionalGeneration._from_config(cfg).eval()
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    with pytest.raises(UnsupportedModelError) as e:
+        vtp.patch(model, "fastv:layer=2,keep=0.5")
+    assert e.value.field == "config.text_config.model_type" and "qwen3_moe" in str(e.value)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
