@@ -29,10 +29,10 @@ setup(
         "eval": ["lmms-eval==0.7.3", "filelock<4", "datasets", "matplotlib"],
         # triton so CI runs the kernel tests (CPU, TRITON_INTERPRET=1); a 286 MB wheel, ~25 s to install.
         # Wheels are Linux-only: elsewhere the kernel tests skip with a reason.
-        "test": ["pytest>=8", "hypothesis>=6", "accelerate>=1.0", "matplotlib", "triton==3.9.0; platform_system == 'Linux'"],
+        "test": ["pytest>=8", "hypothesis>=6", "accelerate>=1.0", "matplotlib", "ruff>=0.6", "triton==3.9.0; platform_system == 'Linux'"],
     },
     # the shipped tiny VLM and the lmms-eval task folder travel with the package
-    package_data={"vlm_tokenprune": ["assets/tiny_vlm/*", "integrations/lmms_tasks/*.yaml", "integrations/lmms_tasks/*.py"]},
+    package_data={"vlm_tokenprune": ["py.typed", "assets/tiny_vlm/*", "integrations/lmms_tasks/*.yaml", "integrations/lmms_tasks/*.py"]},
     include_package_data=True,
     entry_points={
         "console_scripts": ["vlm-tokenprune=vlm_tokenprune.cli:main"],

@@ -9,7 +9,7 @@ import torch
 
 import vlm_tokenprune as vtp
 from vlm_tokenprune import IncompatiblePolicyError, Policy
-from vlm_tokenprune.calibrate import select_heads, select_layers
+from vlm_tokenprune.structural.calibration import select_heads, select_layers
 from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
 
 ROWS = [[5, "img", 7], [3, "img", 2, "img", 4]]

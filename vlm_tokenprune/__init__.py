@@ -21,6 +21,18 @@ from .builders import (
     NeighborAttention, PruneHeads, PyramidDrop, Random, SkipLayers, Uniform, VisualDrop,
 )
 from .calibrate import calibrate
+from .extend import (
+    Criterion,
+    Param,
+    Reduction,
+    ScoringContext,
+    StageTrace,
+    Trace,
+    VisionCriterion,
+    VisionRun,
+    register_criterion,
+    register_preset,
+)
 from .handle import PatchHandle
 from .patching import patch
 from .policy import Budget, Policy, Stage
@@ -36,6 +48,9 @@ __all__ = [
     "patch", "calibrate", "PatchHandle", "Policy", "Stage", "Budget", "list_methods",
     "VTPError", "PolicyError", "UnknownNameError", "IncompatiblePolicyError", "UnsupportedModelError", "InputError",
     "CRITERIA", "PRESETS", "ADAPTERS", "__version__",
+    # the extension API (vlm_tokenprune.extend)
+    "Criterion", "Param", "Reduction", "ScoringContext", "StageTrace", "Trace", "VisionCriterion", "VisionRun",
+    "register_criterion", "register_preset",
     # typed policy builders (vlm_tokenprune.builders): vtp.FastV(layer=2, keep=0.25) + vtp.FFNCut(ratio=2)
     "FastV", "FEATHER", "PyramidDrop", "AIM", "FlowCutLLM", "EfficientVLA", "Random", "Uniform", "ATP", "AIMMerge",
     "CoViPAL", "FlowCutViT", "MCTF", "FFNCut", "SkipLayers", "PruneHeads", "NeighborAttention", "VisualDrop", "YOPO",

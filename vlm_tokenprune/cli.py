@@ -723,9 +723,9 @@ def check_args(args: argparse.Namespace) -> None:
             raise InputError("--dtype", f"{dtype!r}; allowed: auto, {', '.join(DTYPES)}")
     attn = getattr(args, "attn", None)
     if attn is not None:
-        from transformers import AttentionInterface
+        from .compat import attention_names
 
-        allowed = sorted({"eager", "sdpa", *AttentionInterface._global_mapping})
+        allowed = attention_names()
         if attn not in allowed:
             raise InputError("--attn", f"{attn!r}; allowed: {', '.join(allowed)}")
     policies = getattr(args, "policy", None)

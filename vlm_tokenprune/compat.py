@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .errors import UnsupportedModelError
+
 
 def attn_implementation(config: Any, default: str | None = None) -> str:
     """The attention backend a (sub-)config selects (``eager``, ``sdpa``, ``flash_attention_2``, a registered name);
@@ -31,6 +33,21 @@ def mask_function(attn_implementation: str) -> Callable | None:
     return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(attn_implementation)
 
 
+def mask_format_for(attn_impl: str) -> str:
+    """Which mask layout a registered attention backend receives (see transformers ``masking_utils``)."""
+    from transformers.masking_utils import eager_mask, flash_attention_mask, sdpa_mask
+
+    fn = mask_function(attn_impl)
+    formats = {sdpa_mask: "bool4d", eager_mask: "float4d", flash_attention_mask: "2d"}
+    if fn not in formats:
+        raise UnsupportedModelError(
+            "attn_implementation",
+            f"{attn_impl!r} is not supported; allowed: eager, sdpa, flash_attention_2/3/4, "
+            "or a registered backend whose mask function is sdpa_mask, eager_mask or flash_attention_mask",
+        )
+    return formats[fn]
+
+
 def eager_attention(layer_attention: nn.Module) -> Callable | None:
     """The ``eager_attention_forward`` of the module that defines this attention class (None: none)."""
     return getattr(sys.modules.get(type(layer_attention).__module__), "eager_attention_forward", None)
@@ -43,6 +60,25 @@ def attention_function(attn_implementation: str, eager: Callable | None) -> Call
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     return ALL_ATTENTION_FUNCTIONS.get_interface(attn_implementation, eager)
+
+
+def attention_names() -> list[str]:
+    """Every attention backend name transformers knows here (``eager``, ``sdpa`` and the registered ones)."""
+    from transformers import AttentionInterface
+
+    return sorted({"eager", "sdpa", *AttentionInterface._global_mapping})
+
+
+def attention_bases(seams: Any) -> dict | None:
+    """``{layer: the attention function its backend runs}`` over ``seams.decoder_layers`` (what a wrapping
+    attention delegates to), or None when some layer has none or no ``layer_idx`` matching its position."""
+    orig = attn_implementation(seams.text_config)
+    bases = {}
+    for j, layer in enumerate(seams.decoder_layers):
+        bases[j] = attention_function(orig, eager_attention(layer.self_attn))
+        if bases[j] is None or getattr(layer.self_attn, "layer_idx", None) != j:
+            return None
+    return bases
 
 
 def register_attention(name: str, fn: Callable, masks_like: str) -> Callable[[], None]:

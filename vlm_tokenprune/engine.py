@@ -20,14 +20,15 @@ from .errors import InputError
 from .masking import shrink_mask
 from .scoring import ScoringContext
 from .selection import left_packed, right_packed
-from .adapters.base import VisualLayout
-from .state import ForwardState, PrefillRecord, PreLLMRecord, StageRecord
+from .lm_input import sources_after, to_original
+from .state import ForwardState, PrefillRecord, StageRecord
+from .vision.hooks import check_features
 
 if TYPE_CHECKING:
     from .handle import PatchHandle
 
 
-def _cache_of(kwargs: Any) -> Any:
+def cache_of(kwargs: Any) -> Any:
     """The cache under its 5.x name ``cache``, else the older ``past_key_values`` (read only when absent)."""
     cache = kwargs.get("cache")
     return cache if cache is not None or "past_key_values" not in kwargs else kwargs.get("past_key_values")
@@ -72,7 +73,7 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
             "a pruning policy returns logits for the kept tokens only, so labels no longer align; "
             "compute the loss yourself from the kept positions (handle.last_trace()) or unpatch first",
         )
-    cache = _cache_of(kwargs)
+    cache = cache_of(kwargs)
     if cache is not None:
         from transformers.cache_utils import DynamicCache
 
@@ -123,8 +124,6 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         handle.open_state(ForwardState("passthrough", record))
         return None
     if handle.vision_seams is not None:  # the features must come from this patched tower's last call
-        from .vision.hooks import check_features
-
         check_features(handle, kwargs)
     layout = handle.adapter.visual_layout(handle.model, input_ids, kwargs)
     n_vis = layout.is_visual.sum(1)
@@ -142,7 +141,7 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         if stage.op not in ("prune", "merge") or stage.site == "vision":  # vision budgets count patches per crop
             continue
         k = [stage.budget.count(n, p) for n, p in zip(counts, prev)]
-        prev, _ = _fit_budget(handle, i, stage, k, prev)
+        prev, _ = fit_budget(handle, i, stage, k, prev)
     st = ForwardState("prefill", record, layout=layout, n_visual=n_vis)
     dev = layout.is_visual.device
     st.valid = mask2d.bool() if mask2d is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
@@ -168,7 +167,7 @@ def _check_budget(i, stage, k, available) -> None:
             raise InputError(field, f"keeps {kb} visual tokens but sample {b} has only {nb} at that point")
 
 
-def _fit_budget(handle: "PatchHandle", i: int, stage: Any, k: list, available: list, has_text: list | None = None):
+def fit_budget(handle: "PatchHandle", i: int, stage: Any, k: list, available: list, has_text: list | None = None):
     """Per-row kept counts of stage ``i`` for a fixed policy serving any valid input.
 
     A row whose budget is above its visual tokens (``tokens=N`` on a small image), or that has no text after
@@ -199,7 +198,7 @@ def top_post_hook(handle: "PatchHandle", module, args, kwargs, output):
     if st.phase == "prefill" and output is not None:
         # a cache created inside the model (plain forward with use_cache=True) continues this prompt too
         # (transformers >= 5.2x names it ``cache``; earlier 5.x ``past_key_values``)
-        cache = _cache_of(output) if hasattr(output, "get") else _cache_in_tuple(output)
+        cache = cache_of(output) if hasattr(output, "get") else _cache_in_tuple(output)
         if cache is not None:
             handle.remember(cache, st.prefill, replace=False)
     handle.close_state()  # the cache reference goes; the state becomes last_trace()
@@ -311,8 +310,9 @@ def _shrink_kwargs(handle, kwargs, kept, kept_ok, prompt_len, hidden, prefill, c
     return hidden
 
 
-def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output=None):
-    """Score stage ``i`` from the kept input of layer ``stage.layer - 1``; select.
+def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output: torch.Tensor | None = None):
+    """Score stage ``i`` from the kept input of layer ``stage.layer - 1`` (and its ``output``, the input of
+    layer ``stage.layer``); select.
 
     Returns ``(local_idx [B, M'] or None, record)``: the positions of the current sequence
     to keep (None when the stage keeps everything).
@@ -332,13 +332,13 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output=None):
     # instruction text: real non-visual tokens after the row's first visual token
     after_first = torch.cumsum(is_vis.long(), 1) > 0
     text_idx, text_ok = right_packed(seq_valid & ~is_vis & after_first, torch.arange(M, device=hidden.device).expand(B, M))
-    k_list, relaxed = _fit_budget(handle, i, stage, k_list, n_vis.tolist(), text_ok.any(1).tolist())
+    k_list, relaxed = fit_budget(handle, i, stage, k_list, n_vis.tolist(), text_ok.any(1).tolist())
     k = torch.tensor(k_list, device=hidden.device)
     tokens_before = M
     if bool((k == n_vis).all()):  # keeps everything: leave the sequence untouched (exactness)
-        vis_orig, vis_ok = right_packed(is_vis, _to_original(st, base))
+        vis_orig, vis_ok = right_packed(is_vis, to_original(st, base))
         rec = StageRecord(stage, base, ok, vis_orig, vis_ok, n_vis, n_vis, M, M, time.perf_counter() - t0, noop=True,
-                          merged_into=_sources_after(st, vis_orig, vis_ok), relaxed=relaxed)
+                          merged_into=sources_after(st, vis_orig, vis_ok), relaxed=relaxed)
         st.prefill.records.append(rec)
         return None, rec
     N = int(n_vis.max())
@@ -381,14 +381,14 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output=None):
     keep_mask = keep_mask[:, :M] | (seq_valid & ~is_vis)
     local_idx, local_ok = left_packed(keep_mask)
     kept = torch.gather(base, 1, local_idx)
-    kept_visual = _to_original(st, torch.gather(base, 1, kept_local))  # the trace speaks original positions
+    kept_visual = to_original(st, torch.gather(base, 1, kept_local))  # the trace speaks original positions
     rec = StageRecord(
         stage=stage,
         kept=kept,
         kept_ok=local_ok,
         kept_visual=kept_visual,
         kept_visual_ok=sel_ok,
-        merged_into=_sources_after(st, kept_visual, sel_ok),
+        merged_into=sources_after(st, kept_visual, sel_ok),
         visual_before=n_vis,
         visual_after=sel_ok.sum(1),
         tokens_before=tokens_before,
@@ -427,200 +427,3 @@ def _run_drop(handle: "PatchHandle", st: ForwardState, i: int, hidden: torch.Ten
     )
     st.prefill.records.append(rec)
     return local_idx, rec
-
-
-# -- pre-LLM stages --------------------------------------------------------------------------------
-def lm_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
-    """Forward pre-hook on the language model: a pre_llm stage shortens its input.
-
-    Prefill: the criterion gives a chain of ``Reduction``s (prune: keep indices; merge: fused
-    groups), applied by ``apply_reduction`` to ``inputs_embeds``, the position ids (1-D, or
-    M-RoPE ``[3, B, L]``), the 2-D padding mask and the source map; the forward state is then
-    rebased on the reduced sequence, so later LLM stages and structural ops work on it as on a
-    prompt. The language model builds its own causal mask and rotary tables for the shorter
-    sequence, and every layer caches only the kept tokens. Decode: the 2-D mask's prompt
-    columns are gathered at the kept positions, and position ids continue the chosen convention.
-    """
-    st = handle.state
-    if st is None or st.phase == "passthrough" or (st.prefill.pre_llm is None and st.phase != "prefill"):
-        return None
-    kwargs = dict(kwargs)
-    if st.phase == "prefill":
-        _pre_llm_prefill(handle, st, kwargs)
-    else:
-        _pre_llm_decode(st, kwargs)
-    return args, kwargs
-
-
-def _pre_llm_prefill(handle: "PatchHandle", st: ForwardState, kwargs: dict) -> None:
-    """Run the policy's pre_llm stage on the language model's input ``kwargs`` (in place)."""
-    from .reduction import Reduction
-
-    t0 = time.perf_counter()
-    i = next(i for i, s in enumerate(handle.policy.stages) if s.site in ("pre_llm", "vision"))
-    stage = handle.policy.stages[i]
-    if stage.site == "vision":  # the vision tower already reduced: drop its empty slots (vlm_tokenprune.vision)
-        from .vision.hooks import lm_prefill
-
-        return lm_prefill(handle, st, kwargs, stage, t0)
-    hidden = kwargs.get("inputs_embeds")
-    if hidden is None:
-        raise InputError("inputs_embeds", "a pre_llm stage needs the language model to receive inputs_embeds")
-    B, L = hidden.shape[:2]
-    dev = hidden.device
-    layout, valid = st.layout, st.valid
-    is_vis = layout.is_visual & valid
-    n_vis = is_vis.sum(1)
-    k_list = [stage.budget.count(n, c) for n, c in zip(st.n_visual.tolist(), n_vis.tolist())]
-    k_list, relaxed = _fit_budget(handle, i, stage, k_list, n_vis.tolist())
-    ar = torch.arange(L, device=dev).expand(B, L)
-    if all(k == n for k, n in zip(k_list, n_vis.tolist())):  # keeps everything: the input is untouched
-        vis_orig, vis_ok = right_packed(is_vis, _to_original(st, ar))
-        st.prefill.records.append(StageRecord(stage, _to_original(st, ar), valid, vis_orig, vis_ok, n_vis, n_vis, L, L,
-                                              time.perf_counter() - t0, noop=True, relaxed=relaxed))
-        return
-    vis_idx, vis_ok = right_packed(is_vis, ar, int(n_vis.max()))
-    g = lambda t: torch.gather(t, 1, vis_idx)  # noqa: E731
-    ctx = ScoringContext(
-        layer=None, hidden=hidden, position_embeddings=None, seq_valid=valid,
-        last_idx=(valid * torch.arange(L, device=dev)).argmax(1), visual_idx=vis_idx, visual_ok=vis_ok,
-        orig_pos=_to_original(st, vis_idx), row=g(layout.row), col=g(layout.col), segment=g(layout.segment),
-        image=g(layout.image), is_newline=g(layout.is_newline), coords_known=layout.coords_known,
-        keep=torch.tensor(k_list, device=dev), ops=handle.ops,
-    )
-    crit = handle.criteria[i]
-    params = {k: v for k, v in stage.params.items() if k != "positions"}
-    with torch.no_grad():
-        if stage.op == "merge":
-            chain = crit.merge(ctx, **params)
-        else:
-            scores = crit.score(ctx, **params)
-            sel, sel_ok = crit.select(ctx, scores, **params)
-            sel_ok = sel_ok & torch.gather(vis_ok, 1, sel)
-            keep = torch.zeros(B, L + 1, dtype=torch.bool, device=dev)
-            keep.scatter_(1, torch.gather(vis_idx, 1, sel).masked_fill(~sel_ok, L), True)
-            chain = [Reduction.prune(keep[:, :L] | (valid & ~layout.is_visual))]
-    apply_reduction(handle, st, kwargs, chain, stage=stage, positions=stage.params["positions"], t0=t0)
-    st.prefill.records[-1].relaxed = relaxed
-
-
-def apply_reduction(handle: "PatchHandle", st: ForwardState, kwargs: dict, chain: list, *, stage: Any,
-                    positions: str, t0: float) -> None:
-    """Apply ``chain`` (``Reduction``s over the language model's current input, in order) to ``kwargs``.
-
-    The one place where the language model's input is shortened before layer 0 (any site that
-    reduces visual tokens before the LLM hands its kept indices / merge assignment here as
-    ``Reduction.prune(keep)`` / ``Reduction.from_targets(target)``): hidden states (mean or
-    size-weighted mean, sizes carried across calls), position ids (``gaps``: the representative's
-    own, 1-D or M-RoPE ``[3, B, L]``; ``repack``: 1-D, contiguous from the row's first real
-    token), the 2-D padding mask, the source map and a ``StageRecord``; then the forward state
-    is rebased on the reduced sequence (layout, valid tokens, prompt length) so later LLM stages,
-    structural ops and decoding treat it as the prompt. Several calls in one prefill compose.
-    """
-    hidden = kwargs["inputs_embeds"]
-    B, M = hidden.shape[:2]
-    dev = hidden.device
-    pre = st.prefill.pre_llm
-    valid, layout = st.valid, st.layout
-    n_before = (layout.is_visual & valid).sum(1)
-    L0 = pre.prompt_len if pre is not None else M  # the original prompt's length
-    size = pre.size if pre is not None else torch.ones(B, M, dtype=hidden.dtype, device=dev)
-    cur_orig = pre.kept if pre is not None else torch.arange(M, device=dev).expand(B, M)
-    owner = pre.owner if pre is not None else torch.where(valid, torch.arange(M, device=dev).expand(B, M), -1)
-    rep, ok = torch.arange(M, device=dev).expand(B, M), valid
-    for r in chain:
-        hidden = r.fuse(hidden, size)
-        size = r.add(size)
-        rep, ok = r.take(rep), r.ok
-        owner = r.route(owner)
-    kept = torch.gather(cur_orig, 1, rep)  # original position of each slot's representative
-    into = torch.where(owner >= 0, torch.gather(kept, 1, owner.clamp(min=0)), -1)
-
-    pid = kwargs.get("position_ids")
-    shift = pre.shift if pre is not None else torch.zeros(B, dtype=torch.long, device=dev)
-    next_pos = pre.next_pos if pre is not None else None
-    if pid is not None and pid.dim() == 3:  # M-RoPE [3, B, M] (generate: [4, B, M], text positions first)
-        pos3 = pid[-3:].expand(3, B, M)
-        if next_pos is None:  # the unpatched model continues after the prompt's largest position (rope_deltas)
-            next_pos = pos3.masked_fill(~valid[None], torch.iinfo(pos3.dtype).min).amax(dim=(0, 2)) + 1
-        if positions != "gaps":
-            raise InputError(f"{_stage_field(handle, stage)}.positions",
-                             f"{positions!r} is not defined for M-RoPE (3-D) positions; allowed: gaps")
-        # the text row goes: it only marks packed sequences, which gapped positions would fake
-        new_pid = torch.gather(pos3, 2, rep[None].expand(3, B, -1)).masked_fill(~ok[None], 0)
-    else:
-        base = (pid if pid is not None else torch.arange(M, device=dev)[None]).expand(B, M)
-        new_pid = torch.gather(base, 1, rep)
-        if positions == "repack":  # contiguous from the row's first real token
-            first = torch.gather(base, 1, valid.long().argmax(1, keepdim=True))
-            new_pid = (first + torch.cumsum(ok.long(), 1) - 1).clamp(min=0).masked_fill(~ok, 0)
-            shift = shift + base[:, -1] - new_pid[:, -1]  # the next position follows the last kept one
-    mask2d = kwargs.get("attention_mask")
-    # always a 2-D mask: without one, gapped position ids would read as packed sequences
-    kwargs["attention_mask"] = (torch.gather(mask2d, 1, rep) * ok.to(mask2d.dtype)) if mask2d is not None else ok.long()
-    kwargs["inputs_embeds"] = hidden
-    kwargs["position_ids"] = new_pid
-    st.prefill.pre_llm = PreLLMRecord(kept, ok, shift, prompt_len=L0, owner=owner, merged_into=into, size=size,
-                                      next_pos=next_pos)
-    # rebase: from here on the reduced sequence is the prompt the layers see
-    take = lambda t: torch.gather(t, 1, rep)  # noqa: E731
-    st.layout = VisualLayout(take(layout.is_visual) & ok, take(layout.image), take(layout.segment), take(layout.row),
-                             take(layout.col), take(layout.is_newline) & ok, layout.coords_known)
-    st.valid = ok
-    st.prefill.is_visual = st.layout.is_visual
-    st.prefill.prompt_len = rep.shape[1]
-    vis_orig, vis_ok = right_packed(st.layout.is_visual, kept)
-    st.prefill.records.append(StageRecord(
-        stage=stage, kept=kept, kept_ok=ok, kept_visual=vis_orig, kept_visual_ok=vis_ok, visual_before=n_before,
-        visual_after=st.layout.is_visual.sum(1), tokens_before=M, tokens_after=rep.shape[1],
-        seconds=time.perf_counter() - t0, merged_into=into,
-    ))
-
-
-def _stage_field(handle: "PatchHandle", stage: Any) -> str:
-    return next((f"stages[{i}]" for i, s in enumerate(handle.policy.stages) if s is stage), "stage")
-
-
-def _to_original(st: ForwardState, idx: torch.Tensor) -> torch.Tensor:
-    """Positions in the language model's input [B, K] -> original prompt positions (identity unless reduced)."""
-    pre = st.prefill.pre_llm
-    return idx if pre is None else torch.gather(pre.kept, 1, idx)
-
-
-def _sources_after(st: ForwardState, kept_visual: torch.Tensor, kept_ok: torch.Tensor) -> torch.Tensor | None:
-    """For an LLM stage after a pre-LLM reduction: the source map restricted to the visual tokens it kept
-    (``[B, L]``: representative original position of each original token, -1 when gone); None otherwise."""
-    pre = st.prefill.pre_llm
-    if pre is None:
-        return None
-    into = pre.merged_into
-    B, L = into.shape
-    alive = torch.zeros(B, L + 1, dtype=torch.bool, device=into.device)
-    alive.scatter_(1, kept_visual.masked_fill(~kept_ok, L), True)
-    return torch.where((into >= 0) & torch.gather(alive[:, :L], 1, into.clamp(min=0)), into, -1)
-
-
-def _pre_llm_decode(st: ForwardState, kwargs: dict) -> None:
-    """Tokens after a reduced prompt: gather the 2-D mask's prompt columns; continue the position ids."""
-    rec = st.prefill.pre_llm
-    L = rec.prompt_len
-    B, Mp = rec.kept.shape
-    x = kwargs.get("inputs_embeds")
-    q = (x if x is not None else kwargs["input_ids"]).shape[1]  # the original LLaVA decodes from input_ids
-    cache = _cache_of(kwargs)
-    past = cache.get_seq_length() if cache is not None else Mp
-    mask2d = kwargs.get("attention_mask")
-    if mask2d is not None:
-        head = torch.gather(mask2d[:, :L], 1, rec.kept) * rec.kept_ok.to(mask2d.dtype)
-        kwargs["attention_mask"] = torch.cat([head, mask2d[:, L:]], dim=1)
-    elif not bool(rec.kept_ok.all()):
-        tail = torch.ones(B, past - Mp + q, dtype=torch.long, device=rec.kept.device)
-        kwargs["attention_mask"] = torch.cat([rec.kept_ok.long(), tail], dim=1)
-    steps = past - Mp + torch.arange(q, device=rec.kept.device)
-    if rec.next_pos is not None:  # M-RoPE: every axis continues after the prompt's largest position
-        kwargs["position_ids"] = (rec.next_pos[:, None] + steps[None]).expand(3, B, q)
-        return
-    pid = kwargs.get("position_ids")
-    if pid is None:  # what the unpatched model would use: its cache would hold the whole prompt
-        pid = (L + steps)[None].expand(B, q)
-    kwargs["position_ids"] = pid - rec.shift[:, None]

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from . import kernels
 from . import reference_ops as ref
 from .errors import PolicyError
 
@@ -44,8 +45,6 @@ def kernels_interpreted() -> bool:
 
 def _unusable(device: torch.device) -> str | None:
     """Why the kernels cannot run on ``device`` tensors here, or None if they can."""
-    from . import kernels
-
     if not kernels.HAS_TRITON:
         return ("'triton' needs the triton package, which cannot be imported here "
                 "(pip install 'vlm_tokenprune[triton]'); allowed without it: auto, torch")
@@ -76,8 +75,6 @@ def use_triton(backend: str, t: torch.Tensor) -> bool:
     if backend == "auto":
         if not t.is_cuda:
             return False
-        from . import kernels
-
         return kernels.HAS_TRITON
     raise PolicyError("backend", f"{backend!r} is not available; allowed: {', '.join(BACKENDS)}")
 

@@ -10,15 +10,12 @@ from torch import nn
 from .adapters import resolve_adapter
 from .adapters.base import Adapter
 from .errors import PolicyError, UnsupportedModelError
+from .generation_guard import install as install_generate_guard
 from .handle import PatchHandle
-from .marking import is_marked
+from .marking import is_patched
 from .ops import BACKENDS, check_backend
 from .policy import Policy
 from .sites import PatchTarget, check_all, install_all
-
-
-def is_patched(model: nn.Module) -> bool:
-    return any(is_marked(h) for h in getattr(model, "_forward_pre_hooks", {}).values())
 
 
 def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = "auto", strict: bool = False) -> PatchHandle:
@@ -70,10 +67,9 @@ def patch(model: nn.Module, policy: "str | Mapping | Policy", *, backend: str = 
     handle = PatchHandle(model, pol, adapter, seams, target.criteria, backend)
     handle.strict = strict
     handle.requested_policy = requested
+    handle.patcher = patch  # handle.use(policy) swaps policies with patch() itself (validated the same way)
     try:
         install_all(handle, plans)
-        from .generation_guard import install as install_generate_guard
-
         # generate() modes that would score with a candidate token as the prompt's last token: refused by name
         install_generate_guard(handle, model, handle.swap_attr)
     except BaseException:

@@ -1,5 +1,7 @@
-"""Pure selection functions on scores. Ties go to the lower position; kept indices are sorted."""
+"""Pure selection functions on scores and grids. Ties go to the lower position; kept indices are sorted."""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -53,3 +55,28 @@ def left_packed(keep_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ok = src >= 0
     idx = torch.gather(order, 1, src.clamp(min=0))
     return idx, ok
+
+
+def stride_grid(ctx: Any, stride: int) -> torch.Tensor:
+    """``[B, N]`` bool: visual tokens on the ``stride`` grid of their own patch grid (segment) (FEATHER's uniform
+    grid, ATP-LLaVA's spatial score); ``ctx``: a ``ScoringContext`` (or anything with its ``visual_ok``, ``row``,
+    ``col``, ``segment``, ``is_newline``).
+
+    A token at ``(row, col)`` of segment ``s`` is on the grid when ``(row - r0) % stride == 0``
+    and ``(col - c0) % stride == 0``, with ``(r0, c0)`` the smallest row / column present in
+    ``s``. Tokens without grid coordinates (``image_newline``, CLS: row or col < 0) never are.
+    """
+    ok = ctx.visual_ok
+    spatial = ok & (ctx.row >= 0) & (ctx.col >= 0) & ~ctx.is_newline
+    B, N = ok.shape
+    big = torch.iinfo(torch.long).max
+    seg = ctx.segment.masked_fill(~spatial, 0).clamp(min=0)
+    n_seg = int(seg.max()) + 1 if N else 1
+    # per (row, segment): min row / col over its spatial tokens
+    r0 = torch.full((B, n_seg), big, dtype=torch.long, device=ok.device)
+    c0 = torch.full((B, n_seg), big, dtype=torch.long, device=ok.device)
+    r0.scatter_reduce_(1, seg, ctx.row.masked_fill(~spatial, big), reduce="amin")
+    c0.scatter_reduce_(1, seg, ctx.col.masked_fill(~spatial, big), reduce="amin")
+    dr = ctx.row - torch.gather(r0, 1, seg)
+    dc = ctx.col - torch.gather(c0, 1, seg)
+    return spatial & (dr % stride == 0) & (dc % stride == 0)

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..compat import attn_implementation, mask_function
+from ..compat import attn_implementation, mask_format_for
 from ..errors import IncompatiblePolicyError, UnsupportedModelError
 
 
@@ -152,21 +152,6 @@ class HFAdapter(Adapter):
 
     def seams(self, model: nn.Module) -> Seams:
         return hf_seams(model, self.language_model(model))
-
-
-def mask_format_for(attn_impl: str) -> str:
-    """Which mask layout a registered attention backend receives (see transformers ``masking_utils``)."""
-    from transformers.masking_utils import eager_mask, flash_attention_mask, sdpa_mask
-
-    fn = mask_function(attn_impl)
-    formats = {sdpa_mask: "bool4d", eager_mask: "float4d", flash_attention_mask: "2d"}
-    if fn not in formats:
-        raise UnsupportedModelError(
-            "attn_implementation",
-            f"{attn_impl!r} is not supported; allowed: eager, sdpa, flash_attention_2/3/4, "
-            "or a registered backend whose mask function is sdpa_mask, eager_mask or flash_attention_mask",
-        )
-    return formats[fn]
 
 
 def check_decoder_layers(layers, style: str) -> None:

@@ -40,6 +40,8 @@ from ..compat import attn_implementation
 from ..errors import IncompatiblePolicyError, PolicyError
 from ..policy import Budget, Policy
 from ..state import StageTrace, Trace
+from . import profiler
+from .profiler import parse_all
 
 BUDGET_RULE = (
     "single-stage policy: keep=b of the original visual tokens replaces its budget; multi-stage: the first "
@@ -266,7 +268,6 @@ def run_bench(policies: Sequence[Any], budgets: Sequence[float] | None = None, *
 
     from .. import patch
     from ..errors import InputError
-    from . import profiler
     from .flops import FORMULA
     from .synthetic import make_split
     from .tiny_vlm import load_tiny_vlm, prompts
@@ -391,20 +392,6 @@ def markdown_table(result: dict) -> str:
 
 def _ratio(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
-
-
-def parse_all(policies: Sequence[Any], field: str) -> list[Policy]:
-    """Every policy parsed; the bad ones reported together (one ``PolicyError`` naming each), before any model."""
-    out, bad = [], []
-    for i, spec in enumerate(policies):
-        try:
-            out.append(Policy.parse(spec))
-        except PolicyError as e:
-            bad.append(f"policy {i + 1} ({spec!r}): {e}" if isinstance(spec, str) else f"policy {i + 1}: {e}")
-    if bad:
-        raise PolicyError(field, f"{len(bad)} of {len(policies)} policies are malformed (nothing was run): "
-                          + "; ".join(bad))
-    return out
 
 
 def plot(result: dict, path: "str | os.PathLike") -> bool:

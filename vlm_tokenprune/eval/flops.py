@@ -21,7 +21,7 @@ are untouched by LLM-site policies). Biases (Qwen2's q/k/v) are ignored.
 
 The cost of scoring (extra projections a criterion computes to rank tokens) is reported
 SEPARATELY as ``scoring_flops``, never folded into ``flops``; criteria without an
-estimate in ``SCORING_FLOPS`` report ``None`` (unknown). The scoring layer's own
+estimate (``Criterion.scoring_flops``) report ``None`` (unknown). The scoring layer's own
 ``k_proj``/``v_proj`` outputs are captured by the patch, so they cost nothing extra.
 
 Predictions follow the budget rule of ``Budget.count`` (``keep`` of the original or, with
@@ -36,7 +36,7 @@ times the count at the padded length. Ratios do not depend on ``B``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from ..errors import IncompatiblePolicyError, InputError
 from ..policy import Policy
@@ -134,36 +134,17 @@ def prefill_flops(text_config: Any, tokens_per_layer: list[int], logits_tokens: 
 
 
 # -- scoring overhead (reported separately) ------------------------------------------------------
-def _last_row_scoring(g: TextGeometry, n_keys: int) -> float:
-    # q_proj on the last row + one row of logits over n_keys captured keys (RoPE, softmax: not counted)
-    return float(2 * g.hidden_size * g.q_dim + 2 * n_keys * g.q_dim)
-
-
-SCORING_FLOPS: dict[str, Callable[[TextGeometry, int, int, Mapping[str, Any]], float]] = {
-    "fastv": lambda g, n, v, p: _last_row_scoring(g, n),  # softmax over the whole causal row
-    "feather": lambda g, n, v, p: _last_row_scoring(g, v if p.get("softmax", "keys") == "keys" else n),
-    "random": lambda g, n, v, p: 0.0,
-    "visual_drop": lambda g, n, v, p: 0.0,  # no criterion: every visual token goes
-    "uniform": lambda g, n, v, p: 0.0,
-    "divprune": lambda g, n, v, p: 2.0 * v * v * g.hidden_size,  # the v x v cosine matrix (greedy picks not counted)
-    # L1 norms of the captured keys, then the cosines of the visual tokens to every pivot (final norm not counted)
-    "dart": lambda g, n, v, p: float(n * g.kv_dim) + 2.0 * v * (p.get("pivot_image", 4) + p.get("pivot_text", 4)) * g.hidden_size,
-    # every non-visual token counted as a text query (an upper bound: only the text after the image is),
-    # plus the cosines of every visual token to the k_key key tokens
-    "efficientvla": lambda g, n, v, p: (n - v) * _last_row_scoring(g, n) + 2.0 * v * p.get("k_key", 4) * g.hidden_size,
-}
-"""criterion name -> ``f(geometry, tokens entering the scoring layer, visual tokens, params)``."""
-
-
 def scoring_flops(text_config: Any, criterion: str, n_tokens: int, n_visual: int, params: Mapping[str, Any] | None = None) -> float | None:
-    """FLOPs one stage spends scoring, or ``None`` when the criterion has no estimate."""
-    fn = SCORING_FLOPS.get(criterion)
-    if fn is None:
+    """FLOPs one stage spends scoring (``Criterion.scoring_flops``, declared by each method), or ``None`` when the
+    criterion has no estimate. ``visual_drop`` (no criterion) costs nothing."""
+    if criterion == "visual_drop":
+        return 0.0
+    crit = CRITERIA.get(criterion) if criterion in CRITERIA else None
+    if crit is None:
         return None
     if params is None:  # the criterion's defaults
-        crit = CRITERIA.get(criterion) if criterion in CRITERIA else None
-        params = {k: p.default for k, p in getattr(crit, "params", {}).items()}
-    return fn(TextGeometry.of(text_config), int(n_tokens), int(n_visual), params)
+        params = {k: p.default for k, p in crit.params.items()}
+    return crit.scoring_flops(TextGeometry.of(text_config), int(n_tokens), int(n_visual), params)
 
 
 def selects_beyond_budget(criterion: str) -> bool:

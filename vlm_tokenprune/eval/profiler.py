@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import compat
+from ..errors import PolicyError
 from ..policy import Policy
 
 # random-weight geometries: text config, vision config, prompt layout (n_text total, image kwargs)
@@ -137,6 +138,20 @@ def resolve_dtype(dtype: "str | torch.dtype | None", device: torch.device) -> to
     if dtype not in DTYPES:
         raise InputError("--dtype", f"{dtype!r}; allowed: {', '.join(DTYPES)}, auto")
     return DTYPES[dtype]
+
+
+def parse_all(policies: Sequence[Any], field: str) -> list[Policy]:
+    """Every policy parsed; the bad ones reported together (one ``PolicyError`` naming each), before any model."""
+    out, bad = [], []
+    for i, spec in enumerate(policies):
+        try:
+            out.append(Policy.parse(spec))
+        except PolicyError as e:
+            bad.append(f"policy {i + 1} ({spec!r}): {e}" if isinstance(spec, str) else f"policy {i + 1}: {e}")
+    if bad:
+        raise PolicyError(field, f"{len(bad)} of {len(policies)} policies are malformed (nothing was run): "
+                          + "; ".join(bad))
+    return out
 
 
 def environment(device: "torch.device | str | None" = None) -> dict:
@@ -781,7 +796,6 @@ def profile(model: "str | Any" = "tiny", policies: Sequence[Any] = ("fastv:layer
         raise InputError("--iters", f"need iters >= 1 and warmup >= 0, got {iters}, {warmup}")
     if not policies:
         raise InputError("--policy", "give at least one policy")
-    from .bench import parse_all
 
     pols = parse_all(policies, "--policy")  # every bad policy reported at once, before any model is built
     device = resolve_device(device)

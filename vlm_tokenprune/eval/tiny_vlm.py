@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_vlm"
+from ..assets import TINY_VLM
+
+ASSET_DIR = TINY_VLM  # the shipped model (vlm_tokenprune.assets)
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
 
 SPECIALS = ("<pad>", "<s>", "</s>", "<image>", "<unk>")

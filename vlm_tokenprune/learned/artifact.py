@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..calibrate import config_hash, model_geometry
+from ..structural.calibration import config_hash, model_geometry
 from ..errors import IncompatiblePolicyError, PolicyError
 
 FORMAT = "vlm_tokenprune.learned/1"

@@ -42,6 +42,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import PolicyError
+from ..selection import stride_grid  # the same per-grid anchoring as FEATHER's uniform grid
+
 KIND = "atp"
 N_SCORE_STATS = 4  # mean / std of S_self and S_cross
 LN_EPS = 1e-5
@@ -60,8 +63,6 @@ def minmax(x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
 def spatial_scores(row: torch.Tensor, col: torch.Tensor, segment: torch.Tensor, is_newline: torch.Tensor,
                    ok: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
     """SAP score ``[B, N]``: ``1 - 1/s`` for the largest stride ``s`` whose uniform grid holds the token, else 0."""
-    from ..methods.feather import stride_grid  # the same per-grid anchoring as FEATHER's uniform grid
-
     view = SimpleNamespace(visual_ok=ok, row=row, col=col, segment=segment, is_newline=is_newline)
     out = torch.zeros(ok.shape, dtype=torch.float32, device=ok.device)
     for s in sorted(strides):
@@ -120,8 +121,6 @@ class ATPModule(nn.Module):
 
     @classmethod
     def from_state(cls, tensors: Mapping[str, torch.Tensor], hparams: Mapping[str, Any], where: str = "weights") -> "ATPModule":
-        from ..errors import PolicyError
-
         try:
             mod = cls(hparams["hidden_size"], hparams["head_hidden"], hparams["tau"], tuple(hparams["strides"]),
                       hparams["layer"])

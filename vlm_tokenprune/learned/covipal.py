@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import PolicyError
+
 KIND = "covipal"
 
 
@@ -104,8 +106,6 @@ class PPM(nn.Module):
     def from_state(cls, tensors: Mapping[str, torch.Tensor], hparams: Mapping[str, Any], where: str = "weights") -> "PPM":
         """A PPM with ``hparams`` (as written by :func:`~vlm_tokenprune.learned.artifact.save_weights`) and ``tensors``;
         a file whose header is right but whose hyper-parameters or tensors are not is a ``PolicyError`` at ``where``."""
-        from ..errors import PolicyError
-
         try:
             m = cls(hparams["in_dim"], hparams["hidden"], hparams["layers"], hparams["heads"])
             m.load_state_dict(dict(tensors))

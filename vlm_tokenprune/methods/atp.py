@@ -24,12 +24,12 @@ Preset ``atp``: layer 1 (the shipped weights'), keep 0.25 (the paper's 75 % aver
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from ..assets import tiny_vlm_file
 from ..errors import IncompatiblePolicyError, InputError
 from ..learned.artifact import load_weights
 from ..learned.atp import KIND, ATPModule, ATPOutput, atp_from_context
@@ -38,7 +38,7 @@ from ..scoring import ScoringContext
 from ..selection import right_packed
 from .base import Criterion, Param, register_criterion
 
-SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "tiny_vlm" / "atp.safetensors"
+SHIPPED = tiny_vlm_file("atp.safetensors")
 
 
 def resolve_weights(weights: str) -> str:
@@ -57,13 +57,11 @@ class ATPCriterion(Criterion):
         "weights": Param("shipped", str, "weight file from `vlm-tokenprune train atp`, or 'shipped' (the tiny VLM's)"),
     }
 
-    def bind(self, model: nn.Module, params: Mapping[str, Any], where: str) -> "BoundATP":
-        from ..adapters import resolve_adapter
-
+    def bind(self, model: nn.Module, params: Mapping[str, Any], where: str, seams: Any) -> "BoundATP":
         path = resolve_weights(params.get("weights", "shipped"))
         tensors, hparams = load_weights(path, KIND, model, f"{where}.weights")
         module = ATPModule.from_state(tensors, hparams, f"{where}.weights")
-        layers = resolve_adapter(model).seams(model).decoder_layers
+        layers = seams.decoder_layers
         if not 1 <= module.layer < len(layers):
             raise IncompatiblePolicyError(f"{where}.weights", f"{path!r} was trained for layer {module.layer}, "
                                                               f"beyond this model's 1..{len(layers) - 1}")

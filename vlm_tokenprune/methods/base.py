@@ -17,7 +17,13 @@ from ..errors import PolicyError
 from ..registry import CRITERIA
 
 if TYPE_CHECKING:
+    from ..adapters.base import Seams
     from ..scoring import ScoringContext
+
+
+def last_row_flops(geometry: Any, n_keys: int) -> float:
+    """``q_proj`` on one query row + one row of logits over ``n_keys`` captured keys (RoPE, softmax not counted)."""
+    return float(2 * geometry.hidden_size * geometry.q_dim + 2 * n_keys * geometry.q_dim)
 
 
 @dataclass(frozen=True)
@@ -66,13 +72,26 @@ class Criterion:
         """``[B, N]`` scores over ``ctx.visual_idx``; higher = keep."""
         raise NotImplementedError(f"criterion {self.name!r} must implement score()")
 
-    def bind(self, model: torch.nn.Module, params: Mapping[str, Any], where: str) -> "Criterion":
+    def bind(self, model: torch.nn.Module, params: Mapping[str, Any], where: str, seams: "Seams") -> "Criterion":
         """Called by ``patch()`` before any hook exists: check the criterion fits ``model`` and load
-        what it needs (a learned selector's weight file). Returns the object whose ``score`` /
-        ``select`` the handle will call (default: ``self``, criteria are stateless). Raise a
-        ``VTPError`` naming ``where`` (``"stages[i]"``) on a mismatch; never touch ``model``.
+        what it needs (a learned selector's weight file). ``seams``: the model's ``adapters.base.Seams``
+        (decoder layers, language model, mask format), from the engine: methods never resolve adapters.
+        Returns the object whose ``score`` / ``select`` the handle will call (default: ``self``, criteria
+        are stateless). Raise a ``VTPError`` naming ``where`` (``"stages[i]"``) on a mismatch; never touch
+        ``model``.
         """
         return self
+
+    def merge(self, ctx: "ScoringContext", **params: Any) -> list:
+        """``op = "merge"`` criteria (pre-LLM site): the ``reduction.Reduction`` chain that fuses the visual tokens of
+        ``ctx`` (applied by ``lm_input.apply_reduction``); prune criteria never get this call."""
+        raise NotImplementedError(f"criterion {self.name!r} is a merge criterion and must implement merge()")
+
+    def scoring_flops(self, geometry: Any, n_tokens: int, n_visual: int, params: Mapping[str, Any]) -> float | None:
+        """FLOPs this criterion spends scoring one stage, reported apart from the model's own (``eval.flops``):
+        ``geometry`` has the text model's ``hidden_size``, ``q_dim``, ``kv_dim``, ...; ``n_tokens`` enter the
+        scoring layer, ``n_visual`` of them visual; ``params`` the stage's. None (default): no estimate."""
+        return None
 
     def select(self, ctx: "ScoringContext", scores: torch.Tensor, **params: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Which visual tokens to keep: ``(idx [B, K], ok [B, K])`` into ``ctx.visual_idx``, ascending.

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import math
 
+from typing import Any, Mapping
+
 import torch
 
 from ..errors import InputError
@@ -29,6 +31,9 @@ class RandomCriterion(Criterion):
         "draw": Param("row", str, "row: a fresh subset per input, seeded from (seed, the row's content); fixed: one "
                       "subset per seed for every input", check=lambda v: v in ("row", "fixed"), allowed="row or fixed"),
     }
+
+    def scoring_flops(self, geometry: Any, n_tokens: int, n_visual: int, params: Mapping[str, Any]) -> float | None:
+        return 0.0
 
     def score(self, ctx: ScoringContext, seed: int, draw: str = "row") -> torch.Tensor:
         """Uniform scores from a generator per row. ``draw="row"`` (default) seeds it with ``(seed, fingerprint)``:
@@ -90,6 +95,9 @@ class UniformCriterion(Criterion):
     paper = "even spatial grid over each image's patch grid (baseline)"
     sites = ("llm", "pre_llm")
     image_only_fixed_count = True  # the grid and the count follow from the layout and the budget alone
+
+    def scoring_flops(self, geometry: Any, n_tokens: int, n_visual: int, params: Mapping[str, Any]) -> float | None:
+        return 0.0
 
     def score(self, ctx: ScoringContext) -> torch.Tensor:
         if not ctx.coords_known:

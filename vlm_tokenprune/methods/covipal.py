@@ -18,19 +18,19 @@ contiguously).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from ..assets import tiny_vlm_file
 from ..learned.artifact import load_weights
 from ..learned.covipal import KIND, PPM, score_context
 from ..policy import register_preset
 from ..scoring import ScoringContext
 from .base import Criterion, Param, register_criterion
 
-SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "tiny_vlm" / "covipal.safetensors"
+SHIPPED = tiny_vlm_file("covipal.safetensors")
 
 
 def resolve_weights(weights: str) -> str:
@@ -48,7 +48,7 @@ class CoViPALCriterion(Criterion):
         "weights": Param("shipped", str, "weight file from `vlm-tokenprune train covipal`, or 'shipped' (the tiny VLM's)"),
     }
 
-    def bind(self, model: nn.Module, params: Mapping[str, Any], where: str) -> "BoundCoViPAL":
+    def bind(self, model: nn.Module, params: Mapping[str, Any], where: str, seams: Any) -> "BoundCoViPAL":
         path = resolve_weights(params.get("weights", "shipped"))
         tensors, hparams = load_weights(path, KIND, model, f"{where}.weights")
         return BoundCoViPAL(PPM.from_state(tensors, hparams, f"{where}.weights"))  # moved to the hidden states' device on use

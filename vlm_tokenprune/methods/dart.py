@@ -77,10 +77,8 @@ class DARTCriterion(Criterion):
                        choices=("official", "exact")),
     }
 
-    def bind(self, model: nn.Module, params: Mapping[str, Any], where: str) -> "BoundDART":
-        from ..adapters import resolve_adapter
-
-        lm = resolve_adapter(model).seams(model).language_model
+    def bind(self, model: nn.Module, params: Mapping[str, Any], where: str, seams: Any) -> "BoundDART":
+        lm = seams.language_model
         norm = getattr(lm, "norm", None)
         if not isinstance(norm, nn.Module):
             raise IncompatiblePolicyError(f"{where}.criterion", f"DART reads the language model's final norm; "
@@ -89,6 +87,11 @@ class DARTCriterion(Criterion):
             raise IncompatiblePolicyError(f"{where}.pivot_image", "DART needs at least one pivot; allowed: "
                                           "pivot_image + pivot_text >= 1")
         return BoundDART(norm)
+
+    def scoring_flops(self, geometry: Any, n_tokens: int, n_visual: int, params: Mapping[str, Any]) -> float | None:
+        # L1 norms of the captured keys, then the cosines of the visual tokens to every pivot (final norm not counted)
+        pivots = params.get("pivot_image", 4) + params.get("pivot_text", 4)
+        return float(n_tokens * geometry.kv_dim) + 2.0 * n_visual * pivots * geometry.hidden_size
 
     def score(self, ctx: ScoringContext, **params: Any) -> torch.Tensor:
         raise RuntimeError("dart scores through the object bind() returns (patch() binds it)")

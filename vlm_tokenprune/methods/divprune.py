@@ -22,6 +22,8 @@ of 576. Site ``llm`` (an extension) selects on the hidden states entering layer 
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 
 from ..policy import register_preset
@@ -61,6 +63,9 @@ class DivPruneCriterion(Criterion):
     arxiv = "2503.02175"
     sites = ("pre_llm", "llm")
     image_only_fixed_count = True  # each image's kept set and count depend on that image alone
+
+    def scoring_flops(self, geometry: Any, n_tokens: int, n_visual: int, params: Mapping[str, Any]) -> float | None:
+        return 2.0 * n_visual * n_visual * geometry.hidden_size  # the v x v cosine matrix (greedy picks not counted)
 
     def score(self, ctx: ScoringContext) -> torch.Tensor:
         """``[B, N]``: ``k - rank`` for the picked tokens (earliest pick highest), 0 otherwise."""

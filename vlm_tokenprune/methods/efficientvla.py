@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import math
 
+from typing import Any, Mapping
+
 import torch
 
 from ..errors import InputError
 from ..policy import register_preset
 from ..scoring import ScoringContext
-from .base import Criterion, Param, register_criterion
+from .base import Criterion, Param, last_row_flops, register_criterion
 
 
 def minmax(r: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,7 @@ def _order(values: torch.Tensor, allowed: torch.Tensor) -> list[int]:
 @register_criterion
 class EfficientVLACriterion(Criterion):
     name = "efficientvla"
-    needs_text = True  # task relevance is the attention of the text after the image (engine._fit_budget)
+    needs_text = True  # task relevance is the attention of the text after the image (engine.fit_budget)
     paper = "EfficientVLA: Training-Free Acceleration and Compression for Vision-Language-Action Models"
     arxiv = "2506.10100"
     keeps_budget_exactly = True  # select() is not a plain top-k, but it keeps exactly ctx.keep[b] tokens
@@ -75,6 +77,12 @@ class EfficientVLACriterion(Criterion):
         "alpha": Param(0.5, float, "share of the remaining budget taken by task relevance; the rest by diversity",
                        check=lambda v: 0.0 <= v <= 1.0, allowed="in [0, 1]"),
     }
+
+    def scoring_flops(self, geometry: Any, n_tokens: int, n_visual: int, params: Mapping[str, Any]) -> float | None:
+        # every non-visual token counted as a text query (an upper bound: only the text after the image is),
+        # plus the cosines of every visual token to the k_key key tokens
+        return (n_tokens - n_visual) * last_row_flops(geometry, n_tokens) \
+            + 2.0 * n_visual * params.get("k_key", 4) * geometry.hidden_size
 
     def score(self, ctx: ScoringContext, k_key: int, alpha: float) -> torch.Tensor:
         """Min-max normalised text->visual relevance ``s`` [B, N] (the ranking of steps 3-4)."""

@@ -6,11 +6,13 @@ official code ranks). Keep the top-k; defaults K = 2, R = 50 %.
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 
 from ..policy import register_preset
 from ..scoring import ScoringContext
-from .base import Criterion, register_criterion
+from .base import Criterion, last_row_flops, register_criterion
 
 
 @register_criterion
@@ -18,6 +20,9 @@ class FastVCriterion(Criterion):
     name = "fastv"
     paper = "An Image is Worth 1/2 Tokens After Layer 2 (FastV)"
     arxiv = "2403.06764"
+
+    def scoring_flops(self, geometry: Any, n_tokens: int, n_visual: int, params: Mapping[str, Any]) -> float | None:
+        return last_row_flops(geometry, n_tokens)  # softmax over the whole causal row
 
     def score(self, ctx: ScoringContext) -> torch.Tensor:
         return ctx.attention_scores("last", rope=True, softmax_over="row", reduce="mean")  # [B, N], heads averaged

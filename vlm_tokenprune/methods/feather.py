@@ -50,38 +50,15 @@ Choices, beyond the official code (batch 1, one square image):
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 
 from ..errors import InputError
 from ..policy import register_preset
 from ..scoring import ScoringContext
-from ..selection import right_packed, topk_per_row
-from .base import Criterion, Param, register_criterion
-
-
-def stride_grid(ctx: ScoringContext, stride: int) -> torch.Tensor:
-    """``[B, N]`` bool: visual tokens on the ``stride`` grid of their own patch grid (segment).
-
-    A token at ``(row, col)`` of segment ``s`` is on the grid when ``(row - r0) % stride == 0``
-    and ``(col - c0) % stride == 0``, with ``(r0, c0)`` the smallest row / column present in
-    ``s``. Tokens without grid coordinates (``image_newline``, CLS: row or col < 0) never are.
-    """
-    ok = ctx.visual_ok
-    spatial = ok & (ctx.row >= 0) & (ctx.col >= 0) & ~ctx.is_newline
-    B, N = ok.shape
-    big = torch.iinfo(torch.long).max
-    seg = ctx.segment.masked_fill(~spatial, 0).clamp(min=0)
-    n_seg = int(seg.max()) + 1 if N else 1
-    # per (row, segment): min row / col over its spatial tokens
-    r0 = torch.full((B, n_seg), big, dtype=torch.long, device=ok.device)
-    c0 = torch.full((B, n_seg), big, dtype=torch.long, device=ok.device)
-    r0.scatter_reduce_(1, seg, ctx.row.masked_fill(~spatial, big), reduce="amin")
-    c0.scatter_reduce_(1, seg, ctx.col.masked_fill(~spatial, big), reduce="amin")
-    dr = ctx.row - torch.gather(r0, 1, seg)
-    dc = ctx.col - torch.gather(c0, 1, seg)
-    return spatial & (dr % stride == 0) & (dc % stride == 0)
-
-
+from ..selection import right_packed, stride_grid, topk_per_row
+from .base import Criterion, Param, last_row_flops, register_criterion
 
 
 @register_criterion
@@ -97,6 +74,9 @@ class FeatherCriterion(Criterion):
         "stride": Param(3, int, "uniform grid step kept in addition to the top-k (0 = no grid)",
                         check=lambda v: v >= 0, allowed="an integer >= 0"),
     }
+
+    def scoring_flops(self, geometry: Any, n_tokens: int, n_visual: int, params: Mapping[str, Any]) -> float | None:
+        return last_row_flops(geometry, n_visual if params.get("softmax", "keys") == "keys" else n_tokens)
 
     def score(self, ctx: ScoringContext, rope: bool, softmax: str, stride: int) -> torch.Tensor:
         return ctx.attention("last", rope=rope, softmax_over=softmax).mean(dim=1)[:, 0]  # [B, N]

@@ -42,6 +42,7 @@ import math
 
 import torch
 
+from ..compat import mask_format_for
 from ..errors import IncompatiblePolicyError
 from ..policy import register_preset
 from ..vision.base import VisionCriterion
@@ -97,8 +98,6 @@ class MCTF(VisionCriterion):
 
     # -- patch time ------------------------------------------------------------------------------
     def check_vision(self, seams, stage, where: str) -> None:
-        from ..adapters.base import mask_format_for
-
         p = stage.params
         if p["prop_attn"] and mask_format_for(seams.attn_implementation) == "2d":
             raise IncompatiblePolicyError(

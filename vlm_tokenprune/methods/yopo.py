@@ -47,12 +47,12 @@ Qwen2-VL / InternVL2); these presets are training-free.
 """
 from __future__ import annotations
 
+from ..assets import tiny_vlm_file
 from ..errors import PolicyError
-from ..eval.tiny_vlm import ASSET_DIR
-from ..policy import Preset, Stage, _build_stage, _check_stage, at_key
+from ..policy import Preset, Stage, at_key, stage_from_fields
 from ..registry import PRESETS
 
-TINY_VLM_HEADS = str(ASSET_DIR / "yopo_heads.json")  # calibrated on 64 train examples (benchmarks/accuracy_structural.py)
+TINY_VLM_HEADS = str(tiny_vlm_file("yopo_heads.json"))  # calibrated on 64 train examples (benchmarks/accuracy_structural.py)
 PARAMS = ("calibration", "kept", "threshold", "top_n", "keep_first", "window", "ratio", "drop")
 # (stage index, stage field) -> the preset key a user writes (stage 2, prune_heads, takes its own names)
 USER_KEY = {(0, "window"): "window", (1, "ratio"): "ratio", (3, "layer"): "drop", (3, "depth"): "drop"}
@@ -82,8 +82,7 @@ class YopoPreset(Preset):
         out = []
         for j, st in enumerate(stages):
             try:
-                stage = _build_stage(st, f"{where}[{j}]")
-                _check_stage(stage, f"{where}[{j}]")
+                stage = stage_from_fields(st, f"{where}[{j}]")
             except PolicyError as e:  # name the key the user wrote (yopo:drop=), not the stage's own field
                 field = e.field.rsplit(".", 1)[-1]
                 key = USER_KEY.get((j, field), field if j == 2 else None)

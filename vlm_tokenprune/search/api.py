@@ -69,7 +69,7 @@ def _entry(model, entry: str | None) -> str | None:
     """``"auto"``: MCTF from vision layer 0 where the model has a CLIP tower, else no entry stage."""
     if entry != "auto":
         return entry
-    from .. import patch
+    from ..patching import patch
 
     try:
         patch(model, "mctf:layer=0,keep=0.5").unpatch()

@@ -44,7 +44,7 @@ def calibration_batches(model, processor, n: int, batch_size: int = 8):
 
 def heldout_accuracy(model, processor, policy, n: int, batch_size: int = 8) -> float:
     """Exact-match accuracy of ``policy`` (None: unpruned) on the first ``n`` examples of the ``test`` split."""
-    from .. import patch
+    from ..patching import patch
     from ..eval.synthetic import make_split
     from ..eval.tiny_vlm import evaluate
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from ..errors import InputError, UnsupportedModelError
-from .fitness import build_calibration, divergence, _log_probs
+from .fitness import build_calibration, divergence, log_probs
 
 
 def _policy(removed: Sequence[tuple[str, int]]) -> str | None:
@@ -41,7 +41,7 @@ def greedy_sublayers(model, batches: Sequence[Mapping[str, Any]], count: int | N
     """``{"order": [[kind, layer], ...], "distance": [...], "metric", "samples"}``: the greedy removal order."""
     from tqdm.auto import tqdm
 
-    from .. import patch
+    from ..patching import patch
     from ..patching import is_patched
 
     if is_patched(model):
@@ -64,7 +64,7 @@ def greedy_sublayers(model, batches: Sequence[Mapping[str, Any]], count: int | N
                 continue
             pol = _policy(removed + [c])
             with patch(model, pol):
-                d = sum(divergence(ref, _log_probs(model, b, m), metric) * int(m.sum())
+                d = sum(divergence(ref, log_probs(model, b, m), metric) * int(m.sum())
                         for b, m, ref in zip(cal.batches, cal.masks, cal.reference)) / sum(int(m.sum()) for m in cal.masks)
             if best is None or d < best[0]:
                 best = (d, c)

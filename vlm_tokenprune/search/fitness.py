@@ -30,7 +30,7 @@ class Calibration:
 
 
 @torch.no_grad()
-def _log_probs(model, batch: Mapping[str, Any], mask: torch.Tensor) -> torch.Tensor:
+def log_probs(model, batch: Mapping[str, Any], mask: torch.Tensor) -> torch.Tensor:
     logits = model(**batch, use_cache=False).logits
     K = mask.shape[1]
     if logits.shape[1] < K:
@@ -46,7 +46,7 @@ def build_calibration(model, batches: Sequence[Mapping[str, Any]], masks: Sequen
         masks = [b["attention_mask"].bool() if "attention_mask" in b else torch.ones_like(b["input_ids"], dtype=torch.bool)
                  for b in batches]
     masks = [m.bool() for m in masks]
-    return Calibration(batches, masks, [_log_probs(model, b, m) for b, m in zip(batches, masks)])
+    return Calibration(batches, masks, [log_probs(model, b, m) for b, m in zip(batches, masks)])
 
 
 def divergence(ref: torch.Tensor, out: torch.Tensor, metric: str = "kl") -> float:
@@ -61,10 +61,10 @@ def divergence(ref: torch.Tensor, out: torch.Tensor, metric: str = "kl") -> floa
 
 def policy_divergence(model, cal: Calibration, policy: Any, batch: int, metric: str = "kl") -> float:
     """Divergence of ``policy`` (None: the unpruned model) from the reference on calibration batch ``batch``."""
-    from .. import patch
+    from ..patching import patch
 
     if policy is None:
         return 0.0
     with patch(model, policy):
-        out = _log_probs(model, cal.batches[batch], cal.masks[batch])
+        out = log_probs(model, cal.batches[batch], cal.masks[batch])
     return divergence(cal.reference[batch], out, metric)

@@ -35,7 +35,7 @@ def bind_criteria(target: PatchTarget) -> list:
     pol = target.policy
     found = [CRITERIA.get(st.criterion, f"stages[{i}].criterion") if not st.structural else None
              for i, st in enumerate(pol.stages)]
-    return [c.bind(target.model, st.params, f"stages[{i}]") if c is not None else None
+    return [c.bind(target.model, st.params, f"stages[{i}]", target.seams) if c is not None else None
             for i, (c, st) in enumerate(zip(found, pol.stages))]
 
 

@@ -21,15 +21,16 @@ text) only the masks change (visual KEYS of the prompt, from ``PrefillRecord.is_
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compat import ATTN_IMPLEMENTATION_ATTR, attention_function, attn_implementation, eager_attention, register_attention
+from ..compat import ATTN_IMPLEMENTATION_ATTR, attention_bases, attn_implementation, register_attention
+from ..errors import InputError
 from ..marking import mark_hook
-from .plan import StructuralPlan
+from .plan import StructuralPlan, capture_layers, text_only_kv_heads
 
 if TYPE_CHECKING:
     from ..handle import PatchHandle
@@ -69,18 +70,6 @@ def install_modules(handle: "PatchHandle", plan: StructuralPlan) -> None:
         handle.add_hook(f"decoder layer {j}: self_attn.q/k/v/o_proj compute only the rows / columns of the "
                         f"{q.width // attn.head_dim} kept heads of their own weights (pruned {list(pruned)}; modules and "
                         "state_dict unchanged, forwards restored on unpatch)")
-
-
-def attention_bases(seams: Any) -> dict | None:
-    """``{layer: the attention function its backend runs}`` (what the query-subset attention delegates
-    to), or None when some layer has none (then no head split / query subsets can be installed)."""
-    orig = attn_implementation(seams.text_config)
-    bases = {}
-    for j, layer in enumerate(seams.decoder_layers):
-        bases[j] = attention_function(orig, eager_attention(layer.self_attn))
-        if bases[j] is None or getattr(layer.self_attn, "layer_idx", None) != j:
-            return None
-    return bases
 
 
 def install_attention(handle: "PatchHandle", plan: StructuralPlan) -> bool:
@@ -174,8 +163,6 @@ def _install_head_slices(handle: "PatchHandle", plan: StructuralPlan, j: int, at
     groups whose query heads are all pruned run k/v_proj on the text rows only (their visual keys
     and values, zeros in the KV cache, are never read: masked per head while decoding). Not in
     layers whose keys a token stage's criterion captures (they stay the plain projections)."""
-    from .plan import capture_layers, text_only_kv_heads
-
     d = attn.head_dim
     pruned = set(plan.heads_visual[j])
     H = attn.q_proj.out_features // d
@@ -352,8 +339,6 @@ def _layer_pre_hook(handle, plan: StructuralPlan, j: int, module, args: tuple, k
         st.structural.update(layer=j, vis=vis)
         if j in plan.neighbor:
             if not st.layout.coords_known:
-                from ..errors import InputError
-
                 raise InputError("image_sizes", "the patch grid of these visual tokens is unknown (LLaVA-NeXT needs image_sizes "
                                  "or encoder outputs); neighbor_attention cannot place its window")
             st.structural["chunk"] = _current(st, "segment") * (1 << 20) + _current(st, "row")

@@ -30,7 +30,9 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import IncompatiblePolicyError, UnsupportedModelError
+from ..compat import attention_bases
+from .calibration import load_artifact, select_heads, select_layers, select_sublayers
+from ..errors import IncompatiblePolicyError, PolicyError, UnsupportedModelError
 from ..policy import Policy
 
 # what each op really saves with this implementation (reported by describe() and eval.flops)
@@ -146,7 +148,6 @@ def _check_linear(m: Any, where: str) -> None:
 
 def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | None:
     """The concrete plan of ``policy``'s structural stages on ``model`` (None: no structural stage)."""
-    from ..calibrate import load_artifact, select_heads, select_layers, select_sublayers
 
     stages = [(i, s) for i, s in enumerate(policy.stages) if s.structural and s.op != "visual_drop"]
     if not stages:
@@ -236,8 +237,6 @@ def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | No
             f"{seams.attn_implementation!r} takes 2-D padding masks; neighbor_attention needs a 4-D mask; allowed: eager, sdpa",
         )
     if plan.heads_visual:
-        from .hooks import attention_bases
-
         if attention_bases(seams) is None:
             raise UnsupportedModelError(
                 "attn_implementation",
@@ -260,7 +259,6 @@ def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | No
 
 def static_plan(policy: Policy, num_layers: int, num_heads: int, intermediate_size: int) -> StructuralPlan | None:
     """A plan from the policy alone (no model, no calibration file): for FLOPs predictions."""
-    from ..errors import PolicyError
 
     kw: dict = {}
     for i, st in enumerate(policy.stages):

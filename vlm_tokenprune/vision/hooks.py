@@ -11,7 +11,7 @@
   feature per placeholder; the run becomes a ``VisionOutcome`` on the handle.
 - LLaVA-NeXT: an instance-level wrapper of ``pack_image_features`` (undone by ``unpatch()``)
   packs (crop, slot) indices like the features, mapping every placeholder to its crop slot.
-- ``lm_reduction``: called by the pre-LLM path (``engine._pre_llm_prefill``) with the outcome;
+- ``lm_reduction``: called by the pre-LLM path (``sites.pre_llm``) with the outcome;
   returns the ``Reduction`` that drops the empty slots (a fused token keeps its destination's
   slot; its sources are the patches fused into it). The outcome of the LAST tower call serves every
   prefill until the next tower call (``generate(use_cache=False)`` re-runs the prefill on features
@@ -27,9 +27,11 @@ import torch
 
 from ..errors import InputError
 from ..marking import mark_hook
+from ..lm_input import apply_reduction
 from ..reduction import Reduction
 from ..selection import right_packed
 from .base import VisionCriterion
+from ..state import StageRecord
 from .state import VisionOutcome, VisionRun
 
 if TYPE_CHECKING:
@@ -215,11 +217,8 @@ class SlotReduction(Reduction):
 
 def lm_prefill(handle: "PatchHandle", st: "ForwardState", kwargs: dict, stage: Any, t0: float) -> None:
     """The vision stage's part of the pre-LLM path: drop the empty slots of the language model's input
-    through ``engine.apply_reduction`` (positions, mask, source map, rebased state); a no-op record
+    through ``lm_input.apply_reduction`` (positions, mask, source map, rebased state); a no-op record
     when the tower kept every token (the input is untouched)."""
-    from ..engine import apply_reduction
-    from ..state import StageRecord
-
     hidden = kwargs.get("inputs_embeds")
     if hidden is None:
         raise InputError("inputs_embeds", "a vision stage needs the language model to receive inputs_embeds")
