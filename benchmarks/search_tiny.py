@@ -45,6 +45,82 @@ def bench_rows(result: dict) -> list[dict]:
         + [{"label": s["label"], "budget": s["budget"], "skipped": s["error"]} for s in result["skipped"]]
 
 
+# LLM-site presets not re-run here (all above FLOPs 0.5 on the tiny VLM): accuracy_tiny.md, same test split and
+# weights, n = 500: (preset, keep, FLOPs ratio, accuracy)
+CITED = [("aim", k, f, a) for k, f, a in ((0.5, 0.623, 0.990), (0.25, 0.566, 0.992), (0.11, 0.537, 0.992))] \
+    + [("efficientvla", k, f, 0.992) for k, f in ((0.5, 0.728), (0.25, 0.615), (0.11, 0.557))] \
+    + [(m, k, f, 0.990) for m in ("fastv", "random", "uniform") for k, f in ((0.5, 0.728), (0.25, 0.615), (0.11, 0.557))] \
+    + [("flowcut_llm", k, f, a) for k, f, a in ((0.5, 0.728, 0.990), (0.25, 0.615, 0.990), (0.11, 0.557, 0.992))]
+
+
+def _acc(r: dict) -> str:
+    a = r["accuracy"]
+    return " | ".join(f"{a[k]:.3f}" for k in ("all", "color", "count", "exists", "location", "read"))
+
+
+def write_markdown(report: dict, path: str) -> None:
+    """``search_tiny.md`` from the report: per budget the searched policy against every preset run at the same
+    or higher FLOPs (same harness), then FinerCut's order."""
+    a = report["args"]
+    lines = ["# Policy search on the shipped tiny VLM (EvoPress, arXiv 2410.14649; FinerCut, arXiv 2405.18218)", ""]
+    lines += [f"Commands: `OMP_NUM_THREADS=1 python benchmarks/search_tiny.py --preset-budgets {a['preset_budgets']}` "
+              f"(~{report['seconds'] / 60:.0f} min on one shared CPU core); one search alone: `vlm-tokenprune search "
+              f"--budget flops=0.25 --calibration {a['calibration']} --generations {a['generations']} --offspring "
+              f"{a['offspring']} --out DIR`.", ""]
+    lines += [f"Search: space `{a['space']}` (token budgets: MCTF from vision layer 0 into the LLM, then FastV stages at "
+              "layers 1-3; levels keep 1, 15/16, ..., 1/16 of the 256 visual tokens, never growing with depth); "
+              f"{a['calibration']} calibration examples (synthetic `val` split, {a['calibration'] // 8} batches of 8); {a['generations']} "
+              f"generations of {a['offspring']} children; selection steps (batches, survivors) (2, 4), (4, 2), (8, 1); "
+              "fitness: KL of the answer tokens' next-token distributions to the unpruned model; constraint: predicted "
+              "LM prefill FLOPs ratio (`structural_flops`) at the calibration prompts' mean 11 text + 256 visual tokens; "
+              f"seed 0. Held-out: the first {a['n']} examples of the `test` split (question types balanced: the split of "
+              "`accuracy_tiny.md`), never seen by the search. Searched policies and presets run in the same "
+              "`eval.bench.run_bench` harness; FLOPs ratio = each example's trace (`eval/flops.py`).", ""]
+    presets = [r for r in report["preset_bench"] if "skipped" not in r and r["label"] != "baseline"]
+    base = next(r for r in report["searched_bench"] if r["label"] == "baseline")
+    for s, mine in zip(report["searches"], [r for r in report["searched_bench"] if r["label"] != "baseline"]):
+        b = s["budget"]
+        lines += [f"## FLOPs <= {b:g}", "", f"Searched policy: `{s['policy']}` (predicted FLOPs ratio "
+                  f"{s['predicted_flops_ratio']:.3f}, calibration KL {s['kl']:.4f}; files in `{s['out']}/`).", ""]
+        lines += ["| policy | keep | FLOPs ratio | acc all | color | count | exists | location | read |",
+                  "|---|---|---|---|---|---|---|---|---|",
+                  f"| **searched** | - | {mine['flops_ratio']:.3f} | {_acc(mine)} |"]
+        rivals = sorted((r for r in presets if r["flops_ratio"] >= mine["flops_ratio"] - 1e-9), key=lambda r: r["flops_ratio"])
+        for r in rivals:
+            lines.append(f"| `{r['label']}` | {r['budget']} | {r['flops_ratio']:.3f} | {_acc(r)} |")
+        lines.append(f"| baseline | - | 1.000 | {_acc(base)} |")
+        below = sorted((r for r in presets if mine["flops_ratio"] - 0.1 <= r["flops_ratio"] < mine["flops_ratio"] - 1e-9),
+                       key=lambda r: -r["flops_ratio"])
+        if below:
+            lines += ["", "For context, presets re-run here at LOWER FLOPs (within 0.1):", "",
+                      "| policy | keep | FLOPs ratio | acc all | color | count | exists | location | read |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            lines += [f"| `{r['label']}` | {r['budget']} | {r['flops_ratio']:.3f} | {_acc(r)} |" for r in below]
+        acc = mine["accuracy"]["all"]
+        beaten = [(r["label"], r["budget"], r["flops_ratio"], r["accuracy"]["all"]) for r in rivals if r["accuracy"]["all"] >= acc]
+        cited = [c for c in CITED if c[2] >= mine["flops_ratio"] and c[3] >= acc]
+        lines += ["", f"Verdict at FLOPs <= {b:g}: the searched policy's held-out accuracy ({acc:.3f}) is "
+                  + ("above every preset run at the same or higher FLOPs, re-run here or cited from `accuracy_tiny.md` "
+                     "(LLM-site presets, FLOPs 0.54-0.73, accuracy 0.990-0.992)." if not beaten and not cited else
+                     "NOT above every preset at the same or higher FLOPs: matched or beaten by "
+                     + ", ".join(f"`{n}` keep {k} ({a_:.3f} at {f:.3f})" for n, k, f, a_ in beaten)
+                     + ("; " if beaten and cited else "")
+                     + ", ".join(f"`{n}` keep {k} ({a_:.3f} at {f:.3f}, accuracy_tiny.md)" for n, k, f, a_ in cited) + "."), ""]
+    fc = report["finercut"]
+    lines += ["## FinerCut on the tiny VLM", "",
+              f"`vtp.calibrate(model, batches, what=\"sublayers\", count=7)` on the {a['calibration']} calibration "
+              "examples (prompt + answer, every real position; Jensen-Shannon divergence to the unpruned model). "
+              "Candidates: the attention of layers 1-3 (layer 0's is where the KV cache length is read) and the MLP of "
+              "layers 0-3.", "",
+              "| step | removed | JS divergence after the step |", "|---|---|---|"]
+    for i, ((kind, j), d) in enumerate(zip(fc["order"], fc["distance"])):
+        lines.append(f"| {i + 1} | {'attention' if kind == 'attn' else 'MLP'} of layer {j} | {d:.4f} |")
+    lines += ["", "| sublayers removed | policy | FLOPs ratio (predicted) | held-out accuracy |", "|---|---|---|---|"]
+    for r in fc["rows"]:
+        lines.append(f"| {r['removed']} | `{r['policy']}` | {r['flops_ratio']:.3f} | {r['accuracy']:.3f} |")
+    open(path, "w", encoding="utf-8").write("\n".join(lines) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", default="0.4,0.25")
@@ -56,7 +132,12 @@ def main() -> int:
     ap.add_argument("--presets", default="mctf,aim_merge,covipal,flowcut_vit,feather,pdrop,divprune,visionzip,vispruner,dart")
     ap.add_argument("--preset-budgets", default="0.5,0.25,0.11")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--from-json", action="store_true", help="only rewrite search_tiny.md from <out>/search_tiny.json")
     args = ap.parse_args()
+    if args.from_json:
+        with open(os.path.join(args.out, "search_tiny.json"), encoding="utf-8") as f:
+            write_markdown(json.load(f), os.path.join(args.out, "search_tiny.md"))
+        return 0
     torch.set_num_threads(1)
     t0 = time.time()
     model, processor = load_tiny_vlm()
@@ -100,6 +181,7 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "search_tiny.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1, default=str)
+    write_markdown(report, os.path.join(args.out, "search_tiny.md"))
     print(f"done in {time.time() - t0:.0f}s", flush=True)
     return 0
 
