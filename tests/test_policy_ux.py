@@ -204,3 +204,35 @@ def test_weights_of_another_model_say_how_to_train_them(name):
         vtp.patch(tiny_llava("sdpa"), name)  # the shipped weights belong to the tiny VLM
     assert e.value.field.endswith("config_hash")
     assert f"vlm-tokenprune train {name}" in str(e.value) and f"vlm_tokenprune.train.{name}" in str(e.value)
+
+
+# -- a per-call policy without a new handle ----------------------------------------------------------------
+def test_handle_use_swaps_the_policy_for_a_block_and_validates_it():
+    import torch
+
+    from kit import tiny_llava
+    from vlm_tokenprune.eval.tiny_models import make_batch
+
+    model = tiny_llava("sdpa")
+    inputs = make_batch(model, [[5, "img", 7]])
+    with torch.no_grad():
+        base = model(**inputs).logits
+        with vtp.patch(model, "fastv:layer=1,keep=0.5") as h:
+            own = model(**inputs).logits
+            with h.use("uniform:layer=2,tokens=4") as same:
+                assert same is h and h.policy == Policy.parse("uniform:layer=2,tokens=4")
+                other = model(**inputs).logits
+                assert h.last_trace().stages[0].visual_after == [4]
+            with h.use("feather") as hh:
+                assert [s.layer for s in hh.policy.stages] == [1, 2]  # resolved for this model, like patch()
+            assert h.policy == Policy.parse("fastv:layer=1,keep=0.5") and h.active
+            torch.testing.assert_close(model(**inputs).logits, own, atol=0, rtol=0)
+            assert h.last_trace().stages[0].visual_after == [18]
+            with pytest.raises(vtp.IncompatiblePolicyError) as e:  # validated like patch(): nothing changes
+                with h.use("fastv:layer=9,keep=0.5"):
+                    pass
+            assert e.value.field == "stages[0].layer" and h.active
+            torch.testing.assert_close(model(**inputs).logits, own, atol=0, rtol=0)
+        assert not vtp.patching.is_patched(model)
+        torch.testing.assert_close(model(**inputs).logits, base, atol=0, rtol=0)
+    assert not torch.equal(other[:, -1], own[:, -1])

@@ -10,9 +10,10 @@ calling thread's vision-tower call and its result.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from torch import nn
 
@@ -73,6 +74,7 @@ class PatchHandle:
         self._last: ForwardState | None = None  # the last forward finished in any thread
         self._last_prefill: ForwardState | None = None  # the last prefill finished in any thread
         self.requested_policy = policy  # the policy as written (patch() sets it; self.policy: resolved for the model)
+        self.patcher: Callable[..., "PatchHandle"] | None = None  # patch() itself (set by it): use() swaps with it
         self._lock = threading.Lock()
         self._sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self.active = False
@@ -185,6 +187,38 @@ class PatchHandle:
         with self._lock:
             self._sessions = weakref.WeakKeyDictionary()
         self.active = False
+
+    @contextlib.contextmanager
+    def use(self, policy: "str | Policy | Any") -> Iterator["PatchHandle"]:
+        """``with handle.use(policy):`` calls in the block run under ``policy``; on exit the handle's own policy
+        is back. For servers and sweeps: the same handle (``last_trace()``, ``describe()``, ``policy``) follows.
+
+        ``policy`` is validated exactly like ``patch()`` (it IS a ``patch()``): a bad one raises here and the
+        handle keeps its own policy. Swapping costs a ``patch()`` each way (hooks removed and installed, learned
+        weights bound again), not a forward. Refused while a forward runs (in any thread).
+        """
+        if not self.active:
+            raise InputError("use", "the handle is unpatched; call patch() again")
+        if self.busy:
+            raise InputError("use", "called while a forward is running; switch policies between calls")
+        patcher, own = self.patcher, self.requested_policy
+        kwargs = {"backend": self.backend, "strict": getattr(self, "strict", False)}
+        self.unpatch()
+        try:
+            temporary = patcher(self.model, policy, **kwargs)
+        except BaseException:
+            self.__dict__ = patcher(self.model, own, **kwargs).__dict__  # own policy back, then the error
+            raise
+        # the hooks were installed for ``temporary``: this handle shares its attributes (one dict), so every
+        # method of this object reads and undoes what they do
+        self.__dict__ = temporary.__dict__
+        try:
+            yield self
+        finally:
+            if self.busy:  # pragma: no cover - a forward left running in another thread
+                raise InputError("use", "a forward is still running at the end of the block")
+            self.unpatch()
+            self.__dict__ = patcher(self.model, own, **kwargs).__dict__
 
     def __enter__(self) -> "PatchHandle":
         return self
