@@ -23,6 +23,7 @@ from kit import (
     BACKENDS, assert_batch_matches_rows_alone, assert_clear_cut, assert_generate_matches_rows_alone, generate_rows,
     kept_count, n_image_tokens, patched_prefill, tiny_llava,
 )
+from kit.prompts import SINGLE, TWO_IMAGES, BATCHES
 from reference import aim_oracle as oracle
 from vlm_tokenprune.errors import PolicyError
 from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, make_batch
@@ -31,12 +32,6 @@ from vlm_tokenprune.methods.aim import aim_schedule, pagerank_importance
 ATOL = 1e-5
 REL_MARGIN = 1e-4  # the k-th and (k+1)-th importance differ by this much, relatively
 SHARPEN = 16.0
-SINGLE = [[5, "img", 7]]
-TWO_IMAGES = [[3, "img", 4, "img", 2]]
-BATCHES = {
-    "1img+2img": [[5, "img", 7], [2, "img", 3, "img", 4]],
-    "2img+1img+text": [[1, "img", "img", 5], [20, "img", 1], [12]],
-}
 
 
 def tiny(attn: str, next: bool = False, sharp: bool = True):

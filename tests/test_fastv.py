@@ -15,16 +15,11 @@ from kit import (
     BACKENDS, assert_batch_matches_rows_alone, assert_clear_cut, assert_generate_matches_rows_alone, generate_rows,
     kept_count, n_image_tokens, patched_prefill, tiny_llava,
 )
+from kit.prompts import SINGLE, TWO_IMAGES, BATCHES, NEXT_BATCH
 from reference import fastv_oracle as oracle
 from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, make_batch
 
 ATOL = 1e-5
-SINGLE = [[5, "img", 7]]
-TWO_IMAGES = [[3, "img", 4, "img", 2]]
-BATCHES = {
-    "1img+2img": [[5, "img", 7], [2, "img", 3, "img", 4]],
-    "2img+1img+text": [[1, "img", "img", 5], [20, "img", 1], [12]],
-}
 
 
 def tiny(attn: str, next: bool = False):
@@ -143,7 +138,6 @@ def test_generate_matches_oracle(attn, use_cache):
 # ------------------------------------------------------------------------------------------------
 # batches with left padding
 # ------------------------------------------------------------------------------------------------
-NEXT_BATCH = [[1, "img", "img", 5], [20, "img", 1], [12]]
 NEXT_SIZES = [[20, 36], [16, 16], [36, 20]]
 
 

@@ -20,6 +20,7 @@ from kit import (
     BACKENDS, assert_batch_matches_rows_alone, assert_clear_cut, assert_generate_matches_rows_alone, n_image_tokens,
     patched_prefill, tiny_llava,
 )
+from kit.prompts import SINGLE, TWO_IMAGES, BATCHES, NEXT_BATCH
 from reference import fastv_oracle
 from reference import feather_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, InputError
@@ -28,14 +29,7 @@ from vlm_tokenprune.methods.feather import FeatherCriterion, stride_grid
 
 ATOL = 1e-5
 MARGIN = 1e-7
-SINGLE = [[5, "img", 7]]
-TWO_IMAGES = [[3, "img", 4, "img", 2]]
-BATCHES = {
-    "1img+2img": [[5, "img", 7], [2, "img", 3, "img", 4]],
-    "2img+1img+text": [[1, "img", "img", 5], [20, "img", 1], [12]],
-}
 NEXT_SIZE = [[30, 40]]  # anyres grid: canvas rows 1-4 (unpadded) x cols 0-5, each row closed by a newline
-NEXT_BATCH = [[1, "img", "img", 5], [20, "img", 1], [12]]
 NEXT_SIZES = [[30, 40], [40, 30], [36, 20]]
 
 

@@ -16,6 +16,7 @@ from kit import (
     BACKENDS, assert_batch_matches_rows_alone, assert_clear_cut, assert_generate_matches_rows_alone, generate_rows,
     kept_count, n_image_tokens, patched_prefill, tiny_llava,
 )
+from kit.prompts import SINGLE, TWO_IMAGES, BATCHES, NEXT_BATCH
 from reference import fastv_oracle
 from reference import flowcut_llm_oracle as oracle
 from vlm_tokenprune.eval.tiny_models import make_batch
@@ -24,13 +25,6 @@ from vlm_tokenprune.scoring import ScoringContext
 
 ATOL = 1e-5
 MARGIN = 1e-6  # scores are O(1) here (value L1 norms), so margins are absolute on that scale
-SINGLE = [[5, "img", 7]]
-TWO_IMAGES = [[3, "img", 4, "img", 2]]
-BATCHES = {
-    "1img+2img": [[5, "img", 7], [2, "img", 3, "img", 4]],
-    "2img+1img+text": [[1, "img", "img", 5], [20, "img", 1], [12]],
-}
-NEXT_BATCH = [[1, "img", "img", 5], [20, "img", 1], [12]]
 NEXT_SIZES = [[20, 36], [16, 16], [36, 20]]
 
 

@@ -15,6 +15,7 @@ import torch
 
 import vlm_tokenprune as vtp
 from kit import BACKENDS, assert_batch_matches_rows_alone, assert_clear_cut, n_image_tokens, tiny_llava
+from kit.prompts import SINGLE
 from reference import fastv_oracle
 from reference import feather_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError
@@ -22,7 +23,6 @@ from vlm_tokenprune.eval.tiny_models import make_batch
 
 ATOL = 1e-5
 MARGIN = 1e-7
-SINGLE = [[5, "img", 7]]
 BATCH = [[5, "img", 7], [2, "img", 3, "img", 4]]
 PAPER = ((8, 0.5), (16, 0.25), (24, 0.125))
 SCALED = ((1, 0.5), (2, 0.25), (3, 0.125))

@@ -11,16 +11,13 @@ import torch
 
 import vlm_tokenprune as vtp
 from kit import BACKENDS, FLASH, cache_kwargs, left_padding, patched_prefill, tiny_llava, tiny_qwen
+from kit.prompts import BATCHES
 from reference import pre_llm_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, PolicyError
 from vlm_tokenprune.eval.tiny_models import make_batch
 from vlm_tokenprune.reduction import Reduction
 
 ATOL = 1e-5
-BATCHES = {
-    "1img+2img": [[5, "img", 7], [2, "img", 3, "img", 4]],
-    "2img+1img+text": [[1, "img", "img", 5], [20, "img", 1], [12]],
-}
 
 
 def _check_rows(model, inputs, logits, trace, keep, positions, merge=None):
