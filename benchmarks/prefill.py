@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--layers", type=int, default=GEOMETRY["layers"])
     p.add_argument("--no-control", action="store_true", help="skip the keep=1 control row")
+    p.add_argument("--policies", default=None, help="';'-separated policies instead of the default list")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "prefill_cpu.json"))
     args = p.parse_args(argv)
 
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
     vis_ms, lm_ms = 1e3 * statistics.median(vis_t), 1e3 * statistics.median(lm_t)
     vision_share = vis_ms / (vis_ms + lm_ms)
 
-    policies = POLICIES + ([] if args.no_control else [CONTROL])
+    chosen = [x.strip() for x in args.policies.split(";") if x.strip()] if args.policies else POLICIES
+    policies = chosen + ([] if args.no_control else [CONTROL])
     rows = [bench_policy(model, lm_kwargs, pol, args.repeats, args.warmup) for pol in policies]
     for r in rows:
         r["predicted_ratio_from_policy"] = policy_flops(model.config, r["policy"], n_text, n_visual)["ratio"]
