@@ -236,3 +236,39 @@ def test_handle_use_swaps_the_policy_for_a_block_and_validates_it():
         assert not vtp.patching.is_patched(model)
         torch.testing.assert_close(model(**inputs).logits, base, atol=0, rtol=0)
     assert not torch.equal(other[:, -1], own[:, -1])
+
+
+# -- CLI rough edges ------------------------------------------------------------------------------------------
+def test_every_flag_has_help():
+    import argparse
+
+    from vlm_tokenprune.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+
+
+def test_no_progress_silences_transformers_too(monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    import vlm_tokenprune.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "cmd_demo", lambda args: seen.append(hf_logging.is_progress_bar_enabled()) or 0)
+    monkeypatch.setattr(cli, "check_args", lambda args: None)
+    assert main(["demo", "--no-progress"]) == 0 and main(["demo"]) == 0
+    assert seen == [False, True] and hf_logging.is_progress_bar_enabled()
+
+
+def test_no_broken_pipe_traceback_under_head():
+    import subprocess
+    import sys
+
+    out = subprocess.run(f"{sys.executable} -m vlm_tokenprune methods | head -1", shell=True, capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.startswith("Presets") and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr

@@ -566,33 +566,37 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_methods)
 
     e = sub.add_parser("explain", help="parse a policy and predict its tokens per layer and prefill FLOPs")
-    e.add_argument("policy", help='policy string, e.g. "fastv:layer=2,keep=0.5"')
-    e.add_argument("--model-config", default="llava-1.5-7b", metavar="{tiny,llava-1.5-7b,llava-next-7b}|PATH",
-                   help="a known geometry or a path to a Hugging Face config.json (default: llava-1.5-7b)")
+    e.add_argument("policy", help='a policy string, e.g. "fastv:layer=2,keep=0.5", or a YAML / JSON policy file')
+    e.add_argument("--model-config", default="llava-1.5-7b", metavar="NAME|PATH",
+                   help="a known geometry (" + ", ".join(model_names()) + ") or a path to a Hugging Face config.json "
+                   "(default: llava-1.5-7b)")
     e.add_argument("--n-text", type=int, default=64, help="text tokens in the prompt, system prompt included (default 64)")
     e.add_argument("--n-visual", type=int, default=None, help="visual tokens (default: from the model)")
     e.add_argument("--json", action="store_true", help="print the prediction as JSON")
     e.set_defaults(func=cmd_explain)
 
     d = sub.add_parser("demo", help="answer a few synthetic questions with the shipped tiny VLM, with and without a policy (offline)")
-    d.add_argument("--policy", default="fastv:layer=2,keep=0.25")
+    d.add_argument("--policy", default="fastv:layer=2,keep=0.25", help="a policy string or a YAML / JSON policy file (default fastv:layer=2,keep=0.25)")
     d.add_argument("--n", type=int, default=10, help="questions from the synthetic test split (default 10, types balanced)")
-    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--batch-size", type=int, default=8, help="questions per generate() batch (default 8)")
     d.add_argument("--repeats", type=int, default=7, help="timed prefills of each kind (default 7; 0: no timing, n/a)")
     d.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' weight loading too)")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="offline benchmark on the shipped tiny VLM: accuracy, tokens, FLOPs, prefill ratio")
-    b.add_argument("--policy", action="append", required=True, help="a policy (repeat for several)")
+    b.add_argument("--policy", action="append", required=True, help="a policy string or a YAML / JSON policy file (repeat for several)")
     b.add_argument("--budgets", default=None, help="keep fractions, e.g. 0.5,0.25,0.11 (multi-stage: see README)")
     b.add_argument("--n", type=int, default=500, help="test-split examples (default 500)")
-    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--batch-size", type=int, default=8, help="examples per generate() batch (default 8)")
     b.add_argument("--out", default="vtp_bench", help="output folder for bench.json / .md / .png (default ./vtp_bench)")
     b.add_argument("--model", default=None, help="a checkpoint folder in the tiny VLM's format (default: the shipped one)")
-    b.add_argument("--timing-iters", type=int, default=5, help="interleaved prefills timed per policy (0: none)")
-    b.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
-    b.add_argument("--threads", type=int, default=1)
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--timing-iters", type=int, default=5,
+                   help="interleaved prefills timed per policy (default 5; 0: none, the prefill ratio reads n/a)")
+    b.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                   help="where the hot ops run: auto (Triton on CUDA when installed), torch, triton (default auto)")
+    b.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' weight loading too)")
     b.set_defaults(func=cmd_bench)
 
     se = sub.add_parser("search", help="EvoPress search for the best policy under a FLOPs budget (token budgets, "
@@ -601,10 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--budget", default="flops=0.3", help="flops=R: predicted LM prefill FLOPs ratio <= R (default 0.3)")
     se.add_argument("--space", default="tokens", help="comma list of tokens, sublayers, heads (default tokens)")
     se.add_argument("--calibration", type=int, default=64, help="calibration examples (synthetic val split; default 64)")
-    se.add_argument("--batch-size", type=int, default=8)
-    se.add_argument("--generations", type=int, default=20)
+    se.add_argument("--batch-size", type=int, default=8, help="examples per forward (default 8)")
+    se.add_argument("--generations", type=int, default=20, help="evolution generations (default 20)")
     se.add_argument("--offspring", type=int, default=16, help="children per generation (default 16)")
-    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--seed", type=int, default=0, help="random seed of the search (default 0)")
     se.add_argument("--criterion", default="fastv", help="criterion of the LLM token stages (default fastv)")
     se.add_argument("--entry", default="auto", help="stage before the LLM as a policy fragment (e.g. mctf:layer=0), "
                     "auto (MCTF where the model has a CLIP tower) or none")
@@ -616,8 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--out", default="vtp_search", help="output folder (default ./vtp_search)")
     se.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
     se.add_argument("--per-sample", action="store_true", help="CoLa per-sample layer chains (not implemented)")
-    se.add_argument("--threads", type=int, default=1)
-    se.add_argument("--no-progress", action="store_true")
+    se.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    se.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' weight loading too)")
     se.set_defaults(func=cmd_search)
 
     from .eval.profiler import MODEL_CHOICES
@@ -625,34 +629,37 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="prefill latency, TTFT, peak memory, tokens and FLOPs of policies vs the baseline")
     pr.add_argument("--model", default="tiny", metavar="{" + ",".join(MODEL_CHOICES) + "}|PATH",
                     help="the shipped tiny VLM, a known geometry (random weights from its config) or a local checkpoint")
-    pr.add_argument("--policy", action="append", help="a policy (repeat for several; default fastv:layer=2,keep=0.25)")
+    pr.add_argument("--policy", action="append", help="a policy string or a YAML / JSON policy file (repeat for several; default fastv:layer=2,keep=0.25)")
     pr.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16")
     pr.add_argument("--attn", default="sdpa", help="attn_implementation (default sdpa)")
     pr.add_argument("--iters", type=int, default=20, help="timed prefills per policy and kind (default 20)")
-    pr.add_argument("--warmup", type=int, default=2)
+    pr.add_argument("--warmup", type=int, default=2, help="untimed calls before the timed ones (default 2)")
     pr.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers (to fit a CPU)")
     pr.add_argument("--vision-layers", type=int, default=None, help="vision tower depth of a built geometry")
-    pr.add_argument("--batch", type=int, default=1)
+    pr.add_argument("--batch", type=int, default=1, help="rows of the built prompt batch (default 1)")
     pr.add_argument("--n-text", type=int, default=64, help="text tokens of the built prompt (default 64)")
-    pr.add_argument("--device", default="auto")
-    pr.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
-    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda, cuda:N, mps")
+    pr.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
+                    help="where the hot ops run: auto (Triton on CUDA when installed), torch, triton (default auto)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt (default 0)")
     pr.add_argument("--no-ttft", action="store_true", help="skip the generate(max_new_tokens=1) timings")
     pr.add_argument("--no-parts", action="store_true",
                     help="skip the forward-from-pixels timings split into vision tower (+ projector) and language model")
     pr.add_argument("--json", default=None, help="write the report as JSON")
-    pr.add_argument("--threads", type=int, default=1)
+    pr.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' weight loading too)")
     pr.set_defaults(func=cmd_profile)
 
     v = sub.add_parser("viz", help="draw each stage's kept visual tokens on the image (one panel per stage)")
-    v.add_argument("--policy", required=True)
-    v.add_argument("--out", default="kept.png")
+    v.add_argument("--policy", required=True, help="a policy string or a YAML / JSON policy file")
+    v.add_argument("--out", default="kept.png", help="the PNG to write (default kept.png)")
     v.add_argument("--image", default=None, help="an image file (default: a synthetic test-split image)")
-    v.add_argument("--question", default=None)
+    v.add_argument("--question", default=None, help="the question asked about --image (give both or neither)")
     v.add_argument("--example", type=int, default=1, help="synthetic test example used without --image (default 1)")
     v.add_argument("--model", default="tiny", help="tiny (the shipped VLM) or a local checkpoint folder")
-    v.add_argument("--dtype", default="auto")
-    v.add_argument("--threads", type=int, default=1)
+    v.add_argument("--dtype", default="auto", help="auto (fp32 for the tiny VLM), fp32, bf16, fp16 (a checkpoint)")
+    v.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' weight loading too)")
     v.set_defaults(func=cmd_viz)
 
     t = sub.add_parser("train", help="train a learned selector (covipal, ...): `train NAME --help` lists its options")
@@ -770,12 +777,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if getattr(args, "no_progress", False):  # transformers' own bars too (weight loading), not only ours
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         check_args(args)
         return args.func(args)
     except VTPError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `vlm-tokenprune methods | head`: the reader left; no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout at exit: point it somewhere that takes it
+        return 0
+    finally:
+        if getattr(args, "no_progress", False):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":  # pragma: no cover
