@@ -10,7 +10,8 @@ registered with transformers (query-subset attention, and for YOPO heads a split
 and text-only pruned heads, delegating to the model's own backend) and unregistered on unpatch;
 no existing registry entry is changed. ``heads_visual`` layers also wrap ``q/o_proj`` (and
 ``k/v_proj`` of fully pruned KV groups) so visual rows skip the pruned heads' columns; the
-weight slices they use are cached copies, not parameters (``_Rows``).
+weight slices they use are cached copies, not parameters (``slicing.Rows``); the query-subset attention
+backend lives in ``attention.py``, the weight slicing in ``slicing.py``.
 
 Per forward, the structural pre-hook of layer j (registered after the engine's, so it sees the
 kwargs already shrunk by token stages) stores the layer's visual rows ``[B, M]`` in
@@ -30,7 +31,9 @@ from torch import nn
 from ..compat import ATTN_IMPLEMENTATION_ATTR, attention_bases, attn_implementation, register_attention
 from ..errors import InputError
 from ..marking import mark_hook
+from .attention import decode_key_visual, subset_attention
 from .plan import StructuralPlan, capture_layers, text_only_kv_heads
+from .slicing import Rows, sliced_attention
 
 if TYPE_CHECKING:
     from ..handle import PatchHandle
@@ -61,7 +64,7 @@ def install_modules(handle: "PatchHandle", plan: StructuralPlan) -> None:
     layers = handle.seams.decoder_layers
     for j, pruned in sorted(plan.heads_all.items()):
         attn = layers[j].self_attn
-        q, k, v, o, groups = _sliced_attention(attn, set(pruned))
+        q, k, v, o, groups = sliced_attention(attn, set(pruned))
         for name, sliced in (("q_proj", q), ("k_proj", k), ("v_proj", v), ("o_proj", o)):
             lin = getattr(attn, name)  # the model's own module stays: state_dict, save_pretrained, .to() see it
             handle.swap_attr(lin, "forward", sliced)
@@ -94,7 +97,7 @@ def install_attention(handle: "PatchHandle", plan: StructuralPlan) -> bool:
     if bases is None:  # no backend function to delegate to: keep the mask path (plan.resolve refused heads_visual)
         return False
     fmt = handle.seams.mask_format
-    handle.on_unpatch(register_attention(name, functools.partial(_attention, handle, plan, bases, fmt), orig))
+    handle.on_unpatch(register_attention(name, functools.partial(subset_attention, handle, plan, bases, fmt), orig))
     handle.swap_attr(text, ATTN_IMPLEMENTATION_ATTR, name)
     handle.structural_heads = bool(plan.heads_visual)  # read by the q/k/v/o_proj wrappers and the pre-hooks
     where = set(plan.heads_visual) if two_d else \
@@ -125,20 +128,20 @@ def install_hooks(handle: "PatchHandle", plan: StructuralPlan) -> None:
                         layer.register_forward_hook(mark_hook(functools.partial(_layer_post_hook, handle, j)), always_call=True))
         if j in plan.heads_visual:
             _install_head_slices(handle, plan, j, layer.self_attn)
-        if _no_visual_attention(plan, j):
+        if plan.no_visual_attention(j):
             qp = layer.self_attn.q_proj
             handle.swap_attr(qp, "forward", functools.partial(_text_rows_forward, handle, j, qp, qp.forward))
             handle.add_hook(f"decoder layer {j}: self_attn.q_proj forward wrapped (instance; text rows only, visual queries zero)")
-        if _no_visual_attention(plan, j) or j in plan.heads_visual:
+        if plan.no_visual_attention(j) or j in plan.heads_visual:
             o = layer.self_attn.o_proj
             rows = None
             if j in plan.heads_visual:
                 d = layer.self_attn.head_dim
-                rows = _Rows(o, torch.tensor([h * d + i for h in range(plan.num_heads) if h not in plan.heads_visual[j]
+                rows = Rows(o, torch.tensor([h * d + i for h in range(plan.num_heads) if h not in plan.heads_visual[j]
                                               for i in range(d)], dtype=torch.long), cols=True)
             handle.swap_attr(o, "forward", functools.partial(_o_proj_forward, handle, plan, j, o, o.forward, rows))
             handle.add_hook(f"decoder layer {j}: self_attn.o_proj forward wrapped (instance; "
-                        + ("text rows only" if _no_visual_attention(plan, j) else "visual rows: the kept heads' columns only with the "
+                        + ("text rows only" if plan.no_visual_attention(j) else "visual rows: the kept heads' columns only with the "
                            "query-subset attention, else pruned heads zeroed") + ")")
         if _no_visual_mlp(plan, j) or j in plan.ffn:
             mlp = layer.mlp
@@ -169,9 +172,9 @@ def _install_head_slices(handle: "PatchHandle", plan: StructuralPlan, j: int, at
     Hkv = attn.k_proj.out_features // d
     cols = lambda heads: torch.tensor([h * d + i for h in heads for i in range(d)], dtype=torch.long)  # noqa: E731
     kept = [h for h in range(H) if h not in pruned]
-    if not _no_visual_attention(plan, j):  # skip_visual / attn_visual layers compute no visual query at all
+    if not plan.no_visual_attention(j):  # skip_visual / attn_visual layers compute no visual query at all
         qp = attn.q_proj
-        handle.swap_attr(qp, "forward", functools.partial(_kept_cols_forward, handle, j, qp, qp.forward, _Rows(qp, cols(kept))))
+        handle.swap_attr(qp, "forward", functools.partial(_kept_cols_forward, handle, j, qp, qp.forward, Rows(qp, cols(kept))))
         handle.add_hook(f"decoder layer {j}: self_attn.q_proj forward wrapped (instance; visual rows: the {len(kept)} kept "
                     "heads only)")
     gone = text_only_kv_heads(pruned, H, Hkv)
@@ -179,30 +182,12 @@ def _install_head_slices(handle: "PatchHandle", plan: StructuralPlan, j: int, at
         keep_kv = cols([k for k in range(Hkv) if k not in gone])
         for name in ("k_proj", "v_proj"):
             lin = getattr(attn, name)
-            handle.swap_attr(lin, "forward", functools.partial(_kept_cols_forward, handle, j, lin, lin.forward, _Rows(lin, keep_kv)))
+            handle.swap_attr(lin, "forward", functools.partial(_kept_cols_forward, handle, j, lin, lin.forward, Rows(lin, keep_kv)))
             handle.add_hook(f"decoder layer {j}: self_attn.{name} forward wrapped (instance; visual rows skip KV heads {list(gone)}, "
                         "whose query heads are all pruned)")
 
 
-class _Rows:
-    """Output rows ``idx`` of a linear layer's weight (and bias), sliced once per weight tensor
-    (re-sliced if the model moves or the weight is replaced); ``cols=True``: input columns."""
-
-    def __init__(self, lin: nn.Linear, idx: torch.Tensor, cols: bool = False):
-        self.lin, self.idx, self.cols, self._key, self._w = lin, idx, cols, None, None
-
-    def get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        w, b = self.lin.weight, self.lin.bias
-        key = (w.data_ptr(), w.device, w.dtype, w._version)
-        if key != self._key:
-            idx = self.idx.to(w.device)
-            self._w = (w.detach().index_select(1 if self.cols else 0, idx).contiguous(),
-                       None if b is None else (b.detach() if self.cols else b.detach().index_select(0, idx)).contiguous())
-            self._key = key
-        return self._w
-
-
-def _kept_cols_forward(handle, j: int, lin: nn.Linear, orig, rows: _Rows, x: torch.Tensor) -> torch.Tensor:
+def _kept_cols_forward(handle, j: int, lin: nn.Linear, orig, rows: Rows, x: torch.Tensor) -> torch.Tensor:
     """``x`` ``[B, M, D]``: text rows through the whole projection; visual rows only the output
     columns ``rows.idx`` (the others are zero: pruned heads' queries / unread keys and values)."""
     vis = _visual_rows(handle, j)
@@ -245,11 +230,6 @@ def _removed_mlp(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x)
 
 
-def _no_visual_attention(plan: StructuralPlan, j: int) -> bool:
-    """Visual rows get nothing from layer j's attention (skip_layers / skip_sublayers scope=visual)."""
-    return j in plan.skip_visual or j in plan.attn_visual
-
-
 def _no_visual_mlp(plan: StructuralPlan, j: int) -> bool:
     """Visual rows get nothing from layer j's MLP (skip_layers / skip_sublayers scope=visual)."""
     return j in plan.skip_visual or j in plan.ffn_visual
@@ -275,13 +255,13 @@ def _text_rows_forward(handle, j: int, lin: nn.Linear, orig, x: torch.Tensor) ->
     return out
 
 
-def _o_proj_forward(handle, plan: StructuralPlan, j: int, o_proj: nn.Linear, orig, rows: "_Rows | None",
+def _o_proj_forward(handle, plan: StructuralPlan, j: int, o_proj: nn.Linear, orig, rows: "Rows | None",
                    x: torch.Tensor) -> torch.Tensor:
     """``x``: ``[B, M, H * d]`` attention output before o_proj."""
     vis = _visual_rows(handle, j)
     if vis is None or vis.shape != x.shape[:2] or not bool(vis.any()):
         return orig(x)
-    if _no_visual_attention(plan, j):  # visual rows are discarded (layer wrapper) or get nothing: text rows only
+    if plan.no_visual_attention(j):  # visual rows are discarded (layer wrapper) or get nothing: text rows only
         return _text_rows_forward(handle, j, o_proj, orig, x)
     pruned = plan.heads_visual[j]
     d = x.shape[-1] // plan.num_heads
@@ -377,7 +357,7 @@ def _layer_pre_hook(handle, plan: StructuralPlan, j: int, module, args: tuple, k
         q_pos = torch.arange(kv - Q, kv, device=hidden.device)
         allowed = (torch.arange(kv, device=hidden.device)[None, :] <= q_pos[:, None])[None, None].expand(B, 1, Q, kv)
     if key_vis is None:  # decode: the cached keys are the prompt's kept tokens, then text
-        key_vis = _decode_key_vis(st, j, B, kv)
+        key_vis = decode_key_visual(st, j, B, kv)
     if j in plan.neighbor and st.phase == "prefill":
         w = plan.neighbor[j] // 2
         row, col, seg = _current(st, "row"), _current(st, "col"), _current(st, "segment")
@@ -402,302 +382,3 @@ def _layer_pre_hook(handle, plan: StructuralPlan, j: int, module, args: tuple, k
     memo.append((mask, cur_set, what, new))  # holding the tensors keeps their identities unique
     kwargs["attention_mask"] = new
     return args, kwargs
-
-
-def _decode_key_vis(st, j: int, B: int, kv: int) -> torch.Tensor:
-    """``[B, kv]``: which of layer j's cached keys are visual while decoding (the prompt's kept tokens, then text)."""
-    rec = st.prefill.kept_at(j)
-    pv = st.prefill.is_visual
-    pv = pv if rec is None else torch.gather(pv, 1, rec.kept) & rec.kept_ok
-    return torch.cat([pv, torch.zeros(B, kv - pv.shape[1], dtype=torch.bool, device=pv.device)], 1)[:, :kv]
-
-
-# -- query-subset attention -------------------------------------------------------------------------
-class _PerHeadKV:
-    """The attention module as the backend sees it for a head subset whose keys / values were
-    already gathered one per query head (GQA group size 1); every other attribute is the module's."""
-
-    num_key_value_groups = 1
-
-    def __init__(self, module: nn.Module):
-        self._module = module
-
-    def __getattr__(self, name: str):
-        return getattr(self._module, name)
-
-
-def _attention(handle, plan: StructuralPlan, bases: dict, fmt: str, module, query, key, value, attention_mask, **kwargs):
-    """The original backend on subsets of the queries (and heads) (see ``install_attention``); ``[B, Q, H, d]`` out.
-
-    ``query`` ``[B, H, Q, d]``, ``key`` / ``value`` ``[B, H_kv, K, d]`` (after RoPE and the cache update).
-    """
-    j = module.layer_idx
-    base = bases[j]
-    st = handle.state
-    if fmt == "2d":
-        return _heads_2d(handle, plan, base, module, query, key, value, attention_mask, kwargs)
-    info = st.structural if st is not None else None
-    if not info or info.get("layer") != j or st.phase != "prefill" \
-            or (not _no_visual_attention(plan, j) and j not in plan.neighbor and j not in plan.heads_visual):
-        return base(module, query, key, value, attention_mask, **kwargs)
-    vis = info["vis"]
-    B, H, M, d = query.shape
-    KV = key.shape[2]
-    if vis.shape != (B, M) or not bool(vis.any()):
-        return base(module, query, key, value, attention_mask, **kwargs)
-    if attention_mask is None:
-        allowed = torch.ones(M, KV, dtype=torch.bool, device=query.device).tril(KV - M)[None, None]
-    elif attention_mask.dtype == torch.bool:
-        allowed = attention_mask[..., :KV]
-    else:
-        allowed = attention_mask[..., :KV] > torch.finfo(attention_mask.dtype).min / 2
-    allowed = allowed.expand(B, allowed.shape[1], M, KV)
-
-    def as_mask(a):
-        if fmt == "float4d":
-            return torch.zeros(a.shape, dtype=query.dtype, device=query.device).masked_fill(~a, torch.finfo(query.dtype).min)
-        return a
-
-    pruned = plan.heads_visual.get(j, ())
-    subsets = _no_visual_attention(plan, j) or j in plan.neighbor
-    if not pruned:
-        return _query_subsets(base, module, query, key, value, attention_mask, allowed, vis, info, _no_visual_attention(plan, j),
-                              as_mask, kwargs), None
-    # YOPO: kept heads attend as usual; pruned heads only text queries over text keys; visual queries get 0 there
-    g = H // key.shape[1]
-    kept = [h for h in range(H) if h not in pruned]
-    sub = _PerHeadKV(module)
-    out = query.new_zeros(B, M, H, d)
-    if kept:
-        kv = torch.tensor([h // g for h in kept], device=query.device)
-        qk, kk, vk = query[:, kept], key.index_select(1, kv), value.index_select(1, kv)
-        if subsets:
-            out[:, :, kept] = _query_subsets(base, sub, qk, kk, vk, attention_mask, allowed, vis, info, _no_visual_attention(plan, j),
-                                             as_mask, kwargs)
-        else:
-            out[:, :, kept] = base(sub, qk, kk, vk, attention_mask, **kwargs)[0].to(out.dtype)
-    text_q = ~vis
-    text_k = torch.cat([torch.ones(B, KV - M, dtype=torch.bool, device=vis.device), text_q], 1)  # cached keys: text
-    oq, okq = _first(text_q)
-    ok_, okk = _first(text_k)
-    P = len(pruned)
-    kv = torch.tensor([h // g for h in pruned], device=query.device)
-    q_p = torch.gather(query[:, list(pruned)], 2, oq[:, None, :, None].expand(B, P, oq.shape[1], d))
-    k_p = torch.gather(key.index_select(1, kv), 2, ok_[:, None, :, None].expand(B, P, ok_.shape[1], d))
-    v_p = torch.gather(value.index_select(1, kv), 2, ok_[:, None, :, None].expand(B, P, ok_.shape[1], d))
-    h_m = allowed.shape[1]
-    m_p = torch.gather(allowed, 2, oq[:, None, :, None].expand(B, h_m, oq.shape[1], KV))
-    m_p = torch.gather(m_p, 3, ok_[:, None, None, :].expand(B, h_m, oq.shape[1], ok_.shape[1]))
-    m_p = m_p & okk[:, None, None, :]
-    m_p = m_p | ~m_p.any(-1, keepdim=True)  # filler / padding rows attend everything (discarded): no empty row
-    o_p = base(sub, q_p, k_p, v_p, as_mask(m_p.contiguous()), **kwargs)[0]  # [B, T, P, d]
-    bi = torch.arange(B, device=query.device)[:, None].expand_as(oq)[okq]
-    part = query.new_zeros(B, M, P, d)
-    part[bi, oq[okq]] = o_p[okq].to(out.dtype)
-    out[:, :, list(pruned)] = part
-    return out, None
-
-
-def _heads_2d(handle, plan: StructuralPlan, base, module, query, key, value, attention_mask, kwargs):
-    """YOPO head split on a 2-D-mask backend (flash-attention: ``attention_mask`` is the ``[B, K]`` padding
-    mask or None, causal bottom-right aligned): kept heads in one call over every query and key; pruned
-    heads over the text keys only, gathered right-aligned (so the causal alignment still holds), in
-    prefill (text queries; visual queries get 0) and while decoding (the prompt's visual keys skipped)."""
-    j = module.layer_idx
-    st = handle.state
-    pruned = plan.heads_visual.get(j, ())
-    if st is None or not pruned or st.phase == "passthrough":
-        return base(module, query, key, value, attention_mask, **kwargs)
-    B, H, M, d = query.shape
-    KV = key.shape[2]
-    if st.phase == "prefill":
-        info = st.structural
-        vis = info.get("vis") if info.get("layer") == j else None
-        if vis is None or vis.shape != (B, M) or not bool(vis.any()):
-            return base(module, query, key, value, attention_mask, **kwargs)
-        q_rows = ~vis
-        key_vis = torch.cat([torch.zeros(B, KV - M, dtype=torch.bool, device=vis.device), vis], 1)
-    else:
-        if st.prefill.is_visual is None or not bool(st.prefill.is_visual.any()):
-            return base(module, query, key, value, attention_mask, **kwargs)
-        q_rows = torch.ones(B, M, dtype=torch.bool, device=query.device)
-        key_vis = _decode_key_vis(st, j, B, KV)
-    g = H // key.shape[1]
-    kept = [h for h in range(H) if h not in pruned]
-    sub = _PerHeadKV(module)
-    out = query.new_zeros(B, M, H, d)
-    if kept:
-        kv = torch.tensor([h // g for h in kept], device=query.device)
-        out[:, :, kept] = base(sub, query[:, kept], key.index_select(1, kv), value.index_select(1, kv), attention_mask,
-                               **kwargs)[0].to(out.dtype)
-    pad = attention_mask.bool() if attention_mask is not None else torch.ones(B, KV, dtype=torch.bool, device=query.device)
-    oq, okq = _last(q_rows)
-    ok_, okk = _last(~key_vis)
-    P = len(pruned)
-    kv = torch.tensor([h // g for h in pruned], device=query.device)
-    q_p = torch.gather(query[:, list(pruned)], 2, oq[:, None, :, None].expand(B, P, oq.shape[1], d))
-    k_p = torch.gather(key.index_select(1, kv), 2, ok_[:, None, :, None].expand(B, P, ok_.shape[1], d))
-    v_p = torch.gather(value.index_select(1, kv), 2, ok_[:, None, :, None].expand(B, P, ok_.shape[1], d))
-    m_p = (torch.gather(pad[:, -KV:], 1, ok_) & okk).to(attention_mask.dtype if attention_mask is not None else torch.long)
-    o_p = base(sub, q_p, k_p, v_p, m_p, **kwargs)[0]  # [B, T, P, d]
-    bi = torch.arange(B, device=query.device)[:, None].expand_as(oq)[okq]
-    part = query.new_zeros(B, M, P, d)
-    part[bi, oq[okq]] = o_p[okq].to(out.dtype)
-    out[:, :, list(pruned)] = part
-    return out, None
-
-
-def _last(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like ``_first`` but right-aligned: the selected positions last, in order, ``[B, T]``, and which are real."""
-    counts = sel.sum(1)
-    T = int(counts.max())
-    order = torch.sort(sel.to(torch.uint8), dim=1, stable=True).indices[:, sel.shape[1] - T:]
-    return order, torch.arange(T, device=sel.device)[None, :] >= (T - counts)[:, None]
-
-
-def _first(sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sel`` ``[B, L]`` -> the selected positions first, in order, ``[B, T]`` (T = most per row), and which are real."""
-    counts = sel.sum(1)
-    T = int(counts.max())
-    order = torch.sort((~sel).to(torch.uint8), dim=1, stable=True).indices[:, :T]
-    return order, torch.arange(T, device=sel.device)[None, :] < counts[:, None]
-
-
-def _query_subsets(base, module, query, key, value, attention_mask, allowed, vis, info, skip: bool, as_mask, kwargs):
-    """Text queries in one backend call; visual queries (unless ``skip``) in neighbour chunks; ``[B, M, H, d]``."""
-    B, H, M, d = query.shape
-    KV = key.shape[2]
-    out = query.new_zeros(B, M, H, d)
-    order, ok = _first(~vis)  # text rows first, in order
-    T = order.shape[1]
-    q_t = torch.gather(query, 2, order[:, None, :, None].expand(B, H, T, d))
-    m_t = torch.gather(allowed, 2, order[:, None, :, None].expand(B, allowed.shape[1], T, KV))
-    m_t = m_t | ~ok[:, None, :, None]  # filler rows attend everything (discarded): no empty row
-    o_t = base(module, q_t, key, value, as_mask(m_t), **kwargs)[0]  # [B, T, H, d]
-    bi = torch.arange(B, device=query.device)[:, None].expand(B, T)[ok]
-    out[bi, order[ok]] = o_t[ok].to(out.dtype)
-    if skip:  # visual rows pass the layer through: their attention output is never used
-        return out
-    # visual queries: one chunk per patch-grid row, each with the keys it may attend; all chunks of
-    # the batch padded to the largest and sent in ONE backend call (batch = chunks)
-    plans = info["memo_chunks"]
-    hit = next((c for m, c in plans if m is attention_mask), None) if attention_mask is not None else None
-    if hit is None:
-        hit = _chunk_plan(info["chunk"], vis, allowed, as_mask)
-        if attention_mask is not None:
-            plans.append((attention_mask, hit))
-    bidx, qidx, kidx, qok, m_c = hit
-    N, Qm = qidx.shape
-    q_c = query[bidx, :, qidx].permute(0, 2, 1, 3)  # [N, H, Qm, d]
-    k_c = key[bidx, :, kidx].permute(0, 2, 1, 3)  # [N, Hkv, Km, d]
-    v_c = value[bidx, :, kidx].permute(0, 2, 1, 3)
-    o = base(module, q_c.contiguous(), k_c.contiguous(), v_c.contiguous(), m_c, **kwargs)[0]
-    out[bidx.expand(N, Qm)[qok], qidx[qok]] = o[qok].to(out.dtype)
-    return out
-
-
-def _chunk_plan(chunk: torch.Tensor, vis: torch.Tensor, allowed: torch.Tensor, as_mask) -> tuple:
-    """Visual query chunks (one grid row each) and their keys: ``(bidx [N, 1], qidx [N, Qm], kidx [N, Km],
-    qok [N, Qm], mask [N, h, Qm, Km])`` in the backend's mask format."""
-    bs, qs, ks = [], [], []
-    B = vis.shape[0]
-    for b in range(B):
-        rows = vis[b].nonzero()[:, 0]
-        ids = chunk[b, rows]
-        for c in torch.unique(ids):
-            qi = rows[ids == c]
-            bs.append(b)
-            qs.append(qi)
-            ks.append(allowed[b, :, qi].any(1).any(0).nonzero()[:, 0])
-    N, Qm, Km = len(qs), max(len(x) for x in qs), max(len(x) for x in ks)
-    dev = vis.device
-    qidx = torch.zeros(N, Qm, dtype=torch.long, device=dev)
-    kidx = torch.zeros(N, Km, dtype=torch.long, device=dev)
-    qok = torch.zeros(N, Qm, dtype=torch.bool, device=dev)
-    kok = torch.zeros(N, Km, dtype=torch.bool, device=dev)
-    for i, (qi, ki) in enumerate(zip(qs, ks)):
-        qidx[i, : len(qi)], qok[i, : len(qi)] = qi, True
-        kidx[i, : len(ki)], kok[i, : len(ki)] = ki, True
-    bidx = torch.tensor(bs, device=dev)[:, None]
-    m_c = allowed[bidx[:, :, None], :, qidx[:, :, None], kidx[:, None, :]].permute(0, 3, 1, 2)  # [N, h, Qm, Km]
-    m_c = (m_c & kok[:, None, None, :]) | ~qok[:, None, :, None]  # padded keys masked; padded query rows discarded
-    return bidx, qidx, kidx, qok, as_mask(m_c.contiguous())
-
-
-# -- head slicing --------------------------------------------------------------------------------
-def _linear(src: nn.Linear, rows: list[int] | None = None, cols: list[int] | None = None) -> nn.Linear:
-    w = src.weight.detach()
-    if rows is not None:
-        w = w[rows]
-    if cols is not None:
-        w = w[:, cols]
-    b = src.bias.detach() if src.bias is not None else None
-    if b is not None and rows is not None:
-        b = b[rows]
-    out = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta", dtype=w.dtype)
-    out.weight = nn.Parameter(w.contiguous().clone(), requires_grad=False)
-    if b is not None:
-        out.bias = nn.Parameter(b.contiguous().clone(), requires_grad=False)
-    return out.train(src.training)
-
-
-class SlicedLinear:
-    """The ``forward`` of an ``nn.Linear`` that computes only ``rows`` (output features) or ``cols`` (input
-    features) of the module's OWN current weight (``prune_heads`` scope=all). The module, its parameters and
-    ``state_dict`` stay the model's (``save_pretrained``, ``load_state_dict`` and ``.to(dtype)`` act on them as
-    on the unpatched model); the slice is taken again whenever the weight's storage, version, dtype or device
-    changed, so a loaded or converted weight is what runs."""
-
-    def __init__(self, lin: nn.Linear, rows: list[int] | None = None, cols: list[int] | None = None):
-        self.lin, self.rows, self.cols = lin, rows, cols
-        self.size_attr = "out_features" if cols is None else "in_features"
-        self.width = len(rows) if rows is not None else len(cols)
-        self._key = None
-        self._w = self._b = None
-
-    def _sliced(self):
-        w, b = self.lin.weight, self.lin.bias
-        key = (w.data_ptr(), w._version, w.dtype, w.device, None if b is None else (b.data_ptr(), b._version, b.dtype))
-        if key != self._key:
-            ws, bs = w.detach(), None if b is None else b.detach()
-            if self.rows is not None:
-                idx = torch.tensor(self.rows, device=w.device)
-                ws = ws.index_select(0, idx)
-                bs = None if bs is None else bs.index_select(0, idx)
-            if self.cols is not None:
-                ws = ws.index_select(1, torch.tensor(self.cols, device=w.device))
-            self._w, self._b, self._key = ws.contiguous(), bs, key
-        return self._w, self._b
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self._sliced()
-        return F.linear(x, w, b)
-
-
-def _sliced_attention(attn: nn.Module, pruned: set[int]):
-    """Sliced forwards of q/k/v/o_proj keeping only the heads not in ``pruned``, and the new GQA group size.
-
-    When every KV group keeps the same number c of query heads, the groups with none left are
-    dropped from k/v_proj and the group size is c (exact, fewer FLOPs everywhere). Otherwise
-    each kept query head gets its own copy of its KV head (group size 1): exact, but k/v_proj
-    then produce one KV head per kept query head.
-    """
-    d = attn.head_dim
-    H = attn.q_proj.out_features // d
-    Hkv = attn.k_proj.out_features // d
-    g = H // Hkv
-    kept = [h for h in range(H) if h not in pruned]
-    per = {kv: [h for h in kept if h // g == kv] for kv in range(Hkv)}
-    counts = {len(v) for v in per.values() if v}
-    if len(counts) == 1:
-        kv_heads = [kv for kv, v in per.items() if v]
-        groups = counts.pop()
-    else:
-        kv_heads = [h // g for h in kept]
-        groups = 1
-    rows = lambda heads: [h * d + i for h in heads for i in range(d)]  # noqa: E731
-    q = SlicedLinear(attn.q_proj, rows=rows(kept))
-    k = SlicedLinear(attn.k_proj, rows=rows(kv_heads))
-    v = SlicedLinear(attn.v_proj, rows=rows(kv_heads))
-    o = SlicedLinear(attn.o_proj, cols=rows(kept))
-    return q, k, v, o, groups

@@ -12,7 +12,7 @@ before any hook exists (``patch()`` calls ``resolve`` first; a failure leaves th
 - ``heads_all``: ``{layer: pruned heads}`` removed for every token by slicing q/k/v/o_proj.
 - ``heads_visual``: ``{layer: pruned heads}`` (YOPO): no query attends visual keys in them and
   visual queries get zero output from them. With the query-subset attention (eager / sdpa) this
-  saves compute (``hooks._attention``, ``hooks._install_head_slices``); without it, masks only.
+  saves compute (``attention.subset_attention``, ``hooks._install_head_slices``); without it, masks only.
 - ``ffn``: ``{layer: m_visual}``: visual tokens use the first ``m_visual`` MLP channels.
 - ``neighbor``: ``{layer: w}``: visual->visual attention within a w x w window of the patch grid.
 - ``skip_attn`` / ``skip_ffn``: layers whose self-attention / MLP sublayer is removed for every
@@ -72,6 +72,10 @@ class StructuralPlan:
     @property
     def needs_4d_mask(self) -> bool:
         return bool(self.neighbor)
+
+    def no_visual_attention(self, j: int) -> bool:
+        """Visual rows get nothing from layer j's attention (skip_layers / skip_sublayers scope=visual)."""
+        return j in self.skip_visual or j in self.attn_visual
 
     def describe(self, subset_attention: bool = True) -> list[str]:
         """One line per op, with what it really saves (``subset_attention``: the query-subset backend is installed)."""
