@@ -241,12 +241,17 @@ def short_tb(e: BaseException) -> str:
 
 
 def load_oracle(name: str):
-    """A module of tests/reference/ by file path (not importable as a package on every install)."""
-    path = os.path.join(REPO, "tests", "reference", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_gpu_check_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """``tests/reference/<name>.py`` (the oracles, a package with relative imports), loaded from its folder
+    under a private package name: ``tests`` is not importable on every install and may clash with another."""
+    pkg = "_gpu_check_reference"
+    if pkg not in sys.modules:
+        folder = os.path.join(REPO, "tests", "reference")
+        spec = importlib.util.spec_from_file_location(pkg, os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[pkg] = mod
+        spec.loader.exec_module(mod)
+    return importlib.import_module(f"{pkg}.{name}")
 
 
 def rope_tables(L: int, D: int, dev, dtype):
