@@ -461,11 +461,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .search.api import search_policy
 
     torch.set_num_threads(args.threads)
-    if args.per_sample:
-        from .errors import InputError
-
-        raise InputError("--per-sample", "CoLa's per-sample layer-chain MCTS (arXiv 2507.07996) is not implemented yet")
     model, processor = load_tiny_vlm(path=None if args.model == "tiny" else args.model)
+    if args.per_sample:
+        return _per_sample(args, model, processor)
     res = search_policy(
         model, processor, args.budget, space=args.space, calibration=args.calibration, batch_size=args.batch_size,
         generations=args.generations, offspring=args.offspring, seed=args.seed, criterion=args.criterion,
@@ -476,6 +474,31 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"best policy: {res.policy or '(none: the unpruned model)'}")
     print(f"predicted FLOPs ratio {res.flops_ratio:.3f}, KL {res.fitness:.5f}, held-out accuracy {acc}")
     print("wrote " + ", ".join(res.files.values()))
+    return 0
+
+
+def _per_sample(args: argparse.Namespace, model: Any, processor: Any) -> int:
+    """CoLa (arXiv 2507.07996): the best layer chain per held-out example by MCTS (analysis only)."""
+    import json
+    import os
+
+    from .eval.synthetic import make_split
+    from .search.cola import per_sample
+    from .search.data import _image_size
+
+    rows = per_sample(model, processor, make_split("test", args.samples, image_size=_image_size(processor)),
+                      simulations=args.simulations, length_penalty=args.length_penalty, seed=args.seed,
+                      progress=not args.no_progress)
+    print(_table([[r["qtype"], r["answer"], f"{r['full_probability']:.3f}", "-".join(map(str, r["chain"])),
+                   f"{r['chain_probability']:.3f}", str(len(r["chain"]))] for r in rows],
+                 ["question", "answer", "p(answer) full", "best chain", "p(answer) chain", "layers run"]))
+    print("analysis only: each chain is found with the answer in hand; serving per-sample chains needs a predictor "
+          "of the chain from the input, which CoLa (arXiv 2507.07996) does not give")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "per_sample.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"simulations": args.simulations, "length_penalty": args.length_penalty, "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
     return 0
 
 
@@ -619,7 +642,12 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--heldout-top", type=int, default=8, help="candidates besides the best scored on the held-out split")
     se.add_argument("--out", default="vtp_search", help="output folder (default ./vtp_search)")
     se.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
-    se.add_argument("--per-sample", action="store_true", help="CoLa per-sample layer chains (not implemented)")
+    se.add_argument("--per-sample", action="store_true", help="CoLa (2507.07996) analysis: the best chain of skipped / "
+                    "repeated layers per test example by MCTS (writes OUT/per_sample.json)")
+    se.add_argument("--samples", type=int, default=5, help="--per-sample: test examples (default 5)")
+    se.add_argument("--simulations", type=int, default=200, help="--per-sample: MCTS simulations per example")
+    se.add_argument("--length-penalty", type=float, default=0.1, help="--per-sample: reward = p(answer) - penalty x "
+                    "chain length / layers (default 0.1)")
     se.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     se.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' weight loading too)")
     se.set_defaults(func=cmd_search)

@@ -103,3 +103,21 @@ def greedy(model, inputs: dict, steps: int, attn_removed=(), ffn_removed=(), ban
         cur["input_ids"] = torch.cat([cur["input_ids"], tok[:, None]], 1)
         cur["attention_mask"] = torch.cat([cur["attention_mask"], torch.ones(B, 1, dtype=cur["attention_mask"].dtype)], 1)
     return torch.stack(out, 1)
+
+
+def chain_logits(model, inputs: dict, chain) -> torch.Tensor:
+    """``[B, T, V]`` logits of the decoder layers run in the order ``chain`` (CoLa, arXiv 2507.07996: a layer
+    may be skipped or repeated); each layer is the plain pre-norm block."""
+    h, (cos, sin) = _capture(model, inputs)
+    B, T = inputs["input_ids"].shape
+    cos, sin = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
+    valid = inputs["attention_mask"].bool()
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    allowed = causal[None] & valid[:, None, :] | torch.eye(T, dtype=torch.bool)[None]
+    lm = model.model.language_model
+    with torch.no_grad():
+        for j in chain:
+            layer = lm.layers[j]
+            h = h + _attention(layer.self_attn, layer.input_layernorm(h), cos, sin, allowed)
+            h = h + _mlp(layer.mlp, layer.post_attention_layernorm(h))
+        return model.lm_head(lm.norm(h))
