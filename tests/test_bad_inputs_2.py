@@ -39,6 +39,21 @@ def test_image_placeholders_without_pixels_are_text_like_the_unpatched_model(lla
     assert torch.equal(out, ref)
 
 
+def test_qwen_placeholders_without_pixels_are_text_too():
+    """Row 120 on Qwen2-VL: image placeholders without pixel_values / image_grid_thw."""
+    from vlm_tokenprune.eval.tiny_models import build_tiny_qwen2_vl, make_qwen_batch
+
+    model = build_tiny_qwen2_vl("sdpa")
+    inputs = make_qwen_batch(model, [[3, "img", 4], [2, "img", 5]], image_grids=[(2, 3), (3, 2)])
+    inputs = {k: v for k, v in inputs.items() if k not in ("pixel_values", "image_grid_thw")}
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with vtp.patch(model, "fastv:layer=2,keep=0.25") as h:
+            out = model(**inputs).logits
+            assert h.last_trace().phase == "passthrough"
+    assert torch.equal(out, ref)
+
+
 def test_vision_stage_refuses_features_from_another_tower_call():
     """Row 51 after a first run: features made by an earlier tower call (another image) get a named refusal
     instead of the last call's kept set; the features of the last call are accepted."""
