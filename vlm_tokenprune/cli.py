@@ -484,9 +484,9 @@ def _per_sample(args: argparse.Namespace, model: Any, processor: Any) -> int:
 
     from .eval.synthetic import make_split
     from .search.cola import per_sample
-    from .search.data import _image_size
+    from .search.data import processor_image_size
 
-    rows = per_sample(model, processor, make_split("test", args.samples, image_size=_image_size(processor)),
+    rows = per_sample(model, processor, make_split("test", args.samples, image_size=processor_image_size(processor)),
                       simulations=args.simulations, length_penalty=args.length_penalty, seed=args.seed,
                       progress=not args.no_progress)
     print(_table([[r["qtype"], r["answer"], f"{r['full_probability']:.3f}", "-".join(map(str, r["chain"])),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 
-def _image_size(processor) -> int | None:
+def processor_image_size(processor) -> int | None:
     size = getattr(getattr(processor, "image_processor", None), "size", None) or {}
     return size.get("height") or size.get("shortest_edge")
 
@@ -20,7 +20,7 @@ def calibration_batches(model, processor, n: int, batch_size: int = 8):
     tok = processor.tokenizer
     tok.padding_side = "left"
     image_id = getattr(model.config, "image_token_index", None) or getattr(model.config, "image_token_id", None)
-    examples = make_split("val", n, image_size=_image_size(processor))
+    examples = make_split("val", n, image_size=processor_image_size(processor))
     batches, masks, texts, visuals = [], [], [], []
     for i in range(0, n, batch_size):
         chunk = examples[i : i + batch_size]
@@ -48,7 +48,7 @@ def heldout_accuracy(model, processor, policy, n: int, batch_size: int = 8) -> f
     from ..eval.synthetic import make_split
     from ..eval.tiny_vlm import evaluate
 
-    examples = make_split("test", n, image_size=_image_size(processor))
+    examples = make_split("test", n, image_size=processor_image_size(processor))
     if policy is None:
         return evaluate(model, processor, examples, batch_size)["all"]
     with patch(model, policy):
