@@ -1,4 +1,4 @@
-"""``search_policy`` / ``vlm-tokenprune search`` on the shipped tiny VLM, kept small (2 calibration batches,
+"""``search_policy`` / ``vlm-tokenprune search`` on the shipped tiny VLM, kept small (1 calibration batch,
 a few children): the result meets the FLOPs budget, is an ordinary policy file, and a resumed search
 equals the straight one; bad budgets and spaces are refused by name."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from vlm_tokenprune.eval.flops import structural_flops
 from vlm_tokenprune.eval.tiny_vlm import load_tiny_vlm
 from vlm_tokenprune.search.api import parse_budget, parse_space, search_policy
 
-SMALL = dict(calibration=16, batch_size=8, offspring=3, levels=8, progress=False)
+SMALL = dict(calibration=8, batch_size=8, offspring=3, levels=8, progress=False)
 
 
 @pytest.fixture(scope="module")
