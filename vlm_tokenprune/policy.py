@@ -213,8 +213,7 @@ class Policy:
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages:
             raise PolicyError("stages", "a policy needs at least one stage")
-        for i, st in enumerate(self.stages):
-            _check_stage(st, f"stages[{i}]")
+        object.__setattr__(self, "stages", tuple(_check_stage(st, f"stages[{i}]") for i, st in enumerate(self.stages)))
         ops = [s.op for s in self.stages if s.structural and s.op != "visual_drop"]
         for op in set(ops):
             if ops.count(op) > 1:
@@ -563,60 +562,38 @@ def _parse_value(text: str) -> Any:
 
 
 def _build_structural(fields: dict, where: str) -> Stage:
+    """A structural op's dict fields -> its Stage (unchecked: ``_check_stage`` holds the rules)."""
     op = fields.pop("op")
-    if op not in STRUCTURAL_OPS:
-        hint = " (reserved; not implemented yet)" if op in RESERVED_OPS else ""
-        raise PolicyError(f"{where}.op", f"{op!r}{hint}; allowed: {', '.join(OPS)}")
     site = fields.pop("site", "llm")
-    for bad in ("criterion", "keep", "tokens"):
+    for bad in ("criterion", "keep", "tokens"):  # keys a structural Stage cannot even hold
         if fields.get(bad) is not None:
             raise PolicyError(f"{where}.{bad}", f"a structural op ({op}) takes no criterion or budget")
         fields.pop(bad, None)
-    layer = fields.pop("layer", None)
-    depth = fields.pop("depth", None)
-    if op == "visual_drop":
-        if layer is None:
-            raise PolicyError(f"{where}.layer", "is required for visual_drop (the first decoder layer without visual tokens, >= 1)")
-    elif layer is not None:
-        raise PolicyError(f"{where}.layer", f"{op} takes its layers in 'layers' (a list joined with ';'), not 'layer'")
-    params = check_structural(op, fields, where)
-    return Stage(criterion=None, layer=layer, budget=None, params=params, site=site, op=op, depth=depth)
+    layer, depth = fields.pop("layer", None), fields.pop("depth", None)
+    return Stage(criterion=None, layer=layer, budget=None, params=fields, site=site, op=op, depth=depth)
 
 
 def _build_stage(fields: dict, where: str) -> Stage:
+    """A stage's dict fields (a string's ``key=value`` pairs, a dict stage, a preset's stage dicts) -> its checked,
+    normalised Stage. Only the mapping of fields is here; every rule is in ``_check_stage`` (run once per stage)."""
     if fields.get("op", "prune") not in TOKEN_CRITERION_OPS:
-        return _build_structural(fields, where)
+        return _check_stage(_build_structural(fields, where), where)
     name = fields.pop("criterion")
     crit = CRITERIA.get(name, f"{where}.criterion")
     site = fields.pop("site", "llm")
-    if site in SITES and site not in crit.sites:
-        raise PolicyError(f"{where}.site", f"criterion {name!r} does not run at site {site!r}; allowed: {', '.join(crit.sites)}")
     op = fields.pop("op", crit.op)
-    if site == "pre_llm":
-        layer = fields.pop("layer", None)
-        if layer is not None:
-            raise PolicyError(f"{where}.layer", "a pre_llm stage takes no layer (it reduces the language model's input)")
-    elif site == "vision":  # optional: the first vision-encoder layer the method acts at (its own default)
-        layer = fields.pop("layer", getattr(crit, "default_layer", None))
-    elif "layer" not in fields:
-        raise PolicyError(f"{where}.layer", "is required for an LLM stage (decoder layer index >= 1)")
-    else:
-        layer = fields.pop("layer")
-    depth = fields.pop("depth", None)
+    default_layer = getattr(crit, "default_layer", None) if site == "vision" else None  # the method's own first layer
+    layer, depth = fields.pop("layer", default_layer), fields.pop("depth", None)
     keep, tokens = fields.pop("keep", None), fields.pop("tokens", None)
-    of = fields.pop("of", "original")
-    rounding = fields.pop("rounding", "half_up")
     if isinstance(keep, int) and not isinstance(keep, bool):
         keep = float(keep)
-    check_budget(keep, tokens, where)
-    for key, value, allowed in (("of", of, BUDGET_REFERENCES), ("rounding", rounding, ROUNDINGS)):
-        if value not in allowed:
-            raise PolicyError(f"{where}.{key}", f"must be one of {', '.join(allowed)}, got {value!r}")
-        if value != allowed[0] and keep is None:
-            raise PolicyError(f"{where}.{key}", "only applies to keep (a fraction), not to tokens")
-    params = _criterion_params(crit, fields, site, where)
-    return Stage(criterion=name, layer=layer, budget=Budget(keep, tokens, of, rounding), params=params, site=site,
-                 op=op, depth=depth)
+    try:  # the budget rules live in Budget (check_budget): named here by this stage's fields
+        budget = Budget(keep, tokens, fields.pop("of", "original"), fields.pop("rounding", "half_up"))
+    except PolicyError as e:
+        field = e.field.split(".", 1)[1] if e.field.startswith("budget.") else ""
+        raise at_key(e, f"{where}.{field}" if field else where) from None
+    return _check_stage(Stage(criterion=name, layer=layer, budget=budget, params=fields, site=site, op=op, depth=depth),
+                        where)
 
 
 def _criterion_params(crit: Any, given: Mapping[str, Any], site: str, where: str) -> dict:
@@ -644,7 +621,11 @@ def _check_depth_field(st: Stage, where: str) -> None:
                           f"1..{st.depth - 1}")
 
 
-def _check_stage(st: Stage, where: str) -> None:
+def _check_stage(st: Stage, where: str) -> Stage:
+    """Every rule of one stage (the only place they live), named by ``where``; returns the stage with its
+    parameters normalised (defaults filled), marked as checked so ``Policy`` does not check it again."""
+    if getattr(st, "_checked", False):
+        return st
     if st.site not in SITES:
         hint = " (reserved; not implemented yet)" if st.site in RESERVED_SITES else ""
         raise PolicyError(f"{where}.site", f"{st.site!r}{hint}; allowed: {', '.join(SITES)}")
@@ -654,13 +635,17 @@ def _check_stage(st: Stage, where: str) -> None:
     if st.structural:
         if st.criterion is not None or st.budget is not None:
             raise PolicyError(f"{where}.criterion", f"a structural op ({st.op}) takes no criterion or budget")
+        if st.op == "visual_drop" and st.layer is None:
+            raise PolicyError(f"{where}.layer", "is required for visual_drop (the first decoder layer without visual "
+                              "tokens, >= 1)")
         if st.op == "visual_drop" and (isinstance(st.layer, bool) or not isinstance(st.layer, int) or st.layer < 1):
             raise PolicyError(f"{where}.layer", f"must be an integer >= 1 (layer 0 cannot be pruned), got {st.layer!r}")
         if st.op != "visual_drop" and st.layer is not None:
-            raise PolicyError(f"{where}.layer", f"{st.op} takes its layers in params['layers'], not layer")
-        check_structural(st.op, dict(st.params), where)
+            raise PolicyError(f"{where}.layer", f"{st.op} takes its layers in 'layers' (a list joined with ';'), not "
+                              "'layer'")
+        params = check_structural(st.op, dict(st.params), where)
         _check_depth_field(st, where)
-        return
+        return _checked(replace(st, params=params))
     crit = CRITERIA.get(st.criterion, f"{where}.criterion")
     if st.site not in crit.sites:
         raise PolicyError(f"{where}.site", f"criterion {st.criterion!r} does not run at site {st.site!r}; allowed: {', '.join(crit.sites)}")
@@ -675,19 +660,27 @@ def _check_stage(st: Stage, where: str) -> None:
                               "vision feature layer)")
         if st.layer is not None and (isinstance(st.layer, bool) or not isinstance(st.layer, int) or st.layer < 0):
             raise PolicyError(f"{where}.layer", f"must be a vision-encoder layer index >= 0, got {st.layer!r}")
+    elif st.layer is None:
+        raise PolicyError(f"{where}.layer", "is required for an LLM stage (decoder layer index >= 1)")
     elif isinstance(st.layer, bool) or not isinstance(st.layer, int) or st.layer < 1:
         raise PolicyError(f"{where}.layer", f"must be an integer >= 1 (layer 0 cannot be pruned), got {st.layer!r}")
-    _criterion_params(crit, st.params, st.site, where)
+    if st.budget is None:
+        raise PolicyError(where, "give exactly one of keep (a fraction in (0, 1]) or tokens (a count >= 1)")
+    params = _criterion_params(crit, st.params, st.site, where)
     _check_depth_field(st, where)
+    return _checked(replace(st, params=params))
+
+
+def _checked(st: Stage) -> Stage:
+    object.__setattr__(st, "_checked", True)  # not a field: equality, dicts and copies ignore it
+    return st
 
 
 def stage_from_fields(fields: Mapping[str, Any], where: str) -> Stage:
     """One stage from its dict fields (``{"criterion": "fastv", "layer": 2, "keep": 0.25}``, a structural op's
     ``{"op": "ffn_cut", ...}``), built and checked; ``PolicyError`` naming ``where.<field>`` otherwise. For
     presets whose ``expand`` builds stages itself (YOPO)."""
-    stage = _build_stage(dict(fields), where)
-    _check_stage(stage, where)
-    return stage
+    return _build_stage(dict(fields), where)
 
 
 def expand_preset(name: str, overrides: Mapping[str, Any], where: str, family: str | None = None) -> list[Stage]:
