@@ -132,7 +132,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "vision_cpu.md"))
+    p.add_argument("--policies", default=None, help="';'-separated policies instead of the default list")
     args = p.parse_args(argv)
+    policies = [x.strip() for x in args.policies.split(";") if x.strip()] if args.policies else POLICIES
     torch.set_num_threads(1)
     t0 = time.time()
     model = build_tiny_llava("sdpa", seed=0, **GEOMETRY)
@@ -144,12 +146,13 @@ def main(argv=None) -> int:
     full = dict(batch, logits_to_keep=1)
     vis = dict(pixel_values=batch["pixel_values"], vision_feature_layer=model.config.vision_feature_layer,
                vision_feature_select_strategy="default")
-    rows = [bench(model, full, vis, pol, args.repeats, args.warmup) for pol in POLICIES]
+    rows = [bench(model, full, vis, pol, args.repeats, args.warmup) for pol in policies]
     vc, tc = model.config.vision_config, model.config.text_config
     lines = [
         "# Vision-site stages on CPU: measured vs predicted (ViT + LLM)",
         "",
-        f"`python benchmarks/vision.py --repeats {args.repeats}` ({time.time() - t0:.0f} s; {platform.processor() or 'cpu'}, "
+        f"`python benchmarks/vision.py --repeats {args.repeats}"
+        + (f" --policies '{args.policies}'" if args.policies else "") + f"` ({time.time() - t0:.0f} s; {platform.processor() or 'cpu'}, "
         f"torch {torch.__version__}, 1 thread, shared machine).",
         "",
         f"Random-weight LLaVA: CLIP {vc.num_hidden_layers} layers x {vc.hidden_size} (MLP {vc.intermediate_size}), "
