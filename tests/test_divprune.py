@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS, FLASH
+from kit import BACKENDS, FLASH
 from reference import divprune_oracle as dp
 from reference import pre_llm_oracle as oracle
 from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch

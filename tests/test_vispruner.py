@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from conftest import BACKENDS, FLASH
+from kit import BACKENDS, FLASH
 from reference import flowcut_vit_oracle as fc
 from reference import pre_llm_oracle as pl
 from reference import vispruner_oracle as oracle
