@@ -124,6 +124,27 @@ def write_markdown(report: dict, path: str) -> None:
                         f"accuracy {min(c[3] for c in cited):.3f}-{max(c[3] for c in cited):.3f})" if cited else "")
                      + f". Every re-run preset below FLOPs {min([r['flops_ratio'] for r in rivals if r['accuracy']['all'] >= acc] or [1.0]):.3f} "
                      "is below it."), ""]
+    for name in sorted(os.listdir(os.path.join(RESULTS, "search_tiny"))) if os.path.isdir(os.path.join(RESULTS, "search_tiny")) else []:
+        f = os.path.join(RESULTS, "search_tiny", name, "pareto.json")
+        if not os.path.exists(f):
+            continue
+        with open(f, encoding="utf-8") as fh:
+            j = json.load(fh)
+        if j["space"] == ["tokens"] or j["best"]["heldout_accuracy"] is None:
+            continue
+        bb = j["best"]
+        lines += [f"## Joint space {','.join(j['space'])} at FLOPs <= {j['budget']['flops']:g}", "",
+                  f"`vlm-tokenprune search --budget flops={j['budget']['flops']:g} --space {','.join(j['space'])} "
+                  f"--sublayers 2 --calibration 64 --generations {j['config']['generations']} --offspring "
+                  f"{j['config']['offspring']} --heldout {bb['heldout_examples']} --heldout-top 0 --out "
+                  f"benchmarks/results/search_tiny/{name}` (token budgets as above plus 2 removed sublayers, which the "
+                  "level switch swaps among the 7 candidates).", "",
+                  f"Best: `{bb['policy']}`: predicted FLOPs ratio {bb['flops_ratio']:.3f}, calibration KL "
+                  f"{bb['fitness']:.4f}, held-out accuracy {bb['heldout_accuracy']:.3f} ({bb['heldout_examples']} test "
+                  "examples; `tiny_vlm.evaluate`, the bench's exact match). Same accuracy as the token-only search at "
+                  "this budget. It removes the two attention sublayers FinerCut removes first; with both gone, the visual "
+                  "tokens after layer 1 affect nothing but still cost MLP FLOPs (token levels stop at 1/16, and "
+                  "`visual_drop` is not in the space).", ""]
     fc = report["finercut"]
     lines += ["## FinerCut on the tiny VLM", "",
               f"`vtp.calibrate(model, batches, what=\"sublayers\", count=7)` on the {a['calibration']} calibration "
