@@ -33,7 +33,8 @@ from vlm_tokenprune import IncompatiblePolicyError, Policy
 from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
 
 PRESET_NAMES = vtp.PRESETS.names()
-NEEDS_FILE = {"efficientvla_layers": "layers"}  # preset -> calibration `what` made for the test model
+NEEDS_FILE = {"efficientvla_layers": "layers", "finercut": "sublayers"}  # preset -> calibration `what` made for the test model
+FILE_ARGS = {"efficientvla_layers": "layers_kept=3,of=4", "finercut": "removed=2,of=8"}  # how much of the 4 layers it drops
 # requests of one serving session: (rows, padding); batch sizes 1-3, 0-2 images per row, a text-only batch
 REQUESTS = [
     ([[5, "img", 7], [3, "img", 2, "img", 4]], "left"),
@@ -73,7 +74,7 @@ def case(name: str, tmp: str) -> tuple[str, Policy]:
         path = f"{tmp}/{name}_{NEEDS_FILE[name]}.json"
         vtp.calibrate(_model(kind), [make_batch(_model(kind), rows, padding=pad) for rows, pad in REQUESTS[:2]],
                       what=NEEDS_FILE[name], path=path, progress=False)
-        pol = Policy.parse(f"{name}:calibration={path},layers_kept=3,of=4")
+        pol = Policy.parse(f"{name}:calibration={path},{FILE_ARGS[name]}")
     else:
         try:
             pol = Policy.parse(name)
