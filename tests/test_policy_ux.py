@@ -272,3 +272,18 @@ def test_no_broken_pipe_traceback_under_head():
     out = subprocess.run(f"{sys.executable} -m vlm_tokenprune methods | head -1", shell=True, capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.startswith("Presets") and "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr
+
+
+def test_viz_numbers_stages_as_the_policy_and_draws_question_answer_legend(tmp_path):
+    from vlm_tokenprune.eval.synthetic import make_split
+    from vlm_tokenprune.eval.tiny_vlm import load_tiny_vlm
+    from vlm_tokenprune.eval.visualize import kept_tokens, kept_tokens_figure
+
+    model, processor = load_tiny_vlm()
+    ex = make_split("test", 2)[1]
+    _, panels = kept_tokens(model, processor, ex["image"], ex["question"], "ffn_cut+fastv:layer=1,keep=0.25")
+    assert panels[0].title.startswith("stage 1: fastv")  # stage 0 is the structural ffn_cut
+    plain = kept_tokens_figure(model, processor, image=ex["image"], question=ex["question"], policy="fastv:layer=1,keep=0.25",
+                               out=tmp_path / "k.png")
+    assert plain.size[1] == 28 + 288 + 8 + 2 * 16  # title, panel, margin, caption (Q / A), legend
+    assert (tmp_path / "k.png").is_file()

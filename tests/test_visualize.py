@@ -54,7 +54,7 @@ def test_figure_has_one_panel_per_stage_kept_cells_bright_dropped_dim(tiny, tmp_
     out = tmp_path / "kept.png"
     fig = V.kept_tokens_figure(model, processor, image=ex["image"], question=ex["question"], policy=THREE, out=out)
     with Image.open(out) as im:
-        assert im.size == fig.size == (width(3), 28 + 288 + 8)
+        assert im.size == fig.size == (width(3), 28 + 288 + 8 + 2 * 16)  # + the Q / A caption and the legend lines
     _, panels = V.kept_tokens(model, processor, ex["image"], ex["question"], THREE)
     side = panels[0].grid[0]
     cell = 288 // side

@@ -57,6 +57,8 @@ def kept_tokens(model, processor, image, question: str, policy: Any, *, backend:
         model(**inputs, logits_to_keep=1)
         trace = handle.last_trace()
         layout = handle.adapter.visual_layout(model, inputs["input_ids"], inputs)
+        # the trace lists token stages only; number panels as the policy does (structural stages count too)
+        numbers = [j for j, st in enumerate(handle.policy.stages) if not st.structural or st.op == "visual_drop"]
     if trace is None or trace.phase != "prefill" or not trace.stages:
         raise InputError("image", "the prompt holds no visual tokens to prune (is the image token in the prompt?)")
     if not layout.coords_known:
@@ -75,7 +77,8 @@ def kept_tokens(model, processor, image, question: str, policy: Any, *, backend:
             on_grid = ([cell(p) for p in src if bool(first_grid[p])] for src in s.sources[0])
             groups = [g for g in on_grid if len(g) >= 2]
         where = f"before layer {s.layer}" if s.site == "llm" else f"at {s.site}"
-        title = f"stage {i}: {s.criterion} {where}: {s.visual_after[0]}/{s.visual_before[0]} kept"
+        number = numbers[i] if len(numbers) == len(trace.stages) else i
+        title = f"stage {number}: {s.criterion} {where}: {s.visual_after[0]}/{s.visual_before[0]} kept"
         panels.append(StagePanel(title, grid, [cell(p) for p in kept], s.visual_before[0], s.visual_after[0], groups))
     return _model_view(processor, inputs, image), panels
 
@@ -94,9 +97,11 @@ def _model_view(processor, inputs: dict, image):
     return Image.fromarray(arr, "RGB")
 
 
-def render_panels(image, panels: list[StagePanel], *, panel_size: int = 288, margin: int = 8, title_height: int = 28):
+def render_panels(image, panels: list[StagePanel], *, panel_size: int = 288, margin: int = 8, title_height: int = 28,
+                  caption: str | None = None, legend: bool = True, line_height: int = 16):
     """One row of panels (left to right = stages); returns a PIL image of width
-    ``len(panels) * (panel_size + margin) + margin``."""
+    ``len(panels) * (panel_size + margin) + margin``. ``caption`` (e.g. the question and the answer) and a
+    ``legend`` (kept / dropped / merged group) are drawn under the panels, one line each."""
     from PIL import Image, ImageDraw, ImageFont
 
     w, h = image.size
@@ -104,7 +109,8 @@ def render_panels(image, panels: list[StagePanel], *, panel_size: int = 288, mar
     pw, ph = max(1, round(w * scale)), max(1, round(h * scale))
     base = image.resize((pw, ph), Image.NEAREST if scale >= 1 else Image.BILINEAR)
     width = len(panels) * (panel_size + margin) + margin
-    height = title_height + panel_size + margin
+    extra = line_height * ((caption is not None) + bool(legend))
+    height = title_height + panel_size + margin + extra
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
@@ -132,7 +138,24 @@ def render_panels(image, panels: list[StagePanel], *, panel_size: int = 288, mar
             td.rectangle(box, outline=KEPT_OUTLINE)
         canvas.paste(tile, (x0, title_height))
         draw.text((x0, 4), _fit(panel.title, panel_size, draw, font), fill=(0, 0, 0), font=font)
+    y = title_height + panel_size + margin // 2
+    if caption is not None:
+        draw.text((margin, y), _fit(caption, width - 2 * margin, draw, font), fill=(0, 0, 0), font=font)
+        y += line_height
+    if legend:
+        _legend(draw, font, margin, y, line_height - 4, any(p.groups for p in panels))
     return canvas
+
+
+def _legend(draw, font, x: int, y: int, size: int, merged: bool) -> None:
+    """Swatches: kept (bright, outlined), dropped (dimmed), and a merged group's tint when a panel has one."""
+    items = [((200, 200, 200), KEPT_OUTLINE, "kept"), ((int(200 * DIM),) * 3, None, "dropped")]
+    if merged:
+        items.append((group_colour(0), KEPT_OUTLINE, "merged group (outlined: the kept token)"))
+    for fill, outline, label in items:
+        draw.rectangle((x, y, x + size, y + size), fill=fill, outline=outline)
+        draw.text((x + size + 4, y), label, fill=(0, 0, 0), font=font)
+        x += size + 12 + int(draw.textlength(label, font=font))
 
 
 def _box(r: int, c: int, rows: int, cols: int, pw: int, ph: int) -> tuple[int, int, int, int]:
@@ -155,6 +178,20 @@ def _fit(text: str, width: int, draw, font) -> str:
     return text
 
 
+def pruned_answer(model, processor, image, question: str, policy: Any, backend: str = "auto", prompt: str | None = None,
+                  max_new_tokens: int = 8) -> str:
+    """The patched model's greedy answer to (``image``, ``question``), for the figure's caption."""
+    from .. import patch
+    from .profiler import build_prompt, to_device
+
+    text = prompt if prompt is not None else build_prompt(processor, question, 1)
+    inputs = to_device(dict(processor(images=[image.convert("RGB")], text=[text], return_tensors="pt")), model)
+    with patch(model, policy, backend=backend), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    tok = getattr(processor, "tokenizer", processor)
+    return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
 def kept_tokens_figure(model=None, processor=None, *, image, question: str, policy: Any, out: "str | os.PathLike | None" = None,
                        backend: str = "auto", prompt: str | None = None, panel_size: int = 288):
     """The picture of ``policy`` on (``image``, ``question``): one panel per stage (see the module docstring).
@@ -166,7 +203,8 @@ def kept_tokens_figure(model=None, processor=None, *, image, question: str, poli
 
         model, processor = load_tiny_vlm()
     view, panels = kept_tokens(model, processor, image, question, policy, backend=backend, prompt=prompt)
-    fig = render_panels(view, panels, panel_size=panel_size)
+    caption = f"Q: {question}  A (pruned): {pruned_answer(model, processor, image, question, policy, backend, prompt)}"
+    fig = render_panels(view, panels, panel_size=panel_size, caption=caption)
     if out is not None:
         fig.save(out)
     return fig
