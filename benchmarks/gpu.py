@@ -681,7 +681,10 @@ def part_prefill(cfg: Config, budget: Budget, models: list, out_dir: str, report
         sync(cfg.device)
         entry["build_s"] = time.perf_counter() - t0
         n_vis = n_visual_of(model, inputs)
-        entry.update(description=g["description"], n_visual=n_vis, prompt_len=int(inputs["input_ids"].shape[1]),
+        desc = g["description"]
+        if g["family"] == "qwen2_vl":
+            desc += f"; measured here with a {cfg.qwen_grid[0]} x {cfg.qwen_grid[1]} = {n_vis}-token image"
+        entry.update(description=desc, n_visual=n_vis, prompt_len=int(inputs["input_ids"].shape[1]),
                      dtype=str(cfg.prefill_dtype).replace("torch.", ""), params_b=sum(p.numel() for p in model.parameters()) / 1e9)
         print(f"  {name}: built in {entry['build_s']:.1f} s ({entry['params_b']:.2f} B params), "
               f"{entry['prompt_len']} tokens ({n_vis} visual)", flush=True)
