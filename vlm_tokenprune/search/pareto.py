@@ -30,7 +30,9 @@ def markdown(rows: Sequence[dict], front: Sequence[int]) -> str:
 
 
 def plot(rows: Sequence[dict], front: Sequence[int], path: "str | os.PathLike", budget: float | None = None) -> bool:
-    """Accuracy vs FLOPs ratio (the front joined); False when matplotlib is missing."""
+    """Accuracy vs FLOPs ratio (the front joined); False when matplotlib is missing or nothing has an accuracy."""
+    if not any(r.get("accuracy") is not None for r in rows):
+        return False
     try:
         import matplotlib
 
