@@ -185,6 +185,26 @@ def test_pre_llm_prune_matches_oracle(attn):
     check_rows(model, batch(model), "uniform:site=pre_llm,keep=0.3", want)
 
 
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_pre_llm_merge_fuses_deepstack_features_with_the_same_assignment(attn):
+    """AIM (size-weighted, so a fused token is the plain mean of its sources' embeddings) before the LLM: each fused
+    token gets the mean of its sources' DeepStack rows; checked against the oracle given the library's assignment."""
+    model = tiny(attn)
+    inputs = batch(model)
+    with vtp.patch(model, "aim_merge:keep=0.25,mode=size,positions=gaps") as h, torch.no_grad():
+        logits = model(**inputs).logits
+        st = h.last_trace().stages[0]
+    assert any(len(src) > 1 for row in st.sources for src in row)  # real merges happened
+    L = inputs["input_ids"].shape[1]
+    for b in range(2):
+        alone = row_alone(inputs, b)
+        pad = L - alone["input_ids"].shape[1]
+        merged = {p - pad: [q - pad for q in src] for p, src in zip(st.kept_positions[b], st.sources[b])}
+        start = [p for p in range(alone["input_ids"].shape[1]) if p not in visual(alone) or p in merged]
+        want, _ = oracle.forward(oracle.eager_copy(model), oracle.Prompt(model, alone), start=start, merged=merged)
+        torch.testing.assert_close(logits[b, -want.shape[0]:], want, atol=ATOL, rtol=0, msg=f"row {b}")
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_pre_llm_then_fastv_below_the_last_injection_matches_oracle(attn):
     model = tiny(attn)
@@ -273,7 +293,6 @@ def test_video_fastv_matches_oracle(attn):
 # refusals
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy,field,text", [
-    ("aim_merge:keep=0.25,positions=gaps", "stages[0].op", "DeepStack"),
     ("flowcut_vit:keep=0.5", "stages[0].site", "site vision"),
     ("skip_layers:layers=2", "stages[0].op", "not supported"),
     ("uniform:site=pre_llm,keep=0.5,positions=repack", "stages[0].positions", "3-D"),

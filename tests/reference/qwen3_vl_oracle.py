@@ -12,7 +12,9 @@ Semantics, as defined by the library (adapters/qwen3_vl.py) and checked here:
   * FastV (arXiv 2403.06764) with K = ``layer``: the head-mean post-softmax attention of the last token
     in layer K-1 (its input after the injections below it), read at the visual tokens still present;
     the top-k (ties -> lower position) stay, the other visual tokens leave before layer K;
-  * a pre-LLM prune keeps a given set before layer 0;
+  * a pre-LLM prune keeps a given set before layer 0; a pre-LLM merge (given assignment: representative
+    position -> its original sources) puts at the representative the mean of its sources' embeddings
+    (AIM's size-weighted mode) and injects the mean of its sources' DeepStack rows;
   * kept tokens keep their original 3-D positions (the cos / sin of those positions, built by the
     model's own interleaved-M-RoPE ``rotary_emb``); the causal mask is over the kept tokens;
   * generation (cache-free, the kept set chosen once from the prompt): token s after the prompt sits at
@@ -103,12 +105,14 @@ class Prompt:
 
 
 def forward(eager, prompt: Prompt, *, start: list[int] | None = None, fastv: tuple[int, int] | None = None,
-            extra: list[int] = (), skip_deepstack: bool = False, fixed: list[int] | None = None):
+            extra: list[int] = (), skip_deepstack: bool = False, fixed: list[int] | None = None,
+            merged: dict[int, list[int]] | None = None):
     """Run the language model; returns (logits [T', V], kept visual positions after FastV or None).
 
     ``start``: the positions present before layer 0 (a pre-LLM prune; default all); ``fastv``: (K, k);
     ``fixed``: with ``fastv``, the visual positions kept at layer K (no scoring); ``extra``: generated token
-    ids appended after the prompt (text, positions after the prompt's); ``skip_deepstack``: no injections.
+    ids appended after the prompt (text, positions after the prompt's); ``skip_deepstack``: no injections;
+    ``merged``: representative position -> original sources of a pre-LLM merge (see the module docstring).
     """
     lm = eager.model.language_model
     L = prompt.embeds.shape[0]
@@ -119,7 +123,8 @@ def forward(eager, prompt: Prompt, *, start: list[int] | None = None, fastv: tup
         with torch.no_grad():
             emb = torch.cat([emb, lm.embed_tokens(torch.tensor(extra))])
     pos3 = torch.cat([prompt.pos3, (prompt.next_pos + torch.arange(len(extra)))[None].expand(3, -1)], dim=1)
-    hidden = emb[cur][None]
+    merged = merged or {}
+    hidden = torch.stack([torch.stack([emb[q] for q in merged[p]]).mean(0) if p in merged else emb[p] for p in cur])[None]
     kept_visual = None
     with torch.no_grad():
         for j, layer in enumerate(lm.layers):
@@ -141,7 +146,9 @@ def forward(eager, prompt: Prompt, *, start: list[int] | None = None, fastv: tup
             hidden = (out[0] if isinstance(out, tuple) else out).clone()
             if j < len(prompt.deepstack) and not skip_deepstack:
                 for t, p in enumerate(cur):
-                    if p in prompt.deepstack[j]:
+                    if p in merged:
+                        hidden[0, t] = hidden[0, t] + torch.stack([prompt.deepstack[j][q] for q in merged[p]]).mean(0)
+                    elif p in prompt.deepstack[j]:
                         hidden[0, t] = hidden[0, t] + prompt.deepstack[j][p]
         logits = eager.lm_head(lm.norm(hidden))[0]
     return logits, kept_visual

@@ -13,15 +13,16 @@ DeepStack (arXiv 2406.04334): the vision tower's intermediate features are ADDED
 states at the visual positions after decoder layers ``0 .. n - 1`` (``n = len(deepstack_visual_indexes)``,
 3 in the released models), through ``language_model._deepstack_process(hidden, visual_pos_masks,
 embeds)``. Defined here: a token that has left the sequence receives nothing; a kept visual token
-receives its own injected features, whatever stage removed the others. Implemented by
-- a forward pre-hook on the language model (after the pre-LLM stage's): a pre-LLM prune gathers
-  ``visual_pos_masks`` at the kept slots and keeps the rows of every ``deepstack_visual_embeds[i]``
-  of the kept visual tokens (the same kept set);
+receives its own injected features, whatever stage removed the others; a token a pre-LLM merge fused
+receives the mean of its sources' features (the same assignment as its hidden state, averaged uniformly
+over the original tokens it stands for). Implemented by
+- a forward pre-hook on the language model (after the pre-LLM stage's): from the reduction's source map
+  (``PreLLMRecord.owner``) it builds ``visual_pos_masks`` over the reduced sequence and, per
+  ``deepstack_visual_embeds[i]``, one row per visual slot (``fuse_visual``; a prune keeps rows as they are);
 - an instance-level wrapper of ``_deepstack_process`` (undone by ``unpatch()``): when an LLM-site
   stage below the last injection has shortened the sequence, the mask and features are taken at
-  the current tokens the same way. Stages at or above layer ``n`` need nothing.
-Pre-LLM MERGE stages are refused on this family: a fused token's injected features are not defined
-yet. Structural ops (head / layer / FFN pruning) are refused: untested on this family (and the MoE
+  the current tokens (``take_visual``). Stages at or above layer ``n`` need nothing.
+Structural ops (head / layer / FFN pruning) are refused: untested on this family (and the MoE
 blocks have no ``gate_proj`` / ``up_proj`` to slice).
 
 MoE (Qwen3-VL-30B-A3B / 235B-A22B): routing is per token, so a pruned token routes nowhere;
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import IncompatiblePolicyError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..marking import mark_hook
 from ..registry import ADAPTERS
 from .qwen2_vl import Qwen2VLAdapter
@@ -49,6 +50,29 @@ def take_visual(mask: torch.Tensor, feats: list[torch.Tensor], idx: torch.Tensor
     kept = torch.gather(mask, 1, idx) & ok.to(mask.device)
     rows = torch.gather(ordinal, 1, idx)[kept]
     return kept, [f[rows.to(f.device)] for f in feats]
+
+
+def fuse_visual(mask: torch.Tensor, feats: list[torch.Tensor], owner: torch.Tensor, ok: torch.Tensor):
+    """A pre-LLM reduction's DeepStack features: ``owner`` ``[B, L]`` is the slot of the reduced sequence
+    ``[B, M]`` each original token lives in (-1: gone; ``ok``: real slots). A slot holding visual sources gets
+    the MEAN of its sources' rows (one source: its own row; the same assignment as the hidden states, averaged
+    uniformly over original tokens) -> (``mask'`` ``[B, M]``, rows in row-major order of ``mask'``)."""
+    B, L = mask.shape
+    M = ok.shape[1]
+    owner = owner.to(mask.device)
+    src = mask & (owner >= 0)
+    w = torch.zeros(B, M + 1, L, dtype=torch.float32, device=mask.device)
+    w.scatter_(1, owner.masked_fill(~src, M).clamp(min=0)[:, None, :], 1.0)  # slot M collects nothing useful
+    w = w[:, :M] * src[:, None, :]
+    count = w.sum(-1)
+    new_mask = (count > 0) & ok.to(mask.device)
+    out = []
+    for f in feats:
+        full = f.new_zeros(B, L, f.shape[-1])
+        full[mask] = f
+        fused = torch.einsum("bml,bld->bmd", w.to(f.dtype), full) / count.clamp(min=1).to(f.dtype)[..., None]
+        out.append(fused[new_mask])
+    return new_mask, out
 
 
 class Qwen3VLAdapter(Qwen2VLAdapter):
@@ -86,15 +110,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         return len(getattr(model.config.vision_config, "deepstack_visual_indexes", None) or ())
 
     def install(self, handle: Any, model: nn.Module) -> None:
-        """The DeepStack seams (see the module docstring); refuses pre-LLM merge stages."""
-        for i, st in enumerate(handle.policy.stages):
-            if st.site == "pre_llm" and st.op == "merge":
-                raise IncompatiblePolicyError(
-                    f"stages[{i}].op",
-                    f"merge is not supported before the LLM on {model.config.model_type!r}: the DeepStack features "
-                    "injected after the first decoder layers are not defined for fused tokens; allowed: prune "
-                    "(pre_llm), or any LLM-site stage",
-                )
+        """The DeepStack seams (see the module docstring)."""
         lm = model.model.language_model
 
         def lm_pre(module, args, kwargs):
@@ -103,7 +119,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
             mask, feats = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
             if pre is None or mask is None or feats is None:  # no reduction before the LLM in this forward
                 return None
-            mask, feats = take_visual(mask, list(feats), pre.kept, pre.kept_ok)
+            mask, feats = fuse_visual(mask, list(feats), pre.owner, pre.kept_ok)
             return args, {**kwargs, "visual_pos_masks": mask, "deepstack_visual_embeds": feats}
 
         handle.add_hook(f"{type(lm).__name__}: forward pre-hook (DeepStack features at the pre-LLM kept tokens)",
