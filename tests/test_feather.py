@@ -330,7 +330,8 @@ def test_listed_by_the_cli(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "\nfeather " in out and "2412.13180" in out
-    assert "feather:layer=8,keep=0.3" in out and "feather:layer=16,keep=0.09,of=current" in out
+    assert "feather:layer=8,depth=32,keep=0.3,rounding=floor" in out
+    assert "feather:layer=16,depth=32,keep=0.09,of=current,rounding=floor,stride=0" in out
     assert "rope=False, softmax='keys', stride=3" in out
 
 
