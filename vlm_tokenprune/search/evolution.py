@@ -3,7 +3,7 @@
 A (1 + lambda) evolution strategy: each generation makes ``offspring`` children of the parent by
 level-switch mutation (``mutation.level_switch``: a few switches, each keeping every group's level
 sum exactly; children failing ``feasible`` are redrawn), then selects in several steps on growing
-calibration subsets: all candidates (the parent included: elitist) are scored on the first
+calibration subsets: all candidates (the parent included, so it survives unless beaten at a step) are scored on the first
 ``steps[0][0]`` batches of this generation's random subset and the best ``steps[0][1]`` survive, which
 are scored on ``steps[1][0]`` batches, and so on; the last survivor is the next parent. Lower
 fitness is better (EvoPress: KL divergence to the uncompressed model).
