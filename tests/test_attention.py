@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from vlm_tokenprune.attention import attention_rows
-from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, make_batch
 
-from kit import BACKENDS
+from kit import BACKENDS, tiny_llava
 
 ROWS = [[5, "img", 7], [3, "img", 2, "img", 4]]
 
@@ -35,7 +35,7 @@ def _capture(model, inputs, j):
 
 @pytest.fixture(scope="module")
 def eager_weights():
-    model = build_tiny_llava("eager")
+    model = tiny_llava("eager")
     inputs = make_batch(model, ROWS)
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)
@@ -63,7 +63,7 @@ def _rows_and_keys(inputs):
 @pytest.mark.parametrize("captured_keys", [False, True])
 def test_rows_equal_eager_weights(eager_weights, impl, j, captured_keys):
     inputs, weights = eager_weights
-    model = build_tiny_llava(impl)  # same seed, same weights
+    model = tiny_llava(impl)  # same seed, same weights
     layer, got, _ = _capture(model, inputs, j)
     q, key_idx, key_ok, valid = _rows_and_keys(inputs)
     rows = attention_rows(layer, got["hidden"], got["pe"], q, key_idx, key_ok, valid,
@@ -80,7 +80,7 @@ def test_rows_equal_eager_weights(eager_weights, impl, j, captured_keys):
 
 def test_rope_off_is_plain_dot_product(eager_weights):
     inputs, _ = eager_weights
-    model = build_tiny_llava("eager")
+    model = tiny_llava("eager")
     layer, got, _ = _capture(model, inputs, 1)
     q, key_idx, key_ok, valid = _rows_and_keys(inputs)
     rows = attention_rows(layer, got["hidden"], got["pe"], q[:, -1:], key_idx, key_ok, valid,

@@ -9,9 +9,9 @@ import torch
 
 import vlm_tokenprune as vtp
 from vlm_tokenprune import InputError
-from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import make_batch
 
-from kit import BACKENDS
+from kit import BACKENDS, tiny_llava
 
 ROWS = [[5, "img", 7], [2, "img", 1, "img", 3]]
 MULTI = "fastv:layer=1,keep=0.5+random:layer=2,keep=0.3,seed=4+fastv:layer=3,tokens=5"
@@ -34,7 +34,7 @@ def _greedy_manual(model, inputs, steps):
 @pytest.mark.parametrize("impl", BACKENDS)
 @pytest.mark.parametrize("policy", ["fastv:keep=0.25", MULTI])
 def test_manual_continuation_equals_generate(impl, policy):
-    model = build_tiny_llava(impl)
+    model = tiny_llava(impl)
     inputs = make_batch(model, ROWS)
     with torch.no_grad(), vtp.patch(model, policy) as h:
         gen = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, -6:]
@@ -45,7 +45,7 @@ def test_manual_continuation_equals_generate(impl, policy):
 
 @pytest.mark.parametrize("impl", BACKENDS)
 def test_multi_stage_batch_equals_rows_alone(impl):
-    model = build_tiny_llava(impl)
+    model = tiny_llava(impl)
     inputs = make_batch(model, ROWS)
     with torch.no_grad(), vtp.patch(model, MULTI) as h:
         gen = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, -6:]
@@ -66,7 +66,7 @@ def test_multi_stage_batch_equals_rows_alone(impl):
 
 
 def test_two_models_in_two_threads_match_running_alone():
-    models = [build_tiny_llava("sdpa", seed=s) for s in (0, 1)]
+    models = [tiny_llava("sdpa", seed=s) for s in (0, 1)]
     batches = [make_batch(m, ROWS, seed=s) for s, m in enumerate(models)]
     policies = ["fastv:keep=0.25", MULTI]
     alone = []
@@ -95,7 +95,7 @@ def test_two_models_in_two_threads_match_running_alone():
 def test_second_thread_runs_while_the_first_is_inside_a_forward():
     """Per-forward state belongs to its thread: a forward from another thread while one is blocked inside a
     decoder layer runs and gives the one-at-a-time result; ``unpatch()`` is refused until the first returns."""
-    model = build_tiny_llava("sdpa")
+    model = tiny_llava("sdpa")
     inputs = make_batch(model, ROWS)
     h = vtp.patch(model, "fastv")
     with torch.no_grad():

@@ -12,15 +12,13 @@ from __future__ import annotations
 import os
 
 import torch
-from kit import BACKENDS
+from kit import BACKENDS, tiny_llava, tiny_qwen
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as hs
 
 import vlm_tokenprune as vtp
 from vlm_tokenprune import InputError
 from vlm_tokenprune.eval.tiny_models import (
-    build_tiny_llava,
-    build_tiny_qwen2_vl,
     make_batch,
     make_qwen_batch,
 )
@@ -36,11 +34,11 @@ _MODELS: dict = {}
 def _model(family, impl):
     if (family, impl) not in _MODELS:
         if family == "llava":
-            _MODELS[family, impl] = build_tiny_llava(impl)
+            _MODELS[family, impl] = tiny_llava(impl)
         elif family == "llava_next":
-            _MODELS[family, impl] = build_tiny_llava(impl, next=True, image_size=16)
+            _MODELS[family, impl] = tiny_llava(impl, next=True, image_size=16)
         else:
-            _MODELS[family, impl] = build_tiny_qwen2_vl(impl)
+            _MODELS[family, impl] = tiny_qwen(impl)
     return _MODELS[family, impl]
 
 

@@ -8,16 +8,16 @@ from hypothesis import strategies as hs
 
 import vlm_tokenprune as vtp
 from vlm_tokenprune import IncompatiblePolicyError, InputError, PolicyError, UnsupportedModelError
-from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, make_batch
 
-from kit import BACKENDS
+from kit import BACKENDS, fresh_llava, tiny_llava
 
 ROWS = [[5, "img", 7], [3, "img", 2, "img", 4]]  # batch 2, left padding, 1 and 2 images
 
 
 @pytest.fixture(scope="module")
 def models():
-    return {impl: build_tiny_llava(impl) for impl in BACKENDS}
+    return {impl: tiny_llava(impl) for impl in BACKENDS}
 
 
 def _hook_count(model):
@@ -115,12 +115,12 @@ def test_unsupported_models_are_refused():
                                        intermediate_size=64, vocab_size=64))
     err = _assert_refused(llm, UnsupportedModelError, "model.config.model_type", lambda: vtp.patch(llm, "fastv"))
     assert "llava" in str(err) and "llava_next" in str(err)
-    gemma = build_tiny_llava("sdpa", text_model_type="gemma")
+    gemma = tiny_llava("sdpa", text_model_type="gemma")
     _assert_refused(gemma, UnsupportedModelError, "config.text_config.model_type", lambda: vtp.patch(gemma, "fastv"))
 
 
 def test_static_cache_is_refused(models):
-    model = build_tiny_llava("sdpa")
+    model = fresh_llava("sdpa")
     model.generation_config.cache_implementation = "static"
     _assert_refused(model, UnsupportedModelError, "generation_config.cache_implementation",
                     lambda: vtp.patch(model, "fastv"))
@@ -242,7 +242,7 @@ def test_random_is_seeded_and_uniform_is_spatially_even(models):
 
 
 def test_llava_next_uniform_covers_base_and_crops():
-    model = build_tiny_llava("sdpa", next=True, image_size=16)
+    model = tiny_llava("sdpa", next=True, image_size=16)
     inputs = make_batch(model, [[4, "img", 3]], image_sizes=[[20, 36]])
     with vtp.patch(model, "uniform:layer=2,keep=0.5") as h:
         out = model(**inputs)
@@ -297,7 +297,7 @@ def test_llava_next_layout_same_from_pixels_and_from_generate_features(sizes):
     """generate() hands the model mm_encoder_outputs instead of pixels + image_sizes: same grid either way."""
     from vlm_tokenprune.adapters import resolve_adapter
 
-    model = build_tiny_llava("sdpa", next=True, image_size=16)
+    model = tiny_llava("sdpa", next=True, image_size=16)
     inputs = make_batch(model, [[4] + ["img", 2] * len(sizes)], image_sizes=sizes)
     adapter = resolve_adapter(model)
     a = adapter.visual_layout(model, inputs["input_ids"], inputs)

@@ -186,6 +186,8 @@ def test_flowcut_by_its_papers_name_takes_the_family_setting(kind, preset):
         assert h.policy == Policy.parse(preset)
     assert Policy.parse("flowcut:keep=0.3", family="qwen2_vl") == Policy.parse("flowcut_llm:keep=0.3")
     assert Policy.parse("flowcut") == Policy.parse("flowcut_vit")  # no model: the LLaVA-1.5 setting
+    as_dict = Policy.parse({"stages": [{"preset": "flowcut"}]})  # a dict (a YAML / JSON file) too
+    assert Policy.parse(as_dict, family="qwen2_vl") == Policy.parse("flowcut_llm")
 
 
 def test_every_method_named_in_the_readme_table_works_by_name():

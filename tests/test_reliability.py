@@ -7,15 +7,16 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
+from kit import fresh_llava, tiny_llava
 from vlm_tokenprune import UnsupportedModelError
-from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import make_batch
 from helpers import cache_kwargs
 
 ROWS = [[5, "img", 7], [3, "img", 2, "img", 4]]
 
 
 def test_no_state_growth_over_many_forwards_and_generates():
-    model = build_tiny_llava("sdpa")
+    model = tiny_llava("sdpa")
     inputs = make_batch(model, ROWS)
     with vtp.patch(model, "fastv:keep=0.25+random:layer=3,keep=0.1") as h, torch.no_grad():
         for _ in range(200):
@@ -32,7 +33,7 @@ def test_no_state_growth_over_many_forwards_and_generates():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_models(dtype):
-    model = build_tiny_llava("sdpa", dtype=dtype)
+    model = tiny_llava("sdpa", dtype=dtype)
     inputs = make_batch(model, ROWS)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     with torch.no_grad():
@@ -48,7 +49,7 @@ def test_half_precision_models(dtype):
 
 
 def test_beam_search_and_seeded_sampling():
-    model = build_tiny_llava("sdpa")
+    model = tiny_llava("sdpa")
     inputs = make_batch(model, ROWS)
     kw = dict(max_new_tokens=4, num_beams=3, do_sample=False)
     with torch.no_grad():
@@ -65,7 +66,7 @@ def test_beam_search_and_seeded_sampling():
 
 
 def test_compiled_model_is_refused():
-    model = build_tiny_llava("sdpa")
+    model = tiny_llava("sdpa")
     compiled = torch.compile(model)
     with pytest.raises(UnsupportedModelError) as e:
         vtp.patch(compiled, "fastv")
@@ -74,7 +75,7 @@ def test_compiled_model_is_refused():
 
 def test_coexists_with_accelerate_offload_hooks():
     accelerate = pytest.importorskip("accelerate")
-    model = build_tiny_llava("sdpa")
+    model = fresh_llava("sdpa")  # offloading moves the weights off the module
     inputs = make_batch(model, ROWS)
     with torch.no_grad():
         with vtp.patch(model, "fastv:keep=0.25"):
@@ -97,7 +98,7 @@ def test_more_bad_inputs_are_named():
     from vlm_tokenprune import InputError
     from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID
 
-    model = build_tiny_llava("sdpa")
+    model = tiny_llava("sdpa")
     inputs = make_batch(model, ROWS[:1])
     with vtp.patch(model, "fastv"):
         bad = dict(inputs, input_ids=inputs["input_ids"].clone())
@@ -119,7 +120,7 @@ def test_long_cached_decoding_equals_cache_free_oracle():
     """200 cached greedy steps equal the independent cache-free FastV oracle (kept set fixed at the prompt)."""
     from reference import fastv_oracle as oracle
 
-    model = build_tiny_llava("sdpa")
+    model = fresh_llava("sdpa")
     model.generation_config.eos_token_id = None  # run all 200 steps
     inputs = make_batch(model, ROWS[:1])
     L = inputs["input_ids"].shape[1]
@@ -133,7 +134,7 @@ def test_memory_does_not_grow_over_many_calls():
     """RSS after 1,000 patched forwards and 100 generate() calls stays within a small slack of the warm value."""
     import resource
 
-    model = build_tiny_llava("sdpa")
+    model = tiny_llava("sdpa")
     inputs = make_batch(model, ROWS)
     with vtp.patch(model, "fastv:keep=0.25+random:layer=3,keep=0.1"), torch.no_grad():
         for _ in range(50):  # warm up allocator pools
@@ -155,7 +156,7 @@ def test_long_cached_decoding_multi_stage_equals_cache_free_oracle():
     """200 cached greedy steps of a two-stage FEATHER policy equal the independent cache-free FEATHER oracle."""
     from reference import feather_oracle as oracle
 
-    model = build_tiny_llava("sdpa")
+    model = fresh_llava("sdpa")
     model.generation_config.eos_token_id = None
     inputs = make_batch(model, ROWS[:1])
     L = inputs["input_ids"].shape[1]

@@ -8,9 +8,9 @@ import torch
 
 import vlm_tokenprune as vtp
 from vlm_tokenprune import IncompatiblePolicyError, PolicyError, UnsupportedModelError
-from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, make_batch
 
-from kit import FLASH
+from kit import FLASH, tiny_llava, tiny_qwen
 from reference import structural_oracle as O
 
 ROWS = [[5, "img", 7], [3, "img", 2, "img", 4]]  # batch 2, left padding, 1 and 2 images of 6 x 6 patches
@@ -35,7 +35,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def models():
-    return {impl: build_tiny_llava(impl) for impl in ("eager", "sdpa", FLASH)}
+    return {impl: tiny_llava(impl) for impl in ("eager", "sdpa", FLASH)}
 
 
 def _setup(model):
@@ -228,9 +228,9 @@ def test_generate_without_cache(models, policy):
 
 def test_qwen2_vl_neutral_settings_are_exact():
     """On Qwen2-VL (M-RoPE, 2x3 grids): a window covering the grid and ratio 1 change nothing."""
-    from vlm_tokenprune.eval.tiny_models import build_tiny_qwen2_vl, make_qwen_batch
+    from vlm_tokenprune.eval.tiny_models import make_qwen_batch
 
-    model = build_tiny_qwen2_vl("sdpa")
+    model = tiny_qwen("sdpa")
     inputs = make_qwen_batch(model, [[5, "img", 7], [3, "img", 4]])
     with torch.no_grad():
         ref = model(**inputs).logits

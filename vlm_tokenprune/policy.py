@@ -338,7 +338,7 @@ class Policy:
             if "criterion" not in st:
                 raise PolicyError(where, "needs 'criterion' (or 'preset')")
             stages.append(_build_stage({**st, **params}, where))
-        return cls(tuple(stages))
+        return cls(tuple(stages), source=data if any("preset" in st for st in raw if isinstance(st, Mapping)) else None)
 
     @classmethod
     def from_json(cls, source: str) -> "Policy":
