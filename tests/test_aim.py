@@ -256,7 +256,7 @@ def test_left_padded_batch_cached_generate_matches_rows_alone(attn):
 def test_schedule_is_linear_and_ends_at_one_token():
     pol = aim_schedule(13, 21, 32)
     assert [s.layer for s in pol.stages] == list(range(14, 22))
-    assert [s.budget.keep for s in pol.stages[:-1]] == [(21 - l) / 8 for l in range(14, 21)]
+    assert [s.budget.keep for s in pol.stages[:-1]] == [(21 - j) / 8 for j in range(14, 21)]
     assert pol.stages[-1].budget.tokens == 1 and pol.stages[-1].budget.keep is None
     assert all(s.criterion == "aim" and dict(s.params) == {"tau": 0.1, "iters": 5, "damping": 0.0} for s in pol.stages)
     assert vtp.Policy.parse("aim").at_depth(32) == pol  # the preset: Vicuna-7B defaults (its layers for 32 layers)
@@ -264,9 +264,9 @@ def test_schedule_is_linear_and_ends_at_one_token():
     assert all(s.params["tau"] == 0.2 for s in vtp.Policy.parse("aim:tau=0.2").stages)
     assert aim_schedule(0, 3, 4, iters=3).stages[0].params["iters"] == 3
     # the official Qwen2 scheduler (retain_rate of scoring layer l applies from layer l + 1)
-    retain = [max(0, 1.0 - (l - 14 + 1) * 0.125) if l >= 14 else 1.0 for l in range(28)]
+    retain = [max(0, 1.0 - (j - 14 + 1) * 0.125) if j >= 14 else 1.0 for j in range(28)]
     qwen = aim_schedule(14, 22, 28)
-    want = [(l + 1, r) for l, r in enumerate(retain) if r < 1.0]
+    want = [(j + 1, r) for j, r in enumerate(retain) if r < 1.0]
     want = want[: [r for _, r in want].index(0.0) + 1]  # ends where the rate first reaches 0 (here: 1 token)
     assert want[-1] == (22, 0.0)
     assert [(s.layer, s.budget.keep if s.budget.keep is not None else 0.0) for s in qwen.stages] == want
@@ -311,6 +311,6 @@ def test_explain_counts_the_preset_schedule():
 
     vicuna = TextGeometry(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000)
     out = policy_flops(vicuna, "aim", 64, 576)
-    want = [576] * 14 + [kept_count(("keep", (21 - l) / 8), 576) for l in range(14, 21)] + [1] * 11
+    want = [576] * 14 + [kept_count(("keep", (21 - j) / 8), 576) for j in range(14, 21)] + [1] * 11
     assert out["tokens_per_layer"] == [64 + v for v in want]
     assert out["lower_bound_stages"] == []  # plain top-k: the budgets are exact

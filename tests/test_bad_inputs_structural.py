@@ -9,13 +9,11 @@ import json
 
 import pytest
 import torch
-from kit import FLASH
+from kit import FLASH, tiny_llava, tiny_qwen
 
 import vlm_tokenprune as vtp
 from vlm_tokenprune import IncompatiblePolicyError, PolicyError, UnsupportedModelError
 from vlm_tokenprune.eval.tiny_models import (
-    build_tiny_llava,
-    build_tiny_qwen2_vl,
     make_batch,
 )
 
@@ -44,8 +42,8 @@ def assert_untouched(model, before: dict) -> None:
 
 @pytest.fixture(scope="module")
 def models():
-    return {"llava": build_tiny_llava("sdpa"), "other": build_tiny_llava("sdpa", layers=6),
-            "flash": build_tiny_llava(FLASH), "qwen2_vl": build_tiny_qwen2_vl("sdpa")}
+    return {"llava": tiny_llava("sdpa"), "other": tiny_llava("sdpa", layers=6),
+            "flash": tiny_llava(FLASH), "qwen2_vl": tiny_qwen("sdpa")}
 
 
 @pytest.fixture(scope="module")

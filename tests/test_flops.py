@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kit import tiny_llava
 
 from vlm_tokenprune import IncompatiblePolicyError, InputError, patch
 from vlm_tokenprune.eval.flops import (
@@ -12,7 +13,7 @@ from vlm_tokenprune.eval.flops import (
     prefill_flops,
     trace_flops,
 )
-from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import make_batch
 
 # Vicuna-7B, the LLM of LLaVA-1.5-7B
 LLAVA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -85,7 +86,7 @@ def test_budget_of_current_and_lower_bounds():
 
 
 def test_geometry_from_configs():
-    model = build_tiny_llava()
+    model = tiny_llava()
     g = TextGeometry.of(model.config)  # a VLM config -> its text_config
     assert (g.hidden_size, g.num_key_value_heads, g.head_dim) == (64, 2, 16)
     assert TextGeometry.of(model.config.to_dict()) == g  # a config.json-style mapping
@@ -96,7 +97,7 @@ def test_geometry_from_configs():
 @pytest.mark.parametrize("policy", ["fastv:layer=2,keep=0.25", "fastv:layer=1,keep=0.5+uniform:layer=3,tokens=4"])
 def test_trace_flops_matches_prediction(policy):
     torch.manual_seed(0)
-    model = build_tiny_llava()
+    model = tiny_llava()
     batch = make_batch(model, [[5, "img", 7]])
     n_visual = int((batch["input_ids"] == model.config.image_token_id).sum())
     n_text = batch["input_ids"].shape[1] - n_visual
@@ -112,7 +113,7 @@ def test_trace_flops_matches_prediction(policy):
 
 
 def test_trace_flops_counts_what_a_grid_union_really_kept():
-    model = build_tiny_llava()
+    model = tiny_llava()
     batch = make_batch(model, [[5, "img", 7]])
     policy = {"stages": [{"criterion": "feather", "layer": 2, "keep": 0.25, "params": {"stride": 3}}]}
     with patch(model, policy) as h, torch.no_grad():

@@ -22,9 +22,9 @@ import torch
 import vlm_tokenprune as vtp
 from vlm_tokenprune import ops, reference_ops as ref
 from vlm_tokenprune.attention import attention_rows
-from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import make_batch
 
-from kit import FLASH
+from kit import FLASH, tiny_llava
 
 torch.set_num_threads(1)
 
@@ -249,7 +249,7 @@ def test_scatter_and_weighted_scatter_add_match_reference():
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def models():
-    return {impl: build_tiny_llava(impl) for impl in ("sdpa", FLASH)}
+    return {impl: tiny_llava(impl) for impl in ("sdpa", FLASH)}
 
 
 def _run(model, inputs, policy, backend):
@@ -331,7 +331,7 @@ def test_triton_backend_refused_where_kernels_cannot_run(models, monkeypatch):
 def test_triton_backend_without_triton_is_refused_at_patch(monkeypatch):
     from vlm_tokenprune import kernels
 
-    model = build_tiny_llava("sdpa", layers=2)
+    model = tiny_llava("sdpa", layers=2)
     monkeypatch.setattr(kernels, "HAS_TRITON", False)
     for backend in ("auto", "torch"):
         vtp.patch(model, "fastv:layer=1", backend=backend).unpatch()

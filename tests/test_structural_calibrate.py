@@ -8,16 +8,17 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
+from kit import tiny_llava
 from vlm_tokenprune import IncompatiblePolicyError, Policy
 from vlm_tokenprune.structural.calibration import select_heads, select_layers
-from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_llava, make_batch
+from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, make_batch
 
 ROWS = [[5, "img", 7], [3, "img", 2, "img", 4]]
 
 
 @pytest.fixture(scope="module")
 def model():
-    return build_tiny_llava("eager")
+    return tiny_llava("eager")
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_policies_from_artifacts(model, batches, tmp_path):
 def test_artifact_from_another_model_is_refused(model, batches, tmp_path):
     path = str(tmp_path / "h.json")
     vtp.calibrate(model, batches, what="heads", path=path, progress=False)
-    other = build_tiny_llava("eager", layers=6)
+    other = tiny_llava("eager", layers=6)
     with pytest.raises(IncompatiblePolicyError) as e:
         vtp.patch(other, f"prune_heads:calibration={path},threshold=0.1")
     assert e.value.field == "stages[0].calibration.config_hash"
@@ -133,7 +134,7 @@ def test_yopo_presets_on_the_shipped_tiny_vlm():
         assert plan.neighbor == {j: 5 for j in range(4)} and set(plan.ffn) == set(range(4))
         assert h.structural_attention and "mask-only" not in h.describe()
     # another model: the shipped file is refused by its config hash, naming calibration and how to make one
-    other = build_tiny_llava("sdpa")
+    other = tiny_llava("sdpa")
     with pytest.raises(IncompatiblePolicyError) as e:
         vtp.patch(other, "yopo_25:drop=3")
     assert e.value.field == "stages[2].calibration.config_hash" and "vlm_tokenprune.calibrate(model" in str(e.value)

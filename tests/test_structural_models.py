@@ -11,11 +11,10 @@ import torch
 
 import vlm_tokenprune as vtp
 from vlm_tokenprune.eval.tiny_models import (
-    IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_VISION_END_ID, QWEN_VISION_START_ID, build_tiny_llava, build_tiny_qwen2_vl,
-    make_batch, make_qwen_batch,
+    IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_VISION_END_ID, QWEN_VISION_START_ID, make_batch, make_qwen_batch,
 )
 
-from kit import FLASH
+from kit import FLASH, tiny_llava, tiny_qwen
 from reference import structural_oracle as O
 
 STEPS = 3
@@ -28,12 +27,12 @@ BANNED = [IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_VISION_START_ID, QWEN_VISION
 
 @functools.lru_cache(maxsize=None)
 def qwen(impl: str):
-    return build_tiny_qwen2_vl(impl)
+    return tiny_qwen(impl)
 
 
 @functools.lru_cache(maxsize=None)
 def llava_next(impl: str):
-    return build_tiny_llava(impl, next=True)
+    return tiny_llava(impl, next=True)
 
 
 def _qwen_inputs(model):

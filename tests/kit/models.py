@@ -72,11 +72,13 @@ _SHARED: dict[tuple, object] = {}  # (family, attn, version, tweaks, config) -> 
 _AS_BUILT: dict[tuple, dict] = {}  # key -> what the model looked like when built
 
 
-def _looks(model) -> dict:
+def _looks(model, copy_weights: bool = True) -> dict:
     return {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "state": {k: v.detach().clone() if copy_weights else v.detach() for k, v in model.state_dict().items()},
         "hooks": sorted(_foreign_hooks(model)),
         "attn": model.config._attn_implementation,
+        "config": model.config.to_json_string(),
+        "generation_config": model.generation_config.to_json_string(),
         "class": type(model),
         "training": model.training,
     }
@@ -100,19 +102,21 @@ def _shared(key: tuple, build):
 
 
 def changed_shared_models() -> list[str]:
-    """What changed in the shared models since they were built (weights, hooks, backend, class, mode);
+    """What changed in the shared models since they were built (weights, hooks, backend, class, mode, configs);
     a changed model is dropped from the cache, so later tests get a new one."""
     out = []
     for key, model in list(_SHARED.items()):
-        now, then = _looks(model), _AS_BUILT[key]
+        now, then = _looks(model, copy_weights=False), _AS_BUILT[key]
         n = len(out)
         if now["state"].keys() != then["state"].keys():
             out.append(f"{key}: its parameters / buffers were added or removed")
         else:
-            bad = [k for k in then["state"] if not torch.equal(now["state"][k], then["state"][k])]
+            bad = [k for k in then["state"] if now["state"][k].device != then["state"][k].device
+                   or now["state"][k].dtype != then["state"][k].dtype or not torch.equal(now["state"][k], then["state"][k])]
             if bad:
                 out.append(f"{key}: weights changed ({bad[:3]})")
-        out += [f"{key}: {f} {then[f]!r} -> {now[f]!r}" for f in ("hooks", "attn", "class", "training") if now[f] != then[f]]
+        out += [f"{key}: {f} {then[f]!r} -> {now[f]!r}" for f in ("hooks", "attn", "class", "training", "config", "generation_config")
+                if now[f] != then[f]]
         if len(out) > n:
             del _SHARED[key], _AS_BUILT[key]
     return out
