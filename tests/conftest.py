@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kit.backends import BACKENDS, FLASH, register_flash_standin  # noqa: F401  TRANSITIONAL re-export, removed at the end
+from kit.backends import register_flash_standin
 from kit.models import changed_shared_models
 
 torch.set_num_threads(1)
