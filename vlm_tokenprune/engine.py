@@ -254,7 +254,15 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
     else:  # cached decode: the prompt's kept set, new tokens appended
         rec = st.prefill.kept_at(j)
         if rec is not None:
-            _shrink_kwargs(handle, kwargs, rec.kept, rec.kept_ok, st.prefill.prompt_len, hidden, prefill=False, cache=st.cache)
+            # layers between two stages get the same incoming mask and kept set: build their mask once per step
+            mask_in = kwargs.get("attention_mask")
+            hit = st.decode_masks.get(id(rec))
+            if hit is not None and hit[0] is mask_in:
+                kwargs["attention_mask"] = hit[1]
+            else:
+                _shrink_kwargs(handle, kwargs, rec.kept, rec.kept_ok, st.prefill.prompt_len, hidden, prefill=False,
+                               cache=st.cache)
+                st.decode_masks[id(rec)] = (mask_in, kwargs["attention_mask"])
         st.tokens_per_layer.append(hidden.shape[1])
     if in_kwargs:
         kwargs["hidden_states"] = hidden

@@ -98,6 +98,7 @@ class ForwardState:
     cache: object = None  # the cache a decode step continues
     structural: dict = field(default_factory=dict)  # the running layer's visual rows etc. (``structural.hooks``)
     vision: object = None  # vision.state.VisionOutcome of a vision-site stage (its tower call)
+    decode_masks: dict = field(default_factory=dict)  # decode step: id(StageRecord) -> (incoming mask, shrunk mask)
     in_forward: bool = False  # True while the top module's own forward runs (``engine.guard_forward``)
 
 
