@@ -384,9 +384,9 @@ def markdown_table(result: dict) -> str:
             f"{r['flops']['ratio']:.3f}", _ratio(r["prefill"]["measured_ratio"]), f"{acc['all']:.3f}",
             *[f"{acc[q]:.3f}" for q in qtypes],
         ]) + " |")
-    for s in result.get("skipped", []):
-        keep = "" if s["budget"] is None else f" keep={s['budget']:g}"
-        lines.append(f"\nskipped `{s['label']}`{keep}: {s['error']}")
+    for s in result.get("skipped", []):  # run_bench's (label, budget, error); accuracy_tiny's (preset, why)
+        keep = "" if s.get("budget") is None else f" keep={s['budget']:g}"
+        lines.append(f"\nskipped `{s.get('label', s.get('preset'))}`{keep}: {s.get('error', s.get('why'))}")
     return "\n".join(lines)
 
 
