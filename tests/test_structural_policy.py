@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from kit import assert_policy_refused
 from vlm_tokenprune import Policy, PolicyError
 
 GOOD = [
@@ -70,9 +71,7 @@ def test_normalised_params():
     ("ffn_cut:keep=0.5", "stages[0].keep"),
 ])
 def test_errors_name_the_field(text, field):
-    with pytest.raises(PolicyError) as e:
-        Policy.parse(text)
-    assert e.value.field == field, str(e.value)
+    assert_policy_refused(text, field)
 
 
 def test_dict_errors():

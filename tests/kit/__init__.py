@@ -8,10 +8,12 @@ from .batches import cache_kwargs, left_padding, n_image_tokens, n_visual, new_t
 from .budget import assert_clear_cut, kept_count
 from .compare import assert_batch_matches_rows_alone, assert_generate_matches_rows_alone
 from .models import fresh_llava, fresh_qwen, tiny_llava, tiny_qwen
+from .refusals import assert_budgets_honoured, assert_policy_refused
 from .runs import generate_rows, patched_prefill
 
 __all__ = [
-    "BACKENDS", "FLASH", "assert_batch_matches_rows_alone", "assert_clear_cut", "assert_generate_matches_rows_alone",
-    "cache_kwargs", "fresh_llava", "left_padding", "fresh_qwen", "generate_rows", "kept_count", "n_image_tokens", "n_visual",
-    "new_tokens", "patched_prefill", "row_alone", "tiny_llava", "tiny_qwen",
+    "BACKENDS", "FLASH", "assert_batch_matches_rows_alone", "assert_budgets_honoured", "assert_clear_cut",
+    "assert_generate_matches_rows_alone", "assert_policy_refused", "cache_kwargs", "fresh_llava", "fresh_qwen",
+    "generate_rows", "kept_count", "left_padding", "n_image_tokens", "n_visual", "new_tokens", "patched_prefill",
+    "row_alone", "tiny_llava", "tiny_qwen",
 ]
