@@ -7,6 +7,7 @@ the engine.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
@@ -81,6 +82,13 @@ class Criterion:
         ``model``.
         """
         return self
+
+    def bound(self, **state: Any) -> "Criterion":
+        """A copy of this criterion carrying ``state`` (what ``bind`` loaded: weights, a module of the model); the
+        registered instance stays stateless. Criteria whose ``score`` needs that state check it is set."""
+        out = copy.copy(self)
+        out.__dict__.update(state)
+        return out
 
     def merge(self, ctx: "ScoringContext", **params: Any) -> list:
         """``op = "merge"`` criteria (pre-LLM site): the ``reduction.Reduction`` chain that fuses the visual tokens of

@@ -48,22 +48,17 @@ class CoViPALCriterion(Criterion):
         "weights": Param("shipped", str, "weight file from `vlm-tokenprune train covipal`, or 'shipped' (the tiny VLM's)"),
     }
 
-    def bind(self, model: nn.Module, params: Mapping[str, Any], where: str, seams: Any) -> "BoundCoViPAL":
+    ppm: PPM | None = None  # the loaded plug-and-play module (set on the copy bind() returns)
+
+    def bind(self, model: nn.Module, params: Mapping[str, Any], where: str, seams: Any) -> "CoViPALCriterion":
         path = resolve_weights(params.get("weights", "shipped"))
         tensors, hparams = load_weights(path, KIND, model, f"{where}.weights")
-        return BoundCoViPAL(PPM.from_state(tensors, hparams, f"{where}.weights"))  # moved to the hidden states' device on use
+        # moved to the hidden states' device on first use
+        return self.bound(ppm=PPM.from_state(tensors, hparams, f"{where}.weights"))
 
     def score(self, ctx: ScoringContext, **params: Any) -> torch.Tensor:
-        raise RuntimeError("covipal scores through the object bind() returns (patch() binds it)")
-
-
-class BoundCoViPAL(CoViPALCriterion):
-    """The criterion with its loaded PPM (what the handle calls)."""
-
-    def __init__(self, ppm: PPM):
-        self.ppm = ppm
-
-    def score(self, ctx: ScoringContext, **params: Any) -> torch.Tensor:
+        if self.ppm is None:
+            raise RuntimeError("covipal scores with the weights bind() loads (patch() binds it)")
         p = next(self.ppm.parameters(), None)
         if p is not None and p.device != ctx.hidden.device:  # first use, or an accelerate-dispatched model
             self.ppm = self.ppm.to(ctx.hidden.device)

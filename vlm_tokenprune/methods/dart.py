@@ -77,7 +77,9 @@ class DARTCriterion(Criterion):
                        choices=("official", "exact")),
     }
 
-    def bind(self, model: nn.Module, params: Mapping[str, Any], where: str, seams: Any) -> "BoundDART":
+    norm: nn.Module | None = None  # the language model's final norm (set on the copy bind() returns)
+
+    def bind(self, model: nn.Module, params: Mapping[str, Any], where: str, seams: Any) -> "DARTCriterion":
         lm = seams.language_model
         norm = getattr(lm, "norm", None)
         if not isinstance(norm, nn.Module):
@@ -86,26 +88,12 @@ class DARTCriterion(Criterion):
         if params.get("pivot_image", 4) + params.get("pivot_text", 4) < 1:
             raise IncompatiblePolicyError(f"{where}.pivot_image", "DART needs at least one pivot; allowed: "
                                           "pivot_image + pivot_text >= 1")
-        return BoundDART(norm)
+        return self.bound(norm=norm)
 
     def scoring_flops(self, geometry: Any, n_tokens: int, n_visual: int, params: Mapping[str, Any]) -> float | None:
         # L1 norms of the captured keys, then the cosines of the visual tokens to every pivot (final norm not counted)
         pivots = params.get("pivot_image", 4) + params.get("pivot_text", 4)
         return float(n_tokens * geometry.kv_dim) + 2.0 * n_visual * pivots * geometry.hidden_size
-
-    def score(self, ctx: ScoringContext, **params: Any) -> torch.Tensor:
-        raise RuntimeError("dart scores through the object bind() returns (patch() binds it)")
-
-    def select(self, ctx: ScoringContext, scores: torch.Tensor, **params: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tokens ``score`` marked (the official count may exceed the budget: pivots + 8 * (k // 8))."""
-        return right_packed((scores > 0) & ctx.visual_ok)
-
-
-class BoundDART(DARTCriterion):
-    """The criterion holding the model's final norm. ``score``: 1 for kept visual tokens, 0 otherwise."""
-
-    def __init__(self, norm: nn.Module):
-        self.norm = norm
 
     def _keys(self, ctx: ScoringContext) -> torch.Tensor:
         attn = ctx.layer.self_attn
@@ -121,6 +109,8 @@ class BoundDART(DARTCriterion):
         return k.float().transpose(1, 2).flatten(2)  # [B, L, H_kv * d]
 
     def score(self, ctx: ScoringContext, pivot_image: int, pivot_text: int, count: str) -> torch.Tensor:
+        if self.norm is None:
+            raise RuntimeError("dart scores with the model's final norm, which bind() gives it (patch() binds it)")
         if ctx.output is None:
             raise RuntimeError("dart needs the stage layer's input (ScoringContext.output); it runs at site llm")
         B, N = ctx.visual_idx.shape
@@ -152,6 +142,10 @@ class BoundDART(DARTCriterion):
             local = {p: i for i, p in enumerate(ctx.visual_idx[b].tolist())}
             scores[b, [local[p] for p in kept]] = 1.0
         return scores
+
+    def select(self, ctx: ScoringContext, scores: torch.Tensor, **params: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens ``score`` marked (the official count may exceed the budget: pivots + 8 * (k // 8))."""
+        return right_packed((scores > 0) & ctx.visual_ok)
 
 
 register_preset("dart", [{"criterion": "dart", "layer": 2, "keep": 128 / 576}],
