@@ -138,6 +138,9 @@ def test_random_policies_never_crash_and_honour_budgets(family, impl, rows, stag
                 assert after == 0
                 continue
             want = st.budget.count(tr.stages[0].visual_before[b], before)
+            if b in st_trace.kept_all:  # a budget above what the row has, or EfficientVLA without text after the
+                assert after == before  # image: the row keeps them all (patch(strict=True) refuses)
+                continue
             assert after == want if exact else after >= min(want, before)
             assert len(st_trace.kept_positions[b]) == after
 

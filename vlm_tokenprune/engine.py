@@ -181,8 +181,8 @@ def fit_budget(handle: "PatchHandle", i: int, stage: Any, k: list, available: li
     relaxed = {b: f"budget of {kb} visual tokens is above the row's {nb}; kept all"
                for b, (kb, nb) in enumerate(zip(k, available)) if kb > nb}
     if has_text is not None and getattr(handle.criteria[i], "needs_text", False):
-        for b, (t, nb) in enumerate(zip(has_text, available)):
-            if nb > 0 and not t and b not in relaxed:
+        for b, (t, kb, nb) in enumerate(zip(has_text, k, available)):
+            if 0 < nb and kb < nb and not t and b not in relaxed:  # a row kept whole anyway needs no text
                 if strict:
                     raise InputError(f"stages[{i}].criterion", f"sample {b} has no instruction text after its visual "
                                      f"tokens; {stage.criterion!r} is guided by the text after the image (put the "

@@ -17,22 +17,24 @@ def assert_policy_refused(text, field: str) -> vtp.PolicyError:
 
 
 def assert_budgets_honoured(model, inputs: dict, policy: str, n_visual: list[int]):
-    """One forward of ``model`` patched with the one-stage ``policy``: a budget above a row's ``n_visual``
-    tokens is an InputError; otherwise every row keeps exactly the budget's count (no stage without visual
-    tokens). Returns the trace, or None when refused or there was nothing to prune."""
+    """One forward of ``model`` patched with the one-stage ``policy``: every row keeps exactly the budget's
+    count, except a row whose budget is above its ``n_visual`` tokens, which keeps them all and is listed in
+    the trace's ``kept_all`` (with ``patch(strict=True)`` that row is an InputError); no stage without visual
+    tokens. Returns the trace, or None when there was nothing to prune."""
     pol = vtp.Policy.parse(policy)
     expected = [pol.stages[0].budget.count(n) for n in n_visual]
+    over = [b for b, (e, n) in enumerate(zip(expected, n_visual)) if e > n]
+    if over:
+        with vtp.patch(model, pol, strict=True), torch.no_grad(), pytest.raises(vtp.InputError):
+            model(**inputs)
     with vtp.patch(model, pol) as h, torch.no_grad():
-        if any(e > n for e, n in zip(expected, n_visual)):
-            with pytest.raises(vtp.InputError):
-                model(**inputs)
-            return None
         out = model(**inputs)
         tr = h.last_trace()
     assert torch.isfinite(out.logits).all()
     if max(n_visual) == 0:
         assert tr.stages == []
         return None
-    assert tr.stages[0].visual_after == expected
+    expected = [n if b in over else e for b, (e, n) in enumerate(zip(expected, n_visual))]
+    assert tr.stages[0].visual_after == expected and sorted(tr.stages[0].kept_all) == over
     assert [len(k) for k in tr.stages[0].kept_positions] == expected
     return tr
