@@ -148,11 +148,15 @@ def scoring_flops(text_config: Any, criterion: str, n_tokens: int, n_visual: int
 
 
 def selects_beyond_budget(criterion: str) -> bool:
-    """True when the criterion overrides ``select`` (its kept count may exceed the budget)."""
+    """True when the criterion's kept count may exceed the stage's budget: it overrides ``select`` and does not
+    declare ``budget_predicts_count`` (``methods.base.Criterion``)."""
     from ..methods.base import Criterion
 
     crit = CRITERIA.get(criterion) if criterion in CRITERIA else None
-    return crit is not None and type(crit).select is not Criterion.select and not getattr(crit, "keeps_budget_exactly", False)
+    if crit is None:
+        return False
+    declared = crit.budget_predicts_count
+    return type(crit).select is not Criterion.select if declared is None else not declared
 
 
 def _sum_or_none(values: list[float | None]) -> float | None:

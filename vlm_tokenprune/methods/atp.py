@@ -46,18 +46,27 @@ def resolve_weights(weights: str) -> str:
     return str(SHIPPED) if weights == "shipped" else os.path.expanduser(weights)
 
 
-
-
 @register_criterion
 class ATPCriterion(Criterion):
+    """``bind`` loads the module (a copy of the criterion carrying it, ``Criterion.bound``). ``score`` returns the
+    margin ``tau * max(S_red - theta_r, S_sp - theta_s)`` (soft mask = sigmoid(score)); ``select`` keeps the hard
+    mask ``score > 0``."""
+
     name = "atp"
     paper = "ATP-LLaVA: learned per-instance thresholds on redundancy (self/cross-modal attention) + spatial scores"
     arxiv = "2412.00447"
     params = {
         "weights": Param("shipped", str, "weight file from `vlm-tokenprune train atp`, or 'shipped' (the tiny VLM's)"),
     }
+    # the kept count varies per sample; the budget is the training target (what explain predicts, on average)
+    budget_predicts_count = True
 
-    def bind(self, model: nn.Module, params: Mapping[str, Any], where: str, seams: Any) -> "BoundATP":
+    # set on the copy bind() returns
+    module: ATPModule | None = None
+    scoring_layer: nn.Module | None = None  # decoder layer K-1, whose attention the module reads
+    where: str = "stages[?]"
+
+    def bind(self, model: nn.Module, params: Mapping[str, Any], where: str, seams: Any) -> "ATPCriterion":
         path = resolve_weights(params.get("weights", "shipped"))
         tensors, hparams = load_weights(path, KIND, model, f"{where}.weights")
         module = ATPModule.from_state(tensors, hparams, f"{where}.weights")
@@ -65,22 +74,13 @@ class ATPCriterion(Criterion):
         if not 1 <= module.layer < len(layers):
             raise IncompatiblePolicyError(f"{where}.weights", f"{path!r} was trained for layer {module.layer}, "
                                                               f"beyond this model's 1..{len(layers) - 1}")
-        return BoundATP(module, layers[module.layer - 1], where)  # moved to the hidden states' device on use
-
-    def score(self, ctx: ScoringContext, **params: Any) -> torch.Tensor:
-        raise RuntimeError("atp scores through the object bind() returns (patch() binds it)")
-
-
-class BoundATP(ATPCriterion):
-    """The criterion with its loaded module (what the handle calls). ``score`` returns the margin
-    ``tau * max(S_red - theta_r, S_sp - theta_s)`` (soft mask = sigmoid(score)); ``select`` keeps
-    the hard mask ``score > 0``."""
-
-    def __init__(self, module: ATPModule, scoring_layer: nn.Module, where: str):
-        self.module, self.scoring_layer, self.where = module, scoring_layer, where
+        # the module moves to the hidden states' device on use
+        return self.bound(module=module, scoring_layer=layers[module.layer - 1], where=where)
 
     def outputs(self, ctx: ScoringContext) -> ATPOutput:
         """The module's scores, thresholds and masks for this context (what ``score``/``select`` use)."""
+        if self.module is None:
+            raise RuntimeError("atp scores through the object bind() returns (patch() binds it)")
         if ctx.layer is not self.scoring_layer:
             raise IncompatiblePolicyError(
                 f"{self.where}.layer",

@@ -68,6 +68,11 @@ class Criterion:
     # can size an image's placeholders before the language model runs (VisionZip, VisPruner, DivPrune, AIM merge,
     # uniform, random)
     image_only_fixed_count: ClassVar[bool] = False
+    # Whether ``eval.flops`` / ``explain`` may take a stage's budget as this criterion's kept count. None (default):
+    # yes unless the criterion overrides ``select`` (FEATHER's union with a grid may keep more: the predicted counts
+    # after it are lower bounds). True: yes although it overrides ``select`` (EfficientVLA keeps exactly the budget;
+    # ATP's budget is its training target, what it keeps on average). False: never.
+    budget_predicts_count: ClassVar[bool | None] = None
 
     def score(self, ctx: "ScoringContext", **params: Any) -> torch.Tensor:
         """``[B, N]`` scores over ``ctx.visual_idx``; higher = keep."""

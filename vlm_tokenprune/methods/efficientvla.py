@@ -70,7 +70,7 @@ class EfficientVLACriterion(Criterion):
     needs_text = True  # task relevance is the attention of the text after the image (engine.fit_budget)
     paper = "EfficientVLA: Training-Free Acceleration and Compression for Vision-Language-Action Models"
     arxiv = "2506.10100"
-    keeps_budget_exactly = True  # select() is not a plain top-k, but it keeps exactly ctx.keep[b] tokens
+    budget_predicts_count = True  # select() is not a plain top-k, but it keeps exactly ctx.keep[b] tokens
     params = {
         "k_key": Param(4, int, "key tokens taken first by task relevance (paper: 4, '4 to 8')",
                        check=lambda v: v >= 1, allowed="an integer >= 1"),
