@@ -57,7 +57,11 @@ def test_qwen_placeholders_without_pixels_are_text_too():
 def test_vision_stage_refuses_features_from_another_tower_call():
     """Row 51 after a first run: features made by an earlier tower call (another image) get a named refusal
     instead of the last call's kept set; the features of the last call are accepted."""
+    import inspect
+
     model = build_tiny_llava("sdpa", vision_layers=6)
+    if "mm_encoder_outputs" not in inspect.signature(type(model).forward).parameters:
+        pytest.skip("this transformers runs the tower inside every forward (no precomputed mm_encoder_outputs)")
     a = make_batch(model, [[5, "img", 7]], seed=0)
     b = make_batch(model, [[5, "img", 7]], seed=1)
     kw = dict(vision_feature_layer=model.config.vision_feature_layer, vision_feature_select_strategy="default",

@@ -112,10 +112,10 @@ def test_generation_modes_that_break_the_prefill_contract_are_refused(name, mode
 
 @pytest.mark.parametrize("name,model,inputs", MODELS, ids=[m[0] for m in MODELS])
 def test_assisted_decoding_with_a_weight_level_policy_equals_greedy(name, model, inputs):
-    """Weight-level ops (scope=all) do not depend on the prompt boundary: assisted decoding is allowed there
-    and gives plain greedy's tokens (its contract)."""
+    """prune_heads(scope=all) (the same weights for every token) does not depend on the prompt boundary:
+    assisted decoding is allowed there and gives plain greedy's tokens (its contract)."""
     twin = type(model)(model.config).eval()
-    with torch.no_grad(), vtp.patch(model, "skip_layers:layers=2"):
+    with torch.no_grad(), vtp.patch(model, HEADS_ALL):
         greedy = model.generate(**inputs, max_new_tokens=5, do_sample=False)
         assisted = model.generate(**inputs, max_new_tokens=5, do_sample=False, assistant_model=twin)
         lookup = model.generate(**inputs, max_new_tokens=5, do_sample=False, prompt_lookup_num_tokens=2)

@@ -17,8 +17,8 @@ break it, and are refused by name before anything runs (never a silent differenc
 Continuous batching (``generate_batch``, ``init_continuous_batching``): refused by name, whatever the policy
 (its paged cache is not a ``DynamicCache``; transformers would log every request as failed).
 
-Policies that only change weights for every token (``skip_layers`` / ``prune_heads`` with ``scope=all``)
-do not depend on which forward is the prompt: every mode is allowed with them.
+Policies whose every stage is ``prune_heads`` with ``scope=all`` (the same weights for every token) do not
+depend on which forward is the prompt: every ``generate()`` mode is allowed with them.
 """
 from __future__ import annotations
 
@@ -34,8 +34,10 @@ ASSISTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit
 
 
 def weight_level_only(policy: Any) -> bool:
-    """Every stage is a weight-level op applied to every token (the prompt boundary does not matter)."""
-    return all(s.op in ("skip_layers", "prune_heads") and s.params.get("scope") == "all" for s in policy.stages)
+    """Every stage is ``prune_heads`` with ``scope=all``: the same weights for every token, so the prompt boundary
+    does not matter (``skip_layers`` is weight-level too, but its skipped layers leave their cache empty, which
+    assisted decoding's cache crop cannot handle on every transformers of the supported window)."""
+    return all(s.op == "prune_heads" and s.params.get("scope") == "all" for s in policy.stages)
 
 
 def check_generate(handle: "PatchHandle", kwargs: dict) -> None:
