@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import kept_count, tiny_llava
+from kit import fresh_llava, kept_count, tiny_llava
 from reference import flowcut_vit_oracle as fc
 from reference import pre_llm_fastv_oracle as pf
 from reference import fastv_oracle as fv
@@ -138,7 +138,7 @@ def test_explain_and_flops_prediction(capsys):
 
 def test_full_select_strategy_keeps_cls_in_the_llm_input():
     """``vision_feature_select_strategy="full"``: the CLS feature reaches the LLM; FlowCut always keeps it."""
-    model = tiny_llava("sdpa", vision_layers=6)
+    model = fresh_llava("sdpa", vision_layers=6)
     model.config.vision_feature_select_strategy = "full"
     inputs = make_batch(model, ROWS)  # 37 placeholders per image
     with vtp.patch(model, "flowcut_vit:tokens=8,positions=gaps") as h, torch.no_grad():

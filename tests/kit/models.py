@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 
 import torch
 
@@ -101,6 +102,18 @@ def _shared(key: tuple, build):
     return _SHARED[key]
 
 
+def _changed_fields(then: str, now: str, prefix: str = "") -> dict:
+    """``{field: (before, after)}`` of two configs' JSON (nested fields dotted)."""
+    a, b = (json.loads(x) if isinstance(x, str) else x for x in (then, now))
+    out = {}
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out.update(_changed_fields(a[k], b[k], f"{prefix}{k}."))
+        elif a.get(k) != b.get(k):
+            out[prefix + k] = (a.get(k), b.get(k))
+    return out
+
+
 def changed_shared_models() -> list[str]:
     """What changed in the shared models since they were built (weights, hooks, backend, class, mode, configs);
     a changed model is dropped from the cache, so later tests get a new one."""
@@ -115,8 +128,8 @@ def changed_shared_models() -> list[str]:
                    or now["state"][k].dtype != then["state"][k].dtype or not torch.equal(now["state"][k], then["state"][k])]
             if bad:
                 out.append(f"{key}: weights changed ({bad[:3]})")
-        out += [f"{key}: {f} {then[f]!r} -> {now[f]!r}" for f in ("hooks", "attn", "class", "training", "config", "generation_config")
-                if now[f] != then[f]]
+        out += [f"{key}: {f} {then[f]!r} -> {now[f]!r}" for f in ("hooks", "attn", "class", "training") if now[f] != then[f]]
+        out += [f"{key}: {f} {_changed_fields(then[f], now[f])}" for f in ("config", "generation_config") if now[f] != then[f]]
         if len(out) > n:
             del _SHARED[key], _AS_BUILT[key]
     return out
