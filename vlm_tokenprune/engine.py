@@ -138,7 +138,7 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         if stage.op == "visual_drop":
             prev = [0] * len(prev)
             continue
-        if stage.op not in ("prune", "merge") or stage.site == "vision":  # vision budgets count patches per crop
+        if stage.op not in ("prune", "merge") or stage.is_vision:  # vision budgets count patches per crop
             continue
         k = [stage.budget.count(n, p) for n, p in zip(counts, prev)]
         prev, _ = fit_budget(handle, i, stage, k, prev)

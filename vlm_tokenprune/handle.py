@@ -260,15 +260,15 @@ class PatchHandle:
             lines += [f"policy as written: {requested.to_string()}",
                       f"policy on this model ({self.seams.num_layers} decoder layers): {self.policy.to_string()}"]
         for i, st in enumerate(self.policy.stages):
-            if st.site == "vision":
+            if st.is_vision:
                 lines.append(f"stage {i}: {st.describe()}  ({st.op} between vision-encoder layers; empty slots dropped "
                              f"at the language model's input, positions {st.params['positions']})")
-            elif st.site == "pre_llm":
+            elif st.is_pre_llm:
                 lines.append(f"stage {i}: {st.describe()}  ({st.op} at the language model's input, before layer 0; "
                              f"positions {st.params['positions']})")
             elif st.op == "prune":
                 after = ("; among the tokens the pre_llm stage left, keep counted of the original visual tokens"
-                         if any(s.site == "pre_llm" for s in self.policy.stages[:i]) else "")
+                         if any(s.is_pre_llm for s in self.policy.stages[:i]) else "")
                 lines.append(f"stage {i}: {st.describe()}  (scores on layer {st.layer - 1}'s input, drops before "
                              f"layer {st.layer}{after})")
             elif st.op == "visual_drop":

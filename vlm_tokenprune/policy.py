@@ -28,9 +28,9 @@ from typing import Any, Mapping
 
 from .errors import IncompatiblePolicyError, PolicyError, UnknownNameError
 from .registry import CRITERIA, PRESETS
+from .site_kind import INPUT_SITES, SITES, VISION, SiteKind
 from .structural.spec import STRUCTURAL_OPS, TOKEN_OPS, check_structural, params_to_dict, params_to_string
 
-SITES = ("llm", "pre_llm", "vision")  # vision: between vision-encoder layers (``vlm_tokenprune.vision``)
 RESERVED_SITES: tuple[str, ...] = ()
 TOKEN_CRITERION_OPS = ("prune", "merge")  # ops run by a criterion (merge: pre_llm only)
 OPS = TOKEN_CRITERION_OPS + STRUCTURAL_OPS
@@ -114,7 +114,7 @@ def check_budget(keep: Any, tokens: Any, where: str) -> None:
 
 
 @dataclass(frozen=True)
-class Stage:
+class Stage(SiteKind):
     """One reduction step: at ``site``/``layer``, do ``op`` with ``criterion`` under ``budget``.
 
     ``layer`` (site "llm") is the decoder layer whose INPUT is shortened; criteria score
@@ -161,7 +161,12 @@ class Stage:
     @property
     def changes_tokens(self) -> bool:
         """LLM-site token-set ops (``prune``, ``visual_drop``): ordered by layer, run by the engine's layer hooks."""
-        return self.site == "llm" and self.op in TOKEN_OPS
+        return self.is_llm and self.op in TOKEN_OPS
+
+    @property
+    def scores_on_llm_layer(self) -> bool:
+        """An LLM-site prune stage: its criterion reads decoder layer ``layer - 1`` (attention, keys)."""
+        return self.is_llm and self.op == "prune"
 
     def to_dict(self) -> dict:
         if self.structural:
@@ -191,9 +196,9 @@ class Stage:
             return f"{self.op}:{','.join(head + ([rest] if rest else []))}" if head or rest else self.op
         b = self.budget.describe()
         extra = "".join(f",{k}={v}" for k, v in sorted(self.params.items()))
-        where = "site=pre_llm" if self.site == "pre_llm" else f"layer={self.layer}"  # op follows from the criterion
+        where = "site=pre_llm" if self.is_pre_llm else f"layer={self.layer}"  # op follows from the criterion
         where += "" if self.depth is None else f",depth={self.depth}"
-        if self.site == "vision":
+        if self.is_vision:
             where = "site=vision" + ("" if self.layer is None else f",layer={self.layer}")
         return f"{self.criterion}:{where},{b}{extra}"
 
@@ -218,16 +223,16 @@ class Policy:
         for op in set(ops):
             if ops.count(op) > 1:
                 raise PolicyError(f"stages[{len(self.stages) - 1}].op", f"{op} appears twice; give one stage per structural op")
-        vis = [i for i, s in enumerate(self.stages) if s.site == "vision"]
+        vis = [i for i, s in enumerate(self.stages) if s.is_vision]
         if len(vis) > 1:
             raise PolicyError(f"stages[{vis[1]}].site", "a policy takes one vision stage; allowed: at most one")
         if vis and vis[0] != 0:
             raise PolicyError(f"stages[{vis[0]}].site", "a vision stage acts before the language model; allowed: list "
                               "it first")
-        if vis and any(s.site == "pre_llm" for s in self.stages):
+        if vis and any(s.is_pre_llm for s in self.stages):
             raise PolicyError(f"stages[{vis[0]}].site", "a vision stage and a pre_llm stage both reduce the language "
                               "model's input; allowed: one of them")
-        pre = [i for i, s in enumerate(self.stages) if s.site == "pre_llm"]
+        pre = [i for i, s in enumerate(self.stages) if s.is_pre_llm]
         if len(pre) > 1:
             raise PolicyError(f"stages[{pre[1]}].site", "a policy takes one pre_llm stage; allowed: at most one")
         first_llm = next((i for i, s in enumerate(self.stages) if s.changes_tokens), None)
@@ -238,9 +243,9 @@ class Policy:
                 f"LLM token stage (stage {first_llm} is one)",
             )
         # budgets never grow: the pre_llm stage (before layer 0) then the LLM token stages by layer
-        llm = [(i, s) for i, s in enumerate(self.stages) if s.changes_tokens or s.site == "pre_llm"]
+        llm = [(i, s) for i, s in enumerate(self.stages) if s.changes_tokens or s.is_pre_llm]
         for (_, a), (i, b) in zip(llm, llm[1:]):
-            if a.site == "pre_llm":
+            if a.is_pre_llm:
                 _check_budgets_shrink(a, b, i)
                 continue
             if b.layer <= a.layer:
@@ -582,7 +587,7 @@ def _build_stage(fields: dict, where: str) -> Stage:
     crit = CRITERIA.get(name, f"{where}.criterion")
     site = fields.pop("site", "llm")
     op = fields.pop("op", crit.op)
-    default_layer = getattr(crit, "default_layer", None) if site == "vision" else None  # the method's own first layer
+    default_layer = getattr(crit, "default_layer", None) if site == VISION else None  # the method's own first layer
     layer, depth = fields.pop("layer", default_layer), fields.pop("depth", None)
     keep, tokens = fields.pop("keep", None), fields.pop("tokens", None)
     if isinstance(keep, int) and not isinstance(keep, bool):
@@ -611,7 +616,7 @@ def _check_depth_field(st: Stage, where: str) -> None:
     """``depth``: the decoder depth an LLM-site ``layer`` was written for (an integer > ``layer``)."""
     if st.depth is None:
         return
-    if st.site != "llm" or st.layer is None:
+    if not st.is_llm or st.layer is None:
         raise PolicyError(f"{where}.depth", "only applies to an LLM-site stage with a layer (the decoder depth that "
                           "layer was written for)")
     if isinstance(st.depth, bool) or not isinstance(st.depth, int) or st.depth < 2:
@@ -651,10 +656,10 @@ def _check_stage(st: Stage, where: str) -> Stage:
         raise PolicyError(f"{where}.site", f"criterion {st.criterion!r} does not run at site {st.site!r}; allowed: {', '.join(crit.sites)}")
     if st.op != crit.op:
         raise PolicyError(f"{where}.op", f"criterion {st.criterion!r} is a {crit.op} criterion; allowed: {crit.op}")
-    if st.site == "pre_llm":
+    if st.is_pre_llm:
         if st.layer is not None:
             raise PolicyError(f"{where}.layer", "a pre_llm stage takes no layer (it reduces the language model's input)")
-    elif st.site == "vision":
+    elif st.is_vision:
         if st.layer is not None and not getattr(crit, "takes_layer", False):
             raise PolicyError(f"{where}.layer", f"criterion {st.criterion!r} takes no layer (its schedule follows the "
                               "vision feature layer)")
@@ -709,7 +714,7 @@ class Preset:
     def expand(self, overrides: dict, where: str) -> list[Stage]:
         if len(self.stages) == 1:
             base = dict(self.stages[0])
-            if overrides.get("site") in ("pre_llm", "vision"):  # no decoder layer there (an LLM preset's layer goes)
+            if overrides.get("site") in INPUT_SITES:  # no decoder layer there (an LLM preset's layer goes)
                 base.pop("layer", None)
                 base.pop("depth", None)
             if "layer" in overrides:  # an explicit layer is absolute (unless a depth is given with it)
@@ -768,7 +773,7 @@ class Preset:
             if st.get("criterion") in CRITERIA:
                 crit = CRITERIA.get(st["criterion"])
                 keys |= set(crit.params)
-                if st.get("site") in ("pre_llm", "vision"):
+                if st.get("site") in INPUT_SITES:
                     keys.add("positions")
         if any("keep" in st for st in self.stages):
             keys.add("rounding")

@@ -124,7 +124,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
         handle.add_hook(f"{type(lm).__name__}: forward pre-hook (DeepStack features at the pre-LLM kept tokens)",
                         lm.register_forward_pre_hook(mark_hook(lm_pre), with_kwargs=True))
-        if not any(st.site == "llm" and st.changes_tokens and st.layer < self.deepstack_layers(model)
+        if not any(st.changes_tokens and st.layer < self.deepstack_layers(model)
                    for st in handle.policy.stages):
             return
         original = lm._deepstack_process

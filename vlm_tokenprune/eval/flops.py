@@ -180,7 +180,7 @@ def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
     cur = n_visual
     for i, st in enumerate(pol.stages):
         # shortens the language model's input: every layer sees k visual tokens (vision: n_visual = one crop's patches)
-        if st.site in ("pre_llm", "vision"):
+        if st.reduces_input:
             k = st.budget.count(n_visual, cur)
             params = {key: v for key, v in st.params.items() if key != "positions"}
             scoring.append(0.0 if k == cur else scoring_flops(g, st.criterion, n_text + cur, cur, params))
@@ -259,7 +259,7 @@ def trace_flops(text_config: Any, trace: Any, logits_tokens: int = 1, policy: An
         if params is not None:
             params.pop("positions", None)  # a pre_llm stage's, not the criterion's
         scoring.append(0.0 if noop else scoring_flops(g, s.criterion, s.tokens_before, n_vis, params))
-    pre = [s for s in trace.stages if s.site in ("pre_llm", "vision")]  # layer 0 saw the reduced input: baseline = its length before
+    pre = [s for s in trace.stages if s.reduces_input]  # layer 0 saw the reduced input: baseline = its length before
     full = pre[0].tokens_before if pre else tokens[0]
     out = _result(g, tokens, [full] * len(tokens), scoring, logits_tokens)
     out["lower_bound_stages"] = []

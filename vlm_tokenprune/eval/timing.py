@@ -194,7 +194,7 @@ class LMPrefillCall:
 
     def prepare(self, policy: "Policy | None") -> None:
         """``policy``: the one the model is patched with now (None: unpatched)."""
-        vision = policy is not None and any(s.site == "vision" for s in policy.stages)
+        vision = policy is not None and any(s.is_vision for s in policy.stages)
         self.lm_inputs = encode_images(self.model, self.inputs) if vision else self.base
 
     def __call__(self):

@@ -76,7 +76,7 @@ def kept_tokens(model, processor, image, question: str, policy: Any, *, backend:
         if s.sources is not None:
             on_grid = ([cell(p) for p in src if bool(first_grid[p])] for src in s.sources[0])
             groups = [g for g in on_grid if len(g) >= 2]
-        where = f"before layer {s.layer}" if s.site == "llm" else f"at {s.site}"
+        where = f"before layer {s.layer}" if s.is_llm else f"at {s.site}"
         number = numbers[i] if len(numbers) == len(trace.stages) else i
         title = f"stage {number}: {s.criterion} {where}: {s.visual_after[0]}/{s.visual_before[0]} kept"
         panels.append(StagePanel(title, grid, [cell(p) for p in kept], s.visual_before[0], s.visual_after[0], groups))

@@ -142,7 +142,7 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
         pol = joint.policy(levels_)
         if pol is None:
             return False
-        read = {st.layer - 1 for st in pol.stages if st.op == "prune" and st.site == "llm"}
+        read = {st.layer - 1 for st in pol.stages if st.scores_on_llm_layer}
         removed = {a for st in pol.stages if st.op == "skip_sublayers" for a in st.params.get("attn", ())}
         return bool(read & removed)
 

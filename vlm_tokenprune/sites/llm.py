@@ -46,7 +46,7 @@ def check(target: "PatchTarget") -> LLMPlan:
             )
     stages = target.policy.stages
     return LLMPlan(
-        stage_after={st.layer - 1: i for i, st in enumerate(stages) if st.op == "prune" and st.site == "llm"},
+        stage_after={st.layer - 1: i for i, st in enumerate(stages) if st.scores_on_llm_layer},
         stage_at={st.layer: i for i, st in enumerate(stages) if st.changes_tokens},
     )
 

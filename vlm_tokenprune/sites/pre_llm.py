@@ -33,7 +33,7 @@ def check(target: "PatchTarget") -> bool:
     """True when the language model's input hook is needed (a pre_llm or vision stage)."""
     model, adapter, seams = target.model, target.adapter, target.seams
     for i, st in enumerate(target.policy.stages):
-        if st.site != "pre_llm":
+        if not st.is_pre_llm:
             continue
         if seams.language_model is None or not adapter.supports_pre_llm:
             raise IncompatiblePolicyError(
@@ -48,7 +48,7 @@ def check(target: "PatchTarget") -> bool:
                 f"{st.params.get('positions')!r} is not defined for {model.config.model_type!r} "
                 f"({adapter.pre_llm_positions_why}); allowed: {', '.join(allowed)}",
             )
-    return any(st.site in ("pre_llm", "vision") for st in target.policy.stages)
+    return any(st.reduces_input for st in target.policy.stages)
 
 
 def install(handle: PatchHandle, needed: bool) -> None:
@@ -87,9 +87,9 @@ def lm_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
 def _pre_llm_prefill(handle: "PatchHandle", st: ForwardState, kwargs: dict) -> None:
     """Run the policy's pre_llm stage on the language model's input ``kwargs`` (in place)."""
     t0 = time.perf_counter()
-    i = next(i for i, s in enumerate(handle.policy.stages) if s.site in ("pre_llm", "vision"))
+    i = next(i for i, s in enumerate(handle.policy.stages) if s.reduces_input)
     stage = handle.policy.stages[i]
-    if stage.site == "vision":  # the vision tower already reduced: drop its empty slots (vlm_tokenprune.vision)
+    if stage.is_vision:  # the vision tower already reduced: drop its empty slots (vlm_tokenprune.vision)
         return vision_hooks.lm_prefill(handle, st, kwargs, stage, t0)
     hidden = kwargs.get("inputs_embeds")
     if hidden is None:

@@ -119,7 +119,7 @@ def text_only_kv_heads(pruned: Any, num_heads: int, num_kv_heads: int) -> tuple[
 def capture_layers(policy: Policy) -> set[int]:
     """Layers whose k/v_proj outputs a token stage's criterion captures (kept unsliced, so criteria
     read the same keys with and without head pruning)."""
-    return {st.layer - 1 for st in policy.stages if st.op == "prune" and st.site == "llm"}
+    return {st.layer - 1 for st in policy.stages if st.scores_on_llm_layer}
 
 
 def _layers(spec: Any, n: int, where: str) -> tuple[int, ...]:

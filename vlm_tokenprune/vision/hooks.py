@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 
 def vision_stage_index(policy: Any) -> int | None:
-    return next((i for i, s in enumerate(policy.stages) if s.site == "vision"), None)
+    return next((i for i, s in enumerate(policy.stages) if s.is_vision), None)
 
 
 def install(handle: "PatchHandle", vs: "VisionSeams") -> None:
