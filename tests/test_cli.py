@@ -33,7 +33,9 @@ def test_explain_prints_stages_tokens_and_ratio(capsys):
     assert code == 0
     assert "stage 0: fastv:layer=2,keep=0.5" in out
     assert "layers 0-1" in out and ": 640" in out and ": 352" in out
-    assert "ratio    : 0.572" in out  # 57.2 % of baseline on LLaVA-1.5-7B (exact count)
+    assert "LLM      : 4.867 TFLOPs of 8.504 TFLOPs (ratio 0.5723)" in out  # 57.2 % on LLaVA-1.5-7B's LLM (exact count)
+    # the headline is the total: CLIP ViT-L/14-336 (0.38 TFLOPs) and the projector run whole under an LLM stage
+    assert "ratio    : 0.5918 of baseline" in out and "vision   : 0.3819 TFLOPs of 0.3819 TFLOPs" in out
 
 
 def test_explain_json_and_other_geometries(capsys):

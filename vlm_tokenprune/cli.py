@@ -168,6 +168,17 @@ def _n_visual_from_config(cfg: Any) -> int | None:
     return per_tile
 
 
+_TOWER_TYPES = {"llava": "clip_vision_model", "llava_next": "clip_vision_model", "llava_onevision": "siglip_vision_model",
+                "qwen2_vl": "qwen2_vl"}  # profile's geometries whose tower eval.flops counts
+
+
+def _with_tower(text: dict, geo: dict | None) -> dict:
+    """Text numbers plus the geometry's vision tower (so explain counts tower + projector FLOPs), when known."""
+    if geo is None or geo.get("family") not in _TOWER_TYPES:
+        return text
+    return {"text_config": dict(text), "vision_config": {**geo["vision"], "model_type": _TOWER_TYPES[geo["family"]]}}
+
+
 def _load_model_config(spec: str) -> tuple[Any, int | None, str]:
     """``spec``: a known name or a path to a config.json -> (config or text numbers, visual tokens, description)."""
     from .errors import InputError
@@ -181,7 +192,7 @@ def _load_model_config(spec: str) -> tuple[Any, int | None, str]:
             n_visual = geo["grid"][0] * geo["grid"][1]
         else:
             n_visual = (vis["image_size"] // vis["patch_size"]) ** 2
-        return dict(geo["text"]), n_visual, geo["description"]
+        return _with_tower(dict(geo["text"]), geo), n_visual, geo["description"]
     if spec in KNOWN_MODELS:
         numbers, n_visual, desc = KNOWN_MODELS[spec]
         if numbers is None:  # tiny: the shipped model's config (no weights loaded)
@@ -191,6 +202,8 @@ def _load_model_config(spec: str) -> tuple[Any, int | None, str]:
 
             numbers = AutoConfig.from_pretrained(ASSET_DIR)
             n_visual = _n_visual_from_config(numbers) or n_visual
+        elif spec in KNOWN_GEOMETRIES:
+            numbers = _with_tower(numbers, KNOWN_GEOMETRIES[spec])
         return numbers, n_visual, desc
     if not os.path.isfile(spec):
         raise InputError("--model-config", f"{spec!r} is neither a known model ({', '.join(model_names())}) nor a "
@@ -269,7 +282,7 @@ def _estimate_calibrated_heads(pol: Any, num_layers: int, num_heads: int) -> tup
 def cmd_explain(args: argparse.Namespace) -> int:
     from . import CRITERIA
     from .errors import InputError
-    from .eval.flops import FORMULA, TextGeometry, policy_flops
+    from .eval.flops import FORMULA, VISION_FORMULA, TextGeometry, policy_flops
 
     cfg, n_visual, desc = _load_model_config(args.model_config)  # a bad model name before a slow parse
     requested = read_policy(args.policy, _family(args.model_config, cfg))
@@ -283,12 +296,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     pol = requested.at_depth(g.num_hidden_layers)  # a preset's paper layers on this model (as patch() does)
     counted, estimated = _estimate_calibrated_heads(pol, g.num_hidden_layers, g.num_attention_heads)
     structural = [st for st in pol.stages if st.criterion is None]
-    res = policy_flops(g, counted, args.n_text, n_visual)
+    res = policy_flops(cfg, counted, args.n_text, n_visual)  # the config: tower + projector counted where known
     if structural:  # layer skips, head pruning, FFN cuts...: what this implementation really computes
         from .eval.flops import structural_flops
 
-        res.update({k: v for k, v in structural_flops(g, counted, args.n_text, n_visual).items()
-                    if k in ("flops", "ratio", "nominal_flops", "nominal_ratio", "mask_only", "partial")})
+        sf = structural_flops(g, counted, args.n_text, n_visual)
+        rest = res["flops"] - res["llm_flops"]  # tower + projector (structural ops act in the LLM only)
+        res.update({k: v for k, v in sf.items() if k in ("mask_only", "partial")})
+        res.update(llm_flops=sf["flops"], llm_ratio=sf["ratio"], flops=rest + sf["flops"],
+                   ratio=(rest + sf["flops"]) / res["baseline_flops"],
+                   nominal_flops=rest + sf["nominal_flops"], nominal_ratio=(rest + sf["nominal_flops"]) / res["baseline_flops"],
+                   llm_nominal_ratio=sf["nominal_ratio"])
     if args.json:
         print(json.dumps({"policy": pol.to_dict(), "requested_policy": requested.to_dict(), "estimated": estimated,
                           "model": args.model_config, "n_text": args.n_text, "n_visual": n_visual, "formula": FORMULA,
@@ -307,16 +325,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
             continue
         crit = CRITERIA.get(st.criterion)
         ref = f"  [{crit.paper}{', arXiv ' + crit.arxiv if crit.arxiv else ''}]" if crit.paper else ""
-        if st.is_pre_llm:
+        if st.site == "pre_llm":
             print(f"  stage {i}: {st.describe()}  (site {st.site}, op {st.op}; reduces the language model's input, "
                   f"before layer 0){ref}")
             continue
-        if st.is_vision:
+        if st.site == "vision":
             print(f"  stage {i}: {st.describe()}  (site {st.site}, op {st.op}; between vision-encoder layers, budget "
                   f"per crop; the LLM sees the kept tokens from layer 0){ref}")
             continue
         after = ("; among the tokens the pre_llm stage left, keep counted of the original visual tokens"
-                 if any(s.is_pre_llm for s in pol.stages[:i]) else "")
+                 if any(s.site == "pre_llm" for s in pol.stages[:i]) else "")
         print(f"  stage {i}: {st.describe()}  (site {st.site}, op {st.op}; scores on layer {st.layer - 1}'s input, "
               f"drops before layer {st.layer}{after}){ref}")
     print(f"model: {args.model_config}: {desc}")
@@ -333,9 +351,21 @@ def cmd_explain(args: argparse.Namespace) -> int:
               "handle.last_trace() gives the real counts)")
     print("theoretical prefill FLOPs (exact Llama count, vlm_tokenprune.eval.flops):")
     print(f"  formula  : {FORMULA}")
+    if res["vision_flops"] is not None:
+        print(f"             {VISION_FORMULA}")
     print(f"  baseline : {_tflops(res['baseline_flops'])}")
     print(f"  policy   : {_tflops(res['flops'])}")
-    print(f"  ratio    : {res['ratio']:.4f} of baseline ({100 * res['ratio']:.1f} %, {1 / res['ratio']:.2f}x fewer)")
+    print(f"  ratio    : {res['ratio']:.4f} of baseline ({100 * res['ratio']:.1f} %, {1 / res['ratio']:.2f}x fewer)"
+          f"{'  (vision tower + projector + LLM)' if res['vision_flops'] is not None else '  (LLM only: no known tower)'}")
+    for part, key in (("LLM", "llm"), ("vision", "vision"), ("projector", "projector")):
+        if res[f"{key}_flops"] is not None:
+            b = res[f"{key}_baseline_flops"]
+            print(f"    {part:9s}: {_tflops(res[f'{key}_flops'])} of {_tflops(b)}"
+                  f" (ratio {res[f'{key}_flops'] / b:.4f})" if b else f"    {part:9s}: 0")
+    if res["vision_upper_bound_stages"]:
+        which = ", ".join(str(i) for i in res["vision_upper_bound_stages"])
+        print(f"    (stage(s) {which}: the tower is counted at full length, an upper bound: the criterion's in-tower "
+              "schedule depends on the image; trace_flops on handle.last_trace() counts what each layer saw)")
     if structural:
         print(f"  nominal  : {res['nominal_ratio']:.4f} of baseline (what the operations' semantics allow)")
         for key, what in (("mask_only", "simulated with masks, no saving"), ("partial", "savings only partly realised")):

@@ -12,7 +12,6 @@ import torch
 
 from .adapters.base import VisualLayout
 from .policy import Stage
-from .site_kind import SiteKind
 
 
 @dataclass
@@ -78,7 +77,7 @@ class PrefillRecord:
         """The last stage at or below ``layer`` that changed the sequence."""
         out = None
         for r in self.records:
-            if r.stage.is_llm and r.stage.layer <= layer and not r.noop:
+            if r.stage.site == "llm" and r.stage.layer <= layer and not r.noop:
                 out = r
         return out
 
@@ -104,7 +103,7 @@ class ForwardState:
 
 
 @dataclass
-class StageTrace(SiteKind):
+class StageTrace:
     site: str
     layer: int
     criterion: str
@@ -121,6 +120,9 @@ class StageTrace(SiteKind):
     vision_tokens_per_layer: list[int] | None = None
     # rows that kept all their visual tokens at this stage although the policy asked for fewer: {row: why}
     kept_all: dict[int, str] = field(default_factory=dict)
+    # vision stages: crops the tower encoded (the whole batch) and the tokens of each the projector saw
+    vision_crops: int | None = None
+    vision_kept_patches: int | None = None
 
 
 @dataclass
@@ -140,12 +142,11 @@ class Trace:
             if r.merged_into is not None:
                 into = r.merged_into.cpu()
                 sources = [[(into[b] == p).nonzero().flatten().tolist() for p in row] for b, row in enumerate(kv)]
-            vision = r.stage.is_vision and st.vision is not None
             stages.append(
                 StageTrace(
                     site=r.stage.site,
                     # pre_llm / vision: shortens layer 0's input
-                    layer=r.stage.layer if r.stage.layer is not None and r.stage.is_llm else 0,
+                    layer=r.stage.layer if r.stage.layer is not None and r.stage.site == "llm" else 0,
                     criterion=r.stage.criterion if r.stage.criterion is not None else r.stage.op,
                     kept_positions=kv,
                     visual_before=r.visual_before.tolist(),
@@ -154,8 +155,13 @@ class Trace:
                     tokens_after=r.tokens_after,
                     seconds=r.seconds if st.phase == "prefill" else 0.0,
                     sources=sources,
-                    vision_tokens_per_layer=(list(st.vision.tokens_per_layer) if vision else None),
+                    vision_tokens_per_layer=(list(st.vision.tokens_per_layer)
+                                             if r.stage.site == "vision" and st.vision is not None else None),
                     kept_all=dict(getattr(r, "relaxed", {}) or {}),
+                    vision_crops=(int(st.vision.ident.shape[0])
+                                  if r.stage.site == "vision" and st.vision is not None else None),
+                    vision_kept_patches=(int(st.vision.ident.shape[1] - st.vision.offset)
+                                         if r.stage.site == "vision" and st.vision is not None else None),
                 )
             )
         return cls(phase=st.phase, stages=stages, tokens_per_layer=list(st.tokens_per_layer))

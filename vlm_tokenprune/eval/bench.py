@@ -18,7 +18,8 @@ final 1 token) are unchanged.
 
 Per run: exact-match accuracy per question type (and ``"all"``), the mean sequence length each
 decoder layer saw per example, theoretical prefill FLOPs (``flops.trace_flops`` on each example's
-own trace, i.e. per row without batch padding; ratio = sum over examples / baseline sum), the
+own trace, i.e. per row without batch padding; ratio = sum over examples / baseline sum; ``ratio``
+counts the vision tower + projector + LLM, ``llm_ratio`` the language model alone), the
 measured LM-prefill ratio on the first batch (``profiler.interleaved``: median patched / median
 baseline over ``timing_iters`` interleaved runs), the mean kept row of each stage's visual tokens
 (0 = top of the image, 1 = bottom) and every prediction.
@@ -90,6 +91,8 @@ def row_trace(trace: Trace, b: int, length: int, n_visual: int, num_layers: int)
             site=s.site, layer=s.layer, criterion=s.criterion, kept_positions=[s.kept_positions[b]],
             visual_before=[s.visual_before[b]], visual_after=[s.visual_after[b]],
             tokens_before=n_text + s.visual_before[b], tokens_after=n_text + s.visual_after[b], seconds=s.seconds,
+            vision_tokens_per_layer=s.vision_tokens_per_layer, vision_kept_patches=s.vision_kept_patches,
+            vision_crops=(s.vision_crops // max(1, len(s.visual_before)) if s.vision_crops is not None else None),
         ))
     return Trace(phase="prefill", stages=stages, tokens_per_layer=[n_text + v for v in visual])
 
@@ -175,7 +178,7 @@ def evaluate_policy(model, processor, examples: Sequence[dict], policy: Any = No
                     backend: str = "auto", max_new_tokens: int = 4, progress=None) -> dict:
     """Answer ``examples`` with ``policy`` (None: unpatched); predictions plus per-example tokens and FLOPs."""
     from .. import patch
-    from .flops import prefill_flops, trace_flops
+    from .flops import prefill_flops, trace_flops, unpruned_flops
     from .tiny_vlm import answer
 
     pol = Policy.parse(policy) if policy is not None else None
@@ -199,14 +202,18 @@ def evaluate_policy(model, processor, examples: Sequence[dict], policy: Any = No
 
     L = model.config.text_config.num_hidden_layers
     tokens, flops, base, scoring, kept_visual, kept_idx = [], [], [], [], [], []
+    llm: list[float] = []  # the language model alone (flops / base: vision tower + projector + LLM)
+    llm_base: list[float] = []
     n_stages = _n_token_stages(pol)
     row_sums = [[0.0, 0] for _ in range(n_stages)]
     for r in rec.records:
         for b, (length, n_vis) in enumerate(zip(r["lengths"], r["n_visual"])):
             if r["trace"] is None:  # baseline, or an input the patch passed through
                 t = [length] * L
-                flops.append(prefill_flops(model.config, t))
+                flops.append(unpruned_flops(model.config, length - n_vis, n_vis)["flops"])  # tower + projector + LLM
                 base.append(flops[-1])
+                llm.append(prefill_flops(model.config, t))
+                llm_base.append(llm[-1])
                 scoring.append(0.0)
                 kept_visual.append([])
                 kept_idx.append([])
@@ -219,9 +226,13 @@ def evaluate_policy(model, processor, examples: Sequence[dict], policy: Any = No
 
                     sf = structural_flops(model.config, pol, length - n_vis, n_vis, plan=plan,
                                           subset_attention=bool(getattr(handle, "structural_attention", True)))
-                    fl = {**fl, "flops": sf["flops"], "baseline_flops": sf["baseline_flops"]}
+                    fl = {**fl, "flops": fl["flops"] - fl["llm_flops"] + sf["flops"], "llm_flops": sf["flops"],
+                          "baseline_flops": fl["baseline_flops"] - fl["llm_baseline_flops"] + sf["baseline_flops"],
+                          "llm_baseline_flops": sf["baseline_flops"]}
                 flops.append(fl["flops"])
                 base.append(fl["baseline_flops"])
+                llm.append(fl["llm_flops"])
+                llm_base.append(fl["llm_baseline_flops"])
                 scoring.append(fl["scoring_flops"])
                 kept_visual.append([s.visual_after[0] for s in tr.stages])
                 first = r["first_visual"][b]
@@ -241,7 +252,8 @@ def evaluate_policy(model, processor, examples: Sequence[dict], policy: Any = No
         "tokens_per_layer": [sum(t[layer] for t in tokens) / n for layer in range(L)],
         "flops_per_example": sum(flops) / n,
         "baseline_flops_per_example": sum(base) / n,
-        "flops_ratio": sum(flops) / sum(base) if base else 1.0,
+        "flops_ratio": sum(flops) / sum(base) if base else 1.0,  # vision tower + projector + LLM
+        "llm_flops_ratio": sum(llm) / sum(llm_base) if llm_base else 1.0,  # the language model alone
         "scoring_flops_per_example": None if any(s is None for s in scoring) else sum(scoring) / n,
         "kept_row_mean": [s / c if c else None for s, c in row_sums],
     }
@@ -335,7 +347,8 @@ def run_bench(policies: Sequence[Any], budgets: Sequence[float] | None = None, *
                 "tokens_per_layer": ev["tokens_per_layer"],
                 "kept_visual_per_stage": [statistics.fmean(k[i] for k in ev["kept_visual_per_example"])
                                           for i in range(_n_token_stages(pol))] if pol is not None else [],
-                "flops": {"ratio": ev["flops_ratio"], "per_example": ev["flops_per_example"],
+                "flops": {"ratio": ev["flops_ratio"], "llm_ratio": ev["llm_flops_ratio"],
+                          "per_example": ev["flops_per_example"],
                           "baseline_per_example": ev["baseline_flops_per_example"],
                           "scoring_per_example": ev["scoring_flops_per_example"]},
                 "prefill": timing,
@@ -374,14 +387,16 @@ def _fmt_tokens(tpl: Sequence[float]) -> str:
 def markdown_table(result: dict) -> str:
     """One line per run: tokens per layer, FLOPs and prefill ratios, accuracy overall and per type."""
     qtypes = [k for k in result["runs"][0]["accuracy"] if k != "all"]
-    head = ["policy", "keep", "tokens per layer (mean)", "FLOPs ratio", "prefill ratio", "acc all", *qtypes]
+    head = ["policy", "keep", "tokens per layer (mean)", "FLOPs ratio (total)", "LLM FLOPs ratio", "prefill ratio",
+            "acc all", *qtypes]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["runs"]:
         acc = r["accuracy"]
         keep = "-" if r["budget"] is None else f"{r['budget']:g}"
         lines.append("| " + " | ".join([
             f"`{r['label']}`" if r["policy"] is not None else "baseline", keep, _fmt_tokens(r["tokens_per_layer"]),
-            f"{r['flops']['ratio']:.3f}", _ratio(r["prefill"]["measured_ratio"]), f"{acc['all']:.3f}",
+            f"{r['flops']['ratio']:.3f}", _ratio(r["flops"].get("llm_ratio")), _ratio(r["prefill"]["measured_ratio"]),
+            f"{acc['all']:.3f}",
             *[f"{acc[q]:.3f}" for q in qtypes],
         ]) + " |")
     for s in result.get("skipped", []):  # run_bench's (label, budget, error); accuracy_tiny's (preset, why)

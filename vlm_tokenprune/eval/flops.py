@@ -16,8 +16,22 @@ arXiv 2412.13180) counted in FLOPs rather than multiply-accumulates and with the
 SwiGLU matrix. A prefill adds the LM head ``2 * d * V`` per token whose logits are
 computed (1 by default: generation needs only the last token's logits).
 
-Not counted: norms, RoPE, softmax, embeddings, the vision tower and the projector (both
-are untouched by LLM-site policies). Biases (Qwen2's q/k/v) are ignored.
+The vision tower and the projector are counted too (``VisionGeometry``: CLIP / SigLIP towers of
+LLaVA / LLaVA-NeXT, Qwen2-VL's tower and merger), so vision-site stages (FlowCut's ViT part, MCTF)
+show their tower savings. ``policy_flops`` / ``trace_flops`` report each part and the total:
+``flops`` / ``baseline_flops`` / ``ratio`` are the TOTAL (vision + projector + LLM);
+``llm_flops`` / ``llm_baseline_flops`` / ``llm_ratio`` the language model alone (what ``ratio``
+meant before, so recorded LLM-only results stay comparable under that name); ``vision_flops`` /
+``projector_flops`` (and their ``*_baseline_flops``) the other parts, ``None`` when the config has
+no tower this module knows (``parts_counted`` says which parts the total holds). A stage that
+acts at the feature layer (VisionZip, VisPruner) saves no tower FLOPs; the projector runs on the
+kept tokens of any vision-site stage. Predictions (``policy_flops``) count the tower at full
+length for vision stages (``vision_upper_bound_stages``: their in-tower schedule depends on the
+image); ``trace_flops`` uses the lengths each encoder layer really saw. Crops in a prediction:
+``n_visual // patches per crop`` (LLaVA-NeXT: newline tokens and unpadding ignored); Qwen2-VL:
+one image of ``n_visual * merge`` patches.
+
+Not counted: norms, RoPE, softmax, embeddings, position embeddings. Biases (Qwen2's q/k/v) are ignored.
 
 The cost of scoring (extra projections a criterion computes to rank tokens) is reported
 SEPARATELY as ``scoring_flops``, never folded into ``flops``; criteria without an
@@ -43,6 +57,9 @@ from ..policy import Policy
 from ..registry import CRITERIA
 
 FORMULA = "per layer 2*(n*d*(q+2*kv) + n*q*d + 2*n^2*q + 3*n*d*m) FLOPs (= 2*(4nd^2+2n^2d+3ndm) without GQA) + LM head 2*d*V per logit row"
+
+VISION_FORMULA = ("vision layer 2*(4*n*D^2 + 2*n^2*D + 2*n*D*M) per crop of n tokens + patch embedding; "
+                  "projector 2*sum(in*out) per projected token")
 
 
 @dataclass(frozen=True)
@@ -180,7 +197,7 @@ def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
     cur = n_visual
     for i, st in enumerate(pol.stages):
         # shortens the language model's input: every layer sees k visual tokens (vision: n_visual = one crop's patches)
-        if st.reduces_input:
+        if st.site in ("pre_llm", "vision"):
             k = st.budget.count(n_visual, cur)
             params = {key: v for key, v in st.params.items() if key != "positions"}
             scoring.append(0.0 if k == cur else scoring_flops(g, st.criterion, n_text + cur, cur, params))
@@ -231,7 +248,20 @@ def policy_flops(model_config: Any, policy: Any, n_text: int, n_visual: int, log
     tokens, scoring, lower = _schedule(g, pol, int(n_text), int(n_visual))
     out = _result(g, tokens, [n_text + n_visual] * g.num_hidden_layers, scoring, logits_tokens)
     out["lower_bound_stages"] = lower
-    return out
+    vg = VisionGeometry.of(model_config)
+    parts = base = None
+    out["vision_upper_bound_stages"] = []
+    if vg is not None and n_visual:
+        vg = _sized(vg, int(n_visual))
+        crops = _crops(vg, int(n_visual))
+        base = vision_flops(vg, crops)
+        parts = dict(base)
+        for i, st in enumerate(pol.stages):
+            if st.site == "vision":  # the projector sees the kept tokens; the tower's in-layer schedule is the image's
+                kept = min(vg.crop_patches, st.budget.count(vg.crop_patches, vg.crop_patches))
+                parts = vision_flops(vg, crops, projected=crops * kept // vg.merge)
+                out["vision_upper_bound_stages"].append(i)
+    return _with_parts(out, vg, parts, base)
 
 
 def trace_flops(text_config: Any, trace: Any, logits_tokens: int = 1, policy: Any = None) -> dict:
@@ -259,11 +289,25 @@ def trace_flops(text_config: Any, trace: Any, logits_tokens: int = 1, policy: An
         if params is not None:
             params.pop("positions", None)  # a pre_llm stage's, not the criterion's
         scoring.append(0.0 if noop else scoring_flops(g, s.criterion, s.tokens_before, n_vis, params))
-    pre = [s for s in trace.stages if s.reduces_input]  # layer 0 saw the reduced input: baseline = its length before
+    pre = [s for s in trace.stages if s.site in ("pre_llm", "vision")]  # layer 0 saw the reduced input: baseline = its length before
     full = pre[0].tokens_before if pre else tokens[0]
     out = _result(g, tokens, [full] * len(tokens), scoring, logits_tokens)
     out["lower_bound_stages"] = []
-    return out
+    vg = VisionGeometry.of(text_config)
+    parts = base = None
+    vis = [s for s in trace.stages if s.site == "vision" and s.vision_crops is not None]
+    if vg is not None and vis:  # the tower's real per-layer lengths, per row (crops of the batch / rows)
+        s = vis[0]
+        crops = s.vision_crops / max(1, len(s.visual_before))
+        base = vision_flops(vg, crops)
+        parts = vision_flops(vg, crops, s.vision_tokens_per_layer or None, projected=crops * s.vision_kept_patches)
+        if s.vision_tokens_per_layer and len(s.vision_tokens_per_layer) != vg.num_hidden_layers:
+            base = vision_flops(vg, crops, [vg.crop_patches + vg.cls] * len(s.vision_tokens_per_layer))
+    elif vg is not None and trace.stages and max(trace.stages[0].visual_before or [0]):
+        n_vis = max(trace.stages[0].visual_before)
+        vg = _sized(vg, n_vis)
+        base = parts = vision_flops(vg, _crops(vg, n_vis))  # untouched tower
+    return _with_parts(out, vg, parts, base)
 
 
 def _result(g: TextGeometry, tokens: list[int], base: list[int], scoring: list, logits_tokens: int) -> dict:
@@ -276,6 +320,135 @@ def _result(g: TextGeometry, tokens: list[int], base: list[int], scoring: list, 
         "ratio": flops / baseline,
         "scoring_flops": _sum_or_none(scoring),
     }
+
+
+# -- vision tower and projector --------------------------------------------------------------------
+@dataclass(frozen=True)
+class VisionGeometry:
+    """The numbers of a VLM's vision tower and projector that ``vision_flops`` needs.
+
+    A pre-norm ViT layer seeing ``n`` tokens (CLIP / SigLIP / Qwen2-VL's tower: Q, K, V, O of
+    ``D x D``, full ``n x n`` attention, a 2-matrix MLP ``D x M``, ``mlp_matrices=3`` for a SwiGLU one)::
+
+        vision_layer(n) = 2 * (4*n*D^2 + 2*n^2*D + mlp_matrices*n*D*M)
+
+    plus the patch embedding ``2 * patches * patch_dim * D`` (a convolution with stride = kernel).
+    ``cls``: 1 when the tower prepends a class token (CLIP), else 0. ``crop_patches``: patch tokens
+    per crop (attention is per crop). ``merge``: patches merged into one LLM visual token (Qwen2-VL's
+    ``spatial_merge_size**2``; 1 for LLaVA). ``projector``: the ``(in, out)`` linear layers the
+    projector applies per projected token (LLaVA's 2-layer MLP on each patch; Qwen2-VL's merger on each
+    merged group).
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    crop_patches: int
+    patch_dim: int
+    cls: int = 0
+    merge: int = 1
+    mlp_matrices: int = 2
+    projector: tuple = ()
+
+    @classmethod
+    def of(cls, config: Any) -> "VisionGeometry | None":
+        """From a VLM config (transformers or a mapping) with a ``vision_config``: CLIP / SigLIP towers
+        (LLaVA, LLaVA-NeXT) and Qwen2-VL's. ``None`` when the config has no vision tower this module knows
+        (the parts are then reported as unknown, never as zero)."""
+        if isinstance(config, (TextGeometry, VisionGeometry)):
+            return config if isinstance(config, VisionGeometry) else None
+        get = (lambda o, k, d=None: o.get(k, d)) if isinstance(config, Mapping) else (lambda o, k, d=None: getattr(o, k, d))
+        vc = get(config, "vision_config")
+        if vc is None:
+            return None
+        vget = (lambda k, d=None: vc.get(k, d)) if isinstance(vc, Mapping) else (lambda k, d=None: getattr(vc, k, d))
+        text = get(config, "text_config")
+        d_text = None
+        if text is not None:
+            d_text = text.get("hidden_size") if isinstance(text, Mapping) else getattr(text, "hidden_size", None)
+        vtype = str(vget("model_type", "") or "")
+        if vget("depth") is not None and vget("embed_dim") is not None:  # Qwen2-VL's tower (qwen2_vl)
+            D, merge = int(vget("embed_dim")), int(vget("spatial_merge_size", 2)) ** 2
+            out = int(vget("hidden_size", d_text or D))
+            p, tp, ch = int(vget("patch_size", 14)), int(vget("temporal_patch_size", 2)), int(vget("in_channels", 3))
+            return cls(D, int(D * float(vget("mlp_ratio", 4))), int(vget("depth")), 0, ch * tp * p * p, 0, merge, 2,
+                       ((D * merge, D * merge), (D * merge, out)))
+        if "clip" in vtype or "siglip" in vtype:
+            D, M, L = int(vget("hidden_size")), int(vget("intermediate_size")), int(vget("num_hidden_layers"))
+            p, side = int(vget("patch_size")), int(vget("image_size")) // int(vget("patch_size"))
+            layers = get(config, "vision_feature_layer", -2)
+            n_feat = len(layers) if isinstance(layers, (list, tuple)) else 1  # several layers: concatenated
+            dt = int(d_text) if d_text is not None else D
+            return cls(D, M, L, side * side, int(vget("num_channels", 3)) * p * p, 1 if "clip" in vtype else 0, 1, 2,
+                       ((D * n_feat, dt), (dt, dt)))
+        return None
+
+
+def vision_layer_flops(vg: VisionGeometry, n: int) -> float:
+    """FLOPs of one vision-encoder layer seeing ``n`` tokens of one crop (see ``VisionGeometry``)."""
+    D, M, n = vg.hidden_size, vg.intermediate_size, int(n)
+    return float(2 * (4 * n * D * D + 2 * n * n * D + vg.mlp_matrices * n * D * M))
+
+
+def vision_flops(vg: VisionGeometry, crops: int, tokens_per_layer: list[int] | None = None,
+                 projected: int | None = None) -> dict:
+    """FLOPs of the vision tower (``crops`` crops, each layer ``l`` seeing ``tokens_per_layer[l]`` tokens of
+    a crop; default: every layer sees all patches + CLS) and of the projector on ``projected`` tokens
+    (default: every crop's patches, merged). Returns ``{"vision": ..., "projector": ...}``."""
+    full = vg.crop_patches + vg.cls
+    tokens = list(tokens_per_layer) if tokens_per_layer is not None else [full] * vg.num_hidden_layers
+    embed = 2 * vg.crop_patches * vg.patch_dim * vg.hidden_size
+    tower = crops * (embed + sum(vision_layer_flops(vg, n) for n in tokens))
+    if projected is None:
+        projected = crops * vg.crop_patches // vg.merge
+    proj = 2 * int(projected) * sum(i * o for i, o in vg.projector)
+    return {"vision": float(tower), "projector": float(proj)}
+
+
+def _sized(vg: VisionGeometry, n_visual: int) -> VisionGeometry:
+    """Qwen2-VL's tower encodes one image of ``n_visual * merge`` patches (its size is the image's)."""
+    if vg.merge > 1:
+        from dataclasses import replace
+
+        return replace(vg, crop_patches=int(n_visual) * vg.merge)
+    return vg
+
+
+def _crops(vg: VisionGeometry, n_visual: int) -> int:
+    """Crops a prompt of ``n_visual`` LLM visual tokens came from (LLaVA-NeXT: the largest multiple of a crop
+    that fits, newline tokens and unpadding ignored; Qwen2-VL: one image)."""
+    if vg.merge > 1:
+        return 1
+    return max(1, int(n_visual) // vg.crop_patches) if n_visual else 0
+
+
+def unpruned_flops(model_config: Any, n_text: int, n_visual: int, logits_tokens: int = 1) -> dict:
+    """FLOPs of the unpatched model on one row (keys as ``policy_flops``; every ratio 1)."""
+    g = TextGeometry.of(model_config)
+    tokens = [int(n_text) + int(n_visual)] * g.num_hidden_layers
+    out = _result(g, tokens, tokens, [], logits_tokens)
+    out.update(lower_bound_stages=[], vision_upper_bound_stages=[])
+    vg = VisionGeometry.of(model_config)
+    parts = None
+    if vg is not None and n_visual:
+        vg = _sized(vg, int(n_visual))
+        parts = vision_flops(vg, _crops(vg, int(n_visual)))
+    return _with_parts(out, vg, parts, parts)
+
+
+def _with_parts(out: dict, vg: VisionGeometry | None, policy_parts: dict | None, base_parts: dict | None) -> dict:
+    """Adds the parts and makes ``flops`` / ``baseline_flops`` / ``ratio`` the total (LLM-only under ``llm_*``)."""
+    out["llm_flops"], out["llm_baseline_flops"], out["llm_ratio"] = out["flops"], out["baseline_flops"], out["ratio"]
+    if vg is None or policy_parts is None:
+        out.update(vision_flops=None, vision_baseline_flops=None, projector_flops=None,
+                   projector_baseline_flops=None, parts_counted=["llm"])
+        return out
+    flops = out["flops"] + policy_parts["vision"] + policy_parts["projector"]
+    base = out["baseline_flops"] + base_parts["vision"] + base_parts["projector"]
+    out.update(vision_flops=policy_parts["vision"], vision_baseline_flops=base_parts["vision"],
+               projector_flops=policy_parts["projector"], projector_baseline_flops=base_parts["projector"],
+               parts_counted=["vision", "projector", "llm"], flops=flops, baseline_flops=base, ratio=flops / base)
+    return out
 
 
 # -- structural ops ------------------------------------------------------------------------------

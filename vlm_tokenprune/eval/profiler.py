@@ -166,8 +166,12 @@ def profile(model: "str | Any" = "tiny", policies: Sequence[Any] = ("fastv:layer
             "measured_ratio": measured,
             "measured_ratio_paired_median": statistics.median(
                 p / b for p, b in zip(r["prefill"]["patched"], r["prefill"]["baseline"])),
-            "predicted_ratio": fl["ratio"], "quotient": fl["ratio"] / measured,
+            # the timed part is the LM prefill: its prediction is the LLM-only ratio; the total adds tower + projector
+            "predicted_ratio": fl["llm_ratio"], "quotient": fl["llm_ratio"] / measured,
+            "predicted_total_ratio": fl["ratio"],
             "flops": fl["flops"], "baseline_flops": fl["baseline_flops"], "scoring_flops": fl["scoring_flops"],
+            "flops_parts": {k: fl[k] for k in ("llm_flops", "llm_baseline_flops", "vision_flops", "vision_baseline_flops",
+                                               "projector_flops", "projector_baseline_flops")},
             "scoring_selection_ms": summary(r["stage_seconds"]),
             "overhead_pct_of_baseline": 100 * statistics.median(r["stage_seconds"]) / (pre_b["median"] / 1e3),
             "peak_memory_bytes": mem[0], "peak_memory_abs_bytes": mem[1],
@@ -229,8 +233,8 @@ def format_report(report: dict) -> str:
         f"memory: {pr['memory']}",
         "",
     ]
-    header = ["policy", "base ms", "patched ms (p25-p75)", "measured", "predicted", "quotient", "overhead %",
-              "TTFT ratio", "peak MB (base)", "tokens/layer"]
+    header = ["policy", "base ms", "patched ms (p25-p75)", "measured", "predicted", "quotient", "FLOPs total",
+              "overhead %", "TTFT ratio", "peak MB (base)", "tokens/layer"]
     rows = []
     for r in report["policies"]:
         pre = r["prefill_ms"]
@@ -238,7 +242,9 @@ def format_report(report: dict) -> str:
         rows.append([
             r["policy"], f"{r['baseline_prefill_ms']['median']:.2f}",
             f"{pre['median']:.2f} ({pre['p25']:.2f}-{pre['p75']:.2f})", f"{r['measured_ratio']:.3f}",
-            f"{r['predicted_ratio']:.3f}", f"{r['quotient']:.3f}", f"{r['overhead_pct_of_baseline']:.2f}",
+            f"{r['predicted_ratio']:.3f}", f"{r['quotient']:.3f}",
+            f"{r['predicted_total_ratio']:.3f}" if r.get("predicted_total_ratio") is not None else "-",
+            f"{r['overhead_pct_of_baseline']:.2f}",
             f"{r['ttft_ratio']:.3f}" if "ttft_ratio" in r else "-",
             f"{_mb(r['peak_memory_bytes'])} ({_mb(r['baseline_peak_memory_bytes'])})",
             f"{tpl[0]} -> {tpl[-1]}",
@@ -247,8 +253,9 @@ def format_report(report: dict) -> str:
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     lines += [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)]
     lines += [f"skipped (does not fit this model): {s['policy']}: {s['error']}" for s in report.get("skipped", [])]
-    lines += ["", "measured = median patched / median baseline LM prefill; predicted = FLOPs ratio (eval/flops.py, "
+    lines += ["", "measured = median patched / median baseline LM prefill; predicted = LLM FLOPs ratio (eval/flops.py, "
               "this run's tokens per layer); quotient = predicted / measured (1.0: as fast as the FLOPs say); "
+              "FLOPs total = vision tower + projector + LLM FLOPs ratio; "
               "overhead = scoring + selection (trace stage seconds) as % of the baseline prefill"]
     if any("parts" in r for r in report["policies"]):
         lines += ["", *format_parts(report)]
