@@ -325,16 +325,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
             continue
         crit = CRITERIA.get(st.criterion)
         ref = f"  [{crit.paper}{', arXiv ' + crit.arxiv if crit.arxiv else ''}]" if crit.paper else ""
-        if st.site == "pre_llm":
+        if st.is_pre_llm:
             print(f"  stage {i}: {st.describe()}  (site {st.site}, op {st.op}; reduces the language model's input, "
                   f"before layer 0){ref}")
             continue
-        if st.site == "vision":
+        if st.is_vision:
             print(f"  stage {i}: {st.describe()}  (site {st.site}, op {st.op}; between vision-encoder layers, budget "
                   f"per crop; the LLM sees the kept tokens from layer 0){ref}")
             continue
         after = ("; among the tokens the pre_llm stage left, keep counted of the original visual tokens"
-                 if any(s.site == "pre_llm" for s in pol.stages[:i]) else "")
+                 if any(s.is_pre_llm for s in pol.stages[:i]) else "")
         print(f"  stage {i}: {st.describe()}  (site {st.site}, op {st.op}; scores on layer {st.layer - 1}'s input, "
               f"drops before layer {st.layer}{after}){ref}")
     print(f"model: {args.model_config}: {desc}")

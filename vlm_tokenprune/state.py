@@ -12,6 +12,7 @@ import torch
 
 from .adapters.base import VisualLayout
 from .policy import Stage
+from .site_kind import SiteKind
 
 
 @dataclass
@@ -77,7 +78,7 @@ class PrefillRecord:
         """The last stage at or below ``layer`` that changed the sequence."""
         out = None
         for r in self.records:
-            if r.stage.site == "llm" and r.stage.layer <= layer and not r.noop:
+            if r.stage.is_llm and r.stage.layer <= layer and not r.noop:
                 out = r
         return out
 
@@ -103,7 +104,7 @@ class ForwardState:
 
 
 @dataclass
-class StageTrace:
+class StageTrace(SiteKind):
     site: str
     layer: int
     criterion: str
@@ -142,11 +143,12 @@ class Trace:
             if r.merged_into is not None:
                 into = r.merged_into.cpu()
                 sources = [[(into[b] == p).nonzero().flatten().tolist() for p in row] for b, row in enumerate(kv)]
+            vision = r.stage.is_vision and st.vision is not None
             stages.append(
                 StageTrace(
                     site=r.stage.site,
                     # pre_llm / vision: shortens layer 0's input
-                    layer=r.stage.layer if r.stage.layer is not None and r.stage.site == "llm" else 0,
+                    layer=r.stage.layer if r.stage.layer is not None and r.stage.is_llm else 0,
                     criterion=r.stage.criterion if r.stage.criterion is not None else r.stage.op,
                     kept_positions=kv,
                     visual_before=r.visual_before.tolist(),
@@ -155,13 +157,10 @@ class Trace:
                     tokens_after=r.tokens_after,
                     seconds=r.seconds if st.phase == "prefill" else 0.0,
                     sources=sources,
-                    vision_tokens_per_layer=(list(st.vision.tokens_per_layer)
-                                             if r.stage.site == "vision" and st.vision is not None else None),
+                    vision_tokens_per_layer=(list(st.vision.tokens_per_layer) if vision else None),
                     kept_all=dict(getattr(r, "relaxed", {}) or {}),
-                    vision_crops=(int(st.vision.ident.shape[0])
-                                  if r.stage.site == "vision" and st.vision is not None else None),
-                    vision_kept_patches=(int(st.vision.ident.shape[1] - st.vision.offset)
-                                         if r.stage.site == "vision" and st.vision is not None else None),
+                    vision_crops=int(st.vision.ident.shape[0]) if vision else None,
+                    vision_kept_patches=int(st.vision.ident.shape[1] - st.vision.offset) if vision else None,
                 )
             )
         return cls(phase=st.phase, stages=stages, tokens_per_layer=list(st.tokens_per_layer))

@@ -197,7 +197,7 @@ def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
     cur = n_visual
     for i, st in enumerate(pol.stages):
         # shortens the language model's input: every layer sees k visual tokens (vision: n_visual = one crop's patches)
-        if st.site in ("pre_llm", "vision"):
+        if st.reduces_input:
             k = st.budget.count(n_visual, cur)
             params = {key: v for key, v in st.params.items() if key != "positions"}
             scoring.append(0.0 if k == cur else scoring_flops(g, st.criterion, n_text + cur, cur, params))
@@ -257,7 +257,7 @@ def policy_flops(model_config: Any, policy: Any, n_text: int, n_visual: int, log
         base = vision_flops(vg, crops)
         parts = dict(base)
         for i, st in enumerate(pol.stages):
-            if st.site == "vision":  # the projector sees the kept tokens; the tower's in-layer schedule is the image's
+            if st.is_vision:  # the projector sees the kept tokens; the tower's in-layer schedule is the image's
                 kept = min(vg.crop_patches, st.budget.count(vg.crop_patches, vg.crop_patches))
                 parts = vision_flops(vg, crops, projected=crops * kept // vg.merge)
                 out["vision_upper_bound_stages"].append(i)
@@ -289,13 +289,13 @@ def trace_flops(text_config: Any, trace: Any, logits_tokens: int = 1, policy: An
         if params is not None:
             params.pop("positions", None)  # a pre_llm stage's, not the criterion's
         scoring.append(0.0 if noop else scoring_flops(g, s.criterion, s.tokens_before, n_vis, params))
-    pre = [s for s in trace.stages if s.site in ("pre_llm", "vision")]  # layer 0 saw the reduced input: baseline = its length before
+    pre = [s for s in trace.stages if s.reduces_input]  # layer 0 saw the reduced input: baseline = its length before
     full = pre[0].tokens_before if pre else tokens[0]
     out = _result(g, tokens, [full] * len(tokens), scoring, logits_tokens)
     out["lower_bound_stages"] = []
     vg = VisionGeometry.of(text_config)
     parts = base = None
-    vis = [s for s in trace.stages if s.site == "vision" and s.vision_crops is not None]
+    vis = [s for s in trace.stages if s.is_vision and s.vision_crops is not None]
     if vg is not None and vis:  # the tower's real per-layer lengths, per row (crops of the batch / rows)
         s = vis[0]
         crops = s.vision_crops / max(1, len(s.visual_before))
