@@ -6,10 +6,17 @@ with a field-named ``VTPError``, leaving no hook behind.
 
 CI runs a bounded number of examples; the nightly-style run sets ``VTP_FUZZ_EXAMPLES=1000``:
 ``VTP_FUZZ_EXAMPLES=1000 OMP_NUM_THREADS=1 python -m pytest tests/test_fuzz.py``.
+
+Serving properties over the same random policies: several threads calling ONE patched model give what
+the same calls give one by one (prefill and cached decode interleaved), and a ``KeyboardInterrupt``
+raised from a hook inside a decoder layer at a random point leaves the model working (the next call is
+correct) and ``unpatch()`` restores it exactly.
 """
 from __future__ import annotations
 
 import os
+import random
+import threading
 
 import torch
 from kit import BACKENDS, tiny_llava, tiny_qwen
@@ -59,6 +66,21 @@ pre_llm = hs.none() | hs.tuples(hs.sampled_from(PRE_LLM), budget, hs.sampled_fro
 layer_list = hs.lists(hs.integers(1, 3), min_size=1, max_size=2, unique=True).map(lambda v: ";".join(map(str, sorted(v))))
 
 
+def _parts(stages, pre, structural, drop) -> list[str]:
+    """The policy's stage strings: the pre-LLM stage, token stages at layers 1, 2, 3 (4-layer models), an
+    optional ``visual_drop`` after them, then the structural ops."""
+    parts = []
+    if pre is not None:
+        method, (kind, value), positions = pre
+        parts.append(f"{method}:site=pre_llm,{kind}={value},positions={positions}")
+    for layer, (method, (kind, value)) in zip(range(1, 1 + len(stages)), stages):
+        extra = ",rope=false" if method == "feather" else ""
+        parts.append(f"{method}:layer={layer},{kind}={value}{extra}")
+    if drop and len(stages) < 3:
+        parts.append(f"visual_drop:layer={len(stages) + 1}")
+    return parts + structural
+
+
 @hs.composite
 def structural_ops(draw) -> list[str]:
     """0-2 structural stages over the 4-layer models (layer 0 included where the op allows it)."""
@@ -96,17 +118,7 @@ def test_random_policies_never_crash_and_honour_budgets(family, impl, rows, stag
                                                         sizes, seed):
     model = _model(family, impl)
     inputs = _inputs(family, model, rows, padding, sizes, seed)
-    layers = range(1, 1 + len(stages))  # 4-layer models: stages at layers 1, 2, 3
-    parts = []
-    if pre is not None:
-        method, (kind, value), positions = pre
-        parts.append(f"{method}:site=pre_llm,{kind}={value},positions={positions}")
-    for layer, (method, (kind, value)) in zip(layers, stages):
-        extra = ",rope=false" if method == "feather" else ""
-        parts.append(f"{method}:layer={layer},{kind}={value}{extra}")
-    if drop and len(stages) < 3:
-        parts.append(f"visual_drop:layer={len(stages) + 1}")
-    parts += structural
+    parts = _parts(stages, pre, structural, drop)
     assume(parts)  # at least one stage
     try:
         policy = vtp.Policy.parse("+".join(parts))
@@ -164,3 +176,152 @@ def test_keep_all_policies_are_exact(family, impl, rows, methods, pre):
         with vtp.patch(model, policy):
             out = model(**inputs).logits
     assert torch.equal(out, ref)
+
+
+# Serving properties (issue reliability-2, items 1 and 2) over random policies.
+CALL_PROMPTS = [[[5, "img", 7]], [[2, "img", 3, "img", 4]], [[5, "img", 7], [3, "img", 2, "img", 9]], [[4, "img", 2], [6]]]
+policy_parts = dict(stages=hs.lists(stage, min_size=1, max_size=3), pre=pre_llm, structural=structural_ops(), drop=hs.booleans())
+
+
+def _decode_steps(family) -> int:
+    """Cached greedy decode steps after the prefill. Qwen2-VL keeps its ``rope_deltas`` on the model between
+    steps (transformers' own state: not thread-safe even unpatched), so its calls here are prefills."""
+    return 0 if family == "qwen2_vl" else 2
+
+
+def _patched(model, parts):
+    """``patch(model, policy)``, or None (recorded as an event) where the policy or the model refuses it."""
+    assume(parts)
+    try:
+        return vtp.patch(model, "+".join(parts))
+    except vtp.VTPError as e:
+        event(f"refused at parse / patch(): {type(e).__name__}")
+        return None
+
+
+def _call(model, handle, inputs: dict, steps: int):
+    """One request: a prefill (cached when decoding follows) and ``steps`` greedy cached decode steps.
+    Returns the last-position logits of every forward and this thread's prefill kept positions."""
+    with torch.no_grad():
+        out = model(**inputs, use_cache=steps > 0)
+        kept = [s.kept_positions for s in handle.last_trace().stages]
+        logits, mask = [out.logits[:, -1]], inputs["attention_mask"]
+        for _ in range(steps):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            out = model(input_ids=nxt, attention_mask=mask, use_cache=True, past_key_values=out.past_key_values)
+            logits.append(out.logits[:, -1])
+    return logits, kept
+
+
+def _same(a, b) -> bool:
+    return a[1] == b[1] and len(a[0]) == len(b[0]) and all(torch.equal(x, y) for x, y in zip(a[0], b[0]))
+
+
+def _hooks(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+@settings(max_examples=max(5, EXAMPLES // 3), deadline=None, suppress_health_check=list(HealthCheck))
+@given(family=hs.sampled_from(FAMILIES), impl=hs.sampled_from(BACKENDS), n_threads=hs.integers(2, 4),
+       seed=hs.integers(0, 2**16), **policy_parts)
+def test_concurrent_calls_equal_sequential(family, impl, n_threads, seed, stages, pre, structural, drop):
+    model = _model(family, impl)
+    batches = [_inputs(family, model, rows, "left", [[20, 36]], s) for s, rows in enumerate(CALL_PROMPTS)]
+    jobs = [(b, n) for b in range(len(batches)) for n in sorted({0, _decode_steps(family)})]
+    handle = _patched(model, _parts(stages, pre, structural, drop))
+    if handle is None:
+        return
+    with handle as h:
+        try:
+            want = {job: _call(model, h, batches[job[0]], job[1]) for job in jobs}  # one by one
+        except InputError as e:
+            event(f"refused input: {e.field}")
+            return
+        failures: list = []
+
+        def worker(k: int) -> None:
+            rnd = random.Random(seed * 8 + k)
+            try:
+                for _ in range(4):
+                    job = rnd.choice(jobs)
+                    if not _same(_call(model, h, batches[job[0]], job[1]), want[job]):
+                        failures.append((k, job))
+            except BaseException as e:  # noqa: BLE001  (reported below with the thread's number)
+                failures.append((k, repr(e)))
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(n_threads)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failures == []
+        assert h.state is None and not h.busy
+    event(f"ran {family} with {n_threads} threads")
+
+
+class _Interrupt:
+    """A user's forward pre-hook on one decoder layer that raises ``KeyboardInterrupt`` on its ``at``-th call."""
+
+    def __init__(self, layer, at: int):
+        self.calls, self.at = 0, at
+        self.removable = layer.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+
+
+@settings(max_examples=max(5, EXAMPLES // 3), deadline=None, suppress_health_check=list(HealthCheck))
+@given(family=hs.sampled_from(FAMILIES), impl=hs.sampled_from(BACKENDS), layer=hs.integers(0, 3), at=hs.integers(1, 3),
+       in_worker=hs.booleans(),
+       rows=hs.lists(hs.lists(hs.one_of(hs.integers(1, 5), hs.just("img")), min_size=1, max_size=3), min_size=1, max_size=2),
+       **policy_parts)
+def test_interrupted_calls_leave_the_model_working(family, impl, layer, at, in_worker, rows, stages, pre, structural, drop):
+    model = _model(family, impl)
+    inputs = _inputs(family, model, rows, "left", [[20, 36]], 0)
+    steps = _decode_steps(family)  # the interrupt lands in the prefill or in a decode step (at - 1)
+    before, hooks = {k: v.clone() for k, v in model.state_dict().items()}, _hooks(model)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+    handle = _patched(model, _parts(stages, pre, structural, drop))
+    if handle is None:
+        return
+    trap = None
+    try:
+        try:
+            want = _call(model, handle, inputs, steps)
+        except InputError as e:
+            event(f"refused input: {e.field}")
+            return
+        trap = _Interrupt(model.model.language_model.layers[layer], at)
+        raised: list = []
+
+        def run() -> None:
+            try:
+                _call(model, handle, inputs, steps)
+            except BaseException as e:  # noqa: BLE001
+                raised.append(type(e))
+
+        if in_worker:
+            t = threading.Thread(target=run)
+            t.start()
+            t.join()
+        else:
+            run()
+        trap.removable.remove()
+        reached = trap.calls >= trap.at  # a skipped layer (skip_layers) or a prefill-only call may not reach it
+        assert raised == ([KeyboardInterrupt] if reached else [])
+        event("interrupted " + ("in a worker" if in_worker else "in the main thread") if reached else "not reached")
+        assert handle.state is None and not handle.busy
+        assert _same(_call(model, handle, inputs, steps), want)  # the next call is correct
+    finally:
+        if trap is not None:
+            trap.removable.remove()
+        handle.unpatch()  # never refused after an interrupt
+    assert not vtp.patching.is_patched(model) and _hooks(model) == hooks and "forward" not in vars(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, plain)
