@@ -39,8 +39,9 @@ TINY_PRESETS = {  # tiny-depth forms, as benchmarks/accuracy_tiny.py runs them
 
 
 def bench_rows(result: dict) -> list[dict]:
-    """The runs of a ``run_bench`` result, compact (no predictions)."""
-    return [{"label": r["label"], "budget": r["budget"], "policy": r["policy_string"], "flops_ratio": r["flops"]["ratio"],
+    """The runs of a ``run_bench`` result, compact (no predictions). ``flops_ratio`` is the LLM-only ratio, the one the
+    search budget bounds (``structural_flops``)."""
+    return [{"label": r["label"], "budget": r["budget"], "policy": r["policy_string"], "flops_ratio": r["flops"]["llm_ratio"],
              "tokens_per_layer": r["tokens_per_layer"], "accuracy": r["accuracy"]} for r in result["runs"]] \
         + [{"label": s["label"], "budget": s["budget"], "skipped": s["error"]} for s in result["skipped"]]
 
