@@ -3,7 +3,7 @@
 - no import cycle among ``vlm_tokenprune`` modules, counting imports inside functions too (only
   ``if TYPE_CHECKING:`` blocks are left out; a package's ``__init__`` importing its own children is an
   edge like any other, a child's implicit import of its parent package is not);
-- the core imports the library at module level only (the application layers ``cli``, ``eval/``,
+- the core imports the library at module level only (the application layers ``cli``, ``commands/``, ``eval/``,
   ``search/``, ``train/``, ``integrations/`` may defer imports to keep ``vlm-tokenprune --help`` fast);
 - no private name (``_x``) is imported from another module, and no module but ``handle.py`` reads or
   writes a handle's private attribute;
@@ -19,7 +19,7 @@ from pathlib import Path
 
 PKG = "vlm_tokenprune"
 ROOT = Path(__file__).resolve().parent.parent / PKG
-APPS = ("cli", "__main__", "eval", "search", "train", "integrations")
+APPS = ("cli", "commands", "__main__", "eval", "search", "train", "integrations")
 TRANSFORMERS_PRIVATE = ("_global_mapping", "_attn_implementation", "_attn_implementation_internal")
 
 
