@@ -122,3 +122,19 @@ def test_second_thread_runs_while_the_first_is_inside_a_forward():
     extra.remove()
     h.unpatch()
     assert errors == ["unpatch"] and torch.equal(second, want) and torch.equal(got[0], want)
+
+
+def test_decode_steps_look_up_the_kept_sets_once_per_prompt(monkeypatch):
+    """Issue reliability-2 item 8: a decode step does no per-layer search for its kept set; the per-layer plan
+    is built on the prompt's first decode step, and the steps after it reuse it (same tokens as before)."""
+    model = tiny_llava("sdpa")
+    inputs = make_batch(model, ROWS)
+    calls = []
+    kept_at = vtp.state.PrefillRecord.kept_at
+    monkeypatch.setattr(vtp.state.PrefillRecord, "kept_at", lambda self, layer: calls.append(layer) or kept_at(self, layer))
+    with torch.no_grad(), vtp.patch(model, MULTI):
+        want = _greedy_manual(model, inputs, 1)
+        calls.clear()
+        toks = _greedy_manual(model, inputs, 6)  # a prefill and 5 decode steps
+    assert torch.equal(toks[:, :1], want)
+    assert sorted(calls) == list(range(len(model.model.language_model.layers)))  # once per layer, not per step

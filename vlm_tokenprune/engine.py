@@ -110,6 +110,8 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         live = record is not None and (record.records or (handle.structural is not None and record.is_visual is not None))
         st = ForwardState("decode" if live else "passthrough", record or PrefillRecord(past))
         st.cache = cache
+        if live:  # what each layer's input needs, looked up once per prompt, not per layer and step
+            record.decode_plan(len(handle.seams.decoder_layers))
         handle.open_state(st)
         return None
 
@@ -220,9 +222,12 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
         return None
     in_kwargs = not args
     hidden = kwargs["hidden_states"] if in_kwargs else args[0]
-    if st.phase == "passthrough":
+    if st.phase != "prefill":
         st.tokens_per_layer.append(hidden.shape[1])
-        return None
+        # decode: a layer whose input the policy does not change (before the first stage) returns at once
+        if st.phase == "passthrough" or (st.prefill.layer_kept[j] is None
+                                         and (st.prefill.pre_llm is None or handle.seams.mask_format != "2d")):
+            return None
     kwargs = dict(kwargs)
     if st.prefill.pre_llm is not None and handle.seams.mask_format == "2d":
         # flash-attention reads gapped position ids at batch 1 as packed sequences; RoPE already lives in cos/sin
@@ -252,7 +257,7 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
             st.scoring = (j, module, hidden, pe)
             st.captured = {}
     else:  # cached decode: the prompt's kept set, new tokens appended
-        rec = st.prefill.kept_at(j)
+        rec = st.prefill.layer_kept[j]
         if rec is not None:
             # layers between two stages get the same incoming mask and kept set: build their mask once per step
             mask_in = kwargs.get("attention_mask")
@@ -263,7 +268,6 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
                 _shrink_kwargs(handle, kwargs, rec.kept, rec.kept_ok, st.prefill.prompt_len, hidden, prefill=False,
                                cache=st.cache)
                 st.decode_masks[id(rec)] = (mask_in, kwargs["attention_mask"])
-        st.tokens_per_layer.append(hidden.shape[1])
     if in_kwargs:
         kwargs["hidden_states"] = hidden
         return args, kwargs

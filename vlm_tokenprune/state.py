@@ -73,6 +73,15 @@ class PrefillRecord:
     records: list[StageRecord] = field(default_factory=list)
     is_visual: torch.Tensor | None = None  # [B, L] visual tokens of the prompt (structural ops read it while decoding)
     pre_llm: PreLLMRecord | None = None  # set when a pre_llm stage shortened the language model's input
+    # per decoder layer: the record whose kept set shapes that layer's decode-time input (None: unchanged),
+    # built once per cache by ``decode_plan`` (the records are final when the prefill ends)
+    layer_kept: tuple | None = None
+
+    def decode_plan(self, n_layers: int) -> tuple:
+        """``kept_at(j)`` for every decoder layer ``j``, computed on the first decode step of this prompt."""
+        if self.layer_kept is None or len(self.layer_kept) != n_layers:
+            self.layer_kept = tuple(self.kept_at(j) for j in range(n_layers))
+        return self.layer_kept
 
     def kept_at(self, layer: int) -> StageRecord | None:
         """The last stage at or below ``layer`` that changed the sequence."""
