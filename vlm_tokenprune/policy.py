@@ -1,6 +1,7 @@
 """A policy is data: an ordered list of stages, each saying where, what, by which criterion
 and with which budget. Parses from a compact string, a dict, YAML or JSON; ``to_dict()``
-round-trips. Model-free checks happen here; checks against a model in ``patching``.
+round-trips. Model-free checks: one stage's in ``stage_rules``, across stages here (``Policy``); checks against a
+model in ``patching``. The parts: ``stage`` (Stage, Budget), ``presets`` (named fragments); all importable from here.
 
 String grammar::
 
@@ -23,184 +24,20 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 from typing import Any, Mapping
 
-from .errors import IncompatiblePolicyError, PolicyError, UnknownNameError
-from .registry import CRITERIA, PRESETS
-from .site_kind import INPUT_SITES, SITES, VISION, SiteKind
-from .structural.spec import STRUCTURAL_OPS, TOKEN_OPS, check_structural, params_to_dict, params_to_string
+from .errors import PolicyError
+from .registry import PRESETS
+from .site_kind import SITES  # noqa: F401
+from .structural.spec import STRUCTURAL_OPS
+# the parts of a policy, importable from here as before the split into stage / stage_rules / presets
+from .presets import FamilyPreset, Preset, expand_preset, register_family_preset, register_preset  # noqa: F401
+from .stage import (BUDGET_REFERENCES, OPS, POSITIONS, RESERVED_OPS, RESERVED_SITES, ROUNDINGS,  # noqa: F401
+                    STAGE_KEYS, TOKEN_CRITERION_OPS, Budget, Stage, at_key, check_budget)
+from .stage_rules import build_stage, check_stage, stage_from_fields  # noqa: F401
 
-RESERVED_SITES: tuple[str, ...] = ()
-TOKEN_CRITERION_OPS = ("prune", "merge")  # ops run by a criterion (merge: pre_llm only)
-OPS = TOKEN_CRITERION_OPS + STRUCTURAL_OPS
-RESERVED_OPS: tuple[str, ...] = ()
-# pre-LLM stages: position ids of the reduced sequence (see README "Pre-LLM stages")
-POSITIONS = ("gaps", "repack")
-STAGE_KEYS = ("site", "layer", "op", "criterion", "keep", "tokens", "of", "rounding", "depth")
-BUDGET_REFERENCES = ("original", "current")
 # Policy.parse reads a one-line string without "=" ending in one of these as the path of a policy file
 POLICY_FILE_SUFFIXES = (".yaml", ".yml", ".json")
-# how ``keep * n`` becomes a count (``Budget.rounding``): half_up (the library default) = floor(x + 0.5),
-# floor = int(x) (e.g. FEATHER's released code, ``int(V * (1 - R))``), ceil; every mode keeps at least 1
-ROUNDINGS = ("half_up", "floor", "ceil")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How many visual tokens a row keeps after a stage: exactly one of ``keep`` / ``tokens``.
-
-    ``keep`` is a fraction of the row's visual-token count: the ORIGINAL count by default
-    (``of="original"``), or the count entering this stage (``of="current"``, e.g. FEATHER's
-    second stage); the kept count is ``max(1, floor(keep * n + 0.5))`` (``rounding="half_up"``,
-    the default), ``max(1, floor(keep * n))`` (``"floor"``: what e.g. FEATHER's released code
-    does) or ``max(1, ceil(keep * n))`` (``"ceil"``). ``tokens`` is an absolute count per row.
-    """
-
-    keep: float | None = None
-    tokens: int | None = None
-    of: str = "original"
-    rounding: str = "half_up"
-
-    def __post_init__(self) -> None:
-        check_budget(self.keep, self.tokens, "budget")
-        if self.of not in BUDGET_REFERENCES:
-            raise PolicyError("budget.of", f"must be one of {', '.join(BUDGET_REFERENCES)}, got {self.of!r}")
-        if self.of != "original" and self.keep is None:
-            raise PolicyError("budget.of", "only applies to keep (a fraction), not to tokens")
-        if self.rounding not in ROUNDINGS:
-            raise PolicyError("budget.rounding", f"must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
-        if self.rounding != "half_up" and self.keep is None:
-            raise PolicyError("budget.rounding", "only applies to keep (a fraction), not to tokens")
-
-    def count(self, n_original: int, n_current: int | None = None) -> int:
-        """Visual tokens a row keeps, given its original and (for ``of="current"``) current counts."""
-        n = n_original if self.of == "original" or n_current is None else n_current
-        if n <= 0:
-            return 0
-        if self.tokens is not None:
-            return self.tokens
-        x = self.keep * n
-        k = math.floor(x) if self.rounding == "floor" else math.ceil(x) if self.rounding == "ceil" else math.floor(x + 0.5)
-        return max(1, k)
-
-    def to_dict(self) -> dict:
-        if self.keep is None:
-            return {"tokens": self.tokens}
-        out = {"keep": self.keep}
-        if self.of != "original":
-            out["of"] = self.of
-        if self.rounding != "half_up":
-            out["rounding"] = self.rounding
-        return out
-
-    def describe(self) -> str:
-        """``keep=0.3[,of=current][,rounding=floor]`` or ``tokens=64``: the string form's budget keys."""
-        if self.keep is None:
-            return f"tokens={self.tokens}"
-        return "".join([f"keep={self.keep}", "" if self.of == "original" else f",of={self.of}",
-                        "" if self.rounding == "half_up" else f",rounding={self.rounding}"])
-
-
-def check_budget(keep: Any, tokens: Any, where: str) -> None:
-    if (keep is None) == (tokens is None):
-        raise PolicyError(where, f"give exactly one of keep (a fraction in (0, 1]) or tokens (a count >= 1), got keep={keep!r}, tokens={tokens!r}")
-    if keep is not None:
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or math.isnan(keep) or not 0 < keep <= 1:
-            raise PolicyError(f"{where}.keep", f"must be a number in (0, 1], got {keep!r}")
-    if tokens is not None:
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-            raise PolicyError(f"{where}.tokens", f"must be an integer >= 1, got {tokens!r}")
-
-
-@dataclass(frozen=True)
-class Stage(SiteKind):
-    """One reduction step: at ``site``/``layer``, do ``op`` with ``criterion`` under ``budget``.
-
-    ``layer`` (site "llm") is the decoder layer whose INPUT is shortened; criteria score
-    from layer ``layer - 1`` (FastV's convention). Site ``"pre_llm"`` stages have ``layer=None``:
-    they shorten the language model's input (after the projector, before layer 0) and carry
-    ``params["positions"]`` (``"gaps"``, the default, or ``"repack"``). Site ``"vision"`` stages act between
-    vision-encoder layers (``vlm_tokenprune.vision``); their budget counts patches per crop, their
-    optional ``layer`` is the first encoder layer the method acts at, and ``positions`` applies to the
-    language model's input, where the tower's dropped / fused tokens leave the sequence. Structural ops (``op`` in
-    ``structural.spec.STRUCTURAL_OPS``) have ``criterion=None`` and ``budget=None``; their
-    layers live in ``params`` (``layer`` is set only for ``visual_drop``).
-
-    ``depth`` (LLM-site ``layer`` only): the decoder depth ``layer`` was written for (a paper's
-    reference model, e.g. 32 for LLaVA-1.5-7B); ``patch()`` maps it to the model's depth with
-    ``Policy.at_depth`` (see there). ``None`` (what an explicit ``layer=`` gives): an absolute layer.
-    """
-
-    criterion: str | None
-    layer: int | None
-    budget: Budget | None
-    params: Mapping[str, Any] = field(default_factory=dict)
-    site: str = "llm"
-    op: str = "prune"
-    depth: int | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
-
-    def __hash__(self) -> int:
-        return hash((self.criterion, self.layer, self.budget, tuple(sorted(self.params.items())), self.site, self.op,
-                     self.depth))
-
-    def __reduce__(self):
-        # ``params`` is a read-only mappingproxy, which pickle / copy.deepcopy / torch.save cannot copy
-        return (type(self), (self.criterion, self.layer, self.budget, dict(self.params), self.site, self.op, self.depth))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Stage) and self.to_dict() == other.to_dict()
-
-    @property
-    def structural(self) -> bool:
-        return self.op not in TOKEN_CRITERION_OPS
-
-    @property
-    def changes_tokens(self) -> bool:
-        """LLM-site token-set ops (``prune``, ``visual_drop``): ordered by layer, run by the engine's layer hooks."""
-        return self.is_llm and self.op in TOKEN_OPS
-
-    @property
-    def scores_on_llm_layer(self) -> bool:
-        """An LLM-site prune stage: its criterion reads decoder layer ``layer - 1`` (attention, keys)."""
-        return self.is_llm and self.op == "prune"
-
-    def to_dict(self) -> dict:
-        if self.structural:
-            out = {"site": self.site, "op": self.op, "params": params_to_dict(self.op, self.params)}
-            if self.layer is not None:
-                out["layer"] = self.layer
-            if self.depth is not None:
-                out["depth"] = self.depth
-            return out
-        out = {
-            "site": self.site,
-            "layer": self.layer,
-            "op": self.op,
-            "criterion": self.criterion,
-            "budget": self.budget.to_dict(),
-            "params": dict(self.params),
-        }
-        if self.depth is not None:
-            out["depth"] = self.depth
-        return out
-
-    def describe(self) -> str:
-        if self.structural:
-            head = [f"layer={self.layer}"] if self.layer is not None else []
-            head += [f"depth={self.depth}"] if self.depth is not None else []
-            rest = params_to_string(self.op, self.params)
-            return f"{self.op}:{','.join(head + ([rest] if rest else []))}" if head or rest else self.op
-        b = self.budget.describe()
-        extra = "".join(f",{k}={v}" for k, v in sorted(self.params.items()))
-        where = "site=pre_llm" if self.is_pre_llm else f"layer={self.layer}"  # op follows from the criterion
-        where += "" if self.depth is None else f",depth={self.depth}"
-        if self.is_vision:
-            where = "site=vision" + ("" if self.layer is None else f",layer={self.layer}")
-        return f"{self.criterion}:{where},{b}{extra}"
 
 
 @dataclass(frozen=True)
@@ -218,7 +55,7 @@ class Policy:
         object.__setattr__(self, "stages", tuple(self.stages))
         if not self.stages:
             raise PolicyError("stages", "a policy needs at least one stage")
-        object.__setattr__(self, "stages", tuple(_check_stage(st, f"stages[{i}]") for i, st in enumerate(self.stages)))
+        object.__setattr__(self, "stages", tuple(check_stage(st, f"stages[{i}]") for i, st in enumerate(self.stages)))
         ops = [s.op for s in self.stages if s.structural and s.op != "visual_drop"]
         for op in set(ops):
             if ops.count(op) > 1:
@@ -297,7 +134,7 @@ class Policy:
                                       "allowed: each key once per stage")
                 overrides[key.strip()] = _parse_value(value.strip())
             if name in STRUCTURAL_OPS and name not in PRESETS:
-                stages.append(_build_stage({"op": name, **overrides}, f"stages[{i}]"))
+                stages.append(build_stage({"op": name, **overrides}, f"stages[{i}]"))
                 continue
             stages.extend(expand_preset(name, overrides, f"stages[{i}]", family))
         return cls(tuple(stages), source=text)
@@ -338,11 +175,11 @@ class Policy:
                     raise PolicyError(f"{where}.{'budget' if budget is not None else 'criterion'}",
                                       f"a structural op ({st['op']}) takes no criterion or budget")
                 st.pop("criterion", None)
-                stages.append(_build_stage({**st, **params}, where))
+                stages.append(build_stage({**st, **params}, where))
                 continue
             if "criterion" not in st:
                 raise PolicyError(where, "needs 'criterion' (or 'preset')")
-            stages.append(_build_stage({**st, **params}, where))
+            stages.append(build_stage({**st, **params}, where))
         return cls(tuple(stages), source=data if any("preset" in st for st in raw if isinstance(st, Mapping)) else None)
 
     @classmethod
@@ -566,246 +403,3 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def _build_structural(fields: dict, where: str) -> Stage:
-    """A structural op's dict fields -> its Stage (unchecked: ``_check_stage`` holds the rules)."""
-    op = fields.pop("op")
-    site = fields.pop("site", "llm")
-    for bad in ("criterion", "keep", "tokens"):  # keys a structural Stage cannot even hold
-        if fields.get(bad) is not None:
-            raise PolicyError(f"{where}.{bad}", f"a structural op ({op}) takes no criterion or budget")
-        fields.pop(bad, None)
-    layer, depth = fields.pop("layer", None), fields.pop("depth", None)
-    return Stage(criterion=None, layer=layer, budget=None, params=fields, site=site, op=op, depth=depth)
-
-
-def _build_stage(fields: dict, where: str) -> Stage:
-    """A stage's dict fields (a string's ``key=value`` pairs, a dict stage, a preset's stage dicts) -> its checked,
-    normalised Stage. Only the mapping of fields is here; every rule is in ``_check_stage`` (run once per stage)."""
-    if fields.get("op", "prune") not in TOKEN_CRITERION_OPS:
-        return _check_stage(_build_structural(fields, where), where)
-    name = fields.pop("criterion")
-    crit = CRITERIA.get(name, f"{where}.criterion")
-    site = fields.pop("site", "llm")
-    op = fields.pop("op", crit.op)
-    default_layer = getattr(crit, "default_layer", None) if site == VISION else None  # the method's own first layer
-    layer, depth = fields.pop("layer", default_layer), fields.pop("depth", None)
-    keep, tokens = fields.pop("keep", None), fields.pop("tokens", None)
-    if isinstance(keep, int) and not isinstance(keep, bool):
-        keep = float(keep)
-    try:  # the budget rules live in Budget (check_budget): named here by this stage's fields
-        budget = Budget(keep, tokens, fields.pop("of", "original"), fields.pop("rounding", "half_up"))
-    except PolicyError as e:
-        field = e.field.split(".", 1)[1] if e.field.startswith("budget.") else ""
-        raise at_key(e, f"{where}.{field}" if field else where) from None
-    return _check_stage(Stage(criterion=name, layer=layer, budget=budget, params=fields, site=site, op=op, depth=depth),
-                        where)
-
-
-def _criterion_params(crit: Any, given: Mapping[str, Any], site: str, where: str) -> dict:
-    """The criterion's parameters, plus ``positions`` on a pre_llm or vision stage."""
-    given = dict(given)
-    if site not in ("pre_llm", "vision"):
-        return crit.check_params(given, where)
-    positions = given.pop("positions", POSITIONS[0])
-    if positions not in POSITIONS:
-        raise PolicyError(f"{where}.positions", f"must be one of {', '.join(POSITIONS)}, got {positions!r}")
-    return {**crit.check_params(given, where), "positions": positions}
-
-
-def _check_depth_field(st: Stage, where: str) -> None:
-    """``depth``: the decoder depth an LLM-site ``layer`` was written for (an integer > ``layer``)."""
-    if st.depth is None:
-        return
-    if not st.is_llm or st.layer is None:
-        raise PolicyError(f"{where}.depth", "only applies to an LLM-site stage with a layer (the decoder depth that "
-                          "layer was written for)")
-    if isinstance(st.depth, bool) or not isinstance(st.depth, int) or st.depth < 2:
-        raise PolicyError(f"{where}.depth", f"must be an integer >= 2 (a decoder depth), got {st.depth!r}")
-    if isinstance(st.layer, int) and not isinstance(st.layer, bool) and st.layer >= st.depth:
-        raise PolicyError(f"{where}.layer", f"{st.layer} is beyond the reference depth {st.depth}; allowed: "
-                          f"1..{st.depth - 1}")
-
-
-def _check_stage(st: Stage, where: str) -> Stage:
-    """Every rule of one stage (the only place they live), named by ``where``; returns the stage with its
-    parameters normalised (defaults filled), marked as checked so ``Policy`` does not check it again."""
-    if getattr(st, "_checked", False):
-        return st
-    if st.site not in SITES:
-        hint = " (reserved; not implemented yet)" if st.site in RESERVED_SITES else ""
-        raise PolicyError(f"{where}.site", f"{st.site!r}{hint}; allowed: {', '.join(SITES)}")
-    if st.op not in OPS:
-        hint = " (reserved; not implemented yet)" if st.op in RESERVED_OPS else ""
-        raise PolicyError(f"{where}.op", f"{st.op!r}{hint}; allowed: {', '.join(OPS)}")
-    if st.structural:
-        if st.criterion is not None or st.budget is not None:
-            raise PolicyError(f"{where}.criterion", f"a structural op ({st.op}) takes no criterion or budget")
-        if st.op == "visual_drop" and st.layer is None:
-            raise PolicyError(f"{where}.layer", "is required for visual_drop (the first decoder layer without visual "
-                              "tokens, >= 1)")
-        if st.op == "visual_drop" and (isinstance(st.layer, bool) or not isinstance(st.layer, int) or st.layer < 1):
-            raise PolicyError(f"{where}.layer", f"must be an integer >= 1 (layer 0 cannot be pruned), got {st.layer!r}")
-        if st.op != "visual_drop" and st.layer is not None:
-            raise PolicyError(f"{where}.layer", f"{st.op} takes its layers in 'layers' (a list joined with ';'), not "
-                              "'layer'")
-        params = check_structural(st.op, dict(st.params), where)
-        _check_depth_field(st, where)
-        return _checked(replace(st, params=params))
-    crit = CRITERIA.get(st.criterion, f"{where}.criterion")
-    if st.site not in crit.sites:
-        raise PolicyError(f"{where}.site", f"criterion {st.criterion!r} does not run at site {st.site!r}; allowed: {', '.join(crit.sites)}")
-    if st.op != crit.op:
-        raise PolicyError(f"{where}.op", f"criterion {st.criterion!r} is a {crit.op} criterion; allowed: {crit.op}")
-    if st.is_pre_llm:
-        if st.layer is not None:
-            raise PolicyError(f"{where}.layer", "a pre_llm stage takes no layer (it reduces the language model's input)")
-    elif st.is_vision:
-        if st.layer is not None and not getattr(crit, "takes_layer", False):
-            raise PolicyError(f"{where}.layer", f"criterion {st.criterion!r} takes no layer (its schedule follows the "
-                              "vision feature layer)")
-        if st.layer is not None and (isinstance(st.layer, bool) or not isinstance(st.layer, int) or st.layer < 0):
-            raise PolicyError(f"{where}.layer", f"must be a vision-encoder layer index >= 0, got {st.layer!r}")
-    elif st.layer is None:
-        raise PolicyError(f"{where}.layer", "is required for an LLM stage (decoder layer index >= 1)")
-    elif isinstance(st.layer, bool) or not isinstance(st.layer, int) or st.layer < 1:
-        raise PolicyError(f"{where}.layer", f"must be an integer >= 1 (layer 0 cannot be pruned), got {st.layer!r}")
-    if st.budget is None:
-        raise PolicyError(where, "give exactly one of keep (a fraction in (0, 1]) or tokens (a count >= 1)")
-    params = _criterion_params(crit, st.params, st.site, where)
-    _check_depth_field(st, where)
-    return _checked(replace(st, params=params))
-
-
-def _checked(st: Stage) -> Stage:
-    object.__setattr__(st, "_checked", True)  # not a field: equality, dicts and copies ignore it
-    return st
-
-
-def stage_from_fields(fields: Mapping[str, Any], where: str) -> Stage:
-    """One stage from its dict fields (``{"criterion": "fastv", "layer": 2, "keep": 0.25}``, a structural op's
-    ``{"op": "ffn_cut", ...}``), built and checked; ``PolicyError`` naming ``where.<field>`` otherwise. For
-    presets whose ``expand`` builds stages itself (YOPO)."""
-    return _build_stage(dict(fields), where)
-
-
-def expand_preset(name: str, overrides: Mapping[str, Any], where: str, family: str | None = None) -> list[Stage]:
-    """Stages of preset ``name`` with ``overrides`` applied (single-stage presets take any key). A registered
-    criterion without a preset of its name (e.g. a user's own ``register_criterion``) is one stage of it, written
-    out: ``mine:layer=2,keep=0.5``."""
-    if name not in PRESETS and isinstance(name, str) and name in CRITERIA:
-        return [_build_stage({"criterion": name, **overrides}, where)]
-    if name not in PRESETS:  # the error lists presets and criteria alike (both are valid first words)
-        raise UnknownNameError(f"{where}.method", name, set(PRESETS.names()) | set(CRITERIA.names()) | set(STRUCTURAL_OPS))
-    preset = PRESETS.get(name, f"{where}.method")
-    if isinstance(preset, FamilyPreset):
-        return preset.expand(dict(overrides), where, family)
-    return preset.expand(dict(overrides), where)
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named policy fragment carrying a paper's defaults."""
-
-    name: str
-    stages: tuple[Mapping[str, Any], ...]
-    description: str = ""
-    arxiv: str | None = None
-
-    def expand(self, overrides: dict, where: str) -> list[Stage]:
-        if len(self.stages) == 1:
-            base = dict(self.stages[0])
-            if overrides.get("site") in INPUT_SITES:  # no decoder layer there (an LLM preset's layer goes)
-                base.pop("layer", None)
-                base.pop("depth", None)
-            if "layer" in overrides:  # an explicit layer is absolute (unless a depth is given with it)
-                base.pop("depth", None)
-            if "tokens" in overrides or "keep" in overrides:  # a budget override replaces the preset's budget
-                base.pop("keep", None)
-                base.pop("tokens", None)
-                base.pop("of", None)
-                if "tokens" in overrides:
-                    base.pop("rounding", None)
-            return [_build_stage({**base, **overrides}, where)]
-        layers = ", ".join(str(st.get("layer")) for st in self.stages if st.get("layer") is not None)
-        own = {st.get("criterion") for st in self.stages}
-        if "layer" in overrides and own == {self.name}:
-            # a multi-stage preset named after its criterion, given a layer: one stage of that criterion
-            # written out (what Stage.describe() prints, so to_string() round-trips), e.g. "aim:layer=2,keep=0.5"
-            if "keep" not in overrides and "tokens" not in overrides:
-                raise PolicyError(
-                    f"{where}.keep",
-                    f"preset {self.name!r} has {len(self.stages)} stages (layers {layers}); with layer= it becomes ONE "
-                    f"{self.name} stage, which needs its budget: give keep= or tokens= too (e.g. "
-                    f"{self.name}:layer={overrides['layer']},keep=0.25); to move every stage, write them out "
-                    f"(`vlm-tokenprune methods` prints them)",
-                )
-            return [_build_stage({"criterion": self.stages[0]["criterion"], **overrides}, where)]
-        allowed = self.overridable()
-        bad = sorted(set(overrides) - set(allowed))
-        if bad:
-            fixed = bad[0] in STAGE_KEYS
-            raise PolicyError(
-                f"{where}.{bad[0]}",
-                f"preset {self.name!r} has {len(self.stages)} stages{f' (layers {layers})' if layers else ''}; "
-                + (f"its {bad[0]} cannot be overridden as a whole" if fixed else f"{bad[0]!r} is no parameter of it")
-                + f"; allowed: {', '.join(allowed) or '(nothing)'}"
-                + (f", or layer= with keep= / tokens= for one {self.name} stage" if own == {self.name} else "")
-                + "; to change layers or budgets write the stages out (`vlm-tokenprune methods` prints them)",
-            )
-        out = []
-        for j, st in enumerate(self.stages):
-            fields = {**st, **overrides}
-            if "rounding" in overrides and fields.get("keep") is None:
-                fields.pop("rounding")  # rounding applies to the stages with a fraction
-            try:
-                out.append(_build_stage(fields, f"{where}[{j}]"))
-            except PolicyError as e:  # a bad override: named by the key the user wrote (aim:tau= -> stages[0].tau)
-                key = e.field.rsplit(".", 1)[-1]
-                if key not in overrides:
-                    raise
-                raise at_key(e, f"{where}.{key}") from None
-        return out
-
-    def overridable(self) -> list[str]:
-        """Keys a multi-stage preset takes as a whole: its criteria's parameters and ``rounding``."""
-        keys: set[str] = set()
-        for st in self.stages:
-            if st.get("criterion") in CRITERIA:
-                crit = CRITERIA.get(st["criterion"])
-                keys |= set(crit.params)
-                if st.get("site") in INPUT_SITES:
-                    keys.add("positions")
-        if any("keep" in st for st in self.stages):
-            keys.add("rounding")
-        return sorted(keys)
-
-
-class FamilyPreset(Preset):
-    """A paper's name whose setting depends on the model family (e.g. ``flowcut``): ``choices`` maps a
-    ``config.model_type`` to a preset; ``patch()`` picks the model's (``Policy.parse(..., family=)``), and
-    without a family (``Policy.parse("flowcut")``) the first choice is the default. Keys go to the chosen preset."""
-
-    def __init__(self, name: str, choices: Mapping[str, str], description: str = "", arxiv: str | None = None):
-        super().__init__(name, (), description, arxiv)
-        object.__setattr__(self, "choices", dict(choices))
-
-    def expand(self, overrides: dict, where: str, family: str | None = None) -> list[Stage]:
-        target = self.choices.get(family, next(iter(self.choices.values())))
-        return expand_preset(target, overrides, where)
-
-
-def register_family_preset(name: str, choices: Mapping[str, str], description: str = "",
-                           arxiv: str | None = None) -> Preset:
-    """Register a paper's name that picks a preset per model family (see ``FamilyPreset``)."""
-    return PRESETS.register(name, FamilyPreset(name, choices, description, arxiv))
-
-
-def at_key(e: PolicyError, field: str) -> PolicyError:
-    """``e`` re-addressed to ``field`` (a preset's user-facing key instead of an internal stage field)."""
-    message = str(e)[len(e.field) + 2:] if str(e).startswith(f"{e.field}: ") else str(e)
-    cls = type(e) if type(e) in (PolicyError, IncompatiblePolicyError) else PolicyError
-    return cls(field, message)
-
-
-def register_preset(name: str, stages: list[dict], description: str = "", arxiv: str | None = None) -> Preset:
-    return PRESETS.register(name, Preset(name, tuple(stages), description, arxiv))
