@@ -49,3 +49,34 @@ def test_bad_input_is_refused_before_the_geometry_is_built(monkeypatch):
         bench_geometry.run_bench_geometry("llava-huge", ["fastv"])
     with pytest.raises(ValueError, match="--budgets"):
         bench_geometry.run_bench_geometry("llava-small", ["fastv"], [1.5])
+
+
+def test_cli_bench_takes_profiles_geometries(tmp_path, capsys):
+    from vlm_tokenprune.cli import main
+
+    rc = main(["bench", "--model", "llava-small", "--layers", "2", "--vision-layers", "1", "--n-text", "8",
+               "--policy", "fastv:layer=1,keep=0.25", "--batch-size", "1", "--timing-iters", "0", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| `fastv:layer=1,keep=0.25` | - | 64 | 264/72 |" in out
+    assert "accuracy: n/a: random weights" in out and (tmp_path / "bench.json").is_file()
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--model", "llava-huge"], "--model"),
+    (["--model", "llava-small", "--layers", "7"], "--layers"),
+    (["--model", "qwen2-vl-7b", "--vision-layers", "33"], "--vision-layers"),
+    (["--layers", "2"], "--layers"),  # the shipped tiny model: no --layers
+    (["--model", "tiny", "--vision-layers", "1"], "--vision-layers"),
+    (["--model", "llava-small", "--n-text", "1"], "--n-text"),
+])
+def test_cli_bench_model_flags_refused_before_any_model(args, flag, tmp_path, capsys, monkeypatch):
+    from vlm_tokenprune.cli import main
+    from vlm_tokenprune.eval import bench
+
+    def no_build(*a, **k):
+        raise AssertionError("a model was built before the flags were checked")
+
+    monkeypatch.setattr(profiler, "load_model", no_build)
+    monkeypatch.setattr(bench, "run_bench", no_build)
+    assert main(["bench", "--policy", "fastv:layer=1,keep=0.25", "--out", str(tmp_path / "o"), *args]) == 2
+    assert flag in capsys.readouterr().err

@@ -56,13 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' weight loading too)")
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="offline benchmark on the shipped tiny VLM: accuracy, tokens, FLOPs, prefill ratio")
+    b = sub.add_parser("bench", help="offline benchmark: accuracy, tokens, FLOPs, prefill ratio (the shipped tiny VLM; "
+                       "profile's geometries: no accuracy)")
     b.add_argument("--policy", action="append", required=True, help="a policy string or a YAML / JSON policy file (repeat for several)")
     b.add_argument("--budgets", default=None, help="keep fractions, e.g. 0.5,0.25,0.11 (multi-stage: see README)")
     b.add_argument("--n", type=int, default=500, help="test-split examples (default 500)")
     b.add_argument("--batch-size", type=int, default=8, help="examples per generate() batch (default 8)")
     b.add_argument("--out", default="vtp_bench", help="output folder for bench.json / .md / .png (default ./vtp_bench)")
-    b.add_argument("--model", default=None, help="a checkpoint folder in the tiny VLM's format (default: the shipped one)")
+    from .eval.bench_geometry import add_cli_args
+
+    add_cli_args(b)  # --model tiny | PATH | profile's geometries, --layers, --vision-layers, --n-text
     b.add_argument("--timing-iters", type=int, default=5,
                    help="interleaved prefills timed per policy (default 5; 0: none, the prefill ratio reads n/a)")
     b.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"),
@@ -226,8 +229,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.command == "bench":
         _writable_target(args.out, "--out", folder=True)
         parse_budgets(args.budgets)
-        if args.model is not None and not os.path.isdir(args.model):
-            raise InputError("--model", f"{args.model!r} is not a checkpoint folder")
+        from .eval.bench_geometry import check_cli_args
+
+        check_cli_args(args)
     if args.command == "viz":
         _writable_target(args.out, "--out")
         if args.image is not None and not os.path.isfile(args.image):

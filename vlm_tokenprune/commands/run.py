@@ -93,10 +93,16 @@ def parse_budgets(text: str | None) -> list[float] | None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
+    from ..eval import profiler
     from ..eval.bench import markdown_table, run_bench, write_outputs
 
     torch.set_num_threads(args.threads)
-    result = run_bench(args.policy, parse_budgets(args.budgets), n=args.n, batch_size=args.batch_size, model_path=args.model,
+    if args.model in profiler.KNOWN_GEOMETRIES:  # random weights: tokens, FLOPs, timing; accuracy n/a
+        from ..eval.bench_geometry import cmd_bench_geometry
+
+        return cmd_bench_geometry(args, parse_budgets(args.budgets))
+    model_path = None if args.model == "tiny" else args.model
+    result = run_bench(args.policy, parse_budgets(args.budgets), n=args.n, batch_size=args.batch_size, model_path=model_path,
                        timing_iters=args.timing_iters, backend=args.backend, progress=not args.no_progress)
     paths = write_outputs(result, args.out)
     print(markdown_table(result))

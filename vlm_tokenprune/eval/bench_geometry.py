@@ -32,7 +32,7 @@ def run_bench_geometry(spec: str, policies: Sequence[Any], budgets: Sequence[flo
     """Tokens, FLOPs and prefill timing of the baseline and every policy x budget on the random-weight
     geometry ``spec`` (``profiler.KNOWN_GEOMETRIES``); ``accuracy`` is None in every run (see the module)."""
     from .. import patch
-    from .bench import _label, with_budget
+    from .bench import with_budget
     from .flops import trace_flops
 
     if spec not in profiler.KNOWN_GEOMETRIES:
@@ -49,7 +49,7 @@ def run_bench_geometry(spec: str, policies: Sequence[Any], budgets: Sequence[flo
     runs: list[dict] = [{"label": "baseline", "policy_spec": None, "budget": None, "policy": None}]
     skipped: list[dict] = []
     for spec_i, pol_i in zip(policies, parsed):
-        label = _label(spec_i)
+        label = spec_i if isinstance(spec_i, str) else pol_i.to_string()
         for b in (budgets if budgets else [None]):
             try:
                 pol = with_budget(spec_i, b) if b is not None else pol_i
@@ -156,3 +156,48 @@ def write_outputs(result: dict, out: "str | os.PathLike", stem: str = "bench") -
     with open(paths["md"], "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
     return paths
+
+
+# -- the CLI's side (``vlm-tokenprune bench --model GEOMETRY``) -----------------------------------------------
+def add_cli_args(parser) -> None:
+    """bench's ``--model`` (tiny, a checkpoint folder or a known geometry) and the geometry-only flags."""
+    parser.add_argument("--model", default=None, metavar="{tiny," + ",".join(profiler.KNOWN_GEOMETRIES) + "}|PATH",
+                        help="tiny (default: the shipped trained VLM) or a checkpoint folder in its format: accuracy, "
+                             "tokens, FLOPs, timing; or one of profile's known geometries, built with random weights: "
+                             "tokens, FLOPs, timing (accuracy n/a)")
+    parser.add_argument("--layers", type=int, default=None, help="known geometry: keep only the first N decoder layers (to fit a CPU)")
+    parser.add_argument("--vision-layers", type=int, default=None, help="known geometry: vision tower depth")
+    parser.add_argument("--n-text", type=int, default=64, help="known geometry: text tokens of the built prompt (default 64)")
+
+
+def check_cli_args(args) -> None:
+    """bench's model flags, before any model is built: exit 2 naming the flag (``InputError``)."""
+    geo = profiler.KNOWN_GEOMETRIES.get(args.model)
+    if args.model not in (None, "tiny") and geo is None and not os.path.isdir(args.model):
+        raise InputError("--model", f"{args.model!r} is neither tiny, one of profile's known geometries "
+                         f"({', '.join(profiler.KNOWN_GEOMETRIES)}) nor a checkpoint folder")
+    for flag, value in (("--layers", args.layers), ("--vision-layers", args.vision_layers)):
+        if value is not None and geo is None:
+            raise InputError(flag, f"applies to profile's known geometries only ({', '.join(profiler.KNOWN_GEOMETRIES)}), "
+                             f"not to {args.model or 'tiny'!r}")
+    if geo is None:
+        return
+    vision_depth = geo["vision"].get("depth") or geo["vision"].get("num_hidden_layers")
+    for flag, value, top in (("--layers", args.layers, geo["text"]["num_hidden_layers"]),
+                             ("--vision-layers", args.vision_layers, vision_depth)):
+        if value is not None and not 1 <= value <= top:
+            raise InputError(flag, f"{value}; allowed: 1..{top} for {args.model}")
+    if args.n_text < 2:
+        raise InputError("--n-text", f"{args.n_text}; need at least 2 (BOS and one question token)")
+
+
+def cmd_bench_geometry(args, budgets: Sequence[float] | None) -> int:
+    """``vlm-tokenprune bench --model GEOMETRY``: run, write OUT/bench.json and .md, print the table."""
+    result = run_bench_geometry(args.model, args.policy, budgets, layers=args.layers, vision_layers=args.vision_layers,
+                                batch_size=args.batch_size, n_text=args.n_text, timing_iters=args.timing_iters,
+                                backend=args.backend)
+    paths = write_outputs(result, args.out)
+    print(markdown_table(result))
+    print()
+    print("wrote " + ", ".join(paths.values()))
+    return 0
