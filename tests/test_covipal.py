@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import BACKENDS, FLASH, tiny_llava
+from kit import BACKENDS, FLASH, left_padding, tiny_llava
 from reference import covipal_oracle as coracle
 from reference import pre_llm_oracle as oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError, InputError, PolicyError
@@ -41,10 +41,6 @@ def random_ppm(in_dim: int, seed: int = 0, hidden: int = 16, layers: int = 2, he
 def weight_file(tmp_path, model, seed: int = 0, name: str = "w.safetensors", **kw) -> tuple[str, PPM]:
     ppm = random_ppm(model.config.text_config.hidden_size, seed, **kw)
     return save_weights(str(tmp_path / name), "covipal", ppm.state_dict(), ppm.hparams, model), ppm
-
-
-def _pad(inputs, b: int) -> int:
-    return int((inputs["attention_mask"][b] == 0).sum())
 
 
 def _oracle_kept(model, inputs, b, ppm, keep):
@@ -81,7 +77,7 @@ def test_patched_model_matches_oracle(tmp_path, attn, positions):
         st = h.last_trace().stages[0]
     assert st.site == "pre_llm" and st.visual_before == [36, 72, 0] and st.visual_after == [9, 18, 0]
     for b in range(3):
-        pad = _pad(inputs, b)
+        pad = left_padding(inputs, b)
         kept = [p - pad for p in st.kept_positions[b]]
         assert kept == _oracle_kept(model, inputs, b, ppm, 0.25)
         x, pos, _ = oracle.reduce_row(model, inputs, b, 0.25, kept=kept)
@@ -99,12 +95,12 @@ def test_batch_with_left_padding_equals_rows_alone(tmp_path):
         both = model(**inputs).logits[:, -1]
         kept_both = h.last_trace().stages[0].kept_positions
         for b in range(2):
-            alone = {k: v[b:b + 1, _pad(inputs, b):] if k in ("input_ids", "attention_mask") else v
+            alone = {k: v[b:b + 1, left_padding(inputs, b):] if k in ("input_ids", "attention_mask") else v
                      for k, v in inputs.items()}
             alone["pixel_values"] = inputs["pixel_values"][:1] if b == 0 else inputs["pixel_values"][1:]
             one = model(**alone).logits[0, -1]
             kept_one = h.last_trace().stages[0].kept_positions[0]
-            assert [p - _pad(inputs, b) for p in kept_both[b]] == kept_one
+            assert [p - left_padding(inputs, b) for p in kept_both[b]] == kept_one
             torch.testing.assert_close(both[b], one, atol=ATOL, rtol=0)
 
 
@@ -224,7 +220,7 @@ def test_guidance_target_matches_eager_attention(query):
     with torch.no_grad():
         att = model(**inputs, output_attentions=True).attentions
     for b in range(2):
-        pad = _pad(inputs, b)
+        pad = left_padding(inputs, b)
         ids = inputs["input_ids"][b, pad:]
         n = int(vok[b].sum())
         want = coracle.guidance_attention(att[2][b, :, pad:, pad:], ids, IMAGE_TOKEN_ID, query)

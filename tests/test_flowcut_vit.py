@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import BACKENDS, assert_policy_refused, tiny_llava, tiny_qwen
+from kit import BACKENDS, assert_policy_refused, left_padding, tiny_llava, tiny_qwen
 from reference import flowcut_vit_oracle as oracle
 from reference import pre_llm_oracle
 from vlm_tokenprune.errors import IncompatiblePolicyError
@@ -27,10 +27,6 @@ def tiny(attn: str, next: bool = False):
     return tiny_llava(attn, vision_layers=6, next=next, tweaks=("peaked_tower",))
 
 
-def _pad(inputs, b):
-    return int((inputs["attention_mask"][b] == 0).sum())
-
-
 def _check(model, inputs, policy, K, positions):
     with vtp.patch(model, policy) as h, torch.no_grad():
         logits = model(**inputs).logits
@@ -41,7 +37,7 @@ def _check(model, inputs, policy, K, positions):
     assert st.vision_tokens_per_layer == seen
     rows = oracle.reduced_rows(model, inputs, feats, kept)
     for b, (x, pos, sources) in enumerate(rows):
-        pad = _pad(inputs, b)
+        pad = left_padding(inputs, b)
         vis = [p for p in pos if p in sources]
         assert [p - pad for p in st.kept_positions[b]] == vis
         assert [[s - pad for s in src] for src in st.sources[b]] == [sources[p] for p in vis]
