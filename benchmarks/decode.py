@@ -8,7 +8,10 @@ What is timed: ONE decode step (a one-token forward on a cache holding the promp
 tokens), repeated from a fresh copy of the same cache so every step sees the same cache length. The
 patched model's cache holds only the kept tokens from the pruned layer on. For each policy and cache
 length, baseline and patched steps are interleaved in one loop (order alternating), after a warm-up.
-Reported: ``ratio`` = median(patched step) / median(baseline step), and the step times in ms.
+Reported: ``ratio`` = median(patched step) / median(baseline step), the step times in ms, and ``hooks us``:
+the median wall time per patched step spent inside the library's LLM-site hooks (``engine.top_pre_hook``,
+``top_post_hook`` and every decoder layer's ``layer_pre_hook``, timed by wrappers installed before ``patch``),
+i.e. the Python work a decode step pays for the policy.
 
 Usage: ``python benchmarks/decode.py [--repeats 31] [--out benchmarks/results/decode_cpu.md]``
 """
@@ -25,6 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 import vlm_tokenprune as vtp  # noqa: E402
+from vlm_tokenprune import engine  # noqa: E402
 from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch  # noqa: E402
 
 POLICIES = ["fastv:layer=2,keep=0.25", "fastv:layer=2,keep=0.5", "uniform:site=pre_llm,keep=0.25,positions=gaps"]
@@ -48,9 +52,28 @@ def _prepared(model, inputs, steps: int = 4):
     return _cache(out), nxt, mask
 
 
+HOOK_SECONDS = [0.0]
+
+
+def _timed(fn):
+    """``fn`` adding its wall time to ``HOOK_SECONDS`` (installed on ``engine`` before ``patch`` binds the hooks)."""
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            HOOK_SECONDS[0] += time.perf_counter() - t0
+    return wrapper
+
+
+for _name in ("top_pre_hook", "top_post_hook", "layer_pre_hook"):
+    setattr(engine, _name, _timed(getattr(engine, _name)))
+
+
 def _step(model, state) -> float:
     cache, nxt, mask = state
     fresh = {k: copy.deepcopy(v) for k, v in cache.items()}
+    HOOK_SECONDS[0] = 0.0
     t0 = time.perf_counter()
     with torch.no_grad():
         model(input_ids=nxt, attention_mask=mask, use_cache=True, **fresh)
@@ -73,7 +96,7 @@ def main() -> None:
             h = vtp.patch(model, pol)
             patched = _prepared(model, inputs)
             h.unpatch()
-            b, p = [], []
+            b, p, hooks = [], [], []
             for i in range(args.repeats + 3):
                 order = [("b", base), ("p", patched)] if i % 2 == 0 else [("p", patched), ("b", base)]
                 for kind, state in order:
@@ -81,20 +104,24 @@ def main() -> None:
                         h = vtp.patch(model, pol)
                         t = _step(model, state)
                         h.unpatch()
+                        if i >= 3:
+                            hooks.append(HOOK_SECONDS[0])
                     else:
                         t = _step(model, state)
                     if i >= 3:
                         (p if kind == "p" else b).append(t)
             mb, mp = statistics.median(b), statistics.median(p)
-            rows.append((256 * n_img, pol, mb * 1e3, mp * 1e3, mp / mb))
+            mh = statistics.median(hooks)
+            rows.append((256 * n_img, pol, mb * 1e3, mp * 1e3, mp / mb, mh * 1e6))
             print(f"{256 * n_img:5d} visual  {pol:48s} base {mb * 1e3:7.2f} ms  patched {mp * 1e3:7.2f} ms  "
-                  f"ratio {mp / mb:.3f}", flush=True)
+                  f"ratio {mp / mb:.3f}  hooks {mh * 1e6:6.0f} us", flush=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write("# Decode-step ratios (CPU, one thread)\n\n" + __doc__.split("\n\n")[1] + "\n\n")
-            f.write("| visual tokens | policy | baseline ms/step | patched ms/step | ratio |\n|---|---|---|---|---|\n")
-            for v, pol, mb, mp, r in rows:
-                f.write(f"| {v} | `{pol}` | {mb:.2f} | {mp:.2f} | {r:.3f} |\n")
+            f.write("| visual tokens | policy | baseline ms/step | patched ms/step | ratio | hooks us/step |\n"
+                    "|---|---|---|---|---|---|\n")
+            for v, pol, mb, mp, r, us in rows:
+                f.write(f"| {v} | `{pol}` | {mb:.2f} | {mp:.2f} | {r:.3f} | {us:.0f} |\n")
             f.write("\nReproduce: `OMP_NUM_THREADS=1 python benchmarks/decode.py --out benchmarks/results/decode_cpu.md`\n")
 
 
