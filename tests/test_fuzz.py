@@ -209,7 +209,8 @@ def _call(model, handle, inputs: dict, steps: int):
         for _ in range(steps):
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            out = model(input_ids=nxt, attention_mask=mask, use_cache=True, past_key_values=out.past_key_values)
+            cache = {"cache": out["cache"]} if "cache" in out else {"past_key_values": out["past_key_values"]}  # 5.2x / 5.1x
+            out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache)
             logits.append(out.logits[:, -1])
     return logits, kept
 
