@@ -77,9 +77,9 @@ def grid_points(rows: int, cols: int, k: int) -> list[tuple[int, int]]:
 def split_budget(k: int, sizes: list[int]) -> list[int]:
     """Split ``k`` over groups of ``sizes`` in proportion (largest remainder; ties to earlier groups)."""
     total = sum(sizes)
-    raw = [k * s / total for s in sizes]
-    out = [min(s, math.floor(r)) for r, s in zip(raw, sizes)]
-    order = sorted(range(len(sizes)), key=lambda i: (-(raw[i] - math.floor(raw[i])), i))
+    # integer arithmetic: k * s / total = q + rem / total, so equal remainders tie exactly (no float rounding)
+    out = [min(s, k * s // total) for s in sizes]
+    order = sorted(range(len(sizes)), key=lambda i: (-((k * sizes[i]) % total), i))
     left = k - sum(out)
     while left > 0:
         for i in order:
