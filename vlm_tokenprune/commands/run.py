@@ -232,4 +232,4 @@ def cmd_train(args: argparse.Namespace) -> int:
     names = trainers()
     if args.name not in names:
         raise InputError("train", f"unknown trainer {args.name!r}; allowed: {', '.join(names)}")
-    return importlib.import_module(f"{__package__}.train.{args.name}").main(list(args.args))
+    return importlib.import_module(f"vlm_tokenprune.train.{args.name}").main(list(args.args))
