@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from conftest import BACKENDS
+from kit import BACKENDS
 from helpers import new_tokens
 from reference import fastv_oracle as oracle
 from reference import uniform_oracle
