@@ -538,12 +538,12 @@ def structural_flops(model_config: Any, policy: Any, n_text: int, n_visual: int,
 
     g = TextGeometry.of(model_config)
     pol = Policy.parse(policy)
+    pol = pol.at_depth(g.num_hidden_layers) if g.num_hidden_layers >= 2 else pol  # paper layers on this depth
     tokens, _, _ = _schedule(g, pol, int(n_text), int(n_visual))
     if plan is None:
         plan = static_plan(pol, g.num_hidden_layers, g.num_attention_heads, g.intermediate_size)
     if plan is None:
         plan = StructuralPlan(g.num_hidden_layers, g.num_attention_heads)
-    pol = pol.at_depth(g.num_hidden_layers) if g.num_hidden_layers >= 2 else pol  # paper layers on this depth
     totals = {False: 0.0, True: 0.0}
     for j, n in enumerate(tokens):
         v = n - int(n_text)
