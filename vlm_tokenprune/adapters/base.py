@@ -154,6 +154,13 @@ class HFAdapter(Adapter):
         return hf_seams(model, self.language_model(model))
 
 
+def uses_sliding_window(text_config) -> bool:
+    """True when any decoder layer of this text config attends through a sliding window."""
+    layer_types = getattr(text_config, "layer_types", None) or []
+    return any(t != "full_attention" for t in layer_types) or bool(
+        getattr(text_config, "use_sliding_window", False) and getattr(text_config, "sliding_window", None))
+
+
 def check_decoder_layers(layers, style: str) -> None:
     """Every decoder layer is pre-norm with ``input_layernorm`` and ``self_attn.{q,k,v}_proj`` (what scoring reads)."""
     for i, layer in enumerate(layers):

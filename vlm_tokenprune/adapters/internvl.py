@@ -27,7 +27,8 @@ from torch import nn
 from ..compat import attn_implementation
 from ..errors import IncompatiblePolicyError, InputError, UnsupportedModelError
 from ..registry import ADAPTERS
-from .base import HFAdapter, Seams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for
+from .base import (HFAdapter, Seams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for,
+                   uses_sliding_window)
 
 SUPPORTED_TEXT_MODELS = ("qwen2", "qwen3", "llama")
 
@@ -54,9 +55,7 @@ class InternVLAdapter(HFAdapter):
                 f"{text.model_type!r} is not supported; supported text backbones: {', '.join(SUPPORTED_TEXT_MODELS)} "
                 "(dense decoder layers with full attention)",
             )
-        layer_types = getattr(text, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types) or (
-                getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None)):
+        if uses_sliding_window(text):
             raise UnsupportedModelError(
                 "config.text_config.use_sliding_window",
                 "sliding-window attention layers are not supported; allowed: full attention in every layer "

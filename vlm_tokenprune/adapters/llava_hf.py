@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import IncompatiblePolicyError, InputError, UnsupportedModelError
 from ..registry import ADAPTERS
 from ..compat import attn_implementation
-from .base import HFAdapter, VisionSeams, VisualLayout
+from .base import HFAdapter, VisionSeams, VisualLayout, uses_sliding_window
 
 SUPPORTED_TEXT_MODELS = ("llama", "mistral", "qwen2")
 
@@ -33,9 +33,7 @@ class LlavaHFAdapter(HFAdapter):
                 "config.text_config.model_type",
                 f"{text.model_type!r} is not supported; supported text backbones: {', '.join(SUPPORTED_TEXT_MODELS)}",
             )
-        layer_types = getattr(text, "layer_types", None) or []
-        sliding = any(t != "full_attention" for t in layer_types)
-        if sliding or (getattr(text, "use_sliding_window", False) and getattr(text, "sliding_window", None)):
+        if uses_sliding_window(text):
             raise UnsupportedModelError(
                 "config.text_config.sliding_window",
                 "sliding-window attention layers are not supported yet; allowed: full attention in every layer",

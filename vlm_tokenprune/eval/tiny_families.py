@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .tiny_models import BOS_ID, IMAGE_TOKEN_ID, PAD_ID
+from .tiny_models import BOS_ID, IMAGE_TOKEN_ID, PAD_ID, pad_qwen_rows
 
 VIDEO_TOKEN_ID = 4  # LLaVA-OneVision video placeholder
 FIRST_TEXT_ID = 7  # random text tokens are drawn from [7, vocab): never a special token
@@ -254,12 +254,5 @@ def make_qwen3_batch(model, rows: list[list], seed: int = 0, padding: str = "lef
                 ty += [0] * int(seg)
         seqs.append(s)
         types.append(ty)
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    tt = torch.zeros((len(seqs), L), dtype=torch.int)
-    for b, (s, ty) in enumerate(zip(seqs, types)):
-        sl = slice(L - len(s), L) if padding == "left" else slice(0, len(s))
-        ids[b, sl], mask[b, sl], tt[b, sl] = torch.tensor(s), 1, torch.tensor(ty, dtype=torch.int)
-    out.update(input_ids=ids, attention_mask=mask, mm_token_type_ids=tt)
+    out.update(pad_qwen_rows(seqs, types, padding))
     return out

@@ -175,6 +175,19 @@ def build_tiny_qwen2_vl(attn_implementation: str = "sdpa", version: str = "2", s
     return model.eval()
 
 
+
+def pad_qwen_rows(seqs: list[list[int]], types: list[list[int]], padding: str) -> dict:
+    """``input_ids`` / ``attention_mask`` / ``mm_token_type_ids`` of token rows padded to one length
+    (``padding`` ``"left"`` or ``"right"``) with ``PAD_ID``."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    tt = torch.zeros((len(seqs), L), dtype=torch.int)
+    for b, (s, ty) in enumerate(zip(seqs, types)):
+        sl = slice(L - len(s), L) if padding == "left" else slice(0, len(s))
+        ids[b, sl], mask[b, sl], tt[b, sl] = torch.tensor(s), 1, torch.tensor(ty, dtype=torch.int)
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": tt}
+
 def make_qwen_batch(model, rows: list[list], seed: int = 0, padding: str = "left", image_grids=None,
                     video_grids=None, seconds_per_grid=None) -> dict:
     """Qwen2-VL / 2.5-VL inputs built by hand (the Qwen processor needs torchvision).
@@ -226,16 +239,5 @@ def make_qwen_batch(model, rows: list[list], seed: int = 0, padding: str = "left
                 ty += [0] * int(seg)
         seqs.append(s)
         types.append(ty)
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    tt = torch.zeros((len(seqs), L), dtype=torch.int)
-    for b, (s, ty) in enumerate(zip(seqs, types)):
-        sl = slice(L - len(s), L) if padding == "left" else slice(0, len(s))
-        ids[b, sl] = torch.tensor(s)
-        mask[b, sl] = 1
-        tt[b, sl] = torch.tensor(ty, dtype=torch.int)
-    inputs["input_ids"] = ids
-    inputs["attention_mask"] = mask
-    inputs["mm_token_type_ids"] = tt
+    inputs.update(pad_qwen_rows(seqs, types, padding))
     return inputs
