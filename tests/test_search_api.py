@@ -26,7 +26,7 @@ def tiny():
 def test_meets_budget_and_writes_an_ordinary_policy(tiny, tmp_path):
     model, processor = tiny
     res = search_policy(model, processor, "flops=0.4", space="tokens,sublayers", sublayers=1, generations=1, heldout=8,
-                        heldout_top=1, out=tmp_path, **SMALL)
+                        heldout_top=1, out=tmp_path, trade=0.0, seed_presets=False, **SMALL)
     assert res.policy is not None and res.flops_ratio <= 0.4
     pol = vtp.Policy.from_file(str(tmp_path / "best.yaml"))
     assert pol == vtp.Policy.parse(res.policy) == vtp.Policy.parse((tmp_path / "best.txt").read_text().strip())
@@ -63,3 +63,20 @@ def test_bad_space():
         parse_space("tokens,layers")
     assert e.value.field == "space"
     assert parse_space("heads,tokens") == ("heads", "tokens")
+
+
+def test_seeds_and_budget_trading_on_the_tiny_vlm(tiny, tmp_path):
+    """Preset seeds (MCTF alone, FastV / DART at each layer, PDrop's schedule, scaled to the budget) are scored on
+    every calibration batch and the result is never worse there; budget trading and the criterion unit stay under
+    the FLOPs budget."""
+    model, processor = tiny
+    res = search_policy(model, processor, "flops=0.45", space="tokens,sublayers", sublayers=1, generations=1, heldout=0,
+                        criteria=("fastv", "dart"), trade=1.0, out=tmp_path, **SMALL)
+    fams = {r["family"] for r in res.seeds}
+    assert {"mctf:layer=0 alone", "fastv at layer 1", "dart at layer 1", "pdrop schedule"} <= fams
+    for r in res.seeds:
+        assert r["flops_ratio"] <= 0.45 and r["fitness"] is not None
+        assert res.fitness <= r["fitness"] + 1e-12  # one calibration batch: the seed's full score
+    assert all(r["flops_ratio"] <= 0.45 + 1e-12 for r in res.rows if r["policy"] is not None)
+    assert any("dart:" in (r["policy"] or "") for r in res.rows)  # the criterion unit is searched
+    assert json.loads((tmp_path / "pareto.json").read_text())["seeds"] == res.seeds

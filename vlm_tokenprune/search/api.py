@@ -8,10 +8,16 @@ fitness is the KL divergence of the answer tokens' next-token distributions from
 on the calibration split (``val``); every candidate that reached the last selection step is then
 scored on the held-out split (``test``), which the search never sees.
 
-Budget split: the token sub-space takes the FLOPs budget (its level sum is the smallest whose
-even spread meets it); the sublayer and head sub-spaces keep the counts given (``sublayers``,
-``heads``). Each sub-space's level sum is then fixed (the level switch keeps it exactly), and a
-candidate above the FLOPs budget is infeasible.
+Budget split: the search starts with the token sub-space taking the FLOPs budget (its level sum is
+the smallest whose even spread meets it) and the sublayer and head sub-spaces at the counts given
+(``sublayers``, ``heads``). The level switch keeps each sub-space's level sum; with ``trade > 0`` that
+share of the children comes from ``mutation.budget_trade`` instead, which moves budget between
+sub-spaces (and switches the LLM stages' criterion when ``criteria`` lists several) under the one FLOPs
+constraint, ending tight. ``trade=0`` keeps the counts fixed. A candidate above the budget is infeasible.
+
+Seeds (``seed_presets``): the presets the space can express, each at the least compression that fits
+the budget (``seeds.preset_seeds``), join the first generation and the final selection on all
+calibration batches, so the result's calibration divergence is never above a seed's.
 """
 from __future__ import annotations
 
@@ -63,6 +69,7 @@ class SearchResult:
     accuracy: float | None
     rows: list = field(default_factory=list)  # every evaluated candidate (see pareto.markdown)
     files: dict = field(default_factory=dict)
+    seeds: list = field(default_factory=list)  # the preset seeds: {"family", "levels", "policy", "fitness", "flops_ratio"}
 
 
 def _entry(model, entry: str | None) -> str | None:
@@ -79,7 +86,7 @@ def _entry(model, entry: str | None) -> str | None:
 
 
 def build_space(model, spaces: Sequence[str], *, criterion: str = "fastv", entry: str | None = "auto", levels: int = 16,
-                layers: Sequence[int] | None = None) -> JointSpace:
+                layers: Sequence[int] | None = None, criteria: Sequence[str] = ()) -> JointSpace:
     from ..adapters import resolve_adapter
 
     seams = resolve_adapter(model).seams(model)
@@ -88,7 +95,8 @@ def build_space(model, spaces: Sequence[str], *, criterion: str = "fastv", entry
     n_heads = attn0.q_proj.out_features // attn0.head_dim
     parts = []
     if "tokens" in spaces:
-        parts.append(TokenSpace(tuple(layers) if layers else tuple(range(1, n)), criterion, _entry(model, entry), levels))
+        parts.append(TokenSpace(tuple(layers) if layers else tuple(range(1, n)), criterion, _entry(model, entry), levels,
+                                tuple(criteria)))
     if "sublayers" in spaces:
         parts.append(SublayerSpace(tuple(range(first + 1, n)), tuple(range(n))))
     if "heads" in spaces:
@@ -101,14 +109,18 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
                   steps: Sequence[tuple[int, int]] | None = None, seed: int = 0, criterion: str = "fastv",
                   entry: str | None = "auto", levels: int = 16, sublayers: int = 2, heads: int = 4, heldout: int = 200,
                   heldout_top: int = 8, metric: str = "kl", out: "str | os.PathLike | None" = None, resume: bool = False,
-                  progress: bool = True, heldout_fn: Callable[[Any], float] | None = None) -> SearchResult:
+                  progress: bool = True, heldout_fn: Callable[[Any], float] | None = None, criteria: Sequence[str] = (),
+                  trade: float = 0.5, seed_presets: bool = True) -> SearchResult:
     """Search the best policy under ``budget``; write it and a Pareto table to ``out`` when given.
 
     ``calibration`` examples (the synthetic ``val`` split) in batches of ``batch_size``; ``steps``
     (EvoPress multi-step selection, calibration batches and survivors per step) default to a quarter,
     half and all of the batches with 4, 2, 1 survivors. ``heldout`` examples of the ``test`` split
     score the best and at most ``heldout_top`` other candidates that reached the last step
-    (``heldout_fn(policy) -> accuracy`` replaces the synthetic held-out evaluation).
+    (``heldout_fn(policy) -> accuracy`` replaces the synthetic held-out evaluation). ``criteria``: LLM-stage
+    criteria the search chooses among (e.g. ``("fastv", "dart")``; default: ``criterion`` only); ``trade``:
+    share of children that move budget between sub-spaces; ``seed_presets``: seed with the presets the
+    space expresses.
     """
     from ..eval.flops import structural_flops
     from ..policy import Policy
@@ -126,8 +138,11 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
     if steps is None:
         steps = tuple(sorted({(max(1, nb // 4), 4), (max(1, nb // 2), 2), (nb, 1)}, key=lambda s: (s[0], -s[1])))
         steps = tuple(s for i, s in enumerate(steps) if i == len(steps) - 1 or s[0] < steps[i + 1][0])
-    config = EvoConfig(generations=generations, offspring=offspring, steps=tuple(tuple(s) for s in steps), seed=seed)
-    joint = build_space(model, spaces, criterion=criterion, entry=entry, levels=levels)
+    config = EvoConfig(generations=generations, offspring=offspring, steps=tuple(tuple(s) for s in steps), seed=seed,
+                       trade=trade)
+    if criteria and "tokens" not in spaces:
+        raise InputError("criteria", "choosing among criteria needs the tokens space")
+    joint = build_space(model, spaces, criterion=criterion, entry=entry, levels=levels, criteria=criteria)
 
     ratios: dict = {}
 
@@ -146,8 +161,14 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
         removed = {a for st in pol.stages if st.op == "skip_sublayers" for a in st.params.get("attn", ())}
         return bool(read & removed)
 
+    def valid(levels_: Sequence[int]) -> bool:
+        return joint.valid(levels_) and not conflicts(levels_)
+
+    def within(levels_: Sequence[int]) -> bool:
+        return ratio(levels_) <= ratio_max + 1e-12
+
     def feasible(levels_: Sequence[int]) -> bool:
-        return joint.valid(levels_) and not conflicts(levels_) and ratio(levels_) <= ratio_max + 1e-12
+        return valid(levels_) and within(levels_)
 
     start = _start(joint, spaces, sublayers, heads, feasible)
     if start is None:
@@ -158,9 +179,19 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
         return policy_divergence(model, cal, joint.policy_string(levels_), b, metric)
 
     ck = os.path.join(os.fspath(out), "checkpoint.json") if out is not None else None
-    extra = json.dumps([joint.units, n_text, n_visual, metric, ratio_max, calibration, batch_size])
+    from .seeds import preset_seeds, seed_policies
+
+    seeds = [sd for sd in preset_seeds(joint, feasible) if list(sd[1]) != list(start)] if seed_presets else []
+    extra = json.dumps([joint.units, n_text, n_visual, metric, ratio_max, calibration, batch_size,
+                        [list(s_.choices) for s_ in joint.spaces if isinstance(s_, TokenSpace)]])
     res = evolve(fitness, start, joint.max_levels, joint.groups, nb, config, feasible=feasible, checkpoint=ck,
-                 resume=resume, progress=progress, extra_signature=extra)
+                 resume=resume, progress=progress, extra_signature=extra, seeds=[lv for _, lv in seeds], valid=valid,
+                 within=within)
+    seed_rows = seed_policies(joint, seeds)
+    for r in seed_rows:
+        per = res.evaluated.get(tuple(r["levels"]), {})
+        r["fitness"] = sum(per.values()) / len(per) if per else None
+        r["flops_ratio"] = ratio(r["levels"])
 
     rows = []
     for lv, per in res.evaluated.items():
@@ -178,7 +209,7 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
         rows.append({"policy": None, "levels": None, "flops_ratio": 1.0, "fitness": 0.0, "batches": nb,
                      "accuracy": score(None)})
     best_row = next(r for r in rows if r["policy"] == best_pol and r["levels"] is not None)
-    result = SearchResult(best_pol, ratio(res.best), res.fitness, best_row["accuracy"], rows)
+    result = SearchResult(best_pol, ratio(res.best), res.fitness, best_row["accuracy"], rows, seeds=seed_rows)
     if out is not None:
         result.files = _write(out, result, res, joint, config, ratio_max, spaces, n_text, n_visual, heldout, metric)
         front = pareto_front(rows)
@@ -240,7 +271,7 @@ def _write(out, result: SearchResult, res, joint: JointSpace, config: EvoConfig,
                "n_visual": n_visual, "metric": metric, "config": {**config.__dict__, "steps": [list(s) for s in config.steps]},
                "best": {"policy": result.policy, "levels": list(res.best), "flops_ratio": result.flops_ratio,
                         "fitness": result.fitness, "heldout_accuracy": result.accuracy, "heldout_examples": heldout},
-               "history": res.history, "rows": result.rows}
+               "seeds": result.seeds, "history": res.history, "rows": result.rows}
     write_json_atomic(os.path.join(out, "pareto.json"), summary)
     files["pareto.json"] = os.path.join(out, "pareto.json")
     return files

@@ -8,6 +8,12 @@ calibration subsets: all candidates (the parent included, so it survives unless 
 are scored on ``steps[1][0]`` batches, and so on; the last survivor is the next parent. Lower
 fitness is better (EvoPress: KL divergence to the uncompressed model).
 
+Beyond the paper: ``config.trade`` is the share of children made by ``mutation.budget_trade`` (budget moved
+between groups under one constraint, for units of unequal cost) instead of the level switch; ``seeds``
+(e.g. presets the space can express) compete with the start in the first generation; and the result is
+the best of the last parent, the start, the seeds and every candidate that reached the last selection
+step, re-scored on ALL calibration batches (so the search never returns something a seed beats there).
+
 Deterministic for a seed: one ``random.Random`` drives every draw. Resumable: after every
 generation the parent, the generator's state and every per-batch fitness computed so far are
 written atomically to ``checkpoint``; a resumed run continues exactly as the straight run would.
@@ -22,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 from .checkpoint import read_json, write_json_atomic
-from .mutation import level_switch
+from .mutation import budget_trade, level_switch
 
 Levels = tuple[int, ...]
 FORMAT = "vlm_tokenprune.search/1"
@@ -39,10 +45,11 @@ class EvoConfig:
     max_switches: int = 3
     seed: int = 0
     max_tries: int = 50
+    trade: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.generations < 0 or self.offspring < 1 or self.max_switches < 1:
-            raise ValueError("generations >= 0, offspring >= 1, max_switches >= 1")
+        if self.generations < 0 or self.offspring < 1 or self.max_switches < 1 or not 0 <= self.trade <= 1:
+            raise ValueError("generations >= 0, offspring >= 1, max_switches >= 1, 0 <= trade <= 1")
         if not self.steps or self.steps[-1][1] != 1:
             raise ValueError(f"steps must end with one survivor, got {self.steps}")
         b = [s[0] for s in self.steps]
@@ -54,7 +61,7 @@ class EvoConfig:
 @dataclass
 class EvoResult:
     best: Levels
-    fitness: float  # the best's mean fitness on the last step's batches of its generation
+    fitness: float  # the best's mean fitness on all calibration batches (the final re-scoring)
     history: list = field(default_factory=list)  # per generation: {"generation", "parent", "fitness", "candidates"}
     evaluated: dict = field(default_factory=dict)  # levels -> {batch: fitness}
 
@@ -88,12 +95,16 @@ def signature(config: EvoConfig, max_levels: Sequence[int], groups: Sequence[int
 def evolve(fitness: Callable[[Levels, int], float], start: Sequence[int], max_levels: Sequence[int],
            groups: Sequence[int], n_batches: int, config: EvoConfig = EvoConfig(), *,
            feasible: Callable[[Levels], bool] = lambda levels: True, checkpoint: "str | os.PathLike | None" = None,
-           resume: bool = False, progress: bool = True, extra_signature: str = "") -> EvoResult:
+           resume: bool = False, progress: bool = True, extra_signature: str = "", seeds: Sequence[Sequence[int]] = (),
+           valid: Callable[[Levels], bool] | None = None, within: Callable[[Levels], bool] | None = None) -> EvoResult:
     """Search level vectors with the level sum of ``start`` (per group) for the lowest mean ``fitness``.
 
     ``fitness(levels, batch)``: the loss of one calibration batch (cached: each pair is computed once).
     ``n_batches``: calibration batches available (>= the last step's). ``checkpoint``: a JSON file written
-    after every generation; ``resume=True`` continues from it (refused if the search differs).
+    after every generation; ``resume=True`` continues from it (refused if the search differs). ``seeds``:
+    feasible level vectors (any level sums) that join the first generation's selection and the final one.
+    ``valid`` / ``within`` (the structure / the budget; ``feasible`` is both) drive ``budget_trade``
+    children when ``config.trade > 0`` (default: ``feasible`` for both).
     """
     from tqdm.auto import tqdm
 
@@ -102,7 +113,13 @@ def evolve(fitness: Callable[[Levels, int], float], start: Sequence[int], max_le
         raise ValueError(f"the last selection step uses {config.steps[-1][0]} calibration batches; only {n_batches} given")
     if not feasible(start):
         raise ValueError(f"the start {start} is not feasible")
-    sig = signature(config, max_levels, groups, start, n_batches, extra_signature)
+    seeds = [s_ for s_ in dict.fromkeys(tuple(int(x) for x in sd) for sd in seeds) if s_ != start]
+    bad = [s_ for s_ in seeds if not feasible(s_)]
+    if bad:
+        raise ValueError(f"seeds {bad} are not feasible")
+    valid_ = valid or feasible
+    within_ = within or feasible
+    sig = signature(config, max_levels, groups, start, n_batches, extra_signature + json.dumps([list(s_) for s_ in seeds]))
     rng = random.Random(config.seed)
     cache: dict[str, dict[str, float]] = {}
     parent, parent_fit, gen0, history = start, float("nan"), 0, []
@@ -129,19 +146,23 @@ def evolve(fitness: Callable[[Levels, int], float], start: Sequence[int], max_le
             children: list[Levels] = []
             for _ in range(config.offspring):
                 for _ in range(config.max_tries):
-                    k = min(rng.randint(1, config.max_switches), rng.randint(1, config.max_switches))
-                    child = tuple(level_switch(parent, max_levels, groups, rng, k))
+                    if config.trade > 0 and rng.random() < config.trade:
+                        child = tuple(budget_trade(parent, max_levels, rng, lambda v: valid_(tuple(v)), lambda v: within_(tuple(v))))
+                    else:
+                        k = min(rng.randint(1, config.max_switches), rng.randint(1, config.max_switches))
+                        child = tuple(level_switch(parent, max_levels, groups, rng, k))
                     if child != parent and child not in children and feasible(child):
                         children.append(child)
                         break
-            cands = [parent] + children
+            cands = [parent] + children + ([s_ for s_ in seeds if s_ not in children] if gen == 0 else [])
+            cands_all = list(cands)
             for n_b, survivors in config.steps:
                 scores = [score(c, subset[:n_b]) for c in cands]
                 order = sorted(range(len(cands)), key=lambda i: (scores[i], i))  # ties: the parent, then draw order
                 cands = [cands[i] for i in order[:survivors]]
                 best_score = scores[order[0]]
             parent, parent_fit = cands[0], best_score
-            history.append({"generation": gen, "parent": list(parent), "fitness": parent_fit, "candidates": len(children) + 1})
+            history.append({"generation": gen, "parent": list(parent), "fitness": parent_fit, "candidates": len(cands_all)})
             if checkpoint is not None:
                 write_json_atomic(checkpoint, {"format": FORMAT, "signature": sig, "generation": gen + 1, "parent": _key(parent),
                                                "fitness": parent_fit, "rng": _rng_state(rng), "cache": cache, "history": history})
@@ -149,6 +170,12 @@ def evolve(fitness: Callable[[Levels, int], float], start: Sequence[int], max_le
             bar.set_postfix(fitness=f"{parent_fit:.4g}")
     finally:
         bar.close()
-    if not history:  # no generation ran: score the start on the largest step
-        parent_fit = score(parent, list(range(config.steps[-1][0])))
-    return EvoResult(parent, parent_fit, history, {_unkey(k): {int(b): v for b, v in per.items()} for k, per in cache.items()})
+    # final selection on every calibration batch: the last parent, the start, the seeds and every candidate
+    # that reached the last step of its generation (ties: that order)
+    last = config.steps[-1][0]
+    pool = [parent, start, *seeds] + [_unkey(k) for k, per in cache.items() if len(per) >= last]
+    pool = list(dict.fromkeys(pool))
+    every = list(range(n_batches))
+    scored = [(score(c, every), i) for i, c in enumerate(pool)]
+    best_fit, best_i = min(scored)
+    return EvoResult(pool[best_i], best_fit, history, {_unkey(k): {int(b): v for b, v in per.items()} for k, per in cache.items()})

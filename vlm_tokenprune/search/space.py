@@ -23,6 +23,10 @@ class Space:
     def valid(self, levels: Sequence[int]) -> bool:
         return all(0 <= x <= m for x, m in zip(levels, self.max_levels))
 
+    def unit_groups(self) -> tuple[int, ...]:
+        """Which units may trade levels with the level switch (same number: same group); default: all."""
+        return tuple(0 for _ in self.units)
+
     def stages(self, levels: Sequence[int]) -> list[str]:
         """Policy-string stages (joined with ``+``) for ``levels``; [] = nothing compressed."""
         raise NotImplementedError
@@ -48,7 +52,9 @@ class JointSpace:
 
     @property
     def groups(self) -> list[int]:
-        return [g for g, s in enumerate(self.spaces) for _ in s.units]
+        """Level-switch groups: each sub-space's own groups (``Space.unit_groups``), numbered across sub-spaces."""
+        ids: dict[tuple[int, int], int] = {}
+        return [ids.setdefault((k, g), len(ids)) for k, s in enumerate(self.spaces) for g in s.unit_groups()]
 
     def split(self, levels: Sequence[int]) -> list[list[int]]:
         out, i = [], 0

@@ -6,6 +6,10 @@ tokens from that point on; levels never decrease with depth (pruned tokens do no
 valid vector is non-decreasing. Equal level steps remove equal numbers of tokens, i.e. (up to the
 attention's quadratic term) equal FLOPs per step for units covering equal numbers of layers: the
 level sum is the budget the level switch keeps exact.
+
+``criteria`` (more than one): a last unit ``criterion`` picks the LLM stages' criterion (level i:
+``criteria[i]``, e.g. FastV's or DART's), in a group of its own (the level switch never trades it
+against token levels; ``mutation.budget_trade`` moves it).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ class TokenSpace(Space):
     criterion: str = "fastv"
     entry: str | None = None
     levels: int = 16
+    criteria: tuple[str, ...] = ()
     name: str = "tokens"
 
     def __post_init__(self) -> None:
@@ -34,34 +39,69 @@ class TokenSpace(Space):
             raise ValueError(f"levels must be >= 2, got {self.levels}")
 
     @property
-    def units(self) -> tuple[str, ...]:
+    def choices(self) -> tuple[str, ...]:
+        """The LLM stages' criteria to choose from (one: no ``criterion`` unit)."""
+        return tuple(self.criteria) or (self.criterion,)
+
+    @property
+    def token_units(self) -> tuple[str, ...]:
         return (("input",) if self.entry else ()) + tuple(f"layer{j}" for j in self.layers)
 
     @property
+    def units(self) -> tuple[str, ...]:
+        return self.token_units + (("criterion",) if len(self.choices) > 1 else ())
+
+    @property
     def max_levels(self) -> tuple[int, ...]:
-        return tuple(self.levels - 1 for _ in self.units)
+        return tuple(self.levels - 1 for _ in self.token_units) + ((len(self.choices) - 1,) if len(self.choices) > 1 else ())
+
+    def unit_groups(self) -> tuple[int, ...]:
+        return tuple(0 for _ in self.token_units) + ((1,) if len(self.choices) > 1 else ())
 
     def keep(self, level: int) -> float:
         return round(1 - level / self.levels, 6)
 
     def valid(self, levels: Sequence[int]) -> bool:
-        return super().valid(levels) and all(a <= b for a, b in zip(levels, levels[1:]))
+        tok = list(levels)[: len(self.token_units)]
+        return super().valid(levels) and all(a <= b for a, b in zip(tok, tok[1:]))
 
     def stages(self, levels: Sequence[int]) -> list[str]:
         out, prev = [], 0
         units = ([None] if self.entry else []) + list(self.layers)
+        crit = self.choices[levels[len(units)]] if len(self.choices) > 1 else self.criterion
         for layer, lv in zip(units, levels):
             if lv > prev:
                 if layer is None:
                     out.append(f"{self.entry},keep={self.keep(lv)}" if ":" in self.entry else f"{self.entry}:keep={self.keep(lv)}")
                 else:
-                    out.append(f"{self.criterion}:layer={layer},keep={self.keep(lv)}")
+                    out.append(f"{crit}:layer={layer},keep={self.keep(lv)}")
             prev = lv
         return out
 
     def canonical(self, total: int) -> list[int] | None:
-        n = len(self.units)
+        """Token level sum ``total`` spread evenly (deeper units take the remainder); the first criterion."""
+        n = len(self.token_units)
         if total < 0 or total > n * (self.levels - 1):
             return None
         base, extra = divmod(total, n)
-        return [base + (1 if i >= n - extra else 0) for i in range(n)]  # deeper units take the remainder
+        tail = [0] if len(self.choices) > 1 else []
+        return [base + (1 if i >= n - extra else 0) for i in range(n)] + tail
+
+    def vector(self, entry: int = 0, layers: "dict[int, int] | None" = None, criterion: str | None = None) -> list[int]:
+        """The level vector of an entry level and per-layer levels (each held from that layer on, the
+        running maximum: tokens do not come back) with ``criterion`` (default the first): how presets
+        (MCTF's entry merge, a FastV / DART stage at layer j, PDrop's schedule) are written in this space."""
+        if entry and not self.entry:
+            raise ValueError("this token space has no entry unit")
+        out, cur = ([entry] if self.entry else []), entry
+        for j in self.layers:
+            cur = max(cur, (layers or {}).get(j, 0))
+            out.append(cur)
+        for j in (layers or {}):
+            if j not in self.layers:
+                raise ValueError(f"layer {j} is not a unit of this token space (units: {self.layers})")
+        if len(self.choices) > 1:
+            out.append(self.choices.index(criterion or self.choices[0]))
+        elif criterion not in (None, self.criterion):
+            raise ValueError(f"criterion {criterion!r} is not in this token space ({self.criterion})")
+        return out
