@@ -33,9 +33,22 @@ def mask_function(attn_implementation: str) -> Callable | None:
     return ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(attn_implementation)
 
 
+LEGACY_MASK_FORMATS = {"eager": "float4d", "sdpa": "float4d", "flash_attention_2": "2d"}
+
+
 def mask_format_for(attn_impl: str) -> str:
-    """Which mask layout a registered attention backend receives (see transformers ``masking_utils``)."""
-    from transformers.masking_utils import eager_mask, flash_attention_mask, sdpa_mask
+    """Which mask layout a registered attention backend receives (see transformers ``masking_utils``).
+
+    transformers 4.3x (no ``masking_utils``; the original LLaVA code base's 4.36): eager and sdpa
+    modules take additive float 4-D masks, flash-attention-2 a 2-D padding mask."""
+    try:
+        from transformers.masking_utils import eager_mask, flash_attention_mask, sdpa_mask
+    except ImportError:  # transformers 4.3x
+        if attn_impl not in LEGACY_MASK_FORMATS:
+            raise UnsupportedModelError(
+                "attn_implementation", f"{attn_impl!r} is not supported on this transformers version; allowed: "
+                f"{', '.join(LEGACY_MASK_FORMATS)}") from None
+        return LEGACY_MASK_FORMATS[attn_impl]
 
     fn = mask_function(attn_impl)
     formats = {sdpa_mask: "bool4d", eager_mask: "float4d", flash_attention_mask: "2d"}

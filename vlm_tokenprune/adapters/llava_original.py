@@ -14,6 +14,9 @@
   ``inputs_embeds``, or ``input_ids`` while decoding) the engine's top module, and the language
   model for ``pre_llm`` stages (they reduce the spliced ``inputs_embeds``: for a prune with
   ``positions=repack`` exactly what shrinking the features at the projector would give);
+- gives vision-site stages (FlowCut's tower stage, MCTF, VisionZip, VisPruner) the tower's HF
+  ``CLIPVisionModel`` and ``mm_projector`` (``vision_seams``): the same hooks as on HF LLaVA, the
+  widened features are spliced like full ones and the pre-LLM hook drops the empty slots;
 - speaks transformers 4.36's decoder-layer convention: ``past_key_value`` (one DynamicCache),
   a 4-D additive mask (eager and sdpa; None for a plain causal sdpa prefill), ``position_ids``
   and no ``position_embeddings``: every attention builds its own rotary table and slices it to
@@ -39,11 +42,11 @@ import inspect
 import torch
 from torch import nn
 
-from ..errors import InputError, UnsupportedModelError
+from ..errors import IncompatiblePolicyError, InputError, UnsupportedModelError
 from ..registry import ADAPTERS
 from ..compat import attn_implementation
 from ..marking import mark_hook
-from .base import Adapter, Seams, VisualLayout, check_decoder_layers
+from .base import Adapter, Seams, VisionSeams, VisualLayout, check_decoder_layers
 
 WRAPPED = "prepare_inputs_labels_for_multimodal"
 ATTENTION = ("eager", "sdpa")
@@ -294,6 +297,36 @@ class LlavaOriginalAdapter(Adapter):
                 f"decoder layer {j}: self_attn.rotary_emb forward pre-hook (whole rotary table: original positions)",
                 layer.self_attn.rotary_emb.register_forward_pre_hook(_full_rotary_table, with_kwargs=True),
             )
+
+    def vision_seams(self, model: nn.Module, where: str = "site") -> VisionSeams:
+        """The tower's HF ``CLIPVisionModel`` (``get_vision_tower().vision_tower``) for vision-site stages.
+
+        ``CLIPVisionTower.forward`` encodes every crop of the batch in one call and reads
+        ``hidden_states[mm_vision_select_layer]`` (the output of encoder layer ``select_layer - 1``, or
+        ``n + select_layer`` when negative), dropping CLS for ``mm_vision_select_feature="patch"``
+        (HF's ``"default"``); ``encode_images`` then runs ``mm_projector`` once on all of them. The stage's
+        hooks are the HF LLaVA ones (``vision.hooks``): the widened projector output is spliced like the
+        full features, and the pre-LLM hook drops the empty slots.
+        """
+        wrapper = model.get_vision_tower()
+        tower = getattr(wrapper, "vision_tower", None)
+        vc = getattr(tower, "config", None)
+        if getattr(vc, "model_type", None) != "clip_vision_model" or not hasattr(tower, "vision_model"):
+            raise IncompatiblePolicyError(
+                where, f"vision-site stages need the HF CLIP tower (CLIPVisionTower over CLIPVisionModel), got "
+                f"{type(tower).__name__}; allowed: a CLIP vision tower")
+        layer, n = wrapper.select_layer, vc.num_hidden_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer <= n or layer in (0, -n - 1):
+            raise IncompatiblePolicyError(
+                where, f"config.mm_vision_select_layer={layer!r} is not supported at site vision; allowed: one "
+                f"integer layer in 1..{n} or -{n}..-1")
+        feature = n + layer if layer < 0 else layer - 1  # hidden_states[i] is the output of encoder layer i - 1
+        select = {"patch": "default", "cls_patch": "full"}[wrapper.select_feature]  # check() allows these two
+        return VisionSeams(
+            tower=tower, layers=tuple(tower.vision_model.encoder.layers), feature_layer=feature,
+            select_strategy=select, n_patches=wrapper.num_patches, projector=model.get_model().mm_projector,
+            attn_implementation=attn_implementation(vc, "eager"),
+        )
 
     # -- visual tokens -----------------------------------------------------------------------
     def visual_layout(self, model: nn.Module, input_ids: torch.Tensor | None, kwargs: dict) -> VisualLayout:
