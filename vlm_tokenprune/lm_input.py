@@ -10,6 +10,7 @@ import torch
 
 from .adapters.base import VisualLayout
 from .errors import InputError
+from .masking import shrink_mask
 from .selection import right_packed
 from .state import ForwardState, PreLLMRecord, StageRecord
 
@@ -69,8 +70,12 @@ def apply_reduction(handle: "PatchHandle", st: ForwardState, kwargs: dict, chain
             new_pid = (first + torch.cumsum(ok.long(), 1) - 1).clamp(min=0).masked_fill(~ok, 0)
             shift = shift + base[:, -1] - new_pid[:, -1]  # the next position follows the last kept one
     mask2d = kwargs.get("attention_mask")
-    # always a 2-D mask: without one, gapped position ids would read as packed sequences
-    kwargs["attention_mask"] = (torch.gather(mask2d, 1, rep) * ok.to(mask2d.dtype)) if mask2d is not None else ok.long()
+    if isinstance(mask2d, dict):  # one 4-D mask per layer type, built by the model over the prompt (Gemma 3)
+        kwargs["attention_mask"] = {name: shrink_mask(m, handle.seams.mask_format, rep, ok, M, M, M, True, hidden.dtype)
+                                    for name, m in mask2d.items()}
+    else:  # always a 2-D mask: without one, gapped position ids would read as packed sequences
+        kwargs["attention_mask"] = (torch.gather(mask2d, 1, rep) * ok.to(mask2d.dtype)) if mask2d is not None \
+            else ok.long()
     kwargs["inputs_embeds"] = hidden
     kwargs["position_ids"] = new_pid
     st.prefill.pre_llm = PreLLMRecord(kept, ok, shift, prompt_len=L0, owner=owner, merged_into=into, size=size,

@@ -48,6 +48,8 @@ def row_alone(inputs: dict, rows: list, b: int) -> dict:
         out.update(_take(inputs, rows, b, "img", "image_grid_thw", "pixel_values"))
         out.update(_take(inputs, rows, b, "vid", "video_grid_thw", "pixel_values_videos"))
         return out
+    if "token_type_ids" in inputs:  # Gemma 3: 1 at the image placeholders (the bidirectional image block)
+        out["token_type_ids"] = inputs["token_type_ids"][b][real][None]
     first = sum(seg == "img" for r in rows[:b] for seg in r)
     n_img = sum(seg == "img" for seg in rows[b])
     if n_img:

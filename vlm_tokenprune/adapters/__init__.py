@@ -7,14 +7,11 @@ from . import qwen2_vl  # noqa: F401  (registers the Qwen2-VL / Qwen2.5-VL adapt
 from . import llava_onevision  # noqa: F401  (registers the LLaVA-OneVision adapter)
 from . import internvl  # noqa: F401  (registers the InternVL 3 / 3.5 adapter)
 from . import qwen3_vl  # noqa: F401  (registers the Qwen3-VL / Qwen3-VL-MoE adapter)
+from . import gemma3  # noqa: F401  (registers the Gemma 3 adapter)
 from . import llava_original  # noqa: F401  (the original LLaVA code base, llava-torch; imports no llava itself)
 
 # Known model types that are deliberately not supported, and why (no adapter is registered for them).
 KNOWN_UNSUPPORTED = {
-    "gemma3": "not implemented yet: 5 of every 6 Gemma3 decoder layers (layers 0-4 among them, below the first "
-              "full-attention layer) use a sliding window, with a rotary embedding per layer type; their cache evicts "
-              "by count and their decode masks assume contiguous positions, so a pruned prompt's window of original "
-              "positions (and the bidirectional image block) is not kept while decoding",
     **{t: "the original LLaVA code base (llava-torch) is supported for LlavaLlamaForCausalLM (llava_llama) only; "
           "its Mistral and MPT variants have no adapter yet" for t in ("llava_mistral", "llava_mpt")},
     "internvl_chat": "InternVL (remote code) is not supported: its modeling code is not part of transformers, "

@@ -80,7 +80,7 @@ def lm_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
     if st.phase == "prefill":
         _pre_llm_prefill(handle, st, kwargs)
     else:
-        _pre_llm_decode(st, kwargs)
+        _pre_llm_decode(handle, st, kwargs)
     return args, kwargs
 
 
@@ -132,8 +132,10 @@ def _pre_llm_prefill(handle: "PatchHandle", st: ForwardState, kwargs: dict) -> N
     st.prefill.records[-1].relaxed = relaxed
 
 
-def _pre_llm_decode(st: ForwardState, kwargs: dict) -> None:
-    """Tokens after a reduced prompt: gather the 2-D mask's prompt columns; continue the position ids."""
+def _pre_llm_decode(handle: PatchHandle, st: ForwardState, kwargs: dict) -> None:
+    """Tokens after a reduced prompt: gather the 2-D mask's prompt columns (a model that hands its language
+    model one 4-D mask per layer type, Gemma 3: the adapter's ``decode_masks`` over original positions);
+    continue the position ids."""
     rec = st.prefill.pre_llm
     L = rec.prompt_len
     B, Mp = rec.kept.shape
@@ -142,7 +144,10 @@ def _pre_llm_decode(st: ForwardState, kwargs: dict) -> None:
     cache = cache_of(kwargs)
     past = cache.get_seq_length() if cache is not None else Mp
     mask2d = kwargs.get("attention_mask")
-    if mask2d is not None:
+    if isinstance(mask2d, dict):
+        dtype = x.dtype if x is not None else torch.float32
+        kwargs["attention_mask"] = handle.adapter.decode_masks(handle, mask2d, rec.kept, rec.kept_ok, L, past, q, dtype)
+    elif mask2d is not None:
         head = torch.gather(mask2d[:, :L], 1, rec.kept) * rec.kept_ok.to(mask2d.dtype)
         kwargs["attention_mask"] = torch.cat([head, mask2d[:, L:]], dim=1)
     elif not bool(rec.kept_ok.all()):

@@ -1,0 +1,331 @@
+"""Gemma 3 adapter (arXiv 2503.19786): sliding window over ORIGINAL positions and the bidirectional image block
+over the kept image tokens, in prefill and in cached decoding, against the independent masked oracle
+(tests/reference/gemma3_oracle.py: the unpruned sequence with the pruned tokens masked out, plain loops).
+
+Tiny Gemma 3 from a config (real transformers classes, random weights): 6 text layers (0-4 slide over 8
+positions, 5 is full attention), 16 image tokens per image (4 x 4 after the projector's pooling), prompts of
+25-45 tokens, so the window bites. eager and sdpa; flash-attention-style backends are refused by name.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from kit import FLASH, assert_generate_matches_rows_alone, row_alone
+from reference import gemma3_oracle as oracle
+from reference import uniform_oracle
+
+import vlm_tokenprune as vtp
+from vlm_tokenprune import IncompatiblePolicyError, InputError, UnsupportedModelError
+from vlm_tokenprune.adapters import resolve_adapter
+from vlm_tokenprune.eval.tiny_gemma3 import build_tiny_gemma3, make_gemma3_batch, tiny_gemma3_config
+from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID
+
+torch.set_num_threads(1)
+
+ATOL = 1e-5
+ROWS = [[3, "img", 2, "img", 6], [2, "img", 5]]  # row 1 shorter: left padded
+BACKENDS = ("eager", "sdpa")
+GEN = {"do_sample": False, "suppress_tokens": [IMAGE_TOKEN_ID]}
+
+
+@functools.cache
+def tiny(attn: str):
+    return build_tiny_gemma3(attn)
+
+
+def batch(model, seed: int = 0) -> dict:
+    return make_gemma3_batch(model, ROWS, seed=seed)
+
+
+def image_positions(inputs: dict) -> list[int]:
+    return (inputs["input_ids"][0] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
+
+
+def n_hooks(model) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def assert_rows_match_oracle(model, inputs, trace, logits, layer_of=None):
+    """Every row of a padded batch: the library's kept sets (per stage, from the trace), fed to the oracle on the
+    row alone, give the library's logits."""
+    L = inputs["input_ids"].shape[1]
+    for b in range(len(ROWS)):
+        alone = row_alone(inputs, ROWS, b)
+        pad = L - alone["input_ids"].shape[1]
+        stages = [(0 if st.site == "pre_llm" else st.layer, [p - pad for p in st.kept_positions[b]])
+                  for st in trace.stages]
+        want = oracle.logits(model, alone, stages)
+        torch.testing.assert_close(logits[b, -want.shape[0]:], want, atol=ATOL, rtol=0, msg=f"row {b}")
+
+
+# ------------------------------------------------------------------------------------------------
+# layout, oracle
+# ------------------------------------------------------------------------------------------------
+def test_every_image_is_a_pooled_square_grid():
+    model = tiny("sdpa")
+    inputs = batch(model)
+    lay = resolve_adapter(model).visual_layout(model, inputs["input_ids"], inputs)
+    v0 = lay.is_visual[0]
+    assert lay.image[0][v0].tolist() == [0] * 16 + [1] * 16 and torch.equal(lay.segment, lay.image)
+    assert lay.row[0][v0][:16].tolist() == [i // 4 for i in range(16)]
+    assert lay.col[0][v0][:16].tolist() == [i % 4 for i in range(16)]
+
+
+def test_oracle_is_the_plain_model_and_the_window_is_over_original_positions():
+    """Nothing pruned: the oracle == the model. Pruned: the patched model == the oracle, and NOT the language
+    model run on the shortened sequence with its own masks (a window over kept slots, the wrong semantics)."""
+    model = tiny("eager")
+    inputs = batch(model)
+    alone = row_alone(inputs, ROWS, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(oracle.logits(model, alone, []), model(**alone).logits[0], atol=ATOL, rtol=0)
+    img = image_positions(alone)
+    keep = img[::4]
+    with vtp.patch(model, {"stages": [{"criterion": "uniform", "site": "pre_llm", "tokens": len(keep),
+                                       "positions": "gaps"}]}) as h, torch.no_grad():
+        got = model(**alone).logits[0]
+        kept = h.last_trace().stages[0].kept_positions[0]
+    want = oracle.logits(model, alone, [(0, kept)])
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    n = alone["input_ids"].shape[1]
+    seq = [p for p in range(n) if p not in set(img) or p in set(kept)]
+    emb = oracle.prompt_embeds(model, alone)[:, seq]
+    tt = alone["token_type_ids"][:, seq]
+    from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
+
+    with torch.no_grad():
+        masks = create_masks_for_vision_model(config=model.config.text_config, inputs_embeds=emb, attention_mask=None,
+                                              cache=None, position_ids=None,
+                                              block_sequence_ids=get_block_sequence_ids_for_mask(tt))
+        hs = model.model.language_model(inputs_embeds=emb, attention_mask=masks,
+                                        position_ids=torch.tensor([seq])).last_hidden_state
+        compacted = model.lm_head(hs)[0]
+    assert (compacted - got).abs().max() > 1e-3  # the test can fail: kept slots are not original positions
+
+
+# ------------------------------------------------------------------------------------------------
+# exactness
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_keep_all_is_exactly_unpatched(attn):
+    """Forward, cached generate, and the cache itself (sliding layers back, holding what the unpatched prefill holds)."""
+    model = tiny(attn)
+    inputs = batch(model)
+    with torch.no_grad():
+        ref = model(**inputs, use_cache=True)
+        ref_gen = model.generate(**inputs, max_new_tokens=6, **GEN)
+        for policy in ("fastv:keep=1+uniform:layer=3,keep=1", "uniform:site=pre_llm,keep=1,positions=gaps"):
+            with vtp.patch(model, policy):
+                out = model(**inputs, use_cache=True)
+                assert torch.equal(out.logits, ref.logits)
+                cache, want = out.past_key_values, ref.past_key_values
+                assert [type(x) for x in cache.layers] == [type(x) for x in want.layers]
+                assert all(torch.equal(a.keys, b.keys) and a.get_seq_length() == b.get_seq_length()
+                           for a, b in zip(cache.layers, want.layers))
+                assert torch.equal(model.generate(**inputs, max_new_tokens=6, **GEN), ref_gen)
+
+
+def test_unpatch_restores_exactly():
+    model = tiny("sdpa")
+    inputs = batch(model)
+    hooks = n_hooks(model)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        for policy in ("fastv:layer=2,keep=0.25", "uniform:site=pre_llm,keep=0.5,positions=gaps+fastv:layer=2,keep=0.3"):
+            h = vtp.patch(model, policy)
+            assert model(**inputs).logits.shape[1] < ref.shape[1]
+            h.unpatch()
+        assert n_hooks(model) == hooks
+        assert torch.equal(model(**inputs).logits, ref)
+
+
+def test_a_pruned_prefill_leaves_full_cache_layers_with_the_kept_tokens():
+    model = tiny("sdpa")
+    inputs = batch(model)
+    with vtp.patch(model, "fastv:layer=2,keep=0.25") as h, torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        n = h.last_trace().tokens_per_layer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = out.past_key_values.layers
+    assert not any(isinstance(x, DynamicSlidingWindowLayer) for x in layers)
+    assert all(isinstance(x, DynamicLayer) for x in layers)
+    assert [x.get_seq_length() for x in layers] == n  # layers 0-1 the whole prompt, 2-5 the kept tokens
+
+
+# ------------------------------------------------------------------------------------------------
+# FastV and uniform pre-LLM == oracle (selection and logits), padded batch, both backends
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn", BACKENDS)
+@pytest.mark.parametrize("layer,keep", [(2, 0.25), (4, 0.5)])
+def test_fastv_prefill_matches_oracle_row_by_row(attn, layer, keep):
+    model = tiny(attn)
+    inputs = batch(model)
+    with vtp.patch(model, f"fastv:layer={layer},keep={keep}") as h, torch.no_grad():
+        logits = model(**inputs).logits
+        trace = h.last_trace()
+    L = inputs["input_ids"].shape[1]
+    for b in range(2):
+        alone = row_alone(inputs, ROWS, b)
+        pad = L - alone["input_ids"].shape[1]
+        scores = oracle.fastv_scores(model, alone, layer)
+        k = round(keep * len(scores))
+        s = sorted(scores.values(), reverse=True)
+        assert s[k - 1] - s[k] > 1e-6, "ill-conditioned case"
+        want_keep = oracle.top_k(scores, k)
+        assert trace.stages[0].kept_positions[b] == [p + pad for p in want_keep], f"row {b}"
+    assert_rows_match_oracle(model, inputs, trace, logits)
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_uniform_pre_llm_matches_oracle(attn):
+    model = tiny(attn)
+    inputs = batch(model)
+    keep = 0.3
+    with vtp.patch(model, f"uniform:site=pre_llm,keep={keep},positions=gaps") as h, torch.no_grad():
+        logits = model(**inputs).logits
+        trace = h.last_trace()
+    L = inputs["input_ids"].shape[1]
+    for b in range(2):
+        alone = row_alone(inputs, ROWS, b)
+        pad = L - alone["input_ids"].shape[1]
+        vis = image_positions(alone)
+        grids = [{"cells": {(i // 4, i % 4): vis[t * 16 + i] for i in range(16)}, "other": []}
+                 for t in range(len(vis) // 16)]
+        want_keep = uniform_oracle.kept(grids, max(1, int(keep * len(vis) + 0.5)))
+        assert [p - pad for p in trace.stages[0].kept_positions[b]] == want_keep, f"row {b}"
+    assert_rows_match_oracle(model, inputs, trace, logits)
+
+
+# every other LLM-site / pre-LLM method: its kept sets (selection proven against its own oracle on other families)
+# through Gemma 3's masks == the masked oracle given those sets
+METHODS = [
+    "aim:layer=2,keep=0.3", "dart:layer=2,keep=0.3", "divprune:site=llm,layer=2,keep=0.3,positions=gaps",
+    "efficientvla:layer=2,keep=0.3", "feather:layer=2,keep=0.3", "flowcut_llm:layer=2,keep=0.3",
+    "random:layer=3,keep=0.3", "uniform:layer=2,keep=0.3", "pdrop",
+    "fastv:layer=2,keep=0.5+visual_drop:layer=4",
+    "divprune:site=pre_llm,keep=0.3,positions=gaps", "random:site=pre_llm,keep=0.3",
+    "uniform:site=pre_llm,keep=0.5,positions=gaps+fastv:layer=1,keep=0.4",
+]
+
+
+@pytest.mark.parametrize("policy", METHODS)
+def test_method_matches_masked_oracle_given_its_kept_sets(policy):
+    model = tiny("sdpa")
+    inputs = batch(model)
+    with vtp.patch(model, policy) as h, torch.no_grad():
+        logits = model(**inputs).logits
+        trace = h.last_trace()
+    assert any(st.visual_after != st.visual_before for st in trace.stages)
+    assert_rows_match_oracle(model, inputs, trace, logits)
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_pre_llm_merge_matches_oracle_given_the_assignment(attn):
+    """AIM before the LLM (``mode=size``: a fused token is the plain mean of its sources), at the representative's
+    original position; == the oracle on the unpruned sequence with that row written in and the rest masked out."""
+    model = tiny(attn)
+    inputs = batch(model)
+    with vtp.patch(model, "aim_merge:keep=0.25,mode=size,positions=gaps") as h, torch.no_grad():
+        logits = model(**inputs).logits
+        st = h.last_trace().stages[0]
+    assert any(len(src) > 1 for row in st.sources for src in row)
+    L = inputs["input_ids"].shape[1]
+    for b in range(2):
+        alone = row_alone(inputs, ROWS, b)
+        pad = L - alone["input_ids"].shape[1]
+        emb = oracle.prompt_embeds(model, alone).clone()
+        for p, src in zip(st.kept_positions[b], st.sources[b]):
+            emb[0, p - pad] = emb[0, [q - pad for q in src]].mean(0)
+        want = oracle.logits(model, alone, [(0, [p - pad for p in st.kept_positions[b]])], embeds=emb)
+        torch.testing.assert_close(logits[b, -want.shape[0]:], want, atol=ATOL, rtol=0, msg=f"row {b}")
+
+
+# ------------------------------------------------------------------------------------------------
+# cached generate == oracle (decode masks over original positions, sliding layers kept whole)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["fastv:layer=2,keep=0.25", "uniform:site=pre_llm,keep=0.3,positions=gaps",
+                                    "uniform:site=pre_llm,keep=0.5,positions=gaps+fastv:layer=3,keep=0.4"])
+def test_cached_generate_matches_oracle(policy):
+    model = tiny("sdpa")
+    inputs = make_gemma3_batch(model, [[4, "img", 9]], seed=1)
+    L = inputs["input_ids"].shape[1]
+    with vtp.patch(model, policy) as h, torch.no_grad():
+        g = model.generate(**inputs, max_new_tokens=6, **GEN)
+        model(**inputs)
+        trace = h.last_trace()
+    stages = [(0 if st.site == "pre_llm" else st.layer, st.kept_positions[0]) for st in trace.stages]
+    want = oracle.generate(model, inputs, stages, 6, model.generation_config.eos_token_id, suppress=(IMAGE_TOKEN_ID,))
+    assert g[0, L:].tolist()[:len(want)] == want
+
+
+def test_padded_batch_generate_matches_rows_alone_on_the_oracle():
+    model = tiny("eager")
+    inputs = batch(model, seed=2)
+    policy = "fastv:layer=2,keep=0.25"
+
+    def row_generate(alone):
+        with vtp.patch(model, policy) as h, torch.no_grad():
+            model(**alone)
+            stages = [(st.layer, st.kept_positions[0]) for st in h.last_trace().stages]
+        return oracle.generate(model, alone, stages, 5, model.generation_config.eos_token_id, suppress=(IMAGE_TOKEN_ID,))
+
+    assert_generate_matches_rows_alone(model, inputs, ROWS, policy, row_generate, steps=5,
+                                       suppress_tokens=[IMAGE_TOKEN_ID])
+
+
+# ------------------------------------------------------------------------------------------------
+# refusals (docs/bad-inputs.md)
+# ------------------------------------------------------------------------------------------------
+def test_flash_style_backend_is_refused_by_name():
+    model = build_tiny_gemma3(FLASH, layers=2)
+    hooks = n_hooks(model)
+    with pytest.raises(UnsupportedModelError) as e:
+        vtp.patch(model, "fastv:layer=1,keep=0.5")
+    assert e.value.field == "attn_implementation" and "sliding window" in str(e.value)
+    assert n_hooks(model) == hooks
+
+
+@pytest.mark.parametrize("policy,field,match", [
+    ("mctf:keep=0.5", "stages[0].site", "SigLIP has no CLS"),
+    ("visionzip:keep=0.5", "stages[0].site", "SigLIP has no CLS"),
+    ("fastv:layer=2,keep=0.5,positions=repack", "stages[0].positions", "original positions"),
+    ("uniform:site=pre_llm,keep=0.5,positions=repack", "stages[0].positions", "original positions"),
+    ("fastv:layer=6,keep=0.5", "stages[0].layer", "allowed: 1..5"),
+])
+def test_policies_refused_by_name_before_any_hook(policy, field, match):
+    model = tiny("sdpa")
+    hooks = n_hooks(model)
+    with pytest.raises((IncompatiblePolicyError, vtp.PolicyError)) as e:
+        vtp.patch(model, policy)
+    assert e.value.field == field and match in str(e.value), str(e.value)
+    assert n_hooks(model) == hooks
+
+
+def test_structural_ops_are_refused_by_name():
+    model = tiny("sdpa")
+    with pytest.raises(IncompatiblePolicyError) as e:
+        vtp.patch(model, "yopo")
+    assert "gemma3" in str(e.value)
+
+
+def test_bidirectional_text_model_is_refused():
+    from transformers import Gemma3ForConditionalGeneration
+
+    cfg = tiny_gemma3_config(layers=2)
+    cfg.text_config.use_bidirectional_attention = True
+    model = Gemma3ForConditionalGeneration._from_config(cfg).eval()
+    with pytest.raises(UnsupportedModelError) as e:
+        vtp.patch(model, "fastv:layer=1,keep=0.5")
+    assert e.value.field == "config.text_config.use_bidirectional_attention"
+
+
+def test_partial_image_names_input_ids():
+    model = tiny("sdpa")
+    inputs = batch(model)
+    ids = inputs["input_ids"].clone()
+    ids[1, -1] = IMAGE_TOKEN_ID
+    with vtp.patch(model, "fastv:layer=2,keep=0.5"), pytest.raises(InputError, match=r"mm_tokens_per_image"):
+        model(**{**inputs, "input_ids": ids})

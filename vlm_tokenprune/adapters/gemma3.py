@@ -1,0 +1,239 @@
+"""Hugging Face ``Gemma3ForConditionalGeneration`` (Gemma 3, arXiv 2503.19786): SigLIP, an average-pool
+projector to ``mm_tokens_per_image`` (256) tokens per image, and a text model in which 5 of every 6 layers
+attend through a sliding window and image tokens attend bidirectionally among themselves in prefill.
+
+Layout: every run of ``image_token_id`` placeholders (one per image or pan-and-scan crop, between
+``<start_of_image>`` / ``<end_of_image>``) is cut into images of ``mm_tokens_per_image`` tokens, each its
+own ``sqrt(n) x sqrt(n)`` raster grid (the projector pools the SigLIP grid row-major). No newline tokens.
+
+Semantics of pruning here (defined, issue 21):
+- the sliding window is a window of ORIGINAL positions: a query at original position ``p`` of a sliding
+  layer sees the kept keys at original positions ``p - W < k <= p``; a pruned token leaves a hole, it does
+  not pull older tokens into the window;
+- the bidirectional image block (prefill, when ``token_type_ids`` is given, as transformers does) covers
+  the image's KEPT tokens: kept image tokens of one block see each other, in the sliding layers within the
+  window as the model builds it (``AND(window, OR(causal, block))``).
+Implementation: the model builds one 4-D mask per layer type over the full prompt (``causal_mask_mapping``)
+and hands each layer its type's mask; the engine gathers EACH LAYER'S OWN incoming mask at the kept
+original positions (rows and columns in prefill), which is the definition above. While decoding, the
+model's masks are built over the cache of layer 0; for them to speak original positions, every cache layer
+must hold the whole (kept) prompt: ``install`` turns the cache's sliding layers (``DynamicSlidingWindowLayer``,
+which evicts by COUNT, so with holes it would keep the wrong tokens) into full ``DynamicLayer``s at the
+start of a patched prefill; the window is then applied by the mask over original positions, not by
+eviction (memory: sliding layers keep the whole prompt, as full layers do). When the prefill pruned
+nothing (a keep-everything policy), the layers go back to sliding layers holding exactly what the
+unpatched cache holds, so decoding is bit-identical. After a pre-LLM reduction the language model's
+decode masks are built here (``decode_masks``) from the kept tokens' original positions.
+
+Scoring (criteria that read attention at a sliding layer) uses the causal row of the kept tokens, as on
+every family; the layer's window is not applied to the scores (a definition; the oracle does the same).
+Refused: flash-attention-style backends (2-D masks carry neither the window of original positions nor
+the image block; transformers itself sets ``_supports_flash_attn = False`` for Gemma 3),
+``use_bidirectional_attention`` text models, attention logit soft-capping, structural ops (untested),
+``positions=repack`` (the rotary positions would disagree with the window of original positions).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..compat import attn_implementation, mask_format_for
+from ..errors import IncompatiblePolicyError, InputError, UnsupportedModelError
+from ..marking import mark_hook
+from ..registry import ADAPTERS
+from .base import HFAdapter, Seams, VisualLayout, check_decoder_layers, hf_seams
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+_WINDOW = "_vlm_tokenprune_sliding_window"  # marks a cache layer this library turned from sliding into full
+
+
+class Gemma3Adapter(HFAdapter):
+    """HF Gemma 3 (4B / 12B / 27B vision models): SigLIP + Gemma3 text with sliding-window layers."""
+
+    model_types = ("gemma3",)
+    decoder_style = "Gemma"
+    supports_pre_llm = True
+    pre_llm_positions = ("gaps",)
+    pre_llm_positions_why = ("Gemma 3's sliding window is over original positions, so kept tokens keep their "
+                             "original rotary positions")
+    # LLM-site positions=repack: Gemma 3's rotary embedding is per layer type, and renumbering would disagree
+    # with the window of original positions
+    llm_positions = ("gaps",)
+    llm_positions_why = pre_llm_positions_why
+    supports_structural = False
+
+    # -- structure ---------------------------------------------------------------------------
+    def check(self, model: nn.Module) -> None:
+        cfg = model.config
+        text = cfg.text_config
+        if text.model_type != "gemma3_text":
+            raise UnsupportedModelError("config.text_config.model_type",
+                                        f"{text.model_type!r} is not supported; allowed: gemma3_text")
+        impl = attn_implementation(text)
+        if mask_format_for(impl) == "2d":
+            raise UnsupportedModelError(
+                "attn_implementation",
+                f"{impl!r} receives 2-D padding masks, which carry neither Gemma 3's sliding window of original "
+                "positions nor its bidirectional image block (transformers sets _supports_flash_attn=False for "
+                "Gemma3ForConditionalGeneration); allowed: eager, sdpa")
+        if getattr(text, "use_bidirectional_attention", False):
+            raise UnsupportedModelError("config.text_config.use_bidirectional_attention",
+                                        "bidirectional Gemma 3 text models are not supported; allowed: False")
+        if getattr(text, "attn_logit_softcapping", None) is not None:
+            raise UnsupportedModelError(
+                "config.text_config.attn_logit_softcapping",
+                "attention logit soft-capping is not supported (criteria score without it); allowed: None")
+        bad = sorted({t for t in (text.layer_types or []) if t not in LAYER_TYPES})
+        if bad:
+            raise UnsupportedModelError("config.text_config.layer_types",
+                                        f"{bad} are not supported; allowed: {', '.join(LAYER_TYPES)}")
+        check_decoder_layers(self.language_model(model).layers, self.decoder_style)
+
+    def seams(self, model: nn.Module) -> Seams:
+        # every cache layer holds the whole prompt while a patched prompt decodes (see install): layer 0 has it all
+        return hf_seams(model, self.language_model(model))
+
+    def vision_seams(self, model: nn.Module, where: str = "site") -> Any:
+        raise IncompatiblePolicyError(
+            where, "site vision is not supported for 'gemma3': SigLIP has no CLS token (CLS-attention methods "
+            "have nothing to read) and the projector average-pools the full square patch grid after the tower, so "
+            "tokens cannot leave inside it; allowed models: llava, llava_next")
+
+    # -- visual tokens -----------------------------------------------------------------------
+    def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout:
+        cfg = model.config
+        n = int(cfg.mm_tokens_per_image)
+        side = math.isqrt(n)
+        is_visual = input_ids == cfg.image_token_id
+        B, L = input_ids.shape
+        image = torch.full_like(input_ids, -1)
+        row, col = image.clone(), image.clone()
+        for b in range(B):
+            pos = is_visual[b].nonzero().flatten().tolist()
+            if len(pos) % n:
+                raise InputError("input_ids", f"row {b} has {len(pos)} image tokens, not a multiple of "
+                                 f"mm_tokens_per_image={n} (one run of {n} placeholders per image)")
+            # images in prompt order: the k-th group of n placeholders is image k (masked_scatter fills in order)
+            k = torch.arange(len(pos), device=input_ids.device)
+            idx = torch.tensor(pos, dtype=torch.long, device=input_ids.device)
+            image[b, idx] = k // n
+            row[b, idx] = (k % n) // side
+            col[b, idx] = (k % n) % side
+        return VisualLayout(is_visual, image, image.clone(), row, col, torch.zeros_like(is_visual))
+
+    # -- seams of this family ------------------------------------------------------------------
+    def install(self, handle: Any, model: nn.Module) -> None:
+        """Sliding cache layers -> full layers for a patched prefill; back when nothing was pruned (module docstring)."""
+        lm = self.language_model(model)
+
+        def lm_pre(module, args, kwargs):
+            st = handle.state
+            if st is None or st.phase != "prefill":
+                return None
+            cache = cache_of(kwargs)
+            if cache is None:
+                use = kwargs.get("use_cache")
+                if not (use if use is not None else getattr(module.config, "use_cache", False)):
+                    return None
+                from transformers.cache_utils import DynamicCache
+
+                cache = DynamicCache(config=module.config)  # what the model would create, converted below
+                kwargs = {**kwargs, _cache_kwarg(kwargs, module): cache}
+            to_full_layers(cache)
+            return args, kwargs
+
+        def lm_post(module, args, kwargs, output):
+            st = handle.state
+            if st is None or st.phase != "prefill":
+                return None
+            if st.prefill.pre_llm is None and all(r.noop for r in st.prefill.records):
+                cache = cache_of(output) if hasattr(output, "get") else None
+                if cache is not None:
+                    to_sliding_layers(cache)
+            return None
+
+        handle.add_hook(f"{type(lm).__name__}: forward pre-hook (sliding cache layers -> full layers: the window is "
+                        "applied by masks over original positions)",
+                        lm.register_forward_pre_hook(mark_hook(lm_pre), with_kwargs=True))
+        handle.add_hook(f"{type(lm).__name__}: forward hook (a prefill that pruned nothing: cache layers back to "
+                        "sliding layers, as unpatched)",
+                        lm.register_forward_hook(mark_hook(lm_post), with_kwargs=True))
+
+    def decode_masks(self, handle: Any, masks: dict, kept: torch.Tensor, kept_ok: torch.Tensor, prompt_len: int,
+                     past: int, q: int, dtype: torch.dtype) -> dict:
+        """The language model's masks for ``q`` tokens after a pre-LLM-reduced prompt (its cache: the ``Mp``
+        kept prompt tokens at original positions ``kept`` [B, Mp], then ``past - Mp`` decoded tokens), per
+        layer type: causal over original positions, sliding layers within the window of original positions."""
+        B, Mp = kept.shape
+        dev = kept.device
+        steps = torch.arange(past - Mp + q, device=dev) + prompt_len
+        key_pos = torch.cat([kept, steps[None].expand(B, -1)], 1)  # [B, K]
+        key_ok = torch.cat([kept_ok, torch.ones(B, steps.numel(), dtype=torch.bool, device=dev)], 1)
+        q_pos = steps[-q:]  # [q]
+        causal = (key_pos[:, None, :] <= q_pos[None, :, None]) & key_ok[:, None, :]  # [B, q, K]
+        window = int(handle.seams.text_config.sliding_window)
+        out = {}
+        for name in masks:
+            allowed = causal & (key_pos[:, None, :] > q_pos[None, :, None] - window) \
+                if name == "sliding_attention" else causal
+            allowed = allowed[:, None]
+            if handle.seams.mask_format == "float4d":
+                allowed = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill(~allowed,
+                                                                                          torch.finfo(dtype).min)
+            out[name] = allowed
+        return out
+
+
+def cache_of(kwargs: Any) -> Any:
+    """The cache in forward kwargs / an output: ``cache`` (transformers >= 5.2x), else ``past_key_values``."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def _cache_kwarg(kwargs: dict, module: nn.Module) -> str:
+    """The name the language model's forward takes its cache under (``cache`` on transformers >= 5.2x)."""
+    import inspect
+
+    if "past_key_values" in kwargs:
+        return "past_key_values"
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def to_full_layers(cache: Any) -> None:
+    """Replace the EMPTY sliding-window layers of ``cache`` by full ``DynamicLayer``s (marked, so that
+    ``to_sliding_layers`` can restore them)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return
+    for j, layer in enumerate(layers):
+        if isinstance(layer, DynamicSlidingWindowLayer) and layer.get_seq_length() == 0:
+            full = DynamicLayer()
+            setattr(full, _WINDOW, layer.sliding_window)
+            layers[j] = full
+
+
+def to_sliding_layers(cache: Any) -> None:
+    """Undo ``to_full_layers`` after a prefill: each marked layer becomes the ``DynamicSlidingWindowLayer``
+    the unpatched prefill would have left (its last ``window - 1`` keys / values, ``cumulative_length`` the
+    prompt length)."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    for j, layer in enumerate(cache.layers):
+        w = getattr(layer, _WINDOW, None)
+        if w is None:
+            continue
+        sliding = DynamicSlidingWindowLayer(sliding_window=w)
+        if layer.is_initialized:
+            sliding.lazy_initialization(layer.keys, layer.values)
+            sliding.cumulative_length = layer.keys.shape[-2]
+            sliding.keys = layer.keys[:, :, -w + 1:, :]
+            sliding.values = layer.values[:, :, -w + 1:, :]
+        cache.layers[j] = sliding
+
+
+ADAPTERS.register("gemma3", Gemma3Adapter())
