@@ -229,6 +229,7 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
                                          and (st.prefill.pre_llm is None or handle.seams.mask_format != "2d")):
             return None
     kwargs = dict(kwargs)
+    pid_in = kwargs.get("position_ids")  # the language model's own, before any change (positions=repack reads it)
     if st.prefill.pre_llm is not None and handle.seams.mask_format == "2d":
         # flash-attention reads gapped position ids at batch 1 as packed sequences; RoPE already lives in cos/sin
         kwargs["position_ids"] = None
@@ -239,6 +240,8 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
         if stage_i is not None and (st.scoring is not None or drop):
             local_idx, rec = _run_drop(handle, st, stage_i, hidden) if drop else _run_stage(handle, st, stage_i, hidden)
             if local_idx is not None:
+                if handle.repacks_llm:
+                    _carry_positions(handle, st, rec, local_idx, pid_in, hidden)
                 # before the first prune current positions are original ones: hidden states join
                 # the kwargs' gather (same indices, one launch); later stages index the current sequence
                 gather_hidden = st.cur_orig is None
@@ -248,6 +251,11 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
         if st.cur_orig is not None:
             hidden = _shrink_kwargs(handle, kwargs, st.cur_orig, st.cur_ok, st.prefill.prompt_len, hidden,
                                     prefill=True, gather_hidden=gather_hidden)
+        if st.cur_pe is not None:  # renumbered positions (positions=repack): this layer's rotary tables and ids
+            if kwargs.get("position_embeddings") is not None:
+                kwargs["position_embeddings"] = st.cur_pe
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = st.cur_pos
         st.tokens_per_layer.append(hidden.shape[1])
         if j in handle.stage_after:  # the next stage scores with this layer: keep its input
             pe = kwargs.get("position_embeddings")
@@ -268,10 +276,58 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
                 _shrink_kwargs(handle, kwargs, rec.kept, rec.kept_ok, st.prefill.prompt_len, hidden, prefill=False,
                                cache=st.cache)
                 st.decode_masks[id(rec)] = (mask_in, kwargs["attention_mask"])
+            if rec.pos_shift is not None:  # after a positions=repack stage: decode continues the renumbered positions
+                _shift_positions(handle, st, rec.pos_shift, kwargs, pid_in, hidden)
     if in_kwargs:
         kwargs["hidden_states"] = hidden
         return args, kwargs
     return (hidden, *args[1:]), kwargs
+
+
+def _carry_positions(handle: "PatchHandle", st: ForwardState, rec: StageRecord, local_idx: torch.Tensor,
+                     pid_in: torch.Tensor | None, hidden: torch.Tensor) -> None:
+    """Position ids of the tokens an LLM stage keeps, for the layers after it (prefill; the policy has a
+    ``positions=repack`` LLM stage). ``repack``: contiguous from the row's first kept token's position (left
+    padding stays masked), and ``rec.pos_shift`` = the language model's next position id minus the renumbered
+    next one, which decode steps subtract in the layers after the stage. ``gaps`` after a repack: the kept
+    tokens keep the renumbered ids (the shift carries over). Sets ``st.cur_pos`` / ``st.cur_pe``."""
+    dev = local_idx.device
+    B, L = st.valid.shape
+    full = (pid_in if pid_in is not None else torch.arange(L, device=dev)[None]).expand(B, L)  # the LM's own ids
+    if st.cur_pos is None:
+        before = full if st.cur_orig is None else torch.gather(full, 1, st.cur_orig)
+    else:
+        before = st.cur_pos
+    kept_pos = torch.gather(before, 1, local_idx)
+    ok = rec.kept_ok
+    shift = next((r.pos_shift for r in reversed(st.prefill.records[:-1]) if r.pos_shift is not None), None)
+    if rec.stage.params.get("positions") == "repack":
+        first = torch.gather(kept_pos, 1, ok.long().argmax(1, keepdim=True))  # left-packed: first real kept token
+        kept_pos = (first + torch.cumsum(ok.long(), 1) - 1).masked_fill(~ok, 0)
+        last = full.masked_fill(~st.valid, torch.iinfo(full.dtype).min).amax(1)  # the prompt's last position id
+        shift = last - kept_pos[:, -1]
+    rec.pos_shift = shift if shift is not None else torch.zeros(B, dtype=torch.long, device=dev)
+    st.cur_pos = kept_pos
+    st.cur_pe = tuple(handle.seams.rotary_emb(hidden, kept_pos))
+
+
+def _shift_positions(handle: "PatchHandle", st: ForwardState, shift: torch.Tensor, kwargs: dict,
+                     pid_in: torch.Tensor | None, hidden: torch.Tensor) -> None:
+    """Decode step, a layer after a ``positions=repack`` stage: its rotary tables (and ids) at the language model's
+    position ids minus the row's ``shift``; built once per step for the layers sharing a shift."""
+    hit = st.decode_pe.get(id(shift))
+    if hit is None or hit[0] is not pid_in:
+        if pid_in is None:
+            raise InputError("position_ids", "the language model passed no position ids to its decoder layers; "
+                             "positions=repack needs them to continue the renumbered positions")
+        B, q = hidden.shape[:2]
+        pid = pid_in.expand(B, q) - shift[:, None]
+        hit = (pid_in, pid, tuple(handle.seams.rotary_emb(hidden, pid)))
+        st.decode_pe[id(shift)] = hit
+    if kwargs.get("position_embeddings") is not None:
+        kwargs["position_embeddings"] = hit[2]
+    if kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = hit[1]
 
 
 def capture_hook(handle: "PatchHandle", j: int, what: str, module, args, output):
@@ -381,11 +437,12 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output: torch.Te
         output=output,
         ops=handle.ops,
     )
+    params = stage.criterion_params  # without the stage keys (positions)
     with torch.no_grad():
-        scores = handle.criteria[i].score(ctx, **stage.params)
+        scores = handle.criteria[i].score(ctx, **params)
     if scores.shape != vis_idx.shape:
         raise RuntimeError(f"criterion {stage.criterion!r} returned scores of shape {tuple(scores.shape)}, expected {tuple(vis_idx.shape)}")
-    sel, sel_ok = handle.criteria[i].select(ctx, scores, **stage.params)
+    sel, sel_ok = handle.criteria[i].select(ctx, scores, **params)
     sel_ok = sel_ok & torch.gather(vis_ok, 1, sel)
     kept_local = torch.gather(vis_idx, 1, sel)
     keep_mask = torch.zeros(B, M + 1, dtype=torch.bool, device=hidden.device)

@@ -62,6 +62,7 @@ class PatchHandle:
         # input / the token stage applied before layer j; the structural plan; the vision tower's seams
         self.stage_after: dict[int, int] = {}
         self.stage_at: dict[int, int] = {}
+        self.repacks_llm = False  # an LLM stage with positions=repack (sites.llm.install)
         self.structural = None  # structural.plan.StructuralPlan when the policy has structural ops
         self.vision_seams = None  # adapters.base.VisionSeams when the policy has a vision-site stage
         self.structural_attention = False  # True: skip_visual / neighbor layers run query-subset attention (real savings)

@@ -16,8 +16,12 @@ RESERVED_SITES: tuple[str, ...] = ()
 TOKEN_CRITERION_OPS = ("prune", "merge")  # ops run by a criterion (merge: pre_llm only)
 OPS = TOKEN_CRITERION_OPS + STRUCTURAL_OPS
 RESERVED_OPS: tuple[str, ...] = ()
-# pre-LLM stages: position ids of the reduced sequence (see README "Pre-LLM stages")
+# position ids of the kept tokens after a token stage (the first is the default): pre_llm / vision stages (see
+# README "Pre-LLM stages") and LLM stages (the layers after the stage; README "Semantics you should know")
 POSITIONS = ("gaps", "repack")
+# vision stages on LLaVA-NeXT: whether the image_newline tokens reach the language model (the first is the default)
+NEWLINES = ("keep", "drop")
+STAGE_PARAMS = ("positions", "newlines")  # stage keys kept in ``Stage.params`` that are no criterion parameter
 STAGE_KEYS = ("site", "layer", "op", "criterion", "keep", "tokens", "of", "rounding", "depth")
 BUDGET_REFERENCES = ("original", "current")
 # how ``keep * n`` becomes a count (``Budget.rounding``): half_up (the library default) = floor(x + 0.5),
@@ -132,6 +136,11 @@ class Stage(SiteKind):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Stage) and self.to_dict() == other.to_dict()
+
+    @property
+    def criterion_params(self) -> dict:
+        """``params`` without the stage keys (``positions``, ``newlines``): what the criterion is called with."""
+        return {k: v for k, v in self.params.items() if k not in STAGE_PARAMS}
 
     @property
     def structural(self) -> bool:

@@ -10,7 +10,7 @@ from .errors import PolicyError
 from .registry import CRITERIA
 from .site_kind import SITES, VISION
 from .structural.spec import check_structural
-from .stage import OPS, POSITIONS, RESERVED_OPS, RESERVED_SITES, TOKEN_CRITERION_OPS, Budget, Stage, at_key
+from .stage import NEWLINES, OPS, POSITIONS, RESERVED_OPS, RESERVED_SITES, TOKEN_CRITERION_OPS, Budget, Stage, at_key
 
 
 def _build_structural(fields: dict, where: str) -> Stage:
@@ -49,14 +49,27 @@ def build_stage(fields: dict, where: str) -> Stage:
 
 
 def _criterion_params(crit: Any, given: Mapping[str, Any], site: str, where: str) -> dict:
-    """The criterion's parameters, plus ``positions`` on a pre_llm or vision stage."""
+    """The criterion's parameters, plus the stage keys of its site: ``positions`` (every token-stage site; on an
+    LLM stage kept only when ``repack``, as ``gaps`` is the default there) and, on a vision stage, ``newlines``
+    (kept only when ``drop``)."""
     given = dict(given)
-    if site not in ("pre_llm", "vision"):
-        return crit.check_params(given, where)
     positions = given.pop("positions", POSITIONS[0])
     if positions not in POSITIONS:
         raise PolicyError(f"{where}.positions", f"must be one of {', '.join(POSITIONS)}, got {positions!r}")
-    return {**crit.check_params(given, where), "positions": positions}
+    newlines = given.pop("newlines", NEWLINES[0])
+    if newlines not in NEWLINES:
+        raise PolicyError(f"{where}.newlines", f"must be one of {', '.join(NEWLINES)}, got {newlines!r}")
+    if newlines != NEWLINES[0] and site != "vision":
+        raise PolicyError(f"{where}.newlines", "only applies to a site=vision stage (LLaVA-NeXT image_newline tokens "
+                          "leave the language model's input with the tower's dropped patches); allowed here: keep")
+    params = crit.check_params(given, where)
+    if site in ("pre_llm", "vision"):
+        params["positions"] = positions
+    elif positions != POSITIONS[0]:
+        params["positions"] = positions
+    if newlines != NEWLINES[0]:
+        params["newlines"] = newlines
+    return params
 
 
 def _check_depth_field(st: Stage, where: str) -> None:

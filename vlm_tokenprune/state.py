@@ -40,6 +40,9 @@ class StageRecord:
     # rows that kept all their visual tokens at this stage although the policy asked for fewer, and why
     # (a budget above the row's visual tokens, no text for a text-guided criterion; patch(strict=True) refuses)
     relaxed: dict = field(default_factory=dict)
+    # LLM stages from the first ``positions=repack`` one on: ``[B]`` the language model's next position id minus the
+    # next position id of the layers after this stage (subtracted from decode position ids there); None: no shift
+    pos_shift: torch.Tensor | None = None
 
 
 @dataclass
@@ -109,6 +112,11 @@ class ForwardState:
     structural: dict = field(default_factory=dict)  # the running layer's visual rows etc. (``structural.hooks``)
     vision: object = None  # vision.state.VisionOutcome of a vision-site stage (its tower call)
     decode_masks: dict = field(default_factory=dict)  # decode step: id(StageRecord) -> (incoming mask, shrunk mask)
+    # after an LLM stage with positions=repack (prefill): the current tokens' position ids [B, M] and their rotary
+    # tables (what every later layer receives); decode step: id(pos_shift) -> (incoming position ids, tables)
+    cur_pos: torch.Tensor | None = None
+    cur_pe: tuple | None = None
+    decode_pe: dict = field(default_factory=dict)
     in_forward: bool = False  # True while the top module's own forward runs (``engine.guard_forward``)
 
 

@@ -36,6 +36,9 @@ class Seams:
     attn_implementation: str
     text_config: Any
     language_model: nn.Module | None = None  # its input is where pre_llm stages act (None: not supported)
+    # the language model's rotary embedding, ``rotary_emb(x, position_ids) -> (cos, sin)``: LLM stages with
+    # ``positions=repack`` build the renumbered tables with it (None: repack is not defined for this model)
+    rotary_emb: nn.Module | None = None
 
     @property
     def num_layers(self) -> int:
@@ -106,6 +109,9 @@ class Adapter:
     # position conventions a pre_llm / vision stage may use on this model, and why others are not defined
     pre_llm_positions: ClassVar[tuple[str, ...]] = ("gaps", "repack")
     pre_llm_positions_why: ClassVar[str] = ""
+    # position conventions an LLM-site stage may use on this model (``positions=``), and why others are not defined
+    llm_positions: ClassVar[tuple[str, ...]] = ("gaps", "repack")
+    llm_positions_why: ClassVar[str] = ""
     # False refuses structural ops other than visual_drop
     supports_structural: ClassVar[bool] = True
     # True: the top module may get inputs_embeds without input_ids; visual_layout(model, None, kwargs) then
@@ -185,4 +191,5 @@ def hf_seams(model: nn.Module, language_model: nn.Module) -> Seams:
         attn_implementation=impl,
         text_config=text,
         language_model=language_model,
+        rotary_emb=getattr(language_model, "rotary_emb", None),
     )

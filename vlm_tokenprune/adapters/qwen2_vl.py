@@ -52,6 +52,8 @@ class Qwen2VLAdapter(HFAdapter):
         "M-RoPE positions are 3-D (temporal, height, width): an image spans max(h, w) positions, not one per token, "
         "so there is no contiguous renumbering; write positions=gaps"
     )
+    llm_positions = ("gaps",)
+    llm_positions_why = pre_llm_positions_why
 
     # -- structure ---------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:

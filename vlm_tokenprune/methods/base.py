@@ -120,7 +120,7 @@ class Criterion:
         out = {}
         for key, value in given.items():
             if key not in cls.params:
-                allowed = sorted({"layer", "keep", "tokens", "of", "site", "op"} | set(cls.params))
+                allowed = sorted({"layer", "keep", "tokens", "of", "site", "op", "positions"} | set(cls.params))
                 raise PolicyError(f"{where}.{key}", f"unknown key for {cls.name!r}; allowed: {', '.join(allowed)}")
             out[key] = cls.params[key].validate(value, f"{where}.{key}")
         for key, p in cls.params.items():

@@ -44,6 +44,8 @@ def check(target: "PatchTarget") -> LLMPlan:
                 f"{st.layer} is at or below the first full-attention layer ({seams.first_full_attention_layer}); "
                 f"allowed: {seams.first_full_attention_layer + 1}..{seams.num_layers - 1}",
             )
+        if st.params.get("positions", "gaps") != "gaps":
+            _check_positions(target, i, st)
     stages = target.policy.stages
     return LLMPlan(
         stage_after={st.layer - 1: i for i, st in enumerate(stages) if st.scores_on_llm_layer},
@@ -51,8 +53,28 @@ def check(target: "PatchTarget") -> LLMPlan:
     )
 
 
+def _check_positions(target: "PatchTarget", i: int, st) -> None:
+    """``positions=repack`` on an LLM stage: defined where the model's rotary embedding takes 1-D position ids."""
+    model, adapter, seams = target.model, target.adapter, target.seams
+    positions = st.params["positions"]
+    if positions not in adapter.llm_positions:
+        raise IncompatiblePolicyError(
+            f"stages[{i}].positions", f"{positions!r} is not defined for {model.config.model_type!r} "
+            f"({adapter.llm_positions_why}); allowed: {', '.join(adapter.llm_positions)}")
+    rope_type = str(getattr(seams.rotary_emb, "rope_type", "default"))
+    if seams.rotary_emb is None or "dynamic" in rope_type:
+        why = (f"rope_type {rope_type!r}: its rotary frequencies depend on the longest position, which renumbering "
+               "changes" if seams.rotary_emb is not None else
+               "its language model has no model-level rotary_emb(x, position_ids) to build renumbered rotary tables "
+               "with (e.g. the original LLaVA code base, whose attention builds them per layer)")
+        raise IncompatiblePolicyError(f"stages[{i}].positions", f"{positions!r} is not defined for "
+                                      f"{model.config.model_type!r} ({why}); allowed: gaps")
+
+
 def install(handle: PatchHandle, plan: LLMPlan) -> None:
     handle.stage_after, handle.stage_at = plan.stage_after, plan.stage_at
+    # an LLM stage renumbers positions: prefill tracks the kept tokens' position ids from there on
+    handle.repacks_llm = any(st.changes_tokens and st.params.get("positions") == "repack" for st in handle.policy.stages)
     seams, pol = handle.seams, handle.policy
     top = seams.top
     handle.add_hook(
