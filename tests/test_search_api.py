@@ -58,6 +58,14 @@ def test_bad_budget(text, field):
     assert e.value.field == field
 
 
+def test_bad_criteria_and_trade(tiny):
+    model, processor = tiny
+    for kw, field in ((dict(criteria=("fastv", "nosuch")), "criteria"), (dict(trade=1.5), "trade")):
+        with pytest.raises(InputError) as e:
+            search_policy(model, processor, "flops=0.4", generations=0, heldout=0, **kw, **SMALL)
+        assert e.value.field == field
+
+
 def test_bad_space():
     with pytest.raises(InputError) as e:
         parse_space("tokens,layers")

@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--levels", type=int, default=16, help="token budget levels: keep 1, 1-1/L, ..., 1/L (default 16)")
     se.add_argument("--sublayers", type=int, default=2, help="removed sublayers when the space has sublayers (default 2)")
     se.add_argument("--heads", type=int, default=4, help="heads pruned for visual tokens when the space has heads (default 4)")
+    se.add_argument("--criteria", default="", help="LLM-stage criteria the search chooses among, e.g. fastv,dart "
+                    "(default: --criterion only)")
+    se.add_argument("--trade", type=float, default=0.5, help="share of children that move budget between sub-spaces "
+                    "under the one FLOPs constraint (0: --sublayers / --heads counts stay fixed; default 0.5)")
+    se.add_argument("--no-seeds", action="store_true", help="do not seed the search with the presets the space expresses")
     se.add_argument("--heldout", type=int, default=200, help="held-out examples (synthetic test split; default 200)")
     se.add_argument("--heldout-top", type=int, default=8, help="candidates besides the best scored on the held-out split")
     se.add_argument("--out", default="vtp_search", help="output folder (default ./vtp_search)")

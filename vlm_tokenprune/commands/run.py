@@ -127,6 +127,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         generations=args.generations, offspring=args.offspring, seed=args.seed, criterion=args.criterion,
         entry=None if args.entry == "none" else args.entry, levels=args.levels, sublayers=args.sublayers, heads=args.heads,
         heldout=args.heldout, heldout_top=args.heldout_top, out=args.out, resume=args.resume, progress=not args.no_progress,
+        criteria=tuple(c.strip() for c in args.criteria.split(",") if c.strip()), trade=args.trade,
+        seed_presets=not args.no_seeds,
     )
     acc = "-" if res.accuracy is None else f"{res.accuracy:.3f}"
     print(f"best policy: {res.policy or '(none: the unpruned model)'}")

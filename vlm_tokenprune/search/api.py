@@ -130,6 +130,15 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
 
     ratio_max = parse_budget(budget)
     spaces = parse_space(space)
+    if criteria and "tokens" not in spaces:
+        raise InputError("criteria", "choosing among criteria needs the tokens space")
+    for c in criteria:
+        try:
+            Policy.parse(f"{c}:layer=1,keep=0.5")
+        except ValueError as e:
+            raise InputError("criteria", f"{c!r} is not an LLM-stage criterion ({e})") from None
+    if not 0 <= trade <= 1:
+        raise InputError("trade", f"a share of children in [0, 1], got {trade}")
     if calibration < batch_size:
         raise InputError("calibration", f"needs at least one batch ({batch_size} examples), got {calibration}")
     batches, masks, n_text, n_visual = calibration_batches(model, processor, calibration, batch_size)
@@ -140,8 +149,6 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
         steps = tuple(s for i, s in enumerate(steps) if i == len(steps) - 1 or s[0] < steps[i + 1][0])
     config = EvoConfig(generations=generations, offspring=offspring, steps=tuple(tuple(s) for s in steps), seed=seed,
                        trade=trade)
-    if criteria and "tokens" not in spaces:
-        raise InputError("criteria", "choosing among criteria needs the tokens space")
     joint = build_space(model, spaces, criterion=criterion, entry=entry, levels=levels, criteria=criteria)
 
     ratios: dict = {}
@@ -181,7 +188,7 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
     ck = os.path.join(os.fspath(out), "checkpoint.json") if out is not None else None
     from .seeds import preset_seeds, seed_policies
 
-    seeds = [sd for sd in preset_seeds(joint, feasible) if list(sd[1]) != list(start)] if seed_presets else []
+    seeds = preset_seeds(joint, feasible) if seed_presets else []
     extra = json.dumps([joint.units, n_text, n_visual, metric, ratio_max, calibration, batch_size,
                         [list(s_.choices) for s_ in joint.spaces if isinstance(s_, TokenSpace)]])
     res = evolve(fitness, start, joint.max_levels, joint.groups, nb, config, feasible=feasible, checkpoint=ck,
