@@ -447,7 +447,7 @@ def test_placeholder_grid_mismatch_is_refused():
 
 
 @pytest.mark.parametrize("model_type,reason", [
-    ("gemma3", "rotary embedding per layer type"), ("internvl_chat", "remote code"),
+    ("internvl_chat", "remote code"),
     ("llava_mpt", "original LLaVA code base"),
 ])
 def test_known_unsupported_model_types_say_why(model_type, reason):
