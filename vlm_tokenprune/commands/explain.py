@@ -38,6 +38,9 @@ KNOWN_MODELS: dict[str, tuple[dict | None, int, str]] = {
                          num_key_value_heads=8, head_dim=128, vocab_size=151936), 1024,
                     "Qwen3-VL-8B-Instruct: 36 x 4096 LLM (GQA 32/8 x 128), one 1024x1024 image -> 1024 visual tokens; "
                     "DeepStack after layers 0-2"),
+    "qwen2.5-vl-7b": (_QWEN2_7B, 576,
+                      "Qwen2.5-VL-7B-Instruct: Qwen2.5-7B LLM (28 x 3584, GQA 28/4), ViT 32 x 1280 with window attention "
+                      "(112 px windows; full attention in blocks 7/15/23/31), one 672x672 image -> 24x24 = 576 tokens"),
     "qwen3-vl-30b-a3b": (dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
                               num_key_value_heads=4, head_dim=128, vocab_size=151936, num_experts=128,
                               num_experts_per_tok=8, moe_intermediate_size=768), 1024,
@@ -63,7 +66,21 @@ def _n_visual_from_config(cfg: Any) -> int | None:
 
 
 _TOWER_TYPES = {"llava": "clip_vision_model", "llava_next": "clip_vision_model", "llava_onevision": "siglip_vision_model",
-                "qwen2_vl": "qwen2_vl"}  # profile's geometries whose tower eval.flops counts
+                "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl_vision", "internvl": "internvl_vision",
+                "qwen3_vl": "qwen3_vl_vision"}  # geometries whose tower eval.flops counts
+_INTERN_VIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                        image_size=[448, 448], patch_size=[14, 14])
+# explain's models without a profile geometry: their vision towers (numbers of the released config.json)
+_TOWERS: dict[str, dict] = {
+    "internvl3-2b": dict(family="internvl", vision=_INTERN_VIT_300M),
+    "qwen2.5-vl-7b": dict(family="qwen2_5_vl", vision=dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, in_channels=3, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+        out_hidden_size=3584)),
+    "qwen3-vl-2b": dict(family="qwen3_vl", vision=dict(
+        depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16, spatial_merge_size=2,
+        temporal_patch_size=2, in_channels=3, out_hidden_size=2048, deepstack_visual_indexes=[5, 11, 17])),
+}
 
 
 def _with_tower(text: dict, geo: dict | None) -> dict:
@@ -96,8 +113,8 @@ def _load_model_config(spec: str) -> tuple[Any, int | None, str]:
 
             numbers = AutoConfig.from_pretrained(ASSET_DIR)
             n_visual = _n_visual_from_config(numbers) or n_visual
-        elif spec in KNOWN_GEOMETRIES:
-            numbers = _with_tower(numbers, KNOWN_GEOMETRIES[spec])
+        elif spec in KNOWN_GEOMETRIES or spec in _TOWERS:
+            numbers = _with_tower(numbers, KNOWN_GEOMETRIES.get(spec) or _TOWERS[spec])
         return numbers, n_visual, desc
     if not os.path.isfile(spec):
         raise InputError("--model-config", f"{spec!r} is neither a known model ({', '.join(model_names())}) nor a "
@@ -145,6 +162,8 @@ def _family(spec: str, cfg: Any) -> str | None:
         return named[spec]
     if spec in KNOWN_GEOMETRIES:
         return KNOWN_GEOMETRIES[spec]["family"]
+    if spec in _TOWERS:
+        return _TOWERS[spec]["family"]
     return cfg.get("model_type") if isinstance(cfg, dict) else getattr(cfg, "model_type", None)
 
 

@@ -58,8 +58,9 @@ from ..registry import CRITERIA
 
 FORMULA = "per layer 2*(n*d*(q+2*kv) + n*q*d + 2*n^2*q + 3*n*d*m) FLOPs (= 2*(4nd^2+2n^2d+3ndm) without GQA) + LM head 2*d*V per logit row"
 
-VISION_FORMULA = ("vision layer 2*(4*n*D^2 + 2*n^2*D + 2*n*D*M) per crop of n tokens + patch embedding; "
-                  "projector 2*sum(in*out) per projected token")
+VISION_FORMULA = ("vision layer 2*(4*n*D^2 + 2*P*D + k*n*D*M) per crop of n tokens (P = n^2, or the sum of "
+                  "window sizes squared in Qwen2.5-VL's windowed layers; k = 2, 3 for a SwiGLU MLP) + patch "
+                  "embedding; projector 2*sum(in*out) per projected token (Qwen3-VL: merger + DeepStack mergers)")
 
 
 @dataclass(frozen=True)
@@ -327,17 +328,29 @@ def _result(g: TextGeometry, tokens: list[int], base: list[int], scoring: list, 
 class VisionGeometry:
     """The numbers of a VLM's vision tower and projector that ``vision_flops`` needs.
 
-    A pre-norm ViT layer seeing ``n`` tokens (CLIP / SigLIP / Qwen2-VL's tower: Q, K, V, O of
-    ``D x D``, full ``n x n`` attention, a 2-matrix MLP ``D x M``, ``mlp_matrices=3`` for a SwiGLU one)::
+    A pre-norm ViT layer seeing ``n`` tokens (CLIP / SigLIP / InternViT / the Qwen-VL towers: Q, K, V, O
+    of ``D x D``, attention over ``P`` query-key pairs, a 2-matrix MLP ``D x M``, ``mlp_matrices=3`` for a
+    SwiGLU one)::
 
-        vision_layer(n) = 2 * (4*n*D^2 + 2*n^2*D + mlp_matrices*n*D*M)
+        vision_layer(n) = 2 * (4*n*D^2 + 2*P*D + mlp_matrices*n*D*M),   P = n^2 (full attention)
 
     plus the patch embedding ``2 * patches * patch_dim * D`` (a convolution with stride = kernel).
-    ``cls``: 1 when the tower prepends a class token (CLIP), else 0. ``crop_patches``: patch tokens
-    per crop (attention is per crop). ``merge``: patches merged into one LLM visual token (Qwen2-VL's
-    ``spatial_merge_size**2``; 1 for LLaVA). ``projector``: the ``(in, out)`` linear layers the
-    projector applies per projected token (LLaVA's 2-layer MLP on each patch; Qwen2-VL's merger on each
-    merged group).
+    ``cls``: 1 when the tower prepends a class token (CLIP, InternViT), else 0. ``crop_patches``: patch
+    tokens per crop (attention is per crop). ``merge``: patches merged into one LLM visual token (the
+    Qwen-VL towers' ``spatial_merge_size**2``, InternVL's pixel shuffle ``1 / downsample_ratio**2``; 1 for
+    LLaVA). ``projector``: the ``(in, out)`` linear layers the projector applies per projected token
+    (LLaVA's 2-layer MLP on each patch; a Qwen-VL merger or InternVL's MLP on each merged group; Qwen3-VL:
+    the merger and each DeepStack merger, which all see every merged group). ``dynamic``: the tower
+    encodes one image at its own resolution (Qwen-VL: ``crop_patches`` is that image's, from the visual
+    token count), else fixed-size crops (tiles). ``window`` / ``full_layers`` (Qwen2.5-VL): layers not in
+    ``full_layers`` attend within windows of ``window x window`` merged tokens (the last window of a row
+    or column holds the remainder), so on the merged grid ``h x w`` (``grid``; default: the most square
+    one with ``h * w = crop_patches / merge``, ``h <= w``)::
+
+        P_window = merge^2 * S(h) * S(w),   S(x) = (x // window) * window^2 + (x % window)^2
+
+    Norms, activations, biases, rotary / interpolated position embeddings and DeepStack's additions
+    into the LLM are not counted (no matrix products).
     """
 
     hidden_size: int
@@ -349,12 +362,17 @@ class VisionGeometry:
     merge: int = 1
     mlp_matrices: int = 2
     projector: tuple = ()
+    dynamic: bool = False
+    window: int = 0
+    full_layers: tuple = ()
+    grid: tuple | None = None
 
     @classmethod
     def of(cls, config: Any) -> "VisionGeometry | None":
         """From a VLM config (transformers or a mapping) with a ``vision_config``: CLIP / SigLIP towers
-        (LLaVA, LLaVA-NeXT) and Qwen2-VL's. ``None`` when the config has no vision tower this module knows
-        (the parts are then reported as unknown, never as zero)."""
+        (LLaVA, LLaVA-NeXT, OneVision), InternViT (InternVL), and the towers of Qwen2-VL, Qwen2.5-VL (windowed)
+        and Qwen3-VL (DeepStack). ``None`` when the config has no vision tower this module knows (the parts
+        are then reported as unknown, never as zero)."""
         if isinstance(config, (TextGeometry, VisionGeometry)):
             return config if isinstance(config, VisionGeometry) else None
         get = (lambda o, k, d=None: o.get(k, d)) if isinstance(config, Mapping) else (lambda o, k, d=None: getattr(o, k, d))
@@ -372,7 +390,27 @@ class VisionGeometry:
             out = int(vget("hidden_size", d_text or D))
             p, tp, ch = int(vget("patch_size", 14)), int(vget("temporal_patch_size", 2)), int(vget("in_channels", 3))
             return cls(D, int(D * float(vget("mlp_ratio", 4))), int(vget("depth")), 0, ch * tp * p * p, 0, merge, 2,
-                       ((D * merge, D * merge), (D * merge, out)))
+                       ((D * merge, D * merge), (D * merge, out)), dynamic=True)
+        if vget("depth") is not None and vget("hidden_size") is not None:  # Qwen2.5-VL's / Qwen3-VL's tower
+            D, M, L = int(vget("hidden_size")), int(vget("intermediate_size")), int(vget("depth"))
+            side = int(vget("spatial_merge_size", 2))
+            merge, out = side * side, int(vget("out_hidden_size", d_text or D))
+            p, tp, ch = int(vget("patch_size", 14)), int(vget("temporal_patch_size", 2)), int(vget("in_channels", 3))
+            merger = ((D * merge, D * merge), (D * merge, out))
+            deepstack = vget("deepstack_visual_indexes")
+            if deepstack is not None:  # Qwen3-VL: GELU MLP; the merger + one DeepStack merger per index
+                return cls(D, M, L, 0, ch * tp * p * p, 0, merge, 2, merger * (1 + len(deepstack)), dynamic=True)
+            window = int(vget("window_size", 0) or 0) // side // p  # Qwen2.5-VL: SwiGLU MLP, windowed attention
+            return cls(D, M, L, 0, ch * tp * p * p, 0, merge, 3, merger, dynamic=True, window=window,
+                       full_layers=tuple(int(i) for i in (vget("fullatt_block_indexes") or ())))
+        if "intern" in vtype:  # InternViT (InternVL): CLS + square tiles, pixel shuffle, LayerNorm + 2-layer MLP
+            D, M, L = int(vget("hidden_size")), int(vget("intermediate_size")), int(vget("num_hidden_layers"))
+            first = lambda v: int(v[0] if isinstance(v, (list, tuple)) else v)  # noqa: E731  ([448, 448] or 448)
+            p, side = first(vget("patch_size")), first(vget("image_size")) // first(vget("patch_size"))
+            merge = round(1 / float(get(config, "downsample_ratio", 0.5) or 0.5) ** 2)
+            dt = int(d_text) if d_text is not None else D
+            return cls(D, M, L, side * side, int(vget("num_channels", 3)) * p * p, 1, merge, 2,
+                       ((D * merge, dt), (dt, dt)))
         if "clip" in vtype or "siglip" in vtype:
             D, M, L = int(vget("hidden_size")), int(vget("intermediate_size")), int(vget("num_hidden_layers"))
             p, side = int(vget("patch_size")), int(vget("image_size")) // int(vget("patch_size"))
@@ -384,10 +422,31 @@ class VisionGeometry:
         return None
 
 
-def vision_layer_flops(vg: VisionGeometry, n: int) -> float:
-    """FLOPs of one vision-encoder layer seeing ``n`` tokens of one crop (see ``VisionGeometry``)."""
+def merged_grid(vg: VisionGeometry) -> tuple[int, int]:
+    """``(h, w)`` merged tokens of the crop: ``vg.grid``, else the most square ``h * w = crop_patches / merge``."""
+    if vg.grid is not None:
+        return int(vg.grid[0]), int(vg.grid[1])
+    n = vg.crop_patches // vg.merge
+    h = max(d for d in range(1, int(n ** 0.5) + 1) if n % d == 0) if n else 0
+    return h, (n // h if h else 0)
+
+
+def attention_pairs(vg: VisionGeometry, n: int, layer: int | None = None) -> int:
+    """Query-key pairs of one crop's attention in encoder layer ``layer`` seeing ``n`` tokens: ``n^2``, or on
+    Qwen2.5-VL's windowed layers (whole image: ``n == crop_patches``) the sum of each window's size squared."""
+    if not vg.window or layer is None or layer in vg.full_layers or n != vg.crop_patches:
+        return n * n
+    w = vg.window
+    S = lambda x: (x // w) * w * w + (x % w) ** 2  # noqa: E731
+    h, wd = merged_grid(vg)
+    return vg.merge * vg.merge * S(h) * S(wd)
+
+
+def vision_layer_flops(vg: VisionGeometry, n: int, layer: int | None = None) -> float:
+    """FLOPs of vision-encoder layer ``layer`` seeing ``n`` tokens of one crop (see ``VisionGeometry``; ``layer``
+    matters only for Qwen2.5-VL's windowed layers)."""
     D, M, n = vg.hidden_size, vg.intermediate_size, int(n)
-    return float(2 * (4 * n * D * D + 2 * n * n * D + vg.mlp_matrices * n * D * M))
+    return float(2 * (4 * n * D * D + 2 * attention_pairs(vg, n, layer) * D + vg.mlp_matrices * n * D * M))
 
 
 def vision_flops(vg: VisionGeometry, crops: int, tokens_per_layer: list[int] | None = None,
@@ -398,7 +457,7 @@ def vision_flops(vg: VisionGeometry, crops: int, tokens_per_layer: list[int] | N
     full = vg.crop_patches + vg.cls
     tokens = list(tokens_per_layer) if tokens_per_layer is not None else [full] * vg.num_hidden_layers
     embed = 2 * vg.crop_patches * vg.patch_dim * vg.hidden_size
-    tower = crops * (embed + sum(vision_layer_flops(vg, n) for n in tokens))
+    tower = crops * (embed + sum(vision_layer_flops(vg, n, j) for j, n in enumerate(tokens)))
     if projected is None:
         projected = crops * vg.crop_patches // vg.merge
     proj = 2 * int(projected) * sum(i * o for i, o in vg.projector)
@@ -406,20 +465,22 @@ def vision_flops(vg: VisionGeometry, crops: int, tokens_per_layer: list[int] | N
 
 
 def _sized(vg: VisionGeometry, n_visual: int) -> VisionGeometry:
-    """Qwen2-VL's tower encodes one image of ``n_visual * merge`` patches (its size is the image's)."""
-    if vg.merge > 1:
+    """A Qwen-VL tower (``dynamic``) encodes one image of ``n_visual * merge`` patches (its size is the image's)."""
+    if vg.dynamic and vg.crop_patches != int(n_visual) * vg.merge:
         from dataclasses import replace
 
-        return replace(vg, crop_patches=int(n_visual) * vg.merge)
+        return replace(vg, crop_patches=int(n_visual) * vg.merge, grid=None)
     return vg
 
 
 def _crops(vg: VisionGeometry, n_visual: int) -> int:
     """Crops a prompt of ``n_visual`` LLM visual tokens came from (LLaVA-NeXT: the largest multiple of a crop
-    that fits, newline tokens and unpadding ignored; Qwen2-VL: one image)."""
-    if vg.merge > 1:
+    that fits, newline tokens and unpadding ignored; InternVL: tiles of ``crop_patches / merge`` tokens;
+    Qwen-VL: one image)."""
+    if vg.dynamic:
         return 1
-    return max(1, int(n_visual) // vg.crop_patches) if n_visual else 0
+    per_crop = vg.crop_patches // vg.merge
+    return max(1, int(n_visual) // per_crop) if n_visual else 0
 
 
 def unpruned_flops(model_config: Any, n_text: int, n_visual: int, logits_tokens: int = 1) -> dict:
