@@ -166,7 +166,7 @@ def main() -> int:
         res = search_policy(model, processor, f"flops={b}", space=args.space, calibration=args.calibration,
                             generations=args.generations, offspring=args.offspring, heldout=0, out=out, progress=False,
                             criteria=tuple(args.criteria.split(",")) if args.criteria else (), trade=args.trade,
-                            sublayers=0)
+                            sublayers=0, resume=True)  # a killed run continues from the search's checkpoint
         evaluated = len(res.rows)
         best_seed = min((s for s in res.seeds if s["fitness"] is not None), key=lambda s: s["fitness"], default=None)
         report["searches"].append({"budget": b, "policy": res.policy, "predicted_flops_ratio": res.flops_ratio,
@@ -232,11 +232,11 @@ def write_markdown(report: dict, path: str) -> None:
     a = report["args"]
     runs = report["runs"]
     lines = ["# Policy search on the shipped tiny VLM (EvoPress, arXiv 2410.14649; FinerCut, arXiv 2405.18218)", ""]
-    lines += ["Command (whole page): `OMP_NUM_THREADS=1 nice -n 10 python benchmarks/search_tiny.py` "
-              f"(defaults: `--budgets {a['budgets']} --space {a['space']} --criteria {a['criteria']} --trade {a['trade']} "
+    lines += ["Command (whole page): `OMP_NUM_THREADS=1 nice -n 10 python benchmarks/search_tiny.py "
+              f"--budgets {a['budgets']} --space {a['space']} --criteria {a['criteria']} --trade {a['trade']} "
               f"--calibration {a['calibration']} --generations {a['generations']} --offspring {a['offspring']} --n {a['n']} "
-              f"--preset-budgets {a['preset_budgets']}`; {report['seconds'] / 60:.0f} min on one shared CPU core, "
-              "`--from-json` rewrites this page). One search alone: `vlm-tokenprune search --budget flops=0.25 --space "
+              f"--preset-budgets {a['preset_budgets']}` ({report['seconds'] / 60:.0f} min on a shared 2-core CPU machine "
+              "under load from other jobs; `--from-json` rewrites this page). One search alone: `vlm-tokenprune search --budget flops=0.25 --space "
               f"{a['space']} --criteria {a['criteria']} --sublayers 0 --calibration {a['calibration']} --generations "
               f"{a['generations']} --offspring {a['offspring']} --heldout 0 --out DIR`.", ""]
     nb = a["calibration"] // 8

@@ -12,7 +12,7 @@ import vlm_tokenprune as vtp
 from vlm_tokenprune import InputError
 from vlm_tokenprune.eval.flops import structural_flops
 from vlm_tokenprune.eval.tiny_vlm import load_tiny_vlm
-from vlm_tokenprune.search.api import parse_budget, parse_space, search_policy
+from vlm_tokenprune.search.api import parse_budget, parse_constraint, parse_space, search_policy
 
 SMALL = dict(calibration=8, batch_size=8, offspring=3, levels=8, progress=False)
 
@@ -51,7 +51,8 @@ def test_resume_equals_straight_run(tiny, tmp_path):
     assert a["history"] == b["history"]
 
 
-@pytest.mark.parametrize("text,field", [("flops=1.5", "budget"), ("latency=0.3", "budget"), ("flops=x", "budget")])
+@pytest.mark.parametrize("text,field", [("flops=1.5", "budget"), ("latency=0.3", "budget"), ("flops=x", "budget"),
+                                        ("latency=0", "budget"), ("speed=0.5", "budget")])
 def test_bad_budget(text, field):
     with pytest.raises(InputError) as e:
         parse_budget(text)
@@ -64,6 +65,27 @@ def test_bad_criteria_and_trade(tiny):
         with pytest.raises(InputError) as e:
             search_policy(model, processor, "flops=0.4", generations=0, heldout=0, **kw, **SMALL)
         assert e.value.field == field
+
+
+def test_latency_budget_is_measured_and_reused_on_resume(tiny, tmp_path, monkeypatch):
+    """``latency=R``: every candidate's measured prefill latency ratio is within R; the measurements are kept in
+    latency.json, and a resumed search measures nothing again (so it is the straight run)."""
+    model, processor = tiny
+    assert parse_constraint("latency=0.5") == ("latency", 0.5) and parse_constraint(0.3) == ("flops", 0.3)
+    kw = dict(space="tokens", generations=1, heldout=0, trade=0.0, seed_presets=False, latency_iters=1, out=tmp_path,
+              **{**SMALL, "levels": 4, "offspring": 2})
+    res = search_policy(model, processor, "latency=0.95", **kw)
+    lat = json.loads((tmp_path / "latency.json").read_text())["ratios"]
+    assert res.latency_ratio is not None and res.latency_ratio <= 0.95 and lat[res.policy] == res.latency_ratio
+    assert all(r["latency_ratio"] <= 0.95 for r in res.rows if r["policy"] is not None)
+    assert json.loads((tmp_path / "pareto.json").read_text())["budget"] == {"latency": 0.95}
+
+    def no_timing(*a, **k):
+        raise AssertionError("a resumed search must reuse latency.json")
+
+    monkeypatch.setattr("vlm_tokenprune.eval.timing.interleaved", no_timing)
+    again = search_policy(model, processor, "latency=0.95", resume=True, **kw)
+    assert again.policy == res.policy and again.fitness == res.fitness
 
 
 def test_bad_space():

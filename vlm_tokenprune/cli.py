@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("search", help="EvoPress search for the best policy under a FLOPs budget (token budgets, "
                         "FinerCut sublayers, heads); writes best.yaml and a Pareto table")
     se.add_argument("--model", default="tiny", help="tiny (the shipped tiny VLM) or a checkpoint folder in its format")
-    se.add_argument("--budget", default="flops=0.3", help="flops=R: predicted LM prefill FLOPs ratio <= R (default 0.3)")
+    se.add_argument("--budget", default="flops=0.3", help="flops=R: predicted LM prefill FLOPs ratio <= R (default 0.3); "
+                    "latency=R: measured prefill latency ratio on this machine <= R (interleaved with the baseline, medians)")
+    se.add_argument("--latency-iters", type=int, default=5, help="--budget latency=R: timed runs per policy (default 5)")
     se.add_argument("--space", default="tokens", help="comma list of tokens, sublayers, heads (default tokens)")
     se.add_argument("--calibration", type=int, default=64, help="calibration examples (synthetic val split; default 64)")
     se.add_argument("--batch-size", type=int, default=8, help="examples per forward (default 8)")

@@ -128,11 +128,12 @@ def cmd_search(args: argparse.Namespace) -> int:
         entry=None if args.entry == "none" else args.entry, levels=args.levels, sublayers=args.sublayers, heads=args.heads,
         heldout=args.heldout, heldout_top=args.heldout_top, out=args.out, resume=args.resume, progress=not args.no_progress,
         criteria=tuple(c.strip() for c in args.criteria.split(",") if c.strip()), trade=args.trade,
-        seed_presets=not args.no_seeds,
+        seed_presets=not args.no_seeds, latency_iters=args.latency_iters,
     )
     acc = "-" if res.accuracy is None else f"{res.accuracy:.3f}"
     print(f"best policy: {res.policy or '(none: the unpruned model)'}")
-    print(f"predicted FLOPs ratio {res.flops_ratio:.3f}, KL {res.fitness:.5f}, held-out accuracy {acc}")
+    lat = "" if res.latency_ratio is None else f", measured prefill latency ratio {res.latency_ratio:.3f}"
+    print(f"predicted FLOPs ratio {res.flops_ratio:.3f}{lat}, KL {res.fitness:.5f}, held-out accuracy {acc}")
     print("wrote " + ", ".join(res.files.values()))
     return 0
 

@@ -36,20 +36,34 @@ from .token_space import TokenSpace
 SPACES = ("tokens", "sublayers", "heads")
 
 
-def parse_budget(text: "str | float") -> float:
-    """``"flops=0.3"`` (or 0.3) -> 0.3: the largest predicted prefill FLOPs ratio allowed."""
+CONSTRAINTS = ("flops", "latency")
+
+
+def parse_constraint(text: "str | float") -> tuple[str, float]:
+    """``"flops=0.3"`` (or 0.3) -> ``("flops", 0.3)``: the largest predicted prefill FLOPs ratio allowed;
+    ``"latency=0.5"`` -> ``("latency", 0.5)``: the largest measured prefill latency ratio (``search/latency.py``)."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
+        key, value = "flops", float(text)
     else:
         key, eq, val = str(text).partition("=")
-        if not eq or key.strip() != "flops":
-            raise InputError("budget", f"expected flops=R (a FLOPs ratio of the unpruned model, 0 < R <= 1), got {text!r}")
+        key = key.strip()
+        if not eq or key not in CONSTRAINTS:
+            raise InputError("budget", f"expected flops=R (a FLOPs ratio of the unpruned model) or latency=R (a measured "
+                             f"prefill latency ratio), 0 < R <= 1, got {text!r}")
         try:
             value = float(val)
         except ValueError:
-            raise InputError("budget", f"flops must be a number in (0, 1], got {val!r}") from None
+            raise InputError("budget", f"{key} must be a number in (0, 1], got {val!r}") from None
     if not 0 < value <= 1:
-        raise InputError("budget", f"flops must be in (0, 1], got {value}")
+        raise InputError("budget", f"{key} must be in (0, 1], got {value}")
+    return key, value
+
+
+def parse_budget(text: "str | float") -> float:
+    """``"flops=0.3"`` (or 0.3) -> 0.3: the largest predicted prefill FLOPs ratio allowed (FLOPs only)."""
+    key, value = parse_constraint(text)
+    if key != "flops":
+        raise InputError("budget", f"expected flops=R here, got {text!r}")
     return value
 
 
@@ -64,12 +78,13 @@ def parse_space(spec: "str | Sequence[str]") -> tuple[str, ...]:
 @dataclass
 class SearchResult:
     policy: str | None  # the best policy (None: the unpruned model)
-    flops_ratio: float
+    flops_ratio: float  # predicted (structural_flops), whatever the constraint
     fitness: float
     accuracy: float | None
     rows: list = field(default_factory=list)  # every evaluated candidate (see pareto.markdown)
     files: dict = field(default_factory=dict)
     seeds: list = field(default_factory=list)  # the preset seeds: {"family", "levels", "policy", "fitness", "flops_ratio"}
+    latency_ratio: float | None = None  # measured (budget latency=R only)
 
 
 def _entry(model, entry: str | None) -> str | None:
@@ -110,7 +125,7 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
                   entry: str | None = "auto", levels: int = 16, sublayers: int = 2, heads: int = 4, heldout: int = 200,
                   heldout_top: int = 8, metric: str = "kl", out: "str | os.PathLike | None" = None, resume: bool = False,
                   progress: bool = True, heldout_fn: Callable[[Any], float] | None = None, criteria: Sequence[str] = (),
-                  trade: float = 0.5, seed_presets: bool = True) -> SearchResult:
+                  trade: float = 0.5, seed_presets: bool = True, latency_iters: int = 5) -> SearchResult:
     """Search the best policy under ``budget``; write it and a Pareto table to ``out`` when given.
 
     ``calibration`` examples (the synthetic ``val`` split) in batches of ``batch_size``; ``steps``
@@ -120,7 +135,9 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
     (``heldout_fn(policy) -> accuracy`` replaces the synthetic held-out evaluation). ``criteria``: LLM-stage
     criteria the search chooses among (e.g. ``("fastv", "dart")``; default: ``criterion`` only); ``trade``:
     share of children that move budget between sub-spaces; ``seed_presets``: seed with the presets the
-    space expresses.
+    space expresses. ``budget="latency=R"``: the constraint is the measured prefill latency ratio on this
+    machine (one calibration batch, interleaved with the baseline, medians of ``latency_iters``; kept in
+    ``out/latency.json`` so a resumed search reuses the measurements).
     """
     from ..eval.flops import structural_flops
     from ..policy import Policy
@@ -128,7 +145,9 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
     from .fitness import build_calibration, policy_divergence
     from .pareto import markdown, pareto_front, plot
 
-    ratio_max = parse_budget(budget)
+    kind, ratio_max = parse_constraint(budget)
+    if latency_iters < 1:
+        raise InputError("latency_iters", f"at least 1 timed run per policy, got {latency_iters}")
     spaces = parse_space(space)
     if criteria and "tokens" not in spaces:
         raise InputError("criteria", "choosing among criteria needs the tokens space")
@@ -171,15 +190,25 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
     def valid(levels_: Sequence[int]) -> bool:
         return joint.valid(levels_) and not conflicts(levels_)
 
+    latency = None
+    if kind == "latency":
+        from .latency import LatencyRatio
+
+        latency = LatencyRatio(model, cal.batches[0], iters=latency_iters,
+                               path=os.path.join(os.fspath(out), "latency.json") if out is not None else None)
+
+    def cost(levels_: Sequence[int]) -> float:
+        return ratio(levels_) if latency is None else latency(joint.policy_string(levels_))
+
     def within(levels_: Sequence[int]) -> bool:
-        return ratio(levels_) <= ratio_max + 1e-12
+        return cost(levels_) <= ratio_max + 1e-12
 
     def feasible(levels_: Sequence[int]) -> bool:
         return valid(levels_) and within(levels_)
 
     start = _start(joint, spaces, sublayers, heads, feasible)
     if start is None:
-        raise InputError("budget", f"no policy of space {','.join(spaces)} reaches flops={ratio_max} (with sublayers="
+        raise InputError("budget", f"no policy of space {','.join(spaces)} reaches {kind}={ratio_max} (with sublayers="
                          f"{sublayers}, heads={heads}); allow more (a larger space, more sublayers / heads) or a larger budget")
 
     def fitness(levels_, b):
@@ -189,7 +218,7 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
     from .seeds import preset_seeds, seed_policies
 
     seeds = preset_seeds(joint, feasible) if seed_presets else []
-    extra = json.dumps([joint.units, n_text, n_visual, metric, ratio_max, calibration, batch_size,
+    extra = json.dumps([joint.units, n_text, n_visual, metric, kind, ratio_max, calibration, batch_size,
                         [list(s_.choices) for s_ in joint.spaces if isinstance(s_, TokenSpace)]])
     res = evolve(fitness, start, joint.max_levels, joint.groups, nb, config, feasible=feasible, checkpoint=ck,
                  resume=resume, progress=progress, extra_signature=extra, seeds=[lv for _, lv in seeds], valid=valid,
@@ -204,6 +233,8 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
     for lv, per in res.evaluated.items():
         rows.append({"policy": joint.policy_string(lv), "levels": list(lv), "flops_ratio": ratio(lv),
                      "fitness": sum(per.values()) / len(per), "batches": len(per), "accuracy": None})
+        if latency is not None:
+            rows[-1]["latency_ratio"] = cost(lv)
     best_pol = joint.policy_string(res.best)
     final = sorted((r for r in rows if r["batches"] >= config.steps[-1][0]), key=lambda r: r["fitness"])
     chosen = [r for r in final if r["policy"] == best_pol] + [r for r in final if r["policy"] != best_pol][:heldout_top]
@@ -216,15 +247,18 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
         rows.append({"policy": None, "levels": None, "flops_ratio": 1.0, "fitness": 0.0, "batches": nb,
                      "accuracy": score(None)})
     best_row = next(r for r in rows if r["policy"] == best_pol and r["levels"] is not None)
-    result = SearchResult(best_pol, ratio(res.best), res.fitness, best_row["accuracy"], rows, seeds=seed_rows)
+    result = SearchResult(best_pol, ratio(res.best), res.fitness, best_row["accuracy"], rows, seeds=seed_rows,
+                          latency_ratio=cost(res.best) if latency is not None else None)
     if out is not None:
-        result.files = _write(out, result, res, joint, config, ratio_max, spaces, n_text, n_visual, heldout, metric)
+        result.files = _write(out, result, res, joint, config, {kind: ratio_max}, spaces, n_text, n_visual, heldout, metric)
+        if latency is not None:
+            result.files["latency.json"] = latency.path
         front = pareto_front(rows)
         with open(os.path.join(out, "pareto.md"), "w", encoding="utf-8") as f:
-            f.write(f"Search under flops <= {ratio_max} (space {','.join(spaces)}; n_text {n_text}, n_visual {n_visual}); "
+            f.write(f"Search under {kind} <= {ratio_max} (space {','.join(spaces)}; n_text {n_text}, n_visual {n_visual}); "
                     f"held-out accuracy on {heldout} test examples.\n\n" + markdown(rows, front))
         result.files["pareto.md"] = os.path.join(out, "pareto.md")
-        if plot(rows, front, os.path.join(out, "pareto.png"), ratio_max):
+        if plot(rows, front, os.path.join(out, "pareto.png"), ratio_max if kind == "flops" else None):
             result.files["pareto.png"] = os.path.join(out, "pareto.png")
     if best_pol is not None:
         Policy.parse(best_pol)  # the result is an ordinary policy
@@ -257,7 +291,7 @@ def _start(joint: JointSpace, spaces, sublayers: int, heads: int, feasible) -> l
         total += 1
 
 
-def _write(out, result: SearchResult, res, joint: JointSpace, config: EvoConfig, ratio_max: float, spaces, n_text: int,
+def _write(out, result: SearchResult, res, joint: JointSpace, config: EvoConfig, budget: dict, spaces, n_text: int,
            n_visual: int, heldout: int, metric: str) -> dict:
     import yaml
 
@@ -274,10 +308,11 @@ def _write(out, result: SearchResult, res, joint: JointSpace, config: EvoConfig,
         with open(os.path.join(out, "best.yaml"), "w", encoding="utf-8") as f:
             yaml.safe_dump(Policy.parse(result.policy).to_dict(), f, sort_keys=False)
         files["best.yaml"] = os.path.join(out, "best.yaml")
-    summary = {"budget": {"flops": ratio_max}, "space": list(spaces), "units": joint.units, "n_text": n_text,
+    summary = {"budget": budget, "space": list(spaces), "units": joint.units, "n_text": n_text,
                "n_visual": n_visual, "metric": metric, "config": {**config.__dict__, "steps": [list(s) for s in config.steps]},
                "best": {"policy": result.policy, "levels": list(res.best), "flops_ratio": result.flops_ratio,
-                        "fitness": result.fitness, "heldout_accuracy": result.accuracy, "heldout_examples": heldout},
+                        "fitness": result.fitness, "heldout_accuracy": result.accuracy, "heldout_examples": heldout,
+                        "latency_ratio": result.latency_ratio},
                "seeds": result.seeds, "history": res.history, "rows": result.rows}
     write_json_atomic(os.path.join(out, "pareto.json"), summary)
     files["pareto.json"] = os.path.join(out, "pareto.json")
