@@ -143,12 +143,20 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         if stage.op not in ("prune", "merge") or stage.is_vision:  # vision budgets count patches per crop
             continue
         k = [stage.budget.count(n, p) for n, p in zip(counts, prev)]
+        if adaptive_count(handle, i):  # the budget only caps what the criterion keeps
+            k = [min(kb, p) for kb, p in zip(k, prev)]
         prev, _ = fit_budget(handle, i, stage, k, prev)
     st = ForwardState("prefill", record, layout=layout, n_visual=n_vis)
     dev = layout.is_visual.device
     st.valid = mask2d.bool() if mask2d is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
     handle.open_state(st)
     return None
+
+
+def adaptive_count(handle: "PatchHandle", i: int) -> bool:
+    """Whether stage ``i``'s criterion decides its kept count from the input (``Criterion.adaptive_count``)."""
+    crit = handle.criteria[i] if i < len(handle.criteria) else None
+    return crit is not None and bool(crit.adaptive_count(handle.policy.stages[i].params))
 
 
 def _has_image_inputs(handle: "PatchHandle", kwargs: dict) -> bool:
@@ -234,19 +242,25 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
         # flash-attention reads gapped position ids at batch 1 as packed sequences; RoPE already lives in cos/sin
         kwargs["position_ids"] = None
     if st.phase == "prefill":
+        if j == 0:
+            st.embeds = hidden  # what text-guided criteria read at layer 0 (a reference, no copy)
         stage_i = handle.stage_at.get(j)
         gather_hidden = False
         drop = stage_i is not None and handle.policy.stages[stage_i].op == "visual_drop"
         if stage_i is not None and (st.scoring is not None or drop):
-            local_idx, rec = _run_drop(handle, st, stage_i, hidden) if drop else _run_stage(handle, st, stage_i, hidden)
-            if local_idx is not None:
-                if handle.repacks_llm:
-                    _carry_positions(handle, st, rec, local_idx, pid_in, hidden)
+            local_idx, rec, fused = (_run_drop(handle, st, stage_i, hidden) if drop
+                                     else _run_stage(handle, st, stage_i, hidden))
+            if fused is not None:  # an LLM-site merge: the reduced hidden states replace the input
+                hidden = fused
+            elif local_idx is not None:
                 # before the first prune current positions are original ones: hidden states join
                 # the kwargs' gather (same indices, one launch); later stages index the current sequence
                 gather_hidden = st.cur_orig is None
                 if not gather_hidden:
                     hidden = handle.ops.gather_tokens(local_idx, [hidden])[0]
+            if local_idx is not None:
+                if handle.repacks_llm:
+                    _carry_positions(handle, st, rec, local_idx, pid_in, hidden)
                 st.cur_orig, st.cur_ok = rec.kept, rec.kept_ok
         if st.cur_orig is not None:
             hidden = _shrink_kwargs(handle, kwargs, st.cur_orig, st.cur_ok, st.prefill.prompt_len, hidden,
@@ -382,8 +396,9 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output: torch.Te
     """Score stage ``i`` from the kept input of layer ``stage.layer - 1`` (and its ``output``, the input of
     layer ``stage.layer``); select.
 
-    Returns ``(local_idx [B, M'] or None, record)``: the positions of the current sequence
-    to keep (None when the stage keeps everything).
+    Returns ``(local_idx [B, M'] or None, record, fused)``: the positions of the current sequence
+    to keep (None when the stage keeps everything); ``fused`` [B, M', D] is the new hidden state of a merge stage
+    (``Criterion.merge`` at site llm, see ``_run_merge``), None for a prune.
     """
     t0 = time.perf_counter()
     stage = handle.policy.stages[i]
@@ -397,6 +412,9 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output: torch.Te
     is_vis = torch.gather(layout.is_visual, 1, base) & ok
     n_vis = is_vis.sum(1)
     k_list = [stage.budget.count(n, c) for n, c in zip(st.n_visual.tolist(), n_vis.tolist())]
+    adaptive = adaptive_count(handle, i)
+    if adaptive:  # the budget caps the criterion's own count: never "above the row's tokens"
+        k_list = [min(kb, n) for kb, n in zip(k_list, n_vis.tolist())]
     # instruction text: real non-visual tokens after the row's first visual token
     after_first = torch.cumsum(is_vis.long(), 1) > 0
     text_idx, text_ok = right_packed(seq_valid & ~is_vis & after_first, torch.arange(M, device=hidden.device).expand(B, M))
@@ -404,11 +422,7 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output: torch.Te
     k = torch.tensor(k_list, device=hidden.device)
     tokens_before = M
     if bool((k == n_vis).all()):  # keeps everything: leave the sequence untouched (exactness)
-        vis_orig, vis_ok = right_packed(is_vis, to_original(st, base))
-        rec = StageRecord(stage, base, ok, vis_orig, vis_ok, n_vis, n_vis, M, M, time.perf_counter() - t0, noop=True,
-                          merged_into=sources_after(st, vis_orig, vis_ok), relaxed=relaxed)
-        st.prefill.records.append(rec)
-        return None, rec
+        return None, _noop_record(st, stage, base, ok, is_vis, n_vis, M, t0, relaxed), None
     N = int(n_vis.max())
     vis_idx, vis_ok = right_packed(is_vis, torch.arange(M, device=hidden.device).expand(B, M), N)
     orig_pos = torch.gather(base, 1, vis_idx)
@@ -436,7 +450,13 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output: torch.Te
         values=captured.get("v"),
         output=output,
         ops=handle.ops,
+        embeds=st.embeds,
+        embeds_visual=layout.is_visual & st.valid,
+        embeds_valid=st.valid,
+        cur_pos=base,
     )
+    if stage.op == "merge":
+        return _run_merge(handle, st, i, ctx, base, ok, seq_valid, is_vis, n_vis, output, relaxed, t0)
     params = stage.criterion_params  # without the stage keys (positions)
     with torch.no_grad():
         scores = handle.criteria[i].score(ctx, **params)
@@ -466,7 +486,93 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output: torch.Te
         relaxed=relaxed,
     )
     st.prefill.records.append(rec)
-    return local_idx, rec
+    track_prune(st, local_idx, local_ok)
+    return local_idx, rec, None
+
+
+def _noop_record(st, stage, base, ok, is_vis, n_vis, M, t0, relaxed) -> StageRecord:
+    vis_orig, vis_ok = right_packed(is_vis, to_original(st, base))
+    rec = StageRecord(stage, base, ok, vis_orig, vis_ok, n_vis, n_vis, M, M, time.perf_counter() - t0, noop=True,
+                      merged_into=sources_after(st, vis_orig, vis_ok), relaxed=relaxed)
+    st.prefill.records.append(rec)
+    return rec
+
+
+def _run_merge(handle: "PatchHandle", st: ForwardState, i: int, ctx: ScoringContext, base, ok, seq_valid, is_vis,
+               n_vis, output, relaxed, t0):
+    """An LLM-site merge stage (``Reduction`` chains over the current sequence, e.g. SparseVLM's recycling).
+
+    The criterion's ``merge(ctx, **params)`` returns ``Reduction``s over the current sequence (the tokens entering
+    layer ``stage.layer``); every real text token must survive as itself, dropped / fused tokens must be visual.
+    The fused hidden states (``Reduction.fuse`` of the scoring layer's output, mean or size-weighted) replace the
+    sequence; each slot takes the position, attention-mask row / column and KV-cache column of its representative
+    (a token of the current sequence, kept in sequence order), exactly as a kept token of a prune. Layers below
+    the stage keep the full prefix in their caches, as computed (as a prune leaves them). Sizes and the source
+    map (``StageRecord.merged_into``, ``StageTrace.sources``) follow every later stage.
+    """
+    stage = handle.policy.stages[i]
+    B, M = output.shape[:2]
+    dev = output.device
+    params = {k: v for k, v in stage.params.items() if k not in ("positions", "newlines")}
+    with torch.no_grad():
+        chain = handle.criteria[i].merge(ctx, **params)
+    size = st.cur_size if st.cur_size is not None else torch.ones(B, M, dtype=output.dtype, device=dev)
+    ar = torch.arange(M, device=dev).expand(B, M)
+    rep, rok, hidden = ar, seq_valid, output
+    dst_all = ar  # current token -> slot of the output (-1: gone)
+    for r in chain:
+        if r.dst.shape[1] != rep.shape[1]:
+            raise RuntimeError(f"criterion {stage.criterion!r}: a Reduction over {r.dst.shape[1]} tokens, the sequence "
+                               f"has {rep.shape[1]}")
+        hidden = r.fuse(hidden, size)
+        size = r.add(size)
+        dst_all = torch.where(dst_all >= 0, torch.gather(r.dst, 1, dst_all.clamp(min=0)), -1)
+        rep, rok = r.take(rep), r.ok
+    text = seq_valid & ~is_vis
+    if not bool((torch.gather(rep, 1, dst_all.clamp(min=0)) == ar)[text].all() and (dst_all >= 0)[text].all()):
+        raise RuntimeError(f"criterion {stage.criterion!r} dropped or fused a text token; a merge stage reduces "
+                           "visual tokens only")
+    steps = rep[:, 1:] - rep[:, :-1]
+    if not bool(((steps > 0) | ~rok[:, 1:] | ~rok[:, :-1]).all()):
+        raise RuntimeError(f"criterion {stage.criterion!r}: merge slots must keep the sequence order")
+    if rep.shape[1] == M and bool((rok == seq_valid).all()) and bool((rep == ar).all()):  # every token its own slot
+        return None, _noop_record(st, stage, base, ok, is_vis, n_vis, M, t0, relaxed), None
+    kept = torch.gather(base, 1, rep)
+    vis_slot = torch.gather(is_vis, 1, rep) & rok
+    kept_visual, kept_visual_ok = right_packed(vis_slot, to_original(st, kept))
+    # the source map over layer-0 tokens: their current slot, routed through the reductions
+    owner = st.llm_owner if st.llm_owner is not None else _owner_from(base, ok, st.valid.shape[1])
+    owner = torch.where(owner >= 0, torch.gather(dst_all, 1, owner.clamp(min=0)), -1)
+    st.llm_owner, st.cur_size = owner, size
+    rec = StageRecord(
+        stage=stage, kept=kept, kept_ok=rok, kept_visual=kept_visual, kept_visual_ok=kept_visual_ok,
+        merged_into=None, visual_before=n_vis, visual_after=vis_slot.sum(1), tokens_before=M,
+        tokens_after=rep.shape[1], seconds=time.perf_counter() - t0, relaxed=relaxed,
+    )
+    rec.merged_into = sources_after(st, kept_visual, kept_visual_ok, slots=kept)
+    st.prefill.records.append(rec)
+    return rep, rec, hidden
+
+
+def _owner_from(base: torch.Tensor, ok: torch.Tensor, L0: int) -> torch.Tensor:
+    """``[B, L0]``: the current slot of each layer-0 token (``base`` [B, M] its layer-0 positions), -1 when gone."""
+    B, M = base.shape
+    owner = torch.full((B, L0 + 1), -1, dtype=torch.long, device=base.device)
+    owner.scatter_(1, base.masked_fill(~ok, L0), torch.arange(M, device=base.device).expand(B, M))
+    return owner[:, :L0]
+
+
+def track_prune(st: ForwardState, local_idx: torch.Tensor | None, local_ok: torch.Tensor | None) -> None:
+    """After an LLM-site merge, a later prune (or drop) carries the source map and sizes along."""
+    if st.llm_owner is None or local_idx is None:
+        return
+    B, Mp = local_idx.shape
+    M = st.cur_size.shape[1]
+    new_slot = torch.full((B, M + 1), -1, dtype=torch.long, device=local_idx.device)
+    new_slot.scatter_(1, local_idx.masked_fill(~local_ok, M), torch.arange(Mp, device=local_idx.device).expand(B, Mp))
+    owner = st.llm_owner
+    st.llm_owner = torch.where(owner >= 0, torch.gather(new_slot[:, :M], 1, owner.clamp(min=0)), -1)
+    st.cur_size = torch.gather(st.cur_size, 1, local_idx)
 
 
 def _run_drop(handle: "PatchHandle", st: ForwardState, i: int, hidden: torch.Tensor):
@@ -487,7 +593,7 @@ def _run_drop(handle: "PatchHandle", st: ForwardState, i: int, hidden: torch.Ten
     if int(n_vis.max()) == 0:
         rec = StageRecord(stage, base, ok, none, none.bool(), n_vis, n_vis, M, M, time.perf_counter() - t0, noop=True)
         st.prefill.records.append(rec)
-        return None, rec
+        return None, rec, None
     local_idx, local_ok = left_packed(seq_valid & ~is_vis)
     rec = StageRecord(
         stage=stage, kept=torch.gather(base, 1, local_idx), kept_ok=local_ok, kept_visual=none,
@@ -495,4 +601,5 @@ def _run_drop(handle: "PatchHandle", st: ForwardState, i: int, hidden: torch.Ten
         tokens_before=M, tokens_after=local_idx.shape[1], seconds=time.perf_counter() - t0,
     )
     st.prefill.records.append(rec)
-    return local_idx, rec
+    track_prune(st, local_idx, local_ok)
+    return local_idx, rec, None

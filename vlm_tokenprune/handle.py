@@ -267,10 +267,11 @@ class PatchHandle:
             elif st.is_pre_llm:
                 lines.append(f"stage {i}: {st.describe()}  ({st.op} at the language model's input, before layer 0; "
                              f"positions {st.params['positions']})")
-            elif st.op == "prune":
+            elif st.op in ("prune", "merge"):
                 after = ("; among the tokens the pre_llm stage left, keep counted of the original visual tokens"
                          if any(s.is_pre_llm for s in self.policy.stages[:i]) else "")
-                lines.append(f"stage {i}: {st.describe()}  (scores on layer {st.layer - 1}'s input, drops before "
+                does = "drops" if st.op == "prune" else "drops / merges"
+                lines.append(f"stage {i}: {st.describe()}  (scores on layer {st.layer - 1}'s input, {does} before "
                              f"layer {st.layer}{after})")
             elif st.op == "visual_drop":
                 lines.append(f"stage {i}: {st.describe()}  (every visual token removed before layer {st.layer}; real savings)")

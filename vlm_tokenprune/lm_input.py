@@ -105,13 +105,25 @@ def to_original(st: ForwardState, idx: torch.Tensor) -> torch.Tensor:
     return idx if pre is None else torch.gather(pre.kept, 1, idx)
 
 
-def sources_after(st: ForwardState, kept_visual: torch.Tensor, kept_ok: torch.Tensor) -> torch.Tensor | None:
-    """For an LLM stage after a pre-LLM reduction: the source map restricted to the visual tokens it kept
-    (``[B, L]``: representative original position of each original token, -1 when gone); None otherwise."""
+def sources_after(st: ForwardState, kept_visual: torch.Tensor, kept_ok: torch.Tensor,
+                  slots: torch.Tensor | None = None) -> torch.Tensor | None:
+    """For an LLM stage after a pre-LLM reduction or an LLM-site merge: the source map restricted to the visual
+    tokens it kept (``[B, L]``: representative original position of each original token, -1 when gone); None
+    otherwise. ``slots`` ``[B, M]``: layer-0 positions of the slots ``st.llm_owner`` points at (default: the
+    current sequence, ``st.cur_orig``)."""
     pre = st.prefill.pre_llm
-    if pre is None:
+    if st.llm_owner is not None:
+        if slots is None:
+            slots = st.cur_orig
+        own = st.llm_owner  # [B, L0] layer-0 token -> slot
+        if pre is not None and pre.owner is not None:  # original token -> layer-0 slot -> slot
+            own = torch.where(pre.owner >= 0, torch.gather(own, 1, pre.owner.clamp(min=0)), -1)
+        slot_orig = to_original(st, slots)
+        into = torch.where(own >= 0, torch.gather(slot_orig, 1, own.clamp(min=0)), -1)
+    elif pre is None:
         return None
-    into = pre.merged_into
+    else:
+        into = pre.merged_into
     B, L = into.shape
     alive = torch.zeros(B, L + 1, dtype=torch.bool, device=into.device)
     alive.scatter_(1, kept_visual.masked_fill(~kept_ok, L), True)

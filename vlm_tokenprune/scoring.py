@@ -42,6 +42,12 @@ class ScoringContext:
     values: torch.Tensor | None = None  # [B, L, H_kv*d] its v_proj output
     image: torch.Tensor | None = None  # [B, N] image index of each visual token within its row (None: unknown)
     output: torch.Tensor | None = None  # [B, L, D] the scoring layer's output (= the stage layer's input; LLM site)
+    # LLM site: the hidden states entering decoder layer 0 ([B, L0, D], the language model's input after any pre_llm
+    # stage), its visual tokens and real tokens ([B, L0]), and the layer-0 position of each current token ([B, M])
+    embeds: torch.Tensor | None = None
+    embeds_visual: torch.Tensor | None = None
+    embeds_valid: torch.Tensor | None = None
+    cur_pos: torch.Tensor | None = None
     ops: Ops = field(default_factory=lambda: Ops("torch"))  # the patch's backend (handle.ops)
 
     def _queries(self, query, query_ok):

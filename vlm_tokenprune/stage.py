@@ -13,7 +13,7 @@ from .structural.spec import STRUCTURAL_OPS, TOKEN_OPS, params_to_dict, params_t
 
 
 RESERVED_SITES: tuple[str, ...] = ()
-TOKEN_CRITERION_OPS = ("prune", "merge")  # ops run by a criterion (merge: pre_llm only)
+TOKEN_CRITERION_OPS = ("prune", "merge")  # ops run by a criterion (merge: pre_llm, and llm for merge criteria)
 OPS = TOKEN_CRITERION_OPS + STRUCTURAL_OPS
 RESERVED_OPS: tuple[str, ...] = ()
 # position ids of the kept tokens after a token stage (the first is the default): pre_llm / vision stages (see
@@ -148,13 +148,14 @@ class Stage(SiteKind):
 
     @property
     def changes_tokens(self) -> bool:
-        """LLM-site token-set ops (``prune``, ``visual_drop``): ordered by layer, run by the engine's layer hooks."""
-        return self.is_llm and self.op in TOKEN_OPS
+        """LLM-site token-set ops (``prune``, ``merge``, ``visual_drop``): ordered by layer, run by the engine's layer
+        hooks."""
+        return self.is_llm and (self.op in TOKEN_OPS or self.op == "merge")
 
     @property
     def scores_on_llm_layer(self) -> bool:
-        """An LLM-site prune stage: its criterion reads decoder layer ``layer - 1`` (attention, keys)."""
-        return self.is_llm and self.op == "prune"
+        """An LLM-site prune or merge stage: its criterion reads decoder layer ``layer - 1`` (attention, keys)."""
+        return self.is_llm and self.op in ("prune", "merge")
 
     def to_dict(self) -> dict:
         if self.structural:

@@ -118,6 +118,10 @@ class ForwardState:
     cur_pe: tuple | None = None
     decode_pe: dict = field(default_factory=dict)
     in_forward: bool = False  # True while the top module's own forward runs (``engine.guard_forward``)
+    embeds: torch.Tensor | None = None  # prefill: the hidden states entering decoder layer 0 (ScoringContext.embeds)
+    # after an LLM-site merge: [B, L0] current slot of each layer-0 token (-1: gone) and [B, M] tokens per slot
+    llm_owner: torch.Tensor | None = None
+    cur_size: torch.Tensor | None = None
 
 
 @dataclass

@@ -195,6 +195,7 @@ def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
     visual = [n_visual] * L
     scoring: list[float | None] = []
     lower: list[int] = []
+    upper: list[int] = []
     cur = n_visual
     for i, st in enumerate(pol.stages):
         # shortens the language model's input: every layer sees k visual tokens (vision: n_visual = one crop's patches)
@@ -216,6 +217,14 @@ def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
             cur = 0
             continue
         k = st.budget.count(n_visual, cur)
+        crit = CRITERIA.get(st.criterion) if st.criterion in CRITERIA else None
+        adaptive = crit is not None and crit.adaptive_count(st.params)
+        if adaptive:  # the budget caps a count the criterion takes from the input: the cap is an upper bound
+            k = min(k, cur)
+            if k < cur:
+                upper.append(i)
+        if k > cur and st.budget.tokens is not None:  # tokens=N above what is left: the row keeps all (as patch())
+            k = cur
         if k > cur:
             where = f"stages[{i}].tokens" if st.budget.tokens is not None else f"stages[{i}].keep"
             raise IncompatiblePolicyError(where, f"keeps {k} visual tokens but only {cur} are left at that point")
@@ -225,10 +234,12 @@ def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
             scoring.append(scoring_flops(g, st.criterion, n_text + cur, cur, st.params))
             if selects_beyond_budget(st.criterion):
                 lower.append(i)
+            if k < cur and crit is not None:  # merged tokens added back (SparseVLM's recycling)
+                k = crit.predicted_count(k, cur, st.params)
         for layer in range(st.layer, L):
             visual[layer] = k
         cur = k
-    return [n_text + v for v in visual], scoring, lower
+    return [n_text + v for v in visual], scoring, lower, upper
 
 
 def policy_flops(model_config: Any, policy: Any, n_text: int, n_visual: int, logits_tokens: int = 1) -> dict:
@@ -240,15 +251,17 @@ def policy_flops(model_config: Any, policy: Any, n_text: int, n_visual: int, log
 
     Returns:
         ``{"tokens_per_layer", "flops", "baseline_flops", "ratio", "scoring_flops",
-        "lower_bound_stages"}``; ``scoring_flops`` (separate, not in ``flops``) is ``None`` if a
-        criterion has no estimate; ``lower_bound_stages``: stages whose criterion may keep
-        more than its budget (the counts after them are lower bounds).
+        "lower_bound_stages", "upper_bound_stages"}``; ``scoring_flops`` (separate, not in ``flops``) is ``None``
+        if a criterion has no estimate; ``lower_bound_stages``: stages whose criterion may keep
+        more than its budget (the counts after them are lower bounds); ``upper_bound_stages``: stages whose
+        criterion takes its count from the input (``Criterion.adaptive_count``), the budget being a cap.
     """
     g = TextGeometry.of(model_config)
     pol = Policy.parse(policy)
-    tokens, scoring, lower = _schedule(g, pol, int(n_text), int(n_visual))
+    tokens, scoring, lower, upper = _schedule(g, pol, int(n_text), int(n_visual))
     out = _result(g, tokens, [n_text + n_visual] * g.num_hidden_layers, scoring, logits_tokens)
     out["lower_bound_stages"] = lower
+    out["upper_bound_stages"] = upper
     vg = VisionGeometry.of(model_config)
     parts = base = None
     out["vision_upper_bound_stages"] = []
@@ -294,6 +307,7 @@ def trace_flops(text_config: Any, trace: Any, logits_tokens: int = 1, policy: An
     full = pre[0].tokens_before if pre else tokens[0]
     out = _result(g, tokens, [full] * len(tokens), scoring, logits_tokens)
     out["lower_bound_stages"] = []
+    out["upper_bound_stages"] = []
     vg = VisionGeometry.of(text_config)
     parts = base = None
     vis = [s for s in trace.stages if s.is_vision and s.vision_crops is not None]
@@ -488,7 +502,7 @@ def unpruned_flops(model_config: Any, n_text: int, n_visual: int, logits_tokens:
     g = TextGeometry.of(model_config)
     tokens = [int(n_text) + int(n_visual)] * g.num_hidden_layers
     out = _result(g, tokens, tokens, [], logits_tokens)
-    out.update(lower_bound_stages=[], vision_upper_bound_stages=[])
+    out.update(lower_bound_stages=[], upper_bound_stages=[], vision_upper_bound_stages=[])
     vg = VisionGeometry.of(model_config)
     parts = None
     if vg is not None and n_visual:
@@ -600,7 +614,7 @@ def structural_flops(model_config: Any, policy: Any, n_text: int, n_visual: int,
     g = TextGeometry.of(model_config)
     pol = Policy.parse(policy)
     pol = pol.at_depth(g.num_hidden_layers) if g.num_hidden_layers >= 2 else pol  # paper layers on this depth
-    tokens, _, _ = _schedule(g, pol, int(n_text), int(n_visual))
+    tokens = _schedule(g, pol, int(n_text), int(n_visual))[0]
     if plan is None:
         plan = static_plan(pol, g.num_hidden_layers, g.num_attention_heads, g.intermediate_size)
     if plan is None:

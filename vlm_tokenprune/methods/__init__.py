@@ -9,6 +9,7 @@ from . import atp  # noqa: F401  (learned, LLM: weights from `vlm-tokenprune tra
 from . import flowcut_vit, mctf  # noqa: F401  (site vision: between CLIP-tower layers)
 from . import divprune, dart  # noqa: F401  (methods-3: DivPrune before the LLM, DART in the LLM)
 from . import vispruner, visionzip  # noqa: F401  (methods-3: site vision, at the feature layer)
+from . import sparsevlm  # noqa: F401  (methods-3: text raters + recycling, an LLM-site merge)
 from .base import Criterion, Param, register_criterion
 
 __all__ = ["Criterion", "Param", "register_criterion"]

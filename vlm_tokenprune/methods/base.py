@@ -96,9 +96,23 @@ class Criterion:
         return out
 
     def merge(self, ctx: "ScoringContext", **params: Any) -> list:
-        """``op = "merge"`` criteria (pre-LLM site): the ``reduction.Reduction`` chain that fuses the visual tokens of
-        ``ctx`` (applied by ``lm_input.apply_reduction``); prune criteria never get this call."""
+        """``op = "merge"`` criteria: the ``reduction.Reduction`` chain over the current sequence that fuses the
+        visual tokens of ``ctx``. Pre-LLM site: applied by ``lm_input.apply_reduction``; LLM site (the stage layer's
+        input, ``ctx.output``): by ``engine._run_merge``, where every real text token must survive as itself and
+        slots stay in sequence order. Prune criteria never get this call."""
         raise NotImplementedError(f"criterion {self.name!r} is a merge criterion and must implement merge()")
+
+    def adaptive_count(self, params: Mapping[str, Any]) -> bool:
+        """True when the criterion decides a row's kept count from its input (SparseVLM's rank-based count): the
+        stage's budget then only caps it (``ctx.keep`` is ``min(budget, n)``; a budget of every token keeps every
+        token, as for any criterion), and ``eval.flops`` / ``explain`` report the count after the stage as an upper
+        bound."""
+        return False
+
+    def predicted_count(self, k: int, n: int, params: Mapping[str, Any]) -> int:
+        """Visual tokens left after a stage that keeps ``k`` of ``n`` (``eval.flops``, ``explain``): ``k``; a merge
+        criterion that adds merged tokens on top of the ``k`` it keeps (SparseVLM's recycling) says how many."""
+        return k
 
     def scoring_flops(self, geometry: Any, n_tokens: int, n_visual: int, params: Mapping[str, Any]) -> float | None:
         """FLOPs this criterion spends scoring one stage, reported apart from the model's own (``eval.flops``):
