@@ -343,3 +343,37 @@ def test_catalogue_rows_of_gemma3_name_existing_tests():
             tree = ast.parse((root / f"{file}.py").read_text(encoding="utf-8"))
             assert ref[1] in {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}, (n, ref)
         assert file is not None, n
+
+
+# ------------------------------------------------------------------------------------------------
+# profile / explain geometries (numbers of the released configs; see vlm_tokenprune/eval/loading.py)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,layers,width,heads,kv,head_dim,mlp", [
+    ("gemma-3-4b", 34, 2560, 8, 4, 256, 10240), ("gemma-3-12b", 48, 3840, 16, 8, 256, 15360),
+    ("gemma-3-27b", 62, 5376, 32, 16, 128, 21504),
+])
+def test_profile_and_explain_geometries(capsys, name, layers, width, heads, kv, head_dim, mlp):
+    from vlm_tokenprune.cli import main
+    from vlm_tokenprune.eval import profiler
+
+    m = profiler.build_geometry(name, device="meta", dtype="bf16")
+    tc, vc = m.config.text_config, m.config.vision_config
+    assert (tc.num_hidden_layers, tc.hidden_size, tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim,
+            tc.intermediate_size, tc.sliding_window, tc.vocab_size) == (layers, width, heads, kv, head_dim, mlp, 1024, 262208)
+    assert tc.layer_types[5] == "full_attention" and tc.layer_types.count("full_attention") == layers // 6
+    assert (vc.num_hidden_layers, vc.hidden_size, vc.image_size // vc.patch_size, m.config.mm_tokens_per_image) \
+        == (27, 1152, 64, 256)
+    assert main(["explain", "fastv:layer=2,keep=0.25", "--model-config", name]) == 0
+    out = capsys.readouterr().out
+    assert "256 visual" in out and f"d={width}, m={mlp}, {layers} layers, {heads} heads / {kv} kv heads x {head_dim}" in out
+
+
+def test_profile_random_inputs_run_patched():
+    from vlm_tokenprune.eval import profiler
+
+    model = tiny("sdpa")  # the 4B geometry at full size takes minutes on a CPU; its build is checked above
+    inputs = profiler.random_inputs(model, n_text=12, batch=2)
+    assert torch.equal(inputs["token_type_ids"], (inputs["input_ids"] == model.config.image_token_id).long())
+    with vtp.patch(model, "fastv:layer=2,keep=0.25") as h, torch.no_grad():
+        model(**inputs)
+    assert h.last_trace().stages[0].visual_after == [4, 4]

@@ -101,6 +101,8 @@ def _load_model_config(spec: str) -> tuple[Any, int | None, str]:
         vis = geo["vision"]
         if geo["family"] == "qwen2_vl":  # the merged grid of the one image profile builds
             n_visual = geo["grid"][0] * geo["grid"][1]
+        elif "tokens_per_image" in geo:  # the projector pools the tower's grid (Gemma 3: 4096 patches -> 256)
+            n_visual = geo["tokens_per_image"]
         else:
             n_visual = (vis["image_size"] // vis["patch_size"]) ** 2
         return _with_tower(dict(geo["text"]), geo), n_visual, geo["description"]
@@ -261,11 +263,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
         which = ", ".join(str(i) for i in res["lower_bound_stages"])
         print(f"  (stage(s) {which}: the criterion may keep more than its budget, e.g. a grid on top of the top-k; "
               "the counts from there on are lower bounds and the FLOPs below are optimistic; "
-              "handle.last_trace() gives the real counts)")
-    if res.get("upper_bound_stages"):
-        which = ", ".join(str(i) for i in res["upper_bound_stages"])
-        print(f"  (stage(s) {which}: the criterion takes its count from the input, e.g. SparseVLM's attention rank; "
-              "the budget caps it, so the counts from there on are upper bounds and the FLOPs below pessimistic; "
               "handle.last_trace() gives the real counts)")
     print("theoretical prefill FLOPs (exact Llama count, vlm_tokenprune.eval.flops):")
     print(f"  formula  : {FORMULA}")

@@ -80,6 +80,28 @@ KNOWN_GEOMETRIES.update({
                     "vision layers 8/16/24, one 1024x1024 image -> 32x32 = 1024 tokens",
     ),
 })
+# Gemma 3: numbers of the released google/gemma-3-{4b,12b,27b}-it config.json (SigLIP 27 x 1152 at 896/14, 4x4
+# average pool -> 256 tokens per image; text layers / width / heads / MLP / head_dim / window as in Google's MaxText
+# configs AI-Hypercomputer/maxtext MaxText/configs/models/gemma3-{4b,12b,27b}.yml; vocab 262208, 4B's
+# query_pre_attn_scalar 256 and 27B's 168 = 5376 / 32 as in the HF config.json)
+_SIGLIP_GEMMA3 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                      image_size=896, patch_size=14)
+_GEMMA3 = {
+    "4b": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+               num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256),
+    "12b": dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+                num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256),
+    "27b": dict(hidden_size=5376, intermediate_size=21504, num_hidden_layers=62, num_attention_heads=32,
+                num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=168),
+}
+for _size, _text in _GEMMA3.items():
+    KNOWN_GEOMETRIES[f"gemma-3-{_size}"] = dict(
+        family="gemma3", text=dict(_text, vocab_size=262208, sliding_window=1024), vision=_SIGLIP_GEMMA3,
+        tokens_per_image=256,
+        description=f"Gemma 3 {_size.upper()} geometry: {_text['num_hidden_layers']} x {_text['hidden_size']} LLM (GQA "
+                    f"{_text['num_attention_heads']}/{_text['num_key_value_heads']} x {_text['head_dim']}; 5 of 6 layers "
+                    "slide over 1024 positions), SigLIP 27 x 1152 at 896/14 pooled 4x4 -> 256 visual tokens per image",
+    )
 MODEL_CHOICES = ("tiny", *KNOWN_GEOMETRIES)
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -263,7 +285,7 @@ def build_geometry(name: str, *, layers: int | None = None, vision_layers: int |
             raise InputError("--vision-layers", f"{vision_layers}; allowed: 1..{vision[depth_key]}")
         vision[depth_key] = vision_layers
     ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if g["family"] in ("llava_onevision", "internvl", "qwen3_vl"):
+    if g["family"] in ("llava_onevision", "internvl", "qwen3_vl", "gemma3"):
         cfg, cls = _newer_family_config(g, text, vision, ids)
     elif g["family"] == "qwen2_vl":
         text_cfg = dict(text, max_position_embeddings=32768, tie_word_embeddings=False, **ids,
@@ -296,6 +318,14 @@ def _newer_family_config(g: dict, text: dict, vision: dict, ids: dict):
     from .tiny_families import VIDEO_TOKEN_ID
 
     family = g["family"]
+    if family == "gemma3":  # placeholder ids of tiny_gemma3 (image 3, <start_of_image> 4, <end_of_image> 5)
+        from .tiny_gemma3 import BOI_TOKEN_ID, EOI_TOKEN_ID
+
+        text_cfg = tf.Gemma3TextConfig(**text, max_position_embeddings=32768, tie_word_embeddings=False, **ids)
+        return (tf.Gemma3Config(text_config=text_cfg, vision_config=tf.SiglipVisionConfig(**vision, vision_use_head=False),
+                                mm_tokens_per_image=g["tokens_per_image"], image_token_index=_IMAGE_ID,
+                                boi_token_index=BOI_TOKEN_ID, eoi_token_index=EOI_TOKEN_ID, tie_word_embeddings=False),
+                tf.Gemma3ForConditionalGeneration)
     if family == "qwen3_vl":
         depth = vision["depth"]
         text_cfg = dict(text, max_position_embeddings=32768, tie_word_embeddings=False, **ids,
@@ -352,6 +382,13 @@ def random_inputs(model, *, n_text: int = 64, batch: int = 1, seed: int = 0, ima
             batch_inputs = make_onevision_batch(model, [row] * batch, seed=seed,
                                                 image_sizes=[list(image_size or (side, side))] * batch)
             mapping = {_IMAGE_ID: cfg.image_token_id, _VIDEO_ID: cfg.video_token_id}
+    elif cfg.model_type == "gemma3":  # ids of tiny_gemma3 (image 3, <start_of_image> 4, <end_of_image> 5)
+        from .tiny_gemma3 import BOI_TOKEN_ID, EOI_TOKEN_ID, make_gemma3_batch
+
+        batch_inputs = make_gemma3_batch(model, [row] * batch, seed=seed)
+        # its placeholders are already the checkpoint's image id; <start/end_of_image> become the checkpoint's own
+        mapping = {cfg.image_token_id: cfg.image_token_id, BOI_TOKEN_ID: cfg.boi_token_index,
+                   EOI_TOKEN_ID: cfg.eoi_token_index}
     elif cfg.model_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         batch_inputs = make_qwen_batch(model, [row] * batch, seed=seed, image_grids=[tuple(grid or (24, 24))] * batch)
         mapping = {_IMAGE_ID: cfg.image_token_id, _VIDEO_ID: cfg.video_token_id,
@@ -365,7 +402,7 @@ def random_inputs(model, *, n_text: int = 64, batch: int = 1, seed: int = 0, ima
         mapping = {_IMAGE_ID: cfg.image_token_id}
     else:
         raise InputError("model", "random inputs are built for llava, llava_next, llava_onevision, internvl, qwen2_vl, "
-                                  f"qwen2_5_vl, qwen3_vl, qwen3_vl_moe; got {cfg.model_type!r}")
+                                  f"qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3; got {cfg.model_type!r}")
     ids = batch_inputs["input_ids"]
     placeholder = torch.zeros_like(ids, dtype=torch.bool)
     for src in mapping:
@@ -378,6 +415,8 @@ def random_inputs(model, *, n_text: int = 64, batch: int = 1, seed: int = 0, ima
     for src, dst in mapping.items():
         out = torch.where(ids == src, dst, out)
     batch_inputs["input_ids"] = out
+    if "token_type_ids" in batch_inputs:  # Gemma 3: 1 exactly at the image placeholders
+        batch_inputs["token_type_ids"] = (out == cfg.image_token_id).long()
     return batch_inputs
 
 
