@@ -264,6 +264,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"  (stage(s) {which}: the criterion may keep more than its budget, e.g. a grid on top of the top-k; "
               "the counts from there on are lower bounds and the FLOPs below are optimistic; "
               "handle.last_trace() gives the real counts)")
+    if res.get("upper_bound_stages"):
+        which = ", ".join(str(i) for i in res["upper_bound_stages"])
+        print(f"  (stage(s) {which}: the criterion takes its count from the input, e.g. SparseVLM's attention rank; "
+              "the budget caps it, so the counts from there on are upper bounds and the FLOPs below pessimistic; "
+              "handle.last_trace() gives the real counts)")
     print("theoretical prefill FLOPs (exact Llama count, vlm_tokenprune.eval.flops):")
     print(f"  formula  : {FORMULA}")
     if res["vision_flops"] is not None:
