@@ -516,7 +516,11 @@ def _run_merge(handle: "PatchHandle", st: ForwardState, i: int, ctx: ScoringCont
     params = {k: v for k, v in stage.params.items() if k not in ("positions", "newlines")}
     with torch.no_grad():
         chain = handle.criteria[i].merge(ctx, **params)
-    size = st.cur_size if st.cur_size is not None else torch.ones(B, M, dtype=output.dtype, device=dev)
+    size = st.cur_size
+    if size is None:  # tokens per slot: 1, or what a pre_llm merge left in each layer-0 slot
+        pre = st.prefill.pre_llm
+        size = (torch.gather(pre.size.to(output.dtype), 1, base) if pre is not None and pre.size is not None
+                else torch.ones(B, M, dtype=output.dtype, device=dev))
     ar = torch.arange(M, device=dev).expand(B, M)
     rep, rok, hidden = ar, seq_valid, output
     dst_all = ar  # current token -> slot of the output (-1: gone)
