@@ -283,8 +283,10 @@ def test_flash_style_backend_is_refused_by_name():
 
 
 @pytest.mark.parametrize("policy,field,match", [
-    ("mctf:keep=0.5", "stages[0].site", "SigLIP has no CLS"),
-    ("visionzip:keep=0.5", "stages[0].site", "SigLIP has no CLS"),
+    ("mctf:keep=0.5", "stages[0].site", "average-pools"),
+    ("visionzip:keep=0.5", "stages[0].criterion", "'visionzip' needs the vision tower's CLS token"),
+    ("vispruner:keep=0.5", "stages[0].criterion", "SigLIP variant"),
+    ("flowcut_vit:keep=0.5", "stages[0].criterion", "SigLIP tower has no CLS token"),
     ("fastv:layer=2,keep=0.5,positions=repack", "stages[0].positions", "original positions"),
     ("uniform:site=pre_llm,keep=0.5,positions=repack", "stages[0].positions", "original positions"),
     ("fastv:layer=6,keep=0.5", "stages[0].layer", "allowed: 1..5"),

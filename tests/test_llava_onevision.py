@@ -242,8 +242,11 @@ def test_uniform_pre_llm_matches_oracle(attn):
 def test_vision_site_is_refused_by_name():
     model = tiny("sdpa")
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-    for policy in ("flowcut_vit:keep=0.5", "mctf:keep=0.5"):
-        with pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.site.*no CLS token"):
+    for policy, field in (("flowcut_vit:keep=0.5", r"stages\[0\]\.criterion.*'flowcut_vit'.*no CLS token"),
+                          ("visionzip:keep=0.5", r"stages\[0\]\.criterion.*'visionzip'.*no CLS token"),
+                          ("vispruner:keep=0.5", r"stages\[0\]\.criterion.*'vispruner'.*SigLIP variant"),
+                          ("mctf:keep=0.5", r"stages\[0\]\.site.*anyres_max")):
+        with pytest.raises(IncompatiblePolicyError, match=field):
             vtp.patch(model, policy)
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
 

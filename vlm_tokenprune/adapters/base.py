@@ -114,6 +114,8 @@ class Adapter:
     llm_positions_why: ClassVar[str] = ""
     # False refuses structural ops other than visual_drop
     supports_structural: ClassVar[bool] = True
+    # non-empty: the vision tower has no CLS token (why); vision-site methods that read CLS are refused by name
+    vision_no_cls: ClassVar[str] = ""
     # True: the top module may get inputs_embeds without input_ids; visual_layout(model, None, kwargs) then
     # locates the visual tokens (the model spliced its image features itself: the original LLaVA)
     layout_from_embeds: ClassVar[bool] = False

@@ -64,6 +64,7 @@ class Gemma3Adapter(HFAdapter):
     llm_positions = ("gaps",)
     llm_positions_why = pre_llm_positions_why
     supports_structural = False
+    vision_no_cls = "the SigLIP tower has no CLS token"
 
     # -- structure ---------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
@@ -98,9 +99,10 @@ class Gemma3Adapter(HFAdapter):
 
     def vision_seams(self, model: nn.Module, where: str = "site") -> Any:
         raise IncompatiblePolicyError(
-            where, "site vision is not supported for 'gemma3': SigLIP has no CLS token (CLS-attention methods "
-            "have nothing to read) and the projector average-pools the full square patch grid after the tower, so "
-            "tokens cannot leave inside it; allowed models: llava, llava_next")
+            where, "site vision is not supported for 'gemma3': the projector average-pools each image's full square "
+            "SigLIP patch grid (64 x 64 -> 16 x 16) after the tower, so a patch removed inside the tower has no LLM "
+            "token of its own (a pooled token would mix kept and removed patches); allowed: site llm or pre_llm on "
+            "this model, site vision on llava / llava_next")
 
     # -- visual tokens -----------------------------------------------------------------------
     def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout:

@@ -68,13 +68,16 @@ class LlavaOnevisionAdapter(HFAdapter):
     def seams(self, model: nn.Module) -> Seams:
         return hf_seams(model, model.model.language_model)
 
+    vision_no_cls = "the SigLIP tower has no CLS token"
+
     def vision_seams(self, model: nn.Module, where: str = "site"):
         """Refused: see the module docstring."""
         raise IncompatiblePolicyError(
             where,
-            f"site vision is not supported for 'llava_onevision': its {model.config.vision_config.model_type!r} tower "
-            "has no CLS token (FlowCut's ViT stage scores with it) and the anyres_max resize after the tower is not "
-            "mapped for reduced crops; allowed: site llm or pre_llm on this model, site vision on llava / llava_next",
+            f"site vision is not supported for 'llava_onevision': the anyres_max bilinear resize after its "
+            f"{model.config.vision_config.model_type!r} tower mixes neighbouring patches, which is not mapped for "
+            "reduced crops (and its tower has no CLS token for CLS-attention methods); allowed: site llm or pre_llm "
+            "on this model, site vision on llava / llava_next",
         )
 
     # -- visual tokens -----------------------------------------------------------------------

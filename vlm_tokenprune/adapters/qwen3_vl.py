@@ -80,6 +80,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     model_types = ("qwen3_vl", "qwen3_vl_moe")
     supports_structural = False
+    vision_no_cls = "the Qwen3-VL vision transformer has no CLS token"
 
     def check(self, model: nn.Module) -> None:
         super().check(model)

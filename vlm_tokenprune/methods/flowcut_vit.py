@@ -72,6 +72,7 @@ def adaptive_prune_count(a: torch.Tensor, rpl: int, keep_patches: int) -> int:
 @register_criterion
 class FlowCutViT(VisionCriterion):
     name = "flowcut_vit"
+    needs_cls = "it scores the information flow from the CLS token's attention"
     paper = "FlowCut (vision-encoder part): CLS-attention + value-similarity flow, cumulative, entropy-adaptive"
     arxiv = "2505.19536"
 

@@ -64,6 +64,7 @@ def contextual_merge(keys: torch.Tensor, feats: torch.Tensor, rest: list[int], n
 @register_criterion
 class VisionZipCriterion(VisionCriterion):
     name = "visionzip"
+    needs_cls = "its dominant tokens are the patches the CLS token attends to most at the feature layer"
     paper = "VisionZip: dominant tokens by CLS attention + contextual tokens merged by key similarity"
     arxiv = "2412.04467"
     image_only_fixed_count = True  # each crop keeps its budget, computed from that crop alone

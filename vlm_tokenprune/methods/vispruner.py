@@ -83,6 +83,9 @@ def select_patches(cls_attn: torch.Tensor, feats: torch.Tensor, budget: int, imp
 @register_criterion
 class VisPrunerCriterion(VisionCriterion):
     name = "vispruner"
+    needs_cls = "its important tokens are ranked by the CLS token's attention at the feature layer"
+    cls_free_note = ("the official code's SigLIP variant (the mean attention each patch receives at the last layer) "
+                     "is not implemented here")
     paper = "VisPruner: important tokens by CLS attention + diverse tokens by duplicate removal (vision feature layer)"
     arxiv = "2412.01818"
     image_only_fixed_count = True  # each crop keeps its budget, chosen from that crop alone

@@ -26,8 +26,14 @@ def check(target: "PatchTarget") -> VisionSeams | None:
     if not target.adapter.supports_pre_llm or target.seams.language_model is None:
         raise IncompatiblePolicyError(
             f"{where}.site", f"site vision needs the pre-LLM path, which {model.config.model_type!r} does not support")
-    vs = target.adapter.vision_seams(model, f"{where}.site")
     stage = target.policy.stages[i]
+    crit = target.criteria[i]
+    if target.adapter.vision_no_cls and getattr(crit, "needs_cls", ""):
+        raise IncompatiblePolicyError(
+            f"{where}.criterion", f"{stage.criterion!r} needs the vision tower's CLS token ({crit.needs_cls}), but "
+            f"{target.adapter.vision_no_cls} on {model.config.model_type!r}; {crit.cls_free_note}; allowed here: "
+            "site llm or pre_llm criteria")
+    vs = target.adapter.vision_seams(model, f"{where}.site")
     if stage.budget.tokens is not None and stage.budget.tokens > vs.n_patches:
         raise IncompatiblePolicyError(
             f"{where}.tokens", f"{stage.budget.tokens} is more than the {vs.n_patches} patch tokens per crop; "

@@ -28,6 +28,10 @@ class VisionCriterion(Criterion):
     # "layer" of a vision stage: the first encoder layer the method acts at (None: fixed by the method)
     takes_layer: ClassVar[bool] = False
     default_layer: ClassVar[int | None] = None
+    # how the method reads the tower's CLS token ("" : it does not); on a tower without CLS (``Adapter.vision_no_cls``)
+    # such a method is refused by name, with ``cls_free_note`` saying whether its paper / code defines a CLS-free variant
+    needs_cls: ClassVar[str] = ""
+    cls_free_note: ClassVar[str] = "its paper defines no CLS-free variant"
 
     def check_vision(self, seams: "VisionSeams", stage: Any, where: str) -> None:
         """Raise ``IncompatiblePolicyError`` naming ``where.<field>`` when the stage cannot run on this tower."""
