@@ -42,9 +42,11 @@ def _processor(next_: bool):
         s = IMAGE
         ip = LlavaNextImageProcessor(image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]], **kw)
         return LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH,
-                                  vision_feature_select_strategy="default", image_token="<image>")
+                                  vision_feature_select_strategy="default", image_token="<image>",
+                          num_additional_image_tokens=1)
     return LlavaProcessor(image_processor=CLIPImageProcessor(**kw), tokenizer=tok, patch_size=PATCH,
-                          vision_feature_select_strategy="default", image_token="<image>")
+                          vision_feature_select_strategy="default", image_token="<image>",
+                          num_additional_image_tokens=1)
 
 
 def save_tiny(path: Path, family: str, seed: int = 0) -> Path:

