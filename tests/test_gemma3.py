@@ -12,7 +12,8 @@ import functools
 
 import pytest
 import torch
-from kit import FLASH, assert_generate_matches_rows_alone, row_alone
+from kit import (FLASH, assert_generate_matches_rows_alone, assert_unpatch_restores, k_of, no_hook_left,
+                 positions_of, row_alone)
 from reference import gemma3_oracle as oracle
 from reference import uniform_oracle
 
@@ -40,11 +41,7 @@ def batch(model, seed: int = 0) -> dict:
 
 
 def image_positions(inputs: dict) -> list[int]:
-    return (inputs["input_ids"][0] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
-
-
-def n_hooks(model) -> int:
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    return positions_of(inputs, (IMAGE_TOKEN_ID,))
 
 
 def assert_rows_match_oracle(model, inputs, trace, logits, layer_of=None):
@@ -123,16 +120,8 @@ def test_keep_all_is_exactly_unpatched(attn):
 
 def test_unpatch_restores_exactly():
     model = tiny("sdpa")
-    inputs = batch(model)
-    hooks = n_hooks(model)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        for policy in ("fastv:layer=2,keep=0.25", "uniform:site=pre_llm,keep=0.5,positions=gaps+fastv:layer=2,keep=0.3"):
-            h = vtp.patch(model, policy)
-            assert model(**inputs).logits.shape[1] < ref.shape[1]
-            h.unpatch()
-        assert n_hooks(model) == hooks
-        assert torch.equal(model(**inputs).logits, ref)
+    assert_unpatch_restores(model, batch(model), ("fastv:layer=2,keep=0.25",
+                                                  "uniform:site=pre_llm,keep=0.5,positions=gaps+fastv:layer=2,keep=0.3"))
 
 
 def test_a_pruned_prefill_leaves_full_cache_layers_with_the_kept_tokens():
@@ -165,7 +154,7 @@ def test_fastv_prefill_matches_oracle_row_by_row(attn, layer, keep):
         alone = row_alone(inputs, ROWS, b)
         pad = L - alone["input_ids"].shape[1]
         scores = oracle.fastv_scores(model, alone, layer)
-        k = round(keep * len(scores))
+        k = k_of(keep, len(scores))
         s = sorted(scores.values(), reverse=True)
         assert s[k - 1] - s[k] > 1e-6, "ill-conditioned case"
         want_keep = oracle.top_k(scores, k)
@@ -188,7 +177,7 @@ def test_uniform_pre_llm_matches_oracle(attn):
         vis = image_positions(alone)
         grids = [{"cells": {(i // 4, i % 4): vis[t * 16 + i] for i in range(16)}, "other": []}
                  for t in range(len(vis) // 16)]
-        want_keep = uniform_oracle.kept(grids, max(1, int(keep * len(vis) + 0.5)))
+        want_keep = uniform_oracle.kept(grids, k_of(keep, len(vis)))
         assert [p - pad for p in trace.stages[0].kept_positions[b]] == want_keep, f"row {b}"
     assert_rows_match_oracle(model, inputs, trace, logits)
 
@@ -275,11 +264,9 @@ def test_padded_batch_generate_matches_rows_alone_on_the_oracle():
 # ------------------------------------------------------------------------------------------------
 def test_flash_style_backend_is_refused_by_name():
     model = build_tiny_gemma3(FLASH, layers=2)
-    hooks = n_hooks(model)
-    with pytest.raises(UnsupportedModelError) as e:
+    with no_hook_left(model), pytest.raises(UnsupportedModelError) as e:
         vtp.patch(model, "fastv:layer=1,keep=0.5")
     assert e.value.field == "attn_implementation" and "sliding window" in str(e.value)
-    assert n_hooks(model) == hooks
 
 
 @pytest.mark.parametrize("policy,field,match", [
@@ -293,11 +280,9 @@ def test_flash_style_backend_is_refused_by_name():
 ])
 def test_policies_refused_by_name_before_any_hook(policy, field, match):
     model = tiny("sdpa")
-    hooks = n_hooks(model)
-    with pytest.raises((IncompatiblePolicyError, vtp.PolicyError)) as e:
+    with no_hook_left(model), pytest.raises((IncompatiblePolicyError, vtp.PolicyError)) as e:
         vtp.patch(model, policy)
     assert e.value.field == field and match in str(e.value), str(e.value)
-    assert n_hooks(model) == hooks
 
 
 def test_structural_ops_are_refused_by_name():

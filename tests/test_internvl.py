@@ -9,11 +9,10 @@ of 3 tiles stands for 2 crops + the thumbnail.
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 import torch
-from kit import BACKENDS
+from kit import BACKENDS, assert_keep_all_exact, assert_unpatch_restores, k_of, no_hook_left, positions_of
 from helpers import new_tokens
 from reference import fastv_oracle as oracle
 from reference import uniform_oracle
@@ -49,12 +48,8 @@ def row_alone(inputs: dict, b: int) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": inputs["pixel_values"][first:first + n]}
 
 
-def k_of(keep: float, n: int) -> int:
-    return max(1, math.floor(keep * n + 0.5))
-
-
 def image_positions(inputs, b: int = 0) -> list[int]:
-    return (inputs["input_ids"][b] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
+    return positions_of(inputs, (IMAGE_TOKEN_ID,), b)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,29 +90,14 @@ def test_every_tile_is_its_own_grid():
 @pytest.mark.parametrize("attn", BACKENDS)
 def test_keep_all_is_exactly_unpatched(attn):
     model = tiny(attn)
-    inputs = batch(model)
-    kw = {"max_new_tokens": 4, "do_sample": False, "suppress_tokens": [IMAGE_TOKEN_ID]}
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        ref_gen = model.generate(**inputs, **kw)
-        for policy in ("fastv:keep=1+uniform:layer=3,keep=1", "uniform:site=pre_llm,keep=1"):
-            with vtp.patch(model, policy):
-                assert torch.equal(model(**inputs).logits, ref)
-                assert torch.equal(model.generate(**inputs, **kw), ref_gen)
+    assert_keep_all_exact(model, batch(model), ("fastv:keep=1+uniform:layer=3,keep=1", "uniform:site=pre_llm,keep=1"),
+                          {"max_new_tokens": 4, "do_sample": False, "suppress_tokens": [IMAGE_TOKEN_ID]})
 
 
 def test_unpatch_restores_exactly():
     model = tiny("sdpa")
-    inputs = batch(model)
-    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        for policy in ("fastv:layer=2,keep=0.25", "uniform:site=pre_llm,keep=0.5+fastv:layer=2,keep=0.3"):
-            h = vtp.patch(model, policy)
-            assert model(**inputs).logits.shape[1] < ref.shape[1]
-            h.unpatch()
-        assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
-        assert torch.equal(model(**inputs).logits, ref)
+    assert_unpatch_restores(model, batch(model), ("fastv:layer=2,keep=0.25",
+                                                  "uniform:site=pre_llm,keep=0.5+fastv:layer=2,keep=0.3"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,11 +172,9 @@ def test_uniform_pre_llm_matches_oracle(attn):
 # ------------------------------------------------------------------------------------------------
 def test_vision_site_is_refused_by_name():
     model = tiny("sdpa")
-    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
     for policy in ("flowcut_vit:keep=0.5", "mctf:keep=0.5"):
-        with pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.site.*pixel shuffle"):
+        with no_hook_left(model), pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.site.*pixel shuffle"):
             vtp.patch(model, policy)
-    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
 
 
 def test_partial_tile_names_input_ids():
@@ -218,11 +196,9 @@ def test_mixture_of_experts_text_model_is_refused_before_any_hook():
     cfg = tiny_internvl_config(text_model_type="qwen3_moe")
     cfg.text_config.num_experts, cfg.text_config.moe_intermediate_size = 2, 16
     model = InternVLForConditionalGeneration._from_config(cfg).eval()
-    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-    with pytest.raises(UnsupportedModelError) as e:
+    with no_hook_left(model), pytest.raises(UnsupportedModelError) as e:
         vtp.patch(model, "fastv:layer=2,keep=0.5")
     assert e.value.field == "config.text_config.model_type" and "qwen3_moe" in str(e.value)
-    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
 
 
 @pytest.mark.parametrize("attn", BACKENDS)

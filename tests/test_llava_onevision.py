@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import BACKENDS
+from kit import BACKENDS, assert_keep_all_exact, assert_unpatch_restores, k_of, no_hook_left, positions_of
 from helpers import new_tokens
 from reference import fastv_oracle as oracle
 from reference import uniform_oracle
@@ -41,8 +41,7 @@ def batch(model, seed: int = 0) -> dict:
 
 
 def visual_positions(inputs, b: int = 0) -> list[int]:
-    ids = inputs["input_ids"][b]
-    return ((ids == IMAGE_TOKEN_ID) | (ids == VIDEO_TOKEN_ID)).nonzero().flatten().tolist()
+    return positions_of(inputs, (IMAGE_TOKEN_ID, VIDEO_TOKEN_ID), b)
 
 
 def row_alone(inputs: dict, b: int) -> dict:
@@ -54,10 +53,6 @@ def row_alone(inputs: dict, b: int) -> dict:
     if b == 0:
         out["pixel_values_videos"] = inputs["pixel_values_videos"]
     return out
-
-
-def k_of(keep: float, n: int) -> int:
-    return max(1, math.floor(keep * n + 0.5))
 
 
 def fastv_oracle(model, inputs, layer: int, k: int):
@@ -123,29 +118,14 @@ def test_several_images_per_sample_are_not_tiled():
 @pytest.mark.parametrize("attn", BACKENDS)
 def test_keep_all_is_exactly_unpatched(attn):
     model = tiny(attn)
-    inputs = batch(model)
-    kw = dict(max_new_tokens=4, do_sample=False, suppress_tokens=BANNED)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        ref_gen = model.generate(**inputs, **kw)
-        for policy in ("fastv:keep=1+uniform:layer=3,keep=1", "uniform:site=pre_llm,keep=1"):
-            with vtp.patch(model, policy):
-                assert torch.equal(model(**inputs).logits, ref)
-                assert torch.equal(model.generate(**inputs, **kw), ref_gen)
+    assert_keep_all_exact(model, batch(model), ("fastv:keep=1+uniform:layer=3,keep=1", "uniform:site=pre_llm,keep=1"),
+                          dict(max_new_tokens=4, do_sample=False, suppress_tokens=BANNED))
 
 
 def test_unpatch_restores_exactly():
     model = tiny("sdpa")
-    inputs = batch(model)
-    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        for policy in ("fastv:layer=2,keep=0.25", "uniform:site=pre_llm,keep=0.5+fastv:layer=2,keep=0.3"):
-            h = vtp.patch(model, policy)
-            assert model(**inputs).logits.shape[1] < ref.shape[1]
-            h.unpatch()
-        assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
-        assert torch.equal(model(**inputs).logits, ref)
+    assert_unpatch_restores(model, batch(model), ("fastv:layer=2,keep=0.25",
+                                                  "uniform:site=pre_llm,keep=0.5+fastv:layer=2,keep=0.3"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,14 +221,12 @@ def test_uniform_pre_llm_matches_oracle(attn):
 # ------------------------------------------------------------------------------------------------
 def test_vision_site_is_refused_by_name():
     model = tiny("sdpa")
-    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
     for policy, field in (("flowcut_vit:keep=0.5", r"stages\[0\]\.criterion.*'flowcut_vit'.*no CLS token"),
                           ("visionzip:keep=0.5", r"stages\[0\]\.criterion.*'visionzip'.*no CLS token"),
                           ("vispruner:keep=0.5", r"stages\[0\]\.criterion.*'vispruner'.*SigLIP variant"),
                           ("mctf:keep=0.5", r"stages\[0\]\.site.*anyres_max")):
-        with pytest.raises(IncompatiblePolicyError, match=field):
+        with no_hook_left(model), pytest.raises(IncompatiblePolicyError, match=field):
             vtp.patch(model, policy)
-    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
 
 
 def test_placeholder_count_mismatch_names_input_ids():

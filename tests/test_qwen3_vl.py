@@ -10,11 +10,10 @@ experts, 2 per token.
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 import torch
-from kit import BACKENDS
+from kit import BACKENDS, assert_keep_all_exact, assert_unpatch_restores, k_of, no_hook_left, positions_of
 from helpers import new_tokens
 from reference import qwen3_vl_oracle as oracle
 from reference import uniform_oracle
@@ -53,12 +52,8 @@ def row_alone(inputs: dict, b: int) -> dict:
             "image_grid_thw": thw[imgs[0]:imgs[1]], "pixel_values": inputs["pixel_values"][start:start + n]}
 
 
-def k_of(keep: float, n: int) -> int:
-    return max(1, math.floor(keep * n + 0.5))
-
-
 def visual(inputs) -> list[int]:
-    return (inputs["input_ids"][0] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
+    return positions_of(inputs, (IMAGE_TOKEN_ID,))
 
 
 def uniform_keep(alone: dict, b: int, keep: float) -> list[int]:
@@ -113,32 +108,24 @@ def test_oracle_is_the_plain_model_and_discriminating():
 @pytest.mark.parametrize("attn", BACKENDS)
 def test_keep_all_is_exactly_unpatched(attn, moe):
     model = tiny(attn, moe)
-    inputs = batch(model)
-    kw = {"max_new_tokens": 4, "do_sample": False, "suppress_tokens": BANNED}
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        ref_gen = model.generate(**inputs, **kw)
-        for policy in ("fastv:layer=1,keep=1+uniform:layer=3,keep=1", "uniform:site=pre_llm,keep=1"):
-            with vtp.patch(model, policy):
-                assert torch.equal(model(**inputs).logits, ref)
-                assert torch.equal(model.generate(**inputs, **kw), ref_gen)
+    assert_keep_all_exact(model, batch(model), ("fastv:layer=1,keep=1+uniform:layer=3,keep=1",
+                                                "uniform:site=pre_llm,keep=1"),
+                          {"max_new_tokens": 4, "do_sample": False, "suppress_tokens": BANNED})
 
 
 def test_unpatch_restores_exactly():
     model = tiny("sdpa")
-    inputs = batch(model)
     lm = model.model.language_model
-    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        for policy in ("fastv:layer=1,keep=0.25", "uniform:site=pre_llm,keep=0.5+fastv:layer=1,keep=0.3"):
-            h = vtp.patch(model, policy)
-            assert "_deepstack_process" in vars(lm)  # the instance wrapper
-            assert model(**inputs).logits.shape[1] < ref.shape[1]
-            h.unpatch()
-            assert "_deepstack_process" not in vars(lm)
-        assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
-        assert torch.equal(model(**inputs).logits, ref)
+
+    def wrapped(_):
+        assert "_deepstack_process" in vars(lm)  # the instance wrapper
+
+    def unwrapped(_):
+        assert "_deepstack_process" not in vars(lm)
+
+    assert_unpatch_restores(model, batch(model), ("fastv:layer=1,keep=0.25",
+                                                  "uniform:site=pre_llm,keep=0.5+fastv:layer=1,keep=0.3"),
+                            patched=wrapped, unpatched=unwrapped)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,9 +287,7 @@ def test_video_fastv_matches_oracle(attn):
 ])
 def test_refused_by_name_before_any_hook(policy, field, text):
     model = tiny("sdpa")
-    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-    with pytest.raises(IncompatiblePolicyError) as e:
+    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
         vtp.patch(model, policy)
     assert e.value.field == field and text in str(e.value)
-    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
     assert "_deepstack_process" not in vars(model.model.language_model)

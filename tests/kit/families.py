@@ -1,0 +1,70 @@
+"""Checks every model family's test file makes the same way: hooks left on a model, keep-everything
+policies == the unpatched model (forward and generate), ``unpatch()`` restores it, refusals leave no hook."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+import torch
+
+import vlm_tokenprune as vtp
+
+from .budget import kept_count
+
+
+def n_hooks(model) -> int:
+    """Forward (pre-)hooks on every module of ``model``."""
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+@contextlib.contextmanager
+def no_hook_left(model):
+    """The block (typically a refused ``patch()``) leaves exactly the hooks ``model`` had."""
+    hooks = n_hooks(model)
+    yield
+    assert n_hooks(model) == hooks
+
+
+def k_of(keep: float, n: int) -> int:
+    """Visual tokens ``keep=x`` keeps of ``n`` (the documented half-up rule, at least 1)."""
+    return kept_count(("keep", keep), n)
+
+
+def positions_of(inputs: dict, token_ids: Iterable[int], b: int = 0) -> list[int]:
+    """Positions of row ``b`` whose token is one of ``token_ids`` (image / video placeholders)."""
+    ids = inputs["input_ids"][b]
+    hit = torch.zeros_like(ids, dtype=torch.bool)
+    for t in token_ids:
+        hit |= ids == t
+    return hit.nonzero().flatten().tolist()
+
+
+def assert_keep_all_exact(model, inputs: dict, policies: Iterable[str], generate_kw: dict) -> None:
+    """Each keep-everything policy gives the unpatched model's logits and greedy tokens bit for bit."""
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ref_gen = model.generate(**inputs, **generate_kw)
+        for policy in policies:
+            with vtp.patch(model, policy):
+                assert torch.equal(model(**inputs).logits, ref), policy
+                assert torch.equal(model.generate(**inputs, **generate_kw), ref_gen), policy
+
+
+def assert_unpatch_restores(model, inputs: dict, policies: Iterable[str], *,
+                            patched: Callable | None = None, unpatched: Callable | None = None) -> None:
+    """Each policy shortens the sequence while patched; after ``unpatch()`` no hook is left and the logits are
+    the unpatched model's exactly. ``patched(model)`` / ``unpatched(model)``: family-specific checks run right
+    after ``patch()`` / ``unpatch()``."""
+    hooks = n_hooks(model)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        for policy in policies:
+            h = vtp.patch(model, policy)
+            if patched is not None:
+                patched(model)
+            assert model(**inputs).logits.shape[1] < ref.shape[1], policy
+            h.unpatch()
+            if unpatched is not None:
+                unpatched(model)
+        assert n_hooks(model) == hooks
+        assert torch.equal(model(**inputs).logits, ref)
