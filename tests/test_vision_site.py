@@ -163,6 +163,11 @@ def test_flowcut_next_preset_runs_both_stages():
         model(**inputs)
         vit, llm = h.last_trace().stages
     assert vit.vision_tokens_per_layer[-1] == 11  # 160 / 576 of 36 patches = 10, + CLS
-    # the LLM stage keeps 320 / 2880 of the row's ORIGINAL visual tokens (placeholders, newlines included)
+    # official (tests/test_flowcut_next_official.py): no newlines, the LLM stage keeps 320 of what arrives (here all)
+    assert llm.visual_after == llm.visual_before == vit.visual_after and 0 in llm.kept_all
+    with vtp.patch(model, "flowcut_next_fraction") as h, torch.no_grad():
+        model(**inputs)
+        vit, llm = h.last_trace().stages
+    # the library's reading: 320 / 2880 of the row's ORIGINAL visual tokens (placeholders, newlines included)
     assert llm.visual_after == [kept_count(("keep", 320 / 2880), vit.visual_before[0])]
     assert llm.visual_before == vit.visual_after

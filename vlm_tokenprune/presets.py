@@ -79,7 +79,8 @@ class Preset:
             )
         out = []
         for j, st in enumerate(self.stages):
-            fields = {**st, **overrides}
+            # newlines= concerns the vision stage only (the LM input it reduces)
+            fields = {**st, **{k: v for k, v in overrides.items() if k != "newlines" or st.get("site") == "vision"}}
             if "rounding" in overrides and fields.get("keep") is None:
                 fields.pop("rounding")  # rounding applies to the stages with a fraction
             try:
@@ -98,8 +99,10 @@ class Preset:
             if st.get("criterion") in CRITERIA:
                 crit = CRITERIA.get(st["criterion"])
                 keys |= set(crit.params)
-                if st.get("site") in INPUT_SITES:
+                if st.get("site") in INPUT_SITES or "positions" in st:
                     keys.add("positions")
+                if st.get("site") == "vision":
+                    keys.add("newlines")
         if any("keep" in st for st in self.stages):
             keys.add("rounding")
         return sorted(keys)

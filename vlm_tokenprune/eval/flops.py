@@ -223,7 +223,9 @@ def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
             k = min(k, cur)
             if k < cur:
                 upper.append(i)
-        if k > cur and st.budget.tokens is not None:  # tokens=N above what is left: the row keeps all (as patch())
+        if cur < min(k, n_visual) and st.budget.tokens is not None:
+            # tokens=N above what an earlier stage left: the row keeps them all, as patch()
+            # does and as FlowCut's official LLaVA-NeXT target does when fewer arrive
             k = cur
         if k > cur:
             where = f"stages[{i}].tokens" if st.budget.tokens is not None else f"stages[{i}].keep"

@@ -27,10 +27,11 @@ the same number of times, so the head means over the H expanded heads equal the 
 the H_kv value heads; this criterion computes ``sem`` and ``dens`` over the H_kv heads
 (no repeat) and ``rel`` over the H query heads.
 
-Differences from the official code: kept tokens keep their original position ids (gaps,
-like every method here; FlowCut's LLaVA-NeXT path re-packs them contiguously and shifts
-decode positions by the number dropped); scores are computed in fp32; left-padded batches
-are supported (the official path raises on left padding).
+Positions: ``positions=gaps`` (the default here, and the official Qwen2-VL path: kept tokens keep their
+original position ids) or ``positions=repack`` (the official LLaVA-NeXT path: the layers after the stage see the
+kept tokens numbered contiguously, and decoding there continues at the kept length; the ``flowcut_next`` presets
+use it). Other differences from the official code: scores are computed in fp32; left-padded batches are supported
+(the official path raises on left padding).
 
 Budget default: the paper's largest LLaVA-NeXT setting keeps 640 of 2880 visual tokens
 (22.22 %); as the vision-encoder stages are not applied, the preset keeps that fraction of

@@ -28,12 +28,15 @@ patches per crop: LLaVA-1.5 ``tokens=128`` is the paper's 128; on LLaVA-NeXT the
 ``target / 2`` per crop in the tower, i.e. ``tokens=64`` for its 128 (its second, LLM stage is
 ``flowcut_llm``). Presets: ``flowcut_vit`` keeps 128 of 576 (``keep=2/9``), ``flowcut_vit_192`` /
 ``flowcut_vit_64`` keep 192 / 64 of 576; as fractions they scale to any tower (36 patches -> 8);
-``flowcut_next`` is the paper's LLaVA-NeXT pipeline for 320 tokens (160 of 576 per crop, then
-``flowcut_llm`` at layer 2 to 320 / 2880 of the original visual tokens).
+``flowcut_next`` is the official LLaVA-NeXT pipeline for a target of 320 tokens (``flowcut_next_640`` /
+``flowcut_next_160``): 160 of 576 per crop in the tower, no ``image_newline`` tokens (``newlines=drop``), then
+``flowcut_llm`` at layer 2 keeps 320 tokens (``tokens=320``, an absolute count of however many arrive) renumbered
+contiguously (``positions=repack``); ``flowcut_next_fraction`` is the library's earlier reading (newlines kept and
+selectable by the LLM stage, which keeps 320 / 2880 of the original visual tokens at their original positions).
 Positions default to ``repack`` (LLaVA's contiguous re-numbering in the official code). On LLaVA-NeXT
 the kept patches then go through the model's own unpadding and ``image_newline`` packing: kept tokens
-in the padded border of an anyres grid leave with it (the LLM may see fewer than K per crop) and the
-newline tokens stay.
+in the padded border of an anyres grid leave with it (the LLM may see fewer than K per crop); the
+newline tokens stay unless the stage says ``newlines=drop`` (the official code packs the kept patches without them).
 """
 from __future__ import annotations
 
@@ -121,12 +124,23 @@ class FlowCutViT(VisionCriterion):
         return torch.gather(hidden, 1, sel.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-# LLaVA-NeXT, the paper's two stages for a target of 320 tokens (its 2880 = 5 crops x 576): target / 2 = 160
-# patches per crop in the tower, then ``flowcut_llm`` after decoder layer 1 to 320 / 2880 of the original tokens
-register_preset("flowcut_next", [
+# LLaVA-NeXT as the official code does it (``flowcut/main.py``, ``llava_arch.py``, ``modeling_llama_flowcut.py``) for
+# a target T: T / 2 patches per crop in the tower, the kept patches packed WITHOUT image_newline tokens
+# (``newlines=drop``), then ``flowcut_llm`` after decoder layer 1 keeps T of however many arrive (an absolute count;
+# a row with at most T keeps them all) and renumbers the kept tokens contiguously (``positions=repack``)
+for _name, _t in (("flowcut_next", 320), ("flowcut_next_640", 640), ("flowcut_next_160", 160)):
+    register_preset(_name, [
+        {"criterion": "flowcut_vit", "site": "vision", "keep": _t / 2 / 576, "positions": "repack", "newlines": "drop"},
+        {"criterion": "flowcut_llm", "layer": 2, "tokens": _t, "positions": "repack"},
+    ], f"FlowCut on LLaVA-NeXT as officially coded, target {_t}: {_t // 2} of 576 patches per crop in the CLIP tower, "
+       f"no image_newline tokens, then flowcut_llm at layer 2 keeps {_t} tokens, renumbered contiguously", "2505.19536")
+# the library's earlier reading of the NeXT pipeline: newlines kept (the LLM stage may select them), the LLM stage keeps
+# a fraction (320 / 2880) of the ORIGINAL visual tokens, kept tokens keep their original position ids there
+register_preset("flowcut_next_fraction", [
     {"criterion": "flowcut_vit", "site": "vision", "keep": 160 / 576, "positions": "repack"},
     {"criterion": "flowcut_llm", "layer": 2, "keep": 320 / 2880},
-], "FlowCut on LLaVA-NeXT: 160 of 576 patches per crop in the CLIP tower, then flowcut_llm at layer 2 to 320 of 2880",
+], "FlowCut on LLaVA-NeXT, the library's reading: 160 of 576 patches per crop in the CLIP tower (image_newline tokens "
+   "kept), then flowcut_llm at layer 2 to 320 / 2880 of the original visual tokens, original position ids",
     "2505.19536")
 
 _DOC = "FlowCut in the CLIP tower: prune every 2 layers up to the feature layer, entropy-adaptive, to {} of 576 patches"
@@ -138,6 +152,7 @@ for _name, _n in (("flowcut_vit", 128), ("flowcut_vit_192", 192), ("flowcut_vit_
 register_family_preset("flowcut", {"llava": "flowcut_vit", "llava_next": "flowcut_next", "qwen2_vl": "flowcut_llm",
                                    "qwen2_5_vl": "flowcut_llm"},
                        "FlowCut, the paper's setting for the model's family (chosen by patch()): LLaVA-1.5 flowcut_vit "
-                       "(128 of 576 in the CLIP tower), LLaVA-NeXT flowcut_next (160 per crop, then 320 of 2880 at LLM "
-                       "layer 2), Qwen2-VL / 2.5-VL flowcut_llm (its LLM stage, -77.8 %); without a model: flowcut_vit",
+                       "(128 of 576 in the CLIP tower), LLaVA-NeXT flowcut_next (160 per crop, no newlines, then 320 "
+                       "tokens at LLM layer 2, renumbered), Qwen2-VL / 2.5-VL flowcut_llm (its LLM stage, -77.8 %); "
+                       "without a model: flowcut_vit",
                        "2505.19536")

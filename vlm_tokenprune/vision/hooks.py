@@ -222,7 +222,7 @@ def lm_prefill(handle: "PatchHandle", st: "ForwardState", kwargs: dict, stage: A
     hidden = kwargs.get("inputs_embeds")
     if hidden is None:
         raise InputError("inputs_embeds", "a vision stage needs the language model to receive inputs_embeds")
-    chain = lm_reduction(handle, st, hidden)
+    chain = lm_reduction(handle, st, hidden, drop_newlines=stage.params.get("newlines") == "drop")
     t0 -= st.vision.seconds  # the stage's time includes the scoring inside the tower
     if chain:
         apply_reduction(handle, st, kwargs, chain, stage=stage, positions=stage.params["positions"], t0=t0)
@@ -236,14 +236,16 @@ def lm_prefill(handle: "PatchHandle", st: "ForwardState", kwargs: dict, stage: A
                                           time.perf_counter() - t0, noop=True))
 
 
-def lm_reduction(handle: "PatchHandle", st: "ForwardState", hidden: torch.Tensor) -> list[Reduction]:
+def lm_reduction(handle: "PatchHandle", st: "ForwardState", hidden: torch.Tensor,
+                 drop_newlines: bool = False) -> list[Reduction]:
     """The reduction of the language model's input ``hidden`` ``[B, L, D]`` that drops the tower's empty slots.
 
     ``[]`` when the tower kept every token. Otherwise one ``SlotReduction``: every placeholder
     whose crop slot holds a surviving token stays (a fused token sits at its destination's
     placeholder), the others are sent to the placeholder of the token they were fused into
     (their sources), or dropped (pruned, or fused into a token whose slot LLaVA-NeXT's
-    unpadding removed); text and ``image_newline`` tokens stay.
+    unpadding removed); text tokens stay, and ``image_newline`` tokens too unless ``drop_newlines`` (the stage's
+    ``newlines=drop``: FlowCut's official LLaVA-NeXT path packs the kept patches without them).
     """
     out = handle.vision_outcome  # kept: generate(use_cache=False) re-runs the prefill on the same features
     if out is None:
@@ -265,19 +267,19 @@ def lm_reduction(handle: "PatchHandle", st: "ForwardState", hidden: torch.Tensor
     if flat.numel() != slots.shape[0]:
         raise InputError("input_ids", f"{flat.numel()} image tokens but the last vision-tower run gave "
                          f"{slots.shape[0]} features; run the patched model on the pixels of this prompt")
-    if not out.changed:
+    feat = slots[:, 1] >= 0  # False: an image_newline
+    if not out.changed and not (drop_newlines and not bool(feat.all())):
         return []
     ident, owner = out.ident.to(dev), out.owner.to(dev)
     n, T0 = owner.shape
     width = T0 - out.offset
     crop, slot = slots[:, 0], slots[:, 1]
-    feat = slot >= 0  # False: an image_newline (kept as is)
     lpos = torch.full((n, width), -1, dtype=torch.long, device=dev)
     lpos[crop[feat], slot[feat]] = flat[feat]
     cur = owner[crop.clamp(min=0), (slot + out.offset).clamp(min=0)]
     rep = torch.where(cur >= 0, ident[crop.clamp(min=0), cur.clamp(min=0)] - out.offset, -1)
     rep_flat = torch.where(rep >= 0, lpos[crop.clamp(min=0), rep.clamp(min=0)], -1)
-    vis_target = torch.where(feat, rep_flat, flat)
+    vis_target = torch.where(feat, rep_flat, -1 if drop_newlines else flat)
     target = torch.where(valid & ~layout.is_visual, torch.arange(L, device=dev).expand(B, L), -1).flatten()
     row_start = (flat // L) * L
     target[flat] = torch.where(vis_target >= 0, vis_target - row_start, -1)
