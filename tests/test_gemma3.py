@@ -244,6 +244,26 @@ def test_cached_generate_matches_oracle(policy):
     assert g[0, L:].tolist()[:len(want)] == want
 
 
+@pytest.mark.parametrize("policy", ["fastv:layer=2,keep=0.25",
+                                    "uniform:site=pre_llm,keep=0.5,positions=gaps+fastv:layer=3,keep=0.4"])
+def test_a_chunk_appended_to_the_cache_matches_oracle(policy):
+    """Three tokens at once after a pruned prompt (decode masks with several query rows, sliding layers kept whole)."""
+    from kit import cache_kwargs
+
+    model = tiny("sdpa")
+    inputs = make_gemma3_batch(model, [[4, "img", 9]], seed=3)
+    L = inputs["input_ids"].shape[1]
+    new = torch.tensor([[17, 23, 41]])
+    with vtp.patch(model, policy) as h, torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        stages = [(0 if st.site == "pre_llm" else st.layer, st.kept_positions[0]) for st in h.last_trace().stages]
+        got = model(input_ids=new, attention_mask=torch.ones(1, L + 3, dtype=torch.long), use_cache=True,
+                    **cache_kwargs(out)).logits[0]
+    full = {**inputs, "input_ids": torch.cat([inputs["input_ids"], new], 1),
+            "token_type_ids": torch.cat([inputs["token_type_ids"], torch.zeros_like(new)], 1)}
+    torch.testing.assert_close(got, oracle.logits(model, full, stages)[-3:], atol=ATOL, rtol=0)
+
+
 def test_padded_batch_generate_matches_rows_alone_on_the_oracle():
     model = tiny("eager")
     inputs = batch(model, seed=2)

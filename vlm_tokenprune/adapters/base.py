@@ -143,6 +143,14 @@ class Adapter:
     def install(self, handle: Any, model: nn.Module) -> None:
         """Extra hooks / instance-level changes of this family, kept on the handle (``add_hook`` / ``swap_attr``)."""
 
+    def decode_masks(self, handle: Any, masks: dict, kept: torch.Tensor, kept_ok: torch.Tensor, prompt_len: int,
+                     past: int, q: int, dtype: torch.dtype) -> dict:
+        """Families whose language model receives one 4-D mask per layer type (a dict, Gemma 3): those masks for
+        ``q`` tokens decoded after a pre-LLM-reduced prompt (``kept`` [B, Mp] original positions of its cache slots,
+        ``past`` cached tokens). Families that hand their language model a 2-D mask never get here."""
+        raise NotImplementedError(f"{type(self).__name__} receives a per-layer-type mask mapping but defines no "
+                                  "decode_masks()")
+
 
 class HFAdapter(Adapter):
     """transformers 5.x ``...ForConditionalGeneration`` whose text model is ``model.model.language_model`` with
