@@ -51,6 +51,12 @@ KNOWN_GEOMETRIES: dict[str, dict] = {
 }
 _QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                  num_key_value_heads=4)
+# Checked against published configs (issue 21): InternVL3's vocab 151674 (the InternVL3-8B-hf config quoted in a
+# vLLM issue; InternVL3-2B-hf 28 x 1536, 12/2 heads x 128 in NVIDIA's TensorRT InternVL config test); Qwen3-VL's
+# towers (2B: depth 24 x 1024, out 2048, DeepStack 5/11/17 as sgl-jax's Qwen3VLVisionConfig defaults; 4B/8B-style
+# 27 x 1152 / 4304, DeepStack 8/16/24 as transformers' Qwen3VLVisionConfig defaults) and Qwen3-8B's text numbers
+# (4096 / 12288 / 36 / 32-8 x 128 / vocab 151936); LLaVA-OneVision's SigLIP with 26 layers as in transformers'
+# LlavaOnevisionConfig default (llava-hf/llava-onevision-qwen2-7b-ov-hf). No number needed a change.
 KNOWN_GEOMETRIES.update({
     "llava-onevision-7b": dict(
         family="llava_onevision", text=dict(_QWEN2_7B, vocab_size=152128),
