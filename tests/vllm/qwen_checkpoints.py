@@ -56,16 +56,22 @@ def processor():
 
 
 def build(version: str = "2", seed: int = 0):
-    """The tiny model (float32, seeded; head_dim 64), with a sharpened LM head so greedy tokens are well apart."""
+    """The tiny model (float32, seeded; head_dim 64). Made position-sensitive, so a wrong M-RoPE id shows in the
+    logits: rope_theta 100 and query / key weights x3 (moving an image's positions changes the next-token
+    log-probs by ~0.2, against ~0.004 with the default init); LM head x8 so greedy tokens are well apart."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     cfg = tiny_qwen2_vl_config(version, layers=2, hidden=128, heads=2, kv_heads=1, intermediate=256, vocab=VOCAB,
                                mrope_section=(8, 12, 12))
+    cfg.text_config.rope_parameters["rope_theta"] = 100.0
     cls = Qwen2VLForConditionalGeneration if version == "2" else Qwen2_5_VLForConditionalGeneration
     torch.manual_seed(seed)
     model = cls._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(3.0)
+            layer.self_attn.k_proj.weight.mul_(3.0)
     return model
 
 
