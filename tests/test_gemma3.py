@@ -182,6 +182,20 @@ def test_uniform_pre_llm_matches_oracle(attn):
     assert_rows_match_oracle(model, inputs, trace, logits)
 
 
+def test_without_token_type_ids_there_is_no_image_block_and_the_oracle_agrees():
+    """No ``token_type_ids`` (the model then builds no bidirectional block): the patched model == the oracle without
+    a block, and differs from the run with the block (the block is really in the masks the layers get)."""
+    model = tiny("sdpa")
+    inputs = batch(model)
+    plain = {k: v for k, v in inputs.items() if k != "token_type_ids"}
+    with vtp.patch(model, "fastv:layer=2,keep=0.25") as h, torch.no_grad():
+        logits = model(**plain).logits
+        trace = h.last_trace()
+        with_block = model(**inputs).logits
+    assert_rows_match_oracle(model, plain, trace, logits)
+    assert (with_block - logits).abs().max() > 1e-3
+
+
 # every other LLM-site / pre-LLM method: its kept sets (selection proven against its own oracle on other families)
 # through Gemma 3's masks == the masked oracle given those sets
 METHODS = [
