@@ -66,7 +66,7 @@ def test_topk_with_recycling_matches_oracle(attn):
 @pytest.mark.parametrize("attn", BACKENDS)
 def test_rank_count_matches_oracle(attn):
     """Rank-based count (v1.0): k = int(rank * scale + bias) per row, capped at n - 1 as the official code (the
-    presets' cap: keep=575/576 of the current tokens, floored)."""
+    presets' cap: keep=0.999 of the current tokens, floored)."""
     model = model_of(attn)
     inputs = make_batch(model, ROWS, seed=3)
     trace = check_batch(model, inputs, "sparsevlm:layer=1,keep=0.99,of=current,rounding=floor,scale=2.5,bias=1.0",

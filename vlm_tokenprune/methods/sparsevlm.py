@@ -18,8 +18,8 @@ output is the input of ``K``: the official "pruning layer" ``l`` is our ``K-1``,
    (``torch.linalg.matrix_rank`` in fp32); a row whose ``r == n`` is left as it is (no pruning, no
    recycling); else it keeps ``k = min(int(r * scale + bias), n - 1)`` top-scored tokens (at least 1).
    The stage's budget caps k (``Criterion.adaptive_count``); a budget of every token keeps every token, as
-   for any criterion, so the presets cap at the official ``n - 1`` with ``keep=575/576, of=current,
-   rounding=floor`` (exactly ``n - 1`` for up to 576 tokens). The official README's settings: 192 tokens
+   for any criterion, so the presets cap at the official ``n - 1`` with ``keep=0.999, of=current,
+   rounding=floor`` (exactly ``n - 1`` for 1 < n <= 1000 tokens). The official README's settings: 192 tokens
    ``scale=13.5, bias=0``, 128 ``9, 6``, 64 ``0.8, 0``. ``count="topk"`` (v1.5 / v2.0): ``k`` = the
    stage's budget, as the v1.5 per-layer lists (a budget of every token keeps all; the official code would
    still drop one).
@@ -212,8 +212,8 @@ class SparseVLMCriterion(Criterion):
 _DESC = ("SparseVLM: text raters (question tokens above the mean layer-0 relevance to the image) score visual "
          "tokens by their head-mean attention at layers 2 / 6 / 15 / 19 (stages 3 / 7 / 16 / 20 of 32); ")
 # v1.0 (rank-based count, the paper's adaptive sparsification): official pruning_loc [2, 6, 15, 19]; the cap is the
-# official min(., n - 1): floor(575/576 * n) = n - 1 for n <= 576
-_NO_CAP = 575 / 576
+# official min(., n - 1): floor(0.999 * n) = n - 1 for 1 < n <= 1000 (LLaVA-1.5: 576)
+_NO_CAP = 0.999
 _V10 = {192: (13.5, 0.0), 128: (9.0, 6.0), 64: (0.8, 0.0)}
 for _n, (_scale, _bias) in _V10.items():
     register_preset(
