@@ -301,3 +301,22 @@ def test_catalogue_row_names_existing_tests():
     for line in rows:
         refs = re.findall(r"test_sparsevlm::(test_\w+)", line.rstrip(" |").rsplit("|", 1)[-1])
         assert refs and all(r in names for r in refs), line
+
+
+def test_qwen2_vl_batch_equals_rows_alone():
+    """Qwen2-VL (M-RoPE; a library extension, the official code is LLaVA-1.5 only): each padded row gives what it
+    gives alone, merged tokens included."""
+    from kit import tiny_qwen
+    from vlm_tokenprune.eval.tiny_models import make_qwen_batch
+
+    model = tiny_qwen("sdpa")
+    rows = [[5, "img", 7], [2, "img", 3, "img", 4]]
+    inputs = make_qwen_batch(model, rows, seed=1)
+    policy = "sparsevlm:layer=2,keep=0.25,count=topk"
+    logits, trace = patched_prefill(model, inputs, policy)
+    assert trace.stages[0].visual_after == [2 + 1, 3 + 1]
+    for b in range(len(rows)):
+        alone, pad = row_alone(inputs, rows, b), left_padding(inputs, b)
+        got, tr = patched_prefill(model, alone, policy)
+        assert [p + pad for p in tr.stages[0].kept_positions[0]] == trace.stages[0].kept_positions[b]
+        torch.testing.assert_close(logits[b, -got.shape[1]:], got[0], atol=1e-5, rtol=0)
