@@ -10,7 +10,7 @@ import torch
 import vlm_tokenprune as vtp
 from kit import (
     BACKENDS, assert_batch_matches_rows_alone, assert_clear_cut, assert_generate_matches_rows_alone,
-    assert_policy_refused, cache_kwargs, generate_rows, kept_count, n_image_tokens, patched_prefill, tiny_llava,
+    assert_policy_refused, cache_kwargs, fresh_llava, generate_rows, kept_count, n_image_tokens, patched_prefill, tiny_llava,
     tiny_qwen,
 )
 from kit.prompts import BATCHES, SINGLE
@@ -42,6 +42,8 @@ def test_parsing_round_trips_and_gaps_is_the_default():
     assert vtp.Policy.parse(pol.to_dict()) == pol
     e = assert_policy_refused("fastv:layer=2,keep=0.5,positions=packed", "stages[0].positions")
     assert "gaps, repack" in str(e)
+    assert vtp.FlowCutLLM(tokens=20, positions="repack") == vtp.Policy.parse("flowcut_llm:tokens=20,positions=repack")
+    assert vtp.FlowCutViT(keep=0.25, newlines="drop") == vtp.Policy.parse("flowcut_vit:keep=0.25,newlines=drop")
 
 
 def test_newlines_is_a_vision_stage_key():
@@ -62,6 +64,42 @@ def test_qwen_m_rope_refuses_repack_before_touching_the_model():
     inputs = make_qwen_batch(model, [[4, "img", 5]])
     with vtp.patch(model, "fastv:layer=2,keep=0.5,positions=gaps"), torch.no_grad():
         model(**inputs)  # gaps runs
+
+
+def test_repack_refused_without_a_model_level_rotary_or_with_dynamic_rope():
+    model = fresh_llava("sdpa")
+    lm = model.model.language_model
+    lm.rotary_emb.rope_type = "dynamic"
+    with pytest.raises(vtp.IncompatiblePolicyError) as e:
+        vtp.patch(model, "fastv:layer=2,keep=0.5,positions=repack")
+    assert e.value.field == "stages[0].positions" and "dynamic" in str(e.value) and "allowed: gaps" in str(e.value)
+    rotary = lm.rotary_emb
+    del lm.rotary_emb
+    try:
+        with pytest.raises(vtp.IncompatiblePolicyError) as e:
+            vtp.patch(model, "fastv:layer=2,keep=0.5,positions=repack")
+        assert e.value.field == "stages[0].positions" and "rotary_emb" in str(e.value)
+        assert not is_patched(model)
+    finally:
+        lm.rotary_emb = rotary
+
+
+def test_catalogue_rows_name_existing_tests():
+    """docs/bad-inputs.md rows 160-161 (LLM-stage positions, vision-stage newlines) name tests that exist."""
+    import ast
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parent
+    doc = (root.parent / "docs" / "bad-inputs.md").read_text(encoding="utf-8")
+    rows = {int(m.group(1)): line for line in doc.splitlines() if (m := re.match(r"\| (\d+) \|", line))}
+    for n in (160, 161):
+        cell, file = rows[n].rstrip(" |").rsplit("|", 1)[-1], None
+        for ref in re.findall(r"(test_\w+)?::(test_\w+)", cell):
+            file = ref[0] or file
+            tree = ast.parse((root / f"{file}.py").read_text(encoding="utf-8"))
+            assert ref[1] in {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}, (n, ref)
+        assert file is not None, n
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,9 +54,10 @@ def AIM(layer: int | None = None, keep: float | None = None, tokens: int | None 
 
 
 def FlowCutLLM(layer: int | None = None, keep: float | None = None, tokens: int | None = None,  # noqa: N802
-               **params: Any) -> Policy:
-    """FlowCut's LLM stage (arXiv 2505.19536): default layer 2, keep 22.22 %."""
-    return _preset("flowcut_llm", layer=layer, keep=keep, tokens=tokens, **params)
+               positions: str | None = None, **params: Any) -> Policy:
+    """FlowCut's LLM stage (arXiv 2505.19536): default layer 2, keep 22.22 %; ``positions="repack"``: the official
+    LLaVA-NeXT path's contiguous renumbering (default ``"gaps"``)."""
+    return _preset("flowcut_llm", layer=layer, keep=keep, tokens=tokens, positions=positions, **params)
 
 
 def EfficientVLA(layer: int | None = None, keep: float | None = None, tokens: int | None = None,  # noqa: N802
@@ -95,9 +96,10 @@ def CoViPAL(keep: float | None = None, weights: str | None = None, positions: st
 
 
 def FlowCutViT(keep: float | None = None, tokens: int | None = None, positions: str | None = None,  # noqa: N802
-               **params: Any) -> Policy:
-    """FlowCut in the CLIP tower (arXiv 2505.19536): default 128 of 576 patches per crop."""
-    return _preset("flowcut_vit", keep=keep, tokens=tokens, positions=positions, **params)
+               newlines: str | None = None, **params: Any) -> Policy:
+    """FlowCut in the CLIP tower (arXiv 2505.19536): default 128 of 576 patches per crop; ``newlines="drop"``: no
+    LLaVA-NeXT ``image_newline`` token reaches the LLM (the official NeXT path; default ``"keep"``)."""
+    return _preset("flowcut_vit", keep=keep, tokens=tokens, positions=positions, newlines=newlines, **params)
 
 
 def MCTF(layer: int | None = None, keep: float | None = None, tokens: int | None = None,  # noqa: N802

@@ -88,7 +88,7 @@ def _policy_keys() -> set[str]:
     from ..policy import STAGE_KEYS
     from ..structural.spec import PARAMS
 
-    keys = set(STAGE_KEYS) | {"positions"}
+    keys = set(STAGE_KEYS) | {"positions", "newlines"}
     keys |= {k for _, crit in CRITERIA.items() for k in getattr(crit, "params", {})}
     keys |= {k for params in PARAMS.values() for k in params}
     return keys
