@@ -250,3 +250,26 @@ def test_keep_all_with_repack_is_the_unpatched_model(attn):
     with vtp.patch(model, policy), torch.no_grad():
         assert torch.equal(model.generate(**inputs, max_new_tokens=6, do_sample=False), g)
     assert g.shape[1] > L
+
+
+# ------------------------------------------------------------------------------------------------
+# other 1-D RoPE families: LLaVA-OneVision (Qwen2 text model), InternVL (Qwen2 / Llama text models)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["onevision", "internvl"])
+def test_other_families_match_the_oracle(family):
+    from vlm_tokenprune.eval import tiny_families as tf
+
+    if family == "onevision":
+        model = tf.build_tiny_onevision("sdpa")
+        inputs = tf.make_onevision_batch(model, [[4, "img", 3]], image_sizes=[[20, 36]], seed=1)
+    else:
+        model = tf.build_tiny_internvl("sdpa")
+        inputs = tf.make_internvl_batch(model, [[4, "img", 3]], tiles=[1], seed=1)
+    n = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    k = n // 4
+    want, kept = oracle.logits(model, inputs, [(2, "repack", k)])
+    logits, trace = patched_prefill(model, inputs, f"fastv:layer=2,tokens={k},positions=repack")
+    assert trace.stages[0].kept_positions[0] == kept[0]
+    torch.testing.assert_close(logits, want, atol=ATOL, rtol=0)
+    gaps, _ = oracle.logits(model, inputs, [(2, "gaps", k)])
+    assert (gaps - want).abs().max() > 1e-4
