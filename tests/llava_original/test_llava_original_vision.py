@@ -117,3 +117,23 @@ def test_vision_stage_refusals_name_the_field(clip_dir):
         assert e.value.field == field, (policy, e.value)
         assert all(not x._forward_pre_hooks and not x._forward_hooks for x in m.modules())
         assert "prepare_inputs_labels_for_multimodal" not in vars(m)
+
+
+LLAVA15_VISION_PRESETS = ["flowcut", "flowcut_vit", "flowcut_vit_192", "flowcut_vit_64", "mctf", "visionzip",
+                          "visionzip_128", "visionzip_192", "vispruner", "vispruner_192", "vispruner_64"]
+
+
+@pytest.mark.parametrize("preset", LLAVA15_VISION_PRESETS)
+def test_llava15_vision_presets_run_on_the_original_code_base(clip_dir, preset):
+    """Every LLaVA-1.5 vision-site preset (``flowcut`` picks its LLaVA-1.5 setting, ``flowcut_vit``) patches the
+    original model and shortens the tower's output and the language model's input by its budget."""
+    m = _model(clip_dir, "patch", "eager")
+    ids, img = hf_twin.original_ids(), hf_twin.image()
+    with vtp.patch(m, preset) as h, torch.no_grad():
+        logits = m(input_ids=ids, images=img).logits
+        stage = h.last_trace().stages[0]
+        budget = h.policy.stages[0].budget.count(hf_twin.PATCHES)
+    assert stage.site == "vision" and (preset != "flowcut" or stage.criterion == "flowcut_vit")
+    kept = stage.vision_kept_patches
+    assert kept < hf_twin.PATCHES and logits.shape[1] == ids.shape[1] - 1 + kept
+    assert kept == budget or stage.criterion == "mctf" and kept >= budget
