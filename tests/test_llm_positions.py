@@ -9,11 +9,11 @@ import torch
 
 import vlm_tokenprune as vtp
 from kit import (
-    BACKENDS, assert_batch_matches_rows_alone, assert_clear_cut, assert_generate_matches_rows_alone,
+    BACKENDS, FLASH, assert_batch_matches_rows_alone, assert_clear_cut, assert_generate_matches_rows_alone,
     assert_policy_refused, cache_kwargs, fresh_llava, generate_rows, kept_count, n_image_tokens, patched_prefill, tiny_llava,
     tiny_qwen,
 )
-from kit.prompts import BATCHES, SINGLE
+from kit.prompts import BATCHES, NEXT_BATCH, SINGLE
 from reference import flowcut_llm_oracle as flowcut
 from reference import repack_oracle as oracle
 from vlm_tokenprune.eval.tiny_models import make_batch, make_qwen_batch
@@ -163,6 +163,25 @@ def test_left_padded_batch_with_different_kept_counts_matches_rows_alone(attn, b
     trace = assert_batch_matches_rows_alone(model, inputs, rows, "flowcut_llm:layer=2,keep=0.25,positions=repack",
                                             row_oracle, atol=ATOL)
     assert len(set(trace.stages[0].visual_after)) > 1  # rows keep different counts
+
+
+@pytest.mark.parametrize("attn", ["sdpa", FLASH])
+def test_left_padded_llava_next_batch_matches_rows_alone(attn):
+    """LLaVA-NeXT rows (anyres grids of three sizes, a text-only row) keep different counts; each row's layers after
+    the stage see its own kept tokens renumbered from its first real token."""
+    model = tiny_llava(attn, next=True, image_size=16)
+    inputs = make_batch(model, NEXT_BATCH, seed=3, image_sizes=[[20, 36], [16, 16], [36, 20]])
+
+    def row_oracle(alone):
+        k = kept_count("keep=0.3", n_image_tokens(alone))
+        if k == 0:
+            return None
+        want, kept = oracle.logits(model, alone, [flowcut_stage(model, alone, 2, k, "repack")])
+        return kept, want[0]
+
+    trace = assert_batch_matches_rows_alone(model, inputs, NEXT_BATCH, "flowcut_llm:layer=2,keep=0.3,positions=repack",
+                                            row_oracle, atol=ATOL)
+    assert len(set(trace.stages[0].visual_after)) == 3
 
 
 # ------------------------------------------------------------------------------------------------
