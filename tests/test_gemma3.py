@@ -278,6 +278,30 @@ def test_a_chunk_appended_to_the_cache_matches_oracle(policy):
     torch.testing.assert_close(got, oracle.logits(model, full, stages)[-3:], atol=ATOL, rtol=0)
 
 
+def test_patched_generate_logs_no_deprecation_warning(monkeypatch):
+    """With and without the cache: the hooks ask transformers' outputs for the cache under its current name only."""
+    import logging
+
+    seen = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, *a, **k: self.warning(*a, **k))  # not cached
+    handler = Record()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        model = tiny("sdpa")
+        inputs = make_gemma3_batch(model, [[4, "img", 9]], seed=1)
+        with vtp.patch(model, "fastv:layer=2,keep=0.25"), torch.no_grad():
+            for use_cache in (False, True):
+                model.generate(**inputs, max_new_tokens=2, use_cache=use_cache, **GEN)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [m for m in seen if "deprecated" in m], seen
+
+
 def test_padded_batch_generate_matches_rows_alone_on_the_oracle():
     model = tiny("eager")
     inputs = batch(model, seed=2)

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 def cache_of(kwargs: Any) -> Any:
     """The cache under its 5.x name ``cache``, else the older ``past_key_values`` (read only when absent)."""
     cache = kwargs.get("cache")
-    return cache if cache is not None or "past_key_values" not in kwargs else kwargs.get("past_key_values")
+    # ``in kwargs.keys()``: on transformers' outputs ``"past_key_values" in output`` logs a deprecation warning
+    return cache if cache is not None or "past_key_values" not in kwargs.keys() else kwargs.get("past_key_values")
 
 
 def guard_forward(handle: "PatchHandle", original):

@@ -192,7 +192,8 @@ class Gemma3Adapter(HFAdapter):
 def cache_of(kwargs: Any) -> Any:
     """The cache in forward kwargs / an output: ``cache`` (transformers >= 5.2x), else ``past_key_values``."""
     cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
+    # ``keys()``: asking transformers' outputs for the old name logs a deprecation warning
+    return cache if cache is not None or "past_key_values" not in kwargs.keys() else kwargs.get("past_key_values")
 
 
 def _cache_kwarg(kwargs: dict, module: nn.Module) -> str:
