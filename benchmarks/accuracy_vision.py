@@ -119,7 +119,12 @@ def write_table(out: str) -> int:
     with open(os.path.join(out, "geometry_llava-small", "labels.json")) as f:
         geo_labels = json.load(f)
     by_label = {geo_labels[r["label"]]: r for r in geo["runs"][1:] if r["label"] in geo_labels}
-    lines = ["| policy | visual tokens into the LLM (tiny) | tokens per layer (tiny) | FLOPs ratio (tiny) | acc all | location "
+    lines = ["# Every token-budget method at the same visual-token count: accuracy on the shipped tiny VLM (n = "
+             f"{acc.get('data', {}).get('n', '?')}), FLOPs and measured CPU prefill ratio on the llava-small geometry", "",
+             "Written by `python benchmarks/accuracy_vision.py --table` from `bench.json` and "
+             "`geometry_llava-small/bench.json`; commands and reading in NOTES.md. FLOPs ratios: total (vision tower + "
+             "projector + LLM) unless marked LLM; prefill ratio: LM prefill, 3 interleaved runs, medians (noisy).", "",
+             "| policy | visual tokens into the LLM (tiny) | tokens per layer (tiny) | FLOPs ratio (tiny) | acc all | location "
              "| llava-small FLOPs ratio | llava-small LLM FLOPs ratio | llava-small measured CPU prefill ratio |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in acc["runs"]:
