@@ -81,6 +81,13 @@ class TestLlavaUniform:
         # 36 patches per image -> 18 placeholders each: the prompt really is shorter; text-only requests untouched
         assert [g["full_len"] - g["prompt_len"] for g in got] == [18 * len(r.images) for r in LLAVA_REQUESTS]
 
+    def test_per_request_policy_refused(self, engine):
+        from vllm import SamplingParams
+
+        req = dict(LLAVA_REQUESTS[0].vllm_input(), mm_processor_kwargs={"vtp_policy": "divprune"})
+        with pytest.raises(Exception, match="mm_processor_kwargs.vtp_policy"):
+            engine.generate([req], SamplingParams(max_tokens=1), use_tqdm=False)
+
 
 class TestLlavaAIMMerge:
     POLICY = "aim_merge:keep=0.25"  # merge (ToMe-style fusing), repack (the preset's)
