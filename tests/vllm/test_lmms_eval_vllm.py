@@ -17,7 +17,7 @@ from vlm_tokenprune.eval import bench  # noqa: E402
 from vlm_tokenprune.integrations.lmms_eval import TASKS_DIR  # noqa: E402
 from vlm_tokenprune.integrations.vllm.tiny_vlm import export_tiny_vlm  # noqa: E402
 
-POLICY = "divprune"  # the preset: keep 64 of 256 (positions=repack, what vLLM's LLaVA gives the kept tokens)
+POLICY = "divprune"  # the preset: 25 of 256 visual tokens kept (positions=repack, what vLLM gives LLaVA)
 LIMIT = 16
 
 
