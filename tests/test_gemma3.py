@@ -32,8 +32,8 @@ GEN = {"do_sample": False, "suppress_tokens": [IMAGE_TOKEN_ID]}
 
 
 @functools.cache
-def tiny(attn: str):
-    return build_tiny_gemma3(attn)
+def tiny(attn: str, window: int = 8):
+    return build_tiny_gemma3(attn, sliding_window=window)
 
 
 def batch(model, seed: int = 0) -> dict:
@@ -144,7 +144,9 @@ def test_a_pruned_prefill_leaves_full_cache_layers_with_the_kept_tokens():
 @pytest.mark.parametrize("attn", BACKENDS)
 @pytest.mark.parametrize("layer,keep", [(2, 0.25), (4, 0.5)])
 def test_fastv_prefill_matches_oracle_row_by_row(attn, layer, keep):
-    model = tiny(attn)
+    """A 24-position window at the (sliding) scoring layer: row 0's last token sees its second image only, so the
+    first image scores 0 and the cut falls inside the second (the scores are the layer's own attention row)."""
+    model = tiny(attn, 24)
     inputs = batch(model)
     with vtp.patch(model, f"fastv:layer={layer},keep={keep}") as h, torch.no_grad():
         logits = model(**inputs).logits
@@ -208,9 +210,13 @@ METHODS = [
 ]
 
 
+# text-query criteria score many query rows at once: at a sliding layer only when the prompt fits the window
+WINDOW = {"efficientvla:layer=2,keep=0.3": 64}
+
+
 @pytest.mark.parametrize("policy", METHODS)
 def test_method_matches_masked_oracle_given_its_kept_sets(policy):
-    model = tiny("sdpa")
+    model = tiny("sdpa", WINDOW.get(policy, 8))
     inputs = batch(model)
     with vtp.patch(model, policy) as h, torch.no_grad():
         logits = model(**inputs).logits
@@ -341,6 +347,15 @@ def test_policies_refused_by_name_before_any_hook(policy, field, match):
     with no_hook_left(model), pytest.raises((IncompatiblePolicyError, vtp.PolicyError)) as e:
         vtp.patch(model, policy)
     assert e.value.field == field and match in str(e.value), str(e.value)
+
+
+def test_text_queries_at_a_sliding_scoring_layer_need_a_prompt_that_fits_the_window():
+    """Several query rows (EfficientVLA's instruction tokens) at a sliding layer: each would need its own key window;
+    refused by name when the prompt is longer than the window (it runs, == oracle, when the prompt fits: above)."""
+    model = tiny("sdpa")
+    with vtp.patch(model, "efficientvla:layer=2,keep=0.3"), torch.no_grad(), pytest.raises(InputError) as e:
+        model(**batch(model))
+    assert e.value.field == "stages[0].layer" and "sliding window of 8" in str(e.value)
 
 
 def test_structural_ops_are_refused_by_name():

@@ -403,7 +403,7 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output: torch.Te
     """
     t0 = time.perf_counter()
     stage = handle.policy.stages[i]
-    _, layer, hidden, position_embeddings = st.scoring
+    scoring_j, layer, hidden, position_embeddings = st.scoring
     captured, st.scoring, st.captured = st.captured, None, {}
     layout = st.layout
     B, M = hidden.shape[:2]
@@ -455,6 +455,9 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output: torch.Te
         embeds_visual=layout.is_visual & st.valid,
         embeds_valid=st.valid,
         cur_pos=base,
+        window=handle.adapter.scoring_window(handle.model, scoring_j),
+        window_pos=to_original(st, base),
+        window_field=f"stages[{i}].layer",
     )
     if stage.op == "merge":
         return _run_merge(handle, st, i, ctx, base, ok, seq_valid, is_vis, n_vis, output, relaxed, t0)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .attention import attention_rows
+from .errors import InputError
 from .ops import Ops
 
 
@@ -49,6 +50,30 @@ class ScoringContext:
     embeds_valid: torch.Tensor | None = None
     cur_pos: torch.Tensor | None = None
     ops: Ops = field(default_factory=lambda: Ops("torch"))  # the patch's backend (handle.ops)
+    # a scoring layer that attends through a sliding window (Gemma 3): its size, the ORIGINAL position of each current
+    # token ([B, M]) and the policy field named when a query set cannot be windowed; None: no window
+    window: int | None = None
+    window_pos: torch.Tensor | None = None
+    window_field: str = "layer"
+
+    def _key_valid(self, query: torch.Tensor, query_ok: torch.Tensor | None) -> torch.Tensor:
+        """``seq_valid``, restricted to the scoring layer's window of original positions (keys ``k`` with
+        ``q - window < k``), so attention rows are the layer's own. One query row per sample: exact. Several: the
+        window must not remove any of their causal keys (else ``InputError``; per-row key windows are not built)."""
+        if self.window is None:
+            return self.seq_valid
+        pos = self.window_pos
+        inside = pos[:, None, :] > torch.gather(pos, 1, query)[:, :, None] - self.window  # [B, R, M]
+        if query.shape[1] == 1:
+            return self.seq_valid & inside[:, 0]
+        causal = torch.arange(pos.shape[1], device=pos.device)[None, None, :] <= query[:, :, None]
+        rows = torch.ones_like(query, dtype=torch.bool) if query_ok is None else query_ok.bool()
+        if bool((causal & ~inside & self.seq_valid[:, None, :] & rows[:, :, None]).any()):
+            raise InputError(self.window_field, f"the scoring layer attends through a sliding window of {self.window} "
+                             "positions and this prompt is longer, so each query row would need its own key window "
+                             "(not built); allowed: a stage scoring at a full-attention layer, or prompts that fit "
+                             "the window")
+        return self.seq_valid
 
     def _queries(self, query, query_ok):
         if isinstance(query, str):
@@ -75,7 +100,8 @@ class ScoringContext:
         """
         query, query_ok = self._queries(query, query_ok)
         probs = attention_rows(
-            self.layer, self.hidden, self.position_embeddings, query, self.visual_idx, self.visual_ok, self.seq_valid,
+            self.layer, self.hidden, self.position_embeddings, query, self.visual_idx, self.visual_ok,
+            self._key_valid(query, query_ok),
             rope=rope, softmax_over=softmax_over, keys=self.keys, backend=self.ops.backend,
         )
         return probs if query_ok is None else probs * query_ok[:, None, :, None]
@@ -98,7 +124,8 @@ class ScoringContext:
         """
         query, query_ok = self._queries(query, query_ok)
         return attention_rows(
-            self.layer, self.hidden, self.position_embeddings, query, self.visual_idx, self.visual_ok, self.seq_valid,
+            self.layer, self.hidden, self.position_embeddings, query, self.visual_idx, self.visual_ok,
+            self._key_valid(query, query_ok),
             rope=rope, softmax_over=softmax_over, keys=self.keys, reduce=reduce, query_ok=query_ok,
             backend=self.ops.backend,
         )

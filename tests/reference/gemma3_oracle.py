@@ -11,8 +11,8 @@ The definition it applies, on the UNPRUNED sequence with the pruned tokens maske
   * rotary positions are the original positions; eager attention written out below (q/k RMS norms, GQA,
     ``query_pre_attn_scalar`` scaling), the layer's own norms and MLP.
 Generation recomputes the whole sequence each step (no cache); new tokens are alive in every layer. Scores for
-FastV (arXiv 2403.06764): head-mean post-softmax attention of the last token over its causal row at layer K-1
-(the criterion's own recomputation, without the window: the definition used on every family).
+FastV (arXiv 2403.06764): head-mean post-softmax attention of the last token over its row at layer K-1, the
+layer's own row: causal, and in a sliding layer only the keys inside its window of original positions.
 """
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ def hidden_before(model, x: torch.Tensor, layer: int, blocks: list) -> torch.Ten
 
 
 def fastv_scores(model, inputs: dict, layer: int) -> dict[int, float]:
-    """Image position -> head-mean attention of the last token in layer ``layer - 1`` (causal row, no window)."""
+    """Image position -> head-mean attention of the last token in layer ``layer - 1`` (its row in that layer: a
+    sliding layer sees only the keys inside its window)."""
     x = prompt_embeds(model, inputs)
     blocks = image_blocks(inputs)
     T = x.shape[1]
@@ -130,7 +131,10 @@ def fastv_scores(model, inputs: dict, layer: int) -> dict[int, float]:
         cos, sin = cos[0][:, None], sin[0][:, None]
         q, k = _rot(q, cos, sin), _rot(k, cos, sin)
         rep = H // Hkv
-        probs = torch.stack([torch.softmax((k[:, hh // rep] @ q[-1, hh]).float() * att.scaling, 0) for hh in range(H)])
+        keys = [p for p in range(T) if cfg.layer_types[j] != "sliding_attention" or p > T - 1 - cfg.sliding_window]
+        probs = torch.zeros(H, T)
+        for hh in range(H):
+            probs[hh, keys] = torch.softmax((k[keys, hh // rep] @ q[-1, hh]).float() * att.scaling, 0)
         mean = probs.mean(0)
     ids = inputs["input_ids"][0].tolist()
     return {p: float(mean[p]) for p, t in enumerate(ids) if t == model.config.image_token_id}

@@ -143,6 +143,11 @@ class Adapter:
     def install(self, handle: Any, model: nn.Module) -> None:
         """Extra hooks / instance-level changes of this family, kept on the handle (``add_hook`` / ``swap_attr``)."""
 
+    def scoring_window(self, model: nn.Module, j: int) -> int | None:
+        """The sliding window (in original positions) decoder layer ``j`` attends through, so criteria scoring at
+        it see the layer's own attention rows; None: full attention (every family but Gemma 3)."""
+        return None
+
     def decode_masks(self, handle: Any, masks: dict, kept: torch.Tensor, kept_ok: torch.Tensor, prompt_len: int,
                      past: int, q: int, dtype: torch.dtype) -> dict:
         """Families whose language model receives one 4-D mask per layer type (a dict, Gemma 3): those masks for

@@ -25,8 +25,11 @@ nothing (a keep-everything policy), the layers go back to sliding layers holding
 unpatched cache holds, so decoding is bit-identical. After a pre-LLM reduction the language model's
 decode masks are built here (``decode_masks``) from the kept tokens' original positions.
 
-Scoring (criteria that read attention at a sliding layer) uses the causal row of the kept tokens, as on
-every family; the layer's window is not applied to the scores (a definition; the oracle does the same).
+Scoring: a criterion reading attention at a sliding layer sees that layer's own rows, window included
+(``scoring_window`` -> ``ScoringContext.window``: keys inside the query's window of original positions). One
+query row per sample (FastV's last token, FEATHER, FlowCut) is exact at any length; several rows at once
+(EfficientVLA's instruction tokens) run while the prompt fits the window, else ``InputError`` naming the
+stage's layer (per-row key windows are not built; score at a full-attention layer instead).
 Refused: flash-attention-style backends (2-D masks carry neither the window of original positions nor
 the image block; transformers itself sets ``_supports_flash_attn = False`` for Gemma 3),
 ``use_bidirectional_attention`` text models, attention logit soft-capping, structural ops (untested),
@@ -163,6 +166,11 @@ class Gemma3Adapter(HFAdapter):
         handle.add_hook(f"{type(lm).__name__}: forward hook (a prefill that pruned nothing: cache layers back to "
                         "sliding layers, as unpatched)",
                         lm.register_forward_hook(mark_hook(lm_post), with_kwargs=True))
+
+    def scoring_window(self, model: nn.Module, j: int) -> int | None:
+        """Criteria scoring at a sliding layer see its window of original positions (``ScoringContext``)."""
+        text = model.config.text_config
+        return int(text.sliding_window) if text.layer_types[j] == "sliding_attention" else None
 
     def decode_masks(self, handle: Any, masks: dict, kept: torch.Tensor, kept_ok: torch.Tensor, prompt_len: int,
                      past: int, q: int, dtype: torch.dtype) -> dict:
