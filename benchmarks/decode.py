@@ -5,13 +5,16 @@ Geometry (random weights, built offline): tiny LLaVA with a Llama text model of 
 tower layer; prompt = text + 1..4 images (256..1024 visual tokens), batch 1, sdpa, fp32, one torch thread.
 
 What is timed: ONE decode step (a one-token forward on a cache holding the prompt and 4 generated
-tokens), repeated from a fresh copy of the same cache so every step sees the same cache length. The
-patched model's cache holds only the kept tokens from the pruned layer on. For each policy and cache
-length, baseline and patched steps are interleaved in one loop (order alternating), after a warm-up.
-Reported: ``ratio`` = median(patched step) / median(baseline step), the step times in ms, and ``hooks us``:
-the median wall time per patched step spent inside the library's LLM-site hooks (``engine.top_pre_hook``,
-``top_post_hook`` and every decoder layer's ``layer_pre_hook``, timed by wrappers installed before ``patch``),
-i.e. the Python work a decode step pays for the policy.
+tokens), repeated from a fresh copy of the same cache so every step sees the same cache length (the copy is
+registered with the patched handle as the prompt's cache, so every patched step is a real pruned decode step:
+the script checks ``last_trace().phase == "decode"``). The patched model's cache holds only the kept tokens
+from the pruned layer on. Three models share the weights: the unpatched one, the patched one and an
+instrumented patched one (each library hook wrapped by a timer and counter); for each policy and cache
+length their steps are interleaved in one loop (order rotating), after a warm-up, so load changes hit all
+three alike. Reported: ``ratio`` = median(patched step) / median(baseline step) and the step times in ms;
+``hook calls``: library hook calls per decode step (every function ``patch()`` registered, on any module);
+``hooks us``: the median wall time per step spent inside them (instrumented model); ``hooks %``: that time
+over the median baseline step.
 
 Usage: ``python benchmarks/decode.py [--repeats 31] [--out benchmarks/results/decode_cpu.md]``
 """
@@ -28,10 +31,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 import vlm_tokenprune as vtp  # noqa: E402
-from vlm_tokenprune import engine  # noqa: E402
 from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch  # noqa: E402
 
-POLICIES = ["fastv:layer=2,keep=0.25", "fastv:layer=2,keep=0.5", "uniform:site=pre_llm,keep=0.25,positions=gaps"]
+POLICIES = ["fastv:layer=2,keep=0.25", "fastv:layer=2,keep=0.5", "fastv:layer=6,keep=0.25",
+            "uniform:site=pre_llm,keep=0.25,positions=gaps"]
 
 
 def _cache(out) -> dict:
@@ -52,32 +55,42 @@ def _prepared(model, inputs, steps: int = 4):
     return _cache(out), nxt, mask
 
 
-HOOK_SECONDS = [0.0]
+class HookMeter:
+    """Wraps every library hook of a patched model: calls and wall time inside them, per step."""
+
+    def __init__(self, model):
+        self.calls, self.seconds = 0, 0.0
+        for m in model.modules():
+            for hooks in (m._forward_pre_hooks, m._forward_hooks):
+                for key, fn in list(hooks.items()):
+                    if getattr(fn, "__vtp__", False):
+                        hooks[key] = self._wrap(fn)
+
+    def _wrap(self, fn):
+        def hook(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+        hook.__vtp__ = True
+        return hook
 
 
-def _timed(fn):
-    """``fn`` adding its wall time to ``HOOK_SECONDS`` (installed on ``engine`` before ``patch`` binds the hooks)."""
-    def wrapper(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            HOOK_SECONDS[0] += time.perf_counter() - t0
-    return wrapper
-
-
-for _name in ("top_pre_hook", "top_post_hook", "layer_pre_hook"):
-    setattr(engine, _name, _timed(getattr(engine, _name)))
-
-
-def _step(model, state) -> float:
+def _step(model, state, handle=None, record=None) -> float:
     cache, nxt, mask = state
     fresh = {k: copy.deepcopy(v) for k, v in cache.items()}
-    HOOK_SECONDS[0] = 0.0
+    if handle is not None:  # the copy continues the same prompt (a copied cache is not one the handle has seen)
+        for v in fresh.values():
+            handle.remember(v, record)
     t0 = time.perf_counter()
     with torch.no_grad():
         model(input_ids=nxt, attention_mask=mask, use_cache=True, **fresh)
-    return time.perf_counter() - t0
+    t = time.perf_counter() - t0
+    if handle is not None and handle.last_trace().phase != "decode":
+        raise RuntimeError(f"the patched step ran as {handle.last_trace().phase!r}, not as a pruned decode step")
+    return t
 
 
 def main() -> None:
@@ -86,42 +99,49 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model = build_tiny_llava("sdpa", layers=8, hidden=256, heads=4, kv_heads=2, intermediate=512, image_size=128,
-                             patch=8, vision_layers=1)
+    base = build_tiny_llava("sdpa", layers=8, hidden=256, heads=4, kv_heads=2, intermediate=512, image_size=128,
+                            patch=8, vision_layers=1)
     rows = []
     for n_img in (1, 2, 4):
-        inputs = make_batch(model, [[8] + ["img"] * n_img + [8]])
-        base = _prepared(model, inputs)
+        inputs = make_batch(base, [[8] + ["img"] * n_img + [8]])
+        base_state = _prepared(base, inputs)
         for pol in POLICIES:
-            h = vtp.patch(model, pol)
-            patched = _prepared(model, inputs)
-            h.unpatch()
-            b, p, hooks = [], [], []
+            patched, instrumented = copy.deepcopy(base), copy.deepcopy(base)
+            hp, hi = vtp.patch(patched, pol), vtp.patch(instrumented, pol)
+            meter = HookMeter(instrumented)
+            p_state, i_state = _prepared(patched, inputs), _prepared(instrumented, inputs)
+            p_rec, i_rec = hp.session(next(iter(p_state[0].values()))), hi.session(next(iter(i_state[0].values())))
+            runs = {"b": (base, base_state, None, None), "p": (patched, p_state, hp, p_rec),
+                    "i": (instrumented, i_state, hi, i_rec)}
+            times: dict = {k: [] for k in runs}
+            calls, hook_s = [], []
             for i in range(args.repeats + 3):
-                order = [("b", base), ("p", patched)] if i % 2 == 0 else [("p", patched), ("b", base)]
-                for kind, state in order:
-                    if kind == "p":
-                        h = vtp.patch(model, pol)
-                        t = _step(model, state)
-                        h.unpatch()
-                        if i >= 3:
-                            hooks.append(HOOK_SECONDS[0])
-                    else:
-                        t = _step(model, state)
+                order = "bpi"[i % 3:] + "bpi"[:i % 3]
+                for kind in order:
+                    meter.calls, meter.seconds = 0, 0.0
+                    t = _step(*runs[kind])
                     if i >= 3:
-                        (p if kind == "p" else b).append(t)
-            mb, mp = statistics.median(b), statistics.median(p)
-            mh = statistics.median(hooks)
-            rows.append((256 * n_img, pol, mb * 1e3, mp * 1e3, mp / mb, mh * 1e6))
-            print(f"{256 * n_img:5d} visual  {pol:48s} base {mb * 1e3:7.2f} ms  patched {mp * 1e3:7.2f} ms  "
-                  f"ratio {mp / mb:.3f}  hooks {mh * 1e6:6.0f} us", flush=True)
+                        times[kind].append(t)
+                        if kind == "i":
+                            calls.append(meter.calls)
+                            hook_s.append(meter.seconds)
+            hp.unpatch()
+            hi.unpatch()
+            mb, mp = statistics.median(times["b"]), statistics.median(times["p"])
+            mh = statistics.median(hook_s)
+            cache_len = base_state[2].shape[1] - 1
+            rows.append((256 * n_img, cache_len, pol, mb * 1e3, mp * 1e3, mp / mb, max(calls), mh * 1e6,
+                         100 * mh / mb))
+            print(f"{256 * n_img:5d} visual (cache {cache_len:5d})  {pol:46s} base {mb * 1e3:7.2f} ms  "
+                  f"patched {mp * 1e3:7.2f} ms  ratio {mp / mb:.3f}  hook calls {max(calls):2d}  "
+                  f"hooks {mh * 1e6:6.1f} us ({100 * mh / mb:.2f} %)", flush=True)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write("# Decode-step ratios (CPU, one thread)\n\n" + __doc__.split("\n\n")[1] + "\n\n")
-            f.write("| visual tokens | policy | baseline ms/step | patched ms/step | ratio | hooks us/step |\n"
-                    "|---|---|---|---|---|---|\n")
-            for v, pol, mb, mp, r, us in rows:
-                f.write(f"| {v} | `{pol}` | {mb:.2f} | {mp:.2f} | {r:.3f} | {us:.0f} |\n")
+            f.write("| visual tokens | cache length | policy | baseline ms/step | patched ms/step | ratio | hook calls/step "
+                    "| hooks us/step | hooks % of baseline step |\n|---|---|---|---|---|---|---|---|---|\n")
+            for v, c, pol, mb, mp, r, n, us, pct in rows:
+                f.write(f"| {v} | {c} | `{pol}` | {mb:.2f} | {mp:.2f} | {r:.3f} | {n} | {us:.1f} | {pct:.2f} |\n")
             f.write("\nReproduce: `OMP_NUM_THREADS=1 python benchmarks/decode.py --out benchmarks/results/decode_cpu.md`\n")
 
 

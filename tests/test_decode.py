@@ -138,3 +138,47 @@ def test_decode_steps_look_up_the_kept_sets_once_per_prompt(monkeypatch):
         toks = _greedy_manual(model, inputs, 6)  # a prefill and 5 decode steps
     assert torch.equal(toks[:, :1], want)
     assert sorted(calls) == list(range(len(model.model.language_model.layers)))  # once per layer, not per step
+
+
+def _hook_calls_per_decode_step(layers: int, policy: str, impl: str) -> int:
+    """Library hook calls (every function ``patch()`` registered, on any module) during one cached decode step
+    (the second one: the first builds the prompt's per-layer plan) of a ``layers``-layer tiny LLaVA."""
+    model = tiny_llava(impl, layers=layers)
+    inputs = make_batch(model, ROWS)
+    calls = [0]
+
+    def counted(fn):
+        def hook(*args, **kwargs):
+            calls[0] += 1
+            return fn(*args, **kwargs)
+        hook.__vtp__ = True
+        return hook
+
+    with torch.no_grad(), vtp.patch(model, policy) as h:
+        for m in model.modules():
+            for hooks in (m._forward_pre_hooks, m._forward_hooks):
+                for key, fn in list(hooks.items()):
+                    if getattr(fn, "__vtp__", False):
+                        hooks[key] = counted(fn)
+        counts = []
+        for tokens in (2, 3):  # a prefill and 1 / 2 decode steps (each prefill starts a new cache)
+            calls[0] = 0
+            _greedy_manual(model, inputs, tokens)
+            counts.append(calls[0])
+        assert h.last_trace().phase == "decode"
+    return counts[1] - counts[0]
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_decode_step_hook_calls_do_not_grow_with_the_layers_the_policy_leaves_alone(impl):
+    """Issue reliability-2 item 8: a decode step runs no library code on a decoder layer whose input the policy
+    never changes. A pre-LLM policy costs the same number of hook calls per step on 4 and on 8 decoder layers;
+    an LLM-site stage at layer ``k`` costs the top-level hooks, its k/v capture hooks and one pre-hook per layer
+    from ``k - 1`` on (4 layers with the stage at 2 = 8 layers with the stage at 6; a criterion that reads layer
+    0's input, ``Criterion.reads_embeds``, adds layer 0's). Fails on the engine that
+    hooked every decoder layer (4 more calls on the deeper model)."""
+    pre = "uniform:site=pre_llm,keep=0.25,positions=gaps"
+    assert _hook_calls_per_decode_step(4, pre, impl) == _hook_calls_per_decode_step(8, pre, impl) == 3
+    shallow = _hook_calls_per_decode_step(4, "fastv:layer=2,keep=0.25", impl)
+    deep = _hook_calls_per_decode_step(8, "fastv:layer=6,keep=0.25", impl)
+    assert shallow == deep == 2 + 2 + 3  # top pre/post, k/v capture on layer 1 (5), pre-hooks on layers 1-3 (5-7)

@@ -111,8 +111,11 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         live = record is not None and (record.records or (handle.structural is not None and record.is_visual is not None))
         st = ForwardState("decode" if live else "passthrough", record or PrefillRecord(past))
         st.cache = cache
+        n = handle.seams.num_layers
         if live:  # what each layer's input needs, looked up once per prompt, not per layer and step
-            record.decode_plan(len(handle.seams.decoder_layers))
+            record.decode_plan(n)
+        # every decoder layer sees the L new tokens: recorded here, once (no layer hook records them while decoding)
+        st.tokens_per_layer = st.prefill.decode_tokens(L, n)
         handle.open_state(st)
         return None
 
@@ -124,7 +127,7 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         record = PrefillRecord(L, is_visual=torch.zeros(B, L, dtype=torch.bool, device=input_ids.device))
         if cache is not None:
             handle.remember(cache, record)
-        handle.open_state(ForwardState("passthrough", record))
+        handle.open_state(ForwardState("passthrough", record, tokens_per_layer=[L] * handle.seams.num_layers))
         return None
     if handle.vision_seams is not None:  # the features must come from this patched tower's last call
         check_features(handle, kwargs)
@@ -134,7 +137,7 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
     if cache is not None:
         handle.remember(cache, record)
     if int(n_vis.max()) == 0:  # text-only input: nothing to prune
-        handle.open_state(ForwardState("passthrough", record))
+        handle.open_state(ForwardState("passthrough", record, tokens_per_layer=[L] * handle.seams.num_layers))
         return None
     counts, prev = n_vis.tolist(), n_vis.tolist()
     for i, stage in enumerate(handle.policy.stages):  # fail before any layer runs where we can tell already
@@ -212,6 +215,9 @@ def top_post_hook(handle: "PatchHandle", module, args, kwargs, output):
         cache = cache_of(output) if hasattr(output, "get") else _cache_in_tuple(output)
         if cache is not None:
             handle.remember(cache, st.prefill, replace=False)
+    if st.phase == "prefill" and len(st.tokens_per_layer) < handle.seams.num_layers:
+        # no decoder layer has a hook (no LLM token stage, ``sites.llm.hooked_layers``): all saw the LM's input
+        st.tokens_per_layer = [st.prefill.prompt_len] * handle.seams.num_layers
     handle.close_state()  # the cache reference goes; the state becomes last_trace()
     return None
 
@@ -227,76 +233,91 @@ def _cache_in_tuple(output: Any) -> Any:
 
 def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: dict):
     st = handle.state
-    if st is None:
+    if st is None or st.phase == "passthrough":
         return None
+    if st.phase != "prefill":
+        return _decode_layer_input(handle, st, j, args, kwargs)
     in_kwargs = not args
     hidden = kwargs["hidden_states"] if in_kwargs else args[0]
-    if st.phase != "prefill":
-        st.tokens_per_layer.append(hidden.shape[1])
-        # decode: a layer whose input the policy does not change (before the first stage) returns at once
-        if st.phase == "passthrough" or (st.prefill.layer_kept[j] is None
-                                         and (st.prefill.pre_llm is None or handle.seams.mask_format != "2d")):
-            return None
+    tokens = st.tokens_per_layer
+    if len(tokens) < j:  # the layers before the first hooked one (``sites.llm.hooked_layers``) saw the LM's input
+        tokens.extend([hidden.shape[1]] * (j - len(tokens)))
     kwargs = dict(kwargs)
     pid_in = kwargs.get("position_ids")  # the language model's own, before any change (positions=repack reads it)
     if st.prefill.pre_llm is not None and handle.seams.mask_format == "2d":
         # flash-attention reads gapped position ids at batch 1 as packed sequences; RoPE already lives in cos/sin
         kwargs["position_ids"] = None
-    if st.phase == "prefill":
-        if j == 0:
-            st.embeds = hidden  # what text-guided criteria read at layer 0 (a reference, no copy)
-        stage_i = handle.stage_at.get(j)
-        gather_hidden = False
-        drop = stage_i is not None and handle.policy.stages[stage_i].op == "visual_drop"
-        if stage_i is not None and (st.scoring is not None or drop):
-            local_idx, rec, fused = (_run_drop(handle, st, stage_i, hidden) if drop
-                                     else _run_stage(handle, st, stage_i, hidden))
-            if fused is not None:  # an LLM-site merge: the reduced hidden states replace the input
-                hidden = fused
-            elif local_idx is not None:
-                # before the first prune current positions are original ones: hidden states join
-                # the kwargs' gather (same indices, one launch); later stages index the current sequence
-                gather_hidden = st.cur_orig is None
-                if not gather_hidden:
-                    hidden = handle.ops.gather_tokens(local_idx, [hidden])[0]
-            if local_idx is not None:
-                if handle.repacks_llm:
-                    _carry_positions(handle, st, rec, local_idx, pid_in, hidden)
-                st.cur_orig, st.cur_ok = rec.kept, rec.kept_ok
-        if st.cur_orig is not None:
-            hidden = _shrink_kwargs(handle, kwargs, st.cur_orig, st.cur_ok, st.prefill.prompt_len, hidden,
-                                    prefill=True, gather_hidden=gather_hidden)
-        if st.cur_pe is not None:  # renumbered positions (positions=repack): this layer's rotary tables and ids
-            if kwargs.get("position_embeddings") is not None:
-                kwargs["position_embeddings"] = st.cur_pe
-            if kwargs.get("position_ids") is not None:
-                kwargs["position_ids"] = st.cur_pos
-        st.tokens_per_layer.append(hidden.shape[1])
-        if j in handle.stage_after:  # the next stage scores with this layer: keep its input
-            pe = kwargs.get("position_embeddings")
-            if pe is None:
-                # layers that build their rotary tables inside attention (transformers 4.3x): the adapter's (cos, sin)
-                pe = handle.adapter.position_embeddings(module, kwargs, hidden)
-            st.scoring = (j, module, hidden, pe)
-            st.captured = {}
-    else:  # cached decode: the prompt's kept set, new tokens appended
-        rec = st.prefill.layer_kept[j]
-        if rec is not None:
-            # layers between two stages get the same incoming mask and kept set: build their mask once per step
-            mask_in = kwargs.get("attention_mask")
-            hit = st.decode_masks.get(id(rec))
-            if hit is not None and hit[0] is mask_in:
-                kwargs["attention_mask"] = hit[1]
-            else:
-                _shrink_kwargs(handle, kwargs, rec.kept, rec.kept_ok, st.prefill.prompt_len, hidden, prefill=False,
-                               cache=st.cache)
-                st.decode_masks[id(rec)] = (mask_in, kwargs["attention_mask"])
-            if rec.pos_shift is not None:  # after a positions=repack stage: decode continues the renumbered positions
-                _shift_positions(handle, st, rec.pos_shift, kwargs, pid_in, hidden)
+    if j == 0:
+        st.embeds = hidden  # what text-guided criteria read at layer 0 (a reference, no copy)
+    stage_i = handle.stage_at.get(j)
+    gather_hidden = False
+    drop = stage_i is not None and handle.policy.stages[stage_i].op == "visual_drop"
+    if stage_i is not None and (st.scoring is not None or drop):
+        local_idx, rec, fused = (_run_drop(handle, st, stage_i, hidden) if drop
+                                 else _run_stage(handle, st, stage_i, hidden))
+        if fused is not None:  # an LLM-site merge: the reduced hidden states replace the input
+            hidden = fused
+        elif local_idx is not None:
+            # before the first prune current positions are original ones: hidden states join
+            # the kwargs' gather (same indices, one launch); later stages index the current sequence
+            gather_hidden = st.cur_orig is None
+            if not gather_hidden:
+                hidden = handle.ops.gather_tokens(local_idx, [hidden])[0]
+        if local_idx is not None:
+            if handle.repacks_llm:
+                _carry_positions(handle, st, rec, local_idx, pid_in, hidden)
+            st.cur_orig, st.cur_ok = rec.kept, rec.kept_ok
+    if st.cur_orig is not None:
+        hidden = _shrink_kwargs(handle, kwargs, st.cur_orig, st.cur_ok, st.prefill.prompt_len, hidden,
+                                prefill=True, gather_hidden=gather_hidden)
+    if st.cur_pe is not None:  # renumbered positions (positions=repack): this layer's rotary tables and ids
+        if kwargs.get("position_embeddings") is not None:
+            kwargs["position_embeddings"] = st.cur_pe
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = st.cur_pos
+    st.tokens_per_layer.append(hidden.shape[1])
+    if j in handle.stage_after:  # the next stage scores with this layer: keep its input
+        pe = kwargs.get("position_embeddings")
+        if pe is None:
+            # layers that build their rotary tables inside attention (transformers 4.3x): the adapter's (cos, sin)
+            pe = handle.adapter.position_embeddings(module, kwargs, hidden)
+        st.scoring = (j, module, hidden, pe)
+        st.captured = {}
     if in_kwargs:
         kwargs["hidden_states"] = hidden
         return args, kwargs
     return (hidden, *args[1:]), kwargs
+
+
+def _decode_layer_input(handle: "PatchHandle", st: ForwardState, j: int, args: tuple, kwargs: dict):
+    """A cached decode step at decoder layer ``j`` (hooked: ``sites.llm.hooked_layers``): the prompt's kept set at
+    this layer (``PrefillRecord.decode_plan``), the new tokens appended. Layers between two stages get the same
+    incoming mask and kept set: the shrunk mask is built once per step and group, the other layers of the group
+    swap in the same tensor. The hidden states are not touched while decoding. A layer whose input needs no
+    change (before the first stage; no mask and no padded slot; no position change) returns at once."""
+    rec = st.prefill.layer_kept[j]
+    no_pid = st.prefill.pre_llm is not None and handle.seams.mask_format == "2d"
+    if not no_pid and (rec is None or (rec.pos_shift is None and st.prefill.layer_all_ok[j]
+                                       and kwargs.get("attention_mask") is None)):
+        return None  # (no mask and no padded slot: ``shrink_mask`` would give None again)
+    kwargs = dict(kwargs)
+    pid_in = kwargs.get("position_ids")  # the language model's own (positions=repack shifts them)
+    if no_pid:
+        # flash-attention reads gapped position ids at batch 1 as packed sequences; RoPE already lives in cos/sin
+        kwargs["position_ids"] = None
+    if rec is not None:
+        hidden = kwargs["hidden_states"] if not args else args[0]
+        mask_in = kwargs.get("attention_mask")
+        hit = st.decode_masks.get(id(rec))
+        if hit is not None and hit[0] is mask_in:
+            kwargs["attention_mask"] = hit[1]
+        else:
+            _shrink_kwargs(handle, kwargs, rec.kept, rec.kept_ok, st.prefill.prompt_len, hidden, prefill=False,
+                           cache=st.cache)
+            st.decode_masks[id(rec)] = (mask_in, kwargs["attention_mask"])
+        if rec.pos_shift is not None:  # after a positions=repack stage: decode continues the renumbered positions
+            _shift_positions(handle, st, rec.pos_shift, kwargs, pid_in, hidden)
+    return args, kwargs
 
 
 def _carry_positions(handle: "PatchHandle", st: ForwardState, rec: StageRecord, local_idx: torch.Tensor,

@@ -79,11 +79,22 @@ class PrefillRecord:
     # per decoder layer: the record whose kept set shapes that layer's decode-time input (None: unchanged),
     # built once per cache by ``decode_plan`` (the records are final when the prefill ends)
     layer_kept: tuple | None = None
+    layer_all_ok: tuple = ()  # per decoder layer: its kept set has no padded slot (built with ``layer_kept``)
+    decode_tokens_per_layer: tuple = ()  # (q,) * n_layers of the last decode step (``decode_tokens``)
+
+    def decode_tokens(self, q: int, n_layers: int) -> tuple:
+        """``tokens_per_layer`` of a decode step with ``q`` new tokens: built once per prompt, not per layer and step."""
+        t = self.decode_tokens_per_layer
+        if len(t) != n_layers or (t and t[0] != q):
+            t = self.decode_tokens_per_layer = (q,) * n_layers
+        return t
 
     def decode_plan(self, n_layers: int) -> tuple:
         """``kept_at(j)`` for every decoder layer ``j``, computed on the first decode step of this prompt."""
         if self.layer_kept is None or len(self.layer_kept) != n_layers:
-            self.layer_kept = tuple(self.kept_at(j) for j in range(n_layers))
+            kept = tuple(self.kept_at(j) for j in range(n_layers))
+            self.layer_all_ok = tuple(r is None or bool(r.kept_ok.all()) for r in kept)  # set before layer_kept
+            self.layer_kept = kept
         return self.layer_kept
 
     def kept_at(self, layer: int) -> StageRecord | None:

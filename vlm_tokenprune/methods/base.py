@@ -68,6 +68,10 @@ class Criterion:
     # can size an image's placeholders before the language model runs (VisionZip, VisPruner, DivPrune, AIM merge,
     # uniform, random)
     image_only_fixed_count: ClassVar[bool] = False
+    # True when the criterion reads ``ScoringContext.embeds`` (the hidden states entering decoder layer 0, e.g.
+    # SparseVLM's text raters): the LLM site then hooks layer 0 to keep them. Else ``ctx.embeds`` is None, and a
+    # layer 0 whose input the policy leaves alone gets no hook (decode steps run nothing there)
+    reads_embeds: ClassVar[bool] = False
     # Whether ``eval.flops`` / ``explain`` may take a stage's budget as this criterion's kept count. None (default):
     # yes unless the criterion overrides ``select`` (FEATHER's union with a grid may keep more: the predicted counts
     # after it are lower bounds). True: yes although it overrides ``select`` (EfficientVLA keeps exactly the budget;

@@ -107,6 +107,7 @@ class SparseVLMCriterion(Criterion):
     op = "merge"
     sites = ("llm",)
     needs_text = True  # raters are text tokens after the image (engine.fit_budget keeps rows without any)
+    reads_embeds = True  # the raters are chosen from decoder layer 0's input (ScoringContext.embeds)
     params = {
         "count": Param("rank", str, "'rank': k = int(rank * scale + bias) (v1.0, the paper's adaptive count; the "
                        "budget caps it); 'topk': k = the budget (v1.5 lists)", choices=("rank", "topk")),

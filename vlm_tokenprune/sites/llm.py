@@ -90,12 +90,17 @@ def install(handle: PatchHandle, plan: LLMPlan) -> None:
     handle.swap_attr(top, "forward", engine.guard_forward(handle, top.forward))
     handle.add_hook(f"{type(top).__name__}.forward: instance wrapper (releases the forward state on any exit, "
                     "KeyboardInterrupt included; undone by unpatch)")
+    hooked = hooked_layers(handle, plan)
     for j, layer in enumerate(seams.decoder_layers):
+        if j not in hooked:  # the policy never changes this layer's input: no hook (a decode step runs nothing here)
+            continue
         roles = []
         if j in plan.stage_at:
             roles.append(f"score stage {plan.stage_at[j]} and drop tokens")
         if any(st.changes_tokens and st.layer <= j for st in pol.stages):
             roles.append("shrink mask/positions")
+        if j == 0 and _reads_embeds(handle):
+            roles.append("keep its input for the criteria (ScoringContext.embeds)")
         if j in plan.stage_after:
             roles.append(f"keep input for stage {plan.stage_after[j]}'s criterion")
             for what in ("k", "v"):
@@ -106,8 +111,28 @@ def install(handle: PatchHandle, plan: LLMPlan) -> None:
                     ),
                 )
         handle.add_hook(
-            f"decoder layer {j}: forward pre-hook ({', '.join(roles) or 'count tokens'})",
+            f"decoder layer {j}: forward pre-hook ({', '.join(roles) or 'position ids for the reduced input'})",
             layer.register_forward_pre_hook(
                 mark_hook(functools.partial(engine.layer_pre_hook, handle, j)), with_kwargs=True
             ),
         )
+
+
+def hooked_layers(handle: PatchHandle, plan: LLMPlan) -> frozenset:
+    """The decoder layers that get a forward pre-hook: every layer from the first one whose input a token stage
+    changes or a criterion scores on (``stage_after``, ``stage_at``); layer 0 when a criterion reads its input
+    (``Criterion.reads_embeds``: ``ScoringContext.embeds``); every layer when a pre-LLM / vision stage runs under
+    a ``2d`` mask (flash attention: position ids dropped, ``engine.layer_pre_hook``). The layers before the first
+    stage get none, so a decode step runs no library code there (issue reliability-2 item 8);
+    ``ForwardState.tokens_per_layer`` is filled without them (``engine``)."""
+    n = handle.seams.num_layers
+    if handle.seams.mask_format == "2d" and any(st.reduces_input for st in handle.policy.stages):
+        return frozenset(range(n))
+    starts = [*plan.stage_after, *plan.stage_at]
+    if not starts:
+        return frozenset()
+    return frozenset(range(min(starts), n)) | (frozenset({0}) if _reads_embeds(handle) else frozenset())
+
+
+def _reads_embeds(handle: PatchHandle) -> bool:
+    return any(getattr(c, "reads_embeds", False) for c in handle.criteria if c is not None)
