@@ -16,7 +16,9 @@ pytest.importorskip("vllm.entrypoints.llm", reason="vLLM is not installed (the .
 import torch  # noqa: E402
 
 from tiny_checkpoints import save_tiny  # noqa: E402
-from vllm_parity import Request, assert_same, close_engine, hf_run, image, make_engine, vllm_run  # noqa: E402
+from vllm_parity import (  # noqa: E402
+    Request, assert_same, close_engine, hf_run, image, make_engine, request, stock_vllm_run, vllm_run,
+)
 
 CHUNKED = dict(enable_chunked_prefill=True, max_num_batched_tokens=16)
 
@@ -29,11 +31,11 @@ LLAVA_REQUESTS = [
 ]
 # LLaVA-NeXT: anyres sizes giving 1x1, 1x2 and 2x1 crop grids with different unpadding
 NEXT_REQUESTS = [
-    Request("what color is the <image> object ?", [image(48, 48, 0)]),
-    Request("<image> where is the square", [image(40, 90, 1)]),
-    Request("how many circles", []),
-    Request("is there a <image> blue circle", [image(96, 30, 2)]),
-    Request("<image> what digit is written", [image(70, 100, 3)]),
+    request("what color is the <image> object ?", (48, 48, 0)),
+    request("<image> where is the square", (40, 90, 1)),
+    request("how many circles"),
+    request("is there a <image> blue circle", (96, 30, 2)),
+    request("<image> what digit is written", (70, 100, 3)),
 ]
 
 
@@ -119,17 +121,28 @@ class TestLlavaNextDivPrune:
 
 
 class TestInactive:
-    """No policy: the plugin's subclasses are registered but run exactly as the unpatched model."""
+    """No policy: the plugin's subclasses are registered but run exactly as the unpatched model, and exactly as
+    stock vLLM (the same requests in a fresh interpreter with no plugin loaded)."""
 
     @pytest.fixture(scope="class")
     @classmethod
-    def engine(cls, checkpoints, monkeypatch_class):
+    def stock(cls, checkpoints, tmp_path_factory, monkeypatch_class):
+        # before this class's own engine starts: one engine at a time
+        return stock_vllm_run(checkpoints["llava_next"], NEXT_REQUESTS, tmp_path_factory.mktemp("stock"), **CHUNKED)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engine(cls, checkpoints, stock, monkeypatch_class):
         llm = make_engine(checkpoints["llava_next"], None, **CHUNKED)
         yield llm
         close_engine(llm)
 
-    def test_same_as_unpatched(self, checkpoints, engine):
-        _parity(checkpoints, engine, "llava_next", None, NEXT_REQUESTS)
+    def test_same_as_unpatched_and_as_stock_vllm(self, checkpoints, engine, stock):
+        got = _parity(checkpoints, engine, "llava_next", None, NEXT_REQUESTS)
+        for i, (g, s) in enumerate(zip(got, stock)):
+            assert (g["prompt_len"], g["tokens"]) == (s["prompt_len"], s["tokens"]), i
+            assert g["logprobs0"].keys() == s["logprobs0"].keys(), i
+            assert all(abs(g["logprobs0"][t] - s["logprobs0"][t]) <= 1e-6 for t in s["logprobs0"]), i
 
 
 @pytest.fixture(scope="class")

@@ -17,6 +17,7 @@ STEPS = 6  # greedy tokens compared per request
 class Request:
     prompt: str
     images: list  # PIL images, in prompt order
+    sizes: tuple = ()  # (h, w, seed) of each image, when made by ``request`` (lets another process rebuild it)
 
     def vllm_input(self) -> dict:
         if not self.images:
@@ -28,6 +29,48 @@ def image(h: int, w: int, seed: int):
     from PIL import Image
 
     return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def request(prompt: str, *images: tuple[int, int, int]) -> Request:
+    """A request whose images are ``image(h, w, seed)`` for each ``(h, w, seed)``."""
+    return Request(prompt, [image(*t) for t in images], tuple(images))
+
+
+STOCK_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from vllm_parity import make_engine, request, vllm_run
+if __name__ == "__main__":
+    spec = json.load(open(sys.argv[2]))
+    llm = make_engine(spec["model"], None, **spec["engine"])
+    out = vllm_run(llm, [request(p, *map(tuple, imgs)) for p, imgs in spec["requests"]])
+    json.dump(out, open(sys.argv[3], "w"))
+"""
+
+
+def stock_vllm_run(model_dir, requests: list[Request], tmp_path, **engine_kw) -> list[dict]:
+    """The same requests on stock vLLM: a fresh interpreter with ``VLLM_PLUGINS=none`` (no general plugin is loaded,
+    so vLLM's own model classes serve the model)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = {"model": str(model_dir), "engine": engine_kw, "requests": [[r.prompt, [list(t) for t in r.sizes]]
+                                                                       for r in requests]}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    (tmp_path / "stock.py").write_text(STOCK_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "VTP_POLICY"}
+    env["VLLM_PLUGINS"] = "none"
+    r = subprocess.run([sys.executable, str(tmp_path / "stock.py"), str(Path(__file__).resolve().parent),
+                        str(tmp_path / "spec.json"), str(tmp_path / "out.json")], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "vlm_tokenprune" not in r.stderr, "the plugin was loaded in the stock run"
+    out = json.loads((tmp_path / "out.json").read_text())
+    for o in out:  # JSON keys are strings
+        o["logprobs0"] = {int(k): v for k, v in o["logprobs0"].items()}
+    return out
 
 
 def make_engine(model_dir, policy: str | None, **kw):
