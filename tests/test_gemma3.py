@@ -437,3 +437,17 @@ def test_profile_random_inputs_run_patched():
     with vtp.patch(model, "fastv:layer=2,keep=0.25") as h, torch.no_grad():
         model(**inputs)
     assert h.last_trace().stages[0].visual_after == [4, 4]
+
+
+def test_flops_count_the_window_of_sliding_layers():
+    """QK^T and AV of a sliding layer count min(n, W) keys per token; full layers n (the module docstring's formula)."""
+    from vlm_tokenprune.eval.flops import TextGeometry, layer_flops, prefill_flops
+    from vlm_tokenprune.eval.loading import KNOWN_GEOMETRIES
+
+    g = TextGeometry.of(KNOWN_GEOMETRIES["gemma-3-4b"]["text"])  # the pattern (6) without layer_types
+    assert g.sliding_window == 1024 and g.sliding_layers == tuple(j for j in range(34) if (j + 1) % 6)
+    n, q = 3000, 8 * 256
+    assert layer_flops(g, n, 0) - layer_flops(g, n, 5) == 2 * 2 * n * (1024 - n) * q
+    assert layer_flops(g, 500, 0) == layer_flops(g, 500, 5)  # shorter than the window: no difference
+    assert prefill_flops(g, [n] * 34) == sum(layer_flops(g, n, j) for j in range(34)) + 2 * 2560 * 262208
+    assert TextGeometry.of(tiny("sdpa").config).sliding_layers == (0, 1, 2, 3, 4)

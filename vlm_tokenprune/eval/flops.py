@@ -14,7 +14,9 @@ i.e. FastV's per-layer cost ``4nd^2 + 2n^2d + 2ndm`` (Chen et al., "An Image is 
 1/2 Tokens After Layer 2", arXiv 2403.06764, restated as Eq. 1 of FEATHER,
 arXiv 2412.13180) counted in FLOPs rather than multiply-accumulates and with the third
 SwiGLU matrix. A prefill adds the LM head ``2 * d * V`` per token whose logits are
-computed (1 by default: generation needs only the last token's logits).
+computed (1 by default: generation needs only the last token's logits). A layer that attends through a
+sliding window of ``W`` positions (Gemma 3's ``sliding_attention`` layers) counts ``2 * n * min(n, W) * q``
+for QK^T and AV (exact without pruning; an upper bound with the holes a pruned prompt leaves in the window).
 
 The vision tower and the projector are counted too (``VisionGeometry``: CLIP / SigLIP towers of
 LLaVA / LLaVA-NeXT, Qwen2-VL's tower and merger), so vision-site stages (FlowCut's ViT part, MCTF)
@@ -79,6 +81,9 @@ class TextGeometry:
     # projection is not counted (like norms)
     num_experts: int | None = None
     experts_per_token: int | None = None
+    # layers that attend through a sliding window of ``sliding_window`` positions (``layer_types``), else ()
+    sliding_layers: tuple[int, ...] = ()
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -120,17 +125,27 @@ class TextGeometry:
         if k and m_e and get("num_experts", None):  # MoE: the active experts' width per token
             values.update(intermediate_size=int(k) * int(m_e), num_experts=int(get("num_experts")),
                           experts_per_token=int(k))
+        types, window = get("layer_types", None), get("sliding_window", None)
+        pattern = get("sliding_window_pattern", None)
+        if not types and window and pattern:  # a config.json / geometry giving the pattern only (Gemma 3: 6)
+            types = ["full_attention" if (j + 1) % int(pattern) == 0 else "sliding_attention"
+                     for j in range(values["num_hidden_layers"])]
+        if types and window:  # Gemma 3: 5 of 6 layers slide
+            values.update(sliding_layers=tuple(j for j, t in enumerate(types) if t == "sliding_attention"),
+                          sliding_window=int(window))
         return cls(**values)
 
 
 # -- the formula ---------------------------------------------------------------------------------
-def layer_flops(text_config: Any, n: int) -> float:
-    """FLOPs of one decoder layer that sees ``n`` tokens (see the module docstring)."""
+def layer_flops(text_config: Any, n: int, layer: int | None = None) -> float:
+    """FLOPs of one decoder layer that sees ``n`` tokens (see the module docstring); ``layer``: its index, so a
+    sliding-window layer counts its window."""
     g = TextGeometry.of(text_config)
     d, q, kv, m = g.hidden_size, g.q_dim, g.kv_dim, g.intermediate_size
     n = int(n)
     projections = n * d * q + 2 * n * d * kv + n * q * d
-    attention = 2 * n * n * q
+    keys = min(n, g.sliding_window) if layer is not None and layer in g.sliding_layers else n
+    attention = 2 * n * keys * q
     mlp = 3 * n * d * m
     return float(2 * (projections + attention + mlp))
 
@@ -148,7 +163,7 @@ def prefill_flops(text_config: Any, tokens_per_layer: list[int], logits_tokens: 
         raise InputError(
             "tokens_per_layer", f"has {len(tokens_per_layer)} entries; the model has {g.num_hidden_layers} decoder layers"
         )
-    return sum(layer_flops(g, n) for n in tokens_per_layer) + lm_head_flops(g, logits_tokens)
+    return sum(layer_flops(g, n, j) for j, n in enumerate(tokens_per_layer)) + lm_head_flops(g, logits_tokens)
 
 
 # -- scoring overhead (reported separately) ------------------------------------------------------

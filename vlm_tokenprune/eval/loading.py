@@ -102,7 +102,8 @@ _GEMMA3 = {
 }
 for _size, _text in _GEMMA3.items():
     KNOWN_GEOMETRIES[f"gemma-3-{_size}"] = dict(
-        family="gemma3", text=dict(_text, vocab_size=262208, sliding_window=1024), vision=_SIGLIP_GEMMA3,
+        family="gemma3", text=dict(_text, vocab_size=262208, sliding_window=1024, sliding_window_pattern=6),
+        vision=_SIGLIP_GEMMA3,
         tokens_per_image=256,
         description=f"Gemma 3 {_size.upper()} geometry: {_text['num_hidden_layers']} x {_text['hidden_size']} LLM (GQA "
                     f"{_text['num_attention_heads']}/{_text['num_key_value_heads']} x {_text['head_dim']}; 5 of 6 layers "
