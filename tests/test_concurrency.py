@@ -146,3 +146,85 @@ def test_keyboard_interrupt_releases_the_forward(where, call):
         assert torch.equal(model(**inputs).logits, plain)
     after = _snapshot(model)
     assert all(torch.equal(before[k], after[k]) for k in before) and "forward" not in vars(model)
+
+
+def _qwen_requests():
+    from kit import tiny_qwen
+    from vlm_tokenprune.eval.tiny_models import make_qwen_batch
+
+    model = tiny_qwen("sdpa")
+    a = make_qwen_batch(model, [[5, "img", 7]], seed=0, image_grids=[(2, 3)])
+    b = make_qwen_batch(model, [[2, "img", 3, "img", 4]], seed=1, image_grids=[(4, 5), (3, 2)])  # other rope_deltas
+    return model, a, b
+
+
+def _qwen_decode(model, inputs, out, steps: int, own_positions: bool) -> torch.Tensor:
+    """Greedy cached decode steps; ``own_positions``: each step passes this request's M-RoPE position ids (the
+    prompt's ``get_rope_index`` deltas); else neither mask nor position ids (the model adds its stored deltas)."""
+    mask, logits = inputs["attention_mask"], [out.logits[:, -1]]
+    for _ in range(steps):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        if own_positions:
+            _, delta = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                  image_grid_thw=inputs["image_grid_thw"],
+                                                  attention_mask=inputs["attention_mask"])
+            pos = ((mask.long().cumsum(-1) - 1)[:, -1:] + delta)[None].expand(3, -1, -1)
+            out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True, **_cache(out))
+        else:
+            out = model(input_ids=nxt, use_cache=True, **_cache(out))
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+def _interleaving_changes(model, a, b, own_positions: bool) -> bool:
+    """Whether request ``b``'s prefill between ``a``'s prefill and ``a``'s decode steps changes ``a``'s logits."""
+    with torch.no_grad():
+        alone = _qwen_decode(model, a, model(**a, use_cache=True), 3, own_positions)
+        out = model(**a, use_cache=True)
+        model(**b, use_cache=True)
+        interleaved = _qwen_decode(model, a, out, 3, own_positions)
+    return not torch.equal(alone, interleaved)
+
+
+def test_qwen2_vl_interleaved_decode_matches_the_unpatched_model():
+    """Issue reliability-2: Qwen2-VL keeps ``rope_deltas`` on the model (``model.model.rope_deltas``): every prefill
+    writes it, and a cached forward given no ``position_ids`` adds it. Another request's prefill between a request's
+    prefill and its decode steps (interleaved serving, or threads) then shifts that request's positions — in the
+    UNPATCHED model. The patch adds no race of its own: an LLM-site policy changes logits under interleaving exactly
+    when the unpatched model does; a pre-LLM policy's decode positions come from its own prompt's record (never
+    shifted); decode steps that pass their own position ids (what ``generate()`` does from a fresh prompt) are
+    never shifted, patched or not. Concurrent ``generate()`` on one patched Qwen2-VL equals the calls one by one."""
+    model, a, b = _qwen_requests()
+    assert not _interleaving_changes(model, a, b, own_positions=True)
+    unpatched_shifts = _interleaving_changes(model, a, b, own_positions=False)
+    assert unpatched_shifts  # transformers' shared state (if this changes, the claims in README change with it)
+    with vtp.patch(model, "fastv:layer=2,keep=0.5"):
+        assert _interleaving_changes(model, a, b, own_positions=False) == unpatched_shifts
+        assert not _interleaving_changes(model, a, b, own_positions=True)
+    for policy in ("fastv:layer=2,keep=0.5", "uniform:site=pre_llm,keep=0.5,positions=gaps+fastv:layer=2,keep=0.5"):
+        with vtp.patch(model, policy):
+            if "pre_llm" in policy:
+                assert not _interleaving_changes(model, a, b, own_positions=False)
+            _threads_generate_as_alone(model, (a, b))
+
+
+def _threads_generate_as_alone(model, requests) -> None:
+    with torch.no_grad():
+        want = [model.generate(**r, max_new_tokens=4, do_sample=False) for r in requests]
+    got, errors = {}, []
+
+    def work(k: int) -> None:
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                got[k] = [model.generate(**requests[k], max_new_tokens=4, do_sample=False) for _ in range(3)]
+        except BaseException as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and all(torch.equal(g, want[k]) for k in got for g in got[k])

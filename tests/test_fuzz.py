@@ -184,9 +184,26 @@ policy_parts = dict(stages=hs.lists(stage, min_size=1, max_size=3), pre=pre_llm,
 
 
 def _decode_steps(family) -> int:
-    """Cached greedy decode steps after the prefill. Qwen2-VL keeps its ``rope_deltas`` on the model between
-    steps (transformers' own state: not thread-safe even unpatched), so its calls here are prefills."""
-    return 0 if family == "qwen2_vl" else 2
+    """Cached greedy decode steps after the prefill (every family: Qwen2-VL's steps carry their own position ids,
+    ``_qwen_decode_positions``)."""
+    return 2
+
+
+def _qwen_decode_positions(model, inputs: dict, mask: torch.Tensor, q: int) -> torch.Tensor:
+    """M-RoPE position ids ``[3, B, q]`` of the last ``q`` tokens of a Qwen2-VL request: what ``generate()`` gives
+    them (2-D mask positions plus this prompt's ``rope_deltas``, from the pure ``get_rope_index``). A cached forward
+    without ``position_ids`` reads ``model.model.rope_deltas``, which the LAST prefill of ANY request wrote
+    (transformers' state, shared by concurrent and interleaved requests, patched or not: tests/test_concurrency.py
+    ::test_qwen2_vl_interleaved_decode_matches_the_unpatched_model), so a serving loop passes its own."""
+    if inputs.get("image_grid_thw") is None and inputs.get("video_grid_thw") is None:
+        delta = torch.zeros(mask.shape[0], 1, dtype=torch.long)
+    else:
+        _, delta = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                              image_grid_thw=inputs.get("image_grid_thw"),
+                                              video_grid_thw=inputs.get("video_grid_thw"),
+                                              attention_mask=inputs["attention_mask"])
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -q:] + delta
+    return pos[None].expand(3, -1, -1)
 
 
 def _patched(model, parts):
@@ -210,6 +227,8 @@ def _call(model, handle, inputs: dict, steps: int):
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
             cache = {"cache": out["cache"]} if "cache" in out else {"past_key_values": out["past_key_values"]}  # 5.2x / 5.1x
+            if "mm_token_type_ids" in inputs:  # Qwen2-VL: this request's own M-RoPE positions
+                cache["position_ids"] = _qwen_decode_positions(model, inputs, mask, 1)
             out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **cache)
             logits.append(out.logits[:, -1])
     return logits, kept
