@@ -132,3 +132,19 @@ def test_bench_cli_writes_files_and_rejects_bad_budgets(capsys, tmp_path):
     assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.md").exists()
     assert main(["bench", "--policy", "fastv", "--budgets", "0.5,2", "--out", str(tmp_path)]) == 2
     assert "--budgets" in capsys.readouterr().err
+
+
+def test_structural_only_policies_count_the_untouched_tower(tiny):
+    """A policy of structural ops alone (no token stage in the trace) still counts the vision tower and projector
+    in its total FLOPs ratio: total = (tower + projector + LLM) / (tower + projector + LLM baseline)."""
+    from vlm_tokenprune.eval.flops import unpruned_flops
+
+    model, processor = tiny
+    r = bench.run_bench(["ffn_cut:ratio=2"], None, n=8, model=model, processor=processor, timing_iters=0,
+                        progress=False)
+    fl = r["runs"][1]["flops"]
+    assert fl["llm_ratio"] < fl["ratio"] < 1.0
+    whole = unpruned_flops(model.config, 11, 256)
+    rest = whole["vision_flops"] + whole["projector_flops"]
+    llm_base = fl["baseline_per_example"] - rest  # every example: 256 visual tokens, the same tower
+    assert fl["ratio"] == pytest.approx((rest + fl["llm_ratio"] * llm_base) / (rest + llm_base))
