@@ -1,6 +1,7 @@
 """Decode bookkeeping: manual cache continuation, multi-stage cached decode, serving from threads."""
 from __future__ import annotations
 
+import copy
 import inspect
 import threading
 
@@ -182,3 +183,23 @@ def test_decode_step_hook_calls_do_not_grow_with_the_layers_the_policy_leaves_al
     shallow = _hook_calls_per_decode_step(4, "fastv:layer=2,keep=0.25", impl)
     deep = _hook_calls_per_decode_step(8, "fastv:layer=6,keep=0.25", impl)
     assert shallow == deep == 2 + 2 + 3  # top pre/post, k/v capture on layer 1 (5), pre-hooks on layers 1-3 (5-7)
+
+
+@pytest.mark.parametrize("policy", ["fastv:layer=2,keep=0.25", "uniform:site=pre_llm,keep=0.25,positions=gaps", MULTI])
+def test_a_copied_prompt_cache_continues_the_same_prompt(policy):
+    """transformers' prompt-reuse recipe (``copy.deepcopy(prompt_cache)``, then decode from the copy): the copy holds
+    the pruned prompt, so its decode steps must continue that prompt exactly as the original cache does. Before the
+    cache carried its prompt's tag, a copy ran as an unknown cache: a padded batch raised a raw size mismatch, and a
+    pre-LLM policy silently decoded at the reduced cache's positions (logits off by ~3e-3)."""
+    model = tiny_llava("sdpa")
+    inputs = make_batch(model, ROWS)
+    with torch.no_grad(), vtp.patch(model, policy) as h:
+        out = model(**inputs, use_cache=True)
+        name = "cache" if "cache" in out else "past_key_values"
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
+        copied = copy.deepcopy(out[name])
+        got = model(input_ids=nxt, attention_mask=mask, **{name: copied}).logits
+        assert h.last_trace().phase == "decode"
+        want = model(input_ids=nxt, attention_mask=mask, **{name: out[name]}).logits
+    assert torch.equal(got, want)

@@ -39,6 +39,30 @@ class _Swap:
             delattr(self.obj, self.name)
 
 
+class _SessionKey:
+    """The tag a patched prefill puts on its KV cache (``cache._vtp_session``), naming the prompt the cache holds.
+
+    ``copy.deepcopy`` / ``copy.copy`` of the cache keep the SAME tag (transformers' prompt-reuse recipe copies a
+    prompt's cache and decodes from each copy), so a copy continues the same prompt: the same kept set per layer
+    and, after a pre-LLM stage, the same positions. Pickling gives a new tag (the copy is then a cache this handle
+    has not seen). A tag lives as long as some cache carries it.
+    """
+
+    __slots__ = ("__weakref__",)
+
+    def __deepcopy__(self, memo) -> "_SessionKey":
+        return self
+
+    def __copy__(self) -> "_SessionKey":
+        return self
+
+    def __reduce__(self):
+        return (_SessionKey, ())
+
+
+SESSION_ATTR = "_vtp_session"
+
+
 class _Call:
     """An undo that is a call (e.g. unregistering a name registered with transformers)."""
 
@@ -77,7 +101,7 @@ class PatchHandle:
         self.requested_policy = policy  # the policy as written (patch() sets it; self.policy: resolved for the model)
         self.patcher: Callable[..., "PatchHandle"] | None = None  # patch() itself (set by it): use() swaps with it
         self._lock = threading.Lock()
-        self._sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._sessions: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # _SessionKey -> PrefillRecord
         self.active = False
 
     # -- collaborator API (the sites) ---------------------------------------------------------
@@ -143,14 +167,24 @@ class PatchHandle:
         self._last_prefill = None
 
     def session(self, cache: Any):
-        """The ``PrefillRecord`` a cache continues (None: not a prompt this handle saw)."""
+        """The ``PrefillRecord`` a cache continues (None: not a prompt this handle saw). A copy of a cache
+        (``copy.deepcopy``) continues the same prompt (``_SessionKey``)."""
+        key = getattr(cache, "__dict__", {}).get(SESSION_ATTR)
+        if key is None:
+            return None
         with self._lock:
-            return self._sessions.get(cache)
+            return self._sessions.get(key)
 
     def remember(self, cache: Any, record: Any, *, replace: bool = True) -> None:
+        """``cache`` holds the prompt of ``record`` (``replace=False``: unless it already holds one of this handle's).
+        A new prompt gets a new tag, so copies taken of the cache before still continue their own prompt."""
         with self._lock:
-            if replace or cache not in self._sessions:
-                self._sessions[cache] = record
+            key = getattr(cache, "__dict__", {}).get(SESSION_ATTR)
+            if not replace and key is not None and key in self._sessions:
+                return
+            key = _SessionKey()
+            setattr(cache, SESSION_ATTR, key)
+            self._sessions[key] = record
 
     @property
     def n_sessions(self) -> int:
