@@ -148,3 +148,22 @@ def test_explain_counts_the_tower_of_these_models(name):
     out = policy_flops(cfg, "fastv:layer=2,keep=0.25", 64, n_visual)
     assert out["parts_counted"] == ["vision", "projector", "llm"] and out["vision_flops"] > 0
     assert out["llm_ratio"] < out["ratio"] < 1
+
+
+def test_a_trace_without_stages_gets_the_untouched_tower():
+    """Structural ops alone leave no stage in the trace, so ``trace_flops`` cannot see the visual tokens:
+    ``with_untouched_tower`` adds the whole tower + projector of the row (bench and profile use it)."""
+    from types import SimpleNamespace
+
+    from vlm_tokenprune.eval.flops import with_untouched_tower
+
+    tr = SimpleNamespace(phase="prefill", stages=[], tokens_per_layer=[2080] * 28)
+    fl = trace_flops(INTERNVL, tr)
+    assert fl["vision_flops"] is None and fl["ratio"] == 1.0
+    out = with_untouched_tower({**fl, "flops": fl["flops"] / 2, "llm_flops": fl["llm_flops"] / 2, "ratio": 0.5,
+                                "llm_ratio": 0.5}, INTERNVL, 288, 1792)
+    whole = unpruned_flops(INTERNVL, 288, 1792)
+    rest = whole["vision_flops"] + whole["projector_flops"]
+    assert out["vision_flops"] == whole["vision_flops"] and out["parts_counted"] == ["vision", "projector", "llm"]
+    assert out["ratio"] == pytest.approx((rest + fl["llm_flops"] / 2) / (rest + fl["llm_flops"]))
+    assert with_untouched_tower(out, INTERNVL, 288, 1792) is out  # a counted tower stays as it is

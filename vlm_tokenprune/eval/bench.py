@@ -178,7 +178,7 @@ def evaluate_policy(model, processor, examples: Sequence[dict], policy: Any = No
                     backend: str = "auto", max_new_tokens: int = 4, progress=None) -> dict:
     """Answer ``examples`` with ``policy`` (None: unpatched); predictions plus per-example tokens and FLOPs."""
     from .. import patch
-    from .flops import prefill_flops, trace_flops, unpruned_flops
+    from .flops import prefill_flops, trace_flops, unpruned_flops, with_untouched_tower
     from .tiny_vlm import answer
 
     pol = Policy.parse(policy) if policy is not None else None
@@ -226,10 +226,7 @@ def evaluate_policy(model, processor, examples: Sequence[dict], policy: Any = No
 
                     sf = structural_flops(model.config, pol, length - n_vis, n_vis, plan=plan,
                                           subset_attention=bool(getattr(handle, "structural_attention", True)))
-                    if fl["vision_flops"] is None and n_vis:  # structural ops alone leave no stage in the trace:
-                        whole = unpruned_flops(model.config, length - n_vis, n_vis)  # the tower + projector they leave
-                        rest = whole["flops"] - whole["llm_flops"]
-                        fl = {**fl, "flops": fl["flops"] + rest, "baseline_flops": fl["baseline_flops"] + rest}
+                    fl = with_untouched_tower(fl, model.config, length - n_vis, n_vis)  # structural ops alone
                     fl = {**fl, "flops": fl["flops"] - fl["llm_flops"] + sf["flops"], "llm_flops": sf["flops"],
                           "baseline_flops": fl["baseline_flops"] - fl["llm_baseline_flops"] + sf["baseline_flops"],
                           "llm_baseline_flops": sf["baseline_flops"]}

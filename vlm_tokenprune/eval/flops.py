@@ -528,6 +528,20 @@ def unpruned_flops(model_config: Any, n_text: int, n_visual: int, logits_tokens:
     return _with_parts(out, vg, parts, parts)
 
 
+def with_untouched_tower(out: dict, model_config: Any, n_text: int, n_visual: int) -> dict:
+    """``out`` (``trace_flops``) with the whole vision tower + projector of a row of ``n_visual`` visual tokens added
+    to both sides when it counted none because the trace has no stage (structural ops alone leave none) and the
+    model has a known tower; ``out`` itself otherwise."""
+    if out.get("vision_flops") is not None or not n_visual:
+        return out
+    whole = unpruned_flops(model_config, int(n_text), int(n_visual))
+    if whole["vision_flops"] is None:
+        return out
+    parts = {"vision": whole["vision_flops"], "projector": whole["projector_flops"]}
+    llm = {"flops": out["llm_flops"], "baseline_flops": out["llm_baseline_flops"], "ratio": out["llm_ratio"]}
+    return _with_parts({**out, **llm}, VisionGeometry.of(model_config), parts, parts)
+
+
 def _with_parts(out: dict, vg: VisionGeometry | None, policy_parts: dict | None, base_parts: dict | None) -> dict:
     """Adds the parts and makes ``flops`` / ``baseline_flops`` / ``ratio`` the total (LLM-only under ``llm_*``)."""
     out["llm_flops"], out["llm_baseline_flops"], out["llm_ratio"] = out["flops"], out["baseline_flops"], out["ratio"]

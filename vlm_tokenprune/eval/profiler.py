@@ -90,7 +90,7 @@ def profile(model: "str | Any" = "tiny", policies: Sequence[Any] = ("fastv:layer
     """
     from .. import patch
     from ..errors import InputError
-    from .flops import trace_flops
+    from .flops import trace_flops, with_untouched_tower
 
     if iters < 1 or warmup < 0:
         raise InputError("--iters", f"need iters >= 1 and warmup >= 0, got {iters}, {warmup}")
@@ -154,7 +154,8 @@ def profile(model: "str | Any" = "tiny", policies: Sequence[Any] = ("fastv:layer
     for pol in pols:
         r = interleaved(model, pol, calls, iters=iters, warmup=warmup, device=device, backend=backend)
         tr = r["trace"]
-        fl = trace_flops(model.config, tr, policy=pol)
+        fl = with_untouched_tower(trace_flops(model.config, tr, policy=pol), model.config, prompt_len - n_visual,
+                                  n_visual)  # a trace without stages (structural ops alone) counts no tower itself
         pre_b, pre_p = summary(r["prefill"]["baseline"]), summary(r["prefill"]["patched"])
         measured = pre_p["median"] / pre_b["median"]
         mem = prefill_memory(pol)
