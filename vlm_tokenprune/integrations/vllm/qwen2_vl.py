@@ -17,11 +17,14 @@ prompt. Three pieces of vLLM 0.32 are overridden:
   token's original ``(t, h, w)`` over its stand-in. This is ``patch()``'s ``positions=gaps``: every kept
   token keeps its 3-D position, text positions do not move, decoding continues after the largest one.
 
-vLLM's CPU model runner never switches its multimodal-pruning fix-up on, and the GPU runner only does
-for ``--video-pruning-rate > 0`` (which would also prune videos): ``install_runner_switch`` wraps the
-runners' ``load_model`` so a model that asks for it (``vtp_recomputes_mrope``) gets the fix-up, and
-nothing else changes. Videos are refused while a policy is active (patch() reduces them with the
-images of a row; per-item video reduction is not served).
+The runner's fix-up: vLLM's GPU model runners (V1 ``GPUModelRunner`` and the V2 default's
+``MultiModalPruner``) switch it on only when the multimodal config has ``video_pruning_rate > 0``, read
+after the model is built: the model sets a tiny rate on its own worker's config when a policy is active
+(videos are refused then, so no video is pruned). vLLM's CPU runner never reads it:
+``install_runner_switch`` wraps its ``load_model`` so a model that asks (``vtp_recomputes_mrope``) gets
+the fix-up. The GPU paths are written from vLLM 0.32's source and NOT run here (no GPU vLLM in CI).
+Videos are refused while a policy is active (patch() reduces them with the images of a row; per-item
+video reduction is not served).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from .servable import ImageLayout, ServePlan, check_servable
 
 logger = logging.getLogger("vlm_tokenprune.vllm")
 POSITION_CHANNELS = 3  # (t, h, w) appended to each kept feature row
+GPU_RUNNER_SWITCH_RATE = 1e-6  # a video-pruning rate > 0: how vLLM's GPU runners learn a model prunes (see _ModelMixin)
 
 
 # -- pure helpers (no vLLM) ----------------------------------------------------------------------------------
@@ -182,6 +186,11 @@ def _build() -> dict[str, type]:
             self.vtp_recomputes_mrope = self.vtp_plan is not None
             if self.vtp_recomputes_mrope:
                 self.is_multimodal_pruning_enabled = True  # Qwen2.5-VL: keeps the encoder CUDA graphs off
+                mm = vllm_config.model_config.multimodal_config
+                if mm is not None and not mm.is_multimodal_pruning_enabled():
+                    # vLLM's GPU model runners (V1 and V2) switch the M-RoPE fix-up on from this config, after the
+                    # model is built; videos are refused while a policy is active, so this prunes no video
+                    mm.video_pruning_rate = GPU_RUNNER_SWITCH_RATE
 
         def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
             if self.vtp_plan is None:
@@ -268,27 +277,27 @@ def _built() -> dict[str, type]:
 
 # -- the model runners' switch (plugin.register installs it) ------------------------------------------------
 def install_runner_switch() -> None:
-    """Wrap the model runners' ``load_model`` so that a loaded model with ``vtp_recomputes_mrope`` gets the
+    """Wrap vLLM's CPU model runner's ``load_model`` so that a loaded model with ``vtp_recomputes_mrope`` gets the
     runner's multimodal-pruning fix-up (``recompute_mrope_positions`` before each prefill chunk).
 
-    vLLM's GPU runner sets ``is_multimodal_pruning_enabled`` only when ``--video-pruning-rate > 0``; its CPU
-    runner (a subclass with its own ``load_model``) never does. Models without the attribute are untouched.
+    The CPU runner overrides ``load_model`` without the GPU runner's ``is_multimodal_pruning_enabled`` line, so it
+    never enables the fix-up (the GPU runners read the config the model sets, see ``_ModelMixin``). Models
+    without the attribute are untouched. Idempotent.
     """
     try:
-        from vllm.v1.worker import cpu_model_runner, gpu_model_runner
-    except Exception:  # pragma: no cover - a platform without these runners: nothing to switch
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ImportError:  # pragma: no cover - a vLLM build without the CPU runner: nothing to switch
         return
-    for cls in (gpu_model_runner.GPUModelRunner, cpu_model_runner.CPUModelRunner):
-        load = cls.__dict__.get("load_model")
-        if load is None or getattr(load, "_vtp_switch", False):
-            continue
+    load = CPUModelRunner.__dict__.get("load_model")
+    if load is None or getattr(load, "_vtp_switch", False):
+        return
 
-        @functools.wraps(load)
-        def load_model(self, *args, _load=load, **kwargs):
-            out = _load(self, *args, **kwargs)
-            if getattr(self.get_model(), "vtp_recomputes_mrope", False):
-                self.is_multimodal_pruning_enabled = True
-            return out
+    @functools.wraps(load)
+    def load_model(self, *args, **kwargs):
+        out = load(self, *args, **kwargs)
+        if getattr(self.get_model(), "vtp_recomputes_mrope", False):
+            self.is_multimodal_pruning_enabled = True
+        return out
 
-        load_model._vtp_switch = True
-        cls.load_model = load_model
+    load_model._vtp_switch = True
+    CPUModelRunner.load_model = load_model
