@@ -90,3 +90,23 @@ def test_image_layout_is_the_adapters_raster_grid():
     assert lay.row.tolist() == [r for r in range(4) for _ in range(3)]
     assert lay.col.tolist() == [c for _ in range(4) for c in range(3)]
     assert not bool(lay.is_newline.any()) and not bool(lay.segment.any())
+
+
+def test_serve_plan_from_the_config(monkeypatch):
+    """No policy, or one that keeps every token: None (the subclasses then run as stock vLLM's); ``repack`` on
+    Qwen: refused naming the field, before any engine exists."""
+    import copy
+
+    from vlm_tokenprune.errors import IncompatiblePolicyError
+    from vlm_tokenprune.integrations.vllm.qwen2_vl import serve_plan
+
+    monkeypatch.delenv("VTP_POLICY", raising=False)
+    cfg = copy.deepcopy(tiny_qwen("sdpa", "2").config)
+    assert serve_plan(cfg) is None
+    cfg.vtp_policy = "uniform:site=pre_llm,keep=1.0,positions=gaps"
+    assert serve_plan(cfg) is None
+    cfg.vtp_policy = "divprune:keep=0.25,positions=gaps"
+    assert serve_plan(cfg).stage.criterion == "divprune"
+    cfg.vtp_policy = "divprune"  # the preset says positions=repack
+    with pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.positions.*allowed: gaps"):
+        serve_plan(cfg)
