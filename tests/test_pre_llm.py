@@ -144,7 +144,7 @@ def test_keep_everything_is_exact():
     ("aim_merge+fastv", "stages[1].keep"),  # fastv keeps 0.5 of the original after aim_merge kept 0.125
     ("fastv+aim_merge", "stages[1].site"),  # a pre_llm stage comes before the LLM stages
     ("aim_merge+uniform:site=pre_llm,keep=0.1", "stages[1].site"),  # one pre_llm stage
-    ("fastv:positions=gaps", "stages[0].positions"),
+    ("fastv:positions=dense", "stages[0].positions"),  # LLM stages take gaps | repack
     ("uniform:site=pre_llm,op=merge", "stages[0].op"),
 ])
 def test_policy_errors_name_the_field(text, field):
