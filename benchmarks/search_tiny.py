@@ -130,6 +130,8 @@ def main() -> int:
     ap.add_argument("--finercut", action="store_true", help="re-run FinerCut's order (default: keep the recorded one)")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--from-json", action="store_true", help="only rewrite search_tiny.md from <out>/search_tiny.json")
+    ap.add_argument("--cached-only", action="store_true", help="evaluate no new run: rivals without cached hits are "
+                    "listed as not evaluated (to finish a report from a run cut short)")
     args = ap.parse_args()
     report_path = os.path.join(args.out, "search_tiny.json")
     if args.from_json:
@@ -163,10 +165,15 @@ def main() -> int:
     for b in [float(x) for x in args.budgets.split(",")]:
         out = os.path.join(args.out, "search_tiny", f"flops_{b:g}")
         ts = time.time()
-        res = search_policy(model, processor, f"flops={b}", space=args.space, calibration=args.calibration,
-                            generations=args.generations, offspring=args.offspring, heldout=0, out=out, progress=False,
-                            criteria=tuple(args.criteria.split(",")) if args.criteria else (), trade=args.trade,
-                            sublayers=0, resume=True)  # a killed run continues from the search's checkpoint
+        kw = dict(space=args.space, calibration=args.calibration, generations=args.generations, offspring=args.offspring,
+                  heldout=0, out=out, progress=False, criteria=tuple(args.criteria.split(",")) if args.criteria else (),
+                  trade=args.trade, sublayers=0)
+        try:  # a killed run continues from the search's checkpoint
+            res = search_policy(model, processor, f"flops={b}", resume=True, **kw)
+        except ValueError as e:
+            if "another search" not in str(e):
+                raise
+            res = search_policy(model, processor, f"flops={b}", resume=False, **kw)  # other settings: start afresh
         evaluated = len(res.rows)
         best_seed = min((s for s in res.seeds if s["fitness"] is not None), key=lambda s: s["fitness"], default=None)
         report["searches"].append({"budget": b, "policy": res.policy, "predicted_flops_ratio": res.flops_ratio,
@@ -192,6 +199,10 @@ def main() -> int:
     for i, r in enumerate(runs):
         if r["kind"] == "preset" and r["flops_ratio"] < floor:
             r["evaluated"] = False  # below every searched policy's FLOPs: not a rival (FLOPs only)
+            continue
+        if args.cached_only and f"{r['policy']}|{len(examples)}" not in cache:
+            r["evaluated"] = False
+            r["missing"] = True  # a rival not evaluated (run cut short)
             continue
         r["evaluated"] = True
         hits[i] = hits_of(model, processor, r["policy"], examples, cache, cache_path)
@@ -285,7 +296,16 @@ def write_markdown(report: dict, path: str) -> None:
             line += ("; presets with equal or higher held-out accuracy (S+/R+, p): " + ", ".join(
                 f"{_name(o)} {o['accuracy']:.4f} at FLOPs {o['flops_ratio']:.3f} ({p['a_only']}/{p['b_only']}, p={p['p']:.2f})"
                 for o, p in sorted(above, key=lambda t: -t[0]["accuracy"])))
+        gone = [r for r in runs if r.get("missing") and r["flops_ratio"] >= s["flops_ratio"] - 1e-9]
+        if gone:
+            line += f"; {len(gone)} preset runs at the same or higher FLOPs were NOT evaluated (run cut short)"
         lines.append(line + ".")
+    lines += ["", "In words: " + "; ".join(
+        f"at FLOPs <= {s['search_budget']:g} the searched policy is never worse beyond noise than a preset at the same or "
+        f"higher FLOPs ({len(loses)} losses), beats {len(beats)} of {len(presets_)} and ties the other {len(ties)} "
+        f"(the best of those ties reach {max([o['accuracy'] for o, _ in ties] or [float('nan')]):.3f})"
+        for s, holds, beats, ties, loses, above, presets_ in verdicts)
+        + ". The acceptance asks for 'beats every preset at the same or higher FLOPs': that is not shown at either budget."]
     lines += ["", "Why it cannot hold strictly on this model: the unpruned tiny VLM answers "
               f"{base['accuracy']:.1%} of the held-out questions, and the presets that keep the most compute sit at that "
               "level; a pruned policy can match it but 'beating' it needs the pruned model to answer questions the "
@@ -296,7 +316,7 @@ def write_markdown(report: dict, path: str) -> None:
         lines += [f"## FLOPs <= {s['search_budget']:g}", "",
                   f"Searched policy: `{info['policy']}` (predicted FLOPs ratio {info['predicted_flops_ratio']:.3f}, "
                   f"calibration KL {info['kl']:.5f}; {info['candidates']} candidates evaluated in "
-                  f"{info['seconds'] / 60:.1f} min; files in `{info['out']}/`: best.yaml, pareto.md / .png / .json).", "",
+                  f"{info['seconds'] / 60:.1f} min; files in `{info['out']}/`: best.yaml, pareto.md / .json, checkpoint.json).", "",
                   "Seeds (presets the space expresses, at the least compression within the budget; calibration KL on "
                   "every batch):", "", "| family | policy | predicted FLOPs | calibration KL |", "|---|---|---|---|"]
         for sd in sorted(info["seeds"], key=lambda x: x["fitness"] if x["fitness"] is not None else 9):
@@ -327,7 +347,11 @@ def write_markdown(report: dict, path: str) -> None:
         lines.append(f"| {_name(r)} | `{r['policy'] or '-'}` | {r['flops_ratio']:.3f} | {_acc(r)} | "
                      + " | ".join(f"{pt.get(q, float('nan')):.3f}" for q in ("color", "count", "exists", "location", "read"))
                      + f" | {'yes' if r in front else ''} |")
-    low = [r for r in runs if r["kind"] == "preset" and not r.get("evaluated")]
+    missing = [r for r in runs if r.get("missing")]
+    if missing:
+        lines += ["", "**Rivals NOT evaluated (the run was cut short; the verdict above does not cover them):** "
+                  + ", ".join(f"{_name(r)} ({r['flops_ratio']:.3f})" for r in missing) + "."]
+    low = [r for r in runs if r["kind"] == "preset" and not r.get("evaluated") and not r.get("missing")]
     if low:
         lines += ["", "Not rivals (FLOPs below both searched policies; not evaluated here, see `accuracy_tiny.md`): "
                   + ", ".join(f"{_name(r)} ({r['flops_ratio']:.3f})" for r in sorted(low, key=lambda r: -r["flops_ratio"])) + "."]
@@ -347,8 +371,9 @@ def write_markdown(report: dict, path: str) -> None:
     for r in fc["rows"]:
         lines.append(f"| {r['removed']} | `{r['policy']}` | {r['flops_ratio']:.3f} | {r['accuracy']:.3f} |")
     lines += ["", "Attention before MLP, deepest first, as the paper reports for Llama."]
+    text = "\n".join(lines) + "\n"
     with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(text.replace(os.path.dirname(HERE) + os.sep, ""))  # paths inside the repository, relative
 
 
 if __name__ == "__main__":
