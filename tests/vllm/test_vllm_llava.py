@@ -105,6 +105,45 @@ class TestLlavaAIMMerge:
         _parity(checkpoints, engine, "llava", self.POLICY, [r for r in LLAVA_REQUESTS if len(r.images) < 2])
 
 
+class TestLlavaVisionSite:
+    """VisionZip (the engine's policy) and VisPruner at the CLIP feature layer of vLLM's own tower: the plugin
+    captures the last encoder layer's output and its fused ``qkv_proj`` q / k for each tower call and runs the
+    library's ``after_feature_layer``. Both keep 9 of 36 patches (``keep=0.25``), so the engine's placeholder
+    count serves both; VisPruner is switched in on the running model (``apply_model``) and gets other images,
+    so no cached encoder output or KV block of the VisionZip requests is reused."""
+    POLICY = "visionzip:keep=0.25"  # 8 dominant + 1 contextual (merge path), positions=repack (the preset's)
+    SECOND = "vispruner:keep=0.25,important_ratio=0.5"
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def engine(cls, checkpoints, monkeypatch_class):
+        monkeypatch_class.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships a callable
+        llm = make_engine(checkpoints["llava"], cls.POLICY, **CHUNKED)
+        yield llm
+        close_engine(llm)
+
+    def test_visionzip_parity(self, checkpoints, engine):
+        got = _parity(checkpoints, engine, "llava", self.POLICY, LLAVA_REQUESTS)
+        assert [g["full_len"] - g["prompt_len"] for g in got] == [27 * len(r.images) for r in LLAVA_REQUESTS]
+
+    def test_vispruner_parity(self, checkpoints, engine):
+        import operator
+
+        from vlm_tokenprune.integrations.vllm.servable import check_servable, llava_layout
+
+        plan = check_servable(self.SECOND, "llava")
+        cfg = hf(checkpoints, "llava")[0].config
+        assert plan.kept_count(llava_layout(cfg, 36)) == check_servable(self.POLICY, "llava").kept_count(
+            llava_layout(cfg, 36)) == 9
+        engine.apply_model(operator.methodcaller("__setattr__", "vtp_plan", plan))
+        try:
+            reqs = [Request(r.prompt, [image(im.height, im.width, 10 + i + 7 * j) for j, im in enumerate(r.images)])
+                    for i, r in enumerate(LLAVA_REQUESTS)]
+            _parity(checkpoints, engine, "llava", self.SECOND, reqs)
+        finally:
+            engine.apply_model(operator.methodcaller("__setattr__", "vtp_plan", check_servable(self.POLICY, "llava")))
+
+
 class TestLlavaNextDivPrune:
     POLICY = "divprune:keep=0.3"
 

@@ -20,7 +20,7 @@ from tiny_checkpoints import save_tiny  # noqa: E402
 REFUSED = [
     ("fastv", "stages[0].layer", "in-LLM stage"),
     ("ffn_cut", "stages[0].op", "structural"),
-    ("visionzip", "stages[0].site", "vision tower"),
+    ("flowcut_vit", "stages[0].site", "vision tower"),  # before_layer stages; visionzip / vispruner are served
     ("covipal", "stages[0].criterion", "image_only_fixed_count"),
     ("uniform:site=pre_llm,keep=0.5", "stages[0].positions", "allowed: repack"),
 ]

@@ -8,7 +8,9 @@ reads the image alone and keeps a count that follows from the image's token layo
 (``Criterion.image_only_fixed_count``). Everything else is refused by name, before the engine starts:
 in-LLM stages (attention metadata and slot mappings are built once per step for the full prompt),
 structural ops, text-guided / learned-with-text criteria, data-dependent counts, and vision-site
-stages (their hooks need transformers' CLIP modules; vLLM runs its own tower).
+stages that act between encoder layers (their hooks need transformers' CLIP layers; vLLM runs its own tower).
+A vision-site stage acting on the feature layer alone (VisionZip, VisPruner) is served on LLaVA-1.5
+(``vision_site``: the model subclass hooks vLLM's CLIP for each tower call).
 
 ``check_servable(policy, family)`` -> ``ServePlan``; ``plan.kept_count(layout)`` sizes an image's
 placeholders; ``plan.reduce(features, layout)`` runs the library's own criterion code on one image's
@@ -31,6 +33,12 @@ from ...policy import Policy
 from ...reduction import Reduction
 from ...registry import CRITERIA
 from ...scoring import ScoringContext
+from .vision_site import VISION_FAMILIES, WHY_NOT_NEXT, feature_layer_only, vision_kept_count
+
+
+def _vision_served() -> list[str]:
+    return sorted(n for n, c in CRITERIA.items() if feature_layer_only(c))
+
 
 # model_type -> the position convention vLLM's model uses for the language model's input:
 # LLaVA / LLaVA-NeXT number every token of the (reduced) prompt by its index (= ``positions=repack``);
@@ -42,9 +50,10 @@ WHY_IN_LLM = ("vLLM builds the attention metadata, slot mapping and KV blocks on
               "tokens cannot leave between decoder layers; allowed: one site=pre_llm stage")
 WHY_STRUCTURAL = ("structural ops change the decoder layers' computation; vLLM's own decoder layers carry no hooks; "
                   "allowed: one site=pre_llm stage")
-WHY_VISION = ("vision-site stages hook transformers' CLIP encoder layers (CLS attention, q/k/v projections); vLLM runs "
-              "its own vision tower (vllm.model_executor.models.clip, fused qkv_proj), where these hooks do not exist; "
-              "allowed: one site=pre_llm stage")
+WHY_VISION = ("it reduces tokens between the vision tower's encoder layers (before_layer: hooks inside transformers' CLIP "
+              "layers, attention biases); vLLM runs its own vision tower (vllm.model_executor.models.clip), where only "
+              "the feature layer's output and q/k are taken; allowed: one site=pre_llm stage, or a vision stage acting "
+              "on the feature layer alone (" + ", ".join(_vision_served()) + ") on llava")
 
 
 @dataclass(frozen=True)
@@ -110,12 +119,21 @@ class ServePlan:
     def describe(self) -> str:
         if not self.active:
             return f"{self.policy} (keeps every visual token: the model runs unchanged)"
+        if self.vision:
+            return f"{self.stage.describe()} on {self.family} (per image, at the vision tower's feature layer)"
         return f"{self.stage.describe()} on {self.family} (per image, after the projector)"
+
+    @property
+    def vision(self) -> bool:
+        """The stage runs at the vision tower's feature layer (``vision_site``), not after the projector."""
+        return self.active and self.stage.is_vision
 
     def kept_count(self, layout: ImageLayout) -> int:
         """How many placeholders one image gets: a function of its unreduced layout alone (never its content)."""
         if not self.active:
             return layout.n
+        if self.vision:  # LLaVA-1.5: the layout holds CLS (row -1) only with select strategy "full"
+            return vision_kept_count(self, layout.n, "full" if bool((layout.row < 0).any()) else "default")
         return _kept_count(self, layout.signature())
 
     def reduce(self, features: torch.Tensor, layout: ImageLayout) -> Reduced:
@@ -126,6 +144,8 @@ class ServePlan:
             raise ValueError(f"features: {n} rows but the image's layout has {layout.n} tokens")
         if not self.active:
             return Reduced(features, torch.arange(n, device=features.device))
+        if self.vision:
+            raise RuntimeError("a vision-site plan reduces inside the tower (vision_site.reduce_feature_layer)")
         stage = self.stage
         keep_n = min(stage.budget.count(n, n), n)  # a tokens=N budget above the image keeps all (patch(): kept_all)
         if keep_n >= n:
@@ -186,10 +206,14 @@ def check_servable(policy: "str | Mapping | Policy", family: str | None) -> Serv
         if st.is_llm:
             raise IncompatiblePolicyError(
                 f"{where}.layer", f"{st.criterion!r} at layer {st.layer} is an in-LLM stage: {WHY_IN_LLM}")
-        if st.is_vision:
-            raise IncompatiblePolicyError(f"{where}.site", f"{st.criterion!r} at site=vision cannot be served by vLLM: "
-                                          f"{WHY_VISION}")
         crit = CRITERIA.get(st.criterion, f"{where}.criterion")
+        if st.is_vision:
+            if not feature_layer_only(crit):
+                raise IncompatiblePolicyError(f"{where}.site", f"{st.criterion!r} at site=vision cannot be served by "
+                                              f"vLLM: {WHY_VISION}")
+            if family is not None and family not in VISION_FAMILIES:
+                raise IncompatiblePolicyError(f"{where}.site", f"{st.criterion!r} at site=vision is not served on "
+                                              f"{family}: {WHY_NOT_NEXT}")
         if not getattr(crit, "image_only_fixed_count", False):
             raise IncompatiblePolicyError(
                 f"{where}.criterion",
