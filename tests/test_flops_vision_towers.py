@@ -167,3 +167,33 @@ def test_a_trace_without_stages_gets_the_untouched_tower():
     assert out["vision_flops"] == whole["vision_flops"] and out["parts_counted"] == ["vision", "projector", "llm"]
     assert out["ratio"] == pytest.approx((rest + fl["llm_flops"] / 2) / (rest + fl["llm_flops"]))
     assert with_untouched_tower(out, INTERNVL, 288, 1792) is out  # a counted tower stays as it is
+
+
+# -- Gemma 3 4B: SigLIP 27 x 1152 (MLP 4304, no CLS) at 896 / 14 = 64 x 64 patches, pooled 4 x 4 -> 256 tokens, one
+# linear 1152 -> 2560 per pooled token (the projector's RMSNorm and average pool have no matrix product) -----------
+def test_gemma3_siglip_and_pooling_projector_by_hand():
+    from vlm_tokenprune.commands.explain import _load_model_config
+
+    cfg, n_visual, _ = _load_model_config("gemma-3-4b")
+    assert n_visual == 256
+    out = policy_flops(cfg, "fastv:layer=2,keep=0.25", 64, n_visual)
+    n, D, M = 4096, 1152, 4304
+    tower = 2 * n * (3 * 14 * 14) * D + 27 * vit_layer(n, n * n, D, M)
+    assert out["vision_flops"] == out["vision_baseline_flops"] == tower
+    assert out["projector_flops"] == 2 * 256 * 1152 * 2560
+    assert out["parts_counted"] == ["vision", "projector", "llm"] and out["llm_ratio"] < out["ratio"] < 1
+    two = unpruned_flops(cfg, 64, 2 * n_visual)  # two images: two towers, 512 pooled tokens
+    assert two["vision_flops"] == 2 * tower and two["projector_flops"] == 2 * 512 * 1152 * 2560
+
+
+def test_gemma3_tiny_model_trace_by_hand():
+    from vlm_tokenprune.eval.tiny_gemma3 import build_tiny_gemma3, make_gemma3_batch
+
+    model = build_tiny_gemma3("eager")  # SigLIP 2 x 32 (MLP 64) on 8 x 8 patches of 4 px, pooled to 16 tokens
+    batch = make_gemma3_batch(model, [[5, "img", 7, "img", 6]])
+    with patch(model, "fastv:layer=1,keep=0.5") as h, torch.no_grad():
+        model(**batch, logits_to_keep=1)
+        fl = trace_flops(model.config, h.last_trace())
+    D, M, n = 32, 64, 64
+    assert fl["vision_flops"] == 2 * (2 * n * (3 * 4 * 4) * D + 2 * vit_layer(n, n * n, D, M))
+    assert fl["projector_flops"] == 2 * 32 * 32 * 64

@@ -67,7 +67,7 @@ def _n_visual_from_config(cfg: Any) -> int | None:
 
 _TOWER_TYPES = {"llava": "clip_vision_model", "llava_next": "clip_vision_model", "llava_onevision": "siglip_vision_model",
                 "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl_vision", "internvl": "internvl_vision",
-                "qwen3_vl": "qwen3_vl_vision"}  # geometries whose tower eval.flops counts
+                "qwen3_vl": "qwen3_vl_vision", "gemma3": "siglip_vision_model"}  # geometries whose tower eval.flops counts
 _INTERN_VIT_300M = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                         image_size=[448, 448], patch_size=[14, 14])
 # explain's models without a profile geometry: their vision towers (numbers of the released config.json)
@@ -87,7 +87,10 @@ def _with_tower(text: dict, geo: dict | None) -> dict:
     """Text numbers plus the geometry's vision tower (so explain counts tower + projector FLOPs), when known."""
     if geo is None or geo.get("family") not in _TOWER_TYPES:
         return text
-    return {"text_config": dict(text), "vision_config": {**geo["vision"], "model_type": _TOWER_TYPES[geo["family"]]}}
+    out = {"text_config": dict(text), "vision_config": {**geo["vision"], "model_type": _TOWER_TYPES[geo["family"]]}}
+    if "tokens_per_image" in geo:  # Gemma 3's pooling projector
+        out["mm_tokens_per_image"] = geo["tokens_per_image"]
+    return out
 
 
 def _load_model_config(spec: str) -> tuple[Any, int | None, str]:

@@ -401,8 +401,9 @@ class VisionGeometry:
     @classmethod
     def of(cls, config: Any) -> "VisionGeometry | None":
         """From a VLM config (transformers or a mapping) with a ``vision_config``: CLIP / SigLIP towers
-        (LLaVA, LLaVA-NeXT, OneVision), InternViT (InternVL), and the towers of Qwen2-VL, Qwen2.5-VL (windowed)
-        and Qwen3-VL (DeepStack). ``None`` when the config has no vision tower this module knows (the parts
+        (LLaVA, LLaVA-NeXT, OneVision; Gemma 3's SigLIP with its pooling projector: ``merge`` = patches per
+        pooled token, one linear per pooled token), InternViT (InternVL), and the towers of Qwen2-VL, Qwen2.5-VL
+        (windowed) and Qwen3-VL (DeepStack). ``None`` when the config has no vision tower this module knows (the parts
         are then reported as unknown, never as zero)."""
         if isinstance(config, (TextGeometry, VisionGeometry)):
             return config if isinstance(config, VisionGeometry) else None
@@ -445,6 +446,11 @@ class VisionGeometry:
         if "clip" in vtype or "siglip" in vtype:
             D, M, L = int(vget("hidden_size")), int(vget("intermediate_size")), int(vget("num_hidden_layers"))
             p, side = int(vget("patch_size")), int(vget("image_size")) // int(vget("patch_size"))
+            pooled = get(config, "mm_tokens_per_image")
+            if pooled:  # Gemma 3: average pool of the patch grid to mm_tokens_per_image, then one linear D -> text
+                dt = int(d_text) if d_text is not None else D
+                return cls(D, M, L, side * side, int(vget("num_channels", 3)) * p * p, 0,
+                           (side * side) // int(pooled), 2, ((D, dt),))
             layers = get(config, "vision_feature_layer", -2)
             n_feat = len(layers) if isinstance(layers, (list, tuple)) else 1  # several layers: concatenated
             dt = int(d_text) if d_text is not None else D
