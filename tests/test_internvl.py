@@ -12,7 +12,8 @@ import functools
 
 import pytest
 import torch
-from kit import BACKENDS, assert_keep_all_exact, assert_unpatch_restores, k_of, no_hook_left, positions_of
+from kit import (BACKENDS, assert_keep_all_exact, assert_pre_llm_merge_matches_oracle, assert_unpatch_restores, k_of,
+                 no_hook_left, positions_of)
 from helpers import new_tokens
 from reference import fastv_oracle as oracle
 from reference import uniform_oracle
@@ -203,24 +204,6 @@ def test_mixture_of_experts_text_model_is_refused_before_any_hook():
 
 @pytest.mark.parametrize("attn", BACKENDS)
 def test_pre_llm_merge_matches_oracle_given_the_assignment(attn):
-    """AIM before the LLM (size-weighted: a fused token is the plain mean of its sources' embeddings), original
-    positions of the representatives (``gaps``); == the language model run on that sequence by hand."""
     model = tiny(attn)
-    inputs = batch(model)
-    with vtp.patch(model, "aim_merge:keep=0.25,mode=size,positions=gaps") as h, torch.no_grad():
-        logits = model(**inputs).logits
-        st = h.last_trace().stages[0]
-    assert any(len(src) > 1 for row in st.sources for src in row)  # real merges happened
-    L = inputs["input_ids"].shape[1]
-    for b in range(2):
-        alone = row_alone(inputs, b)
-        pad = L - alone["input_ids"].shape[1]
-        emb = oracle.prompt_embeds(model, alone)[0]
-        merged = {p - pad: [q - pad for q in src] for p, src in zip(st.kept_positions[b], st.sources[b])}
-        vis = set(image_positions(alone))
-        kept = [p for p in range(emb.shape[0]) if p not in vis or p in merged]
-        x = torch.stack([emb[merged[p]].mean(0) if p in merged else emb[p] for p in kept])
-        with torch.no_grad():
-            hs = model.model.language_model(inputs_embeds=x[None], position_ids=torch.tensor([kept])).last_hidden_state
-            want = model.lm_head(hs)[0]
-        torch.testing.assert_close(logits[b, -len(kept):], want, atol=ATOL, rtol=0, msg=f"row {b}")
+    assert_pre_llm_merge_matches_oracle(model, batch(model), row_alone=row_alone, prompt_embeds=oracle.prompt_embeds,
+                                        visual_positions=image_positions, atol=ATOL)

@@ -68,3 +68,28 @@ def assert_unpatch_restores(model, inputs: dict, policies: Iterable[str], *,
                 unpatched(model)
         assert n_hooks(model) == hooks
         assert torch.equal(model(**inputs).logits, ref)
+
+
+def assert_pre_llm_merge_matches_oracle(model, inputs: dict, *, row_alone: Callable, prompt_embeds: Callable,
+                                        visual_positions: Callable, atol: float) -> None:
+    """AIM before the LLM (size-weighted: a fused token is the plain mean of its sources' embeddings), original
+    positions of the representatives (``gaps``) == the language model run by hand on that sequence, per row of
+    the padded batch. ``row_alone(inputs, b)``: row ``b`` unpadded; ``prompt_embeds(model, row)``: the oracle's
+    LM input embeddings; ``visual_positions(row)``: the row's visual-token positions."""
+    with vtp.patch(model, "aim_merge:keep=0.25,mode=size,positions=gaps") as h, torch.no_grad():
+        logits = model(**inputs).logits
+        st = h.last_trace().stages[0]
+    assert any(len(src) > 1 for row in st.sources for src in row)  # real merges happened
+    L = inputs["input_ids"].shape[1]
+    for b in range(inputs["input_ids"].shape[0]):
+        alone = row_alone(inputs, b)
+        pad = L - alone["input_ids"].shape[1]
+        emb = prompt_embeds(model, alone)[0]
+        merged = {p - pad: [q - pad for q in src] for p, src in zip(st.kept_positions[b], st.sources[b])}
+        vis = set(visual_positions(alone))
+        kept = [p for p in range(emb.shape[0]) if p not in vis or p in merged]
+        x = torch.stack([emb[merged[p]].mean(0) if p in merged else emb[p] for p in kept])
+        with torch.no_grad():
+            hs = model.model.language_model(inputs_embeds=x[None], position_ids=torch.tensor([kept])).last_hidden_state
+            want = model.lm_head(hs)[0]
+        torch.testing.assert_close(logits[b, -len(kept):], want, atol=atol, rtol=0, msg=f"row {b}")
