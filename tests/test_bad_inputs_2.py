@@ -304,21 +304,7 @@ def test_text_only_inputs(llava, policy, changes):
 # -- the catalogue ---------------------------------------------------------------------------------------
 def test_catalogue_rows_of_this_round_name_existing_tests():
     """docs/bad-inputs.md rows 120-139 (this round) each name tests that exist (``file::test``, ``::test`` = same file)."""
-    import ast
-    import pathlib
-    import re
+    from kit.catalogue import assert_rows_name_existing_tests, catalogue_rows
 
-    root = pathlib.Path(__file__).resolve().parent
-    doc = (root.parent / "docs" / "bad-inputs.md").read_text(encoding="utf-8")
-    rows = {int(m.group(1)): line for line in doc.splitlines() if (m := re.match(r"\| (\d+) \|", line))}
-    mine = [n for n in rows if 120 <= n <= 139]
-    assert mine == list(range(120, 140))
-    for n in mine:
-        cell = rows[n].rstrip(" |").rsplit("|", 1)[-1]
-        file = None
-        for ref in re.findall(r"(test_\w+)?::(test_\w+)", cell):
-            file = ref[0] or file
-            tree = ast.parse((root / f"{file}.py").read_text(encoding="utf-8"))
-            names = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
-            assert ref[1] in names, (n, file, ref[1])
-        assert file is not None, n
+    assert [n for n in catalogue_rows() if 120 <= n <= 139] == list(range(120, 140))
+    assert_rows_name_existing_tests(range(120, 140))

@@ -84,17 +84,6 @@ def test_cli_bench_model_flags_refused_before_any_model(args, flag, tmp_path, ca
 
 def test_catalogue_rows_147_148_name_existing_tests():
     """docs/bad-inputs.md rows 147-148 (lmms-eval comma split, bench's model flags) name tests that exist."""
-    import ast
-    import pathlib
-    import re
+    from kit.catalogue import assert_rows_name_existing_tests
 
-    root = pathlib.Path(__file__).resolve().parent
-    doc = (root.parent / "docs" / "bad-inputs.md").read_text(encoding="utf-8")
-    rows = {int(m.group(1)): line for line in doc.splitlines() if (m := re.match(r"\| (\d+) \|", line))}
-    for n in (147, 148):
-        cell, file = rows[n].rstrip(" |").rsplit("|", 1)[-1], None
-        for ref in re.findall(r"(test_\w+)?::(test_\w+)", cell):
-            file = ref[0] or file
-            tree = ast.parse((root / f"{file}.py").read_text(encoding="utf-8"))
-            assert ref[1] in {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}, (n, ref)
-        assert file is not None, n
+    assert_rows_name_existing_tests((147, 148))

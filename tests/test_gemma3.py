@@ -387,22 +387,10 @@ def test_partial_image_names_input_ids():
 
 def test_catalogue_rows_of_gemma3_name_existing_tests():
     """docs/bad-inputs.md rows 149-151 (Gemma 3) each name tests that exist."""
-    import ast
-    import pathlib
-    import re
+    from kit.catalogue import assert_rows_name_existing_tests, catalogue_rows
 
-    root = pathlib.Path(__file__).resolve().parent
-    doc = (root.parent / "docs" / "bad-inputs.md").read_text(encoding="utf-8")
-    rows = {int(m.group(1)): line for line in doc.splitlines() if (m := re.match(r"\| (\d+) \|", line))}
-    for n in (149, 150, 151):
-        assert "Gemma 3" in rows[n], n
-        cell = rows[n].rstrip(" |").rsplit("|", 1)[-1]
-        file = None
-        for ref in re.findall(r"(test_\w+)?::(test_\w+)", cell):
-            file = ref[0] or file
-            tree = ast.parse((root / f"{file}.py").read_text(encoding="utf-8"))
-            assert ref[1] in {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}, (n, ref)
-        assert file is not None, n
+    assert all("Gemma 3" in catalogue_rows()[n] for n in (149, 150, 151))
+    assert_rows_name_existing_tests((149, 150, 151))
 
 
 # ------------------------------------------------------------------------------------------------

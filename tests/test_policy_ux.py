@@ -291,18 +291,6 @@ def test_viz_numbers_stages_as_the_policy_and_draws_question_answer_legend(tmp_p
 
 def test_catalogue_rows_141_146_name_existing_tests():
     """docs/bad-inputs.md rows 141-146 (this issue) each name tests that exist (``file::test``, ``::test`` = same file)."""
-    import ast
-    import pathlib
-    import re
+    from kit.catalogue import assert_rows_name_existing_tests
 
-    root = pathlib.Path(__file__).resolve().parent
-    doc = (root.parent / "docs" / "bad-inputs.md").read_text(encoding="utf-8")
-    rows = {int(m.group(1)): line for line in doc.splitlines() if (m := re.match(r"\| (\d+) \|", line))}
-    assert all(n in rows for n in range(141, 147))
-    for n in range(141, 147):
-        cell, file = rows[n].rstrip(" |").rsplit("|", 1)[-1], None
-        for ref in re.findall(r"(test_\w+)?::(test_\w+)", cell):
-            file = ref[0] or file
-            tree = ast.parse((root / f"{file}.py").read_text(encoding="utf-8"))
-            assert ref[1] in {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}, (n, ref)
-        assert file is not None, n
+    assert_rows_name_existing_tests(range(141, 147))

@@ -287,20 +287,11 @@ def test_viz_picture_shows_kept_and_recycled_tokens(tmp_path):
 
 
 def test_catalogue_row_names_existing_tests():
-    """docs/bad-inputs.md: the SparseVLM row names tests that exist."""
-    import ast
-    import pathlib
-    import re
+    """docs/bad-inputs.md: the SparseVLM row (152) names tests that exist."""
+    from kit.catalogue import assert_rows_name_existing_tests, catalogue_rows
 
-    root = pathlib.Path(__file__).resolve().parent
-    doc = (root.parent / "docs" / "bad-inputs.md").read_text(encoding="utf-8")
-    rows = [line for line in doc.splitlines() if re.match(r"\| \d+ \| SparseVLM", line)]
-    assert rows
-    names = {f.name for f in ast.walk(ast.parse(pathlib.Path(__file__).read_text(encoding="utf-8")))
-             if isinstance(f, ast.FunctionDef)}
-    for line in rows:
-        refs = re.findall(r"test_sparsevlm::(test_\w+)", line.rstrip(" |").rsplit("|", 1)[-1])
-        assert refs and all(r in names for r in refs), line
+    assert "SparseVLM" in catalogue_rows()[152]
+    assert_rows_name_existing_tests((152,))
 
 
 def test_qwen2_vl_batch_equals_rows_alone():

@@ -163,20 +163,7 @@ def check_servable_ok(policy, family) -> bool:
 
 
 def test_catalogue_rows_name_existing_tests():
-    """docs/bad-inputs.md rows 170-171 (the vLLM plugin) name tests that exist (``file::test``, ``::test`` = same file;
-    files in tests/ or tests/vllm/)."""
-    import ast
-    import pathlib
-    import re
+    """docs/bad-inputs.md rows 170-171 (the vLLM plugin) name tests that exist (in tests/ or tests/vllm/)."""
+    from kit.catalogue import assert_rows_name_existing_tests
 
-    root = pathlib.Path(__file__).resolve().parent
-    doc = (root.parent / "docs" / "bad-inputs.md").read_text(encoding="utf-8")
-    rows = {int(m.group(1)): line for line in doc.splitlines() if (m := re.match(r"\| (\d+) \|", line))}
-    for n in (170, 171):
-        cell, file = rows[n].rstrip(" |").rsplit("|", 1)[-1], None
-        for ref in re.findall(r"(test_\w+)?::(test_\w+)", cell):
-            file = ref[0] or file
-            path = root / f"{file}.py" if (root / f"{file}.py").exists() else root / "vllm" / f"{file}.py"
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-            assert ref[1] in {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}, (n, ref)
-        assert file is not None, n
+    assert_rows_name_existing_tests((170, 171))
