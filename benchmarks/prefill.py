@@ -48,6 +48,7 @@ import transformers  # noqa: E402
 from vlm_tokenprune import Policy, patch  # noqa: E402
 from vlm_tokenprune.eval.flops import FORMULA, policy_flops, trace_flops  # noqa: E402
 from vlm_tokenprune.eval.tiny_models import build_tiny_llava, make_batch  # noqa: E402
+from vlm_tokenprune.eval.loading import cpu_name  # noqa: E402
 
 GEOMETRY = dict(layers=8, hidden=512, heads=8, kv_heads=8, intermediate=1408, vocab=32000,
                 image_size=336, patch=14, vision_hidden=64, vision_layers=1)
@@ -59,17 +60,6 @@ POLICIES = [
     "uniform:layer=2,keep=0.25",
 ]
 CONTROL = "fastv:layer=2,keep=1"  # keeps everything: hooks and bookkeeping only, no scoring, no pruning
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def timed(fn) -> float:

@@ -159,7 +159,7 @@ def environment(device: "torch.device | str | None" = None) -> dict:
     if device.type == "cuda":
         dev = torch.cuda.get_device_name(device)
     else:
-        dev = _cpu_name()
+        dev = cpu_name()
     return {
         "package": "vlm_tokenprune", "version": __version__, "git_commit": git_commit(),
         "device": str(device), "device_name": dev, "torch": torch.__version__,
@@ -191,7 +191,8 @@ def git_commit() -> str | None:
     return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``, else ``"cpu"``."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
