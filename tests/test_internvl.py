@@ -172,9 +172,11 @@ def test_uniform_pre_llm_matches_oracle(attn):
 # refusals
 # ------------------------------------------------------------------------------------------------
 def test_vision_site_is_refused_by_name():
+    """Patch-level vision methods (FlowCut's ViT stage, MCTF) are refused by name: each LLM token packs a group of
+    patches (tests/test_internvl_vision_site.py runs the whole-group methods, VisionZip and VisPruner)."""
     model = tiny("sdpa")
     for policy in ("flowcut_vit:keep=0.5", "mctf:keep=0.5"):
-        with no_hook_left(model), pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.site.*pixel shuffle"):
+        with no_hook_left(model), pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.criterion.*pixel shuffle"):
             vtp.patch(model, policy)
 
 

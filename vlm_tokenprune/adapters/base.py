@@ -58,6 +58,11 @@ class VisionSeams:
     the selected features to the LLM width (its output is widened back to the full layout);
     ``pack_owner``: the object whose ``pack_image_features`` reorders crops (LLaVA-NeXT), else None;
     ``attn_implementation``: the tower's attention backend.
+    ``attention_name``: each layer's attention module attribute (CLIP ``self_attn``, InternViT ``attention``;
+    it has ``num_heads`` and ``scale``); ``projections``: ``(what, module name)`` of the submodules of that
+    attention whose outputs are the q / k / v the attention uses (InternViT: after its q / k norms);
+    ``groups``: ``[G, g]`` patch indices (0-based, CLS excluded) that one LLM token packs, in channel-block
+    order (InternVL's pixel shuffle, ``vision.groups``); None: every patch is its own LLM token.
     """
 
     tower: nn.Module
@@ -68,6 +73,14 @@ class VisionSeams:
     projector: nn.Module
     attn_implementation: str
     pack_owner: Any = None
+    attention_name: str = "self_attn"
+    projections: tuple[tuple[str, str], ...] = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"))
+    groups: torch.Tensor | None = None
+
+    @property
+    def n_tokens(self) -> int:
+        """LLM tokens per crop before reduction (what a vision stage's budget counts)."""
+        return self.n_patches if self.groups is None else int(self.groups.shape[0])
 
 
 @dataclass
@@ -112,6 +125,10 @@ class Adapter:
     # position conventions an LLM-site stage may use on this model (``positions=``), and why others are not defined
     llm_positions: ClassVar[tuple[str, ...]] = ("gaps", "repack")
     llm_positions_why: ClassVar[str] = ""
+    # True: one attention-mask object reaches every decoder layer, so a decode step may shrink it in place at each
+    # token stage and leave the other layers alone (``sites.routed_layers``); False: every layer after a stage gets
+    # its own input (families whose layers build or read masks of their own)
+    decode_gates: ClassVar[bool] = True
     # False refuses structural ops other than visual_drop
     supports_structural: ClassVar[bool] = True
     # non-empty: the vision tower has no CLS token (why); vision-site methods that read CLS are refused by name

@@ -12,10 +12,19 @@ every tile, the thumbnail included, is its own ``segment`` (own grid) for spatia
 newline tokens. The text model (Qwen2 / Qwen2.5 for InternVL 3, Qwen3 for 3.5, Llama) has 1-D
 positions and full attention: LLM-site and pre-LLM stages work as on LLaVA.
 
-The vision site is refused: the pixel shuffle after the tower needs every tile's full square patch
-grid (it reshapes ``n`` patches to ``sqrt(n) x sqrt(n)``), so tokens cannot leave inside InternViT
-without redefining the shuffle; InternViT's layers (``layernorm_before``, ``attention``) also differ
-from the CLIP layers the vision-site hooks read.
+Vision site (``vision.groups``): the pixel shuffle after the tower needs every tile's full square patch
+grid, and each LLM token packs a GROUP of ``(1 / downsample_ratio)^2`` patches (2 x 2; which ones, and in
+which channel order, is found by running the model's own ``pixel_shuffle`` on index-coded features:
+``shuffle_groups``). So a vision stage here selects whole groups: a group's score is the SUM of its
+patches' scores under the method's criterion (CLS attention: InternViT has a CLS token), its feature / key
+the concatenation of its patches' (the shuffled token); a budget (``tokens`` / ``keep``) counts LLM tokens
+(groups) per tile, every tile (the thumbnail included) a crop of its own. The reduced feature-layer output
+goes back onto the full grid (dropped groups zero), the model's own shuffle packs it, the projector's
+pre-hook keeps the kept groups' tokens, and the language model receives only those (placeholders of
+dropped groups removed, positions per the stage's ``positions``). Methods that pick single patches
+inside the tower (``flowcut_vit``, ``mctf``) are refused by name (``VisionCriterion.whole_groups``).
+InternViT's layers are read through the seams: ``attention`` (not ``self_attn``), q / k after its
+``q_norm`` / ``k_norm``.
 """
 from __future__ import annotations
 
@@ -27,7 +36,7 @@ from torch import nn
 from ..compat import attn_implementation
 from ..errors import IncompatiblePolicyError, InputError, UnsupportedModelError
 from ..registry import ADAPTERS
-from .base import (HFAdapter, Seams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for,
+from .base import (HFAdapter, Seams, VisionSeams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for,
                    uses_sliding_window)
 
 SUPPORTED_TEXT_MODELS = ("qwen2", "qwen3", "llama")
@@ -35,6 +44,29 @@ SUPPORTED_TEXT_MODELS = ("qwen2", "qwen3", "llama")
 
 def _pair(x) -> tuple[int, int]:
     return (int(x[0]), int(x[1])) if isinstance(x, (tuple, list)) else (int(x), int(x))
+
+
+def shuffle_groups(model: nn.Module, side: int) -> torch.Tensor:
+    """``[G, g]``: the patches (0-based raster index in the tile's ``side x side`` grid) each LLM token packs, in
+    channel-block order, found by running the model's own ``pixel_shuffle`` (with ``get_image_features``'
+    reshapes) on index-coded features: patch ``p``'s channel ``c`` holds ``(p, c)``. Raises
+    ``UnsupportedModelError`` unless every output token is whole channel blocks of single patches."""
+    D = 2  # two channels: an interleaving of channels across patches would show
+    p = torch.arange(side * side, dtype=torch.float64)
+    feats = torch.stack([p * D + c for c in range(D)], dim=-1)[None]  # [1, N, D]: code = p * D + c
+    with torch.no_grad():
+        out = model.model.pixel_shuffle(feats.reshape(1, side, side, D), scale_factor=model.config.downsample_ratio)
+    out = out.reshape(-1, out.shape[-1]).round().long()  # [G, g * D]
+    g = out.shape[1] // D
+    blocks = out.view(out.shape[0], g, D)
+    groups = blocks[..., 0] // D
+    whole = torch.equal(blocks % D, torch.arange(D).expand_as(blocks)) and torch.equal(
+        blocks // D, groups[..., None].expand_as(blocks))
+    if not (whole and sorted(groups.flatten().tolist()) == list(range(side * side))):
+        raise UnsupportedModelError("model.model.pixel_shuffle", "its output tokens are not whole channel blocks of "
+                                    "single patches, so whole groups of patches cannot be kept; allowed: InternVL's "
+                                    "pixel shuffle (each LLM token concatenates the features of a block of patches)")
+    return groups
 
 
 class InternVLAdapter(HFAdapter):
@@ -73,14 +105,33 @@ class InternVLAdapter(HFAdapter):
     def seams(self, model: nn.Module) -> Seams:
         return hf_seams(model, model.model.language_model)
 
-    def vision_seams(self, model: nn.Module, where: str = "site"):
-        """Refused: see the module docstring."""
-        raise IncompatiblePolicyError(
-            where,
-            "site vision is not supported for 'internvl': the pixel shuffle after InternViT needs every tile's full "
-            "square patch grid, so tokens cannot leave inside the tower; allowed: site llm or pre_llm on this model, "
-            "site vision on llava / llava_next",
-        )
+    def vision_seams(self, model: nn.Module, where: str = "site") -> VisionSeams:
+        """InternViT for vision-site stages that keep whole pixel-shuffle groups (see the module docstring)."""
+        cfg = model.config
+        vc = cfg.vision_config
+        tower = model.model.vision_tower
+        layers = tuple(tower.encoder.layer)
+        n = len(layers)
+        layer = cfg.vision_feature_layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer <= n or layer in (0, -n - 1):
+            raise IncompatiblePolicyError(
+                where, f"config.vision_feature_layer={layer!r} is not supported at site vision; allowed: one integer "
+                f"layer in 1..{n} or -{n}..-1")
+        (h, w), (ph, pw) = _pair(vc.image_size), _pair(vc.patch_size)
+        if h != w or ph != pw:
+            raise IncompatiblePolicyError(
+                where, f"site vision needs square tiles of square patches, got image_size {vc.image_size} and "
+                f"patch_size {vc.patch_size}; allowed: equal sides (the released InternVL checkpoints)")
+        attn = layers[0].attention
+        return VisionSeams(
+            tower=tower, layers=layers, feature_layer=n + layer if layer < 0 else layer - 1,
+            select_strategy=cfg.vision_feature_select_strategy, n_patches=(h // ph) ** 2,
+            projector=model.model.multi_modal_projector, attn_implementation=attn_implementation(vc),
+            attention_name="attention",
+            # the q / k the attention multiplies are the outputs of q_norm / k_norm (nn.Identity without qk norm)
+            projections=(("q", "q_norm" if hasattr(attn, "q_norm") else "q_proj"),
+                         ("k", "k_norm" if hasattr(attn, "k_norm") else "k_proj"), ("v", "v_proj")),
+            groups=shuffle_groups(model, h // ph))
 
     # -- visual tokens -----------------------------------------------------------------------
     @staticmethod

@@ -20,6 +20,9 @@ dominant slots are ``D`` patches; with ``"full"`` CLS is kept and ``D - 1`` patc
 the official code. The official output order is [dominant; contextual]; here every token reaches the
 language model at its own (a contextual token: its target's) place in the raster order, with the
 stage's positions (``repack``: contiguous, as LLaVA's splice).
+InternVL (pixel-shuffle groups, ``vision.groups``): the same over LLM tokens (``_zip_groups``): a group's
+CLS attention is the SUM of its patches', its key / feature the concatenation of its patches' (the shuffled
+token); the budget counts groups per tile; kept and merged groups stay whole.
 Presets: ``visionzip`` (64 of 576), ``visionzip_128``, ``visionzip_192``; as fractions they scale to
 any tower.
 """
@@ -29,7 +32,8 @@ import torch
 
 from ..errors import IncompatiblePolicyError
 from ..policy import register_preset
-from ..vision.base import VisionCriterion
+from ..vision.base import VisionCriterion, tower_attention, tower_groups
+from ..vision.groups import group_concat, group_sum
 from .base import Param, register_criterion
 from .vispruner import feature_layer_cls_attention
 
@@ -68,6 +72,7 @@ class VisionZipCriterion(VisionCriterion):
     paper = "VisionZip: dominant tokens by CLS attention + contextual tokens merged by key similarity"
     arxiv = "2412.04467"
     image_only_fixed_count = True  # each crop keeps its budget, computed from that crop alone
+    whole_groups = True  # pixel-shuffle towers (InternVL): dominant / contextual groups (``_zip_groups``)
     params = {
         "contextual": Param(10 / 64, float, "share of the budget merged into contextual tokens (official: 10/64)",
                             check=lambda v: 0.0 <= v < 1.0, allowed="a number in [0, 1)"),
@@ -82,6 +87,8 @@ class VisionZipCriterion(VisionCriterion):
         return (seams.feature_layer,)
 
     def after_feature_layer(self, run, hidden: torch.Tensor, seams) -> torch.Tensor:
+        if tower_groups(seams) is not None:
+            return self._zip_groups(run, hidden, seams, tower_groups(seams))
         n, T, Dm = hidden.shape
         N = T - 1
         cls_counts = seams.select_strategy == "full"  # CLS reaches the LLM: it is one of the dominant tokens
@@ -92,7 +99,7 @@ class VisionZipCriterion(VisionCriterion):
         n_dom_patches = n_dom - (1 if cls_counts else 0)
         a = feature_layer_cls_attention(run, seams).sum(1)[:, 1:]  # [n, N]
         rank = torch.sort(a, dim=1, descending=True, stable=True).indices
-        attn = seams.layers[seams.feature_layer].self_attn
+        attn = tower_attention(seams, seams.feature_layer)
         keys = run.captured["k"][1].float().view(n, T, attn.num_heads, -1).mean(2)  # [n, T, d]
         out_len = 1 + n_dom_patches + n_ctx
         out = hidden.new_zeros(n, out_len, Dm)
@@ -111,6 +118,46 @@ class VisionZipCriterion(VisionCriterion):
                 to[c, rest] = base + assign.to(hidden.device)
                 out[c, base:] = values.to(hidden.dtype)
                 slots = slots + targets
+            sel[c] = torch.tensor(slots, device=hidden.device)
+        run.reassign(to, torch.gather(run.ident, 1, sel), run.size.new_zeros(n, out_len).scatter_add_(
+            1, to.clamp(min=0).masked_fill(to < 0, 0), torch.where(to >= 0, run.size, 0.0)))
+        return out
+
+    def _zip_groups(self, run, hidden: torch.Tensor, seams, groups: torch.Tensor) -> torch.Tensor:
+        """VisionZip over pixel-shuffle groups (InternVL; CLS never reaches the LLM there): dominant = the groups of
+        largest summed (heads and patches) CLS attention; contextual = the other groups in raster order, keyed by
+        the concatenation of their patches' head-mean keys; a contextual group is its target plus the mean of its
+        members, patch by patch (the concatenated features). Whole groups only; ``T`` counts groups per tile."""
+        n, T, Dm = hidden.shape
+        G, g = groups.shape
+        budget = min(run.keep_patches, G)
+        if budget >= G:
+            return hidden
+        n_dom, n_ctx = split_counts(budget, run.params.get("contextual", 10 / 64))
+        a = group_sum(feature_layer_cls_attention(run, seams).sum(1)[:, 1:], groups)  # [n, G]
+        rank = torch.sort(a, dim=1, descending=True, stable=True).indices
+        attn = tower_attention(seams, seams.feature_layer)
+        keys = run.captured["k"][1].float().view(n, T, attn.num_heads, -1).mean(2)[:, 1:]  # [n, N, d]
+        kg, xg = group_concat(keys, groups), group_concat(hidden[:, 1:], groups)  # [n, G, g * d], [n, G, g * Dm]
+        members = (groups.to(hidden.device) + 1).tolist()  # token index of each group's patches
+        out_len = 1 + (n_dom + n_ctx) * g
+        out = hidden.new_zeros(n, out_len, Dm)
+        to = torch.full((n, T), -1, dtype=torch.long, device=hidden.device)
+        sel = torch.zeros(n, out_len, dtype=torch.long, device=hidden.device)
+        for c in range(n):
+            dom = sorted(int(q) for q in rank[c, :n_dom])
+            dom_set = set(dom)
+            rest = [q for q in range(G) if q not in dom_set]
+            slots = [0] + [t for q in dom for t in members[q]]
+            to[c, slots] = torch.arange(len(slots), device=hidden.device)
+            out[c, : len(slots)] = hidden[c, slots]
+            if n_ctx:
+                targets, assign, values = contextual_merge(kg[c], xg[c], rest, n_ctx)
+                base = len(slots)
+                for q, k in zip(rest, assign.tolist()):
+                    to[c, members[q]] = torch.arange(base + k * g, base + (k + 1) * g, device=hidden.device)
+                out[c, base:] = values.reshape(n_ctx * g, Dm).to(hidden.dtype)
+                slots = slots + [t for q in targets for t in members[q]]
             sel[c] = torch.tensor(slots, device=hidden.device)
         run.reassign(to, torch.gather(run.ident, 1, sel), run.size.new_zeros(n, out_len).scatter_add_(
             1, to.clamp(min=0).masked_fill(to < 0, 0), torch.where(to >= 0, run.size, 0.0)))

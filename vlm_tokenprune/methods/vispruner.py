@@ -16,6 +16,10 @@ with a budget of ``T`` patches and ``important_ratio`` ``r``:
 3. Kept = important + ``R`` in their original spatial order; the language model sees them with the
    positions of the stage (``repack``: contiguous, as LLaVA's splice).
 
+InternVL (pixel-shuffle groups, ``vision.groups``): the same steps over LLM tokens; a group's CLS attention
+is the SUM of its patches' (head-mean) attention, its feature the concatenation of its patches' features
+(the shuffled token), ``T`` counts groups per tile, and kept groups keep all their patches.
+
 The official code splits an odd ``|R|`` into shapes that do not broadcast (it runs only with
 even residual counts, e.g. 576 - 64); here ``a`` simply has one more token. Presets: ``vispruner``
 keeps 128 of 576 (``r = 0.5``, the README's 64 + 64), ``vispruner_64`` 64 (``r = 0.75``, 48 + 16),
@@ -27,7 +31,8 @@ import torch
 
 from ..errors import IncompatiblePolicyError
 from ..policy import register_preset
-from ..vision.base import VisionCriterion
+from ..vision.base import VisionCriterion, tower_attention, tower_groups
+from ..vision.groups import group_concat, group_sum
 from .base import Param, register_criterion
 
 
@@ -37,7 +42,7 @@ def feature_layer_cls_attention(run, seams) -> torch.Tensor:
     (jq, q), (jk, k) = run.captured["q"], run.captured["k"]
     if jq != seams.feature_layer or jk != seams.feature_layer:
         raise RuntimeError(f"expected the feature layer's ({seams.feature_layer}) projections, got layers {jq}/{jk}")
-    attn = seams.layers[seams.feature_layer].self_attn
+    attn = tower_attention(seams, seams.feature_layer)
     n, T, D = q.shape
     H = attn.num_heads
     qc = q[:, 0].float().view(n, H, D // H)
@@ -89,6 +94,7 @@ class VisPrunerCriterion(VisionCriterion):
     paper = "VisPruner: important tokens by CLS attention + diverse tokens by duplicate removal (vision feature layer)"
     arxiv = "2412.01818"
     image_only_fixed_count = True  # each crop keeps its budget, chosen from that crop alone
+    whole_groups = True  # pixel-shuffle towers (InternVL): the same selection over groups (summed attention)
     params = {
         "important_ratio": Param(0.5, float, "share of the budget taken by CLS attention (the rest: diverse tokens)",
                                  check=lambda v: 0.0 <= v <= 1.0, allowed="a number in [0, 1]"),
@@ -105,15 +111,20 @@ class VisPrunerCriterion(VisionCriterion):
     def after_feature_layer(self, run, hidden: torch.Tensor, seams) -> torch.Tensor:
         n, T = hidden.shape[:2]
         N = T - 1
-        budget = min(run.keep_patches, N)
-        if budget >= N:
+        groups = tower_groups(seams)
+        units = N if groups is None else groups.shape[0]  # what the budget counts: patches or LLM tokens
+        budget = min(run.keep_patches, units)
+        if budget >= units:
             return hidden
         a = feature_layer_cls_attention(run, seams).mean(1)[:, 1:]  # [n, N]
         feats = hidden[:, 1:].float()
+        if groups is not None:  # InternVL: a group's attention is its patches' sum, its feature their concatenation
+            a, feats = group_sum(a, groups), group_concat(feats, groups)
         feats = feats / feats.norm(dim=-1, keepdim=True)
         keep = torch.zeros(n, N, dtype=torch.bool, device=hidden.device)
         for c in range(n):
-            keep[c, select_patches(a[c], feats[c], budget, run.params.get("important_ratio", 0.5))] = True
+            sel = select_patches(a[c], feats[c], budget, run.params.get("important_ratio", 0.5))
+            keep[c, sel if groups is None else groups[sel].flatten().to(hidden.device)] = True
         return keep_tokens(run, hidden, keep)
 
 

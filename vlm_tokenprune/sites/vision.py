@@ -1,5 +1,5 @@
 """The vision site: a stage between vision-encoder layers (``site="vision"``, CLIP towers of LLaVA /
-LLaVA-NeXT). ``check`` validates the stage against the tower (``Adapter.vision_seams``) and the
+LLaVA-NeXT; InternViT of InternVL, whole pixel-shuffle groups: ``vision.groups``). ``check`` validates the stage against the tower (``Adapter.vision_seams``) and the
 criterion (``VisionCriterion.check_vision``); ``install`` registers the tower hooks
 (``vision.hooks``). The reduced features reach the language model through the pre-LLM site.
 """
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from ..adapters.base import VisionSeams
 from ..errors import IncompatiblePolicyError
 from ..handle import PatchHandle
+from ..registry import CRITERIA
 from ..vision import hooks
 
 if TYPE_CHECKING:
@@ -34,10 +35,18 @@ def check(target: "PatchTarget") -> VisionSeams | None:
             f"{target.adapter.vision_no_cls} on {model.config.model_type!r}; {crit.cls_free_note}; allowed here: "
             "site llm or pre_llm criteria")
     vs = target.adapter.vision_seams(model, f"{where}.site")
-    if stage.budget.tokens is not None and stage.budget.tokens > vs.n_patches:
+    if vs.groups is not None and not getattr(crit, "whole_groups", False):
+        ok = sorted(n for n in CRITERIA.names() if getattr(CRITERIA.get(n), "whole_groups", False))
         raise IncompatiblePolicyError(
-            f"{where}.tokens", f"{stage.budget.tokens} is more than the {vs.n_patches} patch tokens per crop; "
-            f"allowed: 1..{vs.n_patches}")
+            f"{where}.criterion", f"{stage.criterion!r} selects single patches inside the vision tower, but each "
+            f"{model.config.model_type!r} LLM token packs {vs.groups.shape[1]} patches (pixel shuffle), so a vision "
+            f"stage must keep or merge whole groups; allowed at site vision here: {', '.join(ok)} (or site llm / "
+            "pre_llm)")
+    if stage.budget.tokens is not None and stage.budget.tokens > vs.n_tokens:
+        unit = "patch tokens" if vs.groups is None else "LLM tokens (pixel-shuffle groups)"
+        raise IncompatiblePolicyError(
+            f"{where}.tokens", f"{stage.budget.tokens} is more than the {vs.n_tokens} {unit} per crop; "
+            f"allowed: 1..{vs.n_tokens}")
     if stage.layer is not None and not 0 <= stage.layer <= vs.feature_layer:
         raise IncompatiblePolicyError(
             f"{where}.layer", f"{stage.layer} is not a vision encoder layer at or below the feature layer; "

@@ -32,6 +32,9 @@ class VisionCriterion(Criterion):
     # such a method is refused by name, with ``cls_free_note`` saying whether its paper / code defines a CLS-free variant
     needs_cls: ClassVar[str] = ""
     cls_free_note: ClassVar[str] = "its paper defines no CLS-free variant"
+    # True: on a tower whose LLM tokens pack groups of patches (``VisionSeams.groups``, InternVL's pixel shuffle)
+    # the method keeps / merges whole groups (``vision.groups``); False: refused there by name
+    whole_groups: ClassVar[bool] = False
 
     def check_vision(self, seams: "VisionSeams", stage: Any, where: str) -> None:
         """Raise ``IncompatiblePolicyError`` naming ``where.<field>`` when the stage cannot run on this tower."""
@@ -55,3 +58,14 @@ class VisionCriterion(Criterion):
         ``run.reassign`` as in ``before_layer``. CLS must stay at index 0. For VisionZip / VisPruner-style methods
         (the feature layer's attention: ask for its q/k/v with ``capture_layers``). Default: unchanged."""
         return hidden
+
+
+def tower_attention(seams: Any, j: int) -> nn.Module:
+    """Encoder layer ``j``'s attention module (``num_heads``, ``scale``): ``seams.attention_name`` of the layer
+    (CLIP ``self_attn``; InternViT ``attention``); seams without the field (vLLM's) mean ``self_attn``."""
+    return getattr(seams.layers[j], getattr(seams, "attention_name", "self_attn"))
+
+
+def tower_groups(seams: Any) -> torch.Tensor | None:
+    """``seams.groups`` (``[G, g]`` patches per LLM token, ``vision.groups``), None when every patch is a token."""
+    return getattr(seams, "groups", None)

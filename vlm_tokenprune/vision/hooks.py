@@ -30,7 +30,8 @@ from ..marking import mark_hook
 from ..lm_input import apply_reduction
 from ..reduction import Reduction
 from ..selection import right_packed
-from .base import VisionCriterion
+from .base import VisionCriterion, tower_attention
+from .groups import to_groups, widen_to_grid
 from ..state import StageRecord
 from .state import VisionOutcome, VisionRun
 
@@ -55,15 +56,20 @@ def install(handle: "PatchHandle", vs: "VisionSeams") -> None:
         handle.add_hook(f"vision encoder layer {j}: forward pre-hook ({role})",
                     layer.register_forward_pre_hook(mark_hook(functools.partial(_layer_pre, handle, vs, j)), with_kwargs=True))
     for j in crit.capture_layers(vs, stage):
-        for what in ("q", "k", "v"):
-            handle.add_hook(f"vision encoder layer {j}: self_attn.{what}_proj forward hook (capture for vision stage {i})",
-                        getattr(vs.layers[j].self_attn, f"{what}_proj").register_forward_hook(
-                            mark_hook(functools.partial(_capture, handle, j, what))))
+        for what, name in vs.projections:
+            handle.add_hook(f"vision encoder layer {j}: {vs.attention_name}.{name} forward hook (capture {what} for "
+                            f"vision stage {i})",
+                            getattr(tower_attention(vs, j), name).register_forward_hook(
+                                mark_hook(functools.partial(_capture, handle, j, what))))
     if type(crit).after_feature_layer is not VisionCriterion.after_feature_layer:
         fl = vs.layers[vs.feature_layer]
         handle.add_hook(f"vision encoder layer {vs.feature_layer}: forward hook, prepended (vision stage {i}: "
                     f"{stage.criterion} reduces the feature layer's output)",
                     fl.register_forward_hook(mark_hook(functools.partial(_feature_post, handle, vs)), prepend=True))
+    if vs.groups is not None:
+        handle.add_hook(f"{type(vs.projector).__name__}: forward pre-hook (vision stage {i}: only the kept "
+                        "pixel-shuffle groups' tokens reach the projector)",
+                        vs.projector.register_forward_pre_hook(mark_hook(functools.partial(_projector_pre, handle, vs))))
     handle.add_hook(f"{type(vs.projector).__name__}: forward hook (widen reduced features to the full layout)",
                 vs.projector.register_forward_hook(mark_hook(functools.partial(_projector_post, handle, vs))))
     if vs.pack_owner is not None:
@@ -79,7 +85,8 @@ def _tower_pre(handle: "PatchHandle", vs: "VisionSeams", i: int, module, args: t
     if pixels is None:
         return None
     st = handle.policy.stages[i]
-    handle.vision_run = VisionRun.open(i, st, handle.criteria[i], pixels.shape[0], vs.n_patches, pixels.device)
+    handle.vision_run = VisionRun.open(i, st, handle.criteria[i], pixels.shape[0], vs.n_patches, pixels.device,
+                                       n_tokens=vs.n_tokens)
     handle.vision_outcome = None
     return None
 
@@ -133,6 +140,8 @@ def _feature_post(handle: "PatchHandle", vs: "VisionSeams", module, args, output
     if new.shape[1] != run.length or not bool((run.ident[:, 0] == 0).all()):
         raise RuntimeError(f"vision criterion {run.stage.criterion!r}: after_feature_layer must return one token per "
                            "current token of the run (run.reassign) with CLS kept at index 0")
+    if vs.groups is not None:  # the model's own pixel shuffle packs the full grid; _projector_pre keeps the kept groups
+        new = widen_to_grid(run, new, vs.groups)
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
@@ -141,6 +150,21 @@ def _capture(handle: "PatchHandle", j: int, what: str, module, args, output):
     if run is not None:
         run.captured[what] = (j, output)
     return None
+
+
+def _projector_pre(handle: "PatchHandle", vs: "VisionSeams", module, args):
+    """Pixel-shuffle towers: the projector's input ``[n, G, g * D]`` (every LLM token of every crop, shuffled by
+    the model from the widened grid) -> the kept groups' tokens ``[n, K, g * D]``; the run now counts groups."""
+    run = handle.vision_run
+    if run is None:
+        return None
+    x = args[0]
+    if x.dim() != 3 or x.shape[1] != vs.groups.shape[0]:
+        raise RuntimeError(f"projector input {tuple(x.shape)} is not {vs.groups.shape[0]} pixel-shuffled tokens per crop")
+    kept = to_groups(run, vs.groups).to(x.device)  # also when nothing left: the outcome counts LLM tokens
+    if not run.changed:
+        return None
+    return (torch.gather(x, 1, kept[..., None].expand(-1, -1, x.shape[-1])), *args[1:])
 
 
 def _projector_post(handle: "PatchHandle", vs: "VisionSeams", module, args, output):

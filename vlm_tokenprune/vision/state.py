@@ -31,7 +31,7 @@ class VisionRun:
     stage: Any
     criterion: Any
     params: dict
-    keep_patches: int  # patch tokens each crop keeps (CLS not counted)
+    keep_patches: int  # patch tokens (pixel-shuffle towers: groups) each crop keeps (CLS not counted)
     ident: torch.Tensor
     owner: torch.Tensor
     size: torch.Tensor
@@ -43,10 +43,12 @@ class VisionRun:
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
-    def open(cls, stage_index: int, stage: Any, criterion: Any, n: int, n_patches: int, device) -> "VisionRun":
+    def open(cls, stage_index: int, stage: Any, criterion: Any, n: int, n_patches: int, device,
+             n_tokens: int | None = None) -> "VisionRun":
+        """``n_tokens``: LLM tokens per crop the budget counts (InternVL: pixel-shuffle groups; default: patches)."""
         T0 = n_patches + 1
         ar = torch.arange(T0, device=device).expand(n, T0)
-        keep = stage.budget.count(n_patches)
+        keep = stage.budget.count(n_patches if n_tokens is None else n_tokens)
         return cls(stage_index, stage, criterion, dict(stage.params), keep, ar.clone(), ar.clone(),
                    torch.ones(n, T0, device=device))
 
