@@ -12,6 +12,8 @@ import vlm_tokenprune as vtp
 from vlm_tokenprune import InputError
 from vlm_tokenprune.eval.tiny_models import make_batch
 
+from vlm_tokenprune import engine
+
 from kit import BACKENDS, tiny_llava
 
 ROWS = [[5, "img", 7], [2, "img", 1, "img", 3]]
@@ -141,11 +143,12 @@ def test_decode_steps_look_up_the_kept_sets_once_per_prompt(monkeypatch):
     assert sorted(calls) == list(range(len(model.model.language_model.layers)))  # once per layer, not per step
 
 
-def _hook_calls_per_decode_step(layers: int, policy: str, impl: str) -> int:
-    """Library hook calls (every function ``patch()`` registered, on any module) during one cached decode step
-    (the second one: the first builds the prompt's per-layer plan) of a ``layers``-layer tiny LLaVA."""
+def _library_calls_per_decode_step(layers: int, policy: str, impl: str, rows=ROWS, monkeypatch=None) -> int:
+    """Library calls during one cached decode step (the second one: the first builds the prompt's per-layer plan)
+    of a ``layers``-layer tiny LLaVA: every torch hook ``patch()`` registered, on any module, plus every routed
+    decoder-layer call (``engine.layer_pre_hook``, reached through ``sites.routed_layers``)."""
     model = tiny_llava(impl, layers=layers)
-    inputs = make_batch(model, ROWS)
+    inputs = make_batch(model, rows)
     calls = [0]
 
     def counted(fn):
@@ -155,6 +158,7 @@ def _hook_calls_per_decode_step(layers: int, policy: str, impl: str) -> int:
         hook.__vtp__ = True
         return hook
 
+    monkeypatch.setattr(engine, "layer_pre_hook", counted(engine.layer_pre_hook))  # bound by patch() below
     with torch.no_grad(), vtp.patch(model, policy) as h:
         for m in model.modules():
             for hooks in (m._forward_pre_hooks, m._forward_hooks):
@@ -170,19 +174,83 @@ def _hook_calls_per_decode_step(layers: int, policy: str, impl: str) -> int:
     return counts[1] - counts[0]
 
 
+@pytest.mark.parametrize("rows", [ROWS[:1], ROWS], ids=["one row", "padded batch"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_decode_step_hook_calls_do_not_grow_with_the_layers_the_policy_leaves_alone(impl):
-    """Issue reliability-2 item 8: a decode step runs no library code on a decoder layer whose input the policy
-    never changes. A pre-LLM policy costs the same number of hook calls per step on 4 and on 8 decoder layers;
-    an LLM-site stage at layer ``k`` costs the top-level hooks, its k/v capture hooks and one pre-hook per layer
-    from ``k - 1`` on (4 layers with the stage at 2 = 8 layers with the stage at 6; a criterion that reads layer
-    0's input, ``Criterion.reads_embeds``, adds layer 0's). Fails on the engine that
-    hooked every decoder layer (4 more calls on the deeper model)."""
+def test_decode_step_library_calls_do_not_grow_with_depth(impl, rows, monkeypatch):
+    """Issue reliability-2 item 8: a decode step costs the unpruned model's work plus a constant number of library
+    calls, whatever the depth and wherever the stage sits. A pre-LLM policy: the top pre/post hooks and the
+    language model's hook. An LLM-site stage: the top pre/post hooks, its scoring layer's k/v capture hooks and
+    one gate (the stage's first layer shrinks the one mask tensor every later layer receives); a second stage adds
+    its own capture hooks and gate. Fails on the engine with a pre-hook on every layer from the stage on
+    (4 + 3 calls at layer 2 of 4, 4 + 7 at layer 2 of 8)."""
+    def count(layers, policy):
+        return _library_calls_per_decode_step(layers, policy, impl, rows, monkeypatch)
+
     pre = "uniform:site=pre_llm,keep=0.25,positions=gaps"
-    assert _hook_calls_per_decode_step(4, pre, impl) == _hook_calls_per_decode_step(8, pre, impl) == 3
-    shallow = _hook_calls_per_decode_step(4, "fastv:layer=2,keep=0.25", impl)
-    deep = _hook_calls_per_decode_step(8, "fastv:layer=6,keep=0.25", impl)
-    assert shallow == deep == 2 + 2 + 3  # top pre/post, k/v capture on layer 1 (5), pre-hooks on layers 1-3 (5-7)
+    assert count(4, pre) == count(8, pre) == 3
+    one = [count(4, "fastv:layer=2,keep=0.25"), count(8, "fastv:layer=2,keep=0.25"),
+           count(8, "fastv:layer=6,keep=0.25")]
+    assert one == [2 + 2 + 1] * 3
+    assert count(8, "fastv:layer=2,keep=0.5+fastv:layer=5,keep=0.25") == 2 + 2 * (2 + 1)
+
+
+def _decode_logits(model, inputs, policy, steps, gated, monkeypatch):
+    """Each step's logits of a cached greedy decode under ``policy``; ``gated=False`` forces every layer after a
+    stage to get its own input (the path before gates), for a side-by-side check."""
+    with monkeypatch.context() as m:
+        if not gated:
+            m.setattr(engine, "decode_gates_apply", lambda handle, record: False)
+        out_logits, states = [], []
+        with torch.no_grad(), vtp.patch(model, policy) as h:
+            out = model(**inputs, use_cache=True)
+            name = "cache" if "cache" in out else "past_key_values"
+            cache, mask = out[name], inputs["attention_mask"]
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(steps):
+                mask = torch.cat([mask, torch.ones_like(tok)], 1)
+                out = model(input_ids=tok, attention_mask=mask, **{name: cache})
+                out_logits.append(out.logits)
+                states.append(h.last_state.decode_gated)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    return out_logits, states
+
+
+@pytest.mark.parametrize("rows", [ROWS[:1], ROWS], ids=["one row", "padded batch"])
+@pytest.mark.parametrize("policy", ["fastv:layer=2,keep=0.25", MULTI, "fastv:layer=1,keep=1.0+fastv:layer=3,keep=0.3"])
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_gated_decode_equals_every_layer_its_own_input(impl, policy, rows, monkeypatch):
+    """A gated decode step (``sites.routed_layers``: the mask shrunk in place once per stage) gives bit-identical
+    logits to the same step with every layer after a stage given its own shrunk input, for one row (no mask under
+    sdpa / flash: nothing to change) and a padded batch (a 4-D mask shrunk in place; flash's 2-D mask, which may be
+    the caller's own tensor, falls back to per-layer inputs), with a keep-all stage between pruning ones."""
+    model = tiny_llava(impl)
+    inputs = make_batch(model, rows)
+    got, gated = _decode_logits(model, inputs, policy, 4, True, monkeypatch)
+    want, plain = _decode_logits(model, inputs, policy, 4, False, monkeypatch)
+    assert not any(plain)
+    expect_gated = not (impl not in ("eager", "sdpa") and len(rows) > 1)  # flash + padding: per-layer inputs
+    assert gated == [expect_gated] * 4
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_decode_with_grad_enabled_is_not_gated_and_equal(monkeypatch):
+    """Under ``torch.enable_grad()`` a decode step never changes a mask in place (autograd may have saved it):
+    every layer gets its own input, with the same logits as the gated no-grad step."""
+    model = tiny_llava("sdpa")
+    inputs = make_batch(model, ROWS)
+    policy = "fastv:layer=2,keep=0.25"
+    want, _ = _decode_logits(model, inputs, policy, 2, True, monkeypatch)
+    with vtp.patch(model, policy) as h:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+        name = "cache" if "cache" in out else "past_key_values"
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(tok)], 1)
+        with torch.enable_grad():
+            got = model(input_ids=tok, attention_mask=mask, **{name: out[name]}).logits
+        assert h.last_state.phase == "decode" and not h.last_state.decode_gated
+    assert torch.equal(got.detach(), want[0])
 
 
 @pytest.mark.parametrize("policy", ["fastv:layer=2,keep=0.25", "uniform:site=pre_llm,keep=0.25,positions=gaps", MULTI])

@@ -220,7 +220,7 @@ def test_trace_and_describe(models):
     assert tr.tokens_per_layer[2] == max(n + k for n, k in zip(n_text, [9, 18]))
     assert tr.tokens_per_layer[3] == max(n + 4 for n in n_text)
     assert all(s.seconds >= 0 for s in tr.stages)
-    assert "decoder layer 2: forward pre-hook (score stage 0 and drop tokens" in text
+    assert "decoder layer 2: input change before the layer, routed call (score stage 0 and drop tokens" in text
     assert "decoder layer 1: self_attn.k_proj forward hook (capture for stage 0)" in text
 
 
@@ -299,3 +299,21 @@ def test_llava_next_layout_same_from_pixels_and_from_generate_features(sizes):
         fwd = h.last_trace().stages[0].kept_positions
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
         assert h.last_trace().stages[0].kept_positions == fwd
+
+
+def test_routed_layers_leave_the_model_unchanged_outside_a_forward():
+    """``sites.routed_layers``: while patched the text model's ``layers`` holds the same modules under the same
+    names (state_dict keys, indexing, slicing outside a forward give the plain modules); unpatch puts the original
+    ModuleList object back."""
+    from torch import nn
+
+    model = tiny_llava("sdpa")
+    lm = model.model.language_model
+    original, keys = lm.layers, list(model.state_dict())
+    with vtp.patch(model, "fastv:layer=2,keep=0.25"):
+        assert lm.layers is not original and isinstance(lm.layers, nn.ModuleList)
+        assert list(lm.layers) == list(original) and lm.layers[1] is original[1]
+        part = lm.layers[:2]
+        assert type(part) is nn.ModuleList and list(part) == list(original[:2])
+        assert list(model.state_dict()) == keys
+    assert lm.layers is original

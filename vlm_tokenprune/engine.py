@@ -114,6 +114,8 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         n = handle.seams.num_layers
         if live:  # what each layer's input needs, looked up once per prompt, not per layer and step
             record.decode_plan(n)
+            st.decode_gated = (record.decode_gated(lambda: decode_gates_apply(handle, record))
+                               and not torch.is_grad_enabled())
         # every decoder layer sees the L new tokens: recorded here, once (no layer hook records them while decoding)
         st.tokens_per_layer = st.prefill.decode_tokens(L, n)
         handle.open_state(st)
@@ -295,6 +297,8 @@ def _decode_layer_input(handle: "PatchHandle", st: ForwardState, j: int, args: t
     incoming mask and kept set: the shrunk mask is built once per step and group, the other layers of the group
     swap in the same tensor. The hidden states are not touched while decoding. A layer whose input needs no
     change (before the first stage; no mask and no padded slot; no position change) returns at once."""
+    if st.decode_gated:
+        return _decode_gate(handle, st, j, args, kwargs)
     rec = st.prefill.layer_kept[j]
     no_pid = st.prefill.pre_llm is not None and handle.seams.mask_format == "2d"
     if not no_pid and (rec is None or (rec.pos_shift is None and st.prefill.layer_all_ok[j]
@@ -318,6 +322,52 @@ def _decode_layer_input(handle: "PatchHandle", st: ForwardState, j: int, args: t
         if rec.pos_shift is not None:  # after a positions=repack stage: decode continues the renumbered positions
             _shift_positions(handle, st, rec.pos_shift, kwargs, pid_in, hidden)
     return args, kwargs
+
+
+def decode_gates_apply(handle: "PatchHandle", record: PrefillRecord) -> bool:
+    """Whether this prompt's decode steps may go through gates (``sites.routed_layers``): the patch allows it
+    (``handle.decode_gates``: one mask object for every layer, no per-layer position-id rule, no structural op)
+    and no stage renumbers positions (a shift per layer group: ``positions=repack``). ``torch.is_grad_enabled()``
+    is checked per step: the in-place mask would change a tensor autograd may have saved."""
+    if not handle.decode_gates or record.layer_kept is None:
+        return False
+    return all(r is None or r.pos_shift is None for r in record.layer_kept)
+
+
+def _decode_gate(handle: "PatchHandle", st: ForwardState, j: int, args: tuple, kwargs: dict):
+    """A gated decode step at token stage ``j``'s first layer; the layers after it run without library code.
+
+    The first gate of the step decides for all: no mask and no padded kept slot at any layer -> nothing to change
+    anywhere; a 4-D mask tensor (built by the text model in this forward; a caller's 4-D mask is refused at the
+    top) -> each gate sets that tensor, in place, to its group's shrunk mask, which every later layer receives
+    (``ForwardState.undo`` puts the full mask back when the forward ends); anything else (a 2-D mask, which may be
+    the caller's own tensor; no mask but padded kept slots) -> ``decode_gated`` goes False and every layer from
+    here on gets its own input (``_decode_layer_input``)."""
+    mask = kwargs.get("attention_mask")
+    if st.gate_mask is None:
+        if (mask is None and all(st.prefill.layer_all_ok)) or all(r is None for r in st.prefill.layer_kept):
+            st.gate_mask = ()  # nothing to change at any layer this step
+        elif (mask is None or handle.seams.mask_format == "2d" or type(mask) is not torch.Tensor
+              or mask.dim() != 4):
+            st.decode_gated = False
+            return _decode_layer_input(handle, st, j, args, kwargs)
+        else:
+            full = mask.new_empty(0).set_(mask)  # the full mask, kept while ``mask`` holds the shrunk ones
+            st.gate_mask = (mask, full)
+            st.undo.append(lambda: mask.set_(full))
+    if not st.gate_mask:
+        return None
+    mask, full = st.gate_mask
+    rec = st.prefill.layer_kept[j]
+    if rec is None:  # this stage kept everything: the layers up to the next stage see the full mask
+        mask.set_(full)
+        return None
+    hidden = kwargs["hidden_states"] if not args else args[0]
+    shrunk = {"attention_mask": full}
+    _shrink_kwargs(handle, shrunk, rec.kept, rec.kept_ok, st.prefill.prompt_len, hidden, prefill=False,
+                   cache=st.cache)
+    mask.set_(shrunk["attention_mask"])
+    return None
 
 
 def _carry_positions(handle: "PatchHandle", st: ForwardState, rec: StageRecord, local_idx: torch.Tensor,

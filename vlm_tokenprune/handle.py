@@ -39,6 +39,13 @@ class _Swap:
             delattr(self.obj, self.name)
 
 
+def _undo(st: ForwardState) -> None:
+    """Revert what a forward changed in place (``ForwardState.undo``), newest first, once."""
+    undo, st.undo = st.undo, []
+    for fn in reversed(undo):
+        fn()
+
+
 class _SessionKey:
     """The tag a patched prefill puts on its KV cache (``cache._vtp_session``), naming the prompt the cache holds.
 
@@ -87,6 +94,7 @@ class PatchHandle:
         self.stage_after: dict[int, int] = {}
         self.stage_at: dict[int, int] = {}
         self.repacks_llm = False  # an LLM stage with positions=repack (sites.llm.install)
+        self.decode_gates = False  # decode steps may run library code per token stage only (sites.routed_layers)
         self.structural = None  # structural.plan.StructuralPlan when the policy has structural ops
         self.vision_seams = None  # adapters.base.VisionSeams when the policy has a vision-site stage
         self.structural_attention = False  # True: skip_visual / neighbor layers run query-subset attention (real savings)
@@ -142,6 +150,7 @@ class PatchHandle:
         """End the calling thread's forward; its state becomes the last trace. Idempotent."""
         st = self._states.pop(threading.get_ident(), None)
         if st is not None:
+            _undo(st)
             st.cache = None  # keep no reference to the caller's KV cache
             self._local.last = st
             self._last = st
@@ -152,7 +161,9 @@ class PatchHandle:
 
     def discard_state(self) -> None:
         """Forget the calling thread's state without recording it (left by an interrupted call)."""
-        self._states.pop(threading.get_ident(), None)
+        st = self._states.pop(threading.get_ident(), None)
+        if st is not None:
+            _undo(st)
 
     @property
     def last_state(self) -> ForwardState | None:

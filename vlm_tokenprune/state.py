@@ -81,6 +81,13 @@ class PrefillRecord:
     layer_kept: tuple | None = None
     layer_all_ok: tuple = ()  # per decoder layer: its kept set has no padded slot (built with ``layer_kept``)
     decode_tokens_per_layer: tuple = ()  # (q,) * n_layers of the last decode step (``decode_tokens``)
+    gated: bool | None = None  # this prompt's decode steps may go through gates (``decode_gated``)
+
+    def decode_gated(self, decide) -> bool:
+        """``decide()`` (``engine.decode_gates_apply``) once per prompt, after ``decode_plan``."""
+        if self.gated is None:
+            self.gated = bool(decide())
+        return self.gated
 
     def decode_tokens(self, q: int, n_layers: int) -> tuple:
         """``tokens_per_layer`` of a decode step with ``q`` new tokens: built once per prompt, not per layer and step."""
@@ -133,6 +140,12 @@ class ForwardState:
     # after an LLM-site merge: [B, L0] current slot of each layer-0 token (-1: gone) and [B, M] tokens per slot
     llm_owner: torch.Tensor | None = None
     cur_size: torch.Tensor | None = None
+    # decode step through gates (``sites.routed_layers``): the layers between token stages run without library
+    # code; ``gate_mask``: () nothing to change, or (the text model's mask tensor, its full content) while the
+    # gates set that tensor in place to each stage's shrunk mask; ``undo``: run when the forward ends, on any exit
+    decode_gated: bool = False
+    gate_mask: tuple | None = None
+    undo: list = field(default_factory=list)
 
 
 @dataclass

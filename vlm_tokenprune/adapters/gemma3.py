@@ -66,6 +66,7 @@ class Gemma3Adapter(HFAdapter):
     # with the window of original positions
     llm_positions = ("gaps",)
     llm_positions_why = pre_llm_positions_why
+    decode_gates = False  # sliding and full layers get different masks, built from original positions
     supports_structural = False
     vision_no_cls = "the SigLIP tower has no CLS token"
 

@@ -2,8 +2,10 @@
 
 ``check`` validates each token stage's layer against the model; ``install`` registers the
 top-level hooks that open and close the calling thread's forward state (plus the forward
-wrapper that releases it on any exit), and one forward pre-hook per decoder layer (and k/v
-capture hooks on the layers a criterion scores from). The hook bodies are in ``engine``.
+wrapper that releases it on any exit) and k/v capture hooks on the layers a criterion scores
+from. The decoder layers whose input a stage changes are
+reached through ``RoutedLayers`` (``sites.routed_layers``), not torch hooks, so a decode step that changes
+nothing there runs no library code per layer. The hook bodies are in ``engine``.
 """
 from __future__ import annotations
 
@@ -11,10 +13,14 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from .. import engine
-from ..errors import IncompatiblePolicyError
+from ..adapters.base import uses_sliding_window
+from ..errors import IncompatiblePolicyError, UnsupportedModelError
 from ..handle import PatchHandle
 from ..marking import mark_hook
+from .routed_layers import RoutedLayers
 
 if TYPE_CHECKING:
     from . import PatchTarget
@@ -91,8 +97,9 @@ def install(handle: PatchHandle, plan: LLMPlan) -> None:
     handle.add_hook(f"{type(top).__name__}.forward: instance wrapper (releases the forward state on any exit, "
                     "KeyboardInterrupt included; undone by unpatch)")
     hooked = hooked_layers(handle, plan)
+    calls = {}
     for j, layer in enumerate(seams.decoder_layers):
-        if j not in hooked:  # the policy never changes this layer's input: no hook (a decode step runs nothing here)
+        if j not in hooked:  # the policy never changes this layer's input: never routed through library code
             continue
         roles = []
         if j in plan.stage_at:
@@ -110,12 +117,29 @@ def install(handle: PatchHandle, plan: LLMPlan) -> None:
                         mark_hook(functools.partial(engine.capture_hook, handle, j, what))
                     ),
                 )
-        handle.add_hook(
-            f"decoder layer {j}: forward pre-hook ({', '.join(roles) or 'position ids for the reduced input'})",
-            layer.register_forward_pre_hook(
-                mark_hook(functools.partial(engine.layer_pre_hook, handle, j)), with_kwargs=True
-            ),
-        )
+        calls[j] = functools.partial(engine.layer_pre_hook, handle, j)
+        handle.add_hook(f"decoder layer {j}: input change before the layer, routed call "
+                        f"({', '.join(roles) or 'position ids for the reduced input'})")
+    if calls:
+        _route_layers(handle, plan, calls)
+
+
+def _route_layers(handle: PatchHandle, plan: LLMPlan, calls: dict) -> None:
+    """Put ``RoutedLayers`` in place of the text model's ``layers`` (same modules, same names; undone by unpatch)."""
+    seams = handle.seams
+    owner = seams.language_model
+    layers = getattr(owner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or tuple(layers) != tuple(seams.decoder_layers):
+        raise UnsupportedModelError("model", f"{type(owner).__name__}.layers is not the ModuleList of its decoder "
+                                    "layers; allowed: text models that run their decoder layers from self.layers")
+    # gated decode steps (library code once per token stage, not per layer): one mask object reaches every layer,
+    # no per-layer position-id rule (flash ``2d`` after a pre-LLM stage), no structural op reading the mask
+    no_pid = seams.mask_format == "2d" and any(st.reduces_input for st in handle.policy.stages)
+    handle.decode_gates = (not uses_sliding_window(seams.text_config) and handle.adapter.decode_gates
+                           and not no_pid and handle.structural is None and bool(plan.stage_at))
+    handle.swap_attr(owner, "layers", RoutedLayers(layers, handle, calls, tuple(plan.stage_at)))
+    handle.add_hook(f"{type(owner).__name__}.layers: RoutedLayers (the same decoder layers; inside a patched "
+                    "forward it routes the hooked layers' calls through the library; undone by unpatch)")
 
 
 def hooked_layers(handle: PatchHandle, plan: LLMPlan) -> frozenset:
