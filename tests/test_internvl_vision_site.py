@@ -149,3 +149,21 @@ def test_catalogue_row_names_these_tests():
 
     assert_rows_name_existing_tests((110,))
     assert "test_internvl_vision_site::test_patch_level_methods_are_refused_by_name" in catalogue_rows()[110]
+
+
+@pytest.mark.parametrize("pol", ["vispruner:tokens=5", "visionzip:keep=0.3"])
+def test_explain_flops_equal_the_traced_run(pol):
+    """``policy_flops`` (what ``explain`` prints) counts the budget per tile in LLM tokens: its LLM, tower and
+    projector FLOPs equal ``trace_flops`` of the patched run (3 tiles, 5 kept tokens each)."""
+    from vlm_tokenprune.eval.flops import policy_flops, trace_flops
+
+    model = tiny("sdpa")
+    inputs = make_internvl_batch(model, [[5, "img", 7]], tiles=[3])
+    with vtp.patch(model, pol) as h, torch.no_grad():
+        model(**inputs, logits_to_keep=1)
+        traced = trace_flops(model.config, h.last_trace())
+    n_text = inputs["input_ids"].shape[1] - 48
+    predicted = policy_flops(model.config, pol, n_text, 48)
+    assert predicted["tokens_per_layer"] == traced["tokens_per_layer"] == [n_text + 15] * 4
+    for key in ("flops", "vision_flops", "projector_flops"):
+        assert predicted[key] == traced[key], key

@@ -202,7 +202,10 @@ def policy_tokens_per_layer(text_config: Any, policy: Any, n_text: int, n_visual
     return _schedule(TextGeometry.of(text_config), Policy.parse(policy), n_text, n_visual)[0]
 
 
-def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
+def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int, crops: tuple[int, int] | None = None):
+    """``crops``: ``(crops, LLM tokens per crop)`` of the prompt's visual tokens; a vision-site stage's budget is
+    per crop (``crops * count(per crop)`` plus the visual tokens outside the crops, LLaVA-NeXT's newlines, reach
+    the language model); None: the budget counts all ``n_visual`` (one crop)."""
     if n_text < 0 or n_visual < 0:
         raise InputError("n_text/n_visual", f"must be >= 0, got {n_text}, {n_visual}")
     L = g.num_hidden_layers
@@ -216,6 +219,9 @@ def _schedule(g: TextGeometry, pol: Policy, n_text: int, n_visual: int):
         # shortens the language model's input: every layer sees k visual tokens (vision: n_visual = one crop's patches)
         if st.reduces_input:
             k = st.budget.count(n_visual, cur)
+            if st.is_vision and crops is not None and crops[0] * crops[1] <= n_visual:
+                c, per = crops
+                k = c * min(per, st.budget.count(per, per)) + n_visual - c * per
             params = {key: v for key, v in st.params.items() if key != "positions"}
             scoring.append(0.0 if k == cur else scoring_flops(g, st.criterion, n_text + cur, cur, params))
             visual = [k] * L
@@ -275,22 +281,24 @@ def policy_flops(model_config: Any, policy: Any, n_text: int, n_visual: int, log
     """
     g = TextGeometry.of(model_config)
     pol = Policy.parse(policy)
-    tokens, scoring, lower, upper = _schedule(g, pol, int(n_text), int(n_visual))
+    vg = VisionGeometry.of(model_config)
+    if vg is not None and n_visual:
+        vg = _sized(vg, int(n_visual))
+    per_crop = (_crops(vg, int(n_visual)), vg.crop_patches // vg.merge) if vg is not None and n_visual else None
+    tokens, scoring, lower, upper = _schedule(g, pol, int(n_text), int(n_visual), per_crop)
     out = _result(g, tokens, [n_text + n_visual] * g.num_hidden_layers, scoring, logits_tokens)
     out["lower_bound_stages"] = lower
     out["upper_bound_stages"] = upper
-    vg = VisionGeometry.of(model_config)
     parts = base = None
     out["vision_upper_bound_stages"] = []
     if vg is not None and n_visual:
-        vg = _sized(vg, int(n_visual))
         crops = _crops(vg, int(n_visual))
         base = vision_flops(vg, crops)
         parts = dict(base)
         for i, st in enumerate(pol.stages):
-            if st.is_vision:  # the projector sees the kept tokens; the tower's in-layer schedule is the image's
-                kept = min(vg.crop_patches, st.budget.count(vg.crop_patches, vg.crop_patches))
-                parts = vision_flops(vg, crops, projected=crops * kept // vg.merge)
+            if st.is_vision:  # the projector sees the kept LLM tokens (InternVL: whole pixel-shuffle groups) per crop;
+                per = vg.crop_patches // vg.merge  # the tower's in-layer schedule is the image's
+                parts = vision_flops(vg, crops, projected=crops * min(per, st.budget.count(per, per)))
                 out["vision_upper_bound_stages"].append(i)
     return _with_parts(out, vg, parts, base)
 

@@ -12,6 +12,7 @@ visual token, the original prompt positions (patches) it stands for.
 - ``state``: per-tower-call bookkeeping (which original token each current token is).
 - ``base``: the interface of a vision criterion (``before_layer``).
 - ``hooks``: installation, the per-layer hooks and the hand-over to the language model.
+- ``groups``: towers whose LLM tokens pack groups of patches (InternVL's pixel shuffle): whole-group selection.
 """
 from .base import VisionCriterion
 from .state import VisionOutcome, VisionRun

@@ -6,6 +6,9 @@
   input (``before_layer``); every layer receives the run's additive attention bias, if any,
   as its ``attention_mask`` (the tower's own attention backend runs; nothing is forced to eager).
 - q/k/v projection forward hooks on the layers a criterion scores from: keep their outputs.
+- pixel-shuffle towers (InternVL, ``VisionSeams.groups``): the feature layer's reduced output goes back onto the
+  full patch grid (``groups.widen_to_grid``) so the model's own shuffle packs it; a projector forward pre-hook keeps
+  the kept groups' tokens and moves the run to LLM-token (group) units (``groups.to_groups``).
 - projector forward hook: widen the reduced features back to the full layout (each surviving
   token at its original patch slot, empty slots zero), so HF's ``masked_scatter`` sees one
   feature per placeholder; the run becomes a ``VisionOutcome`` on the handle.
