@@ -172,10 +172,10 @@ def test_uniform_pre_llm_matches_oracle(attn):
 # refusals
 # ------------------------------------------------------------------------------------------------
 def test_vision_site_is_refused_by_name():
-    """Patch-level vision methods (FlowCut's ViT stage, MCTF) are refused by name: each LLM token packs a group of
-    patches (tests/test_internvl_vision_site.py runs the whole-group methods, VisionZip and VisPruner)."""
+    """MCTF (patch-level merging inside the tower) is refused by name: each LLM token packs a group of patches
+    (tests/test_internvl_vision_site.py runs the whole-group methods: VisionZip, VisPruner, FlowCut's ViT stage)."""
     model = tiny("sdpa")
-    for policy in ("flowcut_vit:keep=0.5", "mctf:keep=0.5"):
+    for policy in ("mctf:keep=0.5", "mctf:layer=1,keep=0.25"):
         with no_hook_left(model), pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.criterion.*pixel shuffle"):
             vtp.patch(model, policy)
 

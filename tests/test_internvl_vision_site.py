@@ -1,8 +1,9 @@
-"""Vision-site VisionZip (arXiv 2412.04467) and VisPruner (arXiv 2412.01818) on InternVL (issue 21): whole
-pixel-shuffle groups (the 2 x 2 patches one LLM token packs) chosen by their summed CLS-attention scores,
+"""Vision-site VisionZip (arXiv 2412.04467), VisPruner (arXiv 2412.01818) and FlowCut's ViT stage (arXiv
+2505.19536) on InternVL (issue 21): whole pixel-shuffle groups (the 2 x 2 patches one LLM token packs) chosen by
+their summed scores (CLS attention, flow),
 packed by the model's own shuffle, == the independent oracle (tests/reference/internvl_vision_oracle.py:
 InternViT written out, plain loops, groups as tokens) in the real batched, left-padded forward and in
-cached generate; keep-all bit-identical; unpatch exact; patch-level methods refused by name.
+cached generate; keep-all bit-identical; unpatch exact; MCTF (patch-level merging) refused by name.
 
 Tiny InternViT (2 layers) + Qwen2 from configs: 32 px tiles of 8 x 8 patches -> 16 LLM tokens per tile;
 images of 3, 1 and 2 tiles (crops + thumbnail).
@@ -33,6 +34,20 @@ METHODS = {"visionzip": "contextual", "vispruner": "important_ratio"}
 @functools.cache
 def tiny(attn: str):
     return build_tiny_internvl(attn)
+
+
+@functools.cache
+def peaked(attn: str):
+    """4 InternViT layers (FlowCut scores after layers 0 and 2: adaptive, then forced to the budget), a random CLS
+    embedding and scaled-up q / k so the CLS attention is peaked (an adaptive count > 0)."""
+    model = build_tiny_internvl(attn, vision_layers=4)
+    emb = model.model.vision_tower.embeddings
+    with torch.no_grad():
+        emb.cls_token.copy_(3 * torch.randn(emb.cls_token.shape, generator=torch.Generator().manual_seed(0)))
+        for layer in model.model.vision_tower.encoder.layer:
+            layer.attention.q_proj.weight.mul_(30.0)
+            layer.attention.k_proj.weight.mul_(30.0)
+    return model
 
 
 def batch(model, seed: int = 0) -> dict:
@@ -123,6 +138,40 @@ def test_cached_generate_matches_oracle_greedy(method, param):
         assert out[b, L:].tolist() == want, f"row {b}"
 
 
+@pytest.mark.parametrize("attn", BACKENDS)
+@pytest.mark.parametrize("T,positions", [(4, "repack"), (3, "gaps")])
+def test_flowcut_vit_matches_oracle(attn, T, positions):
+    """FlowCut's ViT stage over whole groups: the tokens each InternViT layer sees (adaptive after layer 0, forced
+    to T groups after layer 2), the kept groups and the logits == the oracle's."""
+    model = peaked(attn)
+    inputs = batch(model)
+    with vtp.patch(model, f"flowcut_vit:tokens={T},positions={positions}") as h, torch.no_grad():
+        logits = model(**inputs).logits
+        st = h.last_trace().stages[0]
+    encoded, seen = oracle.flowcut_encode(model, inputs["pixel_values"], T)
+    assert st.vision_tokens_per_layer == seen
+    assert seen[0] == 65 > seen[1] > 1 + 4 * T and seen[3] == 1 + 4 * T  # whole groups of 4 patches + CLS
+    assert st.visual_after == [4 * T, 2 * T]
+    for b, (x, pos, vis) in enumerate(oracle.reduced_rows(model, inputs, "flowcut_vit", T, 0.0, encoded)):
+        pad = int((inputs["attention_mask"][b] == 0).sum())
+        assert [q - pad for q in st.kept_positions[b]] == vis, f"row {b}"
+        want = pl.row_logits(model, x, pos, positions)
+        torch.testing.assert_close(logits[b, logits.shape[1] - want.shape[0]:], want, atol=1e-4, rtol=0)
+
+
+def test_flowcut_vit_keep_all_and_cached_generate():
+    model = peaked("sdpa")
+    inputs = batch(model)
+    assert_keep_all_exact(model, inputs, ("flowcut_vit:keep=1.0",),
+                          {"max_new_tokens": 3, "do_sample": False, "suppress_tokens": [IMAGE_TOKEN_ID]})
+    with vtp.patch(model, "flowcut_vit:tokens=4"), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    L = inputs["input_ids"].shape[1]
+    for b, (x, pos, _) in enumerate(oracle.reduced_rows(model, inputs, "flowcut_vit", 4, 0.0)):
+        want = pl.greedy(model, x, pos, "repack", int(inputs["attention_mask"][b].sum()), 3)
+        assert IMAGE_TOKEN_ID not in want and out[b, L:].tolist() == want, f"row {b}"
+
+
 def test_presets_count_llm_tokens_per_tile():
     """``visionzip`` (64 of 576 as a fraction): round(16 * 64 / 576) = 2 LLM tokens per tile."""
     model = tiny("sdpa")
@@ -132,12 +181,12 @@ def test_presets_count_llm_tokens_per_tile():
 
 
 def test_patch_level_methods_are_refused_by_name():
-    """FlowCut's ViT stage and MCTF select / merge single patches inside the tower: refused, naming the criterion
-    and the methods allowed; a budget above the 16 LLM tokens of a tile names ``tokens``."""
+    """MCTF merges single patches inside the tower (with proportional attention by patch counts): refused,
+    naming the criterion and the methods allowed; a budget above the 16 LLM tokens of a tile names ``tokens``."""
     model = tiny("sdpa")
-    for pol in ("flowcut_vit:keep=0.5", "mctf:keep=0.5"):
-        with no_hook_left(model), pytest.raises(
-                IncompatiblePolicyError, match=r"stages\[0\]\.criterion.*pixel shuffle.*allowed.*visionzip, vispruner"):
+    for pol in ("mctf:keep=0.5", "mctf:layer=1,tokens=4"):
+        with no_hook_left(model), pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.criterion.*pixel "
+                                                r"shuffle.*allowed.*flowcut_vit, visionzip, vispruner"):
             vtp.patch(model, pol)
     with no_hook_left(model), pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.tokens.*allowed: 1\.\.16"):
         vtp.patch(model, "vispruner:tokens=17")

@@ -1,5 +1,6 @@
-"""Independent reference for VisionZip (arXiv 2412.04467) and VisPruner (arXiv 2412.01818) on InternVL's
-InternViT, at the granularity of pixel-shuffle groups; imports nothing from ``vlm_tokenprune``.
+"""Independent reference for VisionZip (arXiv 2412.04467), VisPruner (arXiv 2412.01818) and FlowCut's ViT stage
+(arXiv 2505.19536, ``flowcut_encode``) on InternVL's InternViT, at the granularity of pixel-shuffle groups;
+imports nothing from ``vlm_tokenprune``.
 
 * ``groups``: which patches form which LLM token, found by feeding patch indices (one channel) through the
   model's own ``pixel_shuffle``; ``pack`` concatenates a group's patch features in that order (checked
@@ -45,7 +46,7 @@ def pack(x: torch.Tensor, members: list[int]) -> torch.Tensor:
 
 
 def internvit_layer(layer, x: torch.Tensor):
-    """One InternViT layer on [T, D]: (output, probs [H, T, T], keys [T, H, d])."""
+    """One InternViT layer on [T, D]: (output, probs [H, T, T], keys [T, H, d], values [T, H, d])."""
     at = layer.attention
     T, D = x.shape
     H = at.num_heads
@@ -63,7 +64,7 @@ def internvit_layer(layer, x: torch.Tensor):
         out[:, head] = p @ v[:, head]
     x = x + layer.lambda_1 * at.projection_layer(out.reshape(T, D))
     x = x + layer.lambda_2 * layer.mlp(layer.layernorm_after(x))
-    return x, probs, k
+    return x, probs, k, v
 
 
 def feature_layer(model) -> int:
@@ -77,7 +78,7 @@ def run_tower(model, crop: torch.Tensor):
     with torch.no_grad():
         x = tower.embeddings(crop[None])[0]
         for layer in tower.encoder.layer[: feature_layer(model) + 1]:
-            x, probs, k = internvit_layer(layer, x)
+            x, probs, k, _ = internvit_layer(layer, x)
     return x, probs, k
 
 
@@ -110,15 +111,78 @@ def select_tile(model, crop: torch.Tensor, method: str, T: int, param: float):
             {i - 1: [s - 1 for s in src[j]] for j, i in enumerate(idx) if i})
 
 
-def reduced_rows(model, inputs: dict, method: str, T: int, param: float):
-    """Per row: (embeds [n', D], original positions [n'], kept visual positions)."""
+def flowcut_encode(model, tiles: torch.Tensor, K: int):
+    """FlowCut's ViT stage (``flowcut_vit_oracle``'s rules) over whole groups, every tile of the batch together:
+    after layer ``idx`` (while a tile holds more than K groups) each patch's flow score ``S`` and CLS attention
+    ``a`` (plain loops, ``flowcut_vit_oracle.flow_score``), ``S_cum`` per patch; at the pruning layers a group's
+    ``a`` and ``S_cum`` are the sums over its patches, ``P`` (``prune_count`` on the group attentions, N = the
+    current groups) is the largest over the tiles (forced to K at the last), the ``max(U - P, K)`` groups of
+    largest summed ``S_cum`` (ties: lower group) keep all their patches. Returns (per tile (tokens, stands) as
+    ``select_tile``, tokens entering each encoder layer)."""
+    from . import flowcut_vit_oracle as fc
+
+    tower = model.model.vision_tower
+    F = feature_layer(model)
+    grp = groups(model)
+    group_of = {p: q for q, m in enumerate(grp) for p in m}
+    n = tiles.shape[0]
+    with torch.no_grad():
+        xs = [tower.embeddings(tiles[c:c + 1])[0] for c in range(n)]
+        kept = [list(range(xs[0].shape[0])) for _ in range(n)]  # original token index (0 = CLS, 1 + patch)
+        cum: list = [None] * n
+        seen = []
+        for idx, layer in enumerate(tower.encoder.layer[: F + 1]):
+            seen.append(len(kept[0]))
+            res = [internvit_layer(layer, x) for x in xs]
+            xs = [r[0] for r in res]
+            cur = [sorted({group_of[t - 1] for t in kc[1:]}) for kc in kept]
+            if len(cur[0]) <= K:
+                continue
+            scored = [fc.flow_score(r[1], r[3]) for r in res]
+            cum = [sc if cm is None else [0.5 * u + 0.5 * w for u, w in zip(cm, sc)] for cm, (_, sc) in zip(cum, scored)]
+            rpl = F - idx - 1
+            if rpl < 0 or rpl % 2:
+                continue
+            ga = [{q: 0.0 for q in cur[c]} for c in range(n)]
+            gc = [{q: 0.0 for q in cur[c]} for c in range(n)]
+            for c in range(n):
+                for i, t in enumerate(kept[c][1:]):
+                    ga[c][group_of[t - 1]] += scored[c][0][i]
+                    gc[c][group_of[t - 1]] += cum[c][i]
+            U = len(cur[0])
+            P = round(max(fc.prune_count([ga[c][q] for q in cur[c]], rpl, K) for c in range(n))) if rpl else U
+            n_keep = max(U - P, K)
+            for c in range(n):
+                top = set(sorted(cur[c], key=lambda q: (-gc[c][q], q))[:n_keep])
+                stay = [i for i, t in enumerate(kept[c][1:]) if group_of[t - 1] in top]
+                xs[c] = torch.cat([xs[c][:1], xs[c][[i + 1 for i in stay]]])
+                kept[c] = [0] + [kept[c][i + 1] for i in stay]
+                cum[c] = [cum[c][i] for i in stay]
+        seen += [len(kept[0])] * (len(tower.encoder.layer) - F - 1)
+    out = []
+    for c in range(n):
+        at = {t - 1: xs[c][i] for i, t in enumerate(kept[c]) if t}
+        qs = sorted({group_of[p] for p in at})
+        out.append(({q: torch.cat([at[p] for p in grp[q]]) for q in qs}, {q: [q] for q in qs}))
+    return out, seen
+
+
+def encode(model, tiles: torch.Tensor, method: str, T: int, param: float) -> list:
+    """Per tile: (tokens, stands) as ``select_tile``; FlowCut runs all tiles together."""
+    if method == "flowcut_vit":
+        return flowcut_encode(model, tiles, T)[0]
+    return [select_tile(model, tiles[c], method, T, param) for c in range(tiles.shape[0])]
+
+
+def reduced_rows(model, inputs: dict, method: str, T: int, param: float, encoded: list | None = None):
+    """Per row: (embeds [n', D], original positions [n'], kept visual positions); ``encoded``: ``encode``'s result
+    when already computed."""
     cfg = model.config
     tiles = inputs["pixel_values"]
     G = len(groups(model))
     kept_tok, rep = [], []
     with torch.no_grad():
-        for c in range(tiles.shape[0]):
-            toks, stands = select_tile(model, tiles[c], method, T, param)
+        for toks, stands in (encoded if encoded is not None else encode(model, tiles, method, T, param)):
             kept_tok.append({q: model.model.multi_modal_projector(t[None, None])[0, 0] for q, t in toks.items()})
             rep.append({s: q for q, ss in stands.items() for s in ss})
         rows, j = [], 0

@@ -21,8 +21,9 @@ the concatenation of its patches' (the shuffled token); a budget (``tokens`` / `
 (groups) per tile, every tile (the thumbnail included) a crop of its own. The reduced feature-layer output
 goes back onto the full grid (dropped groups zero), the model's own shuffle packs it, the projector's
 pre-hook keeps the kept groups' tokens, and the language model receives only those (placeholders of
-dropped groups removed, positions per the stage's ``positions``). Methods that pick single patches
-inside the tower (``flowcut_vit``, ``mctf``) are refused by name (``VisionCriterion.whole_groups``).
+dropped groups removed, positions per the stage's ``positions``). FlowCut's ViT stage prunes whole groups
+inside the tower (later InternViT layers run on the kept groups' patches); MCTF, which merges single
+patches there, is refused by name (``VisionCriterion.whole_groups``).
 InternViT's layers are read through the seams: ``attention`` (not ``self_attn``), q / k after its
 ``q_norm`` / ``k_norm``.
 """

@@ -33,6 +33,9 @@ patches per crop: LLaVA-1.5 ``tokens=128`` is the paper's 128; on LLaVA-NeXT the
 ``flowcut_llm`` at layer 2 keeps 320 tokens (``tokens=320``, an absolute count of however many arrive) renumbered
 contiguously (``positions=repack``); ``flowcut_next_fraction`` is the library's earlier reading (newlines kept and
 selectable by the LLM stage, which keeps 320 / 2880 of the original visual tokens at their original positions).
+InternVL (pixel-shuffle groups, ``vision.groups``): the same schedule over whole groups (``_prune_groups``): a
+group's ``a`` and ``S_cum`` are the SUMS over its patches, ``N`` / ``K`` count groups (LLM tokens) per tile, and
+a kept group keeps all its patches through the later layers.
 Positions default to ``repack`` (LLaVA's contiguous re-numbering in the official code). On LLaVA-NeXT
 the kept patches then go through the model's own unpadding and ``image_newline`` packing: kept tokens
 in the padded border of an anyres grid leave with it (the LLM may see fewer than K per crop); the
@@ -46,7 +49,8 @@ import torch
 
 from ..errors import IncompatiblePolicyError
 from ..policy import register_family_preset, register_preset
-from ..vision.base import VisionCriterion
+from ..vision.base import VisionCriterion, tower_attention, tower_groups
+from ..vision.groups import group_of_patch
 from .base import register_criterion
 
 
@@ -78,6 +82,7 @@ class FlowCutViT(VisionCriterion):
     needs_cls = "it scores the information flow from the CLS token's attention"
     paper = "FlowCut (vision-encoder part): CLS-attention + value-similarity flow, cumulative, entropy-adaptive"
     arxiv = "2505.19536"
+    whole_groups = True  # pixel-shuffle towers (InternVL): the same schedule over whole groups (``_prune_groups``)
 
     def check_vision(self, seams, stage, where: str) -> None:
         if stage.layer is not None:
@@ -98,13 +103,15 @@ class FlowCutViT(VisionCriterion):
     def before_layer(self, run, j: int, layer, hidden: torch.Tensor, seams) -> torch.Tensor:
         target = run.keep_patches + 1
         T = hidden.shape[1]
-        if j == 0 or T <= target:
+        groups = tower_groups(seams)
+        g = 1 if groups is None else groups.shape[1]
+        if j == 0 or (T - 1) // g <= run.keep_patches:
             return hidden
         idx = j - 1  # the layer that just ran; its q/k/v were captured
         (jq, q), (_, k), (_, v) = run.captured["q"], run.captured["k"], run.captured["v"]
         if jq != idx:
             raise RuntimeError(f"flowcut_vit: expected layer {idx}'s projections, got layer {jq}'s")
-        attn = seams.layers[idx].self_attn
+        attn = tower_attention(seams, idx)
         a, score = flow_scores(q, k, v, attn.num_heads, attn.scale)
         cum = run.scratch.get("cum")
         cum = score if cum is None else 0.5 * cum + 0.5 * score
@@ -112,6 +119,8 @@ class FlowCutViT(VisionCriterion):
         rpl = seams.feature_layer - idx - 1
         if rpl < 0 or rpl % 2:
             return hidden
+        if groups is not None:
+            return self._prune_groups(run, hidden, a, cum, rpl, groups)
         drop = adaptive_prune_count(a, rpl, run.keep_patches) if rpl else T
         kept = max(T - drop, target)
         top = torch.sort(cum, dim=1, descending=True, stable=True).indices[:, : kept - 1].sort(dim=1).values
@@ -120,6 +129,34 @@ class FlowCutViT(VisionCriterion):
         sel = torch.cat([torch.zeros(n, 1, dtype=torch.long, device=top.device), top + 1], dim=1)
         to = torch.full((n, T), -1, dtype=torch.long, device=sel.device)
         to.scatter_(1, sel, torch.arange(kept, device=sel.device).expand(n, kept))
+        run.reassign(to, torch.gather(run.ident, 1, sel), torch.gather(run.size, 1, sel))
+        return torch.gather(hidden, 1, sel.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
+
+    @staticmethod
+    def _prune_groups(run, hidden: torch.Tensor, a: torch.Tensor, cum: torch.Tensor, rpl: int,
+                      groups: torch.Tensor) -> torch.Tensor:
+        """InternVL: the pruning step over whole pixel-shuffle groups. A group's CLS attention and ``S_cum`` are the
+        SUMS over its patches; ``N`` (the entropy's and the count's) counts the current groups, ``K`` the target
+        groups; the top groups by summed ``S_cum`` (ties to the lower group) keep all their patches, in order."""
+        n, T = hidden.shape[:2]
+        g = groups.shape[1]
+        dev = cum.device
+        tok_group = group_of_patch(groups.to(dev))[run.ident[:, 1:].to(dev) - 1]  # [n, T-1]: each patch's group
+        cur = tok_group.sort(dim=1).values[:, ::g].contiguous()  # [n, U]: the current groups, ascending
+        slot = torch.searchsorted(cur, tok_group)  # [n, T-1]: each patch's group among them
+        U = cur.shape[1]
+        ag = torch.zeros(n, U, device=dev).scatter_add_(1, slot, a.float())
+        cg = torch.zeros(n, U, device=dev).scatter_add_(1, slot, cum.float())
+        drop = adaptive_prune_count(ag, rpl, run.keep_patches) if rpl else U
+        kept = max(U - drop, run.keep_patches)
+        top = torch.sort(cg, dim=1, descending=True, stable=True).indices[:, :kept]
+        keep = torch.gather(torch.zeros(n, U, dtype=torch.bool, device=dev).scatter(1, top, True), 1, slot)
+        idx = keep.nonzero()[:, 1].view(n, -1)  # kept patch tokens, in their order
+        run.scratch["cum"] = torch.gather(cum, 1, idx)
+        sel = torch.cat([torch.zeros(n, 1, dtype=torch.long, device=dev), idx + 1], dim=1)
+        K = sel.shape[1]
+        to = torch.full((n, T), -1, dtype=torch.long, device=dev)
+        to.scatter_(1, sel, torch.arange(K, device=dev).expand(n, K))
         run.reassign(to, torch.gather(run.ident, 1, sel), torch.gather(run.size, 1, sel))
         return torch.gather(hidden, 1, sel.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
 

@@ -64,10 +64,12 @@ def install(handle: "PatchHandle", vs: "VisionSeams") -> None:
                             f"vision stage {i})",
                             getattr(tower_attention(vs, j), name).register_forward_hook(
                                 mark_hook(functools.partial(_capture, handle, j, what))))
-    if type(crit).after_feature_layer is not VisionCriterion.after_feature_layer:
+    if type(crit).after_feature_layer is not VisionCriterion.after_feature_layer or vs.groups is not None:
         fl = vs.layers[vs.feature_layer]
+        what = f"{stage.criterion} reduces the feature layer's output" if vs.groups is None else (
+            f"{stage.criterion} may reduce the feature layer's output; the kept groups go back onto the full grid")
         handle.add_hook(f"vision encoder layer {vs.feature_layer}: forward hook, prepended (vision stage {i}: "
-                    f"{stage.criterion} reduces the feature layer's output)",
+                    f"{what})",
                     fl.register_forward_hook(mark_hook(functools.partial(_feature_post, handle, vs)), prepend=True))
     if vs.groups is not None:
         handle.add_hook(f"{type(vs.projector).__name__}: forward pre-hook (vision stage {i}: only the kept "
@@ -138,13 +140,13 @@ def _feature_post(handle: "PatchHandle", vs: "VisionSeams", module, args, output
     with torch.no_grad():
         new = run.criterion.after_feature_layer(run, hidden, vs)
     run.seconds += time.perf_counter() - t0
-    if new is hidden:
-        return None
-    if new.shape[1] != run.length or not bool((run.ident[:, 0] == 0).all()):
+    if new is not hidden and (new.shape[1] != run.length or not bool((run.ident[:, 0] == 0).all())):
         raise RuntimeError(f"vision criterion {run.stage.criterion!r}: after_feature_layer must return one token per "
                            "current token of the run (run.reassign) with CLS kept at index 0")
-    if vs.groups is not None:  # the model's own pixel shuffle packs the full grid; _projector_pre keeps the kept groups
-        new = widen_to_grid(run, new, vs.groups)
+    if vs.groups is not None and run.changed:  # the model's own pixel shuffle packs the full grid;
+        new = widen_to_grid(run, new, vs.groups)  # _projector_pre keeps the kept groups' tokens
+    if new is hidden:
+        return None
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
