@@ -172,6 +172,30 @@ def test_flowcut_vit_keep_all_and_cached_generate():
         assert IMAGE_TOKEN_ID not in want and out[b, L:].tolist() == want, f"row {b}"
 
 
+@pytest.mark.parametrize("method,param", [("visionzip", 10 / 64), ("vispruner", 0.5), ("flowcut_vit", 0.0)])
+def test_feature_layer_below_the_last(method, param):
+    """``vision_feature_layer=-2`` of 3 InternViT layers: the stage acts at layer 1's output (FlowCut prunes after
+    layer 0); the last layer runs on the full grid again (its output is not read) == the oracle."""
+    from transformers import InternVLForConditionalGeneration
+
+    from vlm_tokenprune.eval.tiny_families import tiny_internvl_config
+
+    cfg = tiny_internvl_config(vision_layers=3)
+    cfg.vision_feature_layer = -2
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    inputs = make_internvl_batch(model, [[3, "img", 2]], tiles=[2])
+    key = {"visionzip": {"contextual": param}, "vispruner": {"important_ratio": param}}.get(method, {})
+    pol = {"stages": [{"criterion": method, "site": "vision", "tokens": 4, "positions": "repack", **key}]}
+    with vtp.patch(model, pol) as h, torch.no_grad():
+        logits = model(**inputs).logits
+        st = h.last_trace().stages[0]
+    (x, pos, vis), = oracle.reduced_rows(model, inputs, method, 4, param)
+    assert st.kept_positions[0] == vis and st.vision_tokens_per_layer[2] == 65
+    want = pl.row_logits(model, x, pos, "repack")
+    torch.testing.assert_close(logits[0, logits.shape[1] - want.shape[0]:], want, atol=1e-4, rtol=0)
+
+
 def test_presets_count_llm_tokens_per_tile():
     """``visionzip`` (64 of 576 as a fraction): round(16 * 64 / 576) = 2 LLM tokens per tile."""
     model = tiny("sdpa")
