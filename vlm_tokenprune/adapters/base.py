@@ -150,7 +150,7 @@ class Adapter:
         """The vision tower for vision-site stages; ``IncompatiblePolicyError`` naming ``where`` when there is none."""
         raise IncompatiblePolicyError(
             where, f"site vision is not supported for {model.config.model_type!r} yet; allowed models: llava, "
-            "llava_next, llava_llama (the original LLaVA code base)")
+            "llava_next, llava_llama (the original LLaVA code base), internvl (whole pixel-shuffle groups)")
 
     def position_embeddings(self, layer: nn.Module, kwargs: dict, hidden: torch.Tensor) -> Any:
         """``(cos, sin)`` for decoder layers that receive no ``position_embeddings`` kwarg (their attention builds

@@ -106,7 +106,7 @@ class Gemma3Adapter(HFAdapter):
             where, "site vision is not supported for 'gemma3': the projector average-pools each image's full square "
             "SigLIP patch grid (64 x 64 -> 16 x 16) after the tower, so a patch removed inside the tower has no LLM "
             "token of its own (a pooled token would mix kept and removed patches); allowed: site llm or pre_llm on "
-            "this model, site vision on llava / llava_next")
+            "this model, site vision on llava / llava_next / internvl")
 
     # -- visual tokens -----------------------------------------------------------------------
     def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout:

@@ -77,7 +77,7 @@ class LlavaOnevisionAdapter(HFAdapter):
             f"site vision is not supported for 'llava_onevision': the anyres_max bilinear resize after its "
             f"{model.config.vision_config.model_type!r} tower mixes neighbouring patches, which is not mapped for "
             "reduced crops (and its tower has no CLS token for CLS-attention methods); allowed: site llm or pre_llm "
-            "on this model, site vision on llava / llava_next",
+            "on this model, site vision on llava / llava_next / internvl",
         )
 
     # -- visual tokens -----------------------------------------------------------------------
