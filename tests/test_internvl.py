@@ -172,11 +172,13 @@ def test_uniform_pre_llm_matches_oracle(attn):
 # refusals
 # ------------------------------------------------------------------------------------------------
 def test_vision_site_is_refused_by_name():
-    """MCTF (patch-level merging inside the tower) is refused by name: each LLM token packs a group of patches
-    (tests/test_internvl_vision_site.py runs the whole-group methods: VisionZip, VisPruner, FlowCut's ViT stage)."""
+    """Vision-site stages run on whole pixel-shuffle groups (tests/test_internvl_vision_site.py); what cannot run
+    is refused by name: a budget above a tile's 16 LLM tokens, an MCTF budget its halving layers cannot reach
+    (one merging layer: 16 -> 8 groups at best); a patch-level criterion: see test_internvl_vision_site."""
     model = tiny("sdpa")
-    for policy in ("mctf:keep=0.5", "mctf:layer=1,keep=0.25"):
-        with no_hook_left(model), pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.criterion.*pixel shuffle"):
+    for policy, pattern in (("vispruner:tokens=17", r"stages\[0\]\.tokens.*LLM tokens \(pixel-shuffle groups\)"),
+                            ("mctf:tokens=4", r"stages\[0\]\.tokens.*8 of 16 LLM tokens")):
+        with no_hook_left(model), pytest.raises(IncompatiblePolicyError, match=pattern):
             vtp.patch(model, policy)
 
 

@@ -1,9 +1,9 @@
-"""Vision-site VisionZip (arXiv 2412.04467), VisPruner (arXiv 2412.01818) and FlowCut's ViT stage (arXiv
-2505.19536) on InternVL (issue 21): whole pixel-shuffle groups (the 2 x 2 patches one LLM token packs) chosen by
-their summed scores (CLS attention, flow),
+"""Vision-site VisionZip (arXiv 2412.04467), VisPruner (arXiv 2412.01818), FlowCut's ViT stage (arXiv
+2505.19536) and MCTF (arXiv 2403.10030) on InternVL (issue 21): whole pixel-shuffle groups (the 2 x 2 patches one
+LLM token packs) chosen / fused by their summed scores (CLS attention, flow, received attention),
 packed by the model's own shuffle, == the independent oracle (tests/reference/internvl_vision_oracle.py:
 InternViT written out, plain loops, groups as tokens) in the real batched, left-padded forward and in
-cached generate; keep-all bit-identical; unpatch exact; MCTF (patch-level merging) refused by name.
+cached generate; keep-all bit-identical; unpatch exact; a patch-level vision criterion refused by name.
 
 Tiny InternViT (2 layers) + Qwen2 from configs: 32 px tiles of 8 x 8 patches -> 16 LLM tokens per tile;
 images of 3, 1 and 2 tiles (crops + thumbnail).
@@ -23,6 +23,9 @@ from vlm_tokenprune import IncompatiblePolicyError
 from vlm_tokenprune.adapters import resolve_adapter
 from vlm_tokenprune.eval.tiny_families import build_tiny_internvl, make_internvl_batch
 from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID
+from vlm_tokenprune.methods.base import register_criterion
+from vlm_tokenprune.registry import CRITERIA
+from vlm_tokenprune.vision.base import VisionCriterion
 
 torch.set_num_threads(1)
 
@@ -34,6 +37,12 @@ METHODS = {"visionzip": "contextual", "vispruner": "important_ratio"}
 @functools.cache
 def tiny(attn: str):
     return build_tiny_internvl(attn)
+
+
+@functools.cache
+def tiny4(attn: str):
+    """4 InternViT layers: MCTF fuses before layers 1, 2 and 3."""
+    return build_tiny_internvl(attn, vision_layers=4)
 
 
 @functools.cache
@@ -196,6 +205,48 @@ def test_feature_layer_below_the_last(method, param):
     torch.testing.assert_close(logits[0, logits.shape[1] - want.shape[0]:], want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("attn,T,extra", [("eager", 4, ""), ("sdpa", 4, ""), ("sdpa", 3, ",positions=repack"),
+                                          ("eager", 6, ",prop_attn=false"), (BACKENDS[2], 5, ",prop_attn=false")])
+def test_mctf_matches_oracle(attn, T, extra):
+    """MCTF over whole groups (layers 1..3 of 4): tokens per layer, kept groups, the groups each kept token stands
+    for and the logits == the oracle's; proportional attention reaches InternViT's attention (no layer mask)."""
+    model = tiny4(attn)
+    inputs = batch(model)
+    with vtp.patch(model, f"mctf:tokens={T}{extra}") as h, torch.no_grad():
+        logits = model(**inputs).logits
+        st = h.last_trace().stages[0]
+        positions = h.policy.stages[0].params.get("positions", "gaps")
+    encoded, seen = oracle.mctf_encode(model, inputs["pixel_values"], T, prop_attn="prop_attn=false" not in extra)
+    assert st.vision_tokens_per_layer == seen and seen[-1] == 1 + 4 * T
+    sources = oracle.row_sources(model, inputs, encoded)
+    for b, (x, pos, vis) in enumerate(oracle.reduced_rows(model, inputs, "mctf", T, 0.0, encoded)):
+        pad = int((inputs["attention_mask"][b] == 0).sum())
+        assert [q - pad for q in st.kept_positions[b]] == vis, f"row {b}"
+        assert [[s - pad for s in ss] for ss in st.sources[b]] == sources[b], f"row {b}"
+        want = pl.row_logits(model, x, pos, positions)
+        torch.testing.assert_close(logits[b, logits.shape[1] - want.shape[0]:], want, atol=1e-4, rtol=0)
+
+
+def test_mctf_keep_all_and_cached_generate():
+    model = tiny4("sdpa")
+    inputs = batch(model)
+    assert_keep_all_exact(model, inputs, ("mctf:keep=1.0",),
+                          {"max_new_tokens": 3, "do_sample": False, "suppress_tokens": [IMAGE_TOKEN_ID]})
+    with vtp.patch(model, "mctf:tokens=4"), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    L = inputs["input_ids"].shape[1]
+    encoded, _ = oracle.mctf_encode(model, inputs["pixel_values"], 4)
+    for b, (x, pos, _) in enumerate(oracle.reduced_rows(model, inputs, "mctf", 4, 0.0, encoded)):
+        want = pl.greedy(model, x, pos, "gaps", int(inputs["attention_mask"][b].sum()), 3)
+        assert IMAGE_TOKEN_ID not in want and out[b, L:].tolist() == want, f"row {b}"
+
+
+def test_mctf_proportional_attention_on_a_mask_only_backend_is_refused():
+    model = tiny4(BACKENDS[2])
+    with no_hook_left(model), pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.prop_attn"):
+        vtp.patch(model, "mctf:tokens=4")
+
+
 def test_presets_count_llm_tokens_per_tile():
     """``visionzip`` (64 of 576 as a fraction): round(16 * 64 / 576) = 2 LLM tokens per tile."""
     model = tiny("sdpa")
@@ -204,14 +255,26 @@ def test_presets_count_llm_tokens_per_tile():
         assert h.last_trace().stages[0].visual_after == [8, 4]
 
 
-def test_patch_level_methods_are_refused_by_name():
-    """MCTF merges single patches inside the tower (with proportional attention by patch counts): refused,
-    naming the criterion and the methods allowed; a budget above the 16 LLM tokens of a tile names ``tokens``."""
+class PatchLevel(VisionCriterion):
+    """A vision criterion that does not declare ``whole_groups`` (it would pick single patches)."""
+
+    name = "test_patch_level_vision"
+
+
+@pytest.fixture
+def patch_level():
+    register_criterion(PatchLevel)
+    yield
+    CRITERIA.unregister(PatchLevel.name)
+
+
+def test_patch_level_methods_are_refused_by_name(patch_level):
+    """A vision criterion that selects single patches (no ``whole_groups``) is refused, naming the criterion and
+    the methods allowed; a budget above the 16 LLM tokens of a tile names ``tokens``."""
     model = tiny("sdpa")
-    for pol in ("mctf:keep=0.5", "mctf:layer=1,tokens=4"):
-        with no_hook_left(model), pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.criterion.*pixel "
-                                                r"shuffle.*allowed.*flowcut_vit, visionzip, vispruner"):
-            vtp.patch(model, pol)
+    with no_hook_left(model), pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.criterion.*pixel "
+                                            r"shuffle.*allowed.*flowcut_vit, mctf, visionzip, vispruner"):
+        vtp.patch(model, {"stages": [{"criterion": "test_patch_level_vision", "site": "vision", "keep": 0.5}]})
     with no_hook_left(model), pytest.raises(IncompatiblePolicyError, match=r"stages\[0\]\.tokens.*allowed: 1\.\.16"):
         vtp.patch(model, "vispruner:tokens=17")
 

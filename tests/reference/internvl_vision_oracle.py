@@ -1,5 +1,5 @@
-"""Independent reference for VisionZip (arXiv 2412.04467), VisPruner (arXiv 2412.01818) and FlowCut's ViT stage
-(arXiv 2505.19536, ``flowcut_encode``) on InternVL's InternViT, at the granularity of pixel-shuffle groups;
+"""Independent reference for VisionZip (arXiv 2412.04467), VisPruner (arXiv 2412.01818), FlowCut's ViT stage
+(arXiv 2505.19536, ``flowcut_encode``) and MCTF (arXiv 2403.10030, ``mctf_encode``) on InternVL's InternViT, at the granularity of pixel-shuffle groups;
 imports nothing from ``vlm_tokenprune``.
 
 * ``groups``: which patches form which LLM token, found by feeding patch indices (one channel) through the
@@ -18,6 +18,8 @@ imports nothing from ``vlm_tokenprune``.
   language model (``pre_llm_oracle.row_logits`` / ``greedy``).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -45,8 +47,9 @@ def pack(x: torch.Tensor, members: list[int]) -> torch.Tensor:
     return torch.cat([x[p] for p in members])
 
 
-def internvit_layer(layer, x: torch.Tensor):
-    """One InternViT layer on [T, D]: (output, probs [H, T, T], keys [T, H, d], values [T, H, d])."""
+def internvit_layer(layer, x: torch.Tensor, bias: list[float] | None = None):
+    """One InternViT layer on [T, D]: (output, probs [H, T, T], keys [T, H, d], values [T, H, d]); ``bias``: per key
+    token, added to every attention logit (MCTF's proportional attention)."""
     at = layer.attention
     T, D = x.shape
     H = at.num_heads
@@ -59,6 +62,8 @@ def internvit_layer(layer, x: torch.Tensor):
     out = torch.zeros(T, H, d)
     for head in range(H):
         s = (q[:, head] @ k[:, head].T) * at.scale
+        if bias is not None:
+            s = s + torch.tensor(bias, dtype=s.dtype)[None, :]
         p = torch.softmax(s, dim=-1)
         probs[head] = p
         out[:, head] = p @ v[:, head]
@@ -167,10 +172,63 @@ def flowcut_encode(model, tiles: torch.Tensor, K: int):
     return out, seen
 
 
+def mctf_encode(model, tiles: torch.Tensor, keep: int, *, start: int = 1, r: int = 0, taus=(1.0, 20.0, 40.0),
+                bidirection: bool = True, prop_attn: bool = True):
+    """MCTF (``mctf_oracle``'s rules) with CLS and whole groups as its units, one tile at a time: a group unit's
+    feature is its patches' features concatenated (cosine on that), its informativeness the SUM of the attention
+    its patches receive (heads and queries averaged over the tile's current tokens), its size the original groups
+    it holds; the schedule counts groups (``mctf_oracle.fusion_schedule`` on G groups); fusion averages the member
+    groups' concatenated features (so patch by patch); every patch token of a unit carries its size in the
+    proportional attention (``+ log size``). Unit order and A / B split as ``mctf_oracle._fuse_crop`` (CLS first,
+    then the groups in raster order). Returns (per tile (tokens, stands) as ``select_tile``, tokens per layer)."""
+    from . import mctf_oracle as mo
+
+    tower = model.model.vision_tower
+    F = feature_layer(model)
+    grp = groups(model)
+    g = len(grp[0])
+    sched = mo.fusion_schedule(len(grp), keep, list(range(start, F + 1)), r)
+
+    def flat(units):
+        X = torch.cat([u["x"].view(-1, units[0]["x"].shape[0]) for u in units])
+        bias = [math.log(units[0]["size"])] + [math.log(u["size"]) for u in units[1:] for _ in range(g)]
+        return X, bias
+
+    out, seen = [], []
+    with torch.no_grad():
+        for c in range(tiles.shape[0]):
+            x0 = tower.embeddings(tiles[c:c + 1])[0]
+            units = [{"x": x0[0], "size": 1.0, "ident": -1, "src": [-1]}] + [
+                {"x": pack(x0[1:], m), "size": 1.0, "ident": q, "src": [q]} for q, m in enumerate(grp)]
+            merged, tile_seen = False, []
+            for j, layer in enumerate(tower.encoder.layer[: F + 1]):
+                if sched.get(j, 0):
+                    X, bias = flat(units)
+                    _, probs, _, _ = internvit_layer(layer, X, bias if prop_attn else None)
+                    H, T = probs.shape[0], probs.shape[1]
+                    a_tok = [sum(float(probs[h, q, i]) for h in range(H) for q in range(T)) / (H * T) for i in range(T)]
+                    a_unit = [a_tok[0]] + [sum(a_tok[1 + u * g + m] for m in range(g)) for u in range(len(units) - 1)]
+                    U = len(a_unit)  # mctf_oracle reads a_i as the mean over one head's U query rows: rows of a_unit
+                    units = mo._fuse_crop(units, torch.tensor([a_unit] * U, dtype=torch.float64)[None], sched[j], taus,
+                                          bidirection)
+                    merged = True
+                X, bias = flat(units)
+                y = internvit_layer(layer, X, bias if prop_attn and merged else None)[0]
+                units[0]["x"] = y[0]
+                for u, unit in enumerate(units[1:]):
+                    unit["x"] = y[1 + u * g: 1 + (u + 1) * g].reshape(-1)
+                tile_seen.append(X.shape[0])
+            seen = tile_seen + [tile_seen[-1]] * (len(tower.encoder.layer) - F - 1)
+            out.append(({u["ident"]: u["x"] for u in units[1:]}, {u["ident"]: u["src"] for u in units[1:]}))
+    return out, seen
+
+
 def encode(model, tiles: torch.Tensor, method: str, T: int, param: float) -> list:
     """Per tile: (tokens, stands) as ``select_tile``; FlowCut runs all tiles together."""
     if method == "flowcut_vit":
         return flowcut_encode(model, tiles, T)[0]
+    if method == "mctf":
+        return mctf_encode(model, tiles, T)[0]
     return [select_tile(model, tiles[c], method, T, param) for c in range(tiles.shape[0])]
 
 
@@ -203,3 +261,22 @@ def reduced_rows(model, inputs: dict, method: str, T: int, param: float, encoded
                     pos.append(p)
             rows.append((torch.stack(xs), pos, vis))
     return rows
+
+
+def row_sources(model, inputs: dict, encoded: list) -> list[list[list[int]]]:
+    """Per row, per kept visual token (in order): the positions of the placeholders whose groups it stands for."""
+    cfg = model.config
+    G = len(groups(model))
+    rep = [{s: q for q, ss in stands.items() for s in ss} for _, stands in encoded]
+    out, j = [], 0
+    for b in range(inputs["input_ids"].shape[0]):
+        ids = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+        where, srcs = {}, {}
+        for p in range(len(ids)):
+            if int(ids[p]) == cfg.image_token_id:
+                c, q = divmod(j, G)
+                j += 1
+                where[(c, q)] = p
+                srcs.setdefault((c, rep[c][q]), []).append(p)
+        out.append([sorted(srcs[key]) for key in sorted(srcs, key=lambda k: where[k])])
+    return out

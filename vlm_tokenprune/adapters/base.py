@@ -63,6 +63,9 @@ class VisionSeams:
     attention whose outputs are the q / k / v the attention uses (InternViT: after its q / k norms);
     ``groups``: ``[G, g]`` patch indices (0-based, CLS excluded) that one LLM token packs, in channel-block
     order (InternVL's pixel shuffle, ``vision.groups``); None: every patch is its own LLM token.
+    ``attention_norm``: each layer's pre-attention norm (CLIP ``layer_norm1``, InternViT ``layernorm_before``);
+    ``bias_in_attention``: True when the layers take no attention mask (InternViT calls its attention with the
+    normed input only), so an attention bias (MCTF) is handed to each layer's attention module instead.
     """
 
     tower: nn.Module
@@ -76,6 +79,8 @@ class VisionSeams:
     attention_name: str = "self_attn"
     projections: tuple[tuple[str, str], ...] = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"))
     groups: torch.Tensor | None = None
+    attention_norm: str = "layer_norm1"
+    bias_in_attention: bool = False
 
     @property
     def n_tokens(self) -> int:

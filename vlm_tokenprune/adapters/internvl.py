@@ -21,9 +21,10 @@ the concatenation of its patches' (the shuffled token); a budget (``tokens`` / `
 (groups) per tile, every tile (the thumbnail included) a crop of its own. The reduced feature-layer output
 goes back onto the full grid (dropped groups zero), the model's own shuffle packs it, the projector's
 pre-hook keeps the kept groups' tokens, and the language model receives only those (placeholders of
-dropped groups removed, positions per the stage's ``positions``). FlowCut's ViT stage prunes whole groups
-inside the tower (later InternViT layers run on the kept groups' patches); MCTF, which merges single
-patches there, is refused by name (``VisionCriterion.whole_groups``).
+dropped groups removed, positions per the stage's ``positions``). FlowCut's ViT stage prunes and MCTF fuses
+whole groups inside the tower (later InternViT layers run on the kept groups' patches; MCTF's proportional
+attention reaches each layer's ``attention`` module, InternViT layers taking no mask: ``bias_in_attention``);
+a criterion without ``VisionCriterion.whole_groups`` is refused by name.
 InternViT's layers are read through the seams: ``attention`` (not ``self_attn``), q / k after its
 ``q_norm`` / ``k_norm``.
 """
@@ -132,7 +133,7 @@ class InternVLAdapter(HFAdapter):
             # the q / k the attention multiplies are the outputs of q_norm / k_norm (nn.Identity without qk norm)
             projections=(("q", "q_norm" if hasattr(attn, "q_norm") else "q_proj"),
                          ("k", "k_norm" if hasattr(attn, "k_norm") else "k_proj"), ("v", "v_proj")),
-            groups=shuffle_groups(model, h // ph))
+            groups=shuffle_groups(model, h // ph), attention_norm="layernorm_before", bias_in_attention=True)
 
     # -- visual tokens -----------------------------------------------------------------------
     @staticmethod

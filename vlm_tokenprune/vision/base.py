@@ -66,6 +66,21 @@ def tower_attention(seams: Any, j: int) -> nn.Module:
     return getattr(seams.layers[j], getattr(seams, "attention_name", "self_attn"))
 
 
+def tower_qk(seams: Any, j: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, k)`` ``[n, T, D]`` of encoder layer ``j`` on its input ``hidden``, as its attention computes them: the
+    pre-attention norm (``seams.attention_norm``), ``q_proj`` / ``k_proj``, then the module ``seams.projections``
+    names for q / k when it is not the projection itself (InternViT's ``q_norm`` / ``k_norm``)."""
+    attn = tower_attention(seams, j)
+    h = getattr(seams.layers[j], getattr(seams, "attention_norm", "layer_norm1"))(hidden)
+    names = dict(getattr(seams, "projections", ()))
+    q, k = attn.q_proj(h), attn.k_proj(h)
+    if names.get("q", "q_proj") != "q_proj":
+        q = getattr(attn, names["q"])(q)
+    if names.get("k", "k_proj") != "k_proj":
+        k = getattr(attn, names["k"])(k)
+    return q, k
+
+
 def tower_groups(seams: Any) -> torch.Tensor | None:
     """``seams.groups`` (``[G, g]`` patches per LLM token, ``vision.groups``), None when every patch is a token."""
     return getattr(seams, "groups", None)

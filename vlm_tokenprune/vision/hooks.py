@@ -58,6 +58,12 @@ def install(handle: "PatchHandle", vs: "VisionSeams") -> None:
         role = f"vision stage {i}: {stage.criterion} may reduce the input" if j <= vs.feature_layer else "pass the attention bias"
         handle.add_hook(f"vision encoder layer {j}: forward pre-hook ({role})",
                     layer.register_forward_pre_hook(mark_hook(functools.partial(_layer_pre, handle, vs, j)), with_kwargs=True))
+    if vs.bias_in_attention and crit.uses_bias(stage):
+        for j in range(len(vs.layers)):
+            handle.add_hook(f"vision encoder layer {j}: {vs.attention_name} forward pre-hook (vision stage {i}: the "
+                            "attention bias, its layer taking no mask)",
+                            tower_attention(vs, j).register_forward_pre_hook(
+                                mark_hook(functools.partial(_attention_pre, handle)), with_kwargs=True))
     for j in crit.capture_layers(vs, stage):
         for what, name in vs.projections:
             handle.add_hook(f"vision encoder layer {j}: {vs.attention_name}.{name} forward hook (capture {what} for "
@@ -109,14 +115,14 @@ def _layer_pre(handle: "PatchHandle", vs: "VisionSeams", j: int, module, args: t
             new = run.criterion.before_layer(run, j, module, hidden, vs)
         run.seconds += time.perf_counter() - t0
     run.tokens_per_layer.append(new.shape[1])
-    if new is hidden and run.bias is None:
+    if new is hidden and (run.bias is None or vs.bias_in_attention):
         return None
     args, kwargs = list(args), dict(kwargs)
     if in_kwargs:
         kwargs["hidden_states"] = new
     else:
         args[0] = new
-    if run.bias is not None:
+    if run.bias is not None and not vs.bias_in_attention:
         mask_in_args = len(args) > 1
         mask = args[1] if mask_in_args else kwargs.get("attention_mask")
         if mask is not None:
@@ -128,6 +134,18 @@ def _layer_pre(handle: "PatchHandle", vs: "VisionSeams", j: int, module, args: t
         else:
             kwargs["attention_mask"] = bias
     return tuple(args), kwargs
+
+
+def _attention_pre(handle: "PatchHandle", module, args: tuple, kwargs: dict):
+    """Towers whose layers take no mask (InternViT): the run's attention bias reaches the attention module."""
+    run = handle.vision_run
+    if run is None or run.bias is None:
+        return None
+    if kwargs.get("attention_mask") is not None or len(args) > 1:
+        raise InputError("attention_mask", "the vision tower's attention received a mask; a vision-site stage that "
+                         "biases attention (MCTF proportional attention) allows none")
+    hidden = kwargs["hidden_states"] if not args else args[0]
+    return args, {**kwargs, "attention_mask": run.bias.to(hidden.dtype)}
 
 
 def _feature_post(handle: "PatchHandle", vs: "VisionSeams", module, args, output):
