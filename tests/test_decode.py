@@ -271,3 +271,17 @@ def test_a_copied_prompt_cache_continues_the_same_prompt(policy):
         assert h.last_trace().phase == "decode"
         want = model(input_ids=nxt, attention_mask=mask, **{name: out[name]}).logits
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_gated_generate_under_inference_mode_equals_no_grad(impl):
+    """The gate's in-place mask change is allowed on inference tensors: ``generate()`` under
+    ``torch.inference_mode()`` takes the gated path and gives the same tokens as under ``torch.no_grad()``."""
+    model = tiny_llava(impl)
+    inputs = make_batch(model, ROWS)
+    outs = []
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx(), vtp.patch(model, "fastv:layer=2,keep=0.25") as h:
+            outs.append(model.generate(**inputs, max_new_tokens=5, do_sample=False))
+            assert h.last_state.phase == "decode" and h.last_state.decode_gated
+    assert torch.equal(outs[0], outs[1])
