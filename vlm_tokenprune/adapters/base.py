@@ -66,6 +66,11 @@ class VisionSeams:
     ``attention_norm``: each layer's pre-attention norm (CLIP ``layer_norm1``, InternViT ``layernorm_before``);
     ``bias_in_attention``: True when the layers take no attention mask (InternViT calls its attention with the
     normed input only), so an attention bias (MCTF) is handed to each layer's attention module instead.
+    ``cls_token``: False when the tower has no CLS (SigLIP of Gemma 3): its hidden states are the N patches only;
+    the run's bookkeeping keeps a virtual CLS slot 0 that never enters the hidden states (``vision.hooks``).
+    ``pack_point``: the module whose forward pre-hook receives the LLM tokens of every crop ``[n, G, C]`` before
+    they are projected (``groups`` towers; None: the projector itself, InternVL; Gemma 3: the projector's
+    ``mm_soft_emb_norm``, after its average pooling).
     """
 
     tower: nn.Module
@@ -81,6 +86,8 @@ class VisionSeams:
     groups: torch.Tensor | None = None
     attention_norm: str = "layer_norm1"
     bias_in_attention: bool = False
+    cls_token: bool = True
+    pack_point: nn.Module | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -136,9 +143,6 @@ class Adapter:
     decode_gates: ClassVar[bool] = True
     # False refuses structural ops other than visual_drop
     supports_structural: ClassVar[bool] = True
-    # True: a layer's attention rows are not plain causal rows (Gemma 3: a sliding window of original positions, a
-    # bidirectional image block), so criteria read the scoring layer's own incoming mask (``ScoringContext.layer_mask``)
-    scoring_reads_layer_mask: ClassVar[bool] = False
     # non-empty: the vision tower has no CLS token (why); vision-site methods that read CLS are refused by name
     vision_no_cls: ClassVar[str] = ""
     # True: the top module may get inputs_embeds without input_ids; visual_layout(model, None, kwargs) then
@@ -167,6 +171,11 @@ class Adapter:
 
     def install(self, handle: Any, model: nn.Module) -> None:
         """Extra hooks / instance-level changes of this family, kept on the handle (``add_hook`` / ``swap_attr``)."""
+
+    def scoring_window(self, model: nn.Module, j: int) -> int | None:
+        """The sliding window (in original positions) decoder layer ``j`` attends through, so criteria scoring at
+        it see the layer's own attention rows; None: full attention (every family but Gemma 3)."""
+        return None
 
     def decode_masks(self, handle: Any, masks: dict, kept: torch.Tensor, kept_ok: torch.Tensor, prompt_len: int,
                      past: int, q: int, dtype: torch.dtype) -> dict:

@@ -6,6 +6,17 @@ Layout: every run of ``image_token_id`` placeholders (one per image or pan-and-s
 ``<start_of_image>`` / ``<end_of_image>``) is cut into images of ``mm_tokens_per_image`` tokens, each its
 own ``sqrt(n) x sqrt(n)`` raster grid (the projector pools the SigLIP grid row-major). No newline tokens.
 
+Vision site (``vision_seams``): the projector average-pools each image's square SigLIP patch grid
+(``image_size / patch_size`` per side, 64 x 64 on gemma-3-4b) in windows of ``k x k`` patches (4 x 4) into its
+``mm_tokens_per_image`` tokens, so a vision stage keeps whole pooling WINDOWS (``VisionSeams.groups``, found by
+running the projector's own pooling on one-hot-coded patches: ``pooling_groups``), as on InternVL's pixel-shuffle
+groups. SigLIP has no CLS: only criteria with a CLS-free rule (``VisionCriterion.cls_free``: VisPruner's official
+SigLIP variant) run; the rest are refused by name. The last encoder layer (what ``get_image_features`` reads,
+before ``post_layernorm``) is the feature layer; its reduced output goes back onto the full grid (dropped windows
+zero), the model's own pooling runs on the full grid, and a pre-hook on ``mm_soft_emb_norm`` keeps the kept
+windows' pooled tokens, so the norm and the projection run on those only; the language model receives the kept
+image tokens through the pre-LLM path below (``positions=gaps``).
+
 Semantics of pruning here (defined, issue 21):
 - the sliding window is a window of ORIGINAL positions: a query at original position ``p`` of a sliding
   layer sees the kept keys at original positions ``p - W < k <= p``; a pruned token leaves a hole, it does
@@ -25,13 +36,11 @@ nothing (a keep-everything policy), the layers go back to sliding layers holding
 unpatched cache holds, so decoding is bit-identical. After a pre-LLM reduction the language model's
 decode masks are built here (``decode_masks``) from the kept tokens' original positions.
 
-Scoring: a criterion reading attention sees the scoring layer's own rows (``scoring_reads_layer_mask`` ->
-``ScoringContext.layer_mask``: that layer's incoming mask over the current tokens, the one it attends with).
-Each query row has its own keys: in a sliding layer those inside ITS window of original positions, for an
-image-token row also the later kept tokens of its image block, never padding. One text row (FastV's last
-token, FEATHER, FlowCut) restricts the valid keys (any backend); several rows (EfficientVLA's instruction
-tokens, SparseVLM's raters, ATP's visual rows) score with per-row key sets (``row_keys``, the PyTorch
-reference of ``ops.attention_scores``), at any prompt length.
+Scoring: a criterion reading attention at a sliding layer sees that layer's own rows, window included
+(``scoring_window`` -> ``ScoringContext.window``: keys inside the query's window of original positions). One
+query row per sample (FastV's last token, FEATHER, FlowCut) is exact at any length; several rows at once
+(EfficientVLA's instruction tokens) run while the prompt fits the window, else ``InputError`` naming the
+stage's layer (per-row key windows are not built; score at a full-attention layer instead).
 Refused: flash-attention-style backends (2-D masks carry neither the window of original positions nor
 the image block; transformers itself sets ``_supports_flash_attn = False`` for Gemma 3),
 ``use_bidirectional_attention`` text models, attention logit soft-capping, structural ops (untested),
@@ -46,10 +55,10 @@ import torch
 from torch import nn
 
 from ..compat import attn_implementation, mask_format_for
-from ..errors import IncompatiblePolicyError, InputError, UnsupportedModelError
+from ..errors import InputError, UnsupportedModelError
 from ..marking import mark_hook
 from ..registry import ADAPTERS
-from .base import HFAdapter, Seams, VisualLayout, check_decoder_layers, hf_seams
+from .base import HFAdapter, Seams, VisionSeams, VisualLayout, check_decoder_layers, hf_seams
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 _WINDOW = "_vlm_tokenprune_sliding_window"  # marks a cache layer this library turned from sliding into full
@@ -70,7 +79,6 @@ class Gemma3Adapter(HFAdapter):
     llm_positions_why = pre_llm_positions_why
     decode_gates = False  # sliding and full layers get different masks, built from original positions
     supports_structural = False
-    scoring_reads_layer_mask = True  # criteria see each scoring layer's own rows: window, image block, padding
     vision_no_cls = "the SigLIP tower has no CLS token"
 
     # -- structure ---------------------------------------------------------------------------
@@ -104,12 +112,17 @@ class Gemma3Adapter(HFAdapter):
         # every cache layer holds the whole prompt while a patched prompt decodes (see install): layer 0 has it all
         return hf_seams(model, self.language_model(model))
 
-    def vision_seams(self, model: nn.Module, where: str = "site") -> Any:
-        raise IncompatiblePolicyError(
-            where, "site vision is not supported for 'gemma3': the projector average-pools each image's full square "
-            "SigLIP patch grid (64 x 64 -> 16 x 16) after the tower, so a patch removed inside the tower has no LLM "
-            "token of its own (a pooled token would mix kept and removed patches); allowed: site llm or pre_llm on "
-            "this model, site vision on llava / llava_next / internvl")
+    def vision_seams(self, model: nn.Module, where: str = "site") -> VisionSeams:
+        """SigLIP for vision-site stages that keep whole pooling windows (module docstring: Vision site)."""
+        vc = model.config.vision_config
+        tower = model.model.vision_tower
+        layers = tuple(getattr(tower, "vision_model", tower).encoder.layers)  # SiglipVisionModel
+        proj = model.model.multi_modal_projector
+        side = int(vc.image_size) // int(vc.patch_size)
+        return VisionSeams(
+            tower=tower, layers=layers, feature_layer=len(layers) - 1, select_strategy="default",
+            n_patches=side * side, projector=proj, attn_implementation=attn_implementation(vc),
+            groups=pooling_groups(model), cls_token=False, pack_point=proj.mm_soft_emb_norm)
 
     # -- visual tokens -----------------------------------------------------------------------
     def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout:
@@ -171,6 +184,11 @@ class Gemma3Adapter(HFAdapter):
                         "sliding layers, as unpatched)",
                         lm.register_forward_hook(mark_hook(lm_post), with_kwargs=True))
 
+    def scoring_window(self, model: nn.Module, j: int) -> int | None:
+        """Criteria scoring at a sliding layer see its window of original positions (``ScoringContext``)."""
+        text = model.config.text_config
+        return int(text.sliding_window) if text.layer_types[j] == "sliding_attention" else None
+
     def decode_masks(self, handle: Any, masks: dict, kept: torch.Tensor, kept_ok: torch.Tensor, prompt_len: int,
                      past: int, q: int, dtype: torch.dtype) -> dict:
         """The language model's masks for ``q`` tokens after a pre-LLM-reduced prompt (its cache: the ``Mp``
@@ -194,6 +212,44 @@ class Gemma3Adapter(HFAdapter):
                                                                                           torch.finfo(dtype).min)
             out[name] = allowed
         return out
+
+
+class _Pooled(Exception):
+    """Carries the projector's pooled tokens out of its forward (``pooling_groups``)."""
+
+
+def pooling_groups(model: nn.Module) -> torch.Tensor:
+    """``[G, g]``: the SigLIP patches (0-based raster index of the image's grid) each LLM token averages, ascending,
+    found by running the model's own projector on one-hot-coded patches (patch ``p``: channel ``p`` is 1) up to its
+    pooled tokens (a pre-hook on ``mm_soft_emb_norm`` takes them). Raises ``UnsupportedModelError`` unless every
+    token is the equal-weight mean of its own disjoint set of patches and every patch is in one."""
+    proj = model.model.multi_modal_projector
+    vc = model.config.vision_config
+    N = (int(vc.image_size) // int(vc.patch_size)) ** 2
+
+    def take(module, args):
+        raise _Pooled(args[0])
+
+    hook = proj.mm_soft_emb_norm.register_forward_pre_hook(take)
+    try:
+        with torch.no_grad():
+            proj(torch.eye(N, dtype=torch.float32, device=proj.mm_input_projection_weight.device)[None])
+        pooled = None
+    except _Pooled as e:
+        pooled = e.args[0][0].float().cpu()  # [G, N]: token t's weight on patch p
+    finally:
+        hook.remove()
+    bad = UnsupportedModelError("model.model.multi_modal_projector", "its tokens are not equal-weight means of "
+                                "disjoint windows of patches, so whole windows cannot be kept; allowed: Gemma 3's "
+                                "average pooling of the SigLIP patch grid")
+    if pooled is None or pooled.shape[1] != N:
+        raise bad
+    member = pooled > 0
+    g = int(member[0].sum())
+    if g == 0 or N % g or pooled.shape[0] != N // g or not bool((member.sum(1) == g).all()) \
+            or not bool((member.sum(0) == 1).all()) or not torch.allclose(pooled[member], torch.full((N,), 1.0 / g)):
+        raise bad
+    return member.nonzero()[:, 1].view(-1, g)
 
 
 def cache_of(kwargs: Any) -> Any:

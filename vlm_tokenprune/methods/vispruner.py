@@ -20,6 +20,13 @@ InternVL (pixel-shuffle groups, ``vision.groups``): the same steps over LLM toke
 is the SUM of its patches' (head-mean) attention, its feature the concatenation of its patches' features
 (the shuffled token), ``T`` counts groups per tile, and kept groups keep all their patches.
 
+Towers without CLS (SigLIP of Gemma 3; ``VisionSeams.cls_token`` False): the official code's SigLIP variant
+(``siglip_encoder.py``): importance = the post-softmax attention each patch RECEIVES at the last encoder layer
+(the feature layer Gemma 3 reads), averaged over all queries, then over heads; the rest as above. Gemma 3 pools
+each 4 x 4 window of patches into one LLM token, so the units are the pooling windows (groups): a window's
+importance is the SUM of its patches', its feature their concatenation (members in raster order), ``T`` counts
+LLM tokens per image.
+
 The official code splits an odd ``|R|`` into shapes that do not broadcast (it runs only with
 even residual counts, e.g. 576 - 64); here ``a`` simply has one more token. Presets: ``vispruner``
 keeps 128 of 576 (``r = 0.5``, the README's 64 + 64), ``vispruner_64`` 64 (``r = 0.75``, 48 + 16),
@@ -48,6 +55,24 @@ def feature_layer_cls_attention(run, seams) -> torch.Tensor:
     qc = q[:, 0].float().view(n, H, D // H)
     kk = k.float().view(n, T, H, D // H)
     return torch.softmax(torch.einsum("nhd,nthd->nht", qc, kk) * attn.scale, dim=-1)
+
+
+def feature_layer_received_attention(run, seams) -> torch.Tensor:
+    """``[n, N]``: the official SigLIP variant's importance, for towers without CLS (every captured token a patch):
+    the feature layer's post-softmax attention each token receives, mean over the queries, then over the heads
+    (fp32; one head at a time, an ``N x N`` matrix each)."""
+    (jq, q), (jk, k) = run.captured["q"], run.captured["k"]
+    if jq != seams.feature_layer or jk != seams.feature_layer:
+        raise RuntimeError(f"expected the feature layer's ({seams.feature_layer}) projections, got layers {jq}/{jk}")
+    attn = tower_attention(seams, seams.feature_layer)
+    n, N, D = q.shape
+    H = attn.num_heads
+    qh, kh = q.float().view(n, N, H, D // H), k.float().view(n, N, H, D // H)
+    out = torch.zeros(n, N, dtype=torch.float32, device=q.device)
+    for h in range(H):
+        a = torch.softmax(torch.einsum("nqd,nkd->nqk", qh[:, :, h], kh[:, :, h]) * attn.scale, dim=-1)
+        out += a.mean(1)
+    return out / H
 
 
 def keep_tokens(run, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -89,8 +114,7 @@ def select_patches(cls_attn: torch.Tensor, feats: torch.Tensor, budget: int, imp
 class VisPrunerCriterion(VisionCriterion):
     name = "vispruner"
     needs_cls = "its important tokens are ranked by the CLS token's attention at the feature layer"
-    cls_free_note = ("the official code's SigLIP variant (the mean attention each patch receives at the last layer) "
-                     "is not implemented here")
+    cls_free = True  # the official SigLIP variant: the mean attention each patch receives at the last layer
     paper = "VisPruner: important tokens by CLS attention + diverse tokens by duplicate removal (vision feature layer)"
     arxiv = "2412.01818"
     image_only_fixed_count = True  # each crop keeps its budget, chosen from that crop alone
@@ -116,9 +140,12 @@ class VisPrunerCriterion(VisionCriterion):
         budget = min(run.keep_patches, units)
         if budget >= units:
             return hidden
-        a = feature_layer_cls_attention(run, seams).mean(1)[:, 1:]  # [n, N]
-        feats = hidden[:, 1:].float()
-        if groups is not None:  # InternVL: a group's attention is its patches' sum, its feature their concatenation
+        if getattr(seams, "cls_token", True):
+            a = feature_layer_cls_attention(run, seams).mean(1)[:, 1:]  # [n, N]
+        else:  # SigLIP (official SigLIP variant): attention received, mean over queries then heads
+            a = feature_layer_received_attention(run, seams)
+        feats = hidden[:, 1:].float()  # a tower without CLS: index 0 is the hooks' virtual CLS row
+        if groups is not None:  # InternVL / Gemma 3: a group's attention is its patches' sum, its feature their concatenation
             a, feats = group_sum(a, groups), group_concat(feats, groups)
         feats = feats / feats.norm(dim=-1, keepdim=True)
         keep = torch.zeros(n, N, dtype=torch.bool, device=hidden.device)

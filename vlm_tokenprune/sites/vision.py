@@ -1,5 +1,6 @@
 """The vision site: a stage between vision-encoder layers (``site="vision"``, CLIP towers of LLaVA /
-LLaVA-NeXT; InternViT of InternVL, whole pixel-shuffle groups: ``vision.groups``). ``check`` validates the stage against the tower (``Adapter.vision_seams``) and the
+LLaVA-NeXT; InternViT of InternVL, whole pixel-shuffle groups: ``vision.groups``; SigLIP of Gemma 3, whole
+pooling windows, no CLS: ``VisionCriterion.cls_free``). ``check`` validates the stage against the tower (``Adapter.vision_seams``) and the
 criterion (``VisionCriterion.check_vision``); ``install`` registers the tower hooks
 (``vision.hooks``). The reduced features reach the language model through the pre-LLM site.
 """
@@ -29,21 +30,39 @@ def check(target: "PatchTarget") -> VisionSeams | None:
             f"{where}.site", f"site vision needs the pre-LLM path, which {model.config.model_type!r} does not support")
     stage = target.policy.stages[i]
     crit = target.criteria[i]
-    if target.adapter.vision_no_cls and getattr(crit, "needs_cls", ""):
+    try:
+        vs, site_error = target.adapter.vision_seams(model, f"{where}.site"), None
+    except IncompatiblePolicyError as e:
+        vs, site_error = None, e
+    no_cls = target.adapter.vision_no_cls
+    if no_cls and not getattr(crit, "cls_free", False) and (getattr(crit, "needs_cls", "") or site_error is None):
+        ok = sorted(n for n in CRITERIA.names() if getattr(CRITERIA.get(n), "cls_free", False)
+                    and (vs is None or vs.groups is None or getattr(CRITERIA.get(n), "whole_groups", False)))
+        here = (f"site vision with {', '.join(ok)} (CLS-free rules), or " if ok and site_error is None else "") + \
+            "site llm or pre_llm criteria"
+        if getattr(crit, "needs_cls", ""):
+            why, note = f"needs the vision tower's CLS token ({crit.needs_cls})", f"; {crit.cls_free_note}"
+        else:
+            why, note = "is implemented for towers with a CLS token only (its units keep CLS apart)", ""
         raise IncompatiblePolicyError(
-            f"{where}.criterion", f"{stage.criterion!r} needs the vision tower's CLS token ({crit.needs_cls}), but "
-            f"{target.adapter.vision_no_cls} on {model.config.model_type!r}; {crit.cls_free_note}; allowed here: "
-            "site llm or pre_llm criteria")
-    vs = target.adapter.vision_seams(model, f"{where}.site")
+            f"{where}.criterion", f"{stage.criterion!r} {why}, but {no_cls} on {model.config.model_type!r}{note}; "
+            f"allowed here: {here}")
+    if site_error is not None:
+        raise site_error
+    allowed = target.adapter.pre_llm_positions  # the kept tokens reach the language model through the pre-LLM path
+    if stage.params.get("positions") not in allowed:
+        raise IncompatiblePolicyError(
+            f"{where}.positions", f"{stage.params.get('positions')!r} is not defined for {model.config.model_type!r} "
+            f"({target.adapter.pre_llm_positions_why}); allowed: {', '.join(allowed)}")
     if vs.groups is not None and not getattr(crit, "whole_groups", False):
         ok = sorted(n for n in CRITERIA.names() if getattr(CRITERIA.get(n), "whole_groups", False))
         raise IncompatiblePolicyError(
             f"{where}.criterion", f"{stage.criterion!r} selects single patches inside the vision tower, but each "
-            f"{model.config.model_type!r} LLM token packs {vs.groups.shape[1]} patches (pixel shuffle), so a vision "
+            f"{model.config.model_type!r} LLM token packs {vs.groups.shape[1]} patches (pixel shuffle / pooling window), so a vision "
             f"stage must keep or merge whole groups; allowed at site vision here: {', '.join(ok)} (or site llm / "
             "pre_llm)")
     if stage.budget.tokens is not None and stage.budget.tokens > vs.n_tokens:
-        unit = "patch tokens" if vs.groups is None else "LLM tokens (pixel-shuffle groups)"
+        unit = "patch tokens" if vs.groups is None else "LLM tokens (pixel-shuffle groups / pooling windows)"
         raise IncompatiblePolicyError(
             f"{where}.tokens", f"{stage.budget.tokens} is more than the {vs.n_tokens} {unit} per crop; "
             f"allowed: 1..{vs.n_tokens}")

@@ -32,6 +32,9 @@ class VisionCriterion(Criterion):
     # such a method is refused by name, with ``cls_free_note`` saying whether its paper / code defines a CLS-free variant
     needs_cls: ClassVar[str] = ""
     cls_free_note: ClassVar[str] = "its paper defines no CLS-free variant"
+    # True: the method runs on a tower without CLS (``VisionSeams.cls_token`` False: SigLIP of Gemma 3) by a rule its
+    # paper / official code defines (VisPruner's SigLIP path); False: refused there by name (needs_cls / cls_free_note)
+    cls_free: ClassVar[bool] = False
     # True: on a tower whose LLM tokens pack groups of patches (``VisionSeams.groups``, InternVL's pixel shuffle)
     # the method keeps / merges whole groups (``vision.groups``); False: refused there by name
     whole_groups: ClassVar[bool] = False

@@ -6,9 +6,12 @@
   input (``before_layer``); every layer receives the run's additive attention bias, if any,
   as its ``attention_mask`` (the tower's own attention backend runs; nothing is forced to eager).
 - q/k/v projection forward hooks on the layers a criterion scores from: keep their outputs.
-- pixel-shuffle towers (InternVL, ``VisionSeams.groups``): the feature layer's reduced output goes back onto the
-  full patch grid (``groups.widen_to_grid``) so the model's own shuffle packs it; a projector forward pre-hook keeps
-  the kept groups' tokens and moves the run to LLM-token (group) units (``groups.to_groups``).
+- pixel-shuffle / pooling towers (InternVL, Gemma 3: ``VisionSeams.groups``): the feature layer's reduced output
+  goes back onto the full patch grid (``groups.widen_to_grid``) so the model's own shuffle (pooling) packs it; a
+  forward pre-hook on the projector (Gemma 3: on ``VisionSeams.pack_point``, after the pooling) keeps the kept
+  groups' tokens and moves the run to LLM-token (group) units (``groups.to_groups``).
+- towers without CLS (SigLIP of Gemma 3, ``VisionSeams.cls_token``): criteria see a virtual zero CLS row at index
+  0 of the feature layer's output (slot 0 of the run), dropped before the projector.
 - projector forward hook: widen the reduced features back to the full layout (each surviving
   token at its original patch slot, empty slots zero), so HF's ``masked_scatter`` sees one
   feature per placeholder; the run becomes a ``VisionOutcome`` on the handle.
@@ -78,9 +81,10 @@ def install(handle: "PatchHandle", vs: "VisionSeams") -> None:
                     f"{what})",
                     fl.register_forward_hook(mark_hook(functools.partial(_feature_post, handle, vs)), prepend=True))
     if vs.groups is not None:
-        handle.add_hook(f"{type(vs.projector).__name__}: forward pre-hook (vision stage {i}: only the kept "
-                        "pixel-shuffle groups' tokens reach the projector)",
-                        vs.projector.register_forward_pre_hook(mark_hook(functools.partial(_projector_pre, handle, vs))))
+        point = vs.projector if vs.pack_point is None else vs.pack_point
+        handle.add_hook(f"{type(point).__name__}: forward pre-hook (vision stage {i}: only the kept groups' LLM "
+                        "tokens (pixel-shuffled / pooled) are projected)",
+                        point.register_forward_pre_hook(mark_hook(functools.partial(_projector_pre, handle, vs))))
     handle.add_hook(f"{type(vs.projector).__name__}: forward hook (widen reduced features to the full layout)",
                 vs.projector.register_forward_hook(mark_hook(functools.partial(_projector_post, handle, vs))))
     if vs.pack_owner is not None:
@@ -154,6 +158,9 @@ def _feature_post(handle: "PatchHandle", vs: "VisionSeams", module, args, output
     if run is None:
         return None
     hidden = output[0] if isinstance(output, tuple) else output
+    given = hidden
+    if not vs.cls_token:  # SigLIP: criteria see a virtual CLS row (zeros) at index 0, removed again below
+        hidden = torch.cat([hidden.new_zeros(hidden.shape[0], 1, hidden.shape[2]), hidden], dim=1)
     t0 = time.perf_counter()
     with torch.no_grad():
         new = run.criterion.after_feature_layer(run, hidden, vs)
@@ -161,10 +168,14 @@ def _feature_post(handle: "PatchHandle", vs: "VisionSeams", module, args, output
     if new is not hidden and (new.shape[1] != run.length or not bool((run.ident[:, 0] == 0).all())):
         raise RuntimeError(f"vision criterion {run.stage.criterion!r}: after_feature_layer must return one token per "
                            "current token of the run (run.reassign) with CLS kept at index 0")
-    if vs.groups is not None and run.changed:  # the model's own pixel shuffle packs the full grid;
+    if vs.groups is not None and run.changed:  # the model's own pixel shuffle / pooling packs the full grid;
         new = widen_to_grid(run, new, vs.groups)  # _projector_pre keeps the kept groups' tokens
     if new is hidden:
         return None
+    if not vs.cls_token:
+        new = new[:, 1:]
+        if new.shape[1] != given.shape[1]:
+            raise RuntimeError("a tower without CLS hands its projector the full patch grid")
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
@@ -176,14 +187,14 @@ def _capture(handle: "PatchHandle", j: int, what: str, module, args, output):
 
 
 def _projector_pre(handle: "PatchHandle", vs: "VisionSeams", module, args):
-    """Pixel-shuffle towers: the projector's input ``[n, G, g * D]`` (every LLM token of every crop, shuffled by
-    the model from the widened grid) -> the kept groups' tokens ``[n, K, g * D]``; the run now counts groups."""
+    """Grouped towers: the LLM tokens about to be projected ``[n, G, C]`` (every token of every crop, shuffled /
+    pooled by the model from the widened grid) -> the kept groups' tokens ``[n, K, C]``; the run now counts groups."""
     run = handle.vision_run
     if run is None:
         return None
     x = args[0]
     if x.dim() != 3 or x.shape[1] != vs.groups.shape[0]:
-        raise RuntimeError(f"projector input {tuple(x.shape)} is not {vs.groups.shape[0]} pixel-shuffled tokens per crop")
+        raise RuntimeError(f"projector input {tuple(x.shape)} is not {vs.groups.shape[0]} LLM tokens per crop")
     kept = to_groups(run, vs.groups).to(x.device)  # also when nothing left: the outcome counts LLM tokens
     if not run.changed:
         return None
