@@ -63,6 +63,10 @@ def _ops(model, policy: str, vis) -> tuple[dict, dict]:
         "ffn_cut:ratio=3": ({"ffn": {j: int(m // 3.0) for j in range(n)}}, {}),
         "neighbor_attention:window=3": ({"neighbor": {j: 3 for j in range(n)}}, {}),
         "visual_drop:layer=2": ({}, {2: vis}),
+        "skip_layers:layers=1": ({"skip_all": {1}}, {}),
+        "visual_drop:layer=1": ({}, {1: vis}),
+        "skip_sublayers:attn=1;3,ffn=1;2": ({"skip_attn": {1, 3}, "skip_ffn": {1, 2}}, {}),
+        "skip_sublayers:attn=1;2,ffn=0;1,scope=visual": ({"attn_visual": {1, 2}, "ffn_visual": {0, 1}}, {}),
     }
     return table[policy]
 
@@ -78,8 +82,8 @@ def _check(model, inputs, vis, grid, policy):
         gen = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, suppress_tokens=banned)[:, L:]
     cap = O.capture_rope(model, inputs)
     with torch.no_grad():
-        exp = O.forward(model, cap["h"], None, valid, vis, grid, ops, removed, rope=cap["rope"])
-        base = O.forward(model, cap["h"], None, valid, vis, grid, rope=cap["rope"])
+        exp = O.forward(model, cap["h"], None, valid, vis, grid, ops, removed, rope=cap["rope"], deepstack=O.deepstack_of(cap))
+        base = O.forward(model, cap["h"], None, valid, vis, grid, rope=cap["rope"], deepstack=O.deepstack_of(cap))
         plain = model(**inputs).logits
     torch.testing.assert_close(base[:, -1], plain[:, -1], atol=2e-5, rtol=1e-4)  # the oracle is the model when no op is set
     assert (exp - base)[:, -1].abs().max() > 1e-3  # and it tells the op from the plain model

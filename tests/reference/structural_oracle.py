@@ -16,7 +16,19 @@ Hugging Face modules, RMSNorm modules reused):
 * neighbour attention: a visual query attends a visual key only if both are on the same patch
   grid within |drow|, |dcol| <= w // 2;
 * removed tokens (visual_drop, token pruning): from their layer on they are masked as keys
-  (their own rows are never read).
+  (their own rows are never read);
+* removed sublayers (FinerCut, arXiv 2405.18218): ``skip_attn`` / ``skip_ffn``: the layer's attention /
+  MLP adds nothing to any row; ``attn_visual`` / ``ffn_visual``: every row runs the sublayer (text rows
+  attend the visual rows' keys / values of this layer), its output is not added to the visual rows.
+
+Qwen3 text layers (Qwen3-VL): per-head RMSNorm ``q_norm`` / ``k_norm`` (the HF modules) on the queries and
+keys before RoPE; a mixture-of-experts MLP (no ``gate_proj``) is the model's own module, called on the
+full-length rows (routing is per token, so rows never mix there). DeepStack (Qwen3-VL, arXiv 2406.04334):
+the features the unpatched model would inject are captured with layer 0's input (``capture_rope``) and
+ADDED to the visual rows after decoder layer j < (number of features) whatever op layer j carries: after a
+layer skipped for all tokens the visual rows are their input + the features; after a layer skipped (or
+whose sublayers are removed) for visual tokens they take their input back, then get the features; a
+removed token gets them too, but its row is never read again.
 
 Inputs of layer 0 (embeddings with image features, RoPE tables) are captured from the unpatched
 model; decoding is a cache-free greedy loop that recomputes the whole sequence every step.
@@ -56,15 +68,23 @@ def capture(model, inputs: dict) -> dict:
 
 def capture_rope(model, inputs: dict) -> dict:
     """Layer-0 input of the unpatched model and the ``(cos, sin)`` ``[B, T, d]`` it receives (any RoPE:
-    Qwen2-VL's M-RoPE arrives already merged per token), so no position rule is re-derived here."""
+    Qwen2-VL's M-RoPE arrives already merged per token), so no position rule is re-derived here. Qwen3-VL:
+    also ``"deepstack"``, the DeepStack features the language model receives, each scattered to full length
+    ``[B, T, D]`` (zero at non-visual rows), with ``"deepstack_mask"`` ``[B, T]`` (where they are added)."""
     lm = model.model.language_model
     box = {}
+
+    def grab_lm(module, args, kwargs):
+        if kwargs.get("deepstack_visual_embeds") is not None:
+            box["ds"] = ([f.detach().clone() for f in kwargs["deepstack_visual_embeds"]],
+                         kwargs["visual_pos_masks"].detach().clone())
 
     def grab(module, args, kwargs):
         box["h"] = (kwargs.get("hidden_states") if not args else args[0]).detach().clone()
         box["rope"] = tuple(t.detach().clone() for t in kwargs["position_embeddings"])
         raise _Stop
 
+    h_lm = lm.register_forward_pre_hook(grab_lm, with_kwargs=True)
     h = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -73,9 +93,19 @@ def capture_rope(model, inputs: dict) -> dict:
         pass
     finally:
         h.remove()
+        h_lm.remove()
     B = inputs["input_ids"].shape[0]
     cos, sin = box["rope"]
-    return {"h": box["h"], "rope": (cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:]))}
+    out = {"h": box["h"], "rope": (cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:]))}
+    if "ds" in box:
+        feats, mask = box["ds"]
+        full = []
+        for f in feats:
+            x = box["h"].new_zeros(box["h"].shape)
+            x[mask] = f.to(x.dtype)  # row-major order of the mask, as the model's own injection reads them
+            full.append(x)
+        out["deepstack"], out["deepstack_mask"] = full, mask
+    return out
 
 
 def greedy_recapture(model, inputs: dict, steps: int, visual, grid=None, ops=None, removed=None, banned=()) -> torch.Tensor:
@@ -89,7 +119,8 @@ def greedy_recapture(model, inputs: dict, steps: int, visual, grid=None, ops=Non
     for _ in range(steps):
         cap = capture_rope(model, cur)
         with torch.no_grad():
-            logits = forward(model, cap["h"], None, cur["attention_mask"].bool(), vis, g, ops, rem, rope=cap["rope"])
+            logits = forward(model, cap["h"], None, cur["attention_mask"].bool(), vis, g, ops, rem, rope=cap["rope"],
+                             deepstack=deepstack_of(cap))
         last = logits[:, -1].clone()
         last[:, list(banned)] = float("-inf")
         tok = last.argmax(-1)
@@ -108,18 +139,27 @@ def greedy_recapture(model, inputs: dict, steps: int, visual, grid=None, ops=Non
     return torch.stack(out, 1)
 
 
+def deepstack_of(cap: dict):
+    """``(mask [B, T], [features [B, T, D], ...])`` of a ``capture_rope`` result, None without DeepStack."""
+    return (cap["deepstack_mask"], cap["deepstack"]) if "deepstack" in cap else None
+
+
 def _rotate_half(x):
     a, b = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return torch.cat((-b, a), dim=-1)
 
 
-def _layer(layer, h, cos, sin, allowed, visual, op_heads_all, op_heads_vis, ffn_m, skip_visual):
+def _layer(layer, h, cos, sin, allowed, visual, op_heads_all, op_heads_vis, ffn_m, skip_visual, sub=frozenset()):
+    """One decoder layer; ``sub``: removed sublayers ``{"attn", "ffn", "attn_visual", "ffn_visual"}``."""
     attn = layer.self_attn
     d = attn.head_dim
     B, T, D = h.shape
     x = layer.input_layernorm(h)
-    q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(B, T, -1, d).transpose(1, 2)
-    k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(B, T, -1, d).transpose(1, 2)
+    q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(B, T, -1, d)
+    k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(B, T, -1, d)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3: RMSNorm over each head's d channels, before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(B, T, -1, d).transpose(1, 2)
     H, Hkv = q.shape[1], k.shape[1]
     c, s = cos[:, None], sin[:, None]
@@ -137,29 +177,42 @@ def _layer(layer, h, cos, sin, allowed, visual, op_heads_all, op_heads_vis, ffn_
     for hh in op_heads_vis:
         out[:, hh] = out[:, hh].masked_fill(visual[:, :, None], 0.0)
     out = out.transpose(1, 2).reshape(B, T, H * d)
-    h2 = h + F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
+    a = F.linear(out, attn.o_proj.weight, attn.o_proj.bias)
+    if "attn_visual" in sub:
+        a = a.masked_fill(visual[:, :, None], 0.0)
+    h2 = h if "attn" in sub else h + a
     mlp = layer.mlp
     y = layer.post_attention_layernorm(h2)
-    mid = F.silu(F.linear(y, mlp.gate_proj.weight, mlp.gate_proj.bias)) * F.linear(y, mlp.up_proj.weight, mlp.up_proj.bias)
-    if ffn_m is not None:
-        cut = torch.zeros(mid.shape[-1], dtype=torch.bool)
-        cut[ffn_m:] = True
-        mid = mid.masked_fill(visual[:, :, None] & cut, 0.0)
-    h3 = h2 + F.linear(mid, mlp.down_proj.weight, mlp.down_proj.bias)
+    if getattr(mlp, "gate_proj", None) is None:  # mixture of experts: the model's own block, per-token routing
+        f = mlp(y)
+        f = f[0] if isinstance(f, tuple) else f
+    else:
+        mid = F.silu(F.linear(y, mlp.gate_proj.weight, mlp.gate_proj.bias)) * F.linear(y, mlp.up_proj.weight, mlp.up_proj.bias)
+        if ffn_m is not None:
+            cut = torch.zeros(mid.shape[-1], dtype=torch.bool)
+            cut[ffn_m:] = True
+            mid = mid.masked_fill(visual[:, :, None] & cut, 0.0)
+        f = F.linear(mid, mlp.down_proj.weight, mlp.down_proj.bias)
+    if "ffn_visual" in sub:
+        f = f.masked_fill(visual[:, :, None], 0.0)
+    h3 = h2 if "ffn" in sub else h2 + f
     if skip_visual:
         h3 = torch.where(visual[:, :, None], h, h3)
     return h3
 
 
-def forward(model, h0, pos, valid, visual, grid=None, ops=None, removed=None, rope=None) -> torch.Tensor:
+def forward(model, h0, pos, valid, visual, grid=None, ops=None, removed=None, rope=None, deepstack=None) -> torch.Tensor:
     """Logits ``[B, T, V]`` of the masked reference.
 
     Args:
         h0: ``[B, T, D]`` layer-0 input; ``pos`` ``[B, T]`` position ids; ``valid`` ``[B, T]`` real tokens;
         visual: ``[B, T]`` visual tokens; grid: ``(row, col, segment)`` each ``[B, T]`` (neighbour op);
         ops: ``{"skip_all": set, "skip_visual": set, "heads_all": {l: heads}, "heads_visual": {l: heads},
-        "ffn": {l: m'}, "neighbor": {l: w}}``; removed: ``{layer: [B, T] bool}`` tokens gone from that layer on;
-        rope: ``(cos, sin)`` ``[B, T, d]`` as layer 0 receives them (``capture_rope``), else built from ``pos``.
+        "ffn": {l: m'}, "neighbor": {l: w}, "skip_attn": set, "skip_ffn": set, "attn_visual": set,
+        "ffn_visual": set}``; removed: ``{layer: [B, T] bool}`` tokens gone from that layer on;
+        rope: ``(cos, sin)`` ``[B, T, d]`` as layer 0 receives them (``capture_rope``), else built from ``pos``;
+        deepstack: ``(mask [B, T], [features [B, T, D], ...])`` (``deepstack_of``): added at the mask's rows
+        after layers 0 .. len - 1, whatever those layers' ops.
     """
     ops = ops or {}
     lm = model.model.language_model
@@ -172,22 +225,31 @@ def forward(model, h0, pos, valid, visual, grid=None, ops=None, removed=None, ro
     for j, layer in enumerate(lm.layers):
         if removed and j in removed:
             gone = gone | removed[j]
-        if j in ops.get("skip_all", ()):
-            continue
-        keys = valid & ~gone
-        allowed = causal[None] & keys[:, None, :]
-        if j in ops.get("neighbor", {}):
-            w = ops["neighbor"][j] // 2
-            row, col, seg = grid
-            g = visual & (row >= 0)
-            far = ((row[:, :, None] - row[:, None, :]).abs() > w) | ((col[:, :, None] - col[:, None, :]).abs() > w) \
-                | (seg[:, :, None] != seg[:, None, :])
-            allowed = allowed & ~(g[:, :, None] & g[:, None, :] & far)
-        allowed = (allowed | eye[None])[:, None]  # [B, 1, T, T]; every row keeps itself (padding rows)
-        allowed = allowed & (causal[None, None])
-        h = _layer(layer, h, cos, sin, allowed, visual & ~gone, ops.get("heads_all", {}).get(j, ()),
-                   ops.get("heads_visual", {}).get(j, ()), ops.get("ffn", {}).get(j), j in ops.get("skip_visual", ()))
+        if j not in ops.get("skip_all", ()):
+            h = _run(layer, j, h, cos, sin, valid, visual, gone, grid, ops, causal, eye)
+        if deepstack is not None and j < len(deepstack[1]):
+            h = torch.where(deepstack[0][:, :, None], h + deepstack[1][j], h)
     return model.lm_head(lm.norm(h))
+
+
+def _run(layer, j, h, cos, sin, valid, visual, gone, grid, ops, causal, eye):
+    """Decoder layer j under its ops (masks built at full length)."""
+    keys = valid & ~gone
+    allowed = causal[None] & keys[:, None, :]
+    if j in ops.get("neighbor", {}):
+        w = ops["neighbor"][j] // 2
+        row, col, seg = grid
+        g = visual & (row >= 0)
+        far = ((row[:, :, None] - row[:, None, :]).abs() > w) | ((col[:, :, None] - col[:, None, :]).abs() > w) \
+            | (seg[:, :, None] != seg[:, None, :])
+        allowed = allowed & ~(g[:, :, None] & g[:, None, :] & far)
+    allowed = (allowed | eye[None])[:, None]  # [B, 1, T, T]; every row keeps itself (padding rows)
+    allowed = allowed & (causal[None, None])
+    sub = {name for name, key in (("attn", "skip_attn"), ("ffn", "skip_ffn"), ("attn_visual", "attn_visual"),
+                                  ("ffn_visual", "ffn_visual")) if j in ops.get(key, ())}
+    return _layer(layer, h, cos, sin, allowed, visual & ~gone, ops.get("heads_all", {}).get(j, ()),
+                  ops.get("heads_visual", {}).get(j, ()), ops.get("ffn", {}).get(j), j in ops.get("skip_visual", ()),
+                  frozenset(sub))
 
 
 def greedy(model, inputs, steps, visual, grid=None, ops=None, removed=None) -> torch.Tensor:

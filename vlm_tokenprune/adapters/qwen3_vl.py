@@ -22,8 +22,16 @@ over the original tokens it stands for). Implemented by
 - an instance-level wrapper of ``_deepstack_process`` (undone by ``unpatch()``): when an LLM-site
   stage below the last injection has shortened the sequence, the mask and features are taken at
   the current tokens (``take_visual``). Stages at or above layer ``n`` need nothing.
-Structural ops (head / layer / FFN pruning) are refused: untested on this family (and the MoE
-blocks have no ``gate_proj`` / ``up_proj`` to slice).
+Structural ops (``structural.plan``; == the masked oracle, tests/test_structural_qwen3_vl.py). Each decoder
+layer's ops act inside the layer (Qwen3's per-head ``q_norm`` / ``k_norm`` see the sliced or zeroed projections
+like any other row); the DeepStack injection after layer j < n is NOT part of layer j and happens whatever op it
+carries: ``skip_layers`` scope=all -> the visual rows are their input + the features; scope=visual (and
+``skip_sublayers`` scope=visual) -> the visual rows take their input back (or get nothing from the sublayer),
+then the features are added; ``visual_drop`` / a token stage below the injection -> only the visual tokens still
+in the sequence receive theirs (``take_visual``). MoE: ``ffn_cut`` (the only op that slices ``gate_proj`` /
+``up_proj`` / ``down_proj``) is refused by name (``stages[i].op``) on a layer whose MLP is the sparse MoE block;
+``skip_sublayers`` ffn removes the whole block (no routing, no expert runs), a visual-scope removal runs it
+on the text rows only; every attention-side op, layer skip, ``neighbor_attention`` and ``visual_drop`` works.
 
 MoE (Qwen3-VL-30B-A3B / 235B-A22B): routing is per token, so a pruned token routes nowhere;
 ``eval.flops`` counts the active experts' FLOPs per kept token (``explain`` shows them).
@@ -79,7 +87,6 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     """HF Qwen3-VL and Qwen3-VL-MoE (DeepStack injections, interleaved M-RoPE, full-attention text layers)."""
 
     model_types = ("qwen3_vl", "qwen3_vl_moe")
-    supports_structural = False
     vision_no_cls = "the Qwen3-VL vision transformer has no CLS token"
 
     def check(self, model: nn.Module) -> None:

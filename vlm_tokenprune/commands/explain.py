@@ -220,7 +220,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
         sf = structural_flops(g, counted, args.n_text, n_visual)
         rest = res["flops"] - res["llm_flops"]  # tower + projector (structural ops act in the LLM only)
-        res.update({k: v for k, v in sf.items() if k in ("mask_only", "partial")})
+        res.update({k: v for k, v in sf.items() if k in ("mask_only", "partial", "mlp_rows")})
         res.update(llm_flops=sf["flops"], llm_ratio=sf["ratio"], flops=rest + sf["flops"],
                    ratio=(rest + sf["flops"]) / res["baseline_flops"],
                    nominal_flops=rest + sf["nominal_flops"], nominal_ratio=(rest + sf["nominal_flops"]) / res["baseline_flops"],
@@ -297,10 +297,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if g.experts_per_token:  # MoE: routing is per token, so a pruned token's experts never run
         per_token = 2 * 3 * g.hidden_size * g.intermediate_size  # its k active experts' SwiGLU, every layer
         base_t = (args.n_text + n_visual) * g.num_hidden_layers
-        kept_t = sum(res["tokens_per_layer"])
+        kept_t = res.get("mlp_rows", sum(res["tokens_per_layer"]))  # structural: skipped MLPs route nowhere
         print(f"  experts  : {g.experts_per_token} of {g.num_experts} per token (active MLP width {g.intermediate_size}, "
               f"included above): baseline {tflops(per_token * base_t)}, policy {tflops(per_token * kept_t)}, "
-              f"saved {tflops(per_token * (base_t - kept_t))} (pruned tokens route to no expert)")
+              f"saved {tflops(per_token * (base_t - kept_t))} (pruned tokens and skipped MLPs route to no expert)")
     sc = res["scoring_flops"]
     if sc is None:
         print("  scoring  : unknown (no estimate for a criterion); not included above")

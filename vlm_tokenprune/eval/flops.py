@@ -650,23 +650,36 @@ def structural_flops(model_config: Any, policy: Any, n_text: int, n_visual: int,
     ``grid_width``: tokens per patch-grid row (default ``round(sqrt(n_visual))``).
 
     Returns ``{"flops", "nominal_flops", "baseline_flops", "ratio", "nominal_ratio",
-    "tokens_per_layer", "mask_only", "partial"}``: ``flops`` is what this implementation computes,
+    "tokens_per_layer", "mask_only", "partial", "mlp_rows"}``: ``flops`` is what this implementation computes,
     ``nominal_flops`` what the operations' semantics allow; ``mask_only`` / ``partial`` list the ops
-    whose savings are simulated with masks / only partly realised (see ``structural.plan.SAVINGS``).
+    whose savings are simulated with masks / only partly realised (see ``structural.plan.SAVINGS``);
+    ``mlp_rows`` the rows that run an MLP, summed over the layers (MoE: the tokens routed to their active experts;
+    skipped layers, removed MLP sublayers and visual rows of visual-scope skips route nowhere). A MoE geometry
+    refuses ``ffn_cut`` by name (``stages[i].op``: patch() refuses it too, there is no gate_proj to slice).
     """
     from ..structural.plan import StructuralPlan, capture_layers, static_plan, text_only_kv_heads
 
     g = TextGeometry.of(model_config)
     pol = Policy.parse(policy)
     pol = pol.at_depth(g.num_hidden_layers) if g.num_hidden_layers >= 2 else pol  # paper layers on this depth
+    if g.num_experts:  # mixture of experts: patch() refuses ffn_cut (no gate_proj), so there is nothing to count
+        from ..structural.plan import MOE_FFN_CUT
+
+        cut = [i for i, st in enumerate(pol.stages) if st.op == "ffn_cut"]
+        if cut:
+            raise IncompatiblePolicyError(f"stages[{cut[0]}].op", MOE_FFN_CUT.format(
+                what=f"this text config's MLPs are sparse MoE blocks (num_experts={g.num_experts})"))
     tokens = _schedule(g, pol, int(n_text), int(n_visual))[0]
     if plan is None:
         plan = static_plan(pol, g.num_hidden_layers, g.num_attention_heads, g.intermediate_size)
     if plan is None:
         plan = StructuralPlan(g.num_hidden_layers, g.num_attention_heads)
     totals = {False: 0.0, True: 0.0}
+    mlp_rows = 0  # rows that run a decoder layer's MLP (MoE: route to their experts), summed over the layers
     for j, n in enumerate(tokens):
         v = n - int(n_text)
+        if not (j in plan.skip_all or j in getattr(plan, "skip_ffn", ())):
+            mlp_rows += int(n_text) if j in plan.skip_visual or j in getattr(plan, "ffn_visual", ()) else n
         ops = {"skip_all": j in plan.skip_all, "skip_visual": j in plan.skip_visual,
                "heads_all": plan.heads_all.get(j, ()), "heads_visual": plan.heads_visual.get(j, ()),
                "skip_attn": j in getattr(plan, "skip_attn", ()), "skip_ffn": j in getattr(plan, "skip_ffn", ()),
@@ -695,4 +708,5 @@ def structural_flops(model_config: Any, policy: Any, n_text: int, n_visual: int,
         "nominal_ratio": (totals[True] + head) / base,
         "mask_only": mask_only,
         "partial": partial,
+        "mlp_rows": mlp_rows,
     }

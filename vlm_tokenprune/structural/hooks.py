@@ -289,7 +289,7 @@ def _mlp_forward(handle, plan: StructuralPlan, j: int, mlp: nn.Module, orig, x: 
     out = torch.empty_like(x) if not _no_visual_mlp(plan, j) else x.new_zeros(x.shape)
     text = ~vis
     if bool(text.any()):
-        out[text] = orig(x[text])
+        out[text] = orig(x[text][None])[0]  # [1, n, D]: a mixture-of-experts block (Qwen3-VL-MoE) takes [B, L, D] only
     if _no_visual_mlp(plan, j):
         return out
     m = plan.ffn[j]

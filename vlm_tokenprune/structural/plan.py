@@ -54,6 +54,15 @@ SAVINGS = {
 }
 
 
+# ffn_cut on a mixture-of-experts MLP (Qwen3-VL-MoE): refused by name (``stages[i].op``)
+MOE_FFN_CUT = (
+    "ffn_cut slices the MLP's gate_proj / up_proj / down_proj channels, and {what}: a "
+    "mixture of experts (routed experts whose weights are 3-D tensors: there is no gate_proj to slice, and a cut of "
+    "every expert's channels is not what YOPO defines); allowed on this model: skip_layers, prune_heads, "
+    "neighbor_attention, skip_sublayers (attn and ffn: removing the whole MoE block is defined), visual_drop, token stages"
+)
+
+
 @dataclass(frozen=True)
 class StructuralPlan:
     num_layers: int
@@ -212,6 +221,9 @@ def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | No
             out = {}
             for layer in _layers(p["layers"], n, f"{where}.layers"):
                 mlp = getattr(seams.decoder_layers[layer], "mlp", None)
+                if mlp is not None and getattr(mlp, "gate_proj", None) is None and hasattr(mlp, "experts"):
+                    raise IncompatiblePolicyError(f"{where}.op", MOE_FFN_CUT.format(
+                        what=f"decoder layer {layer}'s mlp is {type(mlp).__name__}"))
                 for name in ("gate_proj", "up_proj", "down_proj"):
                     _check_linear(getattr(mlp, name, None), f"decoder layer {layer}.mlp.{name}")
                 m = mlp.gate_proj.out_features
