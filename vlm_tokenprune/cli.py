@@ -76,12 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("search", help="EvoPress search for the best policy under a FLOPs budget (token budgets, "
                         "FinerCut sublayers, heads); writes best.yaml and a Pareto table")
-    se.add_argument("--model", default="tiny", help="tiny (the shipped tiny VLM) or a checkpoint folder in its format")
+    se.add_argument("--model", default="tiny", help="tiny (the shipped tiny VLM) or a local Hugging Face VLM checkpoint "
+                    "folder (other than the tiny VLM's format: needs --calibration-data, and --heldout-data or --heldout 0)")
+    se.add_argument("--calibration-data", default=None, metavar="FILE.jsonl", help='your calibration records, one '
+                    '{"image": path(s) relative to the file, "prompt": full prompt text, "answer": optional} per line '
+                    "(default: the synthetic val split, tiny VLM format only)")
+    se.add_argument("--heldout-data", default=None, metavar="FILE.jsonl", help="your held-out records (answer required; "
+                    "disjoint from the calibration records), scored by greedy exact match (default: synthetic test split)")
+    se.add_argument("--answer-tokens", type=int, default=8, help="calibration records without an answer: the unpruned "
+                    "model's greedy continuation of this many tokens is the teacher-forced target (default 8)")
+    se.add_argument("--dtype", default="auto", help="--model PATH: auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16")
+    se.add_argument("--device", default="auto", help="--model PATH: auto (CUDA when available), cpu, cuda, cuda:N")
     se.add_argument("--budget", default="flops=0.3", help="flops=R: predicted LM prefill FLOPs ratio <= R (default 0.3); "
                     "latency=R: measured prefill latency ratio on this machine <= R (interleaved with the baseline, medians)")
     se.add_argument("--latency-iters", type=int, default=5, help="--budget latency=R: timed runs per policy (default 5)")
     se.add_argument("--space", default="tokens", help="comma list of tokens, sublayers, heads (default tokens)")
-    se.add_argument("--calibration", type=int, default=64, help="calibration examples (synthetic val split; default 64)")
+    se.add_argument("--calibration", type=int, default=64, help="calibration examples (synthetic val split, or the first "
+                    "N records of --calibration-data; default 64)")
     se.add_argument("--batch-size", type=int, default=8, help="examples per forward (default 8)")
     se.add_argument("--generations", type=int, default=20, help="evolution generations (default 20)")
     se.add_argument("--offspring", type=int, default=16, help="children per generation (default 16)")
@@ -97,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--trade", type=float, default=0.5, help="share of children that move budget between sub-spaces "
                     "under the one FLOPs constraint (0: --sublayers / --heads counts stay fixed; default 0.5)")
     se.add_argument("--no-seeds", action="store_true", help="do not seed the search with the presets the space expresses")
-    se.add_argument("--heldout", type=int, default=200, help="held-out examples (synthetic test split; default 200)")
+    se.add_argument("--heldout", type=int, default=200, help="held-out examples (synthetic test split, or the first N "
+                    "records of --heldout-data; 0: none; default 200)")
     se.add_argument("--heldout-top", type=int, default=8, help="candidates besides the best scored on the held-out split")
     se.add_argument("--out", default="vtp_search", help="output folder (default ./vtp_search)")
     se.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.json")
@@ -248,6 +260,10 @@ def check_args(args: argparse.Namespace) -> None:
         if args.model == "tiny" and args.dtype not in ("auto", "fp32", "float32"):
             raise InputError("--dtype", f"{args.dtype!r}: the shipped tiny VLM runs in fp32; allowed with --model tiny: "
                              "auto, fp32 (other dtypes need --model PATH)")
+    if args.command == "search":
+        from .commands.run import check_search_args
+
+        check_search_args(args)
     if args.command == "profile":
         from .eval.profiler import MODEL_CHOICES
 

@@ -119,7 +119,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     from ..search.api import search_policy
 
     torch.set_num_threads(args.threads)
-    model, processor = load_tiny_vlm(path=None if args.model == "tiny" else args.model)
+    if args.model == "tiny" or folder_speaks_synthetic(args.model):  # the shipped tiny VLM's format: as before
+        model, processor = load_tiny_vlm(path=None if args.model == "tiny" else args.model)
+    else:  # any supported HF VLM folder (AutoModelForImageTextToText + AutoProcessor), on --device in --dtype
+        from ..eval.loading import load_vlm
+
+        model, processor = load_vlm(args.model, dtype=args.dtype, device=args.device)
     if args.per_sample:
         return _per_sample(args, model, processor)
     res = search_policy(
@@ -128,7 +133,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         entry=None if args.entry == "none" else args.entry, levels=args.levels, sublayers=args.sublayers, heads=args.heads,
         heldout=args.heldout, heldout_top=args.heldout_top, out=args.out, resume=args.resume, progress=not args.no_progress,
         criteria=tuple(c.strip() for c in args.criteria.split(",") if c.strip()), trade=args.trade,
-        seed_presets=not args.no_seeds, latency_iters=args.latency_iters,
+        seed_presets=not args.no_seeds, latency_iters=args.latency_iters, calibration_data=args.calibration_data,
+        heldout_data=args.heldout_data, answer_tokens=args.answer_tokens,
     )
     acc = "-" if res.accuracy is None else f"{res.accuracy:.3f}"
     print(f"best policy: {res.policy or '(none: the unpruned model)'}")
@@ -136,6 +142,54 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"predicted FLOPs ratio {res.flops_ratio:.3f}{lat}, KL {res.fitness:.5f}, held-out accuracy {acc}")
     print("wrote " + ", ".join(res.files.values()))
     return 0
+
+
+def folder_speaks_synthetic(path: str) -> bool:
+    """Whether the checkpoint folder's tokenizer is the shipped tiny VLM's (``search.data.speaks_synthetic``); the
+    tokenizer alone is loaded, not the model."""
+    from types import SimpleNamespace
+
+    from ..search.data import speaks_synthetic
+
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return speaks_synthetic(SimpleNamespace(tokenizer=tok))
+
+
+def check_search_args(args: argparse.Namespace) -> None:
+    """``search``'s options, its data files included, checked before any model is loaded (``InputError`` naming the flag)."""
+    from ..errors import InputError
+    from ..search.records import check_disjoint, read_records
+
+    if args.answer_tokens < 1:
+        raise InputError("--answer-tokens", f"must be an integer >= 1, got {args.answer_tokens}")
+    if args.model != "tiny" and not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise InputError("--model", f"{args.model!r} is neither 'tiny' nor a local checkpoint folder (with config.json)")
+    if args.per_sample and (args.calibration_data or args.heldout_data):
+        raise InputError("--per-sample", "runs on the synthetic test split; it takes no --calibration-data / --heldout-data")
+    cal = read_records(args.calibration_data, "--calibration-data") if args.calibration_data else None
+    held = read_records(args.heldout_data, "--heldout-data", require_answer=True) if args.heldout_data else None
+    if cal is not None and held is not None:
+        check_disjoint(cal, held, ("--calibration-data", "--heldout-data"))
+    synthetic = args.model == "tiny" or folder_speaks_synthetic(args.model)
+    if not synthetic:
+        if cal is None and not args.per_sample:
+            raise InputError("--calibration-data", f"{args.model!r} does not use the shipped tiny VLM's tokenizer, so the "
+                             "synthetic calibration split means nothing to it; give --calibration-data FILE.jsonl (one "
+                             '{"image", "prompt", "answer"} record per line)')
+        if held is None and args.heldout > 0 and not args.per_sample:
+            raise InputError("--heldout-data", f"{args.model!r} does not use the shipped tiny VLM's tokenizer, so the "
+                             "synthetic held-out split means nothing to it; give --heldout-data FILE.jsonl (records with "
+                             "answers) or --heldout 0")
+        if args.per_sample:
+            raise InputError("--per-sample", "runs on the synthetic test split: the shipped tiny VLM's format only")
+    elif args.dtype not in ("auto", "fp32", "float32") or args.device not in ("auto", "cpu"):
+        raise InputError("--dtype/--device", f"{args.dtype!r} / {args.device!r}: a model in the shipped tiny VLM's format "
+                         "runs in fp32 on the CPU; allowed with it: auto, fp32 / auto, cpu")
 
 
 def _per_sample(args: argparse.Namespace, model: Any, processor: Any) -> int:

@@ -8,6 +8,14 @@ fitness is the KL divergence of the answer tokens' next-token distributions from
 on the calibration split (``val``); every candidate that reached the last selection step is then
 scored on the held-out split (``test``), which the search never sees.
 
+A user's own data (``calibration_data`` / ``heldout_data``: JSONL files of ``{"image", "prompt", "answer"}``
+records, ``search.records``) replaces the synthetic splits, on any supported VLM: the fitness is the KL on a
+record's answer tokens, teacher-forced; a record without an answer is teacher-forced on the unpruned model's
+own greedy continuation of ``answer_tokens`` tokens (generated once, before the search: EvoPress's KL to the
+dense model on the dense model's outputs). Held-out records are scored by normalised greedy exact match.
+The synthetic splits need the shipped tiny VLM's vocabulary (``data.speaks_synthetic``); other models must
+bring their own calibration data, and held-out data or ``heldout=0``.
+
 Budget split: the search starts with the token sub-space taking the FLOPs budget (its level sum is
 the smallest whose even spread meets it) and the sublayer and head sub-spaces at the counts given
 (``sublayers``, ``heads``). The level switch keeps each sub-space's level sum; with ``trade > 0`` that
@@ -125,7 +133,9 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
                   entry: str | None = "auto", levels: int = 16, sublayers: int = 2, heads: int = 4, heldout: int = 200,
                   heldout_top: int = 8, metric: str = "kl", out: "str | os.PathLike | None" = None, resume: bool = False,
                   progress: bool = True, heldout_fn: Callable[[Any], float] | None = None, criteria: Sequence[str] = (),
-                  trade: float = 0.5, seed_presets: bool = True, latency_iters: int = 5) -> SearchResult:
+                  trade: float = 0.5, seed_presets: bool = True, latency_iters: int = 5,
+                  calibration_data: "str | os.PathLike | None" = None, heldout_data: "str | os.PathLike | None" = None,
+                  answer_tokens: int = 8) -> SearchResult:
     """Search the best policy under ``budget``; write it and a Pareto table to ``out`` when given.
 
     ``calibration`` examples (the synthetic ``val`` split) in batches of ``batch_size``; ``steps``
@@ -138,10 +148,18 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
     space expresses. ``budget="latency=R"``: the constraint is the measured prefill latency ratio on this
     machine (one calibration batch, interleaved with the baseline, medians of ``latency_iters``; kept in
     ``out/latency.json`` so a resumed search reuses the measurements).
+
+    ``calibration_data``: a JSONL file of ``{"image", "prompt", "answer"?}`` records (``search.records``; its first
+    ``calibration`` records, in batches of at most ``batch_size``) instead of the synthetic ``val`` split; records
+    without ``answer`` are teacher-forced on the unpruned model's greedy continuation of ``answer_tokens`` tokens,
+    generated once and cached for the whole search. ``heldout_data``: such a file with answers (its first
+    ``heldout`` records; disjoint from the calibration records) instead of the synthetic ``test`` split, scored by
+    greedy exact match after ``records.normalise_answer``. Every file is checked before the model runs.
     """
     from ..eval.flops import structural_flops
     from ..policy import Policy
-    from .data import calibration_batches, heldout_accuracy
+    from ..adapters import resolve_adapter
+    from .data import calibration_batches, heldout_accuracy, speaks_synthetic
     from .fitness import build_calibration, policy_divergence
     from .pareto import markdown, pareto_front, plot
 
@@ -158,9 +176,22 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
             raise InputError("criteria", f"{c!r} is not an LLM-stage criterion ({e})") from None
     if not 0 <= trade <= 1:
         raise InputError("trade", f"a share of children in [0, 1], got {trade}")
-    if calibration < batch_size:
-        raise InputError("calibration", f"needs at least one batch ({batch_size} examples), got {calibration}")
-    batches, masks, n_text, n_visual = calibration_batches(model, processor, calibration, batch_size)
+    cal_records, held_records = _read_data(model, processor, calibration_data, heldout_data, answer_tokens, heldout,
+                                           heldout_fn, speaks_synthetic(processor))
+    resolve_adapter(model)  # an unsupported family is refused by name before any forward
+    _check_flops_geometry(model)
+    if cal_records is None:
+        if calibration < batch_size:
+            raise InputError("calibration", f"needs at least one batch ({batch_size} examples), got {calibration}")
+        batches, masks, n_text, n_visual = calibration_batches(model, processor, calibration, batch_size)
+    else:
+        from .record_batches import record_calibration_batches
+
+        if calibration < 1:
+            raise InputError("calibration", f"records of calibration_data to use: at least 1, got {calibration}")
+        cal_records = cal_records[:calibration]
+        batches, masks, n_text, n_visual, _ = record_calibration_batches(
+            model, processor, cal_records, min(batch_size, len(cal_records)), answer_tokens)
     cal = build_calibration(model, batches, masks)
     nb = len(cal)
     if steps is None:
@@ -218,8 +249,13 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
     from .seeds import preset_seeds, seed_policies
 
     seeds = preset_seeds(joint, feasible) if seed_presets else []
-    extra = json.dumps([joint.units, n_text, n_visual, metric, kind, ratio_max, calibration, batch_size,
-                        [list(s_.choices) for s_ in joint.spaces if isinstance(s_, TokenSpace)]])
+    sig = [joint.units, n_text, n_visual, metric, kind, ratio_max, calibration, batch_size,
+           [list(s_.choices) for s_ in joint.spaces if isinstance(s_, TokenSpace)]]
+    if cal_records is not None:  # a resumed search runs on the same records and targets
+        from .records import digest
+
+        sig += [digest(cal_records), answer_tokens]
+    extra = json.dumps(sig)
     res = evolve(fitness, start, joint.max_levels, joint.groups, nb, config, feasible=feasible, checkpoint=ck,
                  resume=resume, progress=progress, extra_signature=extra, seeds=[lv for _, lv in seeds], valid=valid,
                  within=within)
@@ -238,7 +274,19 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
     best_pol = joint.policy_string(res.best)
     final = sorted((r for r in rows if r["batches"] >= config.steps[-1][0]), key=lambda r: r["fitness"])
     chosen = [r for r in final if r["policy"] == best_pol] + [r for r in final if r["policy"] != best_pol][:heldout_top]
-    score = heldout_fn or (lambda pol: heldout_accuracy(model, processor, pol, heldout, batch_size))
+    if held_records is not None:
+        from .record_batches import answer_budget, records_accuracy
+
+        held_records = held_records[:heldout]
+        n_new = answer_budget(processor, held_records) if held_records else 1
+        score = heldout_fn or (lambda pol: records_accuracy(model, processor, held_records, pol, batch_size, n_new))
+    else:
+        score = heldout_fn or (lambda pol: heldout_accuracy(model, processor, pol, heldout, batch_size))
+    data = {"calibration": os.path.abspath(os.fspath(calibration_data)) if calibration_data is not None else "synthetic val",
+            "calibration_examples": len(cal_records) if cal_records is not None else calibration,
+            "heldout": os.path.abspath(os.fspath(heldout_data)) if heldout_data is not None else "synthetic test",
+            "heldout_examples": len(held_records) if held_records is not None else heldout,
+            "answer_tokens": answer_tokens}
     if heldout > 0:
         from tqdm.auto import tqdm
 
@@ -250,19 +298,59 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
     result = SearchResult(best_pol, ratio(res.best), res.fitness, best_row["accuracy"], rows, seeds=seed_rows,
                           latency_ratio=cost(res.best) if latency is not None else None)
     if out is not None:
-        result.files = _write(out, result, res, joint, config, {kind: ratio_max}, spaces, n_text, n_visual, heldout, metric)
+        result.files = _write(out, result, res, joint, config, {kind: ratio_max}, spaces, n_text, n_visual,
+                              data["heldout_examples"], metric, data)
         if latency is not None:
             result.files["latency.json"] = latency.path
         front = pareto_front(rows)
         with open(os.path.join(out, "pareto.md"), "w", encoding="utf-8") as f:
             f.write(f"Search under {kind} <= {ratio_max} (space {','.join(spaces)}; n_text {n_text}, n_visual {n_visual}); "
-                    f"held-out accuracy on {heldout} test examples.\n\n" + markdown(rows, front))
+                    f"calibration: {data['calibration_examples']} examples of {data['calibration']}; held-out accuracy "
+                    f"on {data['heldout_examples']} examples of {data['heldout']}.\n\n" + markdown(rows, front))
         result.files["pareto.md"] = os.path.join(out, "pareto.md")
         if plot(rows, front, os.path.join(out, "pareto.png"), ratio_max if kind == "flops" else None):
             result.files["pareto.png"] = os.path.join(out, "pareto.png")
     if best_pol is not None:
         Policy.parse(best_pol)  # the result is an ordinary policy
     return result
+
+
+def _read_data(model, processor, calibration_data, heldout_data, answer_tokens: int, heldout: int, heldout_fn,
+               synthetic: bool):
+    """The user's records (or None: the synthetic splits), checked before the model runs."""
+    from .records import check_disjoint, read_records
+
+    if isinstance(answer_tokens, bool) or not isinstance(answer_tokens, int) or answer_tokens < 1:
+        raise InputError("answer_tokens", f"greedy tokens generated for a record without an answer: an integer >= 1, "
+                         f"got {answer_tokens!r}")
+    if heldout_fn is not None and heldout_data is not None:
+        raise InputError("heldout_data", "give heldout_data or heldout_fn, not both")
+    cal = read_records(calibration_data, "calibration_data") if calibration_data is not None else None
+    held = read_records(heldout_data, "heldout_data", require_answer=True) if heldout_data is not None else None
+    if cal is not None and held is not None:
+        check_disjoint(cal, held)
+    model_type = getattr(model.config, "model_type", "?")
+    if cal is None and not synthetic:
+        raise InputError("calibration_data", f"this {model_type} model's tokenizer is not the shipped tiny VLM's, so the "
+                         "synthetic calibration split means nothing to it; give calibration_data= (CLI "
+                         "--calibration-data FILE.jsonl: one {\"image\", \"prompt\", \"answer\"} record per line)")
+    if held is None and heldout > 0 and heldout_fn is None and not synthetic:
+        raise InputError("heldout", f"this {model_type} model's tokenizer is not the shipped tiny VLM's, so the synthetic "
+                         "held-out split means nothing to it; give heldout_data= (CLI --heldout-data FILE.jsonl, records "
+                         "with answers) or heldout=0 (CLI --heldout 0: no held-out accuracy)")
+    return cal, held
+
+
+def _check_flops_geometry(model) -> None:
+    """The FLOPs constraint counts the language model's geometry (``eval.flops``): refuse a family it cannot count."""
+    from ..errors import UnsupportedModelError
+    from ..eval.flops import unpruned_flops
+
+    try:
+        unpruned_flops(model.config, 8, 8)
+    except (ValueError, AttributeError, KeyError, TypeError) as e:
+        raise UnsupportedModelError("model", f"the FLOPs constraint cannot count this {model.config.model_type} model's "
+                                    f"geometry ({e}); eval.flops counts Llama-style text configs") from None
 
 
 def _start(joint: JointSpace, spaces, sublayers: int, heads: int, feasible) -> list[int] | None:
@@ -292,7 +380,7 @@ def _start(joint: JointSpace, spaces, sublayers: int, heads: int, feasible) -> l
 
 
 def _write(out, result: SearchResult, res, joint: JointSpace, config: EvoConfig, budget: dict, spaces, n_text: int,
-           n_visual: int, heldout: int, metric: str) -> dict:
+           n_visual: int, heldout: int, metric: str, data: dict | None = None) -> dict:
     import yaml
 
     from ..policy import Policy
@@ -309,7 +397,7 @@ def _write(out, result: SearchResult, res, joint: JointSpace, config: EvoConfig,
             yaml.safe_dump(Policy.parse(result.policy).to_dict(), f, sort_keys=False)
         files["best.yaml"] = os.path.join(out, "best.yaml")
     summary = {"budget": budget, "space": list(spaces), "units": joint.units, "n_text": n_text,
-               "n_visual": n_visual, "metric": metric, "config": {**config.__dict__, "steps": [list(s) for s in config.steps]},
+               "n_visual": n_visual, "metric": metric, "data": data, "config": {**config.__dict__, "steps": [list(s) for s in config.steps]},
                "best": {"policy": result.policy, "levels": list(res.best), "flops_ratio": result.flops_ratio,
                         "fitness": result.fitness, "heldout_accuracy": result.accuracy, "heldout_examples": heldout,
                         "latency_ratio": result.latency_ratio},

@@ -1,6 +1,7 @@
 """Calibration and held-out data for a search from the synthetic VQA generator (``eval.synthetic``):
 calibration = the ``val`` split, held-out = the ``test`` split (disjoint seed ranges), so the search
-never sees the examples its result is judged on."""
+never sees the examples its result is judged on. For models in the shipped tiny VLM's vocabulary
+(``speaks_synthetic``); a user's own data: ``search.records`` / ``search.record_batches``."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,18 @@ import torch
 def processor_image_size(processor) -> int | None:
     size = getattr(getattr(processor, "image_processor", None), "size", None) or {}
     return size.get("height") or size.get("shortest_edge")
+
+
+def speaks_synthetic(processor) -> bool:
+    """Whether ``processor``'s tokenizer maps every word of the synthetic VQA vocabulary to the shipped tiny VLM's id
+    (``eval.tiny_vlm.build_vocab``): only then do the synthetic splits mean anything to the model."""
+    from ..eval.tiny_vlm import build_vocab
+
+    tok = getattr(processor, "tokenizer", None)
+    if tok is None or not hasattr(tok, "get_vocab"):
+        return False
+    vocab = tok.get_vocab()
+    return all(vocab.get(w) == i for w, i in build_vocab().items())
 
 
 def calibration_batches(model, processor, n: int, batch_size: int = 8):
