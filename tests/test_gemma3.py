@@ -22,6 +22,8 @@ from vlm_tokenprune import IncompatiblePolicyError, InputError, UnsupportedModel
 from vlm_tokenprune.adapters import resolve_adapter
 from vlm_tokenprune.eval.tiny_gemma3 import build_tiny_gemma3, make_gemma3_batch, tiny_gemma3_config
 from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID
+from vlm_tokenprune.methods.base import Criterion
+from vlm_tokenprune.registry import CRITERIA
 
 torch.set_num_threads(1)
 
@@ -210,18 +212,133 @@ METHODS = [
 ]
 
 
-# text-query criteria score many query rows at once: at a sliding layer only when the prompt fits the window
-WINDOW = {"efficientvla:layer=2,keep=0.3": 64}
-
-
 @pytest.mark.parametrize("policy", METHODS)
 def test_method_matches_masked_oracle_given_its_kept_sets(policy):
-    model = tiny("sdpa", WINDOW.get(policy, 8))
+    model = tiny("sdpa")
     inputs = batch(model)
     with vtp.patch(model, policy) as h, torch.no_grad():
         logits = model(**inputs).logits
         trace = h.last_trace()
     assert any(st.visual_after != st.visual_before for st in trace.stages)
+    assert_rows_match_oracle(model, inputs, trace, logits)
+
+
+# ------------------------------------------------------------------------------------------------
+# several query rows at a sliding scoring layer: each row its own window of original positions
+# ------------------------------------------------------------------------------------------------
+class ProbeRows(Criterion):
+    """Test criterion: records ``ctx.attention`` of EVERY current token (text, image and padding slots) as query rows."""
+
+    name = "test_gemma3_probe_rows"
+    seen: dict = {}
+
+    def score(self, ctx):
+        B, M = ctx.seq_valid.shape
+        ProbeRows.seen = {"att": ctx.attention(query=torch.arange(M).expand(B, M), query_ok=ctx.seq_valid),
+                          "vis": ctx.visual_idx, "vis_ok": ctx.visual_ok, "valid": ctx.seq_valid}
+        return ctx.visual_ok.float()
+
+
+@pytest.fixture
+def probe_rows():
+    CRITERIA.register(ProbeRows.name, ProbeRows())
+    yield ProbeRows
+    CRITERIA.unregister(ProbeRows.name)
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_every_query_row_reads_the_sliding_layers_own_row(attn, probe_rows):
+    """All 48 rows of the padded batch at once (the prompt is 6x the window): the rows a criterion reads == the unpatched
+    eager model's own attention probabilities of that sliding layer (``output_attentions``): per-row windows, the image
+    rows' bidirectional block (keys after the query), padding."""
+    model = tiny(attn)
+    inputs = batch(model)
+    with torch.no_grad():
+        own = tiny("eager")(**inputs, output_attentions=True).attentions[1]  # layer 1 scores a stage at layer 2
+    with vtp.patch(model, f"{probe_rows.name}:layer=2,keep=0.5"), torch.no_grad():
+        model(**inputs)
+    seen = probe_rows.seen
+    vis, ok, valid = seen["vis"], seen["vis_ok"], seen["valid"]
+    H, L = own.shape[1], own.shape[2]
+    want = torch.gather(own, 3, vis[:, None, None, :].expand(-1, H, L, -1)) * ok[:, None, None, :] * valid[:, None, :, None]
+    torch.testing.assert_close(seen["att"], want, atol=ATOL, rtol=0)
+    img0 = vis[0, 0]
+    assert float(want[0, :, -1, 0].abs().max()) == 0.0  # the window bites: the last row does not see the first image
+    assert float(want[0, :, img0, 1:16].min()) > 0  # an image row sees the later tokens of its block
+
+
+@pytest.mark.parametrize("softmax_over", ["row", "keys"])
+def test_row_keys_replace_the_causal_rule_on_every_backend(softmax_over):
+    """``ops.attention_scores(row_keys=...)``: the causal rows as row_keys reproduce the causal result; a row's own key
+    set renormalises over it; a ``backend="triton"`` request gives the reference's numbers (it runs the reference)."""
+    from vlm_tokenprune import ops
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, R, L, d = 2, 4, 2, 3, 9, 8
+    q, k = torch.randn(B, H, R, d, generator=g), torch.randn(B, Hkv, L, d, generator=g)
+    q_idx = torch.tensor([[4, 6, 8], [2, 7, 8]])
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[1, 0] = False
+    sub, sub_ok = torch.tensor([[0, 1, 3, 5]] * B), torch.ones(B, 4, dtype=torch.bool)
+    kw = dict(scaling=0.3, subset=sub, subset_ok=sub_ok, softmax_over=softmax_over, reduce="none")
+    causal = torch.arange(L)[None, None, :] <= q_idx[:, :, None]
+    want = ops.attention_scores(q, k, q_idx, valid, backend="torch", **kw)
+    for backend in ("torch", "triton"):
+        torch.testing.assert_close(ops.attention_scores(q, k, q_idx, valid, row_keys=causal, backend=backend, **kw),
+                                   want, atol=0, rtol=0)
+    window = causal & (torch.arange(L)[None, None, :] > q_idx[:, :, None] - 4)  # each row its own 4 keys
+    got = ops.attention_scores(q, k, q_idx, valid, row_keys=window, backend="torch", **kw)
+    assert float(got[..., 0].abs().max()) == 0 and bool((got[0, :, 0, 1:3] > 0).all())  # row 0 (q=4): keys 1..4
+    assert not torch.allclose(got, want)
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_efficientvla_at_a_sliding_layer_on_a_long_prompt_matches_oracle(attn):
+    """EfficientVLA's instruction rows (the prompt is 6x the window): relevance from each row's own window of original
+    positions (oracle: the written-out layer, itself == ``output_attentions``): same kept sets, same logits, padded
+    batch. Scoring every row over its whole causal prefix (ignoring the window) would keep other tokens."""
+    model = tiny(attn)
+    inputs = batch(model)
+    with vtp.patch(model, "efficientvla:layer=2,keep=0.3") as h, torch.no_grad():
+        logits = model(**inputs).logits
+        trace = h.last_trace()
+    L = inputs["input_ids"].shape[1]
+    for b in range(2):
+        alone = row_alone(inputs, ROWS, b)
+        pad = L - alone["input_ids"].shape[1]
+        k = k_of(0.3, len(image_positions(alone)))
+        want = oracle.efficientvla_keep(model, alone, 2, k)
+        assert trace.stages[0].kept_positions[b] == [p + pad for p in want], f"row {b}"
+        assert oracle.efficientvla_keep(tiny(attn, 64), alone, 2, k) != want  # the windows change the selection
+    assert_rows_match_oracle(model, inputs, trace, logits)
+    if attn == "eager":  # the oracle's written-out rows are the model's own
+        alone = row_alone(inputs, ROWS, 0)
+        with torch.no_grad():
+            own = model(**alone, output_attentions=True).attentions[1][0]
+        x = oracle.prompt_embeds(model, alone)[0]
+        T = x.shape[0]
+        every = set(range(T))
+        h0 = oracle.layer_forward(model, 0, x, every, oracle.image_blocks(alone))
+        torch.testing.assert_close(oracle.layer_probs(model, 1, h0, every, oracle.image_blocks(alone)), own,
+                                   atol=ATOL, rtol=0)
+
+
+def test_efficientvla_after_a_pre_llm_prune_windows_over_original_positions():
+    """Holes left by a pre-LLM prune: each instruction row's window is over ORIGINAL positions (a pruned token pulls
+    nothing older in) == oracle given the first stage's kept set, selection and logits."""
+    model = tiny("sdpa")
+    inputs = batch(model)
+    with vtp.patch(model, "uniform:site=pre_llm,keep=0.5,positions=gaps+efficientvla:layer=2,keep=0.25") as h, \
+            torch.no_grad():
+        logits = model(**inputs).logits
+        trace = h.last_trace()
+    L = inputs["input_ids"].shape[1]
+    for b in range(2):
+        alone = row_alone(inputs, ROWS, b)
+        pad = L - alone["input_ids"].shape[1]
+        first = [p - pad for p in trace.stages[0].kept_positions[b]]
+        want = oracle.efficientvla_keep(model, alone, 2, trace.stages[1].visual_after[b], [(0, first)])
+        assert trace.stages[1].kept_positions[b] == [p + pad for p in want], f"row {b}"
     assert_rows_match_oracle(model, inputs, trace, logits)
 
 
@@ -346,15 +463,6 @@ def test_policies_refused_by_name_before_any_hook(policy, field, match):
     with no_hook_left(model), pytest.raises((IncompatiblePolicyError, vtp.PolicyError)) as e:
         vtp.patch(model, policy)
     assert e.value.field == field and match in str(e.value), str(e.value)
-
-
-def test_text_queries_at_a_sliding_scoring_layer_need_a_prompt_that_fits_the_window():
-    """Several query rows (EfficientVLA's instruction tokens) at a sliding layer: each would need its own key window;
-    refused by name when the prompt is longer than the window (it runs, == oracle, when the prompt fits: above)."""
-    model = tiny("sdpa")
-    with vtp.patch(model, "efficientvla:layer=2,keep=0.3"), torch.no_grad(), pytest.raises(InputError) as e:
-        model(**batch(model))
-    assert e.value.field == "stages[0].layer" and "sliding window of 8" in str(e.value)
 
 
 def test_structural_ops_are_refused_by_name():

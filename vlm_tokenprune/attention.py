@@ -51,6 +51,7 @@ def attention_rows(
     keys: torch.Tensor | None = None,
     reduce: str = "none",
     query_ok: torch.Tensor | None = None,
+    row_keys: torch.Tensor | None = None,
     backend: str = "torch",
 ) -> torch.Tensor:
     """Post-softmax attention of query rows over chosen keys, per head or reduced.
@@ -72,6 +73,9 @@ def attention_rows(
             (captured while the layer ran), so keys are not projected a second time.
         reduce: ``"none"`` (per head and row), ``"mean"`` / ``"max"`` over heads and ``query_ok`` rows.
         query_ok: ``[B, R]`` real query rows for the reduction (None: all).
+        row_keys: ``[B, R, L]`` bool, the keys each query row may attend when the layer's own mask rows are not
+            causal (Gemma 3: ``ScoringContext.layer_mask``); replaces the causal rule, and-ed with ``seq_valid``.
+            Always computed by the PyTorch reference (``ops.attention_scores``).
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (``ops``).
 
     Returns:
@@ -95,10 +99,12 @@ def attention_rows(
     else:  # only the chosen keys are projected: they are the whole softmax
         k = project_keys(attn, x, keys, key_idx, n_kv, head_dim)
         k_idx, k_valid, subset, subset_ok = key_idx, key_valid, None, None
+        if row_keys is not None:
+            row_keys = torch.gather(row_keys, 2, key_idx[:, None, :].expand(-1, row_keys.shape[1], -1))
     cos, sin = position_embeddings if rope else (None, None)
     return ops.attention_scores(
         q, k, query_idx, k_valid, scaling=_scaling(attn), k_idx=k_idx, cos=cos, sin=sin, subset=subset,
-        subset_ok=subset_ok, reduce=reduce, row_ok=query_ok, backend=backend,
+        subset_ok=subset_ok, reduce=reduce, row_ok=query_ok, row_keys=row_keys, backend=backend,
     )
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import InputError
-from .masking import shrink_mask
+from .masking import allowed_of, shrink_mask
 from .scoring import ScoringContext
 from .selection import left_packed, right_packed
 from .lm_input import sources_after, to_original
@@ -283,7 +283,10 @@ def layer_pre_hook(handle: "PatchHandle", j: int, module, args: tuple, kwargs: d
         if pe is None:
             # layers that build their rotary tables inside attention (transformers 4.3x): the adapter's (cos, sin)
             pe = handle.adapter.position_embeddings(module, kwargs, hidden)
-        st.scoring = (j, module, hidden, pe)
+        # a family whose masks are not causal (Gemma 3): criteria read this layer's own mask rows (ScoringContext)
+        own = allowed_of(kwargs.get("attention_mask"), hidden.shape[0]) if handle.adapter.scoring_reads_layer_mask \
+            else None
+        st.scoring = (j, module, hidden, pe, own)
         st.captured = {}
     if in_kwargs:
         kwargs["hidden_states"] = hidden
@@ -474,7 +477,7 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output: torch.Te
     """
     t0 = time.perf_counter()
     stage = handle.policy.stages[i]
-    scoring_j, layer, hidden, position_embeddings = st.scoring
+    _, layer, hidden, position_embeddings, layer_mask = st.scoring
     captured, st.scoring, st.captured = st.captured, None, {}
     layout = st.layout
     B, M = hidden.shape[:2]
@@ -526,9 +529,7 @@ def _run_stage(handle: "PatchHandle", st: ForwardState, i: int, output: torch.Te
         embeds_visual=layout.is_visual & st.valid,
         embeds_valid=st.valid,
         cur_pos=base,
-        window=handle.adapter.scoring_window(handle.model, scoring_j),
-        window_pos=to_original(st, base),
-        window_field=f"stages[{i}].layer",
+        layer_mask=layer_mask,
     )
     if stage.op == "merge":
         return _run_merge(handle, st, i, ctx, base, ok, seq_valid, is_vis, n_vis, output, relaxed, t0)

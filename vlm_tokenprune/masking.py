@@ -75,3 +75,14 @@ def shrink_mask(
         neg = torch.finfo(dtype).min
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, neg)
     return allowed
+
+
+def allowed_of(mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """``[B, Q, KV]`` bool (True = may attend) of a layer's 4-D mask ``[B or 1, 1, Q, KV]`` (``bool4d``: True =
+    attend; ``float4d``: 0 = attend); None (the backend's own causal rule) stays None."""
+    if mask is None:
+        return None
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        raise ValueError(f"expected a 4-D mask [B, 1, Q, KV], got {tuple(mask.shape)}")
+    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+    return allowed.expand(batch, *allowed.shape[1:])

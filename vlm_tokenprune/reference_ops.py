@@ -38,7 +38,8 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:]))
 
 
-def check_scores_args(q, k, q_idx, k_valid, k_idx, cos, sin, subset, subset_ok, softmax_over, reduce, row_ok) -> None:
+def check_scores_args(q, k, q_idx, k_valid, k_idx, cos, sin, subset, subset_ok, softmax_over, reduce, row_ok,
+                      row_keys=None) -> None:
     """Shape and option checks shared by both backends (errors name the argument)."""
     if softmax_over not in ("row", "keys"):
         raise ValueError(f"softmax_over must be 'row' or 'keys', got {softmax_over!r}")
@@ -66,6 +67,8 @@ def check_scores_args(q, k, q_idx, k_valid, k_idx, cos, sin, subset, subset_ok, 
         raise ValueError(f"subset/subset_ok must be [B, S], got {tuple(subset.shape)} and {tuple(subset_ok.shape)}")
     if row_ok is not None and tuple(row_ok.shape) != (B, R):
         raise ValueError(f"row_ok must be [B, R] = {(B, R)}, got {tuple(row_ok.shape)}")
+    if row_keys is not None and (tuple(row_keys.shape) != (B, R, Nk) or row_keys.dtype != torch.bool):
+        raise ValueError(f"row_keys must be bool [B, R, Nk] = {(B, R, Nk)}, got {row_keys.dtype} {tuple(row_keys.shape)}")
 
 
 def _rotated(q, k, q_idx, k_idx, cos, sin):
@@ -81,14 +84,15 @@ def _rotated(q, k, q_idx, k_idx, cos, sin):
     return q, k, k_pos
 
 
-def _probs(q, k, q_idx, k_pos, k_valid, scaling, subset, subset_ok) -> torch.Tensor:
+def _probs(q, k, q_idx, k_pos, k_valid, scaling, subset, subset_ok, row_keys=None) -> torch.Tensor:
     """``[B, H, R, S]`` probabilities of the rows of ``q`` (from ``_rotated``), softmax over every allowed
-    key; 0 where not allowed."""
+    key (causal, or ``row_keys`` [B, R, Nk] when given); 0 where not allowed."""
     B, n_kv, G, R, _ = q.shape
     H, Nk = n_kv * G, k.shape[3]
     logits = (q @ k.transpose(-1, -2)) * scaling  # [B, H_kv, G, R, Nk]
     logits = logits.reshape(B, H, R, Nk)
-    allowed = k_valid[:, None, :] & (k_pos[:, None, :] <= q_idx[:, :, None])  # [B, R, Nk]
+    rule = (k_pos[:, None, :] <= q_idx[:, :, None]) if row_keys is None else row_keys
+    allowed = k_valid[:, None, :] & rule  # [B, R, Nk]
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     if subset is None:
@@ -112,6 +116,7 @@ def attention_scores(
     softmax_over: str = "row",
     reduce: str = "mean",
     row_ok: torch.Tensor | None = None,
+    row_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention probabilities of query rows over a key subset, in fp32.
 
@@ -130,28 +135,35 @@ def attention_scores(
         reduce: ``"none"`` -> ``[B, H, R, S]``; ``"mean"`` -> ``[B, S]`` mean over heads and
             ``row_ok`` rows (0 for a row without any); ``"max"`` -> ``[B, S]`` max over heads and rows.
         row_ok: ``[B, R]`` real query rows (None: all). Ignored by ``"none"`` (the caller masks).
+        row_keys: ``[B, R, Nk]`` bool: the keys each row may attend, REPLACING the causal rule ``k <= q``
+            (still and-ed with ``k_valid``): a layer whose own mask rows are not causal, e.g. Gemma 3's sliding
+            window of original positions and bidirectional image block (``ScoringContext.layer_mask``).
 
     Returns:
         fp32 probabilities, 0 at keys that are not allowed (invalid, after the query, not in the subset).
     """
-    check_scores_args(q, k, q_idx, k_valid, k_idx, cos, sin, subset, subset_ok, softmax_over, reduce, row_ok)
+    check_scores_args(q, k, q_idx, k_valid, k_idx, cos, sin, subset, subset_ok, softmax_over, reduce, row_ok,
+                      row_keys)
     if softmax_over == "keys" and subset is not None:  # the subset is the whole normaliser: keep only it
         k = torch.gather(k, 2, subset[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3]))
         pos = torch.arange(k_valid.shape[1], device=k.device).expand_as(k_valid) if k_idx is None else k_idx
         k_idx = torch.gather(pos, 1, subset)
         k_valid = torch.gather(k_valid, 1, subset) & subset_ok
+        if row_keys is not None:
+            row_keys = torch.gather(row_keys, 2, subset[:, None, :].expand(-1, row_keys.shape[1], -1))
         subset = subset_ok = None
     qf, kf, k_pos = _rotated(q, k, q_idx, k_idx, cos, sin)
     args = (k_pos, k_valid, scaling, subset, subset_ok)
     if reduce == "none":
-        return _probs(qf, kf, q_idx, *args)
+        return _probs(qf, kf, q_idx, *args, row_keys)
     B, H, R = q.shape[:3]
     S = k.shape[2] if subset is None else subset.shape[1]
     chunk = max(1, SCORES_CHUNK_ELEMENTS // max(1, B * H * k.shape[2]))
     out = None
     for r0 in range(0, R, chunk):
         rows = slice(r0, r0 + chunk)
-        p = _probs(qf[:, :, :, rows], kf, q_idx[:, rows], *args)  # [B, H, r, S]
+        p = _probs(qf[:, :, :, rows], kf, q_idx[:, rows], *args,
+                   None if row_keys is None else row_keys[:, rows])  # [B, H, r, S]
         if row_ok is not None:
             p = p * row_ok[:, None, rows, None]
         if reduce == "mean":

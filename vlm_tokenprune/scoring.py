@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from .attention import attention_rows
-from .errors import InputError
 from .ops import Ops
 
 
@@ -50,30 +49,24 @@ class ScoringContext:
     embeds_valid: torch.Tensor | None = None
     cur_pos: torch.Tensor | None = None
     ops: Ops = field(default_factory=lambda: Ops("torch"))  # the patch's backend (handle.ops)
-    # a scoring layer that attends through a sliding window (Gemma 3): its size, the ORIGINAL position of each current
-    # token ([B, M]) and the policy field named when a query set cannot be windowed; None: no window
-    window: int | None = None
-    window_pos: torch.Tensor | None = None
-    window_field: str = "layer"
+    # the scoring layer's own attention mask over the current tokens ([B, M, M] bool, True = query row may attend key
+    # column), for a family whose masks are not causal (Gemma 3: sliding window of original positions, bidirectional
+    # image block; ``Adapter.scoring_reads_layer_mask``); None: causal over ``seq_valid``
+    layer_mask: torch.Tensor | None = None
 
-    def _key_valid(self, query: torch.Tensor, query_ok: torch.Tensor | None) -> torch.Tensor:
-        """``seq_valid``, restricted to the scoring layer's window of original positions (keys ``k`` with
-        ``q - window < k``), so attention rows are the layer's own. One query row per sample: exact. Several: the
-        window must not remove any of their causal keys (else ``InputError``; per-row key windows are not built)."""
-        if self.window is None:
-            return self.seq_valid
-        pos = self.window_pos
-        inside = pos[:, None, :] > torch.gather(pos, 1, query)[:, :, None] - self.window  # [B, R, M]
-        if query.shape[1] == 1:
-            return self.seq_valid & inside[:, 0]
-        causal = torch.arange(pos.shape[1], device=pos.device)[None, None, :] <= query[:, :, None]
-        rows = torch.ones_like(query, dtype=torch.bool) if query_ok is None else query_ok.bool()
-        if bool((causal & ~inside & self.seq_valid[:, None, :] & rows[:, :, None]).any()):
-            raise InputError(self.window_field, f"the scoring layer attends through a sliding window of {self.window} "
-                             "positions and this prompt is longer, so each query row would need its own key window "
-                             "(not built); allowed: a stage scoring at a full-attention layer, or prompts that fit "
-                             "the window")
-        return self.seq_valid
+    def _key_valid(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(seq_valid [B, M], row_keys [B, R, M] or None)``: the keys of each query row, as the scoring layer's
+        own mask gives them (``layer_mask``), so attention rows are the layer's own rows. Rows that see no key
+        after themselves and a single row: its keys restrict ``seq_valid`` (the causal rule then holds, any
+        backend); several rows, or keys after the query (an image block): per-row key sets (``row_keys``)."""
+        if self.layer_mask is None:
+            return self.seq_valid, None
+        M = self.seq_valid.shape[1]
+        rows = torch.gather(self.layer_mask, 1, query[:, :, None].expand(-1, -1, M)) & self.seq_valid[:, None, :]
+        after = torch.arange(M, device=query.device)[None, None, :] > query[:, :, None]
+        if query.shape[1] == 1 and not bool((rows & after).any()):
+            return rows[:, 0], None
+        return self.seq_valid, rows
 
     def _queries(self, query, query_ok):
         if isinstance(query, str):
@@ -99,10 +92,10 @@ class ScoringContext:
         ``query_ok`` ``[B, R]`` marking real rows.
         """
         query, query_ok = self._queries(query, query_ok)
+        key_valid, row_keys = self._key_valid(query)
         probs = attention_rows(
-            self.layer, self.hidden, self.position_embeddings, query, self.visual_idx, self.visual_ok,
-            self._key_valid(query, query_ok),
-            rope=rope, softmax_over=softmax_over, keys=self.keys, backend=self.ops.backend,
+            self.layer, self.hidden, self.position_embeddings, query, self.visual_idx, self.visual_ok, key_valid,
+            rope=rope, softmax_over=softmax_over, keys=self.keys, row_keys=row_keys, backend=self.ops.backend,
         )
         return probs if query_ok is None else probs * query_ok[:, None, :, None]
 
@@ -120,14 +113,15 @@ class ScoringContext:
         ``reduce``: ``"mean"`` (over heads and the real query rows; equals
         ``attention(...).mean(dim=1)`` averaged over the real rows) or ``"max"``. Queries as in
         ``attention``. On the Triton backend the ``[B, H, R, N]`` probabilities are never
-        materialised (memory O(B * H * R + B * N)).
+        materialised (memory O(B * H * R + B * N)); per-row key sets (``layer_mask`` with several rows)
+        run the PyTorch reference, in chunks of rows.
         """
         query, query_ok = self._queries(query, query_ok)
+        key_valid, row_keys = self._key_valid(query)
         return attention_rows(
-            self.layer, self.hidden, self.position_embeddings, query, self.visual_idx, self.visual_ok,
-            self._key_valid(query, query_ok),
+            self.layer, self.hidden, self.position_embeddings, query, self.visual_idx, self.visual_ok, key_valid,
             rope=rope, softmax_over=softmax_over, keys=self.keys, reduce=reduce, query_ok=query_ok,
-            backend=self.ops.backend,
+            row_keys=row_keys, backend=self.ops.backend,
         )
 
     def topk(self, scores: torch.Tensor, k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,9 +53,16 @@ def details_from_embeds(eager, embeds, img_pos: list[int], layer: int, k: int, k
     with torch.no_grad():
         hidden = run_layers(eager, embeds, pos, range(layer - 1))  # enters layer K-1
     A = attention_probs(eager, layer - 1, hidden, pos)
-    H = A.shape[0]
     text = [j for j in range(img_pos[0], T) if j not in img]
+    return select_from_attention(A, hidden[0], img_pos, text, k, k_key, alpha)
+
+
+def select_from_attention(A: torch.Tensor, hidden: torch.Tensor, img_pos: list[int], text: list[int], k: int,
+                          k_key: int = 4, alpha: float = 0.5) -> dict:
+    """The selection from the scoring layer's attention probabilities ``A`` [H, T, T] (rows: queries) and the
+    hidden states entering it ``hidden`` [T, D]: image candidates ``img_pos``, instruction queries ``text``."""
     assert text, "no instruction text after the image"
+    H = A.shape[0]
     r = {}
     for i in img_pos:
         total = 0.0
@@ -69,7 +76,7 @@ def details_from_embeds(eager, embeds, img_pos: list[int], layer: int, k: int, k
     n_task = math.floor(Fraction(repr(alpha)) * (k - n_key))  # exact decimal arithmetic
     n_div = k - n_key - n_task
     key, task = rank[:n_key], rank[n_key: n_key + n_task]
-    vec = {i: hidden[0, i].double().tolist() for i in img_pos}
+    vec = {i: hidden[i].double().tolist() for i in img_pos}
 
     def cos(a, b):
         dot = sum(x * y for x, y in zip(vec[a], vec[b]))

@@ -10,7 +10,8 @@ The definition it applies, on the UNPRUNED sequence with the pruned tokens maske
     a hole, it pulls nothing older into the window);
   * rotary positions are the original positions; eager attention written out below (q/k RMS norms, GQA,
     ``query_pre_attn_scalar`` scaling), the layer's own norms and MLP.
-Generation recomputes the whole sequence each step (no cache); new tokens are alive in every layer. Scores for
+``layer_probs`` writes out one layer's attention probabilities with the same rule (for criteria that read several
+query rows at once, e.g. EfficientVLA's instruction tokens: each row its own window). Generation recomputes the whole sequence each step (no cache); new tokens are alive in every layer. Scores for
 FastV (arXiv 2403.06764): head-mean post-softmax attention of the last token over its row at layer K-1, the
 layer's own row: causal, and in a sliding layer only the keys inside its window of original positions.
 """
@@ -90,6 +91,59 @@ def layer_forward(model, j: int, x: torch.Tensor, alive: set, blocks: list) -> t
     a = att.o_proj(out.reshape(T, H * d))
     x = x + layer.post_attention_layernorm(a)
     return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+
+
+def layer_probs(model, j: int, x: torch.Tensor, alive: set, blocks: list) -> torch.Tensor:
+    """``[H, T, T]`` fp32 attention probabilities of decoder layer ``j`` on ``x`` ``[T, D]`` (rows: queries), each row
+    over exactly the keys ``allowed`` gives it (0 elsewhere): the scoring layer's own rows, written out."""
+    lm = model.model.language_model
+    cfg = model.config.text_config
+    layer = lm.layers[j]
+    att = layer.self_attn
+    lt = cfg.layer_types[j]
+    T = x.shape[0]
+    d, H, Hkv = att.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    with torch.no_grad():
+        h = layer.input_layernorm(x)
+        q = att.q_norm(att.q_proj(h).view(T, H, d))
+        k = att.k_norm(att.k_proj(h).view(T, Hkv, d))
+        cos, sin = lm.rotary_emb(x[None], torch.arange(T)[None], lt)
+        cos, sin = cos[0][:, None], sin[0][:, None]
+        q, k = _rot(q, cos, sin), _rot(k, cos, sin)
+        rep = H // Hkv
+        probs = torch.zeros(H, T, T)
+        for qi in range(T):
+            keys = [ki for ki in range(T) if allowed(lt, cfg.sliding_window, qi, ki, alive, blocks)]
+            if not keys:
+                continue
+            for hh in range(H):
+                logits = torch.stack([(q[qi, hh] * k[ki, hh // rep]).sum() for ki in keys]) * att.scaling
+                probs[hh, qi, keys] = torch.softmax(logits.float(), 0)
+    return probs
+
+
+def efficientvla_keep(model, inputs: dict, layer: int, k: int, stages: list[tuple[int, list[int]]] = ()) -> list[int]:
+    """EfficientVLA's kept image positions (arXiv 2506.10100; the selection of ``efficientvla_oracle``) at a stage at
+    ``layer`` after ``stages`` (earlier stages' kept sets): relevance = the head-mean attention of the instruction
+    tokens (alive text after the first alive image token) in layer ``layer - 1``'s OWN rows (``layer_probs``: in a
+    sliding layer each query row its own window of original positions), diversity on the hidden states entering it."""
+    from .efficientvla_oracle import select_from_attention
+
+    x = prompt_embeds(model, inputs)
+    blocks = image_blocks(inputs)
+    T = x.shape[1]
+    ids = inputs["input_ids"][0].tolist()
+    img = [p for p, t in enumerate(ids) if t == model.config.image_token_id]
+    alive = alive_sets(T, img, list(stages), len(model.model.language_model.layers))
+    j = layer - 1
+    with torch.no_grad():
+        h = x[0]
+        for i in range(j):
+            h = layer_forward(model, i, h, alive[i], blocks)
+    A = layer_probs(model, j, h, alive[j], blocks)
+    cand = [p for p in img if p in alive[j]]
+    text = [p for p in sorted(alive[j]) if p not in set(img) and p > cand[0]]
+    return select_from_attention(A.double(), h, cand, text, k)["keep"]
 
 
 def run(model, x: torch.Tensor, alive: list[set], blocks: list) -> torch.Tensor:

@@ -143,6 +143,9 @@ class Adapter:
     decode_gates: ClassVar[bool] = True
     # False refuses structural ops other than visual_drop
     supports_structural: ClassVar[bool] = True
+    # True: a layer's attention rows are not plain causal rows (Gemma 3: a sliding window of original positions, a
+    # bidirectional image block), so criteria read the scoring layer's own incoming mask (``ScoringContext.layer_mask``)
+    scoring_reads_layer_mask: ClassVar[bool] = False
     # non-empty: the vision tower has no CLS token (why); vision-site methods that read CLS are refused by name
     vision_no_cls: ClassVar[str] = ""
     # True: the top module may get inputs_embeds without input_ids; visual_layout(model, None, kwargs) then
@@ -171,11 +174,6 @@ class Adapter:
 
     def install(self, handle: Any, model: nn.Module) -> None:
         """Extra hooks / instance-level changes of this family, kept on the handle (``add_hook`` / ``swap_attr``)."""
-
-    def scoring_window(self, model: nn.Module, j: int) -> int | None:
-        """The sliding window (in original positions) decoder layer ``j`` attends through, so criteria scoring at
-        it see the layer's own attention rows; None: full attention (every family but Gemma 3)."""
-        return None
 
     def decode_masks(self, handle: Any, masks: dict, kept: torch.Tensor, kept_ok: torch.Tensor, prompt_len: int,
                      past: int, q: int, dtype: torch.dtype) -> dict:

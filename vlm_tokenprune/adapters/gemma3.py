@@ -36,11 +36,13 @@ nothing (a keep-everything policy), the layers go back to sliding layers holding
 unpatched cache holds, so decoding is bit-identical. After a pre-LLM reduction the language model's
 decode masks are built here (``decode_masks``) from the kept tokens' original positions.
 
-Scoring: a criterion reading attention at a sliding layer sees that layer's own rows, window included
-(``scoring_window`` -> ``ScoringContext.window``: keys inside the query's window of original positions). One
-query row per sample (FastV's last token, FEATHER, FlowCut) is exact at any length; several rows at once
-(EfficientVLA's instruction tokens) run while the prompt fits the window, else ``InputError`` naming the
-stage's layer (per-row key windows are not built; score at a full-attention layer instead).
+Scoring: a criterion reading attention sees the scoring layer's own rows (``scoring_reads_layer_mask`` ->
+``ScoringContext.layer_mask``: that layer's incoming mask over the current tokens, the one it attends with).
+Each query row has its own keys: in a sliding layer those inside ITS window of original positions, for an
+image-token row also the later kept tokens of its image block, never padding. One text row (FastV's last
+token, FEATHER, FlowCut) restricts the valid keys (any backend); several rows (EfficientVLA's instruction
+tokens, SparseVLM's raters, ATP's visual rows) score with per-row key sets (``row_keys``, the PyTorch
+reference of ``ops.attention_scores``), at any prompt length.
 Refused: flash-attention-style backends (2-D masks carry neither the window of original positions nor
 the image block; transformers itself sets ``_supports_flash_attn = False`` for Gemma 3),
 ``use_bidirectional_attention`` text models, attention logit soft-capping, structural ops (untested),
@@ -79,6 +81,7 @@ class Gemma3Adapter(HFAdapter):
     llm_positions_why = pre_llm_positions_why
     decode_gates = False  # sliding and full layers get different masks, built from original positions
     supports_structural = False
+    scoring_reads_layer_mask = True  # criteria see each scoring layer's own rows: window, image block, padding
     vision_no_cls = "the SigLIP tower has no CLS token"
 
     # -- structure ---------------------------------------------------------------------------
@@ -183,11 +186,6 @@ class Gemma3Adapter(HFAdapter):
         handle.add_hook(f"{type(lm).__name__}: forward hook (a prefill that pruned nothing: cache layers back to "
                         "sliding layers, as unpatched)",
                         lm.register_forward_hook(mark_hook(lm_post), with_kwargs=True))
-
-    def scoring_window(self, model: nn.Module, j: int) -> int | None:
-        """Criteria scoring at a sliding layer see its window of original positions (``ScoringContext``)."""
-        text = model.config.text_config
-        return int(text.sliding_window) if text.layer_types[j] == "sliding_attention" else None
 
     def decode_masks(self, handle: Any, masks: dict, kept: torch.Tensor, kept_ok: torch.Tensor, prompt_len: int,
                      past: int, q: int, dtype: torch.dtype) -> dict:
