@@ -158,6 +158,116 @@ def test_heldout_accuracy_equals_a_hand_loop_of_greedy_exact_match(tiny, searche
     assert 0 < res.accuracy < 1  # two answers are wrong on purpose; the shouted one counts (normalised)
 
 
+class MiniQwenProcessor:
+    """Qwen2VLProcessor's work for images (transformers' own class needs torchvision for its video half): a
+    word-level tokenizer with Qwen's special tokens at the tiny config's ids, the PIL Qwen2-VL image processor
+    (patch 4, merge 2, 64 x 64 px -> 8 x 8 = 64 LLM tokens), ``<|image_pad|>`` expanded per image grid."""
+
+    image_token = "<|image_pad|>"
+    SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                "<|vision_end|>")
+
+    def __init__(self, model):
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        vocab = {w: i for i, w in enumerate(list(self.SPECIALS) + WORDS)}
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in self.SPECIALS])
+        tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+        self.tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                                 unk_token="<|endoftext|>", padding_side="left")
+        self.image_processor = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                                        size={"shortest_edge": 64 * 64, "longest_edge": 64 * 64})
+        import inspect
+
+        self.token_types = "mm_token_type_ids" in inspect.signature(model.forward).parameters  # newer transformers
+
+    def __call__(self, images, text, return_tensors="pt", padding=True):
+        px = self.image_processor(images=images, return_tensors="pt")
+        counts = iter((px["image_grid_thw"].prod(-1) // 4).tolist())
+        expanded = []
+        for t in text:
+            parts = t.split(self.image_token)
+            expanded.append(parts[0] + "".join(self.image_token * next(counts) + p for p in parts[1:]))
+        enc = dict(self.tokenizer(expanded, return_tensors="pt", padding=padding))
+        if self.token_types:
+            enc["mm_token_type_ids"] = (enc["input_ids"] == 3).long()
+        return {**enc, **px}
+
+
+def _model_and_processor(family, tiny):
+    if family == "llava":
+        return tiny
+    from vlm_tokenprune.eval.tiny_models import build_tiny_qwen2_vl
+
+    model = build_tiny_qwen2_vl(vocab=64)
+    return model, MiniQwenProcessor(model)
+
+
+def _qwen_records(folder, n, answer=lambda i: "red" if i % 2 else None):
+    write_records(folder, "unused.jsonl", range(5000, 5000 + n))  # draws the PNGs
+    prompt = "user : <|vision_start|><|image_pad|><|vision_end|> what colour is the circle ? assistant :"
+    return [{"image": f"img/{5000 + i}.png", "prompt": "user " * (i % 3) + prompt,
+             **({"answer": answer(i)} if answer(i) else {})} for i in range(n)]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@torch.no_grad()
+def test_teacher_forced_batches_equal_each_record_alone(family, tiny, files, tmp_path):
+    """The re-padded batch (prompts of several lengths, targets of several lengths: more left padding, targets on the
+    right) gives each record's target positions the log-probs of that record run alone, unpadded (M-RoPE positions
+    from the attention mask on Qwen2-VL)."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from vlm_tokenprune.search.fitness import build_calibration
+
+    model, processor = _model_and_processor(family, tiny)
+    if family == "llava":
+        records = read_records(files["cal"])[:4]
+    else:
+        (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _qwen_records(tmp_path, 4)))
+        records = read_records(tmp_path / "q.jsonl")
+    batches, masks, _, n_visual, targets = record_calibration_batches(model, processor, records, 4, answer_tokens=3)
+    assert n_visual == (256 if family == "llava" else 64)
+    assert len({len(t) for t in targets}) > 1 or family == "llava"
+    cal = build_calibration(model, batches, masks)
+    ref = cal.reference[0]
+    offset = 0
+    for r, t in zip(records, targets):
+        one = dict(processor(images=[Image.open(r.images[0]).convert("RGB")], text=[r.prompt], return_tensors="pt"))
+        n = one["input_ids"].shape[1]
+        tail = torch.tensor([t])
+        one["input_ids"] = torch.cat([one["input_ids"], tail], 1)
+        one["attention_mask"] = torch.ones_like(one["input_ids"])
+        if "mm_token_type_ids" in one:
+            one["mm_token_type_ids"] = torch.cat([one["mm_token_type_ids"], torch.zeros_like(tail)], 1)
+        alone = F.log_softmax(model(**one, use_cache=False).logits[0, n - 1 : n - 1 + len(t)].float(), -1)
+        torch.testing.assert_close(ref[offset : offset + len(t)], alone, atol=1e-4, rtol=1e-4)
+        offset += len(t)
+    assert offset == ref.shape[0]
+
+
+def test_search_on_qwen2_vl_counts_its_own_geometry(tmp_path):
+    """Another family through the Python API: Qwen2-VL's visual tokens (64 per image here) and text counts set the
+    FLOPs constraint; held-out accuracy from its records."""
+    model, processor = _model_and_processor("qwen2_vl", None)
+    recs = _qwen_records(tmp_path, 6)
+    (tmp_path / "cal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:4]))
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({**r, "answer": "red"}) + "\n" for r in recs[4:]))
+    res = search_policy(model, processor, "flops=0.7", calibration_data=tmp_path / "cal.jsonl",
+                        heldout_data=tmp_path / "held.jsonl", batch_size=2, out=tmp_path / "out",
+                        **{**SMALL, "offspring": 2, "levels": 4})
+    summary = json.loads((tmp_path / "out" / "pareto.json").read_text())
+    assert summary["n_visual"] == 64
+    assert res.policy is not None and res.flops_ratio <= 0.7
+    assert structural_flops(model.config, res.policy, summary["n_text"], 64)["ratio"] == pytest.approx(res.flops_ratio)
+    assert res.accuracy is not None
+
+
 # -- refusals, before any model is loaded ------------------------------------------------------------------------
 def _bad_files(d):
     ok = {"image": "img/5000.png", "prompt": "USER: <image>\nwhat is it? ASSISTANT:", "answer": "red"}
