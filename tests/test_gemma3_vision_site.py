@@ -74,6 +74,20 @@ def test_oracle_keep_all_is_the_plain_model():
 
 
 @pytest.mark.parametrize("attn", BACKENDS)
+def test_kept_image_tokens_are_the_unpatched_ones_bit_for_bit(attn):
+    """The projector runs on every pooled window and the kept windows' rows are taken (``project_kept_only=False``):
+    each kept LLM token equals the unpatched model's bit for bit; dropped ones are zero (their placeholders leave)."""
+    model = tiny(attn)
+    pixels = batch(model)["pixel_values"]
+    with torch.no_grad():
+        ref = model.model.get_image_features(pixels, return_dict=True).pooler_output
+        with vtp.patch(model, policy(6)):
+            got = model.model.get_image_features(pixels, return_dict=True).pooler_output
+    kept = got.abs().sum(-1) > 0
+    assert kept.sum(1).tolist() == [6, 6, 6] and torch.equal(got[kept], ref[kept])
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
 def test_keep_all_is_exactly_unpatched(attn):
     model = tiny(attn)
     assert_keep_all_exact(model, batch(model), ("vispruner:keep=1.0,positions=gaps",
@@ -174,3 +188,46 @@ def test_cls_free_criterion_without_whole_windows_is_refused():
         assert "allowed at site vision here: " in str(e.value) and "vispruner" in str(e.value)
     finally:
         CRITERIA.unregister("g3_patch_picker")
+
+
+def test_explain_flops_equal_the_traced_run():
+    """``policy_flops`` (what ``explain`` prints) counts the budget per image in LLM tokens (pooling windows): its
+    LLM, tower and projector FLOPs equal ``trace_flops`` of the patched run (2 images, 5 kept tokens each)."""
+    from vlm_tokenprune.eval.flops import policy_flops, trace_flops
+
+    model = tiny("sdpa")
+    inputs = make_gemma3_batch(model, [[5, "img", 2, "img", 7]])
+    pol = "vispruner:tokens=5,positions=gaps"
+    with vtp.patch(model, pol) as h, torch.no_grad():
+        model(**inputs, logits_to_keep=1)
+        traced = trace_flops(model.config, h.last_trace())
+    n_text = inputs["input_ids"].shape[1] - 32
+    predicted = policy_flops(model.config, pol, n_text, 32)
+    assert predicted["tokens_per_layer"] == traced["tokens_per_layer"] == [n_text + 10] * 6
+    for key in ("flops", "vision_flops", "projector_flops"):
+        assert predicted[key] == traced[key], key
+    full = policy_flops(model.config, "vispruner:tokens=16,positions=gaps", n_text, 32)
+    assert predicted["projector_flops"] == full["projector_flops"]  # every pooled token is projected (bit-exact)
+
+
+def test_explain_gemma_3_4b_by_hand():
+    """gemma-3-4b (64 x 64 SigLIP patches pooled 4 x 4 -> 256 tokens), two images, 64 kept tokens each: the LLM sees
+    64 text + 128 image tokens in every layer; the tower runs whole (the stage acts on its last layer's output) and
+    the norm + 1152 -> 2560 projection on all 512 pooled tokens (the kept ones are taken after it, bit-exact)."""
+    from vlm_tokenprune.commands.explain import _load_model_config
+    from vlm_tokenprune.eval.flops import policy_flops
+
+    cfg, n_visual, _ = _load_model_config("gemma-3-4b")
+    out = policy_flops(cfg, "vispruner:tokens=64,positions=gaps", 64, 2 * n_visual)
+    whole = policy_flops(cfg, "vispruner:tokens=256,positions=gaps", 64, 2 * n_visual)
+    assert out["tokens_per_layer"] == [64 + 128] * 34 and whole["tokens_per_layer"] == [64 + 512] * 34
+    assert out["projector_flops"] == whole["projector_flops"] == 2 * 512 * 1152 * 2560
+    assert out["vision_flops"] == whole["vision_flops"]
+
+
+def test_catalogue_row_names_existing_tests():
+    from kit.catalogue import assert_rows_name_existing_tests, catalogue_rows
+
+    assert_rows_name_existing_tests((110,))
+    row = catalogue_rows()[110]
+    assert "Gemma 3" in row and "cls_free" in row and "positions=gaps" in row

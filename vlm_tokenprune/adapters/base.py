@@ -70,7 +70,10 @@ class VisionSeams:
     the run's bookkeeping keeps a virtual CLS slot 0 that never enters the hidden states (``vision.hooks``).
     ``pack_point``: the module whose forward pre-hook receives the LLM tokens of every crop ``[n, G, C]`` before
     they are projected (``groups`` towers; None: the projector itself, InternVL; Gemma 3: the projector's
-    ``mm_soft_emb_norm``, after its average pooling).
+    ``mm_soft_emb_norm``, after its average pooling). ``project_kept_only``: True: only the kept groups' tokens
+    go on from ``pack_point`` (InternVL); False: every token is projected and the kept rows are taken from the
+    projector's output (Gemma 3: its RMSNorm gives other bits on a shorter input, so this keeps the kept tokens
+    bit-identical to the unpruned model's; the projection is 2 * 1152 * 2560 FLOPs per pooled token).
     """
 
     tower: nn.Module
@@ -88,6 +91,7 @@ class VisionSeams:
     bias_in_attention: bool = False
     cls_token: bool = True
     pack_point: nn.Module | None = None
+    project_kept_only: bool = True
 
     @property
     def n_tokens(self) -> int:

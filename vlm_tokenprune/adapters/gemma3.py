@@ -13,9 +13,10 @@ running the projector's own pooling on one-hot-coded patches: ``pooling_groups``
 groups. SigLIP has no CLS: only criteria with a CLS-free rule (``VisionCriterion.cls_free``: VisPruner's official
 SigLIP variant) run; the rest are refused by name. The last encoder layer (what ``get_image_features`` reads,
 before ``post_layernorm``) is the feature layer; its reduced output goes back onto the full grid (dropped windows
-zero), the model's own pooling runs on the full grid, and a pre-hook on ``mm_soft_emb_norm`` keeps the kept
-windows' pooled tokens, so the norm and the projection run on those only; the language model receives the kept
-image tokens through the pre-LLM path below (``positions=gaps``).
+zero), the model's own pooling, norm and projection run on the full grid, and the kept windows' tokens are taken
+from the projector's output (``project_kept_only=False``: they equal the unpruned model's bit for bit; on a
+shorter input the RMSNorm's bits differ); the language model receives the kept image tokens through the pre-LLM
+path below (``positions=gaps``).
 
 Semantics of pruning here (defined, issue 21):
 - the sliding window is a window of ORIGINAL positions: a query at original position ``p`` of a sliding
@@ -125,7 +126,7 @@ class Gemma3Adapter(HFAdapter):
         return VisionSeams(
             tower=tower, layers=layers, feature_layer=len(layers) - 1, select_strategy="default",
             n_patches=side * side, projector=proj, attn_implementation=attn_implementation(vc),
-            groups=pooling_groups(model), cls_token=False, pack_point=proj.mm_soft_emb_norm)
+            groups=pooling_groups(model), cls_token=False, pack_point=proj.mm_soft_emb_norm, project_kept_only=False)
 
     # -- visual tokens -----------------------------------------------------------------------
     def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout:

@@ -296,9 +296,10 @@ def policy_flops(model_config: Any, policy: Any, n_text: int, n_visual: int, log
         base = vision_flops(vg, crops)
         parts = dict(base)
         for i, st in enumerate(pol.stages):
-            if st.is_vision:  # the projector sees the kept LLM tokens (InternVL: whole pixel-shuffle groups) per crop;
-                per = vg.crop_patches // vg.merge  # the tower's in-layer schedule is the image's
-                parts = vision_flops(vg, crops, projected=crops * min(per, st.budget.count(per, per)))
+            if st.is_vision:  # the projector sees the kept LLM tokens (InternVL: whole pixel-shuffle groups) per crop
+                per = vg.crop_patches // vg.merge  # (Gemma 3: all of them, ``projects_all``); the tower's in-layer
+                kept = per if vg.projects_all else min(per, st.budget.count(per, per))  # schedule is the image's
+                parts = vision_flops(vg, crops, projected=crops * kept)
                 out["vision_upper_bound_stages"].append(i)
     return _with_parts(out, vg, parts, base)
 
@@ -340,7 +341,8 @@ def trace_flops(text_config: Any, trace: Any, logits_tokens: int = 1, policy: An
         s = vis[0]
         crops = s.vision_crops / max(1, len(s.visual_before))
         base = vision_flops(vg, crops)
-        parts = vision_flops(vg, crops, s.vision_tokens_per_layer or None, projected=crops * s.vision_kept_patches)
+        parts = vision_flops(vg, crops, s.vision_tokens_per_layer or None,
+                             projected=None if vg.projects_all else crops * s.vision_kept_patches)
         if s.vision_tokens_per_layer and len(s.vision_tokens_per_layer) != vg.num_hidden_layers:
             base = vision_flops(vg, crops, [vg.crop_patches + vg.cls] * len(s.vision_tokens_per_layer))
     elif vg is not None and trace.stages and max(trace.stages[0].visual_before or [0]):
@@ -405,6 +407,7 @@ class VisionGeometry:
     window: int = 0
     full_layers: tuple = ()
     grid: tuple | None = None
+    projects_all: bool = False  # the projector sees every token of a crop under a vision stage (Gemma 3)
 
     @classmethod
     def of(cls, config: Any) -> "VisionGeometry | None":
@@ -458,7 +461,7 @@ class VisionGeometry:
             if pooled:  # Gemma 3: average pool of the patch grid to mm_tokens_per_image, then one linear D -> text
                 dt = int(d_text) if d_text is not None else D
                 return cls(D, M, L, side * side, int(vget("num_channels", 3)) * p * p, 0,
-                           (side * side) // int(pooled), 2, ((D, dt),))
+                           (side * side) // int(pooled), 2, ((D, dt),), projects_all=True)
             layers = get(config, "vision_feature_layer", -2)
             n_feat = len(layers) if isinstance(layers, (list, tuple)) else 1  # several layers: concatenated
             dt = int(d_text) if d_text is not None else D

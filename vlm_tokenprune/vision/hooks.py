@@ -8,8 +8,10 @@
 - q/k/v projection forward hooks on the layers a criterion scores from: keep their outputs.
 - pixel-shuffle / pooling towers (InternVL, Gemma 3: ``VisionSeams.groups``): the feature layer's reduced output
   goes back onto the full patch grid (``groups.widen_to_grid``) so the model's own shuffle (pooling) packs it; a
-  forward pre-hook on the projector (Gemma 3: on ``VisionSeams.pack_point``, after the pooling) keeps the kept
-  groups' tokens and moves the run to LLM-token (group) units (``groups.to_groups``).
+  forward pre-hook on the projector (Gemma 3: on ``VisionSeams.pack_point``, after the pooling) moves the run to
+  LLM-token (group) units (``groups.to_groups``) and keeps the kept groups' tokens (InternVL), or, with
+  ``VisionSeams.project_kept_only`` False (Gemma 3), lets every pooled token be projected and the projector hook
+  takes the kept rows (the kept tokens then equal the unpruned model's bit for bit).
 - towers without CLS (SigLIP of Gemma 3, ``VisionSeams.cls_token``): criteria see a virtual zero CLS row at index
   0 of the feature layer's output (slot 0 of the run), dropped before the projector.
 - projector forward hook: widen the reduced features back to the full layout (each surviving
@@ -173,7 +175,7 @@ def _feature_post(handle: "PatchHandle", vs: "VisionSeams", module, args, output
     if new is hidden:
         return None
     if not vs.cls_token:
-        new = new[:, 1:]
+        new = new[:, 1:].contiguous()
         if new.shape[1] != given.shape[1]:
             raise RuntimeError("a tower without CLS hands its projector the full patch grid")
     return (new, *output[1:]) if isinstance(output, tuple) else new
@@ -198,6 +200,9 @@ def _projector_pre(handle: "PatchHandle", vs: "VisionSeams", module, args):
     kept = to_groups(run, vs.groups).to(x.device)  # also when nothing left: the outcome counts LLM tokens
     if not run.changed:
         return None
+    if not vs.project_kept_only:  # Gemma 3: every pooled token is projected, the kept ones taken after (bit-exact)
+        run.scratch["kept_groups"] = kept
+        return None
     return (torch.gather(x, 1, kept[..., None].expand(-1, -1, x.shape[-1])), *args[1:])
 
 
@@ -212,6 +217,9 @@ def _projector_post(handle: "PatchHandle", vs: "VisionSeams", module, args, outp
         handle.vision_outcome.produced(output)
         return None
     n, T = run.ident.shape
+    kept = run.scratch.pop("kept_groups", None)
+    if kept is not None:  # the projector ran on every LLM token of the crop: take the kept groups' rows
+        output = torch.gather(output, 1, kept.to(output.device)[..., None].expand(-1, -1, output.shape[-1]))
     if output.shape[:2] != (n, T - offset):
         raise RuntimeError(f"projector output {tuple(output.shape)} does not match the reduced tower ({n} crops x {T - offset})")
     width = run.owner.shape[1] - offset
