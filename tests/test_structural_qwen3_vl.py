@@ -9,7 +9,9 @@ Tiny models (``eval.tiny_families.build_tiny_qwen3_vl``): 4 decoder layers, Deep
 and 1, so every op listed on layer 1 meets an injection (skip_layers all / visual, pruned heads, removed
 sublayers, visual_drop:layer=1 before it); MoE: 4 experts, 2 per token, every layer sparse. On MoE ``ffn_cut``
 (the only op that slices gate_proj / up_proj / down_proj) is refused by name, in ``patch()`` and in
-``structural_flops`` / ``explain``.
+``structural_flops`` / ``explain``. Also: composition with FastV below the last injection, videos (a grid per
+frame), the flash-attention stand-in (2-D masks), calibration files read from Qwen3 layers, text-only / neutral
+no-ops, exact unpatch.
 """
 from __future__ import annotations
 
@@ -17,14 +19,14 @@ import functools
 
 import pytest
 import torch
-from kit import no_hook_left
+from kit import FLASH, no_hook_left
 from test_structural_models import BANNED, QWEN_POLICIES, STEPS, _check, _qwen_inputs
 
 import vlm_tokenprune as vtp
 from vlm_tokenprune import IncompatiblePolicyError
 from vlm_tokenprune.eval.flops import TextGeometry, lm_head_flops, structural_flops
-from vlm_tokenprune.eval.tiny_families import build_tiny_qwen3_vl
-from vlm_tokenprune.eval.tiny_models import make_qwen_batch
+from vlm_tokenprune.eval.tiny_families import build_tiny_qwen3_vl, make_qwen3_batch
+from vlm_tokenprune.eval.tiny_models import QWEN_VIDEO_TOKEN_ID, make_qwen_batch
 from reference import structural_oracle as O
 
 torch.set_num_threads(1)
@@ -81,6 +83,67 @@ def test_composes_with_fastv_below_the_last_injection(moe):
         exp = O.forward(model, cap["h"], None, valid, vis, grid, ops, removed, rope=cap["rope"], deepstack=O.deepstack_of(cap))
     torch.testing.assert_close(logits[:, -1], exp[:, -1], atol=2e-5, rtol=1e-4)
     assert torch.equal(gen, O.greedy_recapture(model, inputs, STEPS, vis, grid, ops, removed, BANNED + [2]))
+
+
+VIDEO_ROWS = [[3, "vid", 4], [2, "vid", 3]]
+VIDEO_GRIDS = [(2, 2, 3), (3, 3, 2)]  # (t, h, w) in LLM tokens
+
+
+@pytest.mark.parametrize("policy", ["neighbor_attention:window=3", "skip_layers:layers=1;3,scope=visual",
+                                    "prune_heads:heads=1/0;2/2;2/3,scope=visual"])
+def test_video_frames_match_masked_oracle(policy):
+    """Videos as Qwen3-VL's processor writes them (a timestamp token, then each frame in its own vision group):
+    every frame is its own h x w grid (the neighbour window never crosses frames); DeepStack rows per frame."""
+    model = tiny("sdpa", False)
+    inputs = make_qwen3_batch(model, VIDEO_ROWS, video_grids=VIDEO_GRIDS)
+    vis = inputs["input_ids"] == QWEN_VIDEO_TOKEN_ID
+    B, L = vis.shape
+    row, col, seg = (torch.full((B, L), -1) for _ in range(3))
+    for b, (t, h, w) in enumerate(VIDEO_GRIDS):  # one video per row: frames in order, each in raster order
+        for k, p in enumerate(vis[b].nonzero()[:, 0].tolist()):
+            row[b, p], col[b, p], seg[b, p] = (k % (h * w)) // w, k % w, k // (h * w)
+        assert k + 1 == t * h * w
+    _check(model, inputs, vis, (row, col, seg), policy)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_visual_heads_and_skips_on_the_flash_standin(moe):
+    """A 2-D-mask backend (flash-attention stand-in): YOPO heads split with right-aligned text keys, visual skips
+    whose visual attention rows still run (zero queries, discarded), prefill and decode == the oracle."""
+    model = tiny(FLASH, moe)
+    inputs, vis, grid = _qwen_inputs(model)
+    for policy in ("prune_heads:heads=1/0;2/2;2/3,scope=visual", "skip_layers:layers=1;3,scope=visual"):
+        _check(model, inputs, vis, grid, policy)
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_calibration_reads_the_qwen3_layers(moe):
+    """``calibrate()`` on Qwen3-VL (what calibrated prune_heads / efficientvla_layers / finercut policies read):
+    YOPO head ratios == the eager model's own attention maps (q_norm / k_norm, M-RoPE); EfficientVLA importance
+    over each layer's input (its ``output_hidden_states`` entry + the DeepStack features injected below it) and
+    its output (before the injection after it: skipping a layer does not skip the injection)."""
+    model = tiny("eager", moe)
+    inputs, vis, _ = _qwen_inputs(model)
+    valid = inputs["attention_mask"].bool()
+    vis = vis & valid
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    ratios = torch.tensor(vtp.calibrate(model, [inputs], what="heads", progress=False)["ratios"])  # [B, layers, heads]
+    for b in range(2):
+        for j, a in enumerate(out.attentions):
+            a = a[b][:, valid[b]][:, :, valid[b]].double()  # real queries x real keys
+            v = vis[b][valid[b]]
+            torch.testing.assert_close(ratios[b, j].double(), a[:, :, v].sum((1, 2)) / a[:, :, ~v].sum((1, 2)),
+                                       rtol=1e-4, atol=1e-6)
+    ds = O.capture_rope(model, inputs)["deepstack"]
+    hs = out.hidden_states  # embeddings, then each layer's output
+    imp = torch.tensor(vtp.calibrate(model, [inputs], what="layers", progress=False)["importance"])
+    exp = []
+    for j in range(len(hs) - 2):  # the last entry may be after the final norm
+        x = hs[j] + (ds[j - 1] if 0 < j <= len(ds) else 0)
+        cos = torch.cosine_similarity(x, hs[j + 1], dim=-1)
+        exp.append(torch.stack([1 - cos[b][valid[b]].mean() for b in range(2)]).mean())
+    torch.testing.assert_close(imp[:-1], torch.stack(exp), rtol=1e-4, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
