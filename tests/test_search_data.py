@@ -214,6 +214,24 @@ def _qwen_records(folder, n, answer=lambda i: "red" if i % 2 else None):
              **({"answer": answer(i)} if answer(i) else {})} for i in range(n)]
 
 
+def test_records_with_several_images_and_a_placeholder_mismatch(tiny, files):
+    """A list of images fills the prompt's placeholders in order; a prompt whose placeholders do not match its images is
+    refused naming the records' lines (the processor's own message), before the search starts."""
+    model, processor = tiny
+    d = files["dir"]
+    two = {"image": ["img/5000.png", "img/5001.png"], "prompt": "USER: <image>\n<image>\nwhat colour is the circle? "
+           "ASSISTANT:", "answer": "red"}
+    one = {"image": "img/5002.png", "prompt": "USER: <image>\nwhat colour is the circle? ASSISTANT:"}
+    (d / "multi.jsonl").write_text(json.dumps(two) + "\n" + json.dumps(one) + "\n")
+    batches, _, _, n_visual, targets = record_calibration_batches(model, processor, read_records(d / "multi.jsonl"), 2)
+    assert n_visual == (2 * 256 + 256) / 2 and batches[0]["pixel_values"].shape[0] == 3
+    assert targets[0] == processor.tokenizer("red", add_special_tokens=False)["input_ids"]
+    (d / "mismatch.jsonl").write_text(json.dumps({**two, "prompt": one["prompt"]}) + "\n")
+    with pytest.raises(InputError) as e:
+        record_calibration_batches(model, processor, read_records(d / "mismatch.jsonl"), 2)
+    assert e.value.field == "calibration_data[lines 1]" and "placeholder" in str(e.value)
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 @torch.no_grad()
 def test_teacher_forced_batches_equal_each_record_alone(family, tiny, files, tmp_path):

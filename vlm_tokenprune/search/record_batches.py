@@ -30,6 +30,11 @@ def prompt_inputs(model, processor, records: Sequence[Record], name: str = "cali
 
     tok = getattr(processor, "tokenizer", processor)
     tok.padding_side = "left"
+    token = getattr(processor, "image_token", None)
+    for r in records:  # where the prompt writes the processor's own placeholder, one per image (older processors do not check)
+        if isinstance(token, str) and token and 0 < r.prompt.count(token) != len(r.images):
+            raise InputError(f"{name}[lines {r.line}]", f"the prompt has {r.prompt.count(token)} image placeholder(s) "
+                             f"{token!r} for {len(r.images)} image(s); one placeholder per image")
     try:
         inputs = processor(images=_images(records), text=[r.prompt for r in records], return_tensors="pt", padding=True)
     except (ValueError, TypeError) as e:
