@@ -278,4 +278,19 @@ def test_catalogue_row_names_existing_tests():
     from kit.catalogue import assert_rows_name_existing_tests, catalogue_rows
 
     assert "Qwen3-VL-MoE: `ffn_cut`" in catalogue_rows()[111]
-    assert_rows_name_existing_tests((111,))
+    assert_rows_name_existing_tests((111, 115))
+
+
+@pytest.mark.parametrize("override,field", [({"mlp_only_layers": [0, 3]}, "text_config.mlp_only_layers"),
+                                            ({"decoder_sparse_step": 2}, "text_config.decoder_sparse_step")])
+def test_flops_refuse_a_moe_config_with_dense_layers(override, field):
+    """FLOPs count one MLP width per layer: a MoE config mixing dense MLP layers is refused by name, not miscounted."""
+    from vlm_tokenprune import InputError
+    from vlm_tokenprune.eval.tiny_families import tiny_qwen3_vl_config
+
+    cfg = tiny_qwen3_vl_config(moe=True)
+    for k, v in override.items():
+        setattr(cfg.text_config, k, v)
+    with pytest.raises(InputError) as e:
+        structural_flops(cfg, "skip_sublayers:ffn=1", 10, 20)
+    assert e.value.field == field and "[0" in str(e.value)

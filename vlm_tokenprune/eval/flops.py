@@ -123,6 +123,7 @@ class TextGeometry:
             values[key] = int(v) if v is not None else None
         k, m_e = get("num_experts_per_tok", None), get("moe_intermediate_size", None)
         if k and m_e and get("num_experts", None):  # MoE: the active experts' width per token
+            _check_every_layer_sparse(get, values["num_hidden_layers"])
             values.update(intermediate_size=int(k) * int(m_e), num_experts=int(get("num_experts")),
                           experts_per_token=int(k))
         types, window = get("layer_types", None), get("sliding_window", None)
@@ -134,6 +135,19 @@ class TextGeometry:
             values.update(sliding_layers=tuple(j for j, t in enumerate(types) if t == "sliding_attention"),
                           sliding_window=int(window))
         return cls(**values)
+
+
+def _check_every_layer_sparse(get: Any, n_layers: int) -> None:
+    """One MLP width for every layer: a MoE config whose ``mlp_only_layers`` / ``decoder_sparse_step`` give some
+    layers a dense MLP (of ``intermediate_size``) is refused by name rather than counted wrong."""
+    only = sorted(int(j) for j in (get("mlp_only_layers", None) or ()) if int(j) < n_layers)
+    step = int(get("decoder_sparse_step", None) or 1)
+    dense = sorted(set(only) | {j for j in range(n_layers) if (j + 1) % step})
+    if dense:
+        field = "text_config.mlp_only_layers" if only else "text_config.decoder_sparse_step"
+        raise InputError(field, f"decoder layers {dense} have a dense MLP beside the sparse MoE layers; the FLOPs count "
+                         "one MLP width (the active experts') for every layer; allowed: every layer sparse "
+                         "(mlp_only_layers=[], decoder_sparse_step=1, as in the released Qwen3-VL-MoE checkpoints)")
 
 
 # -- the formula ---------------------------------------------------------------------------------
