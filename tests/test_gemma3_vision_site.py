@@ -184,7 +184,7 @@ def test_cls_free_criterion_without_whole_windows_is_refused():
         with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
             vtp.patch(model, {"stages": [{"criterion": "g3_patch_picker", "site": "vision", "keep": 0.5,
                                           "positions": "gaps"}]})
-        assert e.value.field == "stages[0].criterion" and "pooling window" in str(e.value)
+        assert e.value.field == "stages[0].criterion" and "average pooling" in str(e.value)
         assert "allowed at site vision here: " in str(e.value) and "vispruner" in str(e.value)
     finally:
         CRITERIA.unregister("g3_patch_picker")

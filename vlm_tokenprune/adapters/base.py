@@ -92,6 +92,7 @@ class VisionSeams:
     cls_token: bool = True
     pack_point: nn.Module | None = None
     project_kept_only: bool = True
+    group_kind: tuple[str, str] = ("pixel shuffle", "pixel-shuffle groups")  # for messages: how / what (Gemma 3: pooling)
 
     @property
     def n_tokens(self) -> int:

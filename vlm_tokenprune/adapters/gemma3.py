@@ -126,7 +126,8 @@ class Gemma3Adapter(HFAdapter):
         return VisionSeams(
             tower=tower, layers=layers, feature_layer=len(layers) - 1, select_strategy="default",
             n_patches=side * side, projector=proj, attn_implementation=attn_implementation(vc),
-            groups=pooling_groups(model), cls_token=False, pack_point=proj.mm_soft_emb_norm, project_kept_only=False)
+            groups=pooling_groups(model), cls_token=False, pack_point=proj.mm_soft_emb_norm, project_kept_only=False,
+            group_kind=("average pooling", "pooling windows"))
 
     # -- visual tokens -----------------------------------------------------------------------
     def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout:

@@ -58,11 +58,11 @@ def check(target: "PatchTarget") -> VisionSeams | None:
         ok = sorted(n for n in CRITERIA.names() if getattr(CRITERIA.get(n), "whole_groups", False))
         raise IncompatiblePolicyError(
             f"{where}.criterion", f"{stage.criterion!r} selects single patches inside the vision tower, but each "
-            f"{model.config.model_type!r} LLM token packs {vs.groups.shape[1]} patches (pixel shuffle / pooling window), so a vision "
+            f"{model.config.model_type!r} LLM token packs {vs.groups.shape[1]} patches ({vs.group_kind[0]}), so a vision "
             f"stage must keep or merge whole groups; allowed at site vision here: {', '.join(ok)} (or site llm / "
             "pre_llm)")
     if stage.budget.tokens is not None and stage.budget.tokens > vs.n_tokens:
-        unit = "patch tokens" if vs.groups is None else "LLM tokens (pixel-shuffle groups / pooling windows)"
+        unit = "patch tokens" if vs.groups is None else f"LLM tokens ({vs.group_kind[1]})"
         raise IncompatiblePolicyError(
             f"{where}.tokens", f"{stage.budget.tokens} is more than the {vs.n_tokens} {unit} per crop; "
             f"allowed: 1..{vs.n_tokens}")
