@@ -111,6 +111,23 @@ def test_calibration_comes_from_the_file(tiny, searched, files):
     assert shared and all(a != pytest.approx(b, rel=1e-6, abs=0) for a, b in shared)
 
 
+def test_resume_on_a_user_file_equals_the_straight_run_and_refuses_another_file(tiny, files, tmp_path):
+    model, processor = tiny
+    kw = dict(calibration_data=files["cal"], heldout=0, **{**SMALL, "generations": 2})
+    straight = search_policy(model, processor, "flops=0.4", out=tmp_path / "a", **kw)
+    search_policy(model, processor, "flops=0.4", out=tmp_path / "b", **{**kw, "generations": 1})
+    resumed = search_policy(model, processor, "flops=0.4", out=tmp_path / "b", resume=True, **kw)
+    assert (resumed.policy, resumed.fitness) == (straight.policy, straight.fitness)
+    lines = files["cal"].read_text().splitlines()  # the same prompts (same token counts), line 1's answer changed
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join([json.dumps({**json.loads(lines[0]), "answer": "blue circle"}), *lines[1:]]) + "\n")
+    for image in (files["dir"] / "img").iterdir():
+        (tmp_path / "img").mkdir(exist_ok=True)
+        (tmp_path / "img" / image.name).write_bytes(image.read_bytes())
+    with pytest.raises(ValueError, match="a checkpoint of another search"):  # the records are part of the signature
+        search_policy(model, processor, "flops=0.4", out=tmp_path / "b", resume=True, **{**kw, "calibration_data": other})
+
+
 @torch.no_grad()
 def test_unanswered_records_are_teacher_forced_on_the_unpruned_greedy_continuation(tiny, files):
     from PIL import Image
