@@ -278,7 +278,7 @@ def test_catalogue_row_names_existing_tests():
     from kit.catalogue import assert_rows_name_existing_tests, catalogue_rows
 
     assert "Qwen3-VL-MoE: `ffn_cut`" in catalogue_rows()[111]
-    assert_rows_name_existing_tests((111, 115))
+    assert_rows_name_existing_tests((111, 115, 116))
 
 
 @pytest.mark.parametrize("override,field", [({"mlp_only_layers": [0, 3]}, "text_config.mlp_only_layers"),
@@ -294,3 +294,29 @@ def test_flops_refuse_a_moe_config_with_dense_layers(override, field):
     with pytest.raises(InputError) as e:
         structural_flops(cfg, "skip_sublayers:ffn=1", 10, 20)
     assert e.value.field == field and "[0" in str(e.value)
+
+
+@pytest.mark.parametrize("policy", ["skip_sublayers:ffn=1;2,scope=visual", "fastv:layer=2,keep=0.5"])
+def test_router_logits_are_refused_by_name_while_patched(policy):
+    """The MoE load-balancing loss covers every row of the unpruned sequence; a patched model routes only the rows
+    its policy keeps: ``output_router_logits`` (the kwarg or the config's default) is refused by name, and the
+    model is usable right after."""
+    from vlm_tokenprune import InputError
+
+    model = tiny("sdpa", True)
+    inputs, *_ = _qwen_inputs(model)
+    text = model.config.text_config
+    with torch.no_grad(), vtp.patch(model, policy):
+        want = model(**inputs).logits
+        with pytest.raises(InputError) as e:
+            model(**inputs, output_router_logits=True)
+        assert e.value.field == "output_router_logits"
+        text.output_router_logits = True
+        try:
+            with pytest.raises(InputError):
+                model(**inputs)
+        finally:
+            text.output_router_logits = False
+        assert torch.equal(model(**inputs).logits, want)
+    with torch.no_grad():
+        assert model(**inputs, output_router_logits=True).aux_loss is not None  # unpatched: as HF

@@ -74,6 +74,16 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
             "a pruning policy returns logits for the kept tokens only, so labels no longer align; "
             "compute the loss yourself from the kept positions (handle.last_trace()) or unpatch first",
         )
+    cfg = getattr(module, "config", None)
+    text_cfg = getattr(cfg, "text_config", None) or cfg
+    router = kwargs.get("output_router_logits")
+    if router or (router is None and getattr(text_cfg, "output_router_logits", False)):  # mixture of experts
+        raise InputError(
+            "output_router_logits",
+            "router logits (and the load-balancing loss built from them) cover every row of the unpruned sequence; a "
+            "patched model routes only the rows its policy keeps (token stages, MLPs removed by structural ops); pass "
+            "output_router_logits=False (the config's default) or unpatch first",
+        )
     cache = cache_of(kwargs)
     if cache is not None:
         from transformers.cache_utils import DynamicCache
