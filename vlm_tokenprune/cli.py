@@ -6,6 +6,7 @@
     vlm-tokenprune bench --policy fastv [--policy uniform ...] [--budgets 0.5,0.25,0.11] [--n 500] [--out DIR]
     vlm-tokenprune profile --model {tiny,llava-1.5-7b,llava-next-7b,qwen2-vl-7b,PATH} --policy P [--iters 20] [--json F]
     vlm-tokenprune viz [--image IMG --question Q] --policy P --out kept.png
+    vlm-tokenprune search --model {tiny,PATH} --budget flops=0.3 [--calibration-data cal.jsonl] [--heldout-data held.jsonl]
     vlm-tokenprune train {covipal,...} [trainer options]   (learned selectors; `train NAME --help`)
 
 Exit status: 0 on success, 2 for a bad policy, option or config (the message names the field).
