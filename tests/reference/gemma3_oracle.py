@@ -62,15 +62,25 @@ def _rot(x, cos, sin):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def layer_forward(model, j: int, x: torch.Tensor, alive: set, blocks: list) -> torch.Tensor:
-    """Decoder layer ``j`` on ``x`` ``[T, D]`` (every original position), masked as defined above."""
+def layer_forward(model, j: int, x: torch.Tensor, alive: set, blocks: list, ops: dict | None = None,
+                  grid: list | None = None) -> torch.Tensor:
+    """Decoder layer ``j`` on ``x`` ``[T, D]`` (every original position), masked as defined above, with the structural
+    ``ops`` of this layer applied per their definitions (``STRUCTURAL`` below; ``grid``: per position ``(image, row,
+    col)`` of an image token, None for text)."""
+    ops = ops or {}
+    if j in ops.get("skip_all", ()):
+        return x  # the layer does not run
     lm = model.model.language_model
     cfg = model.config.text_config
     layer = lm.layers[j]
     att = layer.self_attn
     lt = cfg.layer_types[j]
     T = x.shape[0]
+    vis = [g is not None for g in grid] if grid is not None else [False] * T
     d, H, Hkv = att.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    heads_all = set(ops.get("heads_all", {}).get(j, ()))
+    heads_vis = set(ops.get("heads_visual", {}).get(j, ()))
+    w = ops.get("neighbor", {}).get(j)
     h = layer.input_layernorm(x)
     q = att.q_norm(att.q_proj(h).view(T, H, d))
     k = att.k_norm(att.k_proj(h).view(T, Hkv, d))
@@ -81,16 +91,64 @@ def layer_forward(model, j: int, x: torch.Tensor, alive: set, blocks: list) -> t
     rep = H // Hkv
     out = torch.zeros(T, H, d, dtype=x.dtype)
     for qi in range(T):
-        keys = [ki for ki in range(T) if allowed(lt, cfg.sliding_window, qi, ki, alive, blocks)]
-        if not keys:
-            continue
+        base = [ki for ki in range(T) if allowed(lt, cfg.sliding_window, qi, ki, alive, blocks)]
+        if w is not None and vis[qi]:  # visual -> visual only within the w x w window of the same image
+            base = [ki for ki in base if not vis[ki] or (grid[ki][0] == grid[qi][0]
+                    and abs(grid[ki][1] - grid[qi][1]) <= w // 2 and abs(grid[ki][2] - grid[qi][2]) <= w // 2)]
         for hh in range(H):
+            if hh in heads_all or (hh in heads_vis and vis[qi]):
+                continue  # a pruned head gives this query nothing
+            keys = [ki for ki in base if not vis[ki]] if hh in heads_vis else base
+            if not keys:
+                continue
             logits = torch.stack([(q[qi, hh] * k[ki, hh // rep]).sum() for ki in keys]) * att.scaling
             p = torch.softmax(logits.float(), 0).to(x.dtype)
             out[qi, hh] = (p[:, None] * v[keys, hh // rep]).sum(0)
-    a = att.o_proj(out.reshape(T, H * d))
-    x = x + layer.post_attention_layernorm(a)
-    return x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+    a = layer.post_attention_layernorm(att.o_proj(out.reshape(T, H * d)))
+    for qi in range(T):
+        if j in ops.get("skip_attn", ()) or (j in ops.get("attn_visual", ()) and vis[qi]):
+            a[qi] = 0  # the attention sublayer adds nothing to this row's residual stream
+    y = x + a
+    hf = layer.pre_feedforward_layernorm(y)
+    m = layer.mlp(hf)
+    mlp = layer.mlp
+    for qi in range(T):
+        if vis[qi] and j in ops.get("ffn", {}):  # visual rows: the first m_visual channels of the MLP
+            c = ops["ffn"][j]
+            g = mlp.act_fn(hf[qi] @ mlp.gate_proj.weight[:c].T) * (hf[qi] @ mlp.up_proj.weight[:c].T)
+            m[qi] = g @ mlp.down_proj.weight[:, :c].T
+    f = layer.post_feedforward_layernorm(m)
+    for qi in range(T):
+        if j in ops.get("skip_ffn", ()) or (j in ops.get("ffn_visual", ()) and vis[qi]):
+            f[qi] = 0  # the MLP sublayer adds nothing to this row
+    out_x = y + f
+    if j in ops.get("skip_visual", ()):
+        out_x = torch.where(torch.tensor(vis)[:, None], x, out_x)  # visual rows pass the layer unchanged
+    return out_x
+
+
+STRUCTURAL = """Structural ops, per layer j (``ops``), as the library's ``structural.spec`` defines them:
+skip_all (the layer does not run), skip_visual (image rows leave it unchanged; text rows run it, attending the image
+keys / values computed here), heads_all {j: heads} (those heads give every query nothing), heads_visual {j: heads}
+(in those heads no query attends an image key and image queries get nothing), ffn {j: m} (image rows use the first m
+MLP channels), neighbor {j: w} (an image query attends the image keys of its own image within a w x w window of the
+patch grid only; text keys as before), skip_attn / skip_ffn (the sublayer adds nothing: sandwich norms included, the
+residual passes it unchanged), attn_visual / ffn_visual (the same for image rows only)."""
+
+
+def image_grid(model, inputs: dict) -> list:
+    """Per position ``(image, row, col)`` of an image token (the k-th run of ``mm_tokens_per_image`` placeholders is
+    image k, a ``sqrt(n) x sqrt(n)`` raster), None for text."""
+    n = int(model.config.mm_tokens_per_image)
+    side = int(round(n ** 0.5))
+    out, i = [], 0
+    for t in inputs["input_ids"][0].tolist():
+        if t == model.config.image_token_id:
+            out.append((i // n, (i % n) // side, (i % n) % side))
+            i += 1
+        else:
+            out.append(None)
+    return out
 
 
 def layer_probs(model, j: int, x: torch.Tensor, alive: set, blocks: list) -> torch.Tensor:
@@ -146,13 +204,14 @@ def efficientvla_keep(model, inputs: dict, layer: int, k: int, stages: list[tupl
     return select_from_attention(A.double(), h, cand, text, k)["keep"]
 
 
-def run(model, x: torch.Tensor, alive: list[set], blocks: list) -> torch.Tensor:
+def run(model, x: torch.Tensor, alive: list[set], blocks: list, ops: dict | None = None,
+        grid: list | None = None) -> torch.Tensor:
     """``[T, V]`` logits of every position after all layers (only alive ones are meaningful)."""
     lm = model.model.language_model
     with torch.no_grad():
         h = x[0]
         for j in range(len(lm.layers)):
-            h = layer_forward(model, j, h, alive[j], blocks)
+            h = layer_forward(model, j, h, alive[j], blocks, ops, grid)
         return model.lm_head(lm.norm(h))
 
 
@@ -210,24 +269,28 @@ def alive_sets(T: int, image_pos: list[int], stages: list[tuple[int, list[int]]]
     return alive
 
 
-def logits(model, inputs: dict, stages: list[tuple[int, list[int]]], embeds: torch.Tensor | None = None) -> torch.Tensor:
+def logits(model, inputs: dict, stages: list[tuple[int, list[int]]], embeds: torch.Tensor | None = None,
+           ops: dict | None = None) -> torch.Tensor:
     """``[n_alive_at_last_layer, V]`` logits of the tokens present after the last stage, in prompt order
-    (``embeds``: the layer-0 input, default the prompt's own embeddings; a merge writes fused rows into it)."""
+    (``embeds``: the layer-0 input, default the prompt's own embeddings; a merge writes fused rows into it;
+    ``ops``: structural ops, ``layer_forward``)."""
     x = prompt_embeds(model, inputs) if embeds is None else embeds
     T = x.shape[1]
     ids = inputs["input_ids"][0].tolist()
     img = [p for p, t in enumerate(ids) if t == model.config.image_token_id]
     n = len(model.model.language_model.layers)
     alive = alive_sets(T, img, stages, n)
-    out = run(model, x, alive, image_blocks(inputs))
+    out = run(model, x, alive, image_blocks(inputs), ops, image_grid(model, inputs) if ops else None)
     return out[sorted(alive[-1])]
 
 
 def generate(model, inputs: dict, stages: list[tuple[int, list[int]]], steps: int, eos_token_id=None,
-             suppress: tuple[int, ...] = ()) -> list[int]:
-    """Greedy tokens after the prompt, the kept sets fixed at prefill (what a cached generate computes)."""
+             suppress: tuple[int, ...] = (), ops: dict | None = None) -> list[int]:
+    """Greedy tokens after the prompt, the kept sets fixed at prefill (what a cached generate computes; generated
+    tokens are text for the structural ``ops``)."""
     x = prompt_embeds(model, inputs)
     blocks = image_blocks(inputs)
+    grid = image_grid(model, inputs) if ops else None
     ids = inputs["input_ids"][0].tolist()
     img = [p for p, t in enumerate(ids) if t == model.config.image_token_id]
     n = len(model.model.language_model.layers)
@@ -236,7 +299,8 @@ def generate(model, inputs: dict, stages: list[tuple[int, list[int]]], steps: in
     for _ in range(steps):
         T = x.shape[1]
         alive = alive_sets(T, img, stages, n)
-        last = run(model, x, alive, blocks + [-1] * (T - len(blocks)))[-1].clone()
+        extra = T - len(blocks)
+        last = run(model, x, alive, blocks + [-1] * extra, ops, None if grid is None else grid + [None] * extra)[-1].clone()
         for s in suppress:
             last[s] = float("-inf")
         tok = int(last.argmax())

@@ -44,9 +44,14 @@ image-token row also the later kept tokens of its image block, never padding. On
 token, FEATHER, FlowCut) restricts the valid keys (any backend); several rows (EfficientVLA's instruction
 tokens, SparseVLM's raters, ATP's visual rows) score with per-row key sets (``row_keys``, the PyTorch
 reference of ``ops.attention_scores``), at any prompt length.
+Structural ops (``structural``): all of them, as on every family: Gemma 3's sandwich norms make a removed
+sublayer (zero output) add nothing (its post-norm of zero is zero); ``skip_layers`` / ``skip_sublayers`` attn
+(scope all) are refused at the first sliding and the first full-attention layer, whose caches transformers sizes
+the two masks from (``structural.plan.mask_layers``). ``prune_heads`` scope visual (YOPO) masks each cached
+key by whether it is visual while decoding, so its patched prefill keeps the cache layers full (below).
 Refused: flash-attention-style backends (2-D masks carry neither the window of original positions nor
 the image block; transformers itself sets ``_supports_flash_attn = False`` for Gemma 3),
-``use_bidirectional_attention`` text models, attention logit soft-capping, structural ops (untested),
+``use_bidirectional_attention`` text models, attention logit soft-capping,
 ``positions=repack`` (the rotary positions would disagree with the window of original positions).
 """
 from __future__ import annotations
@@ -81,7 +86,7 @@ class Gemma3Adapter(HFAdapter):
     llm_positions = ("gaps",)
     llm_positions_why = pre_llm_positions_why
     decode_gates = False  # sliding and full layers get different masks, built from original positions
-    supports_structural = False
+    supports_structural = True  # every op; the layers the masks are sized from are refused (structural.plan.mask_layers)
     scoring_reads_layer_mask = True  # criteria see each scoring layer's own rows: window, image block, padding
     vision_no_cls = "the SigLIP tower has no CLS token"
 
@@ -176,7 +181,9 @@ class Gemma3Adapter(HFAdapter):
             st = handle.state
             if st is None or st.phase != "prefill":
                 return None
-            if st.prefill.pre_llm is None and all(r.noop for r in st.prefill.records):
+            plan = handle.structural  # YOPO heads mask each cached key by what it is while decoding: keep them all
+            if st.prefill.pre_llm is None and all(r.noop for r in st.prefill.records) \
+                    and not (plan is not None and plan.heads_visual):
                 cache = cache_of(output) if hasattr(output, "get") else None
                 if cache is not None:
                     to_sliding_layers(cache)

@@ -140,14 +140,41 @@ def _layers(spec: Any, n: int, where: str) -> tuple[int, ...]:
     return tuple(spec)
 
 
-def _check_attention_removable(attn: Any, seams: Any, captured: set, where: str) -> None:
-    """Attention sublayers can go only above the layer whose cache length / masks are read, and not
-    where a token stage's criterion reads the layer's keys."""
-    first = seams.first_full_attention_layer
-    low = [x for x in attn if x <= first]
+def mask_layers(seams: Any) -> tuple[int, ...]:
+    """Layers whose KV cache the model reads the cache length and mask sizes from, so their attention must run:
+    every layer up to ``first_full_attention_layer``, and with ``layer_types`` (Gemma 3) the first layer of each
+    type (transformers builds the sliding mask at the first sliding layer, the full mask at the first full one)."""
+    types = list(getattr(seams.text_config, "layer_types", None) or [])
+    firsts = {types.index(t) for t in set(types)}
+    return tuple(sorted(set(range(seams.first_full_attention_layer + 1)) | firsts))
+
+
+def _allowed_layers(protected: tuple[int, ...], n: int) -> str:
+    """``a..b, c..d``: the layers 0..n-1 outside ``protected``, as ranges."""
+    rest = [x for x in range(n) if x not in protected]
+    runs: list[list[int]] = []
+    for x in rest:
+        if runs and runs[-1][1] == x - 1:
+            runs[-1][1] = x
+        else:
+            runs.append([x, x])
+    return ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in runs) or "none"
+
+
+def _mask_layer_refusal(layers: Any, seams: Any, what: str, where: str) -> None:
+    protected = mask_layers(seams)
+    low = [x for x in layers if x in protected]
     if low:
-        raise IncompatiblePolicyError(where, f"layer {low[0]}'s attention cannot be removed (the KV cache length and the masks "
-                                      f"are read at layer {first}); allowed: {first + 1}..{seams.num_layers - 1}")
+        at = ", ".join(map(str, protected))
+        raise IncompatiblePolicyError(where, f"layer {low[0]}{what} (the KV cache length and the masks are read at "
+                                      f"layer{'s' if len(protected) > 1 else ''} {at}); allowed: "
+                                      f"{_allowed_layers(protected, seams.num_layers)}")
+
+
+def _check_attention_removable(attn: Any, seams: Any, captured: set, where: str) -> None:
+    """Attention sublayers can go only at layers whose cache length / masks are not read (``mask_layers``), and not
+    where a token stage's criterion reads the layer's keys."""
+    _mask_layer_refusal(attn, seams, "'s attention cannot be removed", where)
     read = sorted(set(attn) & captured)
     if read:
         raise IncompatiblePolicyError(where, f"layer {read[0]}'s attention is read by a token stage's criterion (the stage at "
@@ -180,13 +207,7 @@ def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | No
             else:
                 layers = _layers(p["layers"], n, f"{where}.layers")
             if p["scope"] == "all":
-                low = [x for x in layers if x <= seams.first_full_attention_layer]
-                if low:
-                    raise IncompatiblePolicyError(
-                        f"{where}.layers",
-                        f"layer {low[0]} cannot be skipped for all tokens (the KV cache length and the masks are read at "
-                        f"layer {seams.first_full_attention_layer}); allowed: {seams.first_full_attention_layer + 1}..{n - 1}",
-                    )
+                _mask_layer_refusal(layers, seams, " cannot be skipped for all tokens", f"{where}.layers")
                 kw["skip_all"] = tuple(layers)
             else:
                 kw["skip_visual"] = tuple(layers)
