@@ -166,3 +166,21 @@ def test_layers_whose_cache_the_masks_read_are_refused_by_name(which, policy, fi
     assert e.value.field == field and match in str(e.value), str(e.value)
     if which == "two_full" and field == "stages[0].layers":
         _check(model, "skip_layers:layers=2", {"skip_all": {2}}, generate=True)
+
+
+def test_searches_and_calibrated_skips_leave_the_mask_layers_running():
+    """FinerCut's candidates and the search's sublayer space offer no attention of layers 0 / 5; a calibrated
+    ``skip_layers`` (``layers_kept`` of ``of``) never picks them, however unimportant the artifact says they are."""
+    from vlm_tokenprune.search.api import build_space
+    from vlm_tokenprune.search.finercut import candidates
+    from vlm_tokenprune.structural.calibration import select_layers
+
+    model = tiny("sdpa")
+    assert [j for kind, j in candidates(model) if kind == "attn"] == [1, 2, 3, 4]
+    assert [j for kind, j in candidates(model) if kind == "ffn"] == list(range(6))
+    sub = next(p for p in build_space(model, ["sublayers"]).spaces if p.name == "sublayers")
+    assert sub.attn_layers == (1, 2, 3, 4) and sub.ffn_layers == tuple(range(6))
+    art = {"importance": [0.0, 0.9, 0.2, 0.8, 0.7, 0.0]}  # layers 0 and 5 the "least important"
+    assert select_layers(art, 2, protect=(0, 5)) == (2, 4)
+    with pytest.raises(IncompatiblePolicyError, match=r"layers 0, 5 always run"):
+        select_layers(art, 5, protect=(0, 5), where="stages[0].layers_kept")

@@ -113,15 +113,17 @@ def build_space(model, spaces: Sequence[str], *, criterion: str = "fastv", entry
     from ..adapters import resolve_adapter
 
     seams = resolve_adapter(model).seams(model)
-    n, first = seams.num_layers, seams.first_full_attention_layer
+    n = seams.num_layers
     attn0 = seams.decoder_layers[0].self_attn
     n_heads = attn0.q_proj.out_features // attn0.head_dim
     parts = []
     if "tokens" in spaces:
         parts.append(TokenSpace(tuple(layers) if layers else tuple(range(1, n)), criterion, _entry(model, entry), levels,
                                 tuple(criteria)))
-    if "sublayers" in spaces:
-        parts.append(SublayerSpace(tuple(range(first + 1, n)), tuple(range(n))))
+    if "sublayers" in spaces:  # attention only where the masks are not sized from the layer's cache (mask_layers)
+        from ..structural.plan import mask_layers
+
+        parts.append(SublayerSpace(tuple(j for j in range(n) if j not in mask_layers(seams)), tuple(range(n))))
     if "heads" in spaces:
         parts.append(HeadSpace(tuple((j, h) for j in range(1, n) for h in range(n_heads))))
     return JointSpace(tuple(parts))

@@ -26,14 +26,16 @@ def _policy(removed: Sequence[tuple[str, int]]) -> str | None:
 
 
 def candidates(model) -> list[tuple[str, int]]:
-    """Removable sublayers: attention above the layer whose cache length is read, every MLP."""
+    """Removable sublayers: attention of the layers whose cache the masks are not sized from
+    (``structural.plan.mask_layers``: Gemma 3 keeps its first sliding and first full-attention layer), every MLP."""
     from ..adapters import resolve_adapter
+    from ..structural.plan import mask_layers
 
     adapter = resolve_adapter(model)
     adapter.check(model)
     seams = adapter.seams(model)
-    n, first = seams.num_layers, seams.first_full_attention_layer
-    return [("attn", j) for j in range(first + 1, n)] + [("ffn", j) for j in range(n)]
+    n, kept = seams.num_layers, set(mask_layers(seams))
+    return [("attn", j) for j in range(n) if j not in kept] + [("ffn", j) for j in range(n)]
 
 
 def greedy_sublayers(model, batches: Sequence[Mapping[str, Any]], count: int | None = None, progress: bool = True,

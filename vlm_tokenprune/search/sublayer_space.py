@@ -11,8 +11,8 @@ from .space import Space
 
 @dataclass(frozen=True)
 class SublayerSpace(Space):
-    """``attn_layers`` / ``ffn_layers``: the candidate layers (attention never at or below the layer whose
-    KV cache length is read, see ``skip_sublayers``)."""
+    """``attn_layers`` / ``ffn_layers``: the candidate layers (attention never at a layer whose KV cache the
+    cache length and masks are read from, ``structural.plan.mask_layers``, see ``skip_sublayers``)."""
 
     attn_layers: tuple[int, ...]
     ffn_layers: tuple[int, ...]

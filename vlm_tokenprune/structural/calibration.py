@@ -116,13 +116,17 @@ def _check_contents(art: dict, geo: Mapping, path: str, what: str, where: str) -
         raise PolicyError(f"{where}.{key}", f"{path!r} holds non-finite {key}; allowed: finite numbers")
 
 
-def select_layers(art: dict, n_drop: int, protect: int = 0, where: str = "layers_kept") -> tuple[int, ...]:
-    """The ``n_drop`` least important layers (importance ascending), never layers ``<= protect``."""
+def select_layers(art: dict, n_drop: int, protect: "int | tuple[int, ...]" = 0,
+                  where: str = "layers_kept") -> tuple[int, ...]:
+    """The ``n_drop`` least important layers (importance ascending), never layers ``<= protect`` (an int) or in
+    ``protect`` (a tuple: ``structural.plan.mask_layers``)."""
     imp = art["importance"]
-    order = sorted((i for i in range(len(imp)) if i > protect), key=lambda i: (imp[i], i))
+    kept = set(range(protect + 1)) if isinstance(protect, int) else set(protect)
+    order = sorted((i for i in range(len(imp)) if i not in kept), key=lambda i: (imp[i], i))
     if n_drop > len(order):
+        runs = f"<= {protect}" if isinstance(protect, int) else ", ".join(map(str, sorted(kept)))
         raise IncompatiblePolicyError(where, f"would skip {n_drop} layers; at most {len(order)} can be skipped "
-                                      f"(layers <= {protect} always run)")
+                                      f"(layers {runs} always run)")
     return tuple(sorted(order[:n_drop]))
 
 

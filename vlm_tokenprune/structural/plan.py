@@ -203,7 +203,7 @@ def resolve(model: nn.Module, policy: Policy, seams: Any) -> StructuralPlan | No
             if "calibration" in p:
                 art = load_artifact(p["calibration"], model, "layers", f"{where}.calibration")
                 kept = max(1, min(n, round(p["layers_kept"] * n / p["of"])))
-                layers = select_layers(art, n - kept, protect=seams.first_full_attention_layer, where=f"{where}.layers_kept")
+                layers = select_layers(art, n - kept, protect=mask_layers(seams), where=f"{where}.layers_kept")
             else:
                 layers = _layers(p["layers"], n, f"{where}.layers")
             if p["scope"] == "all":
