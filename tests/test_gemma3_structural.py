@@ -184,3 +184,22 @@ def test_searches_and_calibrated_skips_leave_the_mask_layers_running():
     assert select_layers(art, 2, protect=(0, 5)) == (2, 4)
     with pytest.raises(IncompatiblePolicyError, match=r"layers 0, 5 always run"):
         select_layers(art, 5, protect=(0, 5), where="stages[0].layers_kept")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_yopo_head_calibration_reads_each_layers_own_rows(attn):
+    """``calibrate(what="heads")`` (YOPO's ratio of attention to visual over text keys, every real query row): the
+    attention of each layer's own rows, sliding window and image block included == the eager model's
+    ``output_attentions`` on the padded batch (a prompt 6x the window)."""
+    model = tiny(attn)
+    inputs = make_gemma3_batch(model, ROWS, seed=0)
+    art = vtp.calibrate(model, [inputs], what="heads", progress=False)
+    with torch.no_grad():
+        att = tiny("eager")(**inputs, output_attentions=True).attentions  # per layer [B, H, L, L]
+    valid = inputs["attention_mask"].bool()
+    vis = (inputs["input_ids"] == IMAGE_TOKEN_ID) & valid
+    for b in range(len(ROWS)):
+        for j, a in enumerate(att):
+            rows = a[b][:, valid[b]]  # [H, real queries, L]
+            want = rows[..., vis[b]].sum((1, 2)) / rows[..., valid[b] & ~vis[b]].sum((1, 2))
+            torch.testing.assert_close(torch.tensor(art["ratios"][b][j]), want, atol=1e-5, rtol=1e-5)

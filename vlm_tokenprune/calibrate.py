@@ -3,7 +3,8 @@
 ``what="heads"`` (YOPO, arXiv 2410.06169, "inactive visual head pruning"): per sample, layer
 and head, ``ratio = sum of attention to visual keys / sum of attention to text keys`` over every
 real query row of the prompt (post-softmax, RoPE, causal, padding masked; rebuilt from each
-layer's own projections by ``attention.attention_rows``, so any attention backend works).
+layer's own projections by ``attention.attention_rows``, so any attention backend works; on Gemma 3 each row
+over the keys of the layer's own mask: its sliding window, the image block).
 A policy then keeps a head when the majority of samples vote for it: ``ratio > threshold``,
 or ``top_n`` (the n heads with the most votes per layer, ties by mean ratio); layers below
 ``keep_first`` (2) keep every head.
@@ -37,6 +38,7 @@ from torch import nn
 
 from .adapters import resolve_adapter
 from .attention import attention_rows
+from .masking import allowed_of
 from .errors import InputError, PolicyError, UnsupportedModelError
 from .marking import is_patched
 from .search.finercut import greedy_sublayers
@@ -77,7 +79,8 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], what: str 
     captured: dict = {}
 
     def pre(j, module, args, kwargs):
-        captured[j] = [kwargs["hidden_states"] if not args else args[0], kwargs.get("position_embeddings"), None]
+        captured[j] = [kwargs["hidden_states"] if not args else args[0], kwargs.get("position_embeddings"), None,
+                       kwargs.get("attention_mask")]
 
     def post(j, module, args, kwargs, out):
         captured[j][2] = out[0] if isinstance(out, tuple) else out
@@ -111,8 +114,11 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], what: str 
                 idx = torch.arange(L, device=input_ids.device).expand(B, L)
                 ratios = []
                 for j, layer in enumerate(layers):
-                    hidden, pe, _ = captured[j]
-                    probs = attention_rows(layer, hidden, pe, idx, idx, valid, valid, reduce="none")  # [B, H, L, L]
+                    hidden, pe, _, mask = captured[j]
+                    # a family whose rows are not causal (Gemma 3: sliding window, image block): the layer's own mask rows
+                    own = allowed_of(mask, B) if adapter.scoring_reads_layer_mask else None
+                    probs = attention_rows(layer, hidden, pe, idx, idx, valid, valid, reduce="none",
+                                           row_keys=None if own is None else own & valid[:, None, :])  # [B, H, L, L]
                     probs = probs * valid[:, None, :, None]
                     to_vis = (probs * is_vis[:, None, None, :]).sum((2, 3))
                     to_text = (probs * text[:, None, None, :]).sum((2, 3))
