@@ -104,7 +104,7 @@ def calibrate(model: nn.Module, batches: Iterable[Mapping[str, Any]], what: str 
                 if what == "layers":
                     rows = torch.zeros(B, len(layers))
                     for j in range(len(layers)):
-                        x, _, y = captured[j]
+                        x, _, y, _ = captured[j]
                         cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)  # [B, L]
                         rows[:, j] = 1 - (cos * valid).sum(1) / valid.sum(1)
                     per_sample += rows.tolist()
