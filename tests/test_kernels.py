@@ -136,6 +136,34 @@ def test_attention_scores_whole_keys_and_split_heads():
     torch.testing.assert_close(got, ref.attention_scores(q, k, q_idx, k_valid, scaling=0.3), atol=2e-6, rtol=1e-5)
 
 
+@needs_triton
+@pytest.mark.parametrize("case", [SCORE_CASES[1], SCORE_CASES[3], SCORE_CASES[4]],
+                         ids=lambda c: f"H{c[1]}/{c[2]}-R{c[3]}-N{c[4]}-{str(c[6])[6:]}-{c[8]}")
+def test_attention_scores_with_row_keys_match_reference(case):
+    """Per-row key sets instead of the causal rule (Gemma 3: each row its own sliding window, image rows their
+    block, keys after the query included), an empty row: kernel == reference; the causal rows as row_keys ==
+    no row_keys."""
+    B, H, H_kv, R, N, d, dtype, rope, softmax_over, block = case
+    q, k, q_idx, k_valid, cos, sin, subset, subset_ok, row_ok = _scores_case(B, H, H_kv, R, N, d, dtype)
+    g = torch.Generator().manual_seed(5)
+    pos = torch.arange(N)
+    window = (pos[None, None, :] > q_idx[:, :, None] - 4) & (pos[None, None, :] <= q_idx[:, :, None])
+    row_keys = window | (torch.rand(B, R, N, generator=g) < 0.3)  # some keys after the query
+    row_keys[-1, 0] = False  # a row without any key
+    kw = dict(scaling=d ** -0.5, cos=cos if rope else None, sin=sin if rope else None, subset=subset,
+              subset_ok=subset_ok, softmax_over=softmax_over, row_ok=row_ok)
+    causal = pos[None, None, :] <= q_idx[:, :, None]
+    for reduce in ("mean", "max", "none"):
+        want = ref.attention_scores(q, k, q_idx, k_valid, reduce=reduce, row_keys=row_keys, **kw)
+        got = K["scores"].attention_scores(q, k, q_idx, k_valid, reduce=reduce, row_keys=row_keys, block_m=block,
+                                           block_n=block, **kw)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(K["scores"].attention_scores(q, k, q_idx, k_valid, reduce=reduce, row_keys=causal,
+                                                                block_m=block, block_n=block, **kw),
+                                   ref.attention_scores(q, k, q_idx, k_valid, reduce=reduce, **kw), atol=2e-6, rtol=1e-5)
+    assert not torch.allclose(want, ref.attention_scores(q, k, q_idx, k_valid, reduce="none", **kw))
+
+
 def test_reference_scores_chunking_is_exact_enough(monkeypatch):
     """The reference's row chunking (its memory bound) does not change its result."""
     q, k, q_idx, k_valid, cos, sin, subset, subset_ok, row_ok = _scores_case(2, 4, 2, 5, 13, 8, torch.float32)
@@ -273,6 +301,20 @@ def test_fastv_triton_backend_equals_torch(models, impl, policy):
     assert torch.equal(got_logits, want_logits)
     # not vacuous: another budget keeps other tokens
     assert _run(model, inputs, policy.replace("keep=0.5", "keep=0.3"), "torch")[1] != want_keep
+
+
+@needs_triton
+def test_gemma3_several_rows_at_a_sliding_layer_triton_equals_torch():
+    """EfficientVLA's instruction rows at a Gemma 3 sliding layer on a prompt 6x the window (per-row key sets from the
+    layer's own mask, streamed by the kernel): the torch backend's kept tokens (== oracle in test_gemma3)."""
+    from vlm_tokenprune.eval.tiny_gemma3 import build_tiny_gemma3, make_gemma3_batch
+
+    model = build_tiny_gemma3("sdpa")
+    inputs = make_gemma3_batch(model, [[3, "img", 2, "img", 6], [2, "img", 5]])
+    want_logits, want_keep = _run(model, inputs, "efficientvla:layer=2,keep=0.3", "torch")
+    got_logits, got_keep = _run(model, inputs, "efficientvla:layer=2,keep=0.3", "triton")
+    assert got_keep == want_keep
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-6, rtol=0)
 
 
 @needs_triton

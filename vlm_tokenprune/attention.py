@@ -74,8 +74,7 @@ def attention_rows(
         reduce: ``"none"`` (per head and row), ``"mean"`` / ``"max"`` over heads and ``query_ok`` rows.
         query_ok: ``[B, R]`` real query rows for the reduction (None: all).
         row_keys: ``[B, R, L]`` bool, the keys each query row may attend when the layer's own mask rows are not
-            causal (Gemma 3: ``ScoringContext.layer_mask``); replaces the causal rule, and-ed with ``seq_valid``.
-            Always computed by the PyTorch reference (``ops.attention_scores``).
+            causal (Gemma 3: ``ScoringContext.layer_mask``); replaces the causal rule, and-ed with ``seq_valid`` (both backends).
         backend: ``"torch"``, ``"triton"`` or ``"auto"`` (``ops``).
 
     Returns:

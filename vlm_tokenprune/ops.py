@@ -105,15 +105,13 @@ def attention_scores(
     ``[B, S]`` for ``reduce="mean"|"max"``, ``[B, H, R, S]`` for ``"none"``. The kernel streams
     over the keys (memory O(B*H*R + B*S)); the reference materialises ``[B, H, r, Nk]`` logits for
     chunks of rows. ``row_keys`` (per-row key sets that are not causal: several query rows at a Gemma 3
-    sliding layer, image-token rows in its bidirectional block) always runs the reference: the kernel knows
-    only the causal rule, and the result is the same either way.
+    sliding layer, image-token rows in its bidirectional block) replaces the causal rule on both paths (the
+    kernel reads the ``[B, R, Nk]`` bools as it streams the keys).
     """
     ref.check_scores_args(q, k, q_idx, k_valid, k_idx, cos, sin, subset, subset_ok, softmax_over, reduce, row_ok,
                           row_keys)
     kw = dict(scaling=scaling, k_idx=k_idx, cos=cos, sin=sin, subset=subset, subset_ok=subset_ok,
-              softmax_over=softmax_over, reduce=reduce, row_ok=row_ok)
-    if row_keys is not None:
-        return ref.attention_scores(q, k, q_idx, k_valid, row_keys=row_keys, **kw)
+              softmax_over=softmax_over, reduce=reduce, row_ok=row_ok, row_keys=row_keys)
     if use_triton(backend, q):
         return _kernel("scores").attention_scores(q, k, q_idx, k_valid, **kw)
     return ref.attention_scores(q, k, q_idx, k_valid, **kw)

@@ -113,8 +113,8 @@ class ScoringContext:
         ``reduce``: ``"mean"`` (over heads and the real query rows; equals
         ``attention(...).mean(dim=1)`` averaged over the real rows) or ``"max"``. Queries as in
         ``attention``. On the Triton backend the ``[B, H, R, N]`` probabilities are never
-        materialised (memory O(B * H * R + B * N)); per-row key sets (``layer_mask`` with several rows)
-        run the PyTorch reference, in chunks of rows.
+        materialised (memory O(B * H * R + B * N), plus the ``[B, R, M]`` per-row key sets read from
+        ``layer_mask`` when several rows need them).
         """
         query, query_ok = self._queries(query, query_ok)
         key_valid, row_keys = self._key_valid(query)

@@ -42,8 +42,8 @@ Scoring: a criterion reading attention sees the scoring layer's own rows (``scor
 Each query row has its own keys: in a sliding layer those inside ITS window of original positions, for an
 image-token row also the later kept tokens of its image block, never padding. One text row (FastV's last
 token, FEATHER, FlowCut) restricts the valid keys (any backend); several rows (EfficientVLA's instruction
-tokens, SparseVLM's raters, ATP's visual rows) score with per-row key sets (``row_keys``, the PyTorch
-reference of ``ops.attention_scores``), at any prompt length.
+tokens, SparseVLM's raters, ATP's visual rows) score with per-row key sets (``row_keys`` of
+``ops.attention_scores``, PyTorch reference and Triton kernel alike), at any prompt length.
 Structural ops (``structural``): all of them, as on every family: Gemma 3's sandwich norms make a removed
 sublayer (zero output) add nothing (its post-norm of zero is zero); ``skip_layers`` / ``skip_sublayers`` attn
 (scope all) are refused at the first sliding and the first full-attention layer, whose caches transformers sizes

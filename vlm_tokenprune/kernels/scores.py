@@ -6,7 +6,8 @@ the ``[B, H, R, Nk]`` logits are never materialised.
 
 - pass 1 (``_row_stats_kernel``), one program per (block of G*R query rows of one KV head, b):
   online max / sum-exp over every allowed key of the normaliser (the whole causal row, or the
-  subset for ``softmax_over="keys"``), RoPE applied on the fly.
+  subset for ``softmax_over="keys"``), RoPE applied on the fly. ``row_keys`` ``[B, R, Nk]`` (Gemma 3's
+  per-row windows and image block) replaces the causal rule in both passes; it is read, never written.
 - pass 2 (``_subset_kernel``), one program per (block of S subset keys, b, head split): the
   subset keys' probabilities ``exp(logit - max) / sum``, reduced over heads and rows in
   registers (deterministic: no atomics), or stored per head and row for ``reduce="none"``.
@@ -82,6 +83,16 @@ def _keys_at(kk, n_mask, b, kvalid_ptr, kidx_ptr, skv_b, skv_n, ski_b, ski_n, HA
 
 
 @triton.jit
+def _rule(kpos, qpos, r, kk, b, m_mask, n_mask, rk_ptr, srk_b, srk_r, srk_n, HAS_ROWKEYS: tl.constexpr):
+    """``[rows, keys]``: the causal rule ``k <= q``, or the given per-row key sets (``row_keys``) instead."""
+    if HAS_ROWKEYS:
+        ptrs = rk_ptr + b * srk_b + r.to(tl.int64)[:, None] * srk_r + kk[None, :] * srk_n
+        return tl.load(ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0) != 0
+    else:
+        return kpos[None, :] <= qpos[:, None]
+
+
+@triton.jit
 def _query_tile(pid_m, b, hkv, q_ptr, qidx_ptr, cos_ptr, sin_ptr, R, G, D, L_CS,
                 sq_b, sq_h, sq_r, sq_d, sqi_b, sqi_r, scs_b, scs_l, scs_d,
                 ROPE: tl.constexpr, MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -101,11 +112,12 @@ def _query_tile(pid_m, b, hkv, q_ptr, qidx_ptr, cos_ptr, sin_ptr, R, G, D, L_CS,
 
 @triton.jit
 def _row_stats_kernel(
-    q_ptr, k_ptr, qidx_ptr, kvalid_ptr, kidx_ptr, cos_ptr, sin_ptr, sub_ptr, subok_ptr, m_out, l_out,
+    q_ptr, k_ptr, qidx_ptr, kvalid_ptr, kidx_ptr, cos_ptr, sin_ptr, sub_ptr, subok_ptr, rk_ptr, m_out, l_out,
     H_KV, R, G, NK, S, D, L_CS, scaling,
     sq_b, sq_h, sq_r, sq_d, sk_b, sk_h, sk_n, sk_d, sqi_b, sqi_r, skv_b, skv_n, ski_b, ski_n,
-    scs_b, scs_l, scs_d, ssub_b, ssub_s,
-    HAS_KIDX: tl.constexpr, ROPE: tl.constexpr, NORM_SUBSET: tl.constexpr, Q_MODE: tl.constexpr,
+    scs_b, scs_l, scs_d, ssub_b, ssub_s, srk_b, srk_r, srk_n,
+    HAS_KIDX: tl.constexpr, ROPE: tl.constexpr, NORM_SUBSET: tl.constexpr, HAS_ROWKEYS: tl.constexpr,
+    Q_MODE: tl.constexpr,
     K_MODE: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -138,7 +150,8 @@ def _row_stats_kernel(
         k = _load_rotated(k_rows, b * scs_b + kpos * scs_l, n_mask, (kpos >= 0) & (kpos < L_CS),
                           cos_ptr, sin_ptr, offs_d, D, sk_d, scs_d, ROPE, K_MODE)
         s = _logits(q, k, scaling, USE_DOT)
-        allowed = m_mask[:, None] & kok[None, :] & (kpos[None, :] <= qpos[:, None])
+        rule = _rule(kpos, qpos, r, kk, b, m_mask, n_mask, rk_ptr, srk_b, srk_r, srk_n, HAS_ROWKEYS)
+        allowed = m_mask[:, None] & kok[None, :] & rule
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tmax(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked row so far: exp(-inf) = 0
@@ -151,12 +164,13 @@ def _row_stats_kernel(
 
 @triton.jit
 def _subset_kernel(
-    q_ptr, k_ptr, qidx_ptr, kvalid_ptr, kidx_ptr, cos_ptr, sin_ptr, sub_ptr, subok_ptr, rowok_ptr,
+    q_ptr, k_ptr, qidx_ptr, kvalid_ptr, kidx_ptr, cos_ptr, sin_ptr, sub_ptr, subok_ptr, rk_ptr, rowok_ptr,
     m_in, l_in, out_ptr,
     H_KV, R, G, NK, S, D, L_CS, scaling, HEADS_PER_SPLIT, N_SPLIT,
     sq_b, sq_h, sq_r, sq_d, sk_b, sk_h, sk_n, sk_d, sqi_b, sqi_r, skv_b, skv_n, ski_b, ski_n,
-    scs_b, scs_l, scs_d, ssub_b, ssub_s, sro_b, sro_r,
-    HAS_KIDX: tl.constexpr, ROPE: tl.constexpr, HAS_SUBSET: tl.constexpr, HAS_ROWOK: tl.constexpr,
+    scs_b, scs_l, scs_d, ssub_b, ssub_s, srk_b, srk_r, srk_n, sro_b, sro_r,
+    HAS_KIDX: tl.constexpr, ROPE: tl.constexpr, HAS_SUBSET: tl.constexpr, HAS_ROWKEYS: tl.constexpr,
+    HAS_ROWOK: tl.constexpr,
     REDUCE: tl.constexpr, Q_MODE: tl.constexpr, K_MODE: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -191,7 +205,8 @@ def _subset_kernel(
             l_i = tl.load(l_in + stat, mask=m_mask, other=0.0)
             row = m_mask & (l_i > 0.0)
             s = _logits(q, k, scaling, USE_DOT)
-            allowed = row[:, None] & kok[None, :] & (kpos[None, :] <= qpos[:, None])
+            rule = _rule(kpos, qpos, r, kk, b, m_mask, s_mask, rk_ptr, srk_b, srk_r, srk_n, HAS_ROWKEYS)
+            allowed = row[:, None] & kok[None, :] & rule
             l_safe = tl.where(row, l_i, 1.0)
             p = tl.where(allowed, tl.exp(s - m_i[:, None]) / l_safe[:, None], 0.0)
             if REDUCE == 2:
@@ -232,6 +247,7 @@ def attention_scores(
     softmax_over: str = "row",
     reduce: str = "mean",
     row_ok: torch.Tensor | None = None,
+    row_keys: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     split: int | None = None,
@@ -268,6 +284,8 @@ def attention_scores(
     sub = subset.long() if subset is not None else q_idx
     subok = _u8(subset_ok) if subset is not None else kv
     rok = _u8(row_ok) if row_ok is not None else kv
+    rk = _u8(row_keys) if row_keys is not None else kv  # [B, R, NK] (indexed by key, like k_valid)
+    srk = (rk.stride(0), rk.stride(1), rk.stride(2)) if row_keys is not None else (0, 0, 0)
     interp = dev.type != "cuda"
     BLOCK_D = _pow2(D, 1 if interp else 16, 1 << 30)
     BLOCK_M = block_m or _pow2(G * R, 1 if interp else 16, 64)
@@ -285,9 +303,10 @@ def attention_scores(
     l_buf = torch.empty((B, H, R), dtype=torch.float32, device=dev)
     if B * H * R and G * R:
         _row_stats_kernel[(triton.cdiv(G * R, BLOCK_M), B * H_KV)](
-            q, k, q_idx, kv, kidx, cos, sin, sub, subok, m_buf, l_buf,
-            H_KV, R, G, NK, S, D, L_CS, float(scaling), *common,
-            HAS_KIDX=k_idx is not None, ROPE=rope, NORM_SUBSET=norm_subset, Q_MODE=q_mode, K_MODE=k_mode,
+            q, k, q_idx, kv, kidx, cos, sin, sub, subok, rk, m_buf, l_buf,
+            H_KV, R, G, NK, S, D, L_CS, float(scaling), *common, *srk,
+            HAS_KIDX=k_idx is not None, ROPE=rope, NORM_SUBSET=norm_subset, HAS_ROWKEYS=row_keys is not None,
+            Q_MODE=q_mode, K_MODE=k_mode,
             USE_DOT=use_dot, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps,
             enable_fp_fusion=False,
         )
@@ -303,10 +322,11 @@ def attention_scores(
         out = torch.zeros((B, split, S), dtype=torch.float32, device=dev)
     if B * S and R:
         _subset_kernel[(n_s_blocks, B, split)](
-            q, k, q_idx, kv, kidx, cos, sin, sub, subok, rok, m_buf, l_buf, out,
-            H_KV, R, G, NK, S, D, L_CS, float(scaling), heads_per_split, split, *common,
+            q, k, q_idx, kv, kidx, cos, sin, sub, subok, rk, rok, m_buf, l_buf, out,
+            H_KV, R, G, NK, S, D, L_CS, float(scaling), heads_per_split, split, *common, *srk,
             rok.stride(0), rok.stride(1) if rok.dim() > 1 else 0,
-            HAS_KIDX=k_idx is not None, ROPE=rope, HAS_SUBSET=subset is not None, HAS_ROWOK=row_ok is not None,
+            HAS_KIDX=k_idx is not None, ROPE=rope, HAS_SUBSET=subset is not None, HAS_ROWKEYS=row_keys is not None,
+            HAS_ROWOK=row_ok is not None,
             REDUCE={"mean": 0, "max": 1, "none": 2}[reduce], Q_MODE=q_mode, K_MODE=k_mode, USE_DOT=use_dot,
             BLOCK_M=BLOCK_M, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, num_warps=num_warps, enable_fp_fusion=False,
         )
