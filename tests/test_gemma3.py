@@ -538,3 +538,35 @@ def test_flops_count_the_window_of_sliding_layers():
     assert layer_flops(g, 500, 0) == layer_flops(g, 500, 5)  # shorter than the window: no difference
     assert prefill_flops(g, [n] * 34) == sum(layer_flops(g, n, j) for j in range(34)) + 2 * 2560 * 262208
     assert TextGeometry.of(tiny("sdpa").config).sliding_layers == (0, 1, 2, 3, 4)
+
+
+@pytest.mark.parametrize("query", ["last", "text"])
+def test_covipal_guidance_targets_are_the_sliding_layers_own_rows(query):
+    """CoViPAL's stage-1 targets at a sliding guidance layer on a prompt 6x the window: the attention of the layer's
+    own rows (each query its own window) == the eager model's ``output_attentions``, renormalised over the image."""
+    from vlm_tokenprune.train.covipal import guidance_targets
+
+    model = tiny("sdpa")
+    inputs = batch(model)
+    with torch.no_grad():
+        _, valid, vis_idx, vis_ok, target = guidance_targets(model, inputs, 2, query=query)
+        own = tiny("eager")(**inputs, output_attentions=True).attentions[2].mean(1)  # [B, L, L], heads averaged
+    vis = (inputs["input_ids"] == IMAGE_TOKEN_ID) & valid
+    for b in range(len(ROWS)):
+        first = int(vis[b].nonzero()[0])
+        rows = [int(valid[b].nonzero()[-1])] if query == "last" else \
+            [p for p in range(first, valid.shape[1]) if valid[b, p] and not vis[b, p]]
+        a = own[b, rows][:, vis[b]].mean(0)
+        want = a / a.sum()
+        torch.testing.assert_close(target[b][vis_ok[b]], want, atol=1e-5, rtol=1e-5)
+        assert vis_idx[b][vis_ok[b]].tolist() == vis[b].nonzero().flatten().tolist()
+
+
+def test_atp_training_is_refused_by_name():
+    """ATP's training forward builds one causal mask for the layers after its module: not Gemma 3's per-layer masks."""
+    from vlm_tokenprune.train.atp import soft_forward
+
+    model = tiny("sdpa")
+    with pytest.raises(InputError) as e:
+        soft_forward(model, None, batch(model))  # refused before the module is used
+    assert e.value.field == "model" and "gemma3" in str(e.value)

@@ -97,6 +97,11 @@ def soft_forward(model: nn.Module, module: ATPModule, batch: dict, *, hard: bool
 
     adapter = resolve_adapter(model)
     seams = adapter.seams(model)
+    if adapter.scoring_reads_layer_mask:
+        raise InputError("model", f"ATP training builds one causal 4-D mask for the layers after the module; "
+                         f"{model.config.model_type!r} masks are per layer (sliding window of original positions, "
+                         "image block) and are not rebuilt here; allowed: a model whose layers share one causal mask "
+                         "(every supported family but gemma3)")
     impl = attn_implementation(model.config.text_config)
     if impl not in ("eager", "sdpa"):
         raise InputError("attn_implementation", f"ATP training needs 4-D float masks; allowed: eager, sdpa; got {impl!r}")

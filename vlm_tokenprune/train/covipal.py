@@ -96,6 +96,7 @@ def guidance_targets(model: nn.Module, batch: Mapping[str, Any], layer: int, que
     """
     from ..adapters import resolve_adapter
     from ..attention import attention_rows
+    from ..masking import allowed_of
 
     adapter = resolve_adapter(model)
     adapter.check(model)
@@ -110,6 +111,7 @@ def guidance_targets(model: nn.Module, batch: Mapping[str, Any], layer: int, que
     def layer_hook(module, args, kwargs):
         got["hidden"] = kwargs["hidden_states"] if not args else args[0]
         got["pe"] = kwargs.get("position_embeddings")
+        got["mask"] = kwargs.get("attention_mask")
         raise _Stop
 
     hooks = [seams.language_model.register_forward_pre_hook(lm_hook, with_kwargs=True),
@@ -141,8 +143,13 @@ def guidance_targets(model: nn.Module, batch: Mapping[str, Any], layer: int, que
         q_idx, q_ok = instruction_text(seq_valid, vis_idx, vis_ok)
         if q_idx.shape[1] == 0:
             raise InputError("query", "'text' needs instruction tokens after the image; this batch has none")
+    row_keys = None
+    if adapter.scoring_reads_layer_mask:  # Gemma 3: each query row over its own keys (sliding window, image block)
+        own = allowed_of(got["mask"], B)
+        if own is not None:
+            row_keys = torch.gather(own, 1, q_idx[:, :, None].expand(-1, -1, L)) & seq_valid[:, None, :]
     att = attention_rows(seams.decoder_layers[layer], got["hidden"], got["pe"], q_idx, vis_idx, vis_ok, seq_valid,
-                         rope=True, softmax_over="row", reduce="mean", query_ok=q_ok)  # [B, N], fp32
+                         rope=True, softmax_over="row", reduce="mean", query_ok=q_ok, row_keys=row_keys)  # [B, N], fp32
     att = att * vis_ok
     target = att / att.sum(1, keepdim=True).clamp(min=1e-30)
     return got["embeds"], seq_valid, vis_idx, vis_ok, target
