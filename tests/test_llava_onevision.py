@@ -224,8 +224,7 @@ def test_vision_site_is_refused_by_name():
     model = tiny("sdpa")
     for policy, field in (("flowcut_vit:keep=0.5", r"stages\[0\]\.criterion.*'flowcut_vit'.*no CLS token"),
                           ("visionzip:keep=0.5", r"stages\[0\]\.criterion.*'visionzip'.*no CLS token"),
-                          ("vispruner:keep=0.5", r"stages\[0\]\.site.*anyres_max"),  # has a CLS-free rule
-                          ("mctf:keep=0.5", r"stages\[0\]\.site.*anyres_max")):
+                          ("mctf:keep=0.5", r"stages\[0\]\.criterion.*'mctf'.*CLS token only")):  # vispruner runs
         with no_hook_left(model), pytest.raises(IncompatiblePolicyError, match=field):
             vtp.patch(model, policy)
 

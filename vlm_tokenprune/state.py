@@ -205,7 +205,7 @@ class Trace:
                     vision_tokens_per_layer=(list(st.vision.tokens_per_layer) if vision else None),
                     kept_all=dict(getattr(r, "relaxed", {}) or {}),
                     vision_crops=int(st.vision.ident.shape[0]) if vision else None,
-                    vision_kept_patches=int(st.vision.ident.shape[1] - st.vision.offset) if vision else None,
+                    vision_kept_patches=st.vision.kept_patches if vision else None,
                 )
             )
         return cls(phase=st.phase, stages=stages, tokens_per_layer=list(st.tokens_per_layer))

@@ -74,6 +74,7 @@ class VisionSeams:
     go on from ``pack_point`` (InternVL); False: every token is projected and the kept rows are taken from the
     projector's output (Gemma 3: its RMSNorm gives other bits on a shorter input, so this keeps the kept tokens
     bit-identical to the unpruned model's; the projection is 2 * 1152 * 2560 FLOPs per pooled token).
+    ``mask_only`` / ``refuse_calls``: see the fields (LLaVA-OneVision).
     """
 
     tower: nn.Module
@@ -93,6 +94,13 @@ class VisionSeams:
     pack_point: nn.Module | None = None
     project_kept_only: bool = True
     group_kind: tuple[str, str] = ("pixel shuffle", "pixel-shuffle groups")  # for messages: how / what (Gemma 3: pooling)
+    # LLaVA-OneVision: the stage MARKS its dropped patches (``VisionRun.owner`` -1) instead of shortening the feature
+    # layer's output; every patch is projected and packed by the model, the pre-LLM path drops the marked placeholders,
+    # and a crop can keep all its patches while the others of the batch are reduced (an anyres_max-resized image)
+    mask_only: bool = False
+    # ``(method of pack_owner, input field, why)``: calls refused by name while the vision stage is patched in
+    # (OneVision's ``get_video_features``: its frames are pooled after the tower, a layout no vision stage maps)
+    refuse_calls: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def n_tokens(self) -> int:

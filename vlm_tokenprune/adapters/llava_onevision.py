@@ -17,9 +17,10 @@ then the newline tokens are the feature rows equal to the model's ``image_newlin
 Layout (``VisualLayout``): ``image`` numbers the visual items (images and videos) of a row in
 prompt order; segments: an image's base grid, its anyres grid (when tiled), each video frame;
 newline tokens have row / col -1 and ``is_newline``. The LLM (Qwen2) has 1-D positions and full
-attention: LLM-site and pre-LLM stages work as on LLaVA-NeXT. The vision site is refused: SigLIP
-has no CLS token (FlowCut's ViT stage needs one) and the anyres resize after the tower is not
-mapped for reduced crops.
+attention: LLM-site and pre-LLM stages work as on LLaVA-NeXT. The vision site runs CLS-free rules only
+(VisPruner's SigLIP variant; SigLIP has no CLS, so VisionZip / FlowCut's ViT stage are refused by name, and
+MCTF too), per crop; an image that ``anyres_max_N`` resizes after the tower keeps all its tokens (its packed
+tokens mix neighbouring patches): see ``vision_seams``. Videos are refused at the vision site.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from torch import nn
 from ..compat import attn_implementation
 from ..errors import IncompatiblePolicyError, InputError, UnsupportedModelError
 from ..registry import ADAPTERS
-from .base import (HFAdapter, Seams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for,
+from .base import (HFAdapter, Seams, VisionSeams, VisualLayout, check_decoder_layers, hf_seams, mask_format_for,
                    uses_sliding_window)
 
 SUPPORTED_TEXT_MODELS = ("qwen2", "llama", "mistral")
@@ -70,15 +71,39 @@ class LlavaOnevisionAdapter(HFAdapter):
 
     vision_no_cls = "the SigLIP tower has no CLS token"
 
-    def vision_seams(self, model: nn.Module, where: str = "site"):
-        """Refused: see the module docstring."""
-        raise IncompatiblePolicyError(
-            where,
-            f"site vision is not supported for 'llava_onevision': the anyres_max bilinear resize after its "
-            f"{model.config.vision_config.model_type!r} tower mixes neighbouring patches, which is not mapped for "
-            "reduced crops (and its tower has no CLS token for CLS-attention methods); allowed: site llm or pre_llm "
-            "on this model, site vision on llava / llava_next / internvl",
-        )
+    def vision_seams(self, model: nn.Module, where: str = "site") -> VisionSeams:
+        """SigLIP for vision-site stages with a CLS-free rule (VisPruner's official SigLIP variant), per crop (the
+        base image and each anyres crop); the model's own ``pack_image_features`` maps kept patches to placeholders
+        (as on LLaVA-NeXT). The stage marks dropped patches (``VisionSeams.mask_only``): an image whose unpadded grid
+        ``pack_image_features`` bilinearly resizes (``anyres_max_N``: its packed tokens mix patches, found by packing
+        index features) keeps all its tokens, the row is relaxed (``kept_all`` in the trace; ``strict=True``:
+        ``InputError``). Videos (frames pooled after the tower) are refused by name at call time."""
+        cfg = model.config
+        vc = cfg.vision_config
+        if vc.model_type != "siglip_vision_model":
+            raise IncompatiblePolicyError(
+                where, f"site vision on 'llava_onevision' needs its SigLIP tower, got {vc.model_type!r}; "
+                "allowed: siglip_vision_model")
+        if cfg.vision_feature_select_strategy != "full":
+            raise IncompatiblePolicyError(
+                where, f"config.vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} drops a SigLIP "
+                "patch (the tower has no CLS); allowed at site vision: 'full'")
+        tower = model.model.vision_tower
+        layers = tuple(getattr(tower, "vision_model", tower).encoder.layers)
+        layer, n = cfg.vision_feature_layer, len(layers)
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer <= n or layer in (0, -n - 1):
+            raise IncompatiblePolicyError(
+                where, f"config.vision_feature_layer={layer!r} is not supported at site vision; allowed: one integer "
+                f"layer in 1..{n} or -{n}..-1")
+        side = vc.image_size // vc.patch_size
+        return VisionSeams(
+            tower=tower, layers=layers, feature_layer=n + layer if layer < 0 else layer - 1,
+            select_strategy="default",  # the hooks' virtual CLS row is dropped before the projector
+            n_patches=side * side, projector=model.model.multi_modal_projector,
+            attn_implementation=attn_implementation(vc), pack_owner=model.model, cls_token=False, mask_only=True,
+            refuse_calls=(("get_video_features", "pixel_values_videos",
+                           "a video's frames are pooled (bilinear 2x) after the tower, a layout no vision-site stage "
+                           "maps; allowed: images with a site-vision policy, videos with site llm or pre_llm"),))
 
     # -- visual tokens -----------------------------------------------------------------------
     def visual_layout(self, model: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> VisualLayout:

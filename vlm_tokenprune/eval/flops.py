@@ -479,8 +479,9 @@ class VisionGeometry:
             layers = get(config, "vision_feature_layer", -2)
             n_feat = len(layers) if isinstance(layers, (list, tuple)) else 1  # several layers: concatenated
             dt = int(d_text) if d_text is not None else D
+            onevision = str(get(config, "model_type", "") or "") == "llava_onevision"  # mask-only vision stage:
             return cls(D, M, L, side * side, int(vget("num_channels", 3)) * p * p, 1 if "clip" in vtype else 0, 1, 2,
-                       ((D * n_feat, dt), (dt, dt)))
+                       ((D * n_feat, dt), (dt, dt)), projects_all=onevision)  # every patch is projected
         return None
 
 

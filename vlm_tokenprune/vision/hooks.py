@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -91,9 +92,13 @@ def install(handle: "PatchHandle", vs: "VisionSeams") -> None:
                 vs.projector.register_forward_hook(mark_hook(functools.partial(_projector_post, handle, vs))))
     if vs.pack_owner is not None:
         original = vs.pack_owner.pack_image_features
-        handle.swap_attr(vs.pack_owner, "pack_image_features", functools.partial(_pack, handle, original))
+        handle.swap_attr(vs.pack_owner, "pack_image_features", functools.partial(_pack, handle, vs, original))
         handle.add_hook(f"{type(vs.pack_owner).__name__}.pack_image_features: instance wrapper (maps placeholders "
                         "to crop slots; undone by unpatch)")
+    for name, field, why in vs.refuse_calls:
+        handle.swap_attr(vs.pack_owner, name, functools.partial(_refused, i, name, field, why))
+        handle.add_hook(f"{type(vs.pack_owner).__name__}.{name}: instance wrapper (refused by name while vision "
+                        f"stage {i} is patched in; undone by unpatch)")
 
 
 # -- hooks ------------------------------------------------------------------------------------------
@@ -170,6 +175,14 @@ def _feature_post(handle: "PatchHandle", vs: "VisionSeams", module, args, output
     if new is not hidden and (new.shape[1] != run.length or not bool((run.ident[:, 0] == 0).all())):
         raise RuntimeError(f"vision criterion {run.stage.criterion!r}: after_feature_layer must return one token per "
                            "current token of the run (run.reassign) with CLS kept at index 0")
+    if vs.mask_only and new is not hidden:  # OneVision: mark the dropped patches; every patch goes on to the projector
+        if bool((run.size != 1).any()) or run.length == 1:
+            raise RuntimeError(f"vision criterion {run.stage.criterion!r} merges tokens; a mask-only tower keeps or drops")
+        T0 = run.owner.shape[1]
+        ar = torch.arange(T0, device=run.owner.device).expand_as(run.owner)
+        run.ident, run.owner = ar.clone(), torch.where(run.owner >= 0, ar, -1)
+        run.size = torch.ones(run.owner.shape, device=run.owner.device)
+        return None
     if vs.groups is not None and run.changed:  # the model's own pixel shuffle / pooling packs the full grid;
         new = widen_to_grid(run, new, vs.groups)  # _projector_pre keeps the kept groups' tokens
     if new is hidden:
@@ -252,23 +265,64 @@ def check_features(handle: "PatchHandle", kwargs: dict) -> None:
             "called on the patched model right before this forward")
 
 
-def _pack(handle: "PatchHandle", original, image_features, image_sizes, vision_feature_select_strategy,
-          image_newline=None):
-    out = original(image_features, image_sizes, vision_feature_select_strategy, image_newline=image_newline)
+def _refused(i: int, name: str, field: str, why: str, *args, **kwargs):
+    raise InputError(field, f"{name}() runs the vision tower that vision stage {i} (site vision) is patched into: {why}")
+
+
+def _pack(handle: "PatchHandle", vs: "VisionSeams", original, image_features, *args, **kwargs):
+    """The model's own ``pack_image_features`` (LLaVA-NeXT, OneVision); on index features ``(crop, slot, u^2)``
+    (``u = crop * width + slot``, float64) it maps every packed feature to its crop slot. A packed feature whose
+    index is not one patch's (``u`` not an integer, or the mean of ``u^2`` above ``u^2``: a weighted mix of several
+    patches, OneVision's ``anyres_max`` bilinear resize) makes its image keep ALL its tokens (``mask_only``
+    towers; ``patch(strict=True)``: ``InputError``); its features then take its crops' slots in order."""
+    out = original(image_features, *args, **kwargs)
     o = handle.vision_outcome
     if o is not None:  # the packed features are this tower call's too (check_features)
         o.produced(*([out[0]] if isinstance(out[0], torch.Tensor) else list(out[0])))
-    if o is not None and o.slots is None:
-        ids, start = [], 0
-        for f in image_features:  # [crops of this image, slots, D]
-            c = torch.arange(start, start + f.shape[0], dtype=torch.float32)[:, None].expand(-1, f.shape[1])
-            s = torch.arange(f.shape[1], dtype=torch.float32)[None, :].expand(f.shape[0], -1)
-            ids.append(torch.stack([c, s], dim=-1))
-            start += f.shape[0]
-        newline = torch.tensor([-1.0, -1.0]) if image_newline is not None else None
-        packed, _ = original(ids, image_sizes, vision_feature_select_strategy, image_newline=newline)
-        o.slots = torch.cat(list(packed)).round().long().to(o.owner.device)
+    if o is None or o.slots is not None:
+        return out
+    call = inspect.signature(original).bind(image_features, *args, **kwargs)
+    ids, crops, start = [], [], 0
+    for f in image_features:  # [crops of this image, slots, D]
+        W = f.shape[1]
+        c = torch.arange(start, start + f.shape[0], dtype=torch.float64)[:, None].expand(-1, W)
+        s = torch.arange(W, dtype=torch.float64)[None, :].expand(f.shape[0], -1)
+        ids.append(torch.stack([c, s, (c * W + s) ** 2], dim=-1))
+        crops.append(range(start, start + f.shape[0]))
+        start += f.shape[0]
+    call.arguments["image_features"] = ids
+    if call.arguments.get("image_newline") is not None:
+        call.arguments["image_newline"] = torch.full((3,), -1.0, dtype=torch.float64)
+    packed, _ = original(*call.args, **call.kwargs)
+    slots = []
+    for j, (p, cr) in enumerate(zip(packed, crops)):
+        W = image_features[j].shape[1]
+        feat = p[:, 1] >= 0
+        u = p[:, 0] * W + p[:, 1]
+        mixed = feat & (((p[:, :2] - p[:, :2].round()).abs().amax(1) > 1e-6) | ((p[:, 2] - u ** 2).abs() > 1e-3))
+        sl = p[:, :2].round().long()
+        if bool(mixed.any()):
+            i = o.stage_index
+            why = (f"image {j} of the batch: pack_image_features resizes its unpadded anyres grid bilinearly "
+                   f"({_aspect(call)}), so its packed tokens mix neighbouring patches; kept all its tokens")
+            if getattr(handle, "strict", False):
+                raise InputError(f"stages[{i}]", f"vision stage {i} cannot reduce {why[:-len('; kept all its tokens')]}"
+                                 "; allowed: images whose unpadded grid fits the model's anyres_max budget, or "
+                                 "patch(strict=False) to keep such an image whole")
+            if not vs.mask_only or o.ident.shape != o.owner.shape:
+                raise RuntimeError("a resized image needs a mask-only vision stage")
+            k = torch.arange(int(feat.sum()))
+            sl[feat] = torch.stack([cr.start + k // W, k % W], dim=1)
+            o.owner[cr.start:cr.stop] = torch.arange(o.owner.shape[1], device=o.owner.device)
+            o.kept_all.update({c: why for c in cr})
+        slots.append(sl)
+    o.slots = torch.cat(slots).to(o.owner.device)
     return out
+
+
+def _aspect(call) -> str:
+    a = call.arguments.get("vision_aspect_ratio")
+    return f"vision_aspect_ratio={a!r}" if a is not None else "anyres"
 
 
 # -- hand-over to the language model ------------------------------------------------------------------
@@ -290,8 +344,10 @@ def lm_prefill(handle: "PatchHandle", st: "ForwardState", kwargs: dict, stage: A
         raise InputError("inputs_embeds", "a vision stage needs the language model to receive inputs_embeds")
     chain = lm_reduction(handle, st, hidden, drop_newlines=stage.params.get("newlines") == "drop")
     t0 -= st.vision.seconds  # the stage's time includes the scoring inside the tower
+    relaxed = _relaxed_rows(st, hidden.shape[1])
     if chain:
         apply_reduction(handle, st, kwargs, chain, stage=stage, positions=stage.params["positions"], t0=t0)
+        st.prefill.records[-1].relaxed = relaxed
         return
     B, L = hidden.shape[:2]
     ar = torch.arange(L, device=hidden.device).expand(B, L)
@@ -299,7 +355,21 @@ def lm_prefill(handle: "PatchHandle", st: "ForwardState", kwargs: dict, stage: A
     n_vis = is_vis.sum(1)
     vis, vis_ok = right_packed(is_vis, ar)
     st.prefill.records.append(StageRecord(stage, ar, st.valid, vis, vis_ok, n_vis, n_vis, L, L,
-                                          time.perf_counter() - t0, noop=True))
+                                          time.perf_counter() - t0, noop=True, relaxed=relaxed))
+
+
+def _relaxed_rows(st: "ForwardState", L: int) -> dict:
+    """``{row: why}`` of the rows holding an image that kept all its tokens (``VisionOutcome.kept_all``)."""
+    out = st.vision
+    if not out.kept_all:
+        return {}
+    crop = out.feature_slots()[:, 0].cpu()
+    flat = st.layout.is_visual.flatten().nonzero().flatten().cpu()
+    rows: dict = {}
+    for c, why in out.kept_all.items():
+        for b in sorted(set((flat[crop == c] // L).tolist())):
+            rows.setdefault(b, why)
+    return rows
 
 
 def lm_reduction(handle: "PatchHandle", st: "ForwardState", hidden: torch.Tensor,

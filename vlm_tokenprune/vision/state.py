@@ -87,10 +87,20 @@ class VisionOutcome:
     slots: torch.Tensor | None = None
 
     features: list = field(default_factory=list)  # weak references to the feature tensors this call produced
+    # mask-only towers (OneVision): crop -> why it kept all its patches (an anyres_max-resized image)
+    kept_all: dict = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
-        return self.ident.shape[1] != self.owner.shape[1]
+        """Some patch was dropped or merged (shorter run; mask-only towers: a patch marked -1 in ``owner``)."""
+        return self.ident.shape[1] != self.owner.shape[1] or bool((self.owner < 0).any())
+
+    @property
+    def kept_patches(self) -> int:
+        """Patch tokens (or groups) per crop after the stage (mask-only towers: the fewest any crop kept)."""
+        if self.ident.shape[1] != self.owner.shape[1]:
+            return int(self.ident.shape[1] - self.offset)
+        return int((self.owner[:, self.offset:] >= 0).sum(1).min()) if self.owner.shape[0] else 0
 
     def produced(self, *tensors) -> None:
         """Remember feature tensors this tower call returned (projector output, LLaVA-NeXT's packed features)."""
