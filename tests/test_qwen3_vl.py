@@ -281,7 +281,7 @@ def test_video_fastv_matches_oracle(attn):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("policy,field,text", [
     ("flowcut_vit:keep=0.5", "stages[0].criterion", "has no CLS token"),
-    ("mctf:keep=0.5", "stages[0].site", "site vision"),
+    ("mctf:keep=0.5", "stages[0].criterion", "site vision with vispruner"),  # site vision runs VisPruner here
     ("uniform:site=pre_llm,keep=0.5,positions=repack", "stages[0].positions", "3-D"),
 ])
 def test_refused_by_name_before_any_hook(policy, field, text):

@@ -33,19 +33,32 @@ in the sequence receive theirs (``take_visual``). MoE: ``ffn_cut`` (the only op 
 ``skip_sublayers`` ffn removes the whole block (no routing, no expert runs), a visual-scope removal runs it
 on the text rows only; every attention-side op, layer skip, ``neighbor_attention`` and ``visual_drop`` works.
 
+Vision site (``vision_seams``, images only; a library extension, ``vision.packed``): the ViT encodes all images
+as one packed sequence (attention within each image via ``cu_seqlens``, 2-D rotary), and its merger packs each run
+of ``spatial_merge_size^2`` consecutive rows into one LLM token (found by running the merger itself on
+index-coded rows: ``merge_groups``). VisPruner's official SigLIP rule (CLS-free: attention received in the last
+block, mean over queries then heads) picks whole groups per image; the tower, the merger and the DeepStack
+mergers run unchanged on every patch (kept tokens bit-identical), the dropped groups' placeholders leave through
+the pre-LLM path (``positions=gaps``), and the DeepStack features follow the same kept set (the pre-hook above).
+Videos are refused by name at a vision stage (``pixel_values_videos``).
+
 MoE (Qwen3-VL-30B-A3B / 235B-A22B): routing is per token, so a pruned token routes nowhere;
 ``eval.flops`` counts the active experts' FLOPs per kept token (``explain`` shows them).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..compat import attn_implementation
+from ..errors import IncompatiblePolicyError, UnsupportedModelError
 from ..marking import mark_hook
 from ..registry import ADAPTERS
+from ..vision.packed import PackedTower
+from .base import VisionSeams
 from .qwen2_vl import Qwen2VLAdapter
 
 
@@ -112,6 +125,35 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         frames = [Qwen2VLAdapter._grid_from_positions(hw_pos[:, a:b]) for a, b in zip(cuts, cuts[1:])]
         return frames[0] if frames[0] is not None and all(f == frames[0] for f in frames) else None
 
+    def vision_seams(self, model: nn.Module, where: str = "site") -> VisionSeams:
+        """The packed ViT (``vision.packed``): VisPruner's CLS-free rule over whole merge groups, per image."""
+        visual = model.model.visual
+        blocks = tuple(visual.blocks)
+        attn = blocks[-1].attn
+        if not all(hasattr(attn, a) for a in ("qkv", "num_heads", "scaling")) or not hasattr(blocks[-1], "norm1"):
+            raise IncompatiblePolicyError(where, f"{type(attn).__name__}: expected qkv / num_heads / scaling and the "
+                                          "block's norm1 (the Qwen3-VL vision block)")
+        group = merge_groups(visual.merger, int(visual.spatial_merge_size) ** 2, where)
+        for m in getattr(visual, "deepstack_merger_list", ()):
+            merge_groups(m, group, where)
+        rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision", None)
+        if rope is None:
+            raise IncompatiblePolicyError(where, f"{type(attn).__module__}: expected apply_rotary_pos_emb_vision")
+
+        def qk(block, hidden, kwargs):
+            a = block.attn
+            S = hidden.shape[0]
+            q, k, _ = a.qkv(block.norm1(hidden)).reshape(S, 3, a.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            cos, sin = kwargs["position_embeddings"]
+            return rope(q, k, cos, sin)
+
+        cfg = model.config.vision_config
+        return VisionSeams(tower=visual, layers=blocks, feature_layer=len(blocks) - 1, select_strategy="default",
+                           n_patches=0, projector=visual.merger,
+                           attn_implementation=attn_implementation(cfg),
+                           attention_name="attn", cls_token=False, packed=PackedTower(group, qk, float(attn.scaling)),
+                           group_kind=("spatial merge", "merge groups"))
+
     @staticmethod
     def deepstack_layers(model: nn.Module) -> int:
         """How many decoder layers are followed by an injection (after layers 0 .. n - 1)."""
@@ -147,6 +189,55 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         handle.swap_attr(lm, "_deepstack_process", deepstack_process)
         handle.add_hook(f"{type(lm).__name__}._deepstack_process: instance wrapper (DeepStack features at the "
                         "kept tokens of LLM stages below the last injection; undone by unpatch)")
+
+
+class _Captured(Exception):
+    pass
+
+
+def merge_groups(merger: nn.Module, group: int, where: str) -> int:
+    """How many CONSECUTIVE rows of the packed sequence one LLM token of ``merger`` packs, found by running the
+    merger's own forward on index-coded rows (once coded by row, once by channel, both exact in any float dtype)
+    with its norm made the identity; the capture is the input of ``linear_fc1`` ``[G, group * C]``. ``IncompatiblePolicyError`` naming ``where``
+    unless token t is rows ``t * group .. t * group + group - 1`` in order, each a whole channel block."""
+    norm, fc1 = getattr(merger, "norm", None), getattr(merger, "linear_fc1", None)
+    C = getattr(norm, "normalized_shape", (0,))[0]
+    if norm is None or fc1 is None or C == 0:
+        raise IncompatiblePolicyError(where, f"{type(merger).__name__}: expected norm and linear_fc1 (the Qwen3-VL "
+                                      "patch merger)")
+    C = C // group if C == fc1.in_features else C  # a post-shuffle norm sees the packed width
+    N = 4 * group
+
+    def identity(module, args, output):
+        return args[0]
+
+    def take(module, args):
+        box["x"] = args[0].detach().clone()
+        raise _Captured
+
+    dtype, dev = fc1.weight.dtype, fc1.weight.device
+    rows = torch.arange(N, dtype=torch.float32)[:, None].expand(N, C)  # two codes, exact in any float dtype
+    chans = (torch.arange(C) % 256).to(torch.float32)[None].expand(N, C)
+    got = []
+    for x in (rows, chans):
+        box = {}
+        hs = [norm.register_forward_hook(identity), fc1.register_forward_pre_hook(take)]
+        try:
+            with torch.no_grad():
+                merger(x.to(dev, dtype).contiguous())
+        except _Captured:
+            pass
+        finally:
+            for h in hs:
+                h.remove()
+        got.append(box.get("x"))
+    want_rows = torch.arange(N, dtype=torch.float32).repeat_interleave(C).view(N // group, group * C)
+    want_chans = chans.reshape(N // group, group * C)
+    if any(g is None for g in got) or not (torch.equal(got[0].float().cpu(), want_rows)
+                                           and torch.equal(got[1].float().cpu(), want_chans)):
+        raise IncompatiblePolicyError(where, f"{type(merger).__name__} does not pack {group} consecutive rows per LLM "
+                                      "token; site vision is defined for that packing only")
+    return group
 
 
 ADAPTERS.register("qwen3_vl", Qwen3VLAdapter())

@@ -351,7 +351,8 @@ def trace_flops(text_config: Any, trace: Any, logits_tokens: int = 1, policy: An
     vg = VisionGeometry.of(text_config)
     parts = base = None
     vis = [s for s in trace.stages if s.is_vision and s.vision_crops is not None]
-    if vg is not None and vis:  # the tower's real per-layer lengths, per row (crops of the batch / rows)
+    if vg is not None and vis and not vg.dynamic:  # the tower's real per-layer lengths, per row (crops / rows);
+        # Qwen3-VL's packed tower (dynamic) runs whole under its vision stage: counted below like an untouched one
         s = vis[0]
         crops = s.vision_crops / max(1, len(s.visual_before))
         base = vision_flops(vg, crops)
@@ -456,7 +457,8 @@ class VisionGeometry:
             merger = ((D * merge, D * merge), (D * merge, out))
             deepstack = vget("deepstack_visual_indexes")
             if deepstack is not None:  # Qwen3-VL: GELU MLP; the merger + one DeepStack merger per index
-                return cls(D, M, L, 0, ch * tp * p * p, 0, merge, 2, merger * (1 + len(deepstack)), dynamic=True)
+                return cls(D, M, L, 0, ch * tp * p * p, 0, merge, 2, merger * (1 + len(deepstack)), dynamic=True,
+                           projects_all=True)  # a vision stage (vision.packed) runs the tower and mergers on all
             window = int(vget("window_size", 0) or 0) // side // p  # Qwen2.5-VL: SwiGLU MLP, windowed attention
             return cls(D, M, L, 0, ch * tp * p * p, 0, merge, 3, merger, dynamic=True, window=window,
                        full_layers=tuple(int(i) for i in (vget("fullatt_block_indexes") or ())))

@@ -27,6 +27,11 @@ each 4 x 4 window of patches into one LLM token, so the units are the pooling wi
 importance is the SUM of its patches', its feature their concatenation (members in raster order), ``T`` counts
 LLM tokens per image.
 
+Qwen3-VL (a library extension, ``vision.packed``): the same SigLIP rule on Qwen's packed ViT: importance = the
+last block's attention each patch receives within its image (the block's own q / k and 2-D rotary), mean over
+queries then heads; units = the merger's 2 x 2 groups (one LLM token each: summed importance, concatenated
+last-block outputs); ``T`` counts LLM tokens per image; DeepStack features follow the kept groups.
+
 The official code splits an odd ``|R|`` into shapes that do not broadcast (it runs only with
 even residual counts, e.g. 576 - 64); here ``a`` simply has one more token. Presets: ``vispruner``
 keeps 128 of 576 (``r = 0.5``, the README's 64 + 64), ``vispruner_64`` 64 (``r = 0.75``, 48 + 16),
@@ -123,6 +128,11 @@ class VisPrunerCriterion(VisionCriterion):
         "important_ratio": Param(0.5, float, "share of the budget taken by CLS attention (the rest: diverse tokens)",
                                  check=lambda v: 0.0 <= v <= 1.0, allowed="a number in [0, 1]"),
     }
+
+    def select_units(self, importance: torch.Tensor, feats: torch.Tensor, budget: int, params: dict) -> list[int]:
+        """Packed towers (Qwen3-VL, ``vision.packed``): kept units of one image from their importance ``[G]`` and
+        L2-normalised features ``[G, C]`` (the same steps as per crop)."""
+        return select_patches(importance, feats, budget, params.get("important_ratio", 0.5))
 
     def check_vision(self, seams, stage, where: str) -> None:
         if seams.select_strategy not in ("default", "full"):

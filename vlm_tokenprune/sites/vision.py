@@ -1,6 +1,7 @@
 """The vision site: a stage between vision-encoder layers (``site="vision"``, CLIP towers of LLaVA /
 LLaVA-NeXT; InternViT of InternVL, whole pixel-shuffle groups: ``vision.groups``; SigLIP of Gemma 3, whole
-pooling windows, no CLS: ``VisionCriterion.cls_free``). ``check`` validates the stage against the tower (``Adapter.vision_seams``) and the
+pooling windows, no CLS: ``VisionCriterion.cls_free``; Qwen3-VL's packed ViT, whole merge groups per image:
+``vision.packed``). ``check`` validates the stage against the tower (``Adapter.vision_seams``) and the
 criterion (``VisionCriterion.check_vision``); ``install`` registers the tower hooks
 (``vision.hooks``). The reduced features reach the language model through the pre-LLM site.
 """
@@ -54,6 +55,12 @@ def check(target: "PatchTarget") -> VisionSeams | None:
         raise IncompatiblePolicyError(
             f"{where}.positions", f"{stage.params.get('positions')!r} is not defined for {model.config.model_type!r} "
             f"({target.adapter.pre_llm_positions_why}); allowed: {', '.join(allowed)}")
+    if vs.packed is not None and not callable(getattr(crit, "select_units", None)):
+        ok = sorted(n for n in CRITERIA.names() if callable(getattr(CRITERIA.get(n), "select_units", None)))
+        raise IncompatiblePolicyError(
+            f"{where}.criterion", f"{stage.criterion!r} defines no selection over {model.config.model_type!r}'s packed "
+            f"vision tower (whole {vs.group_kind[1]} per image); allowed at site vision here: {', '.join(ok)} (or site "
+            "llm / pre_llm)")
     if vs.groups is not None and not getattr(crit, "whole_groups", False):
         ok = sorted(n for n in CRITERIA.names() if getattr(CRITERIA.get(n), "whole_groups", False))
         raise IncompatiblePolicyError(
@@ -61,7 +68,7 @@ def check(target: "PatchTarget") -> VisionSeams | None:
             f"{model.config.model_type!r} LLM token packs {vs.groups.shape[1]} patches ({vs.group_kind[0]}), so a vision "
             f"stage must keep or merge whole groups; allowed at site vision here: {', '.join(ok)} (or site llm / "
             "pre_llm)")
-    if stage.budget.tokens is not None and stage.budget.tokens > vs.n_tokens:
+    if vs.packed is None and stage.budget.tokens is not None and stage.budget.tokens > vs.n_tokens:
         unit = "patch tokens" if vs.groups is None else f"LLM tokens ({vs.group_kind[1]})"
         raise IncompatiblePolicyError(
             f"{where}.tokens", f"{stage.budget.tokens} is more than the {vs.n_tokens} {unit} per crop; "
@@ -76,5 +83,7 @@ def check(target: "PatchTarget") -> VisionSeams | None:
 
 def install(handle: PatchHandle, vs: VisionSeams | None) -> None:
     handle.vision_seams = vs
-    if vs is not None:
+    if vs is not None and vs.packed is not None:  # Qwen3-VL's packed tower: its own hooks (vision.packed)
+        vs.packed.install(handle, vs)
+    elif vs is not None:
         hooks.install(handle, vs)
