@@ -195,13 +195,24 @@ def test_anyres_max_resize_with_strict_is_refused_naming_the_stage():
 # refusals (docs/bad-inputs.md rows 110, 156)
 # ------------------------------------------------------------------------------------------------
 def test_videos_are_refused_by_name():
+    """In a forward (pixels or precomputed video features: the first hook, before any layer), in ``generate()`` (it
+    encodes through ``get_video_features``) and in a direct ``get_video_features()`` call; unpatched, videos run."""
     model = tiny("sdpa")
     inputs = make_onevision_batch(model, [[3, "img", 2, "vid", 4]], image_sizes=SIZES[:1], video_frames=2)
-    with vtp.patch(model, policy(6)), torch.no_grad(), pytest.raises(InputError) as e:
-        model(**inputs)
-    assert e.value.field == "pixel_values_videos" and "get_video_features" in str(e.value)
     with torch.no_grad():
-        model(**inputs)  # unpatched: videos run again
+        enc = model.model.get_video_features(inputs["pixel_values_videos"], return_dict=True)  # (5.17 names it pixel_values)
+        ref = model(**inputs).logits
+        pre = {**{k: v for k, v in inputs.items() if k not in ("pixel_values_videos",)}, "mm_encoder_outputs": {"video": enc}}
+        with vtp.patch(model, policy(6)):
+            calls = (lambda: model(**inputs), lambda: model(**pre),
+                     lambda: model.generate(**inputs, max_new_tokens=2, **GEN),
+                     lambda: model.model.get_video_features(inputs["pixel_values_videos"]))
+            for call in calls:
+                with pytest.raises(InputError) as e:
+                    call()
+                assert e.value.field == "pixel_values_videos" and "pooled" in str(e.value), str(e.value)
+            assert "get_video_features" in str(e.value)
+        assert torch.equal(model(**inputs).logits, ref)
 
 
 @pytest.mark.parametrize("policy_,match", [

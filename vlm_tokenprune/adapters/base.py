@@ -101,9 +101,10 @@ class VisionSeams:
     # layer's output; every patch is projected and packed by the model, the pre-LLM path drops the marked placeholders,
     # and a crop can keep all its patches while the others of the batch are reduced (an anyres_max-resized image)
     mask_only: bool = False
-    # ``(method of pack_owner, input field, why)``: calls refused by name while the vision stage is patched in
-    # (OneVision's ``get_video_features``: its frames are pooled after the tower, a layout no vision stage maps)
-    refuse_calls: tuple[tuple[str, str, str], ...] = ()
+    # ``(method of pack_owner, input field, mm_encoder_outputs key, why)``: inputs refused by name while the vision
+    # stage is patched in: the field (or precomputed features under the key) in a forward, or a call of the method
+    # (``generate()`` encodes through it) (OneVision's videos: frames are pooled after the tower, no stage maps that)
+    refuse_calls: tuple[tuple[str, str, str, str], ...] = ()
 
     @property
     def n_tokens(self) -> int:

@@ -101,7 +101,7 @@ class LlavaOnevisionAdapter(HFAdapter):
             select_strategy="default",  # the hooks' virtual CLS row is dropped before the projector
             n_patches=side * side, projector=model.model.multi_modal_projector,
             attn_implementation=attn_implementation(vc), pack_owner=model.model, cls_token=False, mask_only=True,
-            refuse_calls=(("get_video_features", "pixel_values_videos",
+            refuse_calls=(("get_video_features", "pixel_values_videos", "video",
                            "a video's frames are pooled (bilinear 2x) after the tower, a layout no vision-site stage "
                            "maps; allowed: images with a site-vision policy, videos with site llm or pre_llm"),))
 

@@ -95,8 +95,10 @@ def install(handle: "PatchHandle", vs: "VisionSeams") -> None:
         handle.swap_attr(vs.pack_owner, "pack_image_features", functools.partial(_pack, handle, vs, original))
         handle.add_hook(f"{type(vs.pack_owner).__name__}.pack_image_features: instance wrapper (maps placeholders "
                         "to crop slots; undone by unpatch)")
-    for name, field, why in vs.refuse_calls:
-        handle.swap_attr(vs.pack_owner, name, functools.partial(_refused, i, name, field, why))
+    for name, field, _, why in vs.refuse_calls:
+        refuse = functools.partial(_refused, i, name, field, why)
+        refuse.__signature__ = inspect.signature(getattr(vs.pack_owner, name))  # generate() reads its parameters
+        handle.swap_attr(vs.pack_owner, name, refuse)
         handle.add_hook(f"{type(vs.pack_owner).__name__}.{name}: instance wrapper (refused by name while vision "
                         f"stage {i} is patched in; undone by unpatch)")
 
@@ -253,6 +255,9 @@ def check_features(handle: "PatchHandle", kwargs: dict) -> None:
         raise InputError("pixel_values_videos", "a vision-site stage on this packed vision tower (Qwen3-VL) is defined "
                          "for images only (VisPruner's rule per image); allowed: images (pixel_values), or a site llm / "
                          "pre_llm stage for prompts with videos")
+    for name, field, key, why in getattr(handle.vision_seams, "refuse_calls", ()):  # OneVision: videos
+        if kwargs.get(field) is not None or (kwargs.get("mm_encoder_outputs") or {}).get(key) is not None:
+            raise InputError(field, f"{field} (or mm_encoder_outputs[{key!r}]) with a vision-site stage: {why}")
     if kwargs.get("pixel_values") is not None:
         handle.vision_outcome = None
         return
