@@ -27,6 +27,11 @@ each 4 x 4 window of patches into one LLM token, so the units are the pooling wi
 importance is the SUM of its patches', its feature their concatenation (members in raster order), ``T`` counts
 LLM tokens per image.
 
+LLaVA-OneVision (SigLIP, no pooling: every patch its own LLM token): the same SigLIP rule on single patches per crop
+(the base image and each anyres crop; ``T`` counts patches per crop); the stage marks the dropped patches and the
+model's own projector and ``pack_image_features`` run on all of them (``VisionSeams.mask_only``); an image that
+``anyres_max_N`` resizes keeps all its tokens (its packed tokens mix patches; ``adapters/llava_onevision.py``).
+
 Qwen3-VL (a library extension, ``vision.packed``): the same SigLIP rule on Qwen's packed ViT: importance = the
 last block's attention each patch receives within its image (the block's own q / k and 2-D rotary), mean over
 queries then heads; units = the merger's 2 x 2 groups (one LLM token each: summed importance, concatenated
