@@ -223,6 +223,17 @@ def test_criterion_without_a_packed_rule_is_refused():
         CRITERIA.unregister("q3_picker")
 
 
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_qwen2_vl_and_qwen2_5_vl_stay_refused_by_name(version):
+    """Not free through the same code (another merger; Qwen2.5-VL's windowed blocks reorder the patches)."""
+    from vlm_tokenprune.eval.tiny_models import build_tiny_qwen2_vl
+
+    model = build_tiny_qwen2_vl("sdpa", version=version)
+    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
+        vtp.patch(model, policy(3))
+    assert e.value.field == "stages[0].site" and "window_index" in str(e.value) and "qwen3_vl (vispruner)" in str(e.value)
+
+
 def test_videos_are_refused_by_name():
     model = tiny("sdpa")
     inputs = make_qwen3_batch(model, [[3, "img", 2, "vid", 4]], image_grids=[(3, 4)], video_grids=[(2, 2, 3)])

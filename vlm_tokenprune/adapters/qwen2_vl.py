@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import InputError, UnsupportedModelError
+from ..errors import IncompatiblePolicyError, InputError, UnsupportedModelError
 from ..registry import ADAPTERS
 from .base import HFAdapter, VisualLayout
 
@@ -54,6 +54,15 @@ class Qwen2VLAdapter(HFAdapter):
     )
     llm_positions = ("gaps",)
     llm_positions_why = pre_llm_positions_why
+
+    # -- vision site -------------------------------------------------------------------------
+    def vision_seams(self, model: nn.Module, where: str = "site"):
+        """Refused by name: the Qwen3-VL packed-tower stage (``vision.packed``) is not mapped for these towers."""
+        raise IncompatiblePolicyError(
+            where, f"site vision is not supported for {model.config.model_type!r}: its merger (ln_q + mlp) and, on "
+            "Qwen2.5-VL, the windowed blocks' reordering of the patches (window_index) are not mapped for a vision "
+            "stage; allowed: site llm / pre_llm stages here, or site vision on qwen3_vl (vispruner), llava, "
+            "llava_next, llava_llama, llava_onevision, internvl, gemma3")
 
     # -- structure ---------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
