@@ -3,7 +3,8 @@ each patch RECEIVES in the last block, mean over queries then heads) applied to 
 extension — over whole MERGE GROUPS (the 2 x 2 patches one LLM token packs), per image; == the independent oracle
 (tests/reference/qwen3_vl_vision_oracle.py: the last block's q / k written out, one softmax per image and head,
 groups as units, the language model with DeepStack rows at the kept tokens as tests/reference/qwen3_vl_oracle.py
-defines) in the real batched, left-padded forward and in cached generate; keep-all bit-identical; unpatch exact;
+defines) in the real batched, left-padded forward (eager, sdpa, the flash stand-in; dense and MoE) and in cached generate;
+keep-all bit-identical; unpatch exact;
 videos and the methods that need CLS refused by name.
 
 Tiny Qwen3-VL from a config: ViT 2 blocks (DeepStack after blocks 0 and 1), 2 x 2 merge; images of 3 x 4, 2 x 3,
@@ -16,7 +17,7 @@ import functools
 import pytest
 import torch
 from helpers import new_tokens
-from kit import assert_keep_all_exact, assert_unpatch_restores, no_hook_left
+from kit import BACKENDS, assert_keep_all_exact, assert_unpatch_restores, no_hook_left
 from reference import qwen3_vl_oracle as q3
 from reference import qwen3_vl_vision_oracle as oracle
 
@@ -38,8 +39,8 @@ BANNED = [IMAGE_TOKEN_ID, 4, QWEN_VISION_START_ID, QWEN_VISION_END_ID]
 
 
 @functools.cache
-def tiny(attn: str):
-    return build_tiny_qwen3_vl(attn)
+def tiny(attn: str, moe: bool = False):
+    return build_tiny_qwen3_vl(attn, moe=moe)
 
 
 def batch(model, seed: int = 0) -> dict:
@@ -115,7 +116,7 @@ def test_oracle_importance_discriminates():
     assert sorted(range(len(s)), key=lambda i: -s[i])[:4] != sorted(range(len(mx)), key=lambda i: -mx[i])[:4]
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn", BACKENDS)
 def test_keep_all_is_exactly_unpatched(attn):
     model = tiny(attn)
     assert_keep_all_exact(model, batch(model), ("vispruner:keep=1.0,positions=gaps", policy(12)),
@@ -128,11 +129,12 @@ def test_unpatch_restores_exactly():
 
 
 @pytest.mark.parametrize("T,r", [(3, 0.5), (4, 1.0), (2, 0.0)])
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_prefill_matches_oracle(attn, T, r):
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_prefill_matches_oracle(attn, T, r, moe=False):
     """Left-padded batch of 2 rows (row 0: two images of 12 and 6 tokens; row 1: one of 8): kept positions per
-    row == the oracle's, logits atol 1e-4 (DeepStack rows injected at the kept tokens, original positions)."""
-    model = tiny(attn)
+    row == the oracle's, logits atol 1e-4 (DeepStack rows injected at the kept tokens, original positions); the
+    tower and the language model on eager, sdpa and the flash stand-in (2-D masks, cu_seqlens in the tower)."""
+    model = tiny(attn, moe)
     inputs = batch(model)
     with vtp.patch(model, policy(T, r)) as h, torch.no_grad():
         logits = model(**inputs).logits
@@ -145,6 +147,11 @@ def test_prefill_matches_oracle(attn, T, r):
         assert len(kept) == T * (2 if b == 0 else 1)
         assert trace.stages[0].kept_positions[b] == [p + pad for p in kept], f"row {b}"
         torch.testing.assert_close(logits[b, -want.shape[0]:], want, atol=ATOL, rtol=0, msg=f"row {b}")
+
+
+def test_moe_prefill_matches_oracle():
+    """Qwen3-VL-MoE: the same tower; routing is per kept token."""
+    test_prefill_matches_oracle("sdpa", 3, 0.5, moe=True)
 
 
 def test_keep_fraction_counts_llm_tokens_per_image():
