@@ -12,7 +12,6 @@ Tiny Qwen3-VL from a config: ViT 2 blocks (DeepStack after blocks 0 and 1), 2 x 
 """
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -24,8 +23,8 @@ from reference import qwen3_vl_vision_oracle as oracle
 import vlm_tokenprune as vtp
 from vlm_tokenprune import IncompatiblePolicyError, InputError
 from vlm_tokenprune.adapters import resolve_adapter
-from vlm_tokenprune.eval.tiny_families import build_tiny_qwen3_vl, make_qwen3_batch
-from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, QWEN_VISION_END_ID, QWEN_VISION_START_ID, make_qwen_batch
+from vlm_tokenprune.eval.tiny_families import make_qwen3_batch
+from vlm_tokenprune.eval.tiny_models import make_qwen_batch
 from vlm_tokenprune.methods.base import register_criterion
 from vlm_tokenprune.registry import CRITERIA
 from vlm_tokenprune.vision.base import VisionCriterion
@@ -33,30 +32,8 @@ from vlm_tokenprune.vision.base import VisionCriterion
 torch.set_num_threads(1)
 
 ATOL = 1e-4
-ROWS = [[3, "img", 2, "img", 4], [2, "img", 3]]  # row 1 shorter: left padded
-GRIDS = [(3, 4), (2, 3), (4, 2)]  # (h, w) LLM tokens per image
-BANNED = [IMAGE_TOKEN_ID, 4, QWEN_VISION_START_ID, QWEN_VISION_END_ID]
-
-
-@functools.cache
-def tiny(attn: str, moe: bool = False):
-    return build_tiny_qwen3_vl(attn, moe=moe)
-
-
-def batch(model, seed: int = 0) -> dict:
-    return make_qwen_batch(model, ROWS, seed=seed, image_grids=GRIDS)
-
-
-def row_alone(inputs: dict, b: int) -> dict:
-    real = inputs["attention_mask"][b].bool()
-    ids = inputs["input_ids"][b][real][None]
-    imgs = [(0, 2), (2, 3)][b]
-    thw = inputs["image_grid_thw"]
-    start = int(thw[:imgs[0]].prod(-1).sum())
-    n = int(thw[imgs[0]:imgs[1]].prod(-1).sum())
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "mm_token_type_ids": inputs["mm_token_type_ids"][b][real][None],
-            "image_grid_thw": thw[imgs[0]:imgs[1]], "pixel_values": inputs["pixel_values"][start:start + n]}
+# the batch, its rows alone and the cached tiny models of tests/test_qwen3_vl.py
+from test_qwen3_vl import BANNED, GRIDS, batch, row_alone, tiny  # noqa: E402
 
 
 def policy(T, r: float = 0.5) -> str:
