@@ -14,7 +14,7 @@ import functools
 
 import pytest
 import torch
-from kit import assert_keep_all_exact, assert_unpatch_restores, no_hook_left, row_alone
+from kit import assert_batch_equals_patched_rows_alone, assert_keep_all_exact, assert_unpatch_restores, no_hook_left, row_alone
 from reference import gemma3_vision_oracle as oracle
 
 import vlm_tokenprune as vtp
@@ -119,16 +119,7 @@ def test_prefill_matches_oracle(attn, T, r):
 
 def test_batch_equals_rows_run_alone():
     model = tiny("sdpa")
-    inputs = batch(model, seed=1)
-    with vtp.patch(model, policy(5)) as h, torch.no_grad():
-        full = model(**inputs).logits
-        kept = h.last_trace().stages[0].kept_positions
-        for b in range(len(ROWS)):
-            alone = row_alone(inputs, ROWS, b)
-            out = model(**alone).logits[0]
-            pad = inputs["input_ids"].shape[1] - alone["input_ids"].shape[1]
-            assert [p - pad for p in kept[b]] == h.last_trace().stages[0].kept_positions[0], f"row {b}"
-            torch.testing.assert_close(full[b, -out.shape[0]:], out, atol=1e-5, rtol=0, msg=f"row {b}")
+    assert_batch_equals_patched_rows_alone(model, batch(model, seed=1), ROWS, policy(5))
 
 
 def test_cached_generate_matches_oracle_greedy():

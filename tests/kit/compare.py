@@ -36,6 +36,16 @@ def assert_batch_matches_rows_alone(model, inputs: dict, rows: list, policy, row
     return trace
 
 
+def assert_batch_equals_patched_rows_alone(model, inputs: dict, rows: list, policy, *, atol: float = 1e-5):
+    """The patched padded batch gives each row what the same patched model gives that row alone: the same kept
+    positions (shifted by the row's left padding) and logits within ``atol``."""
+    def patched_alone(alone):
+        logits, trace = patched_prefill(model, alone, policy)
+        return [st.kept_positions[0] for st in trace.stages], logits[0]
+
+    return assert_batch_matches_rows_alone(model, inputs, rows, policy, patched_alone, atol=atol)
+
+
 def assert_generate_matches_rows_alone(model, inputs: dict, rows: list, policy, row_generate: Callable, *,
                                        use_cache: bool = True, steps: int = 8, **generate_kw) -> None:
     """Greedy generation of the patched padded batch: row b's tokens == ``row_generate(row b alone)``."""
