@@ -53,13 +53,18 @@ from ..vision.groups import group_concat, group_sum
 from .base import Param, register_criterion
 
 
-def feature_layer_cls_attention(run, seams) -> torch.Tensor:
-    """``[n, H, T]`` post-softmax attention of the CLS query over every token at the feature layer (fp32),
-    from that layer's captured q/k projections."""
+def _feature_layer_qk(run, seams) -> tuple:
+    """The feature layer's captured q / k projections ``[n, T, D]`` and its attention module."""
     (jq, q), (jk, k) = run.captured["q"], run.captured["k"]
     if jq != seams.feature_layer or jk != seams.feature_layer:
         raise RuntimeError(f"expected the feature layer's ({seams.feature_layer}) projections, got layers {jq}/{jk}")
-    attn = tower_attention(seams, seams.feature_layer)
+    return q, k, tower_attention(seams, seams.feature_layer)
+
+
+def feature_layer_cls_attention(run, seams) -> torch.Tensor:
+    """``[n, H, T]`` post-softmax attention of the CLS query over every token at the feature layer (fp32),
+    from that layer's captured q/k projections."""
+    q, k, attn = _feature_layer_qk(run, seams)
     n, T, D = q.shape
     H = attn.num_heads
     qc = q[:, 0].float().view(n, H, D // H)
@@ -71,10 +76,7 @@ def feature_layer_received_attention(run, seams) -> torch.Tensor:
     """``[n, N]``: the official SigLIP variant's importance, for towers without CLS (every captured token a patch):
     the feature layer's post-softmax attention each token receives, mean over the queries, then over the heads
     (fp32; one head at a time, an ``N x N`` matrix each)."""
-    (jq, q), (jk, k) = run.captured["q"], run.captured["k"]
-    if jq != seams.feature_layer or jk != seams.feature_layer:
-        raise RuntimeError(f"expected the feature layer's ({seams.feature_layer}) projections, got layers {jq}/{jk}")
-    attn = tower_attention(seams, seams.feature_layer)
+    q, k, attn = _feature_layer_qk(run, seams)
     n, N, D = q.shape
     H = attn.num_heads
     qh, kh = q.float().view(n, N, H, D // H), k.float().view(n, N, H, D // H)
