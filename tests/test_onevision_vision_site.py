@@ -15,7 +15,7 @@ import functools
 
 import pytest
 import torch
-from kit import assert_batch_equals_patched_rows_alone, assert_keep_all_exact, assert_unpatch_restores, no_hook_left, row_alone
+from kit import assert_batch_equals_patched_rows_alone, assert_generate_matches_rows_alone, assert_keep_all_exact, assert_unpatch_restores, no_hook_left, row_alone
 from reference import onevision_vision_oracle as oracle
 
 import vlm_tokenprune as vtp
@@ -120,13 +120,9 @@ def test_batch_equals_rows_run_alone():
 
 def test_cached_generate_matches_oracle_greedy():
     model = tiny("sdpa")
-    inputs = batch(model)
-    with vtp.patch(model, policy(6)), torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=3, **GEN)
-    L = inputs["input_ids"].shape[1]
-    for b in range(len(ROWS)):
-        want = oracle.greedy(model, row_alone(inputs, ROWS, b), 6, 0.5, 3, suppress=(IMAGE_TOKEN_ID, VIDEO_TOKEN_ID))
-        assert out[b, L:].tolist() == want, f"row {b}"
+    assert_generate_matches_rows_alone(
+        model, batch(model), ROWS, policy(6), lambda alone: oracle.greedy(model, alone, 6, 0.5, 3, suppress=(IMAGE_TOKEN_ID, VIDEO_TOKEN_ID)),
+        steps=3, suppress_tokens=GEN["suppress_tokens"])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@ thread's forward: several threads may run forwards on one patched model at once)
 
 - top-level pre-hook: find visual tokens, fix each stage's per-row budget, open a
   ``ForwardState`` (prefill), or attach to the prompt's ``PrefillRecord`` (cached decode).
-- decoder-layer pre-hooks: at a stage's layer gather the hidden states; every later layer
-  gathers its OWN incoming kwargs (mask, position embeddings, position ids); the layer
-  just below a stage runs the criterion and selection on its own input.
+- ``layer_pre_hook``, run before a decoder layer by ``sites.routed_layers.LayerCall``: at a stage's
+  layer gather the hidden states; every later layer gathers its OWN incoming kwargs (mask, position
+  embeddings, position ids); the layer just below a stage runs the criterion and selection on its own
+  input. A gated decode step (``_decode_gate``) runs it at each stage's first layer only.
 - top-level post-hook (always called): close the state, keep it for ``last_trace()``.
 """
 from __future__ import annotations
@@ -124,8 +125,9 @@ def top_pre_hook(handle: "PatchHandle", module, args: tuple, kwargs: dict):
         n = handle.seams.num_layers
         if live:  # what each layer's input needs, looked up once per prompt, not per layer and step
             record.decode_plan(n)
-            st.decode_gated = (record.decode_gated(lambda: decode_gates_apply(handle, record))
-                               and not torch.is_grad_enabled())
+            if record.gated is None:
+                record.gated = decode_gates_apply(handle, record)
+            st.decode_gated = record.gated and not torch.is_grad_enabled()
         # every decoder layer sees the L new tokens: recorded here, once (no layer hook records them while decoding)
         st.tokens_per_layer = st.prefill.decode_tokens(L, n)
         handle.open_state(st)
@@ -338,13 +340,11 @@ def _decode_layer_input(handle: "PatchHandle", st: ForwardState, j: int, args: t
 
 
 def decode_gates_apply(handle: "PatchHandle", record: PrefillRecord) -> bool:
-    """Whether this prompt's decode steps may go through gates (``sites.routed_layers``): the patch allows it
-    (``handle.decode_gates``: one mask object for every layer, no per-layer position-id rule, no structural op)
-    and no stage renumbers positions (a shift per layer group: ``positions=repack``). ``torch.is_grad_enabled()``
-    is checked per step: the in-place mask would change a tensor autograd may have saved."""
-    if not handle.decode_gates or record.layer_kept is None:
-        return False
-    return all(r is None or r.pos_shift is None for r in record.layer_kept)
+    """Whether this prompt's decode steps (after ``decode_plan``) may go through gates (``sites.routed_layers``):
+    the patch allows it (``handle.decode_gates``: one mask object for every layer, no per-layer position-id rule,
+    no structural op) and no stage renumbers positions (a shift per layer group: ``positions=repack``).
+    ``torch.is_grad_enabled()`` is checked per step: the in-place mask would change a tensor autograd may have saved."""
+    return handle.decode_gates and all(r is None or r.pos_shift is None for r in record.layer_kept)
 
 
 def _decode_gate(handle: "PatchHandle", st: ForwardState, j: int, args: tuple, kwargs: dict):

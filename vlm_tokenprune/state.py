@@ -81,13 +81,8 @@ class PrefillRecord:
     layer_kept: tuple | None = None
     layer_all_ok: tuple = ()  # per decoder layer: its kept set has no padded slot (built with ``layer_kept``)
     decode_tokens_per_layer: tuple = ()  # (q,) * n_layers of the last decode step (``decode_tokens``)
-    gated: bool | None = None  # this prompt's decode steps may go through gates (``decode_gated``)
-
-    def decode_gated(self, decide) -> bool:
-        """``decide()`` (``engine.decode_gates_apply``) once per prompt, after ``decode_plan``."""
-        if self.gated is None:
-            self.gated = bool(decide())
-        return self.gated
+    # this prompt's decode steps may go through gates (``engine.decode_gates_apply``, decided once per prompt)
+    gated: bool | None = None
 
     def decode_tokens(self, q: int, n_layers: int) -> tuple:
         """``tokens_per_layer`` of a decode step with ``q`` new tokens: built once per prompt, not per layer and step."""

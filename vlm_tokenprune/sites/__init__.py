@@ -50,7 +50,7 @@ def check_all(target: PatchTarget) -> dict[str, Any]:
 
 
 # (site, install): sliced projections first, so criteria capture / recompute with what really runs; the
-# structural hooks after the LLM site's layer pre-hooks, so they see the kwargs already shrunk by token stages
+# structural hooks after the LLM site's routed layer calls, so they see the kwargs already shrunk by token stages
 INSTALL_ORDER = (
     ("structural", structural.install_weights),
     ("llm", llm.install),

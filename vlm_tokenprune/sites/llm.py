@@ -143,11 +143,11 @@ def _route_layers(handle: PatchHandle, plan: LLMPlan, calls: dict) -> None:
 
 
 def hooked_layers(handle: PatchHandle, plan: LLMPlan) -> frozenset:
-    """The decoder layers that get a forward pre-hook: every layer from the first one whose input a token stage
-    changes or a criterion scores on (``stage_after``, ``stage_at``); layer 0 when a criterion reads its input
-    (``Criterion.reads_embeds``: ``ScoringContext.embeds``); every layer when a pre-LLM / vision stage runs under
-    a ``2d`` mask (flash attention: position ids dropped, ``engine.layer_pre_hook``). The layers before the first
-    stage get none, so a decode step runs no library code there (issue reliability-2 item 8);
+    """The decoder layers routed through ``engine.layer_pre_hook`` (``RoutedLayers``): every layer from the first
+    one whose input a token stage changes or a criterion scores on (``stage_after``, ``stage_at``); layer 0 when a
+    criterion reads its input (``Criterion.reads_embeds``: ``ScoringContext.embeds``); every layer when a pre-LLM /
+    vision stage runs under a ``2d`` mask (flash attention: position ids dropped). The layers before the first
+    stage are never routed, so a decode step runs no library code there (issue reliability-2 item 8);
     ``ForwardState.tokens_per_layer`` is filled without them (``engine``)."""
     n = handle.seams.num_layers
     if handle.seams.mask_format == "2d" and any(st.reduces_input for st in handle.policy.stages):

@@ -74,7 +74,8 @@ def install_weights(handle: PatchHandle, plan: StructuralPlan | None) -> None:
 
 
 def install(handle: PatchHandle, plan: StructuralPlan | None) -> None:
-    """After the LLM site's layer pre-hooks: the structural ones see the kwargs already shrunk by token stages."""
+    """After the LLM site: its routed layer calls change a layer's kwargs before the layer (and its torch hooks)
+    runs, so the structural hooks see the kwargs already shrunk by token stages."""
     if plan is not None:
         hooks.install_hooks(handle, plan)
         handle.structural_attention = hooks.install_attention(handle, plan)
