@@ -67,6 +67,46 @@ def test_bad_criteria_and_trade(tiny):
         assert e.value.field == field
 
 
+BAD_COUNTS = [  # (argument, value, words of the message)
+    ("generations", -1, ">= 0"), ("offspring", 0, ">= 1"), ("levels", 1, ">= 2"), ("sublayers", -1, ">= 0"),
+    ("heads", -2, ">= 0"), ("heldout", -5, ">= 0"), ("heldout_top", -1, ">= 0"), ("batch_size", 0, ">= 1"),
+    ("calibration", 0, ">= 1"), ("latency_iters", 0, ">= 1"), ("answer_tokens", 0, ">= 1"),
+    ("generations", 2.5, "an integer"), ("offspring", True, "an integer"), ("seed", "0", "an integer"),
+    ("trade", float("nan"), "finite"), ("trade", -0.1, "[0, 1]"), ("metric", "l2", "allowed: kl, js"),
+]
+
+
+@pytest.mark.parametrize("name,value,words", BAD_COUNTS)
+def test_bad_counts_are_refused_by_name_before_the_model_runs(tiny, monkeypatch, name, value, words):
+    """Every count of the search is checked by its own name before any forward (a negative held-out count used to
+    run the whole search; a negative generation count or a level count below 2 raised an unnamed ValueError)."""
+    model, processor = tiny
+    monkeypatch.setattr(type(model), "forward", lambda *a, **k: pytest.fail("the model ran"))
+    kw = {**SMALL, "generations": 0, "heldout": 0, name: value}
+    with pytest.raises(InputError) as e:
+        search_policy(model, processor, "flops=0.4", **kw)
+    assert e.value.field == name and words in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("argv,flag,words", [
+    (["--generations", "-1"], "--generations", ">= 0"), (["--offspring", "0"], "--offspring", ">= 1"),
+    (["--levels", "0"], "--levels", ">= 2"), (["--heldout", "-5"], "--heldout", ">= 0"),
+    (["--heldout-top", "-1"], "--heldout-top", ">= 0"), (["--sublayers", "-1"], "--sublayers", ">= 0"),
+    (["--latency-iters", "0"], "--latency-iters", ">= 1"), (["--per-sample", "--samples", "0"], "--samples", ">= 1"),
+    (["--per-sample", "--simulations", "0"], "--simulations", ">= 1"),
+    (["--per-sample", "--length-penalty", "-1"], "--length-penalty", ">= 0"),
+    (["--trade", "inf"], "--trade", "finite"),
+])
+def test_bad_count_flags_are_refused_before_any_model_loads(monkeypatch, capsys, tmp_path, argv, flag, words):
+    import vlm_tokenprune.eval.tiny_vlm as tiny_vlm
+    from vlm_tokenprune.cli import main
+
+    monkeypatch.setattr(tiny_vlm, "load_tiny_vlm", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main(["search", "--out", str(tmp_path), "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag}:" in err and words in err, err
+
+
 def test_latency_budget_is_measured_and_reused_on_resume(tiny, tmp_path, monkeypatch):
     """``latency=R``: every candidate's measured prefill latency ratio is within R; the measurements are kept in
     latency.json, and a resumed search measures nothing again (so it is the straight run)."""
@@ -110,3 +150,9 @@ def test_seeds_and_budget_trading_on_the_tiny_vlm(tiny, tmp_path):
     assert all(r["flops_ratio"] <= 0.45 + 1e-12 for r in res.rows if r["policy"] is not None)
     assert any("dart:" in (r["policy"] or "") for r in res.rows)  # the criterion unit is searched
     assert json.loads((tmp_path / "pareto.json").read_text())["seeds"] == res.seeds
+
+
+def test_catalogue_row_names_these_tests():
+    from kit.catalogue import assert_rows_name_existing_tests
+
+    assert_rows_name_existing_tests((183,))

@@ -163,10 +163,16 @@ def folder_speaks_synthetic(path: str) -> bool:
 def check_search_args(args: argparse.Namespace) -> None:
     """``search``'s options, its data files included, checked before any model is loaded (``InputError`` naming the flag)."""
     from ..errors import InputError
+    from ..search.api import check_counts
     from ..search.records import check_disjoint, read_records
 
-    if args.answer_tokens < 1:
-        raise InputError("--answer-tokens", f"must be an integer >= 1, got {args.answer_tokens}")
+    counts = ("generations", "offspring", "calibration", "levels", "sublayers", "heads", "heldout", "heldout_top",
+              "answer_tokens", "latency_iters", "samples", "simulations", "trade", "length_penalty")
+    try:
+        check_counts(**{name: getattr(args, name) for name in counts})
+    except InputError as e:  # the flag, not the API's argument name
+        flag = "--" + e.field.replace("_", "-")
+        raise InputError(flag, str(e)[len(e.field) + 2:]) from None
     if args.model != "tiny" and not os.path.isfile(os.path.join(args.model, "config.json")):
         raise InputError("--model", f"{args.model!r} is neither 'tiny' nor a local checkpoint folder (with config.json)")
     if args.per_sample and (args.calibration_data or args.heldout_data):

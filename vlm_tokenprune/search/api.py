@@ -129,6 +129,36 @@ def build_space(model, spaces: Sequence[str], *, criterion: str = "fastv", entry
     return JointSpace(tuple(parts))
 
 
+def check_counts(**counts: Any) -> None:
+    """Every count / share option of a search, by name, before any model or data is touched (``InputError``).
+
+    Integers: ``generations``, ``sublayers``, ``heads``, ``heldout``, ``heldout_top`` >= 0; ``offspring``,
+    ``batch_size``, ``calibration``, ``answer_tokens``, ``latency_iters``, ``samples``, ``simulations`` >= 1;
+    ``levels`` >= 2; ``seed`` any integer. Floats: ``trade`` in [0, 1], ``length_penalty`` >= 0 (finite).
+    Options not given are not checked."""
+    import math
+
+    lowest = {"generations": 0, "sublayers": 0, "heads": 0, "heldout": 0, "heldout_top": 0, "offspring": 1,
+              "batch_size": 1, "calibration": 1, "answer_tokens": 1, "latency_iters": 1, "samples": 1,
+              "simulations": 1, "levels": 2, "seed": None}
+    for name, value in counts.items():
+        if name in lowest:
+            low = lowest[name]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InputError(name, f"must be an integer, got {value!r}")
+            if low is not None and value < low:
+                raise InputError(name, f"must be an integer >= {low}, got {value}")
+        elif name in ("trade", "length_penalty"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(name, f"must be a finite number, got {value!r}")
+            if name == "trade" and not 0 <= value <= 1:
+                raise InputError("trade", f"a share of children in [0, 1], got {value}")
+            if name == "length_penalty" and value < 0:
+                raise InputError("length_penalty", f"must be >= 0, got {value}")
+        else:
+            raise TypeError(f"check_counts() got an unknown option {name!r}")
+
+
 def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, space: "str | Sequence[str]" = ("tokens",),
                   calibration: int = 64, batch_size: int = 8, generations: int = 20, offspring: int = 16,
                   steps: Sequence[tuple[int, int]] | None = None, seed: int = 0, criterion: str = "fastv",
@@ -162,12 +192,15 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
     from ..policy import Policy
     from ..adapters import resolve_adapter
     from .data import calibration_batches, heldout_accuracy, speaks_synthetic
-    from .fitness import build_calibration, policy_divergence
+    from .fitness import METRICS, build_calibration, policy_divergence
     from .pareto import markdown, pareto_front, plot
 
     kind, ratio_max = parse_constraint(budget)
-    if latency_iters < 1:
-        raise InputError("latency_iters", f"at least 1 timed run per policy, got {latency_iters}")
+    check_counts(generations=generations, offspring=offspring, batch_size=batch_size, calibration=calibration,
+                 levels=levels, sublayers=sublayers, heads=heads, heldout=heldout, heldout_top=heldout_top,
+                 answer_tokens=answer_tokens, latency_iters=latency_iters, seed=seed, trade=trade)
+    if metric not in METRICS:
+        raise InputError("metric", f"{metric!r}; allowed: {', '.join(METRICS)}")
     spaces = parse_space(space)
     if criteria and "tokens" not in spaces:
         raise InputError("criteria", "choosing among criteria needs the tokens space")
@@ -176,8 +209,6 @@ def search_policy(model, processor, budget: "str | float" = "flops=0.3", *, spac
             Policy.parse(f"{c}:layer=1,keep=0.5")
         except ValueError as e:
             raise InputError("criteria", f"{c!r} is not an LLM-stage criterion ({e})") from None
-    if not 0 <= trade <= 1:
-        raise InputError("trade", f"a share of children in [0, 1], got {trade}")
     cal_records, held_records = _read_data(model, processor, calibration_data, heldout_data, answer_tokens, heldout,
                                            heldout_fn, speaks_synthetic(processor))
     resolve_adapter(model)  # an unsupported family is refused by name before any forward
