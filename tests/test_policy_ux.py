@@ -294,3 +294,19 @@ def test_catalogue_rows_141_146_name_existing_tests():
     from kit.catalogue import assert_rows_name_existing_tests
 
     assert_rows_name_existing_tests(range(141, 147))
+
+
+def test_inline_json_and_yaml_documents_parse_like_their_dict():
+    """A JSON object or a YAML document given as text (the CLI's --policy, patch(model, text)) is read as that document,
+    not as the short string syntax (which refused it with 'expected key=value')."""
+    doc = {"stages": [{"criterion": "fastv", "layer": 2, "keep": 0.5}]}
+    want = Policy.from_dict(doc)
+    assert Policy.parse(json.dumps(doc)) == want
+    assert Policy.parse("  stages: [{criterion: fastv, layer: 2, keep: 0.5}]") == want
+    assert Policy.parse("stages:\n  - criterion: fastv\n    layer: 2\n    keep: 0.5\n") == want
+    assert Policy.parse("stages:\n  - preset: fastv\n    keep: 0.25") == Policy.parse("fastv:keep=0.25")
+    for bad, words in (('{"stages": [', "invalid JSON"), ('{"stages": 3}', "must be a list"),
+                       ("stages:\n  - criterion: [", "invalid YAML")):
+        with pytest.raises(PolicyError) as e:
+            Policy.parse(bad)
+        assert words in str(e.value), str(e.value)

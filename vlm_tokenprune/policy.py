@@ -99,8 +99,8 @@ class Policy:
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def parse(cls, spec: "str | Mapping | Policy | os.PathLike", family: str | None = None) -> "Policy":
-        """A policy string, a dict, a ``Policy``, or the path of a YAML / JSON policy file (``.yaml``, ``.yml``,
-        ``.json``). ``family``: the model's ``config.model_type``; a family preset (``flowcut``) takes that
+        """A policy string, a dict, a ``Policy``, the path of a YAML / JSON policy file (``.yaml``, ``.yml``,
+        ``.json``), or an inline JSON (``{...}``) / YAML (``stages:`` or several lines) document. ``family``: the model's ``config.model_type``; a family preset (``flowcut``) takes that
         family's setting (``patch()`` passes it; without it, the preset's default family)."""
         if isinstance(spec, Policy):
             if family is not None and spec.source is not None:
@@ -110,6 +110,11 @@ class Policy:
                                              and spec.strip().lower().endswith(POLICY_FILE_SUFFIXES)):
             return cls.from_file(os.fspath(spec).strip())  # a policy file: YAML or JSON by its suffix
         if isinstance(spec, str):
+            head = spec.lstrip()
+            if head.startswith("{"):  # an inline JSON document (no policy string starts with "{")
+                return cls.from_json(spec)
+            if head.startswith("stages:") or "\n" in spec.strip():  # an inline YAML document (a string is one line)
+                return cls.from_yaml(spec)
             return cls.from_string(spec, family)
         if isinstance(spec, Mapping):
             return cls.from_dict(spec, family)
