@@ -382,6 +382,20 @@ def _relaxed_rows(st: "ForwardState", L: int) -> dict:
     return rows
 
 
+def _copies(is_visual: torch.Tensor, n_features: int) -> int:
+    """``k`` > 1 when the prompt rows are ``k`` consecutive copies of each row of the batch the tower encoded
+    (``generate()``'s ``repeat_interleave`` for beams / returned sequences): ``k`` times as many image tokens as
+    features, every group of ``k`` rows with the same image-token mask. Else 1."""
+    n = int(is_visual.sum())
+    B = is_visual.shape[0]
+    if not n_features or n == n_features or n % n_features:
+        return 1
+    k = n // n_features
+    if B % k or not bool((is_visual.view(B // k, k, -1) == is_visual[::k, None]).all()):
+        return 1
+    return k
+
+
 def lm_reduction(handle: "PatchHandle", st: "ForwardState", hidden: torch.Tensor,
                  drop_newlines: bool = False) -> list[Reduction]:
     """The reduction of the language model's input ``hidden`` ``[B, L, D]`` that drops the tower's empty slots.
@@ -404,12 +418,11 @@ def lm_reduction(handle: "PatchHandle", st: "ForwardState", hidden: torch.Tensor
     dev = hidden.device
     slots = out.feature_slots().to(dev)
     flat = layout.is_visual.flatten().nonzero().flatten()
-    if flat.numel() != slots.shape[0] and slots.shape[0] and flat.numel() % slots.shape[0] == 0:
-        raise InputError(
-            "num_beams", f"the prompt's {slots.shape[0]} image features were expanded {flat.numel() // slots.shape[0]}x "
-            "after the patched vision tower ran (generate() with num_beams > 1 or num_return_sequences > 1); "
-            "vision-site stages support one sequence per prompt: allowed num_beams=1, num_return_sequences=1 "
-            "(repeat the prompt in the batch instead)")
+    copies = _copies(layout.is_visual, slots.shape[0])
+    if copies > 1:  # generate(num_beams / num_return_sequences > 1) repeated each row after the tower ran once
+        per_row = layout.is_visual.sum(1)[::copies].tolist()
+        st.vision = out = out.for_copies(per_row, copies)
+        slots = out.feature_slots().to(dev)
     if flat.numel() != slots.shape[0]:
         raise InputError("input_ids", f"{flat.numel()} image tokens but the last vision-tower run gave "
                          f"{slots.shape[0]} features; run the patched model on the pixels of this prompt")

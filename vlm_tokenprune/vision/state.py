@@ -7,6 +7,7 @@ no attention mask is needed inside the tower.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class VisionOutcome:
     slots: torch.Tensor | None = None
 
     features: list = field(default_factory=list)  # weak references to the feature tensors this call produced
+    images: set = field(default_factory=set)  # a print of each image's features this call produced
     # mask-only towers (OneVision): crop -> why it kept all its patches (an anyres_max-resized image)
     kept_all: dict = field(default_factory=dict)
 
@@ -103,13 +105,46 @@ class VisionOutcome:
         return int((self.owner[:, self.offset:] >= 0).sum(1).min()) if self.owner.shape[0] else 0
 
     def produced(self, *tensors) -> None:
-        """Remember feature tensors this tower call returned (projector output, LLaVA-NeXT's packed features)."""
-        self.features += [weakref.ref(t) for t in tensors if isinstance(t, torch.Tensor)]
+        """Remember feature tensors this tower call returned (projector output, LLaVA-NeXT's packed features), and
+        the value of each image's features (``[images, tokens, D]`` tensors: one per image), which copies keep."""
+        tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+        self.features += [weakref.ref(t) for t in tensors]
+        for t in tensors:
+            if t.ndim == 3:
+                self.images.update(_image_prints(t))
 
     def made(self, t: torch.Tensor) -> bool:
-        """``t`` is (a view of) a feature tensor this call produced and that is still alive."""
+        """``t`` is (a view of) a feature tensor this call produced and that is still alive, or a tensor of copies
+        of the images this call produced (``generate()`` stacks each row's images ``num_beams`` times)."""
         ptr = t.untyped_storage().data_ptr()
-        return any((r := ref()) is not None and r.untyped_storage().data_ptr() == ptr for ref in self.features)
+        if any((r := ref()) is not None and r.untyped_storage().data_ptr() == ptr for ref in self.features):
+            return True
+        return t.ndim == 3 and t.shape[0] > 0 and self.images.issuperset(_image_prints(t))
+
+    def for_copies(self, row_counts: list[int], k: int) -> "VisionOutcome":
+        """This outcome for a prompt batch whose every row was repeated ``k`` times after the tower ran
+        (``generate()`` with ``num_beams`` / ``num_return_sequences`` > 1 expands ``input_ids`` row by row and the
+        encoded images group by group): ``row_counts`` are the image features of each ORIGINAL row, in
+        placeholder order. Every copy gets crops of its own (copies of its row's crops), so each copy of a row
+        keeps, drops and merges exactly what the row alone would."""
+        slots = self.feature_slots()
+        crop_src: list[int] = []
+        blocks, start = [], 0
+        for n in row_counts:
+            block = slots[start:start + n]
+            start += n
+            crops = list(dict.fromkeys(c for c in block[:, 0].tolist() if c >= 0))  # this row's crops, in order
+            for _ in range(k):
+                new = {c: len(crop_src) + i for i, c in enumerate(crops)}
+                crop_src += crops
+                remap = torch.tensor([new.get(c, -1) for c in block[:, 0].tolist()], dtype=torch.long,
+                                     device=slots.device)
+                blocks.append(torch.stack([remap, block[:, 1]], dim=1))
+        src = torch.tensor(crop_src, dtype=torch.long, device=self.owner.device)
+        return dataclasses.replace(
+            self, ident=self.ident[src], owner=self.owner[src], slots=torch.cat(blocks) if blocks else slots[:0],
+            kept_all={new: self.kept_all[c] for new, c in enumerate(crop_src) if c in self.kept_all},
+            features=list(self.features), images=set(self.images))
 
     def feature_slots(self) -> torch.Tensor:
         """``[F, 2]`` (crop, slot) of every image feature in placeholder order."""
@@ -120,3 +155,11 @@ class VisionOutcome:
         crop = torch.arange(n, device=self.owner.device).repeat_interleave(width)
         slot = torch.arange(width, device=self.owner.device).repeat(n)
         return torch.stack([crop, slot], dim=1)
+
+
+def _image_prints(t: torch.Tensor) -> set:
+    """``{(shape, dtype, sum, sum of squares)}`` of each image's features ``t[i]`` of ``[images, tokens, D]``, in
+    float64 on the tensor's device (one small transfer): a copy has the same print, features of other pixels do not."""
+    x = t.detach().view(t.shape[0], -1).double()
+    stats = torch.stack([x.sum(-1), (x * x).sum(-1)], dim=-1).tolist()
+    return {(tuple(t.shape[1:]), str(t.dtype), a, b) for a, b in stats}
