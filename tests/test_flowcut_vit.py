@@ -143,8 +143,11 @@ def test_model_errors_name_the_field():
     with pytest.raises(IncompatiblePolicyError) as e:
         vtp.patch(model, "flowcut_vit:tokens=40")  # 36 patches per crop
     assert e.value.field == "stages[0].tokens" and "1..36" in str(e.value)
-    with pytest.raises(IncompatiblePolicyError) as e:
+    with pytest.raises(IncompatiblePolicyError) as e:  # Qwen2-VL runs its official Qwen stage, at positions=gaps
         vtp.patch(tiny_qwen(), "flowcut_vit")
+    assert e.value.field == "stages[0].positions" and "gaps" in str(e.value)
+    with pytest.raises(IncompatiblePolicyError) as e:  # Qwen2.5-VL: no vision stage
+        vtp.patch(tiny_qwen(version="2.5"), "flowcut_vit")
     assert e.value.field == "stages[0].site"
     assert not any(m._forward_pre_hooks for m in model.modules())
 

@@ -134,7 +134,7 @@ def _family(kind: str):
 
 # refusals that are by design, not by depth: a vision-site stage needs a CLIP tower; a file (learned weights,
 # calibration) belongs to the model it was made for; contiguous positions (repack) do not exist under M-RoPE
-BY_DESIGN = ("config_hash", "stages[0].site", "weights", ".positions")
+BY_DESIGN = ("config_hash", "stages[0].site", "stages[0].criterion", "weights", ".positions")
 
 
 @pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2_vl", "shipped"])
@@ -176,7 +176,7 @@ def test_demo_runs_every_preset(capsys):
 
 # -- a paper's name picks its family's setting ------------------------------------------------------------
 @pytest.mark.parametrize("kind, preset", [("llava", "flowcut_vit"), ("llava_next", "flowcut_next"),
-                                          ("qwen2_vl", "flowcut_llm")])
+                                          ("qwen2_vl", "flowcut_qwen")])
 def test_flowcut_by_its_papers_name_takes_the_family_setting(kind, preset):
     model = _family(kind)
     with vtp.patch(model, "flowcut") as h:
@@ -184,10 +184,10 @@ def test_flowcut_by_its_papers_name_takes_the_family_setting(kind, preset):
     parsed = Policy.parse("flowcut")  # parsed before the model is known (the CLI): patch() still picks the family
     with vtp.patch(model, parsed) as h:
         assert h.policy == Policy.parse(preset)
-    assert Policy.parse("flowcut:keep=0.3", family="qwen2_vl") == Policy.parse("flowcut_llm:keep=0.3")
+    assert Policy.parse("flowcut:keep=0.3", family="qwen2_5_vl") == Policy.parse("flowcut_llm:keep=0.3")
     assert Policy.parse("flowcut") == Policy.parse("flowcut_vit")  # no model: the LLaVA-1.5 setting
     as_dict = Policy.parse({"stages": [{"preset": "flowcut"}]})  # a dict (a YAML / JSON file) too
-    assert Policy.parse(as_dict, family="qwen2_vl") == Policy.parse("flowcut_llm")
+    assert Policy.parse(as_dict, family="qwen2_vl") == Policy.parse("flowcut_qwen")
 
 
 def test_every_method_named_in_the_readme_table_works_by_name():

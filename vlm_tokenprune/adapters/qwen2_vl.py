@@ -28,15 +28,22 @@ at the kept tokens (a merged token takes its destination's position), so kept to
 original positions (``positions=gaps``, the only convention defined here); decoding continues on
 every axis after the prompt's largest position, the unpatched model's next position
 (``rope_deltas``), whatever the cache length.
+
+Vision site: Qwen2-VL's packed ViT runs FlowCut's official Qwen stage (``vision.packed_flowcut``); Qwen2.5-VL's
+windowed blocks reorder the patches (``window_index``), so no vision stage runs there.
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
 
+from ..compat import attn_implementation
 from ..errors import IncompatiblePolicyError, InputError, UnsupportedModelError
 from ..registry import ADAPTERS
-from .base import HFAdapter, VisualLayout
+from ..vision.packed import PackedTower
+from .base import HFAdapter, VisionSeams, VisualLayout
 
 
 class Qwen2VLAdapter(HFAdapter):
@@ -56,13 +63,48 @@ class Qwen2VLAdapter(HFAdapter):
     llm_positions_why = pre_llm_positions_why
 
     # -- vision site -------------------------------------------------------------------------
+    vision_no_cls = "the Qwen2-VL vision transformer has no CLS token"
+
+    def vision_site_for(self, model: nn.Module) -> bool:
+        return model.config.model_type == "qwen2_vl"  # Qwen2.5-VL's windowed ViT: no vision stage
+
     def vision_seams(self, model: nn.Module, where: str = "site"):
-        """Refused by name: the Qwen3-VL packed-tower stage (``vision.packed``) is not mapped for these towers."""
-        raise IncompatiblePolicyError(
-            where, f"site vision is not supported for {model.config.model_type!r}: its merger (ln_q + mlp) and, on "
-            "Qwen2.5-VL, the windowed blocks' reordering of the patches (window_index) are not mapped for a vision "
-            "stage; allowed: site llm / pre_llm stages here, or site vision on qwen3_vl (vispruner), llava, "
-            "llava_next, llava_llama, llava_onevision, internvl, gemma3")
+        """Qwen2-VL: the packed ViT for FlowCut's official Qwen stage (``vision.packed_flowcut``: single patches pruned
+        inside the tower, the merger packs 4 consecutive kept patches). Qwen2.5-VL: refused by name (its windowed
+        blocks reorder the patches: ``window_index``)."""
+        if model.config.model_type != "qwen2_vl":
+            raise IncompatiblePolicyError(
+                where, f"site vision is not supported for {model.config.model_type!r}: its windowed blocks reorder the "
+                "patches (window_index) and its merger packs windows of that order, which no vision stage maps yet; "
+                "allowed: site llm / pre_llm stages here, or site vision on qwen2_vl (flowcut_vit), qwen3_vl "
+                "(vispruner), llava, llava_next, llava_llama, llava_onevision, internvl, gemma3")
+        visual = model.model.visual
+        blocks = tuple(visual.blocks)
+        group = int(visual.spatial_merge_size) ** 2
+        for b, blk in enumerate(blocks):
+            attn = getattr(blk, "attn", None)
+            if attn is None or not all(hasattr(attn, a) for a in ("qkv", "num_heads", "scaling")):
+                raise IncompatiblePolicyError(where, f"vision block {b}: expected attn.qkv / num_heads / scaling (the "
+                                              "Qwen2-VL vision block)")
+        if getattr(sys.modules[type(blocks[-1].attn).__module__], "apply_rotary_pos_emb_vision", None) is None:
+            raise IncompatiblePolicyError(where, f"{type(blocks[-1].attn).__module__}: expected apply_rotary_pos_emb_vision")
+        merger = visual.merger
+        ln, mlp = getattr(merger, "ln_q", None), getattr(merger, "mlp", None)
+        first = mlp[0] if isinstance(mlp, nn.Sequential) and len(mlp) else None
+        width = getattr(ln, "normalized_shape", (0,))[0]
+        if not isinstance(first, nn.Linear) or first.in_features != group * width:
+            raise IncompatiblePolicyError(where, f"{type(merger).__name__}: expected ln_q and an mlp whose first Linear "
+                                          f"reads {group} consecutive rows (the Qwen2-VL patch merger)")
+
+        def qk(block, hidden, kwargs):  # the packed-tower interface; FlowCut reads the captured qkv instead
+            raise NotImplementedError
+
+        return VisionSeams(tower=visual, layers=blocks, feature_layer=len(blocks) - 1, select_strategy="default",
+                           n_patches=0, projector=merger, attn_implementation=attn_implementation(model.config.vision_config),
+                           attention_name="attn", cls_token=False,
+                           packed=PackedTower(group, qk, float(blocks[-1].attn.scaling), in_tower=("flowcut_vit",),
+                                              units=False),
+                           group_kind=("spatial merge", "merge groups"))
 
     # -- structure ---------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:

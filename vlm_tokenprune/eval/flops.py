@@ -364,6 +364,8 @@ def trace_flops(text_config: Any, trace: Any, logits_tokens: int = 1, policy: An
         n_vis = max(trace.stages[0].visual_before)
         vg = _sized(vg, n_vis)
         base = parts = vision_flops(vg, _crops(vg, n_vis))  # untouched tower
+        # Qwen2-VL's FlowCut stage prunes inside the packed tower: counted at full length, an upper bound
+        out["upper_bound_stages"] = [i for i, s in enumerate(trace.stages) if s.is_vision and s.vision_tokens_per_layer]
     return _with_parts(out, vg, parts, base)
 
 

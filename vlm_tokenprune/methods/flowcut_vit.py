@@ -36,6 +36,9 @@ selectable by the LLM stage, which keeps 320 / 2880 of the original visual token
 InternVL (pixel-shuffle groups, ``vision.groups``): the same schedule over whole groups (``_prune_groups``): a
 group's ``a`` and ``S_cum`` are the SUMS over its patches, ``N`` / ``K`` count groups (LLM tokens) per tile, and
 a kept group keeps all its patches through the later layers.
+Qwen2-VL (a packed ViT, no CLS): the official FlowCut_Qwen rule runs instead (``vision.packed_flowcut``: the
+image's mean query, single patches, 4 consecutive kept patches merged), budget in LLM tokens per image;
+``flowcut_qwen`` (``_33`` / ``_11``) is its official two-stage pipeline with ``flowcut_llm``.
 Positions default to ``repack`` (LLaVA's contiguous re-numbering in the official code). On LLaVA-NeXT
 the kept patches then go through the model's own unpadding and ``image_newline`` packing: kept tokens
 in the padded border of an anyres grid leave with it (the LLM may see fewer than K per crop); the
@@ -185,11 +188,24 @@ for _name, _n in (("flowcut_vit", 128), ("flowcut_vit_192", 192), ("flowcut_vit_
     register_preset(_name, [{"criterion": "flowcut_vit", "site": "vision", "keep": _n / 576, "positions": "repack"}],
                     _DOC.format(_n), "2505.19536")
 
+# Qwen2-VL as the official FlowCut_Qwen code does it, for a retain ratio R of each image's LLM tokens: 2 R in the
+# packed ViT (``vision.packed_flowcut``: single patches, 4 consecutive kept patches merged, the image's first
+# placeholders' positions), then ``flowcut_llm`` after decoder layer 1 keeps R of the original at their positions
+for _name, _r, _what in (("flowcut_qwen", 2 / 9, "22.2 %"), ("flowcut_qwen_33", 3 / 9, "33.3 %"),
+                         ("flowcut_qwen_11", 1 / 9, "11.1 %")):
+    register_preset(_name, [
+        {"criterion": "flowcut_vit", "site": "vision", "keep": 2 * _r, "positions": "gaps"},
+        {"criterion": "flowcut_llm", "layer": 2, "keep": _r, "positions": "gaps"},
+    ], f"FlowCut on Qwen2-VL as officially coded, retain {_what}: twice that in the ViT (single patches, 4 consecutive "
+       f"kept patches per token, at the image's first placeholders), then flowcut_llm at layer 2 keeps {_what} of the "
+       "original visual tokens at their positions", "2505.19536")
+
 # FlowCut by its paper's name: the setting the paper (and its code) uses for each model family, picked by patch()
-register_family_preset("flowcut", {"llava": "flowcut_vit", "llava_next": "flowcut_next", "qwen2_vl": "flowcut_llm",
+register_family_preset("flowcut", {"llava": "flowcut_vit", "llava_next": "flowcut_next", "qwen2_vl": "flowcut_qwen",
                                    "qwen2_5_vl": "flowcut_llm"},
                        "FlowCut, the paper's setting for the model's family (chosen by patch()): LLaVA-1.5 flowcut_vit "
                        "(128 of 576 in the CLIP tower), LLaVA-NeXT flowcut_next (160 per crop, no newlines, then 320 "
-                       "tokens at LLM layer 2, renumbered), Qwen2-VL / 2.5-VL flowcut_llm (its LLM stage, -77.8 %); "
-                       "without a model: flowcut_vit",
+                       "tokens at LLM layer 2, renumbered), Qwen2-VL flowcut_qwen (the official Qwen code: 44.4 % in "
+                       "the ViT, then 22.2 % at LLM layer 2), Qwen2.5-VL flowcut_llm (its LLM stage, -77.8 %: no "
+                       "vision stage maps its windowed ViT); without a model: flowcut_vit",
                        "2505.19536")

@@ -13,7 +13,7 @@ from ..adapters.base import VisionSeams
 from ..errors import IncompatiblePolicyError
 from ..handle import PatchHandle
 from ..registry import CRITERIA
-from ..vision import hooks
+from ..vision import hooks, packed_flowcut
 
 if TYPE_CHECKING:
     from . import PatchTarget
@@ -36,10 +36,17 @@ def check(target: "PatchTarget") -> VisionSeams | None:
     except IncompatiblePolicyError as e:
         vs, site_error = None, e
     no_cls = target.adapter.vision_no_cls
-    if no_cls and not getattr(crit, "cls_free", False) and (getattr(crit, "needs_cls", "") or site_error is None):
+    own_rule = vs is not None and vs.packed is not None and stage.criterion in vs.packed.in_tower
+    if site_error is not None and not target.adapter.vision_site_for(model):  # no vision stage at all here
+        raise site_error
+    if no_cls and not own_rule and not getattr(crit, "cls_free", False) and (getattr(crit, "needs_cls", "") or
+                                                                             site_error is None):
         ok = sorted(n for n in CRITERIA.names() if getattr(CRITERIA.get(n), "cls_free", False)
                     and (vs is None or vs.groups is None or getattr(CRITERIA.get(n), "whole_groups", False)))
-        here = (f"site vision with {', '.join(ok)} (CLS-free rules), or " if ok and site_error is None else "") + \
+        rules = "CLS-free rules"
+        if vs is not None and vs.packed is not None:
+            ok, rules = vs.packed.allowed(), "this tower's rules"
+        here = (f"site vision with {', '.join(ok)} ({rules}), or " if ok and site_error is None else "") + \
             "site llm or pre_llm criteria"
         if getattr(crit, "needs_cls", ""):
             why, note = f"needs the vision tower's CLS token ({crit.needs_cls})", f"; {crit.cls_free_note}"
@@ -55,12 +62,13 @@ def check(target: "PatchTarget") -> VisionSeams | None:
         raise IncompatiblePolicyError(
             f"{where}.positions", f"{stage.params.get('positions')!r} is not defined for {model.config.model_type!r} "
             f"({target.adapter.pre_llm_positions_why}); allowed: {', '.join(allowed)}")
-    if vs.packed is not None and not callable(getattr(crit, "select_units", None)):
-        ok = sorted(n for n in CRITERIA.names() if callable(getattr(CRITERIA.get(n), "select_units", None)))
+    if vs.packed is not None and stage.criterion not in vs.packed.allowed():
+        ok = vs.packed.allowed()
+        why = ("whole-group selections are not mapped on this tower" if callable(getattr(crit, "select_units", None))
+               else f"it defines no selection over whole {vs.group_kind[1]} per image")
         raise IncompatiblePolicyError(
-            f"{where}.criterion", f"{stage.criterion!r} defines no selection over {model.config.model_type!r}'s packed "
-            f"vision tower (whole {vs.group_kind[1]} per image); allowed at site vision here: {', '.join(ok)} (or site "
-            "llm / pre_llm)")
+            f"{where}.criterion", f"{stage.criterion!r} is not available on {model.config.model_type!r}'s packed vision "
+            f"tower ({why}); allowed at site vision here: {', '.join(ok)} (or site llm / pre_llm)")
     if vs.groups is not None and not getattr(crit, "whole_groups", False):
         ok = sorted(n for n in CRITERIA.names() if getattr(CRITERIA.get(n), "whole_groups", False))
         raise IncompatiblePolicyError(
@@ -83,7 +91,10 @@ def check(target: "PatchTarget") -> VisionSeams | None:
 
 def install(handle: PatchHandle, vs: VisionSeams | None) -> None:
     handle.vision_seams = vs
-    if vs is not None and vs.packed is not None:  # Qwen3-VL's packed tower: its own hooks (vision.packed)
+    i = hooks.vision_stage_index(handle.policy)
+    if vs is not None and vs.packed is not None and handle.policy.stages[i].criterion in vs.packed.in_tower:
+        packed_flowcut.install(handle, vs, i)  # Qwen2-VL: FlowCut prunes inside the packed tower
+    elif vs is not None and vs.packed is not None:  # Qwen3-VL's packed tower: its own hooks (vision.packed)
         vs.packed.install(handle, vs)
     elif vs is not None:
         hooks.install(handle, vs)

@@ -252,9 +252,9 @@ def check_features(handle: "PatchHandle", kwargs: dict) -> None:
     image's: refused (docs/bad-inputs.md row 51). Packed towers (Qwen3-VL, ``vision.packed``): videos refused."""
     if getattr(handle.vision_seams, "packed", None) is not None and (
             kwargs.get("pixel_values_videos") is not None or (kwargs.get("mm_encoder_outputs") or {}).get("video") is not None):
-        raise InputError("pixel_values_videos", "a vision-site stage on this packed vision tower (Qwen3-VL) is defined "
-                         "for images only (VisPruner's rule per image); allowed: images (pixel_values), or a site llm / "
-                         "pre_llm stage for prompts with videos")
+        raise InputError("pixel_values_videos", "a vision-site stage on this packed vision tower (Qwen2-VL / Qwen3-VL) "
+                         "is defined for images only (its rule runs per image); allowed: images (pixel_values), or a site "
+                         "llm / pre_llm stage for prompts with videos")
     for name, field, key, why in getattr(handle.vision_seams, "refuse_calls", ()):  # OneVision: videos
         if kwargs.get(field) is not None or (kwargs.get("mm_encoder_outputs") or {}).get(key) is not None:
             raise InputError(field, f"{field} (or mm_encoder_outputs[{key!r}]) with a vision-site stage: {why}")

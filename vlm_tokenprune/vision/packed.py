@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..marking import mark_hook
+from ..registry import CRITERIA
 from .state import VisionOutcome
 
 if TYPE_CHECKING:
@@ -47,6 +48,18 @@ class PackedTower:
     group: int
     qk: Callable[[nn.Module, torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor]]
     scaling: float
+    # criteria with a rule of their own on this tower that prune INSIDE it (Qwen2-VL: ``flowcut_vit``, the official
+    # FlowCut_Qwen stage, installed by ``vision.packed_flowcut``), and whether whole-group selections
+    # (``select_units``, installed by ``install`` below) run here
+    in_tower: tuple[str, ...] = ()
+    units: bool = True
+
+    def allowed(self) -> list[str]:
+        """The criteria a vision stage may use on this tower."""
+        ok = set(self.in_tower)
+        if self.units:
+            ok |= {n for n in CRITERIA.names() if callable(getattr(CRITERIA.get(n), "select_units", None))}
+        return sorted(ok)
 
     def install(self, handle: "PatchHandle", vs: "VisionSeams") -> None:
         i = next(j for j, s in enumerate(handle.policy.stages) if s.is_vision)
