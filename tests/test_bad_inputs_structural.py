@@ -127,7 +127,8 @@ CASES = [
     ("vision and pre_llm stages together", "llava", "flowcut_vit+aim_merge", PolicyError, "stages[0].site"),
     ("vision stage on a tower reading layer 0", "llava", "flowcut_vit", IncompatiblePolicyError, "stages[0].site"),
     ("vision stage beyond the feature layer", "llava", "mctf:layer=3", IncompatiblePolicyError, "stages[0].layer"),
-    ("vision stage on Qwen2-VL", "qwen2_vl", "flowcut_vit:positions=gaps", IncompatiblePolicyError, "stages[0].site"),
+    ("CLS vision stage on Qwen2-VL", "qwen2_vl", "visionzip:positions=gaps", IncompatiblePolicyError,
+     "stages[0].criterion"),
     # learned-weight files
     ("weights: missing file", "llava", "atp:weights={missing}", PolicyError, "stages[0].weights"),
     ("weights: not safetensors", "llava", "atp:weights={not_st}", PolicyError, "stages[0].weights"),

@@ -6,7 +6,8 @@ run. Each copy must be reduced exactly as its row alone: the first step's logits
 model's own prefill of the unexpanded batch (the oracle: one tower run per image, no expansion), and each
 returned beam's score == the patched prefill + cached decode of that sequence (LLaVA). The expanded rows keep what
 their row keeps (the trace). Families: LLaVA-1.5 (FlowCut, VisionZip, MCTF), LLaVA-OneVision, InternVL, Gemma 3,
-Qwen3-VL (VisPruner; OneVision, InternVL, Gemma 3, Qwen3-VL: whole groups / windows, several images per row).
+Qwen3-VL (VisPruner; OneVision, InternVL, Gemma 3, Qwen3-VL: whole groups / windows, several images per row),
+Qwen2-VL (FlowCut's official Qwen stage, patches pruned inside the packed tower).
 """
 from __future__ import annotations
 
@@ -66,6 +67,17 @@ def _qwen3_vl():
     return model, make_qwen_batch(model, [[3, "img", 4], [2, "img", 3]], image_grids=[(3, 4), (4, 2)])
 
 
+def _qwen2_vl():
+    from test_qwen2_vl_vision_site import tiny
+
+    from vlm_tokenprune.eval.tiny_models import make_qwen_batch
+
+    model = tiny("sdpa")
+    if MULTI:
+        return model, make_qwen_batch(model, [[3, "img", 2, "img", 4], [2, "img", 3]], image_grids=[(3, 4), (2, 3), (4, 2)])
+    return model, make_qwen_batch(model, [[3, "img", 4], [2, "img", 3]], image_grids=[(3, 4), (4, 2)])
+
+
 CASES = {  # name: (model and batch, vision-site policy)
     "llava-flowcut_vit": (_llava, "flowcut_vit:tokens=8"),
     "llava-visionzip": (_llava, "visionzip:tokens=8,positions=repack"),
@@ -74,6 +86,7 @@ CASES = {  # name: (model and batch, vision-site policy)
     "internvl-vispruner": (_internvl, "vispruner:tokens=2,positions=repack"),
     "gemma3-vispruner": (_gemma3, "vispruner:tokens=2,positions=gaps"),
     "qwen3_vl-vispruner": (_qwen3_vl, "vispruner:tokens=3,positions=gaps"),
+    "qwen2_vl-flowcut_vit": (_qwen2_vl, "flowcut_vit:tokens=3,positions=gaps"),
 }
 EXPAND = [{"num_beams": 3, "num_return_sequences": 3, "do_sample": False}, {"num_return_sequences": 2, "do_sample": True}]
 
