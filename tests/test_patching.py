@@ -117,6 +117,10 @@ def test_unsupported_models_are_refused():
     assert "llava" in str(err) and "llava_next" in str(err)
     gemma = tiny_llava("sdpa", text_model_type="gemma")
     _assert_refused(gemma, UnsupportedModelError, "config.text_config.model_type", lambda: vtp.patch(gemma, "fastv"))
+    for not_a_model in (None, 3, torch.nn.Linear(2, 2)):  # no .config at all: named as such
+        with pytest.raises(UnsupportedModelError) as e:
+            vtp.patch(not_a_model, "fastv")
+        assert e.value.field == "model" and type(not_a_model).__name__ in str(e.value)
 
 
 def test_static_cache_is_refused(models):

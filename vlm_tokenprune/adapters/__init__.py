@@ -21,7 +21,10 @@ KNOWN_UNSUPPORTED = {
 
 def resolve_adapter(model) -> Adapter:
     """The registered adapter for ``model.config.model_type``; a clear error when there is none."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if getattr(model, "config", None) is None:
+        raise UnsupportedModelError("model", f"expected a Hugging Face VLM (a module with a .config), got "
+                                    f"{type(model).__name__}")
+    model_type = getattr(model.config, "model_type", None)
     if model_type not in ADAPTERS:
         why = KNOWN_UNSUPPORTED.get(model_type)
         raise UnsupportedModelError(
