@@ -96,14 +96,11 @@ class Qwen2VLAdapter(HFAdapter):
             raise IncompatiblePolicyError(where, f"{type(merger).__name__}: expected ln_q and an mlp whose first Linear "
                                           f"reads {group} consecutive rows (the Qwen2-VL patch merger)")
 
-        def qk(block, hidden, kwargs):  # the packed-tower interface; FlowCut reads the captured qkv instead
-            raise NotImplementedError
-
         return VisionSeams(tower=visual, layers=blocks, feature_layer=len(blocks) - 1, select_strategy="default",
                            n_patches=0, projector=merger, attn_implementation=attn_implementation(model.config.vision_config),
                            attention_name="attn", cls_token=False,
-                           packed=PackedTower(group, qk, float(blocks[-1].attn.scaling), in_tower=("flowcut_vit",),
-                                              units=False),
+                           packed=PackedTower(group, None, float(blocks[-1].attn.scaling), in_tower=("flowcut_vit",),
+                                              units=False),  # FlowCut reads each block's captured qkv
                            group_kind=("spatial merge", "merge groups"))
 
     # -- structure ---------------------------------------------------------------------------

@@ -46,7 +46,7 @@ class PackedTower:
     its softmax scale."""
 
     group: int
-    qk: Callable[[nn.Module, torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor]]
+    qk: Callable[[nn.Module, torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor]] | None  # None: no ``units``
     scaling: float
     # criteria with a rule of their own on this tower that prune INSIDE it (Qwen2-VL: ``flowcut_vit``, the official
     # FlowCut_Qwen stage, installed by ``vision.packed_flowcut``), and whether whole-group selections
@@ -57,7 +57,7 @@ class PackedTower:
     def allowed(self) -> list[str]:
         """The criteria a vision stage may use on this tower."""
         ok = set(self.in_tower)
-        if self.units:
+        if self.units and self.qk is not None:
             ok |= {n for n in CRITERIA.names() if callable(getattr(CRITERIA.get(n), "select_units", None))}
         return sorted(ok)
 
