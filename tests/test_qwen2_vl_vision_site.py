@@ -4,8 +4,9 @@ L1 norm, cumulative, entropy-adaptive every 2 blocks, forced to 4 T patches afte
 4 consecutive kept patches; the image's T tokens take its first T placeholders. == the independent oracle
 (tests/reference/qwen2_vl_flowcut_oracle.py: the blocks written out per image) on rows alone (eager, sdpa), the
 padded batch == its rows alone, cached generate == the oracle's greedy, keep-all bit-identical, unpatch exact; the
-``flowcut`` preset is the official two-stage pipeline on Qwen2-VL; refusals by name (other criteria, videos,
-Qwen2.5-VL's windowed tower).
+``flowcut`` preset is the official two-stage pipeline on Qwen2-VL; VisPruner's CLS-free rule over whole merge
+groups (as on Qwen3-VL, a library extension) == oracle; refusals by name (CLS criteria, videos, Qwen2.5-VL's
+windowed tower).
 
 Tiny Qwen2-VL from a config: ViT 6 blocks (prunes after blocks 1, 3, 5) with sharpened q / k so the adaptive
 counts drop patches before the last block; images of 3 x 4, 2 x 3, 4 x 2 LLM tokens (row 0 two, row 1 one).
@@ -77,6 +78,30 @@ def test_prefill_matches_oracle(attn, T):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("T, r", [(2, 0.5), (3, 0.34)])
+def test_vispruner_over_merge_groups_matches_oracle(attn, T, r):
+    """VisPruner's CLS-free rule over whole merge groups on Qwen2-VL's packed ViT (as on Qwen3-VL; a library
+    extension): the tower runs whole, the LLM sees the kept groups' placeholders at their positions. Oracle:
+    tests/reference/qwen3_vl_vision_oracle.py's tower part (the last block's q / k written out, attention received
+    within each image) and pre_llm_oracle's Qwen row reduction."""
+    from reference import pre_llm_oracle
+    from reference import qwen3_vl_vision_oracle as vision_oracle
+
+    model = tiny(attn)
+    inputs = batch(model)
+    for b in range(2):
+        alone = row_alone(inputs, b)
+        with vtp.patch(model, f"vispruner:tokens={T},important_ratio={r},positions=gaps") as h, torch.no_grad():
+            got = model(**alone).logits[0]
+            st = h.last_trace().stages[0]
+        kept = vision_oracle.select(model, alone["pixel_values"], alone["image_grid_thw"], T, r)
+        _, keep_vis = vision_oracle.start_positions(model, alone, kept)
+        x, pos3, _, _, _ = pre_llm_oracle.qwen_reduce(model, alone, 1.0, kept=keep_vis)
+        assert st.kept_positions[0] == keep_vis and len(keep_vis) == (2 * T if b == 0 else T)
+        torch.testing.assert_close(got, pre_llm_oracle.qwen_logits(model, x, pos3), atol=1e-4, rtol=0)
+
+
 def test_adaptive_counts_drop_before_the_last_block():
     """Patches left after each block (all images): the entropy rule drops after blocks 1 and 3, the last block
     forces 4 T per image (row 0: 12 and 6 LLM tokens, T = 2 each -> 16 patches)."""
@@ -128,11 +153,11 @@ def test_flowcut_preset_is_the_official_qwen_pipeline():
 def test_other_criteria_videos_and_qwen2_5_vl_are_refused_by_name():
     model = tiny("sdpa")
     with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(model, "vispruner:tokens=3,positions=gaps")
-    assert e.value.field == "stages[0].criterion" and "allowed at site vision here: flowcut_vit" in str(e.value)
-    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
         vtp.patch(model, "visionzip:tokens=3,positions=gaps")
-    assert e.value.field == "stages[0].criterion" and "flowcut_vit" in str(e.value)
+    assert e.value.field == "stages[0].criterion" and "flowcut_vit, vispruner" in str(e.value)
+    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
+        vtp.patch(model, "mctf:tokens=3,positions=gaps")
+    assert e.value.field == "stages[0].criterion" and "flowcut_vit, vispruner" in str(e.value)
     with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
         vtp.patch(model, "flowcut_vit:tokens=3")  # positions=repack (the LLaVA default) is not defined here
     assert e.value.field == "stages[0].positions" and "gaps" in str(e.value)

@@ -207,19 +207,19 @@ def test_criterion_without_a_packed_rule_is_refused():
         CRITERIA.unregister("q3_picker")
 
 
-@pytest.mark.parametrize("version", ["2", "2.5"])
-def test_qwen2_vl_and_qwen2_5_vl_refuse_vispruner_by_name(version):
-    """Not free through the same code: Qwen2-VL's packed ViT runs FlowCut's official Qwen stage only
-    (tests/test_qwen2_vl_vision_site.py); Qwen2.5-VL's windowed blocks reorder the patches (no vision stage)."""
+def test_qwen2_5_vl_and_cls_methods_on_qwen2_vl_are_refused_by_name():
+    """Qwen2.5-VL's windowed blocks reorder the patches: no vision stage. Qwen2-VL's packed ViT runs VisPruner and
+    FlowCut's official Qwen stage (tests/test_qwen2_vl_vision_site.py), not the CLS methods."""
     from vlm_tokenprune.eval.tiny_models import build_tiny_qwen2_vl
 
-    model = build_tiny_qwen2_vl("sdpa", version=version)
+    model = build_tiny_qwen2_vl("sdpa", version="2.5")
     with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
         vtp.patch(model, policy(3))
-    if version == "2":
-        assert e.value.field == "stages[0].criterion" and "allowed at site vision here: flowcut_vit" in str(e.value)
-    else:
-        assert e.value.field == "stages[0].site" and "window_index" in str(e.value) and "qwen3_vl (vispruner)" in str(e.value)
+    assert e.value.field == "stages[0].site" and "window_index" in str(e.value) and "qwen3_vl (vispruner)" in str(e.value)
+    model = build_tiny_qwen2_vl("sdpa", version="2")
+    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
+        vtp.patch(model, "visionzip:tokens=3,positions=gaps")
+    assert e.value.field == "stages[0].criterion" and "flowcut_vit, vispruner" in str(e.value)
 
 
 def test_videos_are_refused_by_name():

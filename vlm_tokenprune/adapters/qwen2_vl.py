@@ -70,8 +70,9 @@ class Qwen2VLAdapter(HFAdapter):
 
     def vision_seams(self, model: nn.Module, where: str = "site"):
         """Qwen2-VL: the packed ViT for FlowCut's official Qwen stage (``vision.packed_flowcut``: single patches pruned
-        inside the tower, the merger packs 4 consecutive kept patches). Qwen2.5-VL: refused by name (its windowed
-        blocks reorder the patches: ``window_index``)."""
+        inside the tower, the merger packs 4 consecutive kept patches) and for VisPruner's CLS-free rule over whole
+        merge groups (``vision.packed``, as on Qwen3-VL; a library extension). Qwen2.5-VL: refused by name (its
+        windowed blocks reorder the patches: ``window_index``)."""
         if model.config.model_type != "qwen2_vl":
             raise IncompatiblePolicyError(
                 where, f"site vision is not supported for {model.config.model_type!r}: its windowed blocks reorder the "
@@ -96,11 +97,19 @@ class Qwen2VLAdapter(HFAdapter):
             raise IncompatiblePolicyError(where, f"{type(merger).__name__}: expected ln_q and an mlp whose first Linear "
                                           f"reads {group} consecutive rows (the Qwen2-VL patch merger)")
 
+        rope = sys.modules[type(blocks[-1].attn).__module__].apply_rotary_pos_emb_vision
+
+        def qk(block, hidden, kwargs):  # the last block's own q / k on its input, rotary applied (VisPruner)
+            a = block.attn
+            S = hidden.shape[0]
+            q, k, _ = a.qkv(block.norm1(hidden)).reshape(S, 3, a.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            cos, sin = kwargs["position_embeddings"]
+            return rope(q, k, cos, sin)
+
         return VisionSeams(tower=visual, layers=blocks, feature_layer=len(blocks) - 1, select_strategy="default",
                            n_patches=0, projector=merger, attn_implementation=attn_implementation(model.config.vision_config),
                            attention_name="attn", cls_token=False,
-                           packed=PackedTower(group, None, float(blocks[-1].attn.scaling), in_tower=("flowcut_vit",),
-                                              units=False),  # FlowCut reads each block's captured qkv
+                           packed=PackedTower(group, qk, float(blocks[-1].attn.scaling), in_tower=("flowcut_vit",)),
                            group_kind=("spatial merge", "merge groups"))
 
     # -- structure ---------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Vision-site stages on PACKED towers: Qwen3-VL's ViT (``VisionSeams.packed``), a library extension.
+"""Vision-site stages on PACKED towers: Qwen3-VL's and Qwen2-VL's ViT (``VisionSeams.packed``), a library extension
+(Qwen2-VL's FlowCut stage, which prunes inside the tower, is ``vision.packed_flowcut``).
 
 Qwen3-VL (arXiv 2511.21631; the Qwen2-VL tower, arXiv 2409.12191) encodes every image of a batch as ONE
 sequence of patches ``[S, C]`` (images of any size, one after the other); each block attends within an image
