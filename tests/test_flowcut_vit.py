@@ -146,9 +146,9 @@ def test_model_errors_name_the_field():
     with pytest.raises(IncompatiblePolicyError) as e:  # Qwen2-VL runs its official Qwen stage, at positions=gaps
         vtp.patch(tiny_qwen(), "flowcut_vit")
     assert e.value.field == "stages[0].positions" and "gaps" in str(e.value)
-    with pytest.raises(IncompatiblePolicyError) as e:  # Qwen2.5-VL: no vision stage
-        vtp.patch(tiny_qwen(version="2.5"), "flowcut_vit")
-    assert e.value.field == "stages[0].site"
+    with pytest.raises(IncompatiblePolicyError) as e:  # Qwen2.5-VL: VisPruner only at its vision site
+        vtp.patch(tiny_qwen(version="2.5"), "flowcut_vit:positions=gaps")
+    assert e.value.field == "stages[0].criterion" and "vispruner" in str(e.value)
     assert not any(m._forward_pre_hooks for m in model.modules())
 
 

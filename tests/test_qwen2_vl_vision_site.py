@@ -5,8 +5,8 @@ L1 norm, cumulative, entropy-adaptive every 2 blocks, forced to 4 T patches afte
 (tests/reference/qwen2_vl_flowcut_oracle.py: the blocks written out per image) on rows alone (eager, sdpa), the
 padded batch == its rows alone, cached generate == the oracle's greedy, keep-all bit-identical, unpatch exact; the
 ``flowcut`` preset is the official two-stage pipeline on Qwen2-VL; VisPruner's CLS-free rule over whole merge
-groups (as on Qwen3-VL, a library extension) == oracle; refusals by name (CLS criteria, videos, Qwen2.5-VL's
-windowed tower).
+groups (as on Qwen3-VL, a library extension) == oracle; refusals by name (CLS criteria, videos, FlowCut on
+Qwen2.5-VL's windowed tower).
 
 Tiny Qwen2-VL from a config: ViT 6 blocks (prunes after blocks 1, 3, 5) with sharpened q / k so the adaptive
 counts drop patches before the last block; images of 3 x 4, 2 x 3, 4 x 2 LLM tokens (row 0 two, row 1 one).
@@ -165,10 +165,10 @@ def test_other_criteria_videos_and_qwen2_5_vl_are_refused_by_name():
     with vtp.patch(model, policy(3)), torch.no_grad(), pytest.raises(InputError) as e:
         model(**video)
     assert e.value.field == "pixel_values_videos"
-    q25 = build_tiny_qwen2_vl("sdpa", version="2.5")
+    q25 = build_tiny_qwen2_vl("sdpa", version="2.5")  # its windowed ViT: VisPruner only (test_qwen2_5_vl_vision_site)
     with no_hook_left(q25), pytest.raises(IncompatiblePolicyError) as e:
         vtp.patch(q25, policy(3))
-    assert e.value.field == "stages[0].site" and "window_index" in str(e.value)
+    assert e.value.field == "stages[0].criterion" and "allowed here: site vision with vispruner" in str(e.value)
 
 
 def test_catalogue_row_names_existing_tests():

@@ -208,14 +208,14 @@ def test_criterion_without_a_packed_rule_is_refused():
 
 
 def test_qwen2_5_vl_and_cls_methods_on_qwen2_vl_are_refused_by_name():
-    """Qwen2.5-VL's windowed blocks reorder the patches: no vision stage. Qwen2-VL's packed ViT runs VisPruner and
-    FlowCut's official Qwen stage (tests/test_qwen2_vl_vision_site.py), not the CLS methods."""
+    """Qwen2-VL / Qwen2.5-VL's packed ViTs run VisPruner too (tests/test_qwen2_vl_vision_site.py,
+    tests/test_qwen2_5_vl_vision_site.py), not the CLS methods; FlowCut's in-tower stage runs on Qwen2-VL only."""
     from vlm_tokenprune.eval.tiny_models import build_tiny_qwen2_vl
 
     model = build_tiny_qwen2_vl("sdpa", version="2.5")
     with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(model, policy(3))
-    assert e.value.field == "stages[0].site" and "window_index" in str(e.value) and "qwen3_vl (vispruner)" in str(e.value)
+        vtp.patch(model, "flowcut_vit:tokens=3,positions=gaps")
+    assert e.value.field == "stages[0].criterion" and "site vision with vispruner" in str(e.value)
     model = build_tiny_qwen2_vl("sdpa", version="2")
     with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
         vtp.patch(model, "visionzip:tokens=3,positions=gaps")

@@ -7,7 +7,7 @@ model's own prefill of the unexpanded batch (the oracle: one tower run per image
 returned beam's score == the patched prefill + cached decode of that sequence (LLaVA). The expanded rows keep what
 their row keeps (the trace). Families: LLaVA-1.5 (FlowCut, VisionZip, MCTF), LLaVA-OneVision, InternVL, Gemma 3,
 Qwen3-VL (VisPruner; OneVision, InternVL, Gemma 3, Qwen3-VL: whole groups / windows, several images per row),
-Qwen2-VL (FlowCut's official Qwen stage, patches pruned inside the packed tower).
+Qwen2-VL (FlowCut's official Qwen stage, patches pruned inside the packed tower), Qwen2.5-VL (VisPruner, window order).
 """
 from __future__ import annotations
 
@@ -78,6 +78,17 @@ def _qwen2_vl():
     return model, make_qwen_batch(model, [[3, "img", 4], [2, "img", 3]], image_grids=[(3, 4), (4, 2)])
 
 
+def _qwen2_5_vl():
+    from test_qwen2_5_vl_vision_site import tiny
+
+    from vlm_tokenprune.eval.tiny_models import make_qwen_batch
+
+    model = tiny("sdpa")
+    if MULTI:
+        return model, make_qwen_batch(model, [[3, "img", 2, "img", 4], [2, "img", 3]], image_grids=[(3, 4), (2, 3), (4, 2)])
+    return model, make_qwen_batch(model, [[3, "img", 4], [2, "img", 3]], image_grids=[(3, 4), (4, 2)])
+
+
 CASES = {  # name: (model and batch, vision-site policy)
     "llava-flowcut_vit": (_llava, "flowcut_vit:tokens=8"),
     "llava-visionzip": (_llava, "visionzip:tokens=8,positions=repack"),
@@ -87,6 +98,7 @@ CASES = {  # name: (model and batch, vision-site policy)
     "gemma3-vispruner": (_gemma3, "vispruner:tokens=2,positions=gaps"),
     "qwen3_vl-vispruner": (_qwen3_vl, "vispruner:tokens=3,positions=gaps"),
     "qwen2_vl-flowcut_vit": (_qwen2_vl, "flowcut_vit:tokens=3,positions=gaps"),
+    "qwen2_5_vl-vispruner": (_qwen2_5_vl, "vispruner:tokens=3,positions=gaps"),
 }
 EXPAND = [{"num_beams": 3, "num_return_sequences": 3, "do_sample": False}, {"num_return_sequences": 2, "do_sample": True}]
 

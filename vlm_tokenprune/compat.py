@@ -111,3 +111,13 @@ def register_attention(name: str, fn: Callable, masks_like: str) -> Callable[[],
 
 
 ATTN_IMPLEMENTATION_ATTR = "_attn_implementation_internal"  # what ``config._attn_implementation`` reads
+
+
+def vision_window_index(visual: nn.Module, grid_thw: Any) -> Any:
+    """Qwen2.5-VL: ``window_index`` ``[units]`` of its ViT for ``grid_thw``, the raster (placeholder) index of the
+    LLM token each merge unit of the windowed row order is (transformers' ``get_vision_window_index``)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                              window_size=visual.window_size, patch_size=visual.patch_size)
+    return window_index

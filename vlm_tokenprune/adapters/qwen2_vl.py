@@ -29,17 +29,19 @@ original positions (``positions=gaps``, the only convention defined here); decod
 every axis after the prompt's largest position, the unpatched model's next position
 (``rope_deltas``), whatever the cache length.
 
-Vision site: Qwen2-VL's packed ViT runs FlowCut's official Qwen stage (``vision.packed_flowcut``); Qwen2.5-VL's
-windowed blocks reorder the patches (``window_index``), so no vision stage runs there.
+Vision site: Qwen2-VL's packed ViT runs FlowCut's official Qwen stage (``vision.packed_flowcut``) and VisPruner
+(``vision.packed``); Qwen2.5-VL's VisPruner only (its windowed blocks reorder the patches: ``window_index`` maps
+the units back to placeholder order).
 """
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 from torch import nn
 
-from ..compat import attn_implementation
+from ..compat import attn_implementation, vision_window_index
 from ..errors import IncompatiblePolicyError, InputError, UnsupportedModelError
 from ..registry import ADAPTERS
 from ..vision.packed import PackedTower
@@ -65,22 +67,21 @@ class Qwen2VLAdapter(HFAdapter):
     # -- vision site -------------------------------------------------------------------------
     vision_no_cls = "the Qwen2-VL vision transformer has no CLS token"
 
-    def vision_site_for(self, model: nn.Module) -> bool:
-        return model.config.model_type == "qwen2_vl"  # Qwen2.5-VL's windowed ViT: no vision stage
-
     def vision_seams(self, model: nn.Module, where: str = "site"):
-        """Qwen2-VL: the packed ViT for FlowCut's official Qwen stage (``vision.packed_flowcut``: single patches pruned
-        inside the tower, the merger packs 4 consecutive kept patches) and for VisPruner's CLS-free rule over whole
-        merge groups (``vision.packed``, as on Qwen3-VL; a library extension). Qwen2.5-VL: refused by name (its
-        windowed blocks reorder the patches: ``window_index``)."""
-        if model.config.model_type != "qwen2_vl":
-            raise IncompatiblePolicyError(
-                where, f"site vision is not supported for {model.config.model_type!r}: its windowed blocks reorder the "
-                "patches (window_index) and its merger packs windows of that order, which no vision stage maps yet; "
-                "allowed: site llm / pre_llm stages here, or site vision on qwen2_vl (flowcut_vit), qwen3_vl "
-                "(vispruner), llava, llava_next, llava_llama, llava_onevision, internvl, gemma3")
+        """The packed ViT. Qwen2-VL: FlowCut's official Qwen stage (``vision.packed_flowcut``: single patches pruned
+        inside the tower, the merger packs 4 consecutive kept patches) and VisPruner's CLS-free rule over whole merge
+        groups (``vision.packed``, as on Qwen3-VL; a library extension). Qwen2.5-VL: VisPruner only, its units put
+        back in placeholder order (the tower's rows follow its windows: ``window_index``); its last block must be a
+        full-attention block. FlowCut's in-tower pruning is not mapped on the windowed blocks."""
         visual = model.model.visual
         blocks = tuple(visual.blocks)
+        windowed = model.config.model_type != "qwen2_vl"  # Qwen2.5-VL: rows in window order, windowed blocks
+        if windowed and len(blocks) - 1 not in set(getattr(visual, "fullatt_block_indexes", ()) or ()):
+            raise IncompatiblePolicyError(
+                where, f"site vision on {model.config.model_type!r} reads the last vision block's attention within each "
+                "image, but this tower's last block attends within windows (fullatt_block_indexes "
+                f"{list(getattr(visual, 'fullatt_block_indexes', ()) or ())}); allowed: a config whose last block is a "
+                "full-attention block (the released Qwen2.5-VL checkpoints), or site llm / pre_llm stages")
         group = int(visual.spatial_merge_size) ** 2
         for b, blk in enumerate(blocks):
             attn = getattr(blk, "attn", None)
@@ -92,7 +93,7 @@ class Qwen2VLAdapter(HFAdapter):
         merger = visual.merger
         ln, mlp = getattr(merger, "ln_q", None), getattr(merger, "mlp", None)
         first = mlp[0] if isinstance(mlp, nn.Sequential) and len(mlp) else None
-        width = getattr(ln, "normalized_shape", (0,))[0]
+        width = int(ln.weight.shape[-1]) if isinstance(getattr(ln, "weight", None), torch.Tensor) else 0
         if not isinstance(first, nn.Linear) or first.in_features != group * width:
             raise IncompatiblePolicyError(where, f"{type(merger).__name__}: expected ln_q and an mlp whose first Linear "
                                           f"reads {group} consecutive rows (the Qwen2-VL patch merger)")
@@ -109,7 +110,10 @@ class Qwen2VLAdapter(HFAdapter):
         return VisionSeams(tower=visual, layers=blocks, feature_layer=len(blocks) - 1, select_strategy="default",
                            n_patches=0, projector=merger, attn_implementation=attn_implementation(model.config.vision_config),
                            attention_name="attn", cls_token=False,
-                           packed=PackedTower(group, qk, float(blocks[-1].attn.scaling), in_tower=("flowcut_vit",)),
+                           packed=PackedTower(group, qk, float(blocks[-1].attn.scaling),
+                                              in_tower=() if windowed else ("flowcut_vit",),
+                                              unit_order=functools.partial(vision_window_index, visual) if windowed
+                                              else None),
                            group_kind=("spatial merge", "merge groups"))
 
     # -- structure ---------------------------------------------------------------------------

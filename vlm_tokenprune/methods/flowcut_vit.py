@@ -83,6 +83,8 @@ def adaptive_prune_count(a: torch.Tensor, rpl: int, keep_patches: int) -> int:
 class FlowCutViT(VisionCriterion):
     name = "flowcut_vit"
     needs_cls = "it scores the information flow from the CLS token's attention"
+    cls_free_note = ("its official code's CLS-free rule is for Qwen2-VL's packed ViT only (flowcut_vit runs there, "
+                     "vision.packed_flowcut)")
     paper = "FlowCut (vision-encoder part): CLS-attention + value-similarity flow, cumulative, entropy-adaptive"
     arxiv = "2505.19536"
     whole_groups = True  # pixel-shuffle towers (InternVL): the same schedule over whole groups (``_prune_groups``)
@@ -206,6 +208,6 @@ register_family_preset("flowcut", {"llava": "flowcut_vit", "llava_next": "flowcu
                        "FlowCut, the paper's setting for the model's family (chosen by patch()): LLaVA-1.5 flowcut_vit "
                        "(128 of 576 in the CLIP tower), LLaVA-NeXT flowcut_next (160 per crop, no newlines, then 320 "
                        "tokens at LLM layer 2, renumbered), Qwen2-VL flowcut_qwen (the official Qwen code: 44.4 % in "
-                       "the ViT, then 22.2 % at LLM layer 2), Qwen2.5-VL flowcut_llm (its LLM stage, -77.8 %: no "
-                       "vision stage maps its windowed ViT); without a model: flowcut_vit",
+                       "the ViT, then 22.2 % at LLM layer 2), Qwen2.5-VL flowcut_llm (its LLM stage, -77.8 %: FlowCut's "
+                       "in-tower stage is not mapped on its windowed ViT); without a model: flowcut_vit",
                        "2505.19536")

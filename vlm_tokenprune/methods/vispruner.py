@@ -32,7 +32,8 @@ LLaVA-OneVision (SigLIP, no pooling: every patch its own LLM token): the same Si
 model's own projector and ``pack_image_features`` run on all of them (``VisionSeams.mask_only``); an image that
 ``anyres_max_N`` resizes keeps all its tokens (its packed tokens mix patches; ``adapters/llava_onevision.py``).
 
-Qwen3-VL and Qwen2-VL (a library extension, ``vision.packed``): the same SigLIP rule on Qwen's packed ViT: importance = the
+Qwen3-VL, Qwen2-VL, Qwen2.5-VL (a library extension, ``vision.packed``): the same SigLIP rule on Qwen's packed ViT
+(Qwen2.5-VL's window order of the units mapped back to placeholder order): importance = the
 last block's attention each patch receives within its image (the block's own q / k and 2-D rotary), mean over
 queries then heads; units = the merger's 2 x 2 groups (one LLM token each: summed importance, concatenated
 last-block outputs); ``T`` counts LLM tokens per image; Qwen3-VL's DeepStack features follow the kept groups.

@@ -1,4 +1,5 @@
-"""Vision-site stages on PACKED towers: Qwen3-VL's and Qwen2-VL's ViT (``VisionSeams.packed``), a library extension
+"""Vision-site stages on PACKED towers: the ViTs of Qwen3-VL, Qwen2-VL and Qwen2.5-VL (``VisionSeams.packed``; Qwen2.5-VL's
+rows follow its windows: ``PackedTower.unit_order`` maps each unit back to its placeholder), a library extension
 (Qwen2-VL's FlowCut stage, which prunes inside the tower, is ``vision.packed_flowcut``).
 
 Qwen3-VL (arXiv 2511.21631; the Qwen2-VL tower, arXiv 2409.12191) encodes every image of a batch as ONE
@@ -54,6 +55,9 @@ class PackedTower:
     # (``select_units``, installed by ``install`` below) run here
     in_tower: tuple[str, ...] = ()
     units: bool = True
+    # ``unit_order(grid_thw) -> [units]``: the placeholder (raster) index of each merge unit of the tower's row order,
+    # when the tower reorders its patches (Qwen2.5-VL's windows); None: row order is placeholder order
+    unit_order: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def allowed(self) -> list[str]:
         """The criteria a vision stage may use on this tower."""
@@ -88,6 +92,7 @@ class PackedRun:
     stage: Any
     criterion: Any
     captured: dict = field(default_factory=dict)
+    grid: torch.Tensor | None = None  # the tower call's grid_thw
     kept: list | None = None  # per image: kept group indices (ascending), and its group count
     sizes: list | None = None
     seconds: float = 0.0
@@ -121,7 +126,8 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tenso
 
 
 def _tower_pre(handle: "PatchHandle", i: int, module, args: tuple, kwargs: dict):
-    handle.vision_run = PackedRun(i, handle.policy.stages[i], handle.criteria[i])
+    handle.vision_run = PackedRun(i, handle.policy.stages[i], handle.criteria[i],
+                                  grid=args[1] if len(args) > 1 else kwargs.get("grid_thw"))
     handle.vision_outcome = None
     return None
 
@@ -147,11 +153,16 @@ def _block_post(handle: "PatchHandle", tower: PackedTower, module, args, output)
         q, k = tower.qk(module, hidden, kw)
         imp = received_attention(q, k, cu, tower.scaling)
         bounds = cu.tolist()
+        order = None if tower.unit_order is None else tower.unit_order(run.grid).to(out.device)
         run.kept, run.sizes = [], []
         for s, e in zip(bounds[:-1], bounds[1:]):
             G = (e - s) // g
             a = imp[s:e].view(G, g).sum(-1)
             feats = out[s:e].float().reshape(G, -1)
+            if order is not None:  # units in placeholder order (the tower's rows are in its window order)
+                raster = order[s // g:e // g] - order[s // g:e // g].min()
+                a = torch.empty_like(a).index_copy_(0, raster.to(a.device), a)
+                feats = torch.empty_like(feats).index_copy_(0, raster.to(feats.device), feats)
             feats = feats / feats.norm(dim=-1, keepdim=True)
             budget = min(run.stage.budget.count(G), G)
             sel = list(range(G)) if budget >= G else sorted(
