@@ -110,6 +110,29 @@ def test_flowcut_windowed_last_block_and_videos_are_refused_by_name():
     assert e.value.field == "pixel_values_videos"
 
 
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_explain_flops_equal_the_traced_run(version):
+    """``policy_flops`` (what ``explain`` prints) for VisPruner on Qwen2-VL / Qwen2.5-VL: the tower and the merger run
+    on all patches (the pruning happens at the language model's input), so its LLM, tower and projector FLOPs equal
+    ``trace_flops`` of the patched run (one image of 16 LLM tokens, 5 kept); they had counted the merger on the
+    kept tokens only."""
+    from vlm_tokenprune.eval.flops import policy_flops, trace_flops, unpruned_flops
+
+    model = tiny("sdpa") if version == "2.5" else build_tiny_qwen2_vl("sdpa", version="2")
+    inputs = make_qwen_batch(model, [[4, "img", 3]], image_grids=[(4, 4)], seed=1)
+    with vtp.patch(model, policy(5)) as h, torch.no_grad():
+        model(**inputs, logits_to_keep=1)
+        traced = trace_flops(model.config, h.last_trace())
+    n_text = inputs["input_ids"].shape[1] - 16
+    predicted = policy_flops(model.config, policy(5), n_text, 16)
+    L = model.config.text_config.num_hidden_layers
+    assert predicted["tokens_per_layer"] == traced["tokens_per_layer"] == [n_text + 5] * L
+    whole = unpruned_flops(model.config, n_text, 16)
+    for key in ("flops", "vision_flops", "projector_flops"):
+        assert predicted[key] == traced[key], key
+    assert predicted["projector_flops"] == whole["projector_flops"]
+
+
 def test_catalogue_rows_name_existing_tests():
     from kit.catalogue import assert_rows_name_existing_tests
 

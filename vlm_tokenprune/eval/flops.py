@@ -312,7 +312,10 @@ def policy_flops(model_config: Any, policy: Any, n_text: int, n_visual: int, log
         for i, st in enumerate(pol.stages):
             if st.is_vision:  # the projector sees the kept LLM tokens (InternVL: whole pixel-shuffle groups) per crop
                 per = vg.crop_patches // vg.merge  # (Gemma 3: all of them, ``projects_all``); the tower's in-layer
-                kept = per if vg.projects_all else min(per, st.budget.count(per, per))  # schedule is the image's
+                # schedule is the image's. Qwen's packed towers run the tower and merger whole under a vision stage
+                # (``vision.packed``), except FlowCut's in-tower stage (``vision.packed_flowcut``: the kept patches)
+                whole = vg.projects_all or (vg.dynamic and st.criterion != "flowcut_vit")
+                kept = per if whole else min(per, st.budget.count(per, per))
                 parts = vision_flops(vg, crops, projected=crops * kept)
                 out["vision_upper_bound_stages"].append(i)
     return _with_parts(out, vg, parts, base)
