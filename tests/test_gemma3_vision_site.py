@@ -14,7 +14,7 @@ import functools
 
 import pytest
 import torch
-from kit import assert_batch_equals_patched_rows_alone, assert_generate_matches_rows_alone, assert_keep_all_exact, assert_unpatch_restores, no_hook_left, row_alone
+from kit import assert_batch_equals_patched_rows_alone, assert_generate_matches_rows_alone, assert_keep_all_exact, assert_patch_refused, assert_unpatch_restores, no_hook_left, row_alone
 from reference import gemma3_vision_oracle as oracle
 
 import vlm_tokenprune as vtp
@@ -151,11 +151,9 @@ def test_sum_per_window_matters():
 ])
 def test_refused_by_name_before_any_hook(policy_, field, match):
     model = tiny("sdpa")
-    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(model, policy_)
-    assert e.value.field == field and match in str(e.value), str(e.value)
+    err = assert_patch_refused(model, policy_, field, match)
     if field == "stages[0].criterion":
-        assert "allowed here: site vision with vispruner" in str(e.value)
+        assert "allowed here: site vision with vispruner" in str(err)
 
 
 def test_cls_free_criterion_without_whole_windows_is_refused():

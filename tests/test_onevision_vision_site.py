@@ -15,11 +15,11 @@ import functools
 
 import pytest
 import torch
-from kit import assert_batch_equals_patched_rows_alone, assert_generate_matches_rows_alone, assert_keep_all_exact, assert_unpatch_restores, no_hook_left, row_alone
+from kit import assert_batch_equals_patched_rows_alone, assert_generate_matches_rows_alone, assert_keep_all_exact, assert_patch_refused, assert_unpatch_restores, row_alone
 from reference import onevision_vision_oracle as oracle
 
 import vlm_tokenprune as vtp
-from vlm_tokenprune import IncompatiblePolicyError, InputError
+from vlm_tokenprune import InputError
 from vlm_tokenprune.adapters import resolve_adapter
 from vlm_tokenprune.eval.tiny_families import VIDEO_TOKEN_ID, build_tiny_onevision, make_onevision_batch
 from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID
@@ -209,17 +209,12 @@ def test_videos_are_refused_by_name():
 ])
 def test_cls_methods_refused_by_name_before_any_hook(policy_, match):
     model = tiny("sdpa")
-    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(model, policy_)
-    assert e.value.field == "stages[0].criterion" and match in str(e.value), str(e.value)
-    assert "allowed here: site vision with vispruner" in str(e.value)
+    assert_patch_refused(model, policy_, "stages[0].criterion", match, "allowed here: site vision with vispruner")
 
 
 def test_tokens_above_a_crop_refused():
     model = tiny("sdpa")
-    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(model, "vispruner:tokens=17,positions=gaps")
-    assert e.value.field == "stages[0].tokens" and "allowed: 1..16" in str(e.value)
+    assert_patch_refused(model, "vispruner:tokens=17,positions=gaps", "stages[0].tokens", "allowed: 1..16")
 
 
 def test_catalogue_row_names_existing_tests():

@@ -4,8 +4,8 @@ L1 norm, cumulative, entropy-adaptive every 2 blocks, forced to 4 T patches afte
 4 consecutive kept patches; the image's T tokens take its first T placeholders. == the independent oracle
 (tests/reference/qwen2_vl_flowcut_oracle.py: the blocks written out per image) on rows alone (eager, sdpa), the
 padded batch == its rows alone, cached generate == the oracle's greedy, keep-all bit-identical, unpatch exact; the
-``flowcut`` preset is the official two-stage pipeline on Qwen2-VL; VisPruner's CLS-free rule over whole merge
-groups (as on Qwen3-VL, a library extension) == oracle; refusals by name (CLS criteria, videos, FlowCut on
+``flowcut`` preset is the official two-stage pipeline on Qwen2-VL (VisPruner on this tower:
+tests/test_qwen2_5_vl_vision_site.py); refusals by name (CLS criteria, videos, FlowCut on
 Qwen2.5-VL's windowed tower).
 
 Tiny Qwen2-VL from a config: ViT 6 blocks (prunes after blocks 1, 3, 5) with sharpened q / k so the adaptive
@@ -19,16 +19,17 @@ import pytest
 import torch
 
 import vlm_tokenprune as vtp
-from kit import assert_batch_equals_patched_rows_alone, assert_keep_all_exact, assert_unpatch_restores, no_hook_left
+from kit import assert_batch_equals_patched_rows_alone, assert_keep_all_exact, assert_patch_refused, assert_unpatch_restores, generate_rows
 from reference import qwen2_vl_flowcut_oracle as oracle
-from vlm_tokenprune import IncompatiblePolicyError, InputError, Policy
+from vlm_tokenprune import InputError, Policy
 from vlm_tokenprune.eval.tiny_models import IMAGE_TOKEN_ID, build_tiny_qwen2_vl, make_qwen_batch
 
 torch.set_num_threads(1)
 
 ROWS = [[3, "img", 2, "img", 4], [2, "img", 3]]
 GRIDS = [(3, 4), (2, 3), (4, 2)]
-GEN = {"do_sample": False, "suppress_tokens": [IMAGE_TOKEN_ID, 4]}
+SUPPRESS = [IMAGE_TOKEN_ID, 4, 2]  # placeholders and EOS: every greedy run is 3 tokens long
+GEN = {"do_sample": False, "suppress_tokens": SUPPRESS}
 
 
 @functools.cache
@@ -78,30 +79,6 @@ def test_prefill_matches_oracle(attn, T):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("T, r", [(2, 0.5), (3, 0.34)])
-def test_vispruner_over_merge_groups_matches_oracle(attn, T, r):
-    """VisPruner's CLS-free rule over whole merge groups on Qwen2-VL's packed ViT (as on Qwen3-VL; a library
-    extension): the tower runs whole, the LLM sees the kept groups' placeholders at their positions. Oracle:
-    tests/reference/qwen3_vl_vision_oracle.py's tower part (the last block's q / k written out, attention received
-    within each image) and pre_llm_oracle's Qwen row reduction."""
-    from reference import pre_llm_oracle
-    from reference import qwen3_vl_vision_oracle as vision_oracle
-
-    model = tiny(attn)
-    inputs = batch(model)
-    for b in range(2):
-        alone = row_alone(inputs, b)
-        with vtp.patch(model, f"vispruner:tokens={T},important_ratio={r},positions=gaps") as h, torch.no_grad():
-            got = model(**alone).logits[0]
-            st = h.last_trace().stages[0]
-        kept = vision_oracle.select(model, alone["pixel_values"], alone["image_grid_thw"], T, r)
-        _, keep_vis = vision_oracle.start_positions(model, alone, kept)
-        x, pos3, _, _, _ = pre_llm_oracle.qwen_reduce(model, alone, 1.0, kept=keep_vis)
-        assert st.kept_positions[0] == keep_vis and len(keep_vis) == (2 * T if b == 0 else T)
-        torch.testing.assert_close(got, pre_llm_oracle.qwen_logits(model, x, pos3), atol=1e-4, rtol=0)
-
-
 def test_adaptive_counts_drop_before_the_last_block():
     """Patches left after each block (all images): the entropy rule drops after blocks 1 and 3, the last block
     forces 4 T per image (row 0: 12 and 6 LLM tokens, T = 2 each -> 16 patches)."""
@@ -121,10 +98,8 @@ def test_batch_equals_rows_run_alone():
 def test_cached_generate_matches_oracle_greedy():
     model = tiny("sdpa")
     alone = row_alone(batch(model), 0)
-    L = alone["input_ids"].shape[1]
-    with vtp.patch(model, policy(3)), torch.no_grad():
-        out = model.generate(**alone, max_new_tokens=3, **GEN)[0, L:].tolist()
-    assert out == oracle.greedy(model, alone, 3, 3, suppress=GEN["suppress_tokens"])
+    out = generate_rows(model, alone, policy(3), steps=3, suppress_tokens=SUPPRESS)[0]
+    assert out == oracle.greedy(model, alone, 3, 3, suppress=SUPPRESS)
 
 
 def test_keep_all_is_exactly_unpatched_and_unpatch_restores():
@@ -152,23 +127,15 @@ def test_flowcut_preset_is_the_official_qwen_pipeline():
 
 def test_other_criteria_videos_and_qwen2_5_vl_are_refused_by_name():
     model = tiny("sdpa")
-    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(model, "visionzip:tokens=3,positions=gaps")
-    assert e.value.field == "stages[0].criterion" and "flowcut_vit, vispruner" in str(e.value)
-    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(model, "mctf:tokens=3,positions=gaps")
-    assert e.value.field == "stages[0].criterion" and "flowcut_vit, vispruner" in str(e.value)
-    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(model, "flowcut_vit:tokens=3")  # positions=repack (the LLaVA default) is not defined here
-    assert e.value.field == "stages[0].positions" and "gaps" in str(e.value)
+    assert_patch_refused(model, "visionzip:tokens=3,positions=gaps", "stages[0].criterion", "flowcut_vit, vispruner")
+    assert_patch_refused(model, "mctf:tokens=3,positions=gaps", "stages[0].criterion", "flowcut_vit, vispruner")
+    assert_patch_refused(model, "flowcut_vit:tokens=3", "stages[0].positions", "gaps")  # positions=repack (the LLaVA default) is not defined here
     video = make_qwen_batch(model, [[3, "img", 2, "vid", 4]], image_grids=[(3, 4)], video_grids=[(2, 2, 3)])
     with vtp.patch(model, policy(3)), torch.no_grad(), pytest.raises(InputError) as e:
         model(**video)
     assert e.value.field == "pixel_values_videos"
     q25 = build_tiny_qwen2_vl("sdpa", version="2.5")  # its windowed ViT: VisPruner only (test_qwen2_5_vl_vision_site)
-    with no_hook_left(q25), pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(q25, policy(3))
-    assert e.value.field == "stages[0].criterion" and "allowed here: site vision with vispruner" in str(e.value)
+    assert_patch_refused(q25, policy(3), "stages[0].criterion", "allowed here: site vision with vispruner")
 
 
 def test_catalogue_row_names_existing_tests():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import new_tokens
-from kit import BACKENDS, assert_keep_all_exact, assert_unpatch_restores, no_hook_left
+from kit import BACKENDS, assert_explain_equals_trace, assert_keep_all_exact, assert_patch_refused, assert_unpatch_restores, no_hook_left
 from reference import qwen3_vl_oracle as q3
 from reference import qwen3_vl_vision_oracle as oracle
 
@@ -182,9 +182,7 @@ def test_cached_generate_matches_oracle_greedy():
 ])
 def test_refused_by_name_before_any_hook(policy_, field, match):
     model = tiny("sdpa")
-    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(model, policy_)
-    assert e.value.field == field and match in str(e.value)
+    assert_patch_refused(model, policy_, field, match)
 
 
 def test_criterion_without_a_packed_rule_is_refused():
@@ -213,13 +211,9 @@ def test_qwen2_5_vl_and_cls_methods_on_qwen2_vl_are_refused_by_name():
     from vlm_tokenprune.eval.tiny_models import build_tiny_qwen2_vl
 
     model = build_tiny_qwen2_vl("sdpa", version="2.5")
-    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(model, "flowcut_vit:tokens=3,positions=gaps")
-    assert e.value.field == "stages[0].criterion" and "site vision with vispruner" in str(e.value)
+    assert_patch_refused(model, "flowcut_vit:tokens=3,positions=gaps", "stages[0].criterion", "site vision with vispruner")
     model = build_tiny_qwen2_vl("sdpa", version="2")
-    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(model, "visionzip:tokens=3,positions=gaps")
-    assert e.value.field == "stages[0].criterion" and "flowcut_vit, vispruner" in str(e.value)
+    assert_patch_refused(model, "visionzip:tokens=3,positions=gaps", "stages[0].criterion", "flowcut_vit, vispruner")
 
 
 def test_videos_are_refused_by_name():
@@ -234,21 +228,9 @@ def test_explain_flops_equal_the_traced_run():
     """``policy_flops`` (what ``explain`` prints) counts the budget per image in LLM tokens; the tower and every
     merger (the merger and the DeepStack mergers) run on all patches: its LLM, tower and projector FLOPs equal
     ``trace_flops`` of the patched run (one image of 16 LLM tokens, 5 kept)."""
-    from vlm_tokenprune.eval.flops import policy_flops, trace_flops, unpruned_flops
-
     model = tiny("sdpa")
-    inputs = make_qwen_batch(model, [[4, "img", 3]], image_grids=[(4, 4)], seed=1)
-    with vtp.patch(model, policy(5)) as h, torch.no_grad():
-        model(**inputs, logits_to_keep=1)
-        traced = trace_flops(model.config, h.last_trace())
-    n_text = inputs["input_ids"].shape[1] - 16
-    predicted = policy_flops(model.config, policy(5), n_text, 16)
-    L = model.config.text_config.num_hidden_layers
-    assert predicted["tokens_per_layer"] == traced["tokens_per_layer"] == [n_text + 5] * L
-    whole = unpruned_flops(model.config, n_text, 16)
-    for key in ("flops", "vision_flops", "projector_flops"):
-        assert predicted[key] == traced[key], key
-    assert predicted["vision_flops"] == whole["vision_flops"] and predicted["projector_flops"] == whole["projector_flops"]
+    inputs = make_qwen3_batch(model, [[4, "img", 3]], image_grids=[(4, 4)], seed=1)
+    assert_explain_equals_trace(model, inputs, policy(5), 16, 5)
 
 
 def test_catalogue_row_names_existing_tests():

@@ -126,10 +126,15 @@ def test_beam_search_scores_equal_the_patched_models_own_cached_decode():
     """Beam search with a cache (LLM-site stage): every beam row is a copy of its prompt (same kept set), so each
     returned sequence's score equals the patched model's prefill + cached teacher-forced decode of it."""
     model = MODELS[0][1]
-    inputs = make_batch(model, [[5, "img", 7]])
+    assert_beam_scores_are_sequence_logprobs(model, make_batch(model, [[5, "img", 7]]), "fastv:layer=2,keep=0.25")
+
+
+def assert_beam_scores_are_sequence_logprobs(model, inputs: dict, policy) -> None:
+    """Beam search (3 beams, 3 returned, length_penalty 0) under ``policy`` on the one-row ``inputs``: each returned
+    sequence's score == the patched model's prefill + cached teacher-forced decode of it (``_sequence_logprob``)."""
     L = inputs["input_ids"].shape[1]
     eos = model.generation_config.eos_token_id
-    with torch.no_grad(), vtp.patch(model, "fastv:layer=2,keep=0.25"):
+    with torch.no_grad(), vtp.patch(model, policy):
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=3, num_return_sequences=3,
                              length_penalty=0.0, output_scores=True, return_dict_in_generate=True)
         for seq, score in zip(out.sequences, out.sequences_scores):

@@ -19,7 +19,7 @@ import functools
 
 import pytest
 import torch
-from kit import FLASH, no_hook_left
+from kit import FLASH, assert_patch_refused
 from test_structural_models import BANNED, QWEN_POLICIES, STEPS, _check, _qwen_inputs
 
 import vlm_tokenprune as vtp
@@ -220,10 +220,8 @@ def test_unpatch_restores_exactly(moe):
 ])
 def test_moe_ffn_cut_is_refused_by_name_before_any_hook(policy, field):
     model = tiny("sdpa", True)
-    with no_hook_left(model), pytest.raises(IncompatiblePolicyError) as e:
-        vtp.patch(model, policy)
-    assert e.value.field == field
-    msg = str(e.value)
+    err = assert_patch_refused(model, policy, field)
+    msg = str(err)
     assert "Qwen3VLMoeTextSparseMoeBlock" in msg and "mixture of experts" in msg and "no gate_proj" in msg
     assert "allowed on this model: skip_layers, prune_heads, neighbor_attention, skip_sublayers" in msg
     assert "_deepstack_process" not in vars(model.model.language_model)

@@ -125,18 +125,8 @@ def test_every_copy_of_a_row_is_reduced_as_the_row_alone(case, expand):
 def test_beam_scores_equal_the_patched_prefill_and_cached_decode_of_each_sequence(case):
     """A returned beam's score (length_penalty 0: its summed log-probability) == the patched model's own prefill of
     the row (one tower run, no expansion) + cached teacher-forced decode of that sequence."""
-    from test_reliability_serving import _sequence_logprob
+    from test_reliability_serving import assert_beam_scores_are_sequence_logprobs
 
     model, _ = CASES[case][0]()
-    eos = model.generation_config.eos_token_id
     for b, spec in enumerate([[5, "img", 7], [2, "img", 3, "img", 4] if MULTI else [2, "img", 4]]):
-        row = make_batch(model, [spec], seed=b)
-        L = row["input_ids"].shape[1]
-        with torch.no_grad(), vtp.patch(model, CASES[case][1]):
-            out = model.generate(**row, max_new_tokens=4, do_sample=False, num_beams=3, num_return_sequences=3,
-                                 length_penalty=0.0, output_scores=True, return_dict_in_generate=True)
-            for seq, score in zip(out.sequences, out.sequences_scores):
-                new = seq[L:].tolist()
-                if eos is not None and eos in new:
-                    new = new[: new.index(eos) + 1]
-                assert torch.allclose(_sequence_logprob(model, row, new), score.float(), atol=1e-4)
+        assert_beam_scores_are_sequence_logprobs(model, make_batch(model, [spec], seed=b), CASES[case][1])

@@ -93,3 +93,22 @@ def assert_pre_llm_merge_matches_oracle(model, inputs: dict, *, row_alone: Calla
             hs = model.model.language_model(inputs_embeds=x[None], position_ids=torch.tensor([kept])).last_hidden_state
             want = model.lm_head(hs)[0]
         torch.testing.assert_close(logits[b, -len(kept):], want, atol=atol, rtol=0, msg=f"row {b}")
+
+
+def assert_explain_equals_trace(model, inputs: dict, policy, n_visual: int, kept: int) -> None:
+    """For a one-row prompt with ``n_visual`` visual tokens of which the vision stage keeps ``kept``: ``policy_flops``
+    (what ``explain`` prints) == ``trace_flops`` of the patched run for the LLM, tower and projector, and the
+    projector counts every token (a packed tower's merger runs whole; the pruning is at the LLM input)."""
+    from vlm_tokenprune.eval.flops import policy_flops, trace_flops, unpruned_flops
+
+    with vtp.patch(model, policy) as h, torch.no_grad():
+        model(**inputs, logits_to_keep=1)
+        traced = trace_flops(model.config, h.last_trace())
+    n_text = inputs["input_ids"].shape[1] - n_visual
+    predicted = policy_flops(model.config, policy, n_text, n_visual)
+    L = model.config.text_config.num_hidden_layers
+    assert predicted["tokens_per_layer"] == traced["tokens_per_layer"] == [n_text + kept] * L
+    for key in ("flops", "vision_flops", "projector_flops"):
+        assert predicted[key] == traced[key], key
+    whole = unpruned_flops(model.config, n_text, n_visual)
+    assert predicted["vision_flops"] == whole["vision_flops"] and predicted["projector_flops"] == whole["projector_flops"]

@@ -6,6 +6,8 @@ import torch
 
 import vlm_tokenprune as vtp
 
+from .families import no_hook_left
+
 
 def assert_policy_refused(text, field: str) -> vtp.PolicyError:
     """``Policy.parse(text)`` raises a PolicyError (a ValueError) whose ``field`` is ``field``."""
@@ -13,6 +15,15 @@ def assert_policy_refused(text, field: str) -> vtp.PolicyError:
         vtp.Policy.parse(text)
     assert isinstance(e.value, ValueError)
     assert e.value.field == field, str(e.value)
+    return e.value
+
+
+def assert_patch_refused(model, policy, field: str, *words: str) -> vtp.IncompatiblePolicyError:
+    """``patch(model, policy)`` raises an IncompatiblePolicyError naming ``field`` whose message holds every one of
+    ``words``, and leaves no hook on the model."""
+    with no_hook_left(model), pytest.raises(vtp.IncompatiblePolicyError) as e:
+        vtp.patch(model, policy)
+    assert e.value.field == field and all(w in str(e.value) for w in words), str(e.value)
     return e.value
 
 

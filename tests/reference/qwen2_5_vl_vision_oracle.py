@@ -1,5 +1,6 @@
-"""Independent reference for vision-site VisPruner on Qwen2.5-VL (the Qwen3-VL extension of arXiv 2412.01818's
-SigLIP rule, ``qwen3_vl_vision_oracle``), one unpadded row, no KV cache. Imports nothing from ``vlm_tokenprune``.
+"""Independent reference for vision-site VisPruner on Qwen2.5-VL and Qwen2-VL (the Qwen3-VL extension of arXiv
+2412.01818's SigLIP rule, ``qwen3_vl_vision_oracle``), one unpadded row, no KV cache. Imports nothing from
+``vlm_tokenprune``. Qwen2-VL has no windows: its rows are already in placeholder order.
 
 Qwen2.5-VL's ViT runs its patches in WINDOW order: each image's LLM-token grid (``h x w`` merge units) is cut into
 ``m x m`` windows (``m = window_size // merge // patch``; the last row / column of windows may be partial), the
@@ -34,14 +35,15 @@ def select(model, pixel_values, grid_thw, T: int, r: float) -> list[list[int]]:
     vc = model.config.vision_config
     merge = vc.spatial_merge_size
     g = merge * merge
-    m = vc.window_size // merge // vc.patch_size
+    ws = getattr(vc, "window_size", None)  # None: Qwen2-VL, whose rows are in placeholder order
+    m = None if ws is None else ws // merge // vc.patch_size
     sizes = [int(t * h * w) for t, h, w in grid_thw.tolist()]
     x, pe, y = last_block_io(model, pixel_values, grid_thw)
     imp = importance(model, x, pe, sizes)
     kept, s = [], 0
     for (t, hh, ww), n in zip(grid_thw.tolist(), sizes):
         h, w = int(hh) // merge, int(ww) // merge
-        order = window_order(h, w, m)
+        order = list(range(h * w)) if m is None else window_order(h, w, m)
         G = n // g
         score = [0.0] * G
         rows = pack(y[s:s + n].float(), g)

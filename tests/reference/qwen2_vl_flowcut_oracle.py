@@ -3,7 +3,7 @@
 
 Written out here with plain loops:
   * the tower: ``patch_embed``, then every block BY HAND per image (its ``norm1``, ``attn.qkv``, rotate-half rotary
-    with the tower's own per-patch tables taken from the unpatched forward, one softmax per query and head within
+    with the tower's own per-patch tables taken from the unpatched forward (``qwen3_vl_vision_oracle``), one softmax per query and head within
     the image, ``attn.proj``, ``norm2``, ``mlp``), on the image's current patches only;
   * after block ``idx`` of ``L``, while an image has more than ``4 T`` patches: per head the image's mean query
     ``g_h``; ``a_j`` = mean over heads of softmax_j(g_h . k_h,j / sqrt(d)); ``S_j = a_j * sum_c |mean_h v_h,j,c|``;
@@ -22,30 +22,7 @@ import torch
 
 from .fastv_qwen_oracle import prompt_inputs
 from .pre_llm_oracle import qwen_greedy, qwen_logits
-
-
-class _Stop(Exception):
-    pass
-
-
-def _tower_tables(model, pixel_values, grid_thw):
-    """(cos, sin) ``[S, d]`` of every patch, as the unpatched tower hands them to its first block."""
-    box = {}
-    blk = model.model.visual.blocks[0]
-
-    def pre(module, args, kwargs):
-        box["pe"] = kwargs["position_embeddings"]
-        raise _Stop
-
-    h = blk.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model.model.visual(pixel_values, grid_thw=grid_thw)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    return box["pe"]
+from .qwen3_vl_vision_oracle import last_block_io
 
 
 def _rot(x):
@@ -89,7 +66,7 @@ def tower(model, pixel_values, grid_thw, T: int):
     vis = model.model.visual
     g = vis.spatial_merge_size ** 2
     sizes = [int(t * h * w) for t, h, w in grid_thw.tolist()]
-    cos, sin = _tower_tables(model, pixel_values, grid_thw)
+    _, (cos, sin), _ = last_block_io(model, pixel_values, grid_thw)  # every block of the unpatched tower gets them
     with torch.no_grad():
         x_all = vis.patch_embed(pixel_values)
     L = len(vis.blocks)

@@ -178,11 +178,6 @@ class Adapter:
     def visual_layout(self, model: nn.Module, input_ids: torch.Tensor | None, kwargs: dict) -> VisualLayout:
         raise NotImplementedError(f"{type(self).__name__} must implement visual_layout()")
 
-    def vision_site_for(self, model: nn.Module) -> bool:
-        """False when no vision-site stage can run on this model at all (its site refusal then comes first, before
-        any criterion-specific one); families that define ``vision_seams`` for some criteria keep True."""
-        return type(self).vision_seams is not Adapter.vision_seams
-
     def vision_seams(self, model: nn.Module, where: str = "site") -> VisionSeams:
         """The vision tower for vision-site stages; ``IncompatiblePolicyError`` naming ``where`` when there is none."""
         raise IncompatiblePolicyError(

@@ -168,11 +168,7 @@ def check_search_args(args: argparse.Namespace) -> None:
 
     counts = ("generations", "offspring", "calibration", "levels", "sublayers", "heads", "heldout", "heldout_top",
               "answer_tokens", "latency_iters", "samples", "simulations", "trade", "length_penalty")
-    try:
-        check_counts(**{name: getattr(args, name) for name in counts})
-    except InputError as e:  # the flag, not the API's argument name
-        flag = "--" + e.field.replace("_", "-")
-        raise InputError(flag, str(e)[len(e.field) + 2:]) from None
+    check_counts(lambda name: "--" + name.replace("_", "-"), **{name: getattr(args, name) for name in counts})
     if args.model != "tiny" and not os.path.isfile(os.path.join(args.model, "config.json")):
         raise InputError("--model", f"{args.model!r} is neither 'tiny' nor a local checkpoint folder (with config.json)")
     if args.per_sample and (args.calibration_data or args.heldout_data):

@@ -312,9 +312,10 @@ def policy_flops(model_config: Any, policy: Any, n_text: int, n_visual: int, log
         for i, st in enumerate(pol.stages):
             if st.is_vision:  # the projector sees the kept LLM tokens (InternVL: whole pixel-shuffle groups) per crop
                 per = vg.crop_patches // vg.merge  # (Gemma 3: all of them, ``projects_all``); the tower's in-layer
-                # schedule is the image's. Qwen's packed towers run the tower and merger whole under a vision stage
-                # (``vision.packed``), except FlowCut's in-tower stage (``vision.packed_flowcut``: the kept patches)
-                whole = vg.projects_all or (vg.dynamic and st.criterion != "flowcut_vit")
+                # schedule is the image's. Qwen's packed towers run the tower and merger whole (``vision.packed``)
+                # unless the criterion prunes inside the tower (FlowCut's Qwen2-VL stage: the kept patches)
+                crit = CRITERIA.get(st.criterion) if st.criterion in CRITERIA else None
+                whole = vg.projects_all and not getattr(crit, "prunes_in_tower", False)
                 kept = per if whole else min(per, st.budget.count(per, per))
                 parts = vision_flops(vg, crops, projected=crops * kept)
                 out["vision_upper_bound_stages"].append(i)
@@ -427,7 +428,9 @@ class VisionGeometry:
     window: int = 0
     full_layers: tuple = ()
     grid: tuple | None = None
-    projects_all: bool = False  # the projector sees every token of a crop under a vision stage (Gemma 3)
+    # the projector sees every token of a crop under a vision stage (Gemma 3; Qwen's packed towers, unless the
+    # criterion ``prunes_in_tower``)
+    projects_all: bool = False
 
     @classmethod
     def of(cls, config: Any) -> "VisionGeometry | None":
@@ -453,7 +456,7 @@ class VisionGeometry:
             out = int(vget("hidden_size", d_text or D))
             p, tp, ch = int(vget("patch_size", 14)), int(vget("temporal_patch_size", 2)), int(vget("in_channels", 3))
             return cls(D, int(D * float(vget("mlp_ratio", 4))), int(vget("depth")), 0, ch * tp * p * p, 0, merge, 2,
-                       ((D * merge, D * merge), (D * merge, out)), dynamic=True)
+                       ((D * merge, D * merge), (D * merge, out)), dynamic=True, projects_all=True)
         if vget("depth") is not None and vget("hidden_size") is not None:  # Qwen2.5-VL's / Qwen3-VL's tower
             D, M, L = int(vget("hidden_size")), int(vget("intermediate_size")), int(vget("depth"))
             side = int(vget("spatial_merge_size", 2))
@@ -466,7 +469,7 @@ class VisionGeometry:
                            projects_all=True)  # a vision stage (vision.packed) runs the tower and mergers on all
             window = int(vget("window_size", 0) or 0) // side // p  # Qwen2.5-VL: SwiGLU MLP, windowed attention
             return cls(D, M, L, 0, ch * tp * p * p, 0, merge, 3, merger, dynamic=True, window=window,
-                       full_layers=tuple(int(i) for i in (vget("fullatt_block_indexes") or ())))
+                       full_layers=tuple(int(i) for i in (vget("fullatt_block_indexes") or ())), projects_all=True)
         if "intern" in vtype:  # InternViT (InternVL): CLS + square tiles, pixel shuffle, LayerNorm + 2-layer MLP
             D, M, L = int(vget("hidden_size")), int(vget("intermediate_size")), int(vget("num_hidden_layers"))
             first = lambda v: int(v[0] if isinstance(v, (list, tuple)) else v)  # noqa: E731  ([448, 448] or 448)

@@ -88,6 +88,7 @@ class FlowCutViT(VisionCriterion):
     paper = "FlowCut (vision-encoder part): CLS-attention + value-similarity flow, cumulative, entropy-adaptive"
     arxiv = "2505.19536"
     whole_groups = True  # pixel-shuffle towers (InternVL): the same schedule over whole groups (``_prune_groups``)
+    prunes_in_tower = True  # on a packed tower (Qwen2-VL) the merger sees the kept patches only (``eval.flops``)
 
     def check_vision(self, seams, stage, where: str) -> None:
         if stage.layer is not None:

@@ -129,8 +129,9 @@ def build_space(model, spaces: Sequence[str], *, criterion: str = "fastv", entry
     return JointSpace(tuple(parts))
 
 
-def check_counts(**counts: Any) -> None:
-    """Every count / share option of a search, by name, before any model or data is touched (``InputError``).
+def check_counts(label: Callable[[str], str] = str, **counts: Any) -> None:
+    """Every count / share option of a search, by name (``label(name)``: the CLI's flag), before any model or data is
+    touched (``InputError``).
 
     Integers: ``generations``, ``sublayers``, ``heads``, ``heldout``, ``heldout_top`` >= 0; ``offspring``,
     ``batch_size``, ``calibration``, ``answer_tokens``, ``latency_iters``, ``samples``, ``simulations`` >= 1;
@@ -145,16 +146,16 @@ def check_counts(**counts: Any) -> None:
         if name in lowest:
             low = lowest[name]
             if isinstance(value, bool) or not isinstance(value, int):
-                raise InputError(name, f"must be an integer, got {value!r}")
+                raise InputError(label(name), f"must be an integer, got {value!r}")
             if low is not None and value < low:
-                raise InputError(name, f"must be an integer >= {low}, got {value}")
+                raise InputError(label(name), f"must be an integer >= {low}, got {value}")
         elif name in ("trade", "length_penalty"):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise InputError(name, f"must be a finite number, got {value!r}")
+                raise InputError(label(name), f"must be a finite number, got {value!r}")
             if name == "trade" and not 0 <= value <= 1:
-                raise InputError("trade", f"a share of children in [0, 1], got {value}")
+                raise InputError(label("trade"), f"a share of children in [0, 1], got {value}")
             if name == "length_penalty" and value < 0:
-                raise InputError("length_penalty", f"must be >= 0, got {value}")
+                raise InputError(label("length_penalty"), f"must be >= 0, got {value}")
         else:
             raise TypeError(f"check_counts() got an unknown option {name!r}")
 

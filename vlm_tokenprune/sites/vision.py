@@ -37,8 +37,6 @@ def check(target: "PatchTarget") -> VisionSeams | None:
         vs, site_error = None, e
     no_cls = target.adapter.vision_no_cls
     own_rule = vs is not None and vs.packed is not None and stage.criterion in vs.packed.in_tower
-    if site_error is not None and not target.adapter.vision_site_for(model):  # no vision stage at all here
-        raise site_error
     if no_cls and not own_rule and not getattr(crit, "cls_free", False) and (getattr(crit, "needs_cls", "") or
                                                                              site_error is None):
         ok = sorted(n for n in CRITERIA.names() if getattr(CRITERIA.get(n), "cls_free", False)

@@ -53,19 +53,26 @@ class FlowRun:
     kept: list[torch.Tensor]
     cum: list
     n_blocks: int
-    pe: tuple | None = None  # the block's (cos, sin) as it ran
-    full_pe: tuple | None = None  # the tower's (cos, sin) of every patch
+    full_pe: tuple | None = None  # the tower's (cos, sin) of every patch, as its first block receives them
+    cu: torch.Tensor | None = None  # the tower's cu_seqlens, then the kept patches' (set at each pruning)
+    pe: tuple | None = None  # the kept patches' (cos, sin) (set at each pruning)
+    max_len: int = 0
+    pruned: bool = False
     qkv: torch.Tensor | None = None
-    changed: bool = False
     tokens_per_layer: list[int] = field(default_factory=list)
     seconds: float = 0.0
 
-    def rows(self, device) -> torch.Tensor:
-        """The kept patches' indices in the tower's full packed sequence."""
+    def kept_changed(self) -> None:
+        """After a pruning: the kept patches' rotary rows and segment bounds, for every later block."""
         starts = [0]
         for n in self.sizes[:-1]:
             starts.append(starts[-1] + n)
-        return torch.cat([k.to(device) + s for k, s in zip(self.kept, starts)])
+        rows = torch.cat([k.to(self.full_pe[0].device) + s for k, s in zip(self.kept, starts)])
+        self.pe = tuple(t[rows] for t in self.full_pe)
+        lengths = torch.tensor([len(k) for k in self.kept], dtype=self.cu.dtype, device=self.cu.device)
+        self.cu = torch.cat([self.cu.new_zeros(1), lengths.cumsum(0).to(self.cu.dtype)])
+        self.max_len = int(lengths.max())
+        self.pruned = True
 
 
 def install(handle: "PatchHandle", vs: "VisionSeams", i: int) -> None:
@@ -107,20 +114,14 @@ def _block_pre(handle: "PatchHandle", module, args: tuple, kwargs: dict):
     if not isinstance(run, FlowRun):
         return None
     if run.full_pe is None:
-        run.full_pe = kwargs.get("position_embeddings")
-    if not run.changed:
-        run.pe = run.full_pe
+        run.full_pe = run.pe = kwargs.get("position_embeddings")
+        run.cu = kwargs["cu_seqlens"]
+    if not run.pruned:
         return None
-    kwargs = dict(kwargs)
-    cu = kwargs["cu_seqlens"]
-    lengths = torch.tensor([len(k) for k in run.kept], dtype=cu.dtype, device=cu.device)
-    kwargs["cu_seqlens"] = torch.cat([cu.new_zeros(1), lengths.cumsum(0).to(cu.dtype)])
+    kwargs = dict(kwargs, cu_seqlens=run.cu, position_embeddings=run.pe)
     if kwargs.get("max_seqlen") is not None:
-        m = int(lengths.max())
-        kwargs["max_seqlen"] = torch.as_tensor(m, device=kwargs["max_seqlen"].device) \
-            if isinstance(kwargs["max_seqlen"], torch.Tensor) else m
-    rows = run.rows(run.full_pe[0].device)
-    run.pe = kwargs["position_embeddings"] = tuple(t[rows] for t in run.full_pe)
+        m = kwargs["max_seqlen"]
+        kwargs["max_seqlen"] = torch.as_tensor(run.max_len, device=m.device) if isinstance(m, torch.Tensor) else run.max_len
     return args, kwargs
 
 
@@ -172,12 +173,11 @@ def _block_post(handle: "PatchHandle", vs: "VisionSeams", idx: int, module, args
             run.kept[j] = kept[top.to(kept.device)]
             keep_rows.append(rows[top.to(rows.device)])
             pruned = pruned or count < n
+    if pruned:
+        run.kept_changed()
     run.tokens_per_layer.append(sum(len(k) for k in run.kept))
     run.seconds += time.perf_counter() - t0
-    if not pruned:
-        return None
-    run.changed = True
-    return output[torch.cat(keep_rows)]
+    return output[torch.cat(keep_rows)] if pruned else None
 
 
 def _tower_post(handle: "PatchHandle", module, args, output):

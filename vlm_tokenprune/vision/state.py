@@ -88,7 +88,7 @@ class VisionOutcome:
     slots: torch.Tensor | None = None
 
     features: list = field(default_factory=list)  # weak references to the feature tensors this call produced
-    images: set = field(default_factory=set)  # a print of each image's features this call produced
+    images: list = field(default_factory=list)  # (shape, dtype, [images, 2] float64 prints) of 3-D tensors produced
     # mask-only towers (OneVision): crop -> why it kept all its patches (an anyres_max-resized image)
     kept_all: dict = field(default_factory=dict)
 
@@ -109,9 +109,7 @@ class VisionOutcome:
         the value of each image's features (``[images, tokens, D]`` tensors: one per image), which copies keep."""
         tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
         self.features += [weakref.ref(t) for t in tensors]
-        for t in tensors:
-            if t.ndim == 3:
-                self.images.update(_image_prints(t))
+        self.images += [(t.shape[1:], t.dtype, _image_prints(t)) for t in tensors if t.ndim == 3]  # on the device
 
     def made(self, t: torch.Tensor) -> bool:
         """``t`` is (a view of) a feature tensor this call produced and that is still alive, or a tensor of copies
@@ -119,7 +117,14 @@ class VisionOutcome:
         ptr = t.untyped_storage().data_ptr()
         if any((r := ref()) is not None and r.untyped_storage().data_ptr() == ptr for ref in self.features):
             return True
-        return t.ndim == 3 and t.shape[0] > 0 and self.images.issuperset(_image_prints(t))
+        if t.ndim != 3 or not t.shape[0]:
+            return False
+        mine = _image_prints(t)
+        found = torch.zeros(t.shape[0], dtype=torch.bool, device=mine.device)
+        for shape, dtype, prints in self.images:
+            if shape == t.shape[1:] and dtype == t.dtype:
+                found |= (mine[:, None] == prints.to(mine.device)[None]).all(-1).any(1)
+        return bool(found.all())
 
     def for_copies(self, row_counts: list[int], k: int) -> "VisionOutcome":
         """This outcome for a prompt batch whose every row was repeated ``k`` times after the tower ran
@@ -144,7 +149,7 @@ class VisionOutcome:
         return dataclasses.replace(
             self, ident=self.ident[src], owner=self.owner[src], slots=torch.cat(blocks) if blocks else slots[:0],
             kept_all={new: self.kept_all[c] for new, c in enumerate(crop_src) if c in self.kept_all},
-            features=list(self.features), images=set(self.images))
+            features=list(self.features), images=list(self.images))
 
     def feature_slots(self) -> torch.Tensor:
         """``[F, 2]`` (crop, slot) of every image feature in placeholder order."""
@@ -157,9 +162,8 @@ class VisionOutcome:
         return torch.stack([crop, slot], dim=1)
 
 
-def _image_prints(t: torch.Tensor) -> set:
-    """``{(shape, dtype, sum, sum of squares)}`` of each image's features ``t[i]`` of ``[images, tokens, D]``, in
-    float64 on the tensor's device (one small transfer): a copy has the same print, features of other pixels do not."""
-    x = t.detach().view(t.shape[0], -1).double()
-    stats = torch.stack([x.sum(-1), (x * x).sum(-1)], dim=-1).tolist()
-    return {(tuple(t.shape[1:]), str(t.dtype), a, b) for a, b in stats}
+def _image_prints(t: torch.Tensor) -> torch.Tensor:
+    """``[images, 2]``: sum and L2 norm, in float64, of each image's features ``t[i]`` of ``[images, tokens, D]`` (on the
+    tensor's device, no copy to the host): a copy has the same print, features of other pixels do not."""
+    x = t.detach().flatten(1)
+    return torch.stack([x.sum(-1, dtype=torch.float64), torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)], -1)
